@@ -1,0 +1,5 @@
+import sys
+
+from sftops.cli import main
+
+sys.exit(main())

@@ -1,0 +1,171 @@
+"""The one typed configuration, loaded from params.yaml, shared by the CLI, DVC stages and Prefect flows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not describe a valid run."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo must never silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(_Strict):
+    """One raw data source: a local file/folder/glob, a folder inside an installed package, or a hub dataset."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str | None = None
+    package: str | None = None
+    hub: str | None = None
+    hub_config: str | None = None
+    split: str = "train"
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "yaml"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_location(self) -> SourceConfig:
+        if self.hub is not None:
+            if self.path is not None or self.package is not None:
+                raise ValueError("a hub source takes no 'path' or 'package'")
+        elif self.path is None:
+            raise ValueError("give 'path' (a file, folder or glob; inside 'package' if set) or 'hub'")
+        return self
+
+
+class DataConfig(_Strict):
+    sources: list[SourceConfig] = Field(min_length=1)
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1 (the rest is the train split)")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        return self
+
+
+class ModelConfig(_Strict):
+    # A hub id, a local folder, or 'pkg:<python package>' for a model shipped inside an installed package.
+    base: str
+    gguf_file: str | None = None
+    max_length: int = Field(512, ge=8)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # "all-linear" or an explicit list of module names.
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+
+
+class TrainConfig(_Strict):
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    max_train_rows: int | None = Field(None, ge=1)
+
+
+class EvaluateConfig(_Strict):
+    batch_size: int = Field(16, ge=1)
+    num_generations: int = Field(16, ge=0)
+    max_new_tokens: int = Field(64, ge=1)
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "sftops"
+    registered_model_name: str = "sftops-model"
+
+
+class PathsConfig(_Strict):
+    raw: str = "data/raw"
+    curated: str = "data/curated"
+    model: str = "models"
+    reports: str = "reports"
+    metrics: str = "metrics.json"
+
+
+class Config(_Strict):
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    paths: PathsConfig = PathsConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, for logging as run parameters."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one 'dotted.key=value' override; the value is parsed as YAML (so 1e-4, true, [a, b] work)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key=value, e.g. train.learning_rate=1e-4")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def _describe(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration in {origin}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (check the spelling; see params.yaml for the allowed keys)")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"params file {path} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (data, model, train, ...)")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, str(path))) from None

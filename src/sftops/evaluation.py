@@ -1,0 +1,100 @@
+"""Stage 4, evaluate: the base and the fine-tuned model side by side on the held-out test split —
+response NLL and perplexity on every test row, and generations scored against the references."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+
+from sftops import tracking
+from sftops.chat import encode_rows, generation_prompt
+from sftops.config import Config, ModelConfig
+from sftops.finetune import device, load_split
+from sftops.generation import generate
+from sftops.jsonio import read_json, write_json
+from sftops.modeling import load_base_model, load_finetuned, read_manifest
+from sftops.objective import mean_nll, score_rows
+from sftops.textmetrics import exact_match, rouge_l
+
+
+def _summary(scores: list[tuple[float, int]], outputs: list[str], refs: list[str]) -> dict[str, float]:
+    nll = mean_nll(scores)
+    out = {"nll": nll, "perplexity": math.exp(nll)}
+    if refs:
+        out["exact_match"] = sum(map(exact_match, outputs, refs)) / len(refs)
+        out["rouge_l"] = sum(map(rouge_l, outputs, refs)) / len(refs)
+    return out
+
+
+def run_evaluate(cfg: Config) -> dict[str, Any]:
+    model_dir = Path(cfg.paths.model) / "model"
+    run_info = read_json(Path(cfg.paths.model) / tracking.RUN_FILE)
+    dev = device()
+    tuned, tokenizer = load_finetuned(model_dir)
+    tuned.to(dev)
+    if read_manifest(model_dir)["method"] == "lora":
+        base, base_mode = tuned, tuned.disable_adapter  # the same weights with the adapter switched off
+    else:
+        base, base_mode = load_base_model(ModelConfig.model_validate(read_manifest(model_dir)["base"])).to(dev), contextlib.nullcontext
+    base.eval()
+
+    rows = load_split(cfg, "test")
+    examples, kept, counts = encode_rows(tokenizer, rows, cfg.model.max_length)
+    if not examples:
+        raise ValueError(f"no test rows to evaluate on ({counts}); raise data.test_fraction or model.max_length")
+    pad = tokenizer.pad_token_id
+    with base_mode():
+        base_scores = score_rows(base, examples, cfg.evaluate.batch_size, pad, dev)
+    tuned_scores = score_rows(tuned, examples, cfg.evaluate.batch_size, pad, dev)
+
+    sample = [rows[i] for i in kept[: cfg.evaluate.num_generations]]
+    prompts = [generation_prompt(tokenizer, r["messages"]) for r in sample]
+    refs = [r["messages"][-1]["content"] for r in sample]
+    args = (tokenizer, prompts, cfg.evaluate.max_new_tokens, cfg.evaluate.batch_size)
+    with base_mode():
+        base_out = generate(base, *args)
+    tuned_out = generate(tuned, *args)
+
+    metrics = {
+        "test_rows": len(examples),
+        "test_target_tokens": sum(c for _, c in tuned_scores),
+        "generations": len(sample),
+        "base": _summary(base_scores, base_out, refs),
+        "tuned": _summary(tuned_scores, tuned_out, refs),
+    }
+    metrics["nll_improvement"] = metrics["base"]["nll"] - metrics["tuned"]["nll"]
+    write_json(Path(cfg.paths.metrics), metrics)
+
+    table = {
+        "prompt": [r["messages"][-2]["content"] if len(r["messages"]) > 1 else "" for r in sample],
+        "reference": refs,
+        "base_output": base_out,
+        "tuned_output": tuned_out,
+        "base_rouge_l": [rouge_l(o, r) for o, r in zip(base_out, refs)],
+        "tuned_rouge_l": [rouge_l(o, r) for o, r in zip(tuned_out, refs)],
+        "source": [r["source"] for r in sample],
+    }
+    reports = Path(cfg.paths.reports)
+    reports.mkdir(parents=True, exist_ok=True)
+    with (reports / "generations.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(table)
+        writer.writerows(zip(*table.values()))
+
+    mlflow.set_tracking_uri(run_info["tracking_uri"])
+    with mlflow.start_run(run_id=run_info["run_id"]):
+        flat = {f"test_{who}_{k}": v for who in ("base", "tuned") for k, v in metrics[who].items()}
+        mlflow.log_metrics({**flat, "test_nll_improvement": metrics["nll_improvement"], "test_rows": metrics["test_rows"]})
+        mlflow.log_table(table, artifact_file="eval/generations.json")
+        mlflow.log_artifact(str(Path(cfg.paths.metrics)), artifact_path="eval")
+    client = MlflowClient(run_info["tracking_uri"])
+    for key in ("nll", "perplexity", "rouge_l", "exact_match"):
+        if key in metrics["tuned"]:
+            client.set_model_version_tag(run_info["registered_model"], run_info["version"], f"test_{key}", f"{metrics['tuned'][key]:.4f}")
+    return metrics

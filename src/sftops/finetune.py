@@ -1,0 +1,100 @@
+"""Stage 3, train: encode the curated conversations, fine-tune (LoRA or full), save, track, register."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from transformers import PreTrainedModel
+
+from sftops import tracking
+from sftops.chat import encode_rows
+from sftops.config import Config, TrainConfig
+from sftops.curate import STATS
+from sftops.ingest import REPORT
+from sftops.jsonio import read_jsonl, write_json
+from sftops.modeling import load_base_model, load_tokenizer, save_finetuned
+from sftops.objective import mean_nll, score_rows
+from sftops.training import train_loop
+
+
+def device() -> torch.device:
+    """The GPU when there is one (detected, not configured), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def apply_method(model: PreTrainedModel, cfg: TrainConfig) -> torch.nn.Module:
+    if cfg.method == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def load_split(cfg: Config, split: str) -> list[dict[str, Any]]:
+    return list(read_jsonl(Path(cfg.paths.curated) / f"{split}.jsonl"))
+
+
+def run_train(cfg: Config) -> dict[str, Any]:
+    out = Path(cfg.paths.model)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    tokenizer = load_tokenizer(cfg.model)
+    train_rows, val_rows = load_split(cfg, "train"), load_split(cfg, "val")
+    if cfg.train.max_train_rows is not None and len(train_rows) > cfg.train.max_train_rows:
+        train_rows = random.Random(cfg.train.seed).sample(train_rows, cfg.train.max_train_rows)
+    train_ex, _, train_counts = encode_rows(tokenizer, train_rows, cfg.model.max_length)
+    val_ex, _, val_counts = encode_rows(tokenizer, val_rows, cfg.model.max_length)
+    dev = device()
+    model = apply_method(load_base_model(cfg.model), cfg.train).to(dev)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    tracking.configure(cfg)
+    with mlflow.start_run(run_name=f"sft-{cfg.train.method}") as run:
+        tracking.log_params(cfg)
+        mlflow.set_tags({**tracking.data_lineage(cfg), "base_model": cfg.model.base, "method": cfg.train.method})
+        for name, path in (("ingest_report.json", Path(cfg.paths.raw) / REPORT), ("format_stats.json", Path(cfg.paths.curated) / STATS)):
+            mlflow.log_artifact(str(path), artifact_path="data")
+        mlflow.log_dict({"train": train_counts, "val": val_counts}, "data/encoding_report.json")
+        mlflow.log_metrics({"trainable_params": trainable, "total_params": total, "train_examples": len(train_ex)})
+
+        val_before = mean_nll(score_rows(model, val_ex, cfg.evaluate.batch_size, tokenizer.pad_token_id, dev)) if val_ex else None
+        if val_before is not None:
+            mlflow.log_metric("val_nll", val_before, step=0)
+        result = train_loop(model, train_ex, cfg.train, tokenizer.pad_token_id, dev, on_step=tracking.step_logger)
+        val_after = mean_nll(score_rows(model, val_ex, cfg.evaluate.batch_size, tokenizer.pad_token_id, dev)) if val_ex else None
+        if val_after is not None:
+            mlflow.log_metric("val_nll", val_after, step=result["steps"])
+
+        manifest = {"method": cfg.train.method, "base": cfg.model.model_dump(mode="json")}
+        save_finetuned(model, tokenizer, out / "model", manifest)
+        registered = tracking.log_and_register_model(out / "model", cfg.tracking.registered_model_name)
+        report = {
+            "run_id": run.info.run_id,
+            "experiment_id": run.info.experiment_id,
+            "tracking_uri": cfg.tracking.tracking_uri,
+            **registered,
+            "steps": result["steps"],
+            "final_train_loss": result["history"][-1]["train_loss"],
+            "val_nll_before": val_before,
+            "val_nll_after": val_after,
+            "encoding": {"train": train_counts, "val": val_counts},
+            "trainable_params": trainable,
+            "device": str(dev),
+        }
+        write_json(out / tracking.RUN_FILE, report)
+    return report

@@ -1,0 +1,94 @@
+"""Load base models and tokenizers (hub id, local folder, or GGUF file, also inside an installed package),
+and save/load fine-tuned models (LoRA adapter or full weights) as safetensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from sftops.config import ModelConfig
+from sftops.sources import package_dir
+
+MANIFEST = "sftops_model.json"
+
+# Used only when the tokenizer has no chat template of its own. Saved with the tokenizer, so training,
+# evaluation and serving all render conversations the same way.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ '### Assistant:\n' + message['content'] + eos_token + '\n' }}"
+    "{% else %}{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
+)
+
+
+def resolve_base(base: str) -> str:
+    """'pkg:<package>' -> that package's folder; anything else (a hub id or a local folder) as given."""
+    if base.startswith("pkg:"):
+        return str(package_dir(base[4:]))
+    return base
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(resolve_base(cfg.base), gguf_file=cfg.gguf_file, trust_remote_code=False)
+    if not tok.chat_template:
+        tok.chat_template = FALLBACK_CHAT_TEMPLATE
+    if tok.eos_token is None:
+        raise ValueError(f"tokenizer of {cfg.base!r} has no EOS token; the model could never learn to stop")
+    if tok.pad_token is None:
+        # Padding positions are masked out of the loss and attention, so any id will do.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(cfg: ModelConfig) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_base(cfg.base), gguf_file=cfg.gguf_file, dtype=torch.float32, trust_remote_code=False
+    )
+    if cfg.gguf_file:
+        # A GGUF-loaded model is dequantised to float but still flagged as GGUF, and save_pretrained refuses it:
+        # move its weights into a plain model of the same config.
+        config = model.config
+        config.quantization_config = None
+        del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        plain.generation_config = model.generation_config
+        model = plain
+    return model
+
+
+def save_finetuned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, info: dict[str, Any]) -> None:
+    """Adapter (LoRA) or full weights as safetensors, the tokenizer with its chat template, and a manifest
+    that says how to rebuild the model (for an adapter: which base to load it onto)."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def read_manifest(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{model_dir} is not an sftops model folder (no {MANIFEST})")
+    return json.loads(path.read_text())
+
+
+def load_finetuned(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model_dir = Path(model_dir)
+    info = read_manifest(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if info["method"] == "full":
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
+    else:
+        from peft import PeftModel
+
+        base = load_base_model(ModelConfig.model_validate(info["base"]))
+        model = PeftModel.from_pretrained(base, model_dir)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,75 @@
+"""The SFT objective: negative log-likelihood of the target (response) tokens, nothing else.
+
+Sums and counts are returned separately so that callers can weight correctly: the loss of an optimizer
+step is (sum of NLL over all its micro-batches) / (number of target tokens in the step)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from sftops.chat import IGNORE, Encoded
+
+
+def collate(examples: Sequence[Encoded], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """Pad a batch; padding is masked from attention and from the loss."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        cols = slice(width - n, width) if left else slice(0, n)
+        ids[row, cols] = torch.tensor(e.input_ids)
+        labels[row, cols] = torch.tensor(e.labels)
+        mask[row, cols] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def n_targets(labels: torch.Tensor) -> int:
+    """Target tokens that enter the loss: a label counts when a previous position predicts it."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed NLL of the target tokens and per-row target counts (position t predicts token t+1)."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="none")
+    nll = nll.view(targets.shape)
+    return nll.sum(dim=1), (targets != IGNORE).sum(dim=1)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPUs that support it; plain float32 elsewhere (CPU)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def score_rows(model: torch.nn.Module, examples: Sequence[Encoded], batch_size: int, pad_id: int, device: torch.device) -> list[tuple[float, int]]:
+    """(summed NLL, target count) for each example, in input order. Rows are batched by length to pad less."""
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = collate([examples[i] for i in idx], pad_id)
+        with autocast(device):
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+            ).logits
+        sums, counts = row_nll(logits, batch["labels"].to(device))
+        for i, s, c in zip(idx, sums.tolist(), counts.tolist()):
+            out[i] = (s, int(c))
+    return out
+
+
+def mean_nll(scores: Sequence[tuple[float, int]]) -> float:
+    """Token-weighted mean, the same quantity as the training objective."""
+    tokens = sum(c for _, c in scores)
+    return sum(s for s, _ in scores) / max(tokens, 1)

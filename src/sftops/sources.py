@@ -1,0 +1,189 @@
+"""Readers for raw data sources. Each yields one Record per row: the row's fields, or why it could not be read."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import importlib.util
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sftops.config import SourceConfig
+
+SUFFIX_FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".yml": "yaml",
+    ".yaml": "yaml",
+}
+
+
+class SourceError(ValueError):
+    """A whole source or file cannot be read (as opposed to one bad row)."""
+
+
+@dataclass
+class Record:
+    origin: str  # "file#row", enough for a user to find the row
+    row: int  # 1-based record number within its file
+    fields: dict[str, Any] | None = None
+    error: str | None = None
+    raw: str | None = None  # the unreadable text, kept (shortened) for the rejected file
+
+
+def package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(f"package {package!r} is not installed (pip install it, or fix data.sources)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_files(source: SourceConfig) -> list[Path]:
+    """The files a path/folder/glob source names, sorted so that ingest is deterministic."""
+    base = package_dir(source.package) if source.package else Path(".")
+    assert source.path is not None
+    target = base / source.path
+    if target.is_file():
+        return [target]
+    if target.is_dir():
+        files = sorted(p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIX_FORMATS)
+    else:
+        files = sorted(p for p in map(Path, glob.glob(str(target), recursive=True)) if p.is_file())
+    if not files:
+        raise SourceError(f"source {source.name!r}: nothing matches {str(target)!r}")
+    return files
+
+
+def file_format(path: Path, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    try:
+        return SUFFIX_FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise SourceError(
+            f"{path}: cannot tell the format from the suffix {path.suffix!r}; "
+            f"set 'format' on the source to one of {sorted(set(SUFFIX_FORMATS.values()))}"
+        ) from None
+
+
+def _as_row(value: Any, origin: str, row: int) -> Record:
+    if isinstance(value, dict):
+        return Record(origin, row, fields=value)
+    return Record(origin, row, error=f"row is a {type(value).__name__}, expected an object", raw=repr(value)[:500])
+
+
+def read_jsonl(path: Path) -> Iterator[Record]:
+    with path.open("rb") as fh:
+        row = 0
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            row += 1
+            origin = f"{path}#line{line_no}"
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield Record(origin, row, error=f"not valid UTF-8 ({exc.reason} at byte {exc.start})", raw=repr(line[:500]))
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield Record(origin, row, error=f"malformed JSON: {exc.msg} at column {exc.colno}", raw=text[:500])
+                continue
+            yield _as_row(value, origin, row)
+
+
+def read_json(path: Path) -> Iterator[Record]:
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path}: not a valid UTF-8 JSON document ({exc})") from None
+    if not isinstance(value, list):
+        raise SourceError(f"{path}: a .json source must hold an array of objects (use .jsonl for one object per line)")
+    for row, item in enumerate(value, start=1):
+        yield _as_row(item, f"{path}#{row}", row)
+
+
+def read_csv(path: Path) -> Iterator[Record]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{path}: not valid UTF-8 ({exc})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if not header:
+        raise SourceError(f"{path}: empty CSV (no header row)")
+    for row, values in enumerate(reader, start=1):
+        origin = f"{path}#line{reader.line_num}"
+        if not values:
+            row -= 1
+            continue
+        if len(values) != len(header):
+            yield Record(origin, row, error=f"row has {len(values)} fields, header has {len(header)}", raw=",".join(values)[:500])
+            continue
+        yield Record(origin, row, fields=dict(zip(header, values)))
+
+
+def read_parquet(path: Path) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise SourceError(f"{path}: not a readable Parquet file ({exc})") from None
+    for row, item in enumerate(table.to_pylist(), start=1):
+        yield _as_row(item, f"{path}#{row}", row)
+
+
+def read_yaml(path: Path) -> Iterator[Record]:
+    # BaseLoader keeps every scalar a string: "Yes" stays "Yes", "4" stays "4" (text data, not YAML booleans).
+    try:
+        value = yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise SourceError(f"{path}: not valid UTF-8 YAML ({exc})") from None
+    if isinstance(value, dict) and isinstance(value.get("conversations"), list):
+        # chatterbot-corpus layout: categories + a list of turn lists.
+        categories = value.get("categories") or []
+        for row, conv in enumerate(value["conversations"], start=1):
+            origin = f"{path}#{row}"
+            if isinstance(conv, list):
+                yield Record(origin, row, fields={"conversation": conv, "categories": categories})
+            else:
+                yield Record(origin, row, error="conversation is not a list of turns", raw=repr(conv)[:500])
+    elif isinstance(value, list):
+        for row, item in enumerate(value, start=1):
+            yield _as_row(item, f"{path}#{row}", row)
+    else:
+        raise SourceError(f"{path}: YAML must be a list of rows or a mapping with a 'conversations' list")
+
+
+READERS = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv, "parquet": read_parquet, "yaml": read_yaml}
+
+
+def read_hub(source: SourceConfig) -> Iterator[Record]:
+    """A Hugging Face dataset by id (needs network), or any path `datasets.load_dataset` accepts."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source.hub, source.hub_config, split=source.split)
+    except Exception as exc:  # offline, unknown id, bad split: all reported the same way
+        raise SourceError(f"source {source.name!r}: cannot load dataset {source.hub!r} ({exc})") from None
+    for row, item in enumerate(ds, start=1):
+        yield _as_row(item, f"{source.hub}[{source.split}]#{row}", row)
+
+
+def read_source(source: SourceConfig) -> Iterator[Record]:
+    if source.hub is not None:
+        yield from read_hub(source)
+        return
+    for path in resolve_files(source):
+        yield from READERS[file_format(path, source.format)](path)

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny Llama built from a config with a tokenizer trained here, and the real pre-trained
+models and datasets in ../shared (tests that need those skip with a reason where it is absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+STORIES = SHARED / "models" / "stories260K" / "hf"
+GSM8K = SHARED / "data" / "gsm8k"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CORPUS = [
+    "the cat sat on the mat and the dog ran in the park",
+    "what is two plus two? two plus two is four.",
+    "hello, how are you today? i am fine, thank you.",
+    "### User:\n### Assistant:\n### System:\n",
+] * 20
+
+
+def build_tiny_model(path: Path, vocab_size: int = 300) -> Path:
+    """A 2-layer Llama with random weights and a byte-level BPE tokenizer trained on CORPUS."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def stories_model() -> Path:
+    if not (STORIES / "model.safetensors").exists():
+        pytest.skip(f"pre-trained test model not found at {STORIES} (../shared is absent)")
+    return STORIES
+
+
+@pytest.fixture(scope="session")
+def gsm8k() -> Path:
+    if not (GSM8K / "train.jsonl").exists():
+        pytest.skip(f"GSM8K not found at {GSM8K} (../shared is absent)")
+    return GSM8K

@@ -1,0 +1,52 @@
+"""The loss of an optimizer step is sum(NLL) / total target tokens over all its micro-batches:
+micro-batch 8 x 1 and micro-batch 2 x 4 give the same loss and gradients."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from sftops.chat import encode
+from sftops.config import ModelConfig
+from sftops.modeling import load_tokenizer
+from sftops.objective import collate, row_nll
+from sftops.training import accumulate_gradients, micro_batches
+
+WORDS = "the cat sat on the mat and the dog ran in the park hello how are you today".split()
+
+
+def conversations(n: int) -> list[list[dict[str, str]]]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        # Very different response lengths, so a mean of micro-batch means would differ from the token mean.
+        q = " ".join(WORDS[i] for i in torch.randint(len(WORDS), (3,), generator=g))
+        a = " ".join(WORDS[i] for i in torch.randint(len(WORDS), (int(torch.randint(1, 25, (1,), generator=g)),), generator=g))
+        out.append([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+    return out
+
+
+def step(model, examples, pad_id, micro: int, accum: int) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    stream = micro_batches(len(examples), micro, seed=3)
+    batches = [collate([examples[i] for i in next(stream)], pad_id) for _ in range(accum)]
+    loss, _ = accumulate_gradients(model, batches, torch.device("cpu"))
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_accumulation_matches_one_big_batch(tiny_model):
+    tok = load_tokenizer(ModelConfig(base=str(tiny_model)))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    examples = [encode(tok, c) for c in conversations(8)]
+    loss_a, grads_a = step(model, examples, tok.pad_token_id, micro=8, accum=1)
+    loss_b, grads_b = step(model, examples, tok.pad_token_id, micro=2, accum=4)
+    assert abs(loss_a - loss_b) <= 1e-5 * abs(loss_a)
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    # And the check has teeth: weighting by micro-batch means instead gives a different loss.
+    per_micro = []
+    stream = micro_batches(len(examples), 2, seed=3)
+    for _ in range(4):
+        batch = collate([examples[i] for i in next(stream)], tok.pad_token_id)
+        with torch.no_grad():
+            sums, counts = row_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+        per_micro.append((sums.sum() / counts.sum()).item())
+    assert abs(sum(per_micro) / 4 - loss_a) > 1e-3

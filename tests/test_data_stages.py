@@ -1,0 +1,126 @@
+"""ingest and format on real files of every supported kind, including broken ones."""
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sftops.config import Config
+from sftops.curate import assign_split, run_format, to_messages, RowError
+from sftops.ingest import run_ingest
+from sftops.jsonio import read_jsonl
+
+
+def make_cfg(tmp_path: Path, sources: list[dict], **data) -> Config:
+    return Config.model_validate(
+        {
+            "data": {"sources": sources, **data},
+            "model": {"base": "unused"},
+            "paths": {"raw": str(tmp_path / "raw"), "curated": str(tmp_path / "curated")},
+        }
+    )
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(
+        b'{"prompt": "p1", "completion": "c1"}\n'
+        b"{not json\n"
+        b'["a list"]\n'
+        b"\n"
+        b'{"prompt": "p2", "completion": "\xff\xfe"}\n'
+        b'{"instruction": "i1", "input": "x", "output": "o1"}\n'
+    )
+    (d / "b.csv").write_text("question,answer\nq1,a1\nq2,a2,extra\n\"q3\",\"\"\n")
+    (d / "c.json").write_text(json.dumps([{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "v"}]}, 5]))
+    pq.write_table(pa.table({"prompt": ["pp", "p1"], "completion": ["cc", "c1"]}), d / "d.parquet")
+    (d / "e.yml").write_text("categories: [x]\nconversations:\n- - hi\n  - Yes\n- - only a user turn\n- not a list\n")
+    return d
+
+
+def test_ingest_keeps_and_rejects_with_reasons(tmp_path, files):
+    cfg = make_cfg(tmp_path, [{"name": "mixed", "path": str(files)}])
+    report = run_ingest(cfg)
+    counts = report["sources"]["mixed"]
+    # a.jsonl: 5 rows (blank line skipped), 3 bad; b.csv: 3 rows, 1 bad; c.json: 2, 1 bad; d.parquet: 2; e.yml: 3, 1 bad
+    assert counts == {"read": 15, "kept": 9, "rejected": 6}
+    rejected = list(read_jsonl(Path(cfg.paths.raw) / "rejected.jsonl"))
+    reasons = {r["origin"].rsplit("/", 1)[1]: r["reason"] for r in rejected}
+    assert reasons["a.jsonl#line2"].startswith("malformed JSON")
+    assert reasons["a.jsonl#line3"] == "row is a list, expected an object"
+    assert reasons["a.jsonl#line5"].startswith("not valid UTF-8")
+    assert reasons["b.csv#line3"] == "row has 3 fields, header has 2"
+    assert reasons["c.json#2"] == "row is a int, expected an object"
+    assert reasons["e.yml#3"] == "conversation is not a list of turns"
+    kept = list(read_jsonl(Path(cfg.paths.raw) / "mixed.jsonl"))
+    assert len(kept) == 9
+    # YAML scalars stay text: "Yes" is not turned into a boolean.
+    assert {"conversation": ["hi", "Yes"], "categories": ["x"]} in [r["fields"] for r in kept]
+
+
+def test_format_maps_dedupes_drops_and_splits(tmp_path, files):
+    cfg = make_cfg(tmp_path, [{"name": "mixed", "path": str(files)}], test_fraction=0.3, val_fraction=0.2)
+    run_ingest(cfg)
+    stats = run_format(cfg)
+    assert stats["rows_in"] == 9 and stats["kept"] + stats["dropped"] == 9
+    # p1/c1 appears in a.jsonl and d.parquet; q3 has an empty answer; one YAML conversation has no response.
+    assert stats["dropped_by_reason"] == {
+        "exact duplicate": 1,
+        "empty message": 1,
+        "no final assistant turn": 1,
+    }
+    rows = [r for s in ("train", "val", "test") for r in read_jsonl(Path(cfg.paths.curated) / f"{s}.jsonl")]
+    assert len(rows) == stats["kept"] == 6
+    by_prompt = {r["messages"][0]["content"]: r for r in rows}
+    assert by_prompt["i1\n\nx"]["messages"][1] == {"role": "assistant", "content": "o1"}
+    assert by_prompt["q1"]["messages"][1]["content"] == "a1"
+
+
+def test_package_source_reads_chatterbot(tmp_path):
+    cfg = make_cfg(tmp_path, [{"name": "cb", "package": "chatterbot_corpus", "path": "data/english/greetings.yml"}])
+    report = run_ingest(cfg)
+    assert report["sources"]["cb"]["kept"] > 10
+
+
+def test_hub_source_code_path_on_a_local_dataset_folder(tmp_path):
+    # The hub reader is datasets.load_dataset; a local folder goes through the same call offline.
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n')
+    cfg = make_cfg(tmp_path, [{"name": "hubby", "hub": str(folder), "split": "train"}])
+    assert run_ingest(cfg)["sources"]["hubby"] == {"read": 2, "kept": 2, "rejected": 0}
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    from sftops.sources import SourceError
+
+    cfg = make_cfg(tmp_path, [{"name": "nope", "path": str(tmp_path / "missing.jsonl")}])
+    with pytest.raises(SourceError, match="nothing matches"):
+        run_ingest(cfg)
+
+
+def test_split_is_deterministic_and_groups_prompts():
+    conv = lambda p, r: [{"role": "user", "content": p}, {"role": "assistant", "content": r}]  # noqa: E731
+    splits = [assign_split(conv(f"q{i}", "r"), 0, 0.1, 0.2) for i in range(2000)]
+    assert splits == [assign_split(conv(f"q{i}", "other answer"), 0, 0.1, 0.2) for i in range(2000)]
+    share = {s: splits.count(s) / len(splits) for s in ("train", "val", "test")}
+    assert abs(share["test"] - 0.2) < 0.03 and abs(share["val"] - 0.1) < 0.03
+    assert splits != [assign_split(conv(f"q{i}", "r"), 1, 0.1, 0.2) for i in range(2000)]
+
+
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        ({"messages": [{"role": "robot", "content": "x"}]}, "unknown role: message 0 has role 'robot'"),
+        ({"prompt": 3, "completion": "x"}, "'prompt' is a int"),
+        ({"text": "x"}, "no known schema"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}, "empty message"),
+    ],
+)
+def test_row_errors_say_why(fields, reason):
+    with pytest.raises(RowError, match=reason):
+        to_messages(fields)
