@@ -18,7 +18,7 @@ class SFTChatModel(mlflow.pyfunc.PythonModel):
 
         self.model, self.tokenizer = load_finetuned(context.artifacts["model"])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would validate against them
         from sftops.generation import answer
 
         if hasattr(model_input, "columns"):  # a pandas DataFrame
