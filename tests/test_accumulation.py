@@ -26,7 +26,7 @@ def conversations(n: int) -> list[list[dict[str, str]]]:
 
 def step(model, examples, pad_id, micro: int, accum: int) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    stream = micro_batches(len(examples), micro, seed=3)
+    stream = micro_batches([len(e.input_ids) for e in examples], micro, seed=3)
     batches = [collate([examples[i] for i in next(stream)], pad_id) for _ in range(accum)]
     loss, _ = accumulate_gradients(model, batches, torch.device("cpu"))
     return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -43,10 +43,23 @@ def test_accumulation_matches_one_big_batch(tiny_model):
         torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-7, msg=name)
     # And the check has teeth: weighting by micro-batch means instead gives a different loss.
     per_micro = []
-    stream = micro_batches(len(examples), 2, seed=3)
+    stream = micro_batches([len(e.input_ids) for e in examples], 2, seed=3)
     for _ in range(4):
         batch = collate([examples[i] for i in next(stream)], tok.pad_token_id)
         with torch.no_grad():
             sums, counts = row_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
         per_micro.append((sums.sum() / counts.sum()).item())
     assert abs(sum(per_micro) / 4 - loss_a) > 1e-3
+
+
+def test_length_grouping_covers_every_row_once_per_epoch_with_less_padding():
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(5, 300, (1000,), generator=g).tolist()
+    for grouped in (False, True):
+        stream = micro_batches(lengths, 8, seed=0, group_by_length=grouped)
+        epoch = [next(stream) for _ in range(125)]
+        assert sorted(i for b in epoch for i in b) == list(range(1000))
+    padded = lambda batches: sum(max(lengths[i] for i in b) * len(b) for b in batches)  # noqa: E731
+    plain = micro_batches(lengths, 8, seed=0)
+    grouped = micro_batches(lengths, 8, seed=0, group_by_length=True)
+    assert padded([next(grouped) for _ in range(125)]) < 0.7 * padded([next(plain) for _ in range(125)])

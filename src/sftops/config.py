@@ -82,6 +82,8 @@ class TrainConfig(_Strict):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 42
+    # Batch rows of similar length together (less padding, same objective).
+    group_by_length: bool = True
     max_train_rows: int | None = Field(None, ge=1)
 
 

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from sftops import tracking
 from sftops.chat import encode_rows, generation_prompt
 from sftops.config import Config, ModelConfig
+from sftops.curate import prompt_key
 from sftops.finetune import device, load_split
 from sftops.generation import generate
 from sftops.jsonio import read_json, write_json
@@ -23,12 +24,30 @@ from sftops.objective import mean_nll, score_rows
 from sftops.textmetrics import exact_match, rouge_l
 
 
-def _summary(scores: list[tuple[float, int]], outputs: list[str], refs: list[str]) -> dict[str, float]:
+def generation_sample(rows: list[dict[str, Any]], n: int) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """Up to n rows with distinct prompts, in a stable order spread over the test split (sorted by row id),
+    each with every reference answer the test split has for its prompt."""
+    refs: dict[str, list[str]] = {}
+    first: dict[str, dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: r["id"]):
+        key = prompt_key(row["messages"])
+        refs.setdefault(key, []).append(row["messages"][-1]["content"])
+        first.setdefault(key, row)
+    keys = list(first)[:n]
+    return [first[k] for k in keys], [refs[k] for k in keys]
+
+
+def best(score, output: str, references: list[str]) -> float:
+    """A prompt with several valid answers is scored against the closest one."""
+    return max(score(output, r) for r in references)
+
+
+def _summary(scores: list[tuple[float, int]], outputs: list[str], refs: list[list[str]]) -> dict[str, float]:
     nll = mean_nll(scores)
     out = {"nll": nll, "perplexity": math.exp(nll)}
     if refs:
-        out["exact_match"] = sum(map(exact_match, outputs, refs)) / len(refs)
-        out["rouge_l"] = sum(map(rouge_l, outputs, refs)) / len(refs)
+        out["exact_match"] = sum(best(exact_match, o, r) for o, r in zip(outputs, refs)) / len(refs)
+        out["rouge_l"] = sum(best(rouge_l, o, r) for o, r in zip(outputs, refs)) / len(refs)
     return out
 
 
@@ -53,9 +72,8 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         base_scores = score_rows(base, examples, cfg.evaluate.batch_size, pad, dev)
     tuned_scores = score_rows(tuned, examples, cfg.evaluate.batch_size, pad, dev)
 
-    sample = [rows[i] for i in kept[: cfg.evaluate.num_generations]]
+    sample, refs = generation_sample([rows[i] for i in kept], cfg.evaluate.num_generations)
     prompts = [generation_prompt(tokenizer, r["messages"]) for r in sample]
-    refs = [r["messages"][-1]["content"] for r in sample]
     args = (tokenizer, prompts, cfg.evaluate.max_new_tokens, cfg.evaluate.batch_size)
     with base_mode():
         base_out = generate(base, *args)
@@ -73,11 +91,12 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
 
     table = {
         "prompt": [r["messages"][-2]["content"] if len(r["messages"]) > 1 else "" for r in sample],
-        "reference": refs,
+        "reference": [r[0] for r in refs],
+        "other_references": [len(r) - 1 for r in refs],
         "base_output": base_out,
         "tuned_output": tuned_out,
-        "base_rouge_l": [rouge_l(o, r) for o, r in zip(base_out, refs)],
-        "tuned_rouge_l": [rouge_l(o, r) for o, r in zip(tuned_out, refs)],
+        "base_rouge_l": [best(rouge_l, o, r) for o, r in zip(base_out, refs)],
+        "tuned_rouge_l": [best(rouge_l, o, r) for o, r in zip(tuned_out, refs)],
         "source": [r["source"] for r in sample],
     }
     reports = Path(cfg.paths.reports)

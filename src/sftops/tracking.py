@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.models import infer_signature
 import yaml
 
 from sftops.config import Config
@@ -83,6 +84,7 @@ def log_and_register_model(model_dir: Path, name: str) -> dict[str, Any]:
         python_model=SFTChatModel(),
         artifacts={"model": str(model_dir)},
         pip_requirements=pip_requirements(),
+        signature=infer_signature(["a question"], ["an answer"], params={"max_new_tokens": 64}),
         registered_model_name=name,
     )
     return {"model_uri": info.model_uri, "registered_model": name, "version": str(info.registered_model_version)}

