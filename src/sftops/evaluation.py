@@ -57,10 +57,11 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     dev = device()
     tuned, tokenizer = load_finetuned(model_dir)
     tuned.to(dev)
-    if read_manifest(model_dir)["method"] == "lora":
+    manifest = read_manifest(model_dir)
+    if manifest["method"] == "lora":
         base, base_mode = tuned, tuned.disable_adapter  # the same weights with the adapter switched off
     else:
-        base, base_mode = load_base_model(ModelConfig.model_validate(read_manifest(model_dir)["base"])).to(dev), contextlib.nullcontext
+        base, base_mode = load_base_model(ModelConfig.model_validate(manifest["base"])).to(dev), contextlib.nullcontext
     base.eval()
 
     rows = load_split(cfg, "test")

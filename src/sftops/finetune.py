@@ -67,8 +67,8 @@ def run_train(cfg: Config) -> dict[str, Any]:
     with mlflow.start_run(run_name=f"sft-{cfg.train.method}") as run:
         tracking.log_params(cfg)
         mlflow.set_tags({**tracking.data_lineage(cfg), "base_model": cfg.model.base, "method": cfg.train.method})
-        for name, path in (("ingest_report.json", Path(cfg.paths.raw) / REPORT), ("format_stats.json", Path(cfg.paths.curated) / STATS)):
-            mlflow.log_artifact(str(path), artifact_path="data")
+        for report_file in (Path(cfg.paths.raw) / REPORT, Path(cfg.paths.curated) / STATS):
+            mlflow.log_artifact(str(report_file), artifact_path="data")
         mlflow.log_dict({"train": train_counts, "val": val_counts}, "data/encoding_report.json")
         mlflow.log_metrics({"trainable_params": trainable, "total_params": total, "train_examples": len(train_ex)})
 
