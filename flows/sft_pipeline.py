@@ -13,7 +13,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from sftops.config import Config, load_config
+from sftops.config import Config, isolate_outputs, load_config
 from sftops.pipeline import STAGES, where
 
 # Stage outputs live on disk (data/, models/); the tasks pass the typed config, never large objects.
@@ -34,7 +34,7 @@ def metrics_markdown(metrics: dict, cfg: Config) -> str:
 
 @flow(name="sft-pipeline", log_prints=True)
 def sft_pipeline(params: str = "params.yaml", overrides: list[str] | None = None) -> dict:
-    cfg = load_config(params, overrides or [])
+    cfg = isolate_outputs(load_config(params, overrides or []), overrides or [])
     ingest(cfg)
     format_data(cfg)
     run = train(cfg)

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sftops.config import Config
-from sftops.curate import assign_split, run_format, to_messages, RowError
+from sftops.curate import RowError, assign_split, run_format, to_messages
 from sftops.ingest import run_ingest
 from sftops.jsonio import read_jsonl
 
@@ -96,10 +96,10 @@ def test_hub_source_code_path_on_a_local_dataset_folder(tmp_path):
 
 
 def test_missing_source_is_a_clear_error(tmp_path):
-    from sftops.sources import SourceError
+    from sftops.errors import DataError
 
     cfg = make_cfg(tmp_path, [{"name": "nope", "path": str(tmp_path / "missing.jsonl")}])
-    with pytest.raises(SourceError, match="nothing matches"):
+    with pytest.raises(DataError, match="nothing matches"):
         run_ingest(cfg)
 
 

@@ -11,13 +11,14 @@ from sftops.curate import run_format
 from sftops.evaluation import run_evaluate
 from sftops.finetune import run_train
 from sftops.ingest import run_ingest
-from sftops.modeling import load_base_model, load_finetuned, save_finetuned, load_tokenizer
+from sftops.modeling import load_base_model, load_finetuned, load_tokenizer, save_finetuned
 
 QA = [("what is two plus two?", "two plus two is four."), ("hello, how are you today?", "i am fine, thank you.")]
 
 
 def test_full_method_trains_saves_weights_and_evaluates(tmp_path, tiny_model, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     rows = [{"prompt": f"{q} ({i})", "completion": a} for i in range(60) for q, a in QA]
     Path("in.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     cfg = Config.model_validate(
@@ -26,7 +27,7 @@ def test_full_method_trains_saves_weights_and_evaluates(tmp_path, tiny_model, mo
             "model": {"base": str(tiny_model), "max_length": 64},
             "train": {"method": "full", "max_steps": 30, "micro_batch_size": 8, "learning_rate": 0.01},
             "evaluate": {"num_generations": 2, "max_new_tokens": 6},
-            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "registered_model_name": "tiny-full"},
+            "tracking": {"registered_model_name": "tiny-full"},
         }
     )
     run_ingest(cfg)
@@ -38,7 +39,7 @@ def test_full_method_trains_saves_weights_and_evaluates(tmp_path, tiny_model, mo
     metrics = run_evaluate(cfg)
     # Random-init tiny model, a repetitive task: training must cut the held-out NLL by a wide margin.
     assert metrics["tuned"]["nll"] < 0.5 * metrics["base"]["nll"]
-    client = MlflowClient(cfg.tracking.tracking_uri)
+    client = MlflowClient(report["tracking_uri"])
     assert client.get_run(report["run_id"]).data.params["train.method"] == "full"
     assert client.get_model_version("tiny-full", report["version"]).tags["test_nll"]
 

@@ -1,7 +1,7 @@
 """The loss is the mean NLL of exactly the response tokens, computed here independently by hand."""
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from sftops.chat import IGNORE, encode, encode_rows, generation_prompt, stop_token_ids
 from sftops.config import ModelConfig

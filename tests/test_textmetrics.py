@@ -27,3 +27,18 @@ def test_generation_sample_has_distinct_prompts_with_all_their_references():
     assert [r["messages"][0]["content"] for r in sample] == ["q2", "q1"]
     assert refs == [["b"], ["c", "a"]]
     assert best(rouge_l, "a", refs[1]) == 1.0
+
+
+def test_rouge_l_agrees_with_the_rouge_score_package():
+    """An independent implementation (Google's rouge-score, the reference for ROUGE-1.5.5)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    pairs = [
+        ("The cat sat on the mat.", "the cat is on the mat"),
+        ("I am a bot, built with Python 3.", "I was written in Python"),
+        ("no overlap here", "completely different words"),
+        ("Check if it's plugged in and hold the power button.", "Hold the power button for 10 seconds; check it's plugged in."),
+    ]
+    for prediction, reference in pairs:
+        assert rouge_l(prediction, reference) == pytest.approx(scorer.score(reference, prediction)["rougeL"].fmeasure)

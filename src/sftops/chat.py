@@ -7,11 +7,9 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from sftops.errors import ModelError
+
 IGNORE = -100
-
-
-class TemplateError(ValueError):
-    """The chat template cannot be split into prompt and response parts."""
 
 
 @dataclass
@@ -41,7 +39,7 @@ def response_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, 
         before = render(tokenizer, messages[:i], generation_prompt=True)
         through = render(tokenizer, messages[: i + 1])
         if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
-            raise TemplateError(
+            raise ModelError(
                 "the chat template does not render conversations prefix by prefix, so the response tokens "
                 "cannot be located; use a tokenizer whose template does (or none, for the fallback template)"
             )

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sftops.config import ConfigError, load_config
+from sftops.config import isolate_outputs, load_config
+from sftops.errors import SftopsError
 
 
 def _print(title: str, value: Any) -> None:
@@ -32,8 +33,9 @@ def _generate(args: argparse.Namespace) -> None:
     else:  # runs:/<id>/model, models:/<name>/<version>, models:/<name>@<alias>
         import mlflow
 
-        if args.tracking_uri:
-            mlflow.set_tracking_uri(args.tracking_uri)
+        from sftops.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(args.tracking_uri or tracking_uri())
         replies = mlflow.pyfunc.load_model(args.model).predict(args.prompt, params={"max_new_tokens": args.max_new_tokens})
     for prompt, reply in zip(args.prompt, replies):
         print(f"> {prompt}\n{reply}\n")
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         ("format", "map, de-duplicate and split into data/curated"),
         ("train", "fine-tune the base model, save and register it"),
         ("evaluate", "compare base and fine-tuned model on the test split"),
-        ("run", "all four stages in order"),
+        ("run", "all four stages in order (with --set: under runs/<digest>/, leaving DVC's outputs alone)"),
         ("where", "print where the results of the last run are"),
     ):
         p = sub.add_parser(name, help=help_text)
@@ -70,20 +72,21 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--model", required=True, help="a model folder (models/model), runs:/ID/model or models:/NAME@ALIAS")
     gen.add_argument("--prompt", action="append", required=True, help="a question (repeatable)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    gen.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             _generate(args)
-        elif args.command == "where":
-            _where(load_config(args.params, args.overrides))
-        elif args.command == "run":
-            from sftops.pipeline import run_all
+        elif args.command in ("where", "run"):
+            cfg = isolate_outputs(load_config(args.params, args.overrides), args.overrides)
+            if args.command == "run":
+                from sftops.pipeline import run_all
 
-            _print("results", run_all(load_config(args.params, args.overrides)))
+                _print("results", run_all(cfg))
+            _where(cfg)
         else:
             _print(args.command, stage(args.command, args.params, args.overrides))
-    except ConfigError as exc:
+    except SftopsError as exc:
         print(f"sftops: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A params file or override that does not describe a valid run."""
+from sftops.errors import ConfigError
 
 
 class _Strict(BaseModel):
@@ -94,7 +93,7 @@ class EvaluateConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    tracking_uri: str = "sqlite:///mlflow.db"
+    # Where the tracking server is, is not config: MLFLOW_TRACKING_URI (default sqlite:///mlflow.db).
     experiment: str = "sftops"
     registered_model_name: str = "sftops-model"
 
@@ -127,6 +126,16 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: tree}
+
+
+def isolate_outputs(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """A whole-pipeline run with overrides is an experiment: it writes under runs/<digest of the overrides>/,
+    so the DVC-tracked outputs keep matching params.yaml (unless the overrides set paths.* themselves)."""
+    if not overrides or any(o.split("=", 1)[0].strip().startswith("paths.") for o in overrides):
+        return cfg
+    digest = hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:10]
+    paths = {key: str(Path("runs") / digest / value) for key, value in cfg.paths.model_dump().items()}
+    return cfg.model_copy(update={"paths": PathsConfig(**paths)})
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from sftops.config import Config
-from sftops.jsonio import read_jsonl, write_json, write_jsonl
 from sftops.ingest import REJECTED as RAW_REJECTED
 from sftops.ingest import REPORT as RAW_REPORT
+from sftops.jsonio import read_jsonl, require, write_json, write_jsonl
 
 ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "val", "test")
@@ -131,7 +131,7 @@ def run_format(cfg: Config) -> dict[str, Any]:
     per_source: dict[str, Counter[str]] = {}
     for source in cfg.data.sources:
         counts = per_source.setdefault(source.name, Counter())
-        for raw_row in read_jsonl(raw / f"{source.name}.jsonl"):
+        for raw_row in read_jsonl(require(raw / f"{source.name}.jsonl", "ingest")):
             counts["in"] += 1
             origin = raw_row["origin"]
             try:

@@ -9,16 +9,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow import MlflowClient
-
 from sftops import tracking
 from sftops.chat import encode_rows, generation_prompt
 from sftops.config import Config, ModelConfig
 from sftops.curate import prompt_key
+from sftops.errors import DataError
 from sftops.finetune import device, load_split
 from sftops.generation import generate
-from sftops.jsonio import read_json, write_json
+from sftops.jsonio import read_json, require, write_json
 from sftops.modeling import load_base_model, load_finetuned, read_manifest
 from sftops.objective import mean_nll, score_rows
 from sftops.textmetrics import exact_match, rouge_l
@@ -53,7 +51,7 @@ def _summary(scores: list[tuple[float, int]], outputs: list[str], refs: list[lis
 
 def run_evaluate(cfg: Config) -> dict[str, Any]:
     model_dir = Path(cfg.paths.model) / "model"
-    run_info = read_json(Path(cfg.paths.model) / tracking.RUN_FILE)
+    run_info = read_json(require(Path(cfg.paths.model) / tracking.RUN_FILE, "train"))
     dev = device()
     tuned, tokenizer = load_finetuned(model_dir)
     tuned.to(dev)
@@ -67,7 +65,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     rows = load_split(cfg, "test")
     examples, kept, counts = encode_rows(tokenizer, rows, cfg.model.max_length)
     if not examples:
-        raise ValueError(f"no test rows to evaluate on ({counts}); raise data.test_fraction or model.max_length")
+        raise DataError(f"no test rows to evaluate on ({counts}); raise data.test_fraction or model.max_length")
     pad = tokenizer.pad_token_id
     with base_mode():
         base_scores = score_rows(base, examples, cfg.evaluate.batch_size, pad, dev)
@@ -107,14 +105,5 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         writer.writerow(table)
         writer.writerows(zip(*table.values()))
 
-    mlflow.set_tracking_uri(run_info["tracking_uri"])
-    with mlflow.start_run(run_id=run_info["run_id"]):
-        flat = {f"test_{who}_{k}": v for who in ("base", "tuned") for k, v in metrics[who].items()}
-        mlflow.log_metrics({**flat, "test_nll_improvement": metrics["nll_improvement"], "test_rows": metrics["test_rows"]})
-        mlflow.log_table(table, artifact_file="eval/generations.json")
-        mlflow.log_artifact(str(Path(cfg.paths.metrics)), artifact_path="eval")
-    client = MlflowClient(run_info["tracking_uri"])
-    for key in ("nll", "perplexity", "rouge_l", "exact_match"):
-        if key in metrics["tuned"]:
-            client.set_model_version_tag(run_info["registered_model"], run_info["version"], f"test_{key}", f"{metrics['tuned'][key]:.4f}")
+    tracking.log_evaluation(run_info, metrics, table, Path(cfg.paths.metrics))
     return metrics

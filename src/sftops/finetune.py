@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 from transformers import PreTrainedModel
 
@@ -16,7 +15,7 @@ from sftops.chat import encode_rows
 from sftops.config import Config, TrainConfig
 from sftops.curate import STATS
 from sftops.ingest import REPORT
-from sftops.jsonio import read_jsonl, write_json
+from sftops.jsonio import read_jsonl, require, write_json
 from sftops.modeling import load_base_model, load_tokenizer, save_finetuned
 from sftops.objective import mean_nll, score_rows
 from sftops.training import train_loop
@@ -44,7 +43,7 @@ def apply_method(model: PreTrainedModel, cfg: TrainConfig) -> torch.nn.Module:
 
 
 def load_split(cfg: Config, split: str) -> list[dict[str, Any]]:
-    return list(read_jsonl(Path(cfg.paths.curated) / f"{split}.jsonl"))
+    return list(read_jsonl(require(Path(cfg.paths.curated) / f"{split}.jsonl", "format")))
 
 
 def run_train(cfg: Config) -> dict[str, Any]:
@@ -63,36 +62,32 @@ def run_train(cfg: Config) -> dict[str, Any]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
-    tracking.configure(cfg)
-    with mlflow.start_run(run_name=f"sft-{cfg.train.method}") as run:
-        tracking.log_params(cfg)
-        mlflow.set_tags({**tracking.data_lineage(cfg), "base_model": cfg.model.base, "method": cfg.train.method})
-        for report_file in (Path(cfg.paths.raw) / REPORT, Path(cfg.paths.curated) / STATS):
-            mlflow.log_artifact(str(report_file), artifact_path="data")
-        mlflow.log_dict({"train": train_counts, "val": val_counts}, "data/encoding_report.json")
-        mlflow.log_metrics({"trainable_params": trainable, "total_params": total, "train_examples": len(train_ex)})
+    with tracking.pipeline_run(cfg, [Path(cfg.paths.raw) / REPORT, Path(cfg.paths.curated) / STATS]) as run:
+        encoding = {"train": train_counts, "val": val_counts}
+        tracking.log_metrics({"trainable_params": trainable, "total_params": total, "train_examples": len(train_ex)})
 
-        val_before = mean_nll(score_rows(model, val_ex, cfg.evaluate.batch_size, tokenizer.pad_token_id, dev)) if val_ex else None
-        if val_before is not None:
-            mlflow.log_metric("val_nll", val_before, step=0)
-        result = train_loop(model, train_ex, cfg.train, tokenizer.pad_token_id, dev, on_step=tracking.step_logger)
-        val_after = mean_nll(score_rows(model, val_ex, cfg.evaluate.batch_size, tokenizer.pad_token_id, dev)) if val_ex else None
-        if val_after is not None:
-            mlflow.log_metric("val_nll", val_after, step=result["steps"])
+        def validation_nll(step: int) -> float | None:
+            if not val_ex:
+                return None
+            nll = mean_nll(score_rows(model, val_ex, cfg.train.micro_batch_size, tokenizer.pad_token_id, dev))
+            tracking.log_metrics({"val_nll": nll}, step=step)
+            return nll
+
+        val_before = validation_nll(0)
+        result = train_loop(model, train_ex, cfg.train, tokenizer.pad_token_id, dev, on_step=tracking.log_step)
+        val_after = validation_nll(result["steps"])
 
         manifest = {"method": cfg.train.method, "base": cfg.model.model_dump(mode="json")}
         save_finetuned(model, tokenizer, out / "model", manifest)
         registered = tracking.log_and_register_model(out / "model", cfg.tracking.registered_model_name)
         report = {
-            "run_id": run.info.run_id,
-            "experiment_id": run.info.experiment_id,
-            "tracking_uri": cfg.tracking.tracking_uri,
+            **run,
             **registered,
             "steps": result["steps"],
             "final_train_loss": result["history"][-1]["train_loss"],
             "val_nll_before": val_before,
             "val_nll_after": val_after,
-            "encoding": {"train": train_counts, "val": val_counts},
+            "encoding": encoding,
             "trainable_params": trainable,
             "device": str(dev),
         }

@@ -7,6 +7,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from sftops.errors import DataError
+
+
+def require(path: Path, producer: str) -> Path:
+    """An input a previous stage should have written; a clear message when it has not."""
+    if not Path(path).exists():
+        raise DataError(f"{path} not found: run `sftops {producer}` (or `dvc repro`) first")
+    return Path(path)
+
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)

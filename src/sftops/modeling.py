@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sftops.config import ModelConfig
+from sftops.errors import ModelError
 from sftops.sources import package_dir
 
 MANIFEST = "sftops_model.json"
@@ -39,7 +40,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     if not tok.chat_template:
         tok.chat_template = FALLBACK_CHAT_TEMPLATE
     if tok.eos_token is None:
-        raise ValueError(f"tokenizer of {cfg.base!r} has no EOS token; the model could never learn to stop")
+        raise ModelError(f"tokenizer of {cfg.base!r} has no EOS token; the model could never learn to stop")
     if tok.pad_token is None:
         # Padding positions are masked out of the loss and attention, so any id will do.
         tok.pad_token = tok.eos_token
@@ -75,7 +76,7 @@ def save_finetuned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, o
 def read_manifest(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{model_dir} is not an sftops model folder (no {MANIFEST})")
+        raise ModelError(f"{model_dir} is not an sftops model folder (no {MANIFEST})")
     return json.loads(path.read_text())
 
 

@@ -9,6 +9,7 @@ from sftops.curate import run_format
 from sftops.evaluation import run_evaluate
 from sftops.finetune import run_train
 from sftops.ingest import run_ingest
+from sftops.tracking import tracking_uri
 
 STAGES = {"ingest": run_ingest, "format": run_format, "train": run_train, "evaluate": run_evaluate}
 
@@ -21,7 +22,7 @@ def where(cfg: Config) -> dict[str, str]:
         "model": f"{cfg.paths.model}/model",
         "metrics": cfg.paths.metrics,
         "generations": f"{cfg.paths.reports}/generations.csv",
-        "mlflow ui": f"mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}",
+        "mlflow": tracking_uri(),
     }
 
 

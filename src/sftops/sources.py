@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from sftops.config import SourceConfig
+from sftops.errors import DataError
 
 SUFFIX_FORMATS = {
     ".jsonl": "jsonl",
@@ -25,10 +26,6 @@ SUFFIX_FORMATS = {
     ".yml": "yaml",
     ".yaml": "yaml",
 }
-
-
-class SourceError(ValueError):
-    """A whole source or file cannot be read (as opposed to one bad row)."""
 
 
 @dataclass
@@ -43,7 +40,7 @@ class Record:
 def package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise SourceError(f"package {package!r} is not installed (pip install it, or fix data.sources)")
+        raise DataError(f"package {package!r} is not installed (pip install it, or fix data.sources)")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -59,7 +56,7 @@ def resolve_files(source: SourceConfig) -> list[Path]:
     else:
         files = sorted(p for p in map(Path, glob.glob(str(target), recursive=True)) if p.is_file())
     if not files:
-        raise SourceError(f"source {source.name!r}: nothing matches {str(target)!r}")
+        raise DataError(f"source {source.name!r}: nothing matches {str(target)!r}")
     return files
 
 
@@ -69,7 +66,7 @@ def file_format(path: Path, declared: str) -> str:
     try:
         return SUFFIX_FORMATS[path.suffix.lower()]
     except KeyError:
-        raise SourceError(
+        raise DataError(
             f"{path}: cannot tell the format from the suffix {path.suffix!r}; "
             f"set 'format' on the source to one of {sorted(set(SUFFIX_FORMATS.values()))}"
         ) from None
@@ -106,9 +103,9 @@ def read_json(path: Path) -> Iterator[Record]:
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path}: not a valid UTF-8 JSON document ({exc})") from None
+        raise DataError(f"{path}: not a valid UTF-8 JSON document ({exc})") from None
     if not isinstance(value, list):
-        raise SourceError(f"{path}: a .json source must hold an array of objects (use .jsonl for one object per line)")
+        raise DataError(f"{path}: a .json source must hold an array of objects (use .jsonl for one object per line)")
     for row, item in enumerate(value, start=1):
         yield _as_row(item, f"{path}#{row}", row)
 
@@ -117,11 +114,11 @@ def read_csv(path: Path) -> Iterator[Record]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise SourceError(f"{path}: not valid UTF-8 ({exc})") from None
+        raise DataError(f"{path}: not valid UTF-8 ({exc})") from None
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, None)
     if not header:
-        raise SourceError(f"{path}: empty CSV (no header row)")
+        raise DataError(f"{path}: empty CSV (no header row)")
     for row, values in enumerate(reader, start=1):
         origin = f"{path}#line{reader.line_num}"
         if not values:
@@ -139,7 +136,7 @@ def read_parquet(path: Path) -> Iterator[Record]:
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a bad file
-        raise SourceError(f"{path}: not a readable Parquet file ({exc})") from None
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     for row, item in enumerate(table.to_pylist(), start=1):
         yield _as_row(item, f"{path}#{row}", row)
 
@@ -149,7 +146,7 @@ def read_yaml(path: Path) -> Iterator[Record]:
     try:
         value = yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise SourceError(f"{path}: not valid UTF-8 YAML ({exc})") from None
+        raise DataError(f"{path}: not valid UTF-8 YAML ({exc})") from None
     if isinstance(value, dict) and isinstance(value.get("conversations"), list):
         # chatterbot-corpus layout: categories + a list of turn lists.
         categories = value.get("categories") or []
@@ -163,7 +160,7 @@ def read_yaml(path: Path) -> Iterator[Record]:
         for row, item in enumerate(value, start=1):
             yield _as_row(item, f"{path}#{row}", row)
     else:
-        raise SourceError(f"{path}: YAML must be a list of rows or a mapping with a 'conversations' list")
+        raise DataError(f"{path}: YAML must be a list of rows or a mapping with a 'conversations' list")
 
 
 READERS = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv, "parquet": read_parquet, "yaml": read_yaml}
@@ -176,7 +173,7 @@ def read_hub(source: SourceConfig) -> Iterator[Record]:
     try:
         ds = datasets.load_dataset(source.hub, source.hub_config, split=source.split)
     except Exception as exc:  # offline, unknown id, bad split: all reported the same way
-        raise SourceError(f"source {source.name!r}: cannot load dataset {source.hub!r} ({exc})") from None
+        raise DataError(f"source {source.name!r}: cannot load dataset {source.hub!r} ({exc})") from None
     for row, item in enumerate(ds, start=1):
         yield _as_row(item, f"{source.hub}[{source.split}]#{row}", row)
 

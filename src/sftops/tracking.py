@@ -3,22 +3,36 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.models import infer_signature
 import yaml
+from mlflow import MlflowClient
+from mlflow.models import infer_signature
 
 from sftops.config import Config
 
 RUN_FILE = "run.json"
 
 
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri() -> str:
+    """Where runs go is the environment's business (a team server, a local file), not the params'."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
 def configure(cfg: Config) -> str:
-    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
-    return mlflow.set_experiment(cfg.tracking.experiment).experiment_id
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    return uri
 
 
 def git_commit() -> str | None:
@@ -71,8 +85,38 @@ def log_params(cfg: Config) -> None:
     mlflow.log_params(params)
 
 
-def step_logger(step: int, metrics: dict[str, float]) -> None:
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics(metrics, step=step)
+
+
+def log_step(step: int, metrics: dict[str, float]) -> None:
+    """The training loop's per-step callback."""
+    mlflow.log_metrics(metrics, step=step)
+
+
+@contextmanager
+def pipeline_run(cfg: Config, reports: list[Path]) -> Iterator[dict[str, str]]:
+    """Open the pipeline's MLflow run with its params, lineage tags and data reports; yields its ids."""
+    uri = configure(cfg)
+    with mlflow.start_run(run_name=f"sft-{cfg.train.method}") as run:
+        log_params(cfg)
+        mlflow.set_tags({**data_lineage(cfg), "base_model": cfg.model.base, "method": cfg.train.method})
+        for path in reports:
+            mlflow.log_artifact(str(path), artifact_path="data")
+        yield {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": uri}
+
+
+def log_evaluation(run_info: dict[str, Any], metrics: dict[str, Any], table: dict[str, list], metrics_file: Path) -> None:
+    """Add the evaluate stage's results to the pipeline's run, and tag the registered version with them."""
+    mlflow.set_tracking_uri(run_info["tracking_uri"])
+    with mlflow.start_run(run_id=run_info["run_id"]):
+        flat = {f"test_{who}_{k}": v for who in ("base", "tuned") for k, v in metrics[who].items()}
+        mlflow.log_metrics({**flat, "test_nll_improvement": metrics["nll_improvement"], "test_rows": metrics["test_rows"]})
+        mlflow.log_table(table, artifact_file="eval/generations.json")
+        mlflow.log_artifact(str(metrics_file), artifact_path="eval")
+    client = MlflowClient(run_info["tracking_uri"])
+    for key, value in metrics["tuned"].items():
+        client.set_model_version_tag(run_info["registered_model"], run_info["version"], f"test_{key}", f"{value:.4f}")
 
 
 def log_and_register_model(model_dir: Path, name: str) -> dict[str, Any]:

@@ -15,13 +15,10 @@ from transformers import get_cosine_schedule_with_warmup
 
 from sftops.chat import Encoded
 from sftops.config import TrainConfig
+from sftops.errors import TrainingError
 from sftops.objective import autocast, collate, n_targets, row_nll
 
 StepCallback = Callable[[int, dict[str, float]], None]
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def seed_everything(seed: int) -> None:
@@ -86,7 +83,7 @@ def train_loop(
     on_step: StepCallback | None = None,
 ) -> dict[str, Any]:
     if not examples:
-        raise ValueError("no training examples left after encoding; see the encoding report")
+        raise TrainingError("no training examples left after encoding (all rows too long or without a response); see models/run.json")
     seed_everything(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -103,7 +100,7 @@ def train_loop(
         loss, step_tokens = accumulate_gradients(model, batches, device)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise NonFiniteLoss(f"step {step}: loss={loss} grad_norm={grad_norm}; lower train.learning_rate")
+            raise TrainingError(f"step {step}: loss={loss} grad_norm={grad_norm}; lower train.learning_rate")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
