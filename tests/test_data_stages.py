@@ -124,3 +124,10 @@ def test_split_is_deterministic_and_groups_prompts():
 def test_row_errors_say_why(fields, reason):
     with pytest.raises(RowError, match=reason):
         to_messages(fields)
+
+
+def test_package_rows_are_labelled_independently_of_the_install_location(tmp_path):
+    cfg = make_cfg(tmp_path, [{"name": "cb", "package": "chatterbot_corpus", "path": "data/english/greetings.yml"}])
+    run_ingest(cfg)
+    first = next(read_jsonl(Path(cfg.paths.raw) / "cb.jsonl"))
+    assert first["origin"] == "chatterbot_corpus:data/english/greetings.yml#1"

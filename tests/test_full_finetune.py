@@ -54,3 +54,27 @@ def test_gguf_base_from_a_package_loads_and_saves_as_safetensors(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits)
     assert tok2.chat_template == tok.chat_template
+
+
+def test_lora_training_is_reproducible_from_the_seed(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    rows = [{"prompt": f"{q} ({i})", "completion": a} for i in range(30) for q, a in QA]
+    Path("in.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = Config.model_validate(
+        {
+            "data": {"sources": [{"name": "qa", "path": "in.jsonl"}]},
+            "model": {"base": str(tiny_model), "max_length": 64},
+            "train": {"method": "lora", "max_steps": 4, "micro_batch_size": 4, "learning_rate": 0.01},
+        }
+    )
+    run_ingest(cfg)
+    run_format(cfg)
+    from safetensors.torch import load_file
+
+    first = run_train(cfg)
+    weights = load_file(tmp_path / "models/model/adapter_model.safetensors")
+    second = run_train(cfg)
+    again = load_file(tmp_path / "models/model/adapter_model.safetensors")
+    assert first["final_train_loss"] == second["final_train_loss"]
+    assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)

@@ -68,8 +68,8 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         raise DataError(f"no test rows to evaluate on ({counts}); raise data.test_fraction or model.max_length")
     pad = tokenizer.pad_token_id
     with base_mode():
-        base_scores = score_rows(base, examples, cfg.evaluate.batch_size, pad, dev)
-    tuned_scores = score_rows(tuned, examples, cfg.evaluate.batch_size, pad, dev)
+        base_scores = score_rows(base, examples, cfg.evaluate.batch_size, pad, dev, desc="score base")
+    tuned_scores = score_rows(tuned, examples, cfg.evaluate.batch_size, pad, dev, desc="score tuned")
 
     sample, refs = generation_sample([rows[i] for i in kept], cfg.evaluate.num_generations)
     prompts = [generation_prompt(tokenizer, r["messages"]) for r in sample]

@@ -18,7 +18,7 @@ from sftops.ingest import REPORT
 from sftops.jsonio import read_jsonl, require, write_json
 from sftops.modeling import load_base_model, load_tokenizer, save_finetuned
 from sftops.objective import mean_nll, score_rows
-from sftops.training import train_loop
+from sftops.training import seed_everything, train_loop
 
 
 def device() -> torch.device:
@@ -58,6 +58,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
     train_ex, _, train_counts = encode_rows(tokenizer, train_rows, cfg.model.max_length)
     val_ex, _, val_counts = encode_rows(tokenizer, val_rows, cfg.model.max_length)
     dev = device()
+    seed_everything(cfg.train.seed)  # before the LoRA matrices are initialised
     model = apply_method(load_base_model(cfg.model), cfg.train).to(dev)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

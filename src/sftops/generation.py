@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from sftops.chat import generation_prompt, stop_token_ids
@@ -29,7 +30,7 @@ def generate(
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     outputs: list[str] = []
     try:
-        for start in range(0, len(prompts), batch_size):
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", leave=False):
             enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(device) for k, v in enc.items()}
             out = model.generate(**enc, generation_config=config)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from sftops.chat import IGNORE, Encoded
 
@@ -51,12 +52,14 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 @torch.no_grad()
-def score_rows(model: torch.nn.Module, examples: Sequence[Encoded], batch_size: int, pad_id: int, device: torch.device) -> list[tuple[float, int]]:
+def score_rows(
+    model: torch.nn.Module, examples: Sequence[Encoded], batch_size: int, pad_id: int, device: torch.device, desc: str = "score"
+) -> list[tuple[float, int]]:
     """(summed NLL, target count) for each example, in input order. Rows are batched by length to pad less."""
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         idx = order[start : start + batch_size]
         batch = collate([examples[i] for i in idx], pad_id)
         with autocast(device):

@@ -44,20 +44,24 @@ def package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def resolve_files(source: SourceConfig) -> list[Path]:
-    """The files a path/folder/glob source names, sorted so that ingest is deterministic."""
+def resolve_files(source: SourceConfig) -> list[tuple[Path, str]]:
+    """The files a path/folder/glob source names, sorted so that ingest is deterministic, each with the label
+    its rows' origins use: '<package>:<path in package>' for package data, so that the raw data (and its DVC
+    hash) does not depend on where the package is installed."""
     base = package_dir(source.package) if source.package else Path(".")
     assert source.path is not None
     target = base / source.path
     if target.is_file():
-        return [target]
-    if target.is_dir():
+        files = [target]
+    elif target.is_dir():
         files = sorted(p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIX_FORMATS)
     else:
         files = sorted(p for p in map(Path, glob.glob(str(target), recursive=True)) if p.is_file())
     if not files:
         raise DataError(f"source {source.name!r}: nothing matches {str(target)!r}")
-    return files
+    if source.package:
+        return [(f, f"{source.package}:{f.relative_to(base).as_posix()}") for f in files]
+    return [(f, str(f)) for f in files]
 
 
 def file_format(path: Path, declared: str) -> str:
@@ -78,14 +82,14 @@ def _as_row(value: Any, origin: str, row: int) -> Record:
     return Record(origin, row, error=f"row is a {type(value).__name__}, expected an object", raw=repr(value)[:500])
 
 
-def read_jsonl(path: Path) -> Iterator[Record]:
+def read_jsonl(path: Path, label: str) -> Iterator[Record]:
     with path.open("rb") as fh:
         row = 0
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             row += 1
-            origin = f"{path}#line{line_no}"
+            origin = f"{label}#line{line_no}"
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -99,7 +103,7 @@ def read_jsonl(path: Path) -> Iterator[Record]:
             yield _as_row(value, origin, row)
 
 
-def read_json(path: Path) -> Iterator[Record]:
+def read_json(path: Path, label: str) -> Iterator[Record]:
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -107,10 +111,10 @@ def read_json(path: Path) -> Iterator[Record]:
     if not isinstance(value, list):
         raise DataError(f"{path}: a .json source must hold an array of objects (use .jsonl for one object per line)")
     for row, item in enumerate(value, start=1):
-        yield _as_row(item, f"{path}#{row}", row)
+        yield _as_row(item, f"{label}#{row}", row)
 
 
-def read_csv(path: Path) -> Iterator[Record]:
+def read_csv(path: Path, label: str) -> Iterator[Record]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -120,7 +124,7 @@ def read_csv(path: Path) -> Iterator[Record]:
     if not header:
         raise DataError(f"{path}: empty CSV (no header row)")
     for row, values in enumerate(reader, start=1):
-        origin = f"{path}#line{reader.line_num}"
+        origin = f"{label}#line{reader.line_num}"
         if not values:
             row -= 1
             continue
@@ -130,7 +134,7 @@ def read_csv(path: Path) -> Iterator[Record]:
         yield Record(origin, row, fields=dict(zip(header, values)))
 
 
-def read_parquet(path: Path) -> Iterator[Record]:
+def read_parquet(path: Path, label: str) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     try:
@@ -138,10 +142,10 @@ def read_parquet(path: Path) -> Iterator[Record]:
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     for row, item in enumerate(table.to_pylist(), start=1):
-        yield _as_row(item, f"{path}#{row}", row)
+        yield _as_row(item, f"{label}#{row}", row)
 
 
-def read_yaml(path: Path) -> Iterator[Record]:
+def read_yaml(path: Path, label: str) -> Iterator[Record]:
     # BaseLoader keeps every scalar a string: "Yes" stays "Yes", "4" stays "4" (text data, not YAML booleans).
     try:
         value = yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
@@ -151,14 +155,14 @@ def read_yaml(path: Path) -> Iterator[Record]:
         # chatterbot-corpus layout: categories + a list of turn lists.
         categories = value.get("categories") or []
         for row, conv in enumerate(value["conversations"], start=1):
-            origin = f"{path}#{row}"
+            origin = f"{label}#{row}"
             if isinstance(conv, list):
                 yield Record(origin, row, fields={"conversation": conv, "categories": categories})
             else:
                 yield Record(origin, row, error="conversation is not a list of turns", raw=repr(conv)[:500])
     elif isinstance(value, list):
         for row, item in enumerate(value, start=1):
-            yield _as_row(item, f"{path}#{row}", row)
+            yield _as_row(item, f"{label}#{row}", row)
     else:
         raise DataError(f"{path}: YAML must be a list of rows or a mapping with a 'conversations' list")
 
@@ -182,5 +186,5 @@ def read_source(source: SourceConfig) -> Iterator[Record]:
     if source.hub is not None:
         yield from read_hub(source)
         return
-    for path in resolve_files(source):
-        yield from READERS[file_format(path, source.format)](path)
+    for path, label in resolve_files(source):
+        yield from READERS[file_format(path, source.format)](path, label)
