@@ -151,6 +151,7 @@ def test_prefect_flow_runs_the_same_stages(tmp_path, stories_model, gsm8k):
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("sftops").experiment_id])
     assert len(runs) == 1 and len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 3
+    assert runs[0].data.tags["data.curated_dvc_md5"].endswith(".dir")
     # A run with overrides is an experiment: its outputs go under runs/<digest>/, not over DVC's.
     cfg = isolate_outputs(load_config(repo / "params.yaml", ["train.max_steps=3"]), ["train.max_steps=3"])
     assert json.loads((repo / cfg.paths.metrics).read_text())["test_rows"] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -44,32 +45,20 @@ def git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def dir_digest(path: Path) -> str:
-    """SHA-256 over the relative paths and bytes of every file under path: the data's own fingerprint."""
-    h = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        h.update(str(file.relative_to(path)).encode() + b"\0")
-        h.update(hashlib.sha256(file.read_bytes()).digest())
-    return h.hexdigest()
-
-
-def dvc_hash(path: str, lock: Path = Path("dvc.lock")) -> str | None:
-    """The md5 DVC recorded for an output in dvc.lock (DVC writes each stage's entry as it finishes)."""
-    if not lock.exists():
-        return None
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    for stage in stages.values():
-        for out in stage.get("outs", []):
-            if out.get("path", "").rstrip("/") == path.rstrip("/"):
-                return out.get("md5")
-    return None
+def dvc_md5(path: Path) -> str:
+    """The hash DVC records for a directory output (in dvc.lock), computed here so that runs made outside
+    `dvc repro` (the Prefect flow, `sftops run`) carry the same data version: md5 of the sorted
+    [{"md5", "relpath"}] listing of the folder's files, plus '.dir'."""
+    entries = [
+        {"md5": hashlib.md5(f.read_bytes()).hexdigest(), "relpath": f.relative_to(path).as_posix()}
+        for f in sorted(p for p in Path(path).rglob("*") if p.is_file())
+    ]
+    entries.sort(key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
 def data_lineage(cfg: Config) -> dict[str, str]:
-    tags = {"data.curated_sha256": dir_digest(Path(cfg.paths.curated))}
-    dvc_md5 = dvc_hash(cfg.paths.curated)
-    if dvc_md5:
-        tags["data.curated_dvc_md5"] = dvc_md5
+    tags = {"data.curated_dvc_md5": dvc_md5(Path(cfg.paths.curated))}
     commit = git_commit()
     if commit:
         tags["git.commit"] = commit
