@@ -55,7 +55,6 @@ def load_base_model(cfg: ModelConfig) -> PreTrainedModel:
         # A GGUF-loaded model is dequantised to float but still flagged as GGUF, and save_pretrained refuses it:
         # move its weights into a plain model of the same config.
         config = model.config
-        config.quantization_config = None
         del config.quantization_config
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(model.state_dict())

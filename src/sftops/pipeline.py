@@ -16,13 +16,14 @@ STAGES = {"ingest": run_ingest, "format": run_format, "train": run_train, "evalu
 
 def where(cfg: Config) -> dict[str, str]:
     """Where a finished run left its results."""
+    uri = tracking_uri()
     return {
         "raw data": cfg.paths.raw,
         "curated data": cfg.paths.curated,
         "model": f"{cfg.paths.model}/model",
         "metrics": cfg.paths.metrics,
         "generations": f"{cfg.paths.reports}/generations.csv",
-        "mlflow": tracking_uri(),
+        "mlflow": f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri,
     }
 
 
