@@ -1,10 +1,13 @@
-"""Full fine-tuning through the train and evaluate stages in-process on the tiny model, and the GGUF path."""
+"""The train and evaluate stages in-process on the tiny model (full fine-tuning, LoRA reproducibility),
+and the GGUF loading path of the default base model."""
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from mlflow import MlflowClient
+from safetensors.torch import load_file
 
 from sftops.config import Config, ModelConfig
 from sftops.curate import run_format
@@ -16,22 +19,33 @@ from sftops.modeling import load_base_model, load_finetuned, load_tokenizer, sav
 QA = [("what is two plus two?", "two plus two is four."), ("hello, how are you today?", "i am fine, thank you.")]
 
 
-def test_full_method_trains_saves_weights_and_evaluates(tmp_path, tiny_model, monkeypatch):
+@pytest.fixture
+def curated(tmp_path, tiny_model, monkeypatch):
+    """Returns a function: train params -> a config whose data has been ingested and formatted in tmp_path."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     rows = [{"prompt": f"{q} ({i})", "completion": a} for i in range(60) for q, a in QA]
     Path("in.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    cfg = Config.model_validate(
-        {
-            "data": {"sources": [{"name": "qa", "path": "in.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
-            "model": {"base": str(tiny_model), "max_length": 64},
-            "train": {"method": "full", "max_steps": 30, "micro_batch_size": 8, "learning_rate": 0.01},
-            "evaluate": {"num_generations": 2, "max_new_tokens": 6},
-            "tracking": {"registered_model_name": "tiny-full"},
-        }
-    )
-    run_ingest(cfg)
-    run_format(cfg)
+
+    def make(train: dict) -> Config:
+        cfg = Config.model_validate(
+            {
+                "data": {"sources": [{"name": "qa", "path": "in.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
+                "model": {"base": str(tiny_model), "max_length": 64},
+                "train": train,
+                "evaluate": {"num_generations": 2, "max_new_tokens": 6},
+                "tracking": {"registered_model_name": "tiny"},
+            }
+        )
+        run_ingest(cfg)
+        run_format(cfg)
+        return cfg
+
+    return make
+
+
+def test_full_method_trains_saves_weights_and_evaluates(tmp_path, curated):
+    cfg = curated({"method": "full", "max_steps": 30, "micro_batch_size": 8, "learning_rate": 0.01})
     report = run_train(cfg)
     assert (tmp_path / "models/model/model.safetensors").exists()
     assert not (tmp_path / "models/model/adapter_config.json").exists()
@@ -41,7 +55,17 @@ def test_full_method_trains_saves_weights_and_evaluates(tmp_path, tiny_model, mo
     assert metrics["tuned"]["nll"] < 0.5 * metrics["base"]["nll"]
     client = MlflowClient(report["tracking_uri"])
     assert client.get_run(report["run_id"]).data.params["train.method"] == "full"
-    assert client.get_model_version("tiny-full", report["version"]).tags["test_nll"]
+    assert client.get_model_version("tiny", report["version"]).tags["test_nll"]
+
+
+def test_lora_training_is_reproducible_from_the_seed(tmp_path, curated):
+    cfg = curated({"method": "lora", "max_steps": 4, "micro_batch_size": 4, "learning_rate": 0.01})
+    first = run_train(cfg)
+    weights = load_file(tmp_path / "models/model/adapter_model.safetensors")
+    second = run_train(cfg)
+    again = load_file(tmp_path / "models/model/adapter_model.safetensors")
+    assert first["final_train_loss"] == second["final_train_loss"]
+    assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
 
 
 def test_gguf_base_from_a_package_loads_and_saves_as_safetensors(tmp_path):
@@ -54,27 +78,3 @@ def test_gguf_base_from_a_package_loads_and_saves_as_safetensors(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits)
     assert tok2.chat_template == tok.chat_template
-
-
-def test_lora_training_is_reproducible_from_the_seed(tmp_path, tiny_model, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    rows = [{"prompt": f"{q} ({i})", "completion": a} for i in range(30) for q, a in QA]
-    Path("in.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    cfg = Config.model_validate(
-        {
-            "data": {"sources": [{"name": "qa", "path": "in.jsonl"}]},
-            "model": {"base": str(tiny_model), "max_length": 64},
-            "train": {"method": "lora", "max_steps": 4, "micro_batch_size": 4, "learning_rate": 0.01},
-        }
-    )
-    run_ingest(cfg)
-    run_format(cfg)
-    from safetensors.torch import load_file
-
-    first = run_train(cfg)
-    weights = load_file(tmp_path / "models/model/adapter_model.safetensors")
-    second = run_train(cfg)
-    again = load_file(tmp_path / "models/model/adapter_model.safetensors")
-    assert first["final_train_loss"] == second["final_train_loss"]
-    assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
