@@ -56,6 +56,12 @@ def test_full_method_trains_saves_weights_and_evaluates(tmp_path, curated):
     client = MlflowClient(report["tracking_uri"])
     assert client.get_run(report["run_id"]).data.params["train.method"] == "full"
     assert client.get_model_version("tiny", report["version"]).tags["test_nll"]
+    # Evaluating again (as DVC does after a change of evaluate params) adds a table, never rows to the old one.
+    run_evaluate(cfg)
+    tables = sorted(a.path for a in client.list_artifacts(report["run_id"], "eval") if a.path.endswith(".json") and "generations" in a.path)
+    assert tables == ["eval/generations-2.json", "eval/generations.json"]
+    first = json.loads(Path(client.download_artifacts(report["run_id"], "eval/generations.json", str(tmp_path))).read_text())
+    assert len(first["data"]) == metrics["generations"]
 
 
 def test_lora_training_is_reproducible_from_the_seed(tmp_path, curated):

@@ -80,7 +80,7 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
 
 def log_step(step: int, metrics: dict[str, float]) -> None:
     """The training loop's per-step callback."""
-    mlflow.log_metrics(metrics, step=step)
+    log_metrics(metrics, step)
 
 
 @contextmanager
@@ -95,15 +95,26 @@ def pipeline_run(cfg: Config, reports: list[Path]) -> Iterator[dict[str, str]]:
         yield {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": uri}
 
 
+def _unused_table_file(client: MlflowClient, run_id: str) -> str:
+    """log_table appends to an existing table file: a re-evaluation (new eval params) gets a file of its own."""
+    existing = {a.path for a in client.list_artifacts(run_id, "eval")}
+    name, n = "eval/generations.json", 1
+    while name in existing:
+        n += 1
+        name = f"eval/generations-{n}.json"
+    return name
+
+
 def log_evaluation(run_info: dict[str, Any], metrics: dict[str, Any], table: dict[str, list], metrics_file: Path) -> None:
     """Add the evaluate stage's results to the pipeline's run, and tag the registered version with them."""
     mlflow.set_tracking_uri(run_info["tracking_uri"])
+    client = MlflowClient(run_info["tracking_uri"])
+    table_file = _unused_table_file(client, run_info["run_id"])
     with mlflow.start_run(run_id=run_info["run_id"]):
         flat = {f"test_{who}_{k}": v for who in ("base", "tuned") for k, v in metrics[who].items()}
         mlflow.log_metrics({**flat, "test_nll_improvement": metrics["nll_improvement"], "test_rows": metrics["test_rows"]})
-        mlflow.log_table(table, artifact_file="eval/generations.json")
+        mlflow.log_table(table, artifact_file=table_file)
         mlflow.log_artifact(str(metrics_file), artifact_path="eval")
-    client = MlflowClient(run_info["tracking_uri"])
     for key, value in metrics["tuned"].items():
         client.set_model_version_tag(run_info["registered_model"], run_info["version"], f"test_{key}", f"{value:.4f}")
 
