@@ -40,12 +40,20 @@ def best(score, output: str, references: list[str]) -> float:
     return max(score(output, r) for r in references)
 
 
-def _summary(scores: list[tuple[float, int]], outputs: list[str], refs: list[list[str]]) -> dict[str, float]:
+def row_scores(outputs: list[str], refs: list[list[str]]) -> dict[str, list[float]]:
+    """Per generated answer: exact match and ROUGE-L against its closest reference."""
+    return {
+        "exact_match": [best(exact_match, o, r) for o, r in zip(outputs, refs)],
+        "rouge_l": [best(rouge_l, o, r) for o, r in zip(outputs, refs)],
+    }
+
+
+def _summary(scores: list[tuple[float, int]], per_row: dict[str, list[float]]) -> dict[str, float]:
     nll = mean_nll(scores)
     out = {"nll": nll, "perplexity": math.exp(nll)}
-    if refs:
-        out["exact_match"] = sum(best(exact_match, o, r) for o, r in zip(outputs, refs)) / len(refs)
-        out["rouge_l"] = sum(best(rouge_l, o, r) for o, r in zip(outputs, refs)) / len(refs)
+    for name, values in per_row.items():
+        if values:
+            out[name] = sum(values) / len(values)
     return out
 
 
@@ -77,13 +85,14 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     with base_mode():
         base_out = generate(base, *args)
     tuned_out = generate(tuned, *args)
+    base_rows, tuned_rows = row_scores(base_out, refs), row_scores(tuned_out, refs)
 
     metrics = {
         "test_rows": len(examples),
         "test_target_tokens": sum(c for _, c in tuned_scores),
         "generations": len(sample),
-        "base": _summary(base_scores, base_out, refs),
-        "tuned": _summary(tuned_scores, tuned_out, refs),
+        "base": _summary(base_scores, base_rows),
+        "tuned": _summary(tuned_scores, tuned_rows),
     }
     metrics["nll_improvement"] = metrics["base"]["nll"] - metrics["tuned"]["nll"]
     write_json(Path(cfg.paths.metrics), metrics)
@@ -94,8 +103,8 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         "other_references": [len(r) - 1 for r in refs],
         "base_output": base_out,
         "tuned_output": tuned_out,
-        "base_rouge_l": [best(rouge_l, o, r) for o, r in zip(base_out, refs)],
-        "tuned_rouge_l": [best(rouge_l, o, r) for o, r in zip(tuned_out, refs)],
+        **{f"base_{name}": values for name, values in base_rows.items()},
+        **{f"tuned_{name}": values for name, values in tuned_rows.items()},
         "source": [r["source"] for r in sample],
     }
     reports = Path(cfg.paths.reports)
