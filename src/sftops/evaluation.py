@@ -17,7 +17,7 @@ from sftops.errors import DataError
 from sftops.finetune import device, load_split
 from sftops.generation import generate
 from sftops.jsonio import read_json, require, write_json
-from sftops.modeling import load_base_model, load_finetuned, read_manifest
+from sftops.modeling import is_adapter, load_base_model, load_finetuned, read_manifest
 from sftops.objective import mean_nll, score_rows
 from sftops.textmetrics import exact_match, rouge_l
 
@@ -64,7 +64,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     tuned, tokenizer = load_finetuned(model_dir)
     tuned.to(dev)
     manifest = read_manifest(model_dir)
-    if manifest["method"] == "lora":
+    if is_adapter(manifest):
         base, base_mode = tuned, tuned.disable_adapter  # the same weights with the adapter switched off
     else:
         base, base_mode = load_base_model(ModelConfig.model_validate(manifest["base"])).to(dev), contextlib.nullcontext
