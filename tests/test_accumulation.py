@@ -39,7 +39,7 @@ def one_step(model, examples, pad_id, micro: int, accum: int, packed: bool = Fal
     shares = step_batches(stream, accum, world=1, rank=0)
     batches = [make_batch([examples[i] for i in idx], pad_id, packed) for idx in shares]
     stats = accumulate_gradients(SupervisedNLL(model), batches, torch.device("cpu"))
-    return stats.loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+    return stats.loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def assert_same_step(a, b):
@@ -100,3 +100,20 @@ def test_length_grouping_covers_every_row_once_per_epoch_with_less_padding():
     plain = micro_batches(lengths, 8, seed=0)
     grouped = micro_batches(lengths, 8, seed=0, group_by_length=True)
     assert padded([next(grouped) for _ in range(125)]) < 0.7 * padded([next(plain) for _ in range(125)])
+
+
+def test_gradient_checkpointing_changes_memory_not_the_step(tiny_model):
+    from sftops.adapters import apply_method
+    from sftops.config import TrainConfig
+
+    tok = load_tokenizer(ModelConfig(base=str(tiny_model)))
+    examples = [encode(tok, c) for c in conversations(8)]
+    steps = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        model = apply_method(base, TrainConfig(method="lora", gradient_checkpointing=checkpointing, lora={"dropout": 0.0}))
+        model.train()
+        steps.append(one_step(model, examples, tok.pad_token_id, micro=4, accum=2))
+    assert steps[0][1] and steps[0][1].keys() == steps[1][1].keys()
+    assert_same_step(*steps)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from sftops import faults
+
 MANIFEST = "manifest.json"
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
@@ -74,6 +76,7 @@ def save(folder: Path, name: str, model: torch.nn.Module, state: dict[str, Any])
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable_state(model), tmp / WEIGHTS)
+    faults.point(f"checkpoint_write:{name}")
     torch.save(state, tmp / STATE)
     manifest = {"name": name, "files": {f: _sha256(tmp / f) for f in (WEIGHTS, STATE)}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

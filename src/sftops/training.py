@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from sftops import checkpoint
+from sftops import checkpoint, faults
 from sftops.batching import Batch, make_batch, micro_batches, step_batches
 from sftops.chat import Encoded
 from sftops.config import TrainConfig
@@ -231,6 +231,7 @@ def train_loop(
                 stop = patience is not None and state.evals_without_improvement >= patience
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps and not stop:
             save(f"{checkpoint.PREFIX}{step:06d}")
+        faults.point(f"after_step:{step}")
         if stop:
             break
     model.eval()
