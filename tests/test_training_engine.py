@@ -178,12 +178,17 @@ def test_qlora_without_a_gpu_is_refused_with_the_fix(project):
     assert "train.method=qlora needs a CUDA GPU" in done.stderr and "use train.method=lora" in done.stderr
 
 
-def test_two_processes_through_the_train_stage_match_one(project):
-    """num_processes=2 makes the stage launch torchrun (gloo on CPU); 2 x micro-batch 4 = 1 x micro-batch 8."""
+def test_ddp_and_fsdp_processes_through_the_train_stage_match_one(project):
+    """num_processes=2 makes the stage launch torchrun (gloo on CPU): 2 x micro-batch 4 takes the same steps as
+    1 x micro-batch 8, with replicas (ddp) and with parameters, gradients and optimizer state sharded (fsdp),
+    whose exported model is gathered whole."""
     _, write = project
-    write({"method": "full", "max_steps": 3, "micro_batch_size": 8, "group_by_length": False})
+    common = {"method": "full", "max_steps": 3, "group_by_length": False}
+    write({**common, "micro_batch_size": 8})
     one = run_train(load_config("params.yaml"))
-    write({"method": "full", "max_steps": 3, "micro_batch_size": 4, "group_by_length": False, "num_processes": 2})
-    two = run_train(load_config("params.yaml"))
-    assert two["processes"] == 2
-    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    for distributed in ("ddp", "fsdp"):
+        write({**common, "micro_batch_size": 4, "num_processes": 2, "distributed": distributed})
+        two = run_train(load_config("params.yaml"))
+        assert two["processes"] == 2
+        assert losses(two) == pytest.approx(losses(one), rel=1e-5), distributed
+        assert two["val_nll_after"] == pytest.approx(one["val_nll_after"], rel=1e-4), distributed

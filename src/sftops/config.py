@@ -100,6 +100,9 @@ class TrainConfig(_Strict):
     early_stopping_patience: int | None = Field(None, ge=1)
     # Processes on this node (GPUs, or CPU processes with gloo); above 1 the train stage launches torchrun.
     num_processes: int = Field(1, ge=1)
+    # ddp: a full replica per process; fsdp: parameters, gradients and optimizer state sharded across processes
+    # (for models that do not fit one GPU).
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     # Export a LoRA/DoRA model merged into its base (full weights), after checking its held-out NLL.
     merge_adapter: bool = False
     merge_tolerance: float = Field(1e-3, gt=0)
@@ -108,6 +111,9 @@ class TrainConfig(_Strict):
     def _combinations(self) -> TrainConfig:
         if self.early_stopping_patience is not None and self.eval_every is None:
             raise ValueError("early_stopping_patience needs eval_every (validate every N steps)")
+        if self.distributed == "fsdp" and (self.checkpoint_every or self.eval_every):
+            raise ValueError("checkpoint_every and eval_every are not supported with distributed=fsdp yet (they need "
+                             "sharded checkpoints); set them to null, or use distributed=ddp")
         if self.merge_adapter and self.method == "full":
             raise ValueError("merge_adapter applies to adapters (lora, dora, qlora), not method full")
         return self

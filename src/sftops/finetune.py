@@ -47,6 +47,18 @@ def checkpoint_folder(cfg: Config) -> Path:
     return Path(cfg.paths.checkpoints) / digest
 
 
+def gather_unsharded(model: torch.nn.Module, cfg: Config, world: World) -> torch.nn.Module:
+    """FSDP: every process sends its shards; the main process gets a plain, unsharded copy to evaluate and save."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not world.is_main:
+        return model
+    plain = apply_method(load_base_model(cfg.model), cfg.train)
+    plain.load_state_dict(state)
+    return plain.to(world.device).eval()
+
+
 def run_train(cfg: Config) -> dict[str, Any]:
     require_hardware(cfg.train.method)
     if cfg.train.num_processes > 1 and not under_torchrun():
@@ -117,6 +129,8 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
             model, train_ex, cfg.train, pad, world, sources=sources, source_names=source_names, checkpoints=checkpoints,
             validate=(lambda: validate(step_of["step"])) if val_ex else None, on_step=on_step,
         )
+        if world.size > 1 and cfg.train.distributed == "fsdp":
+            model = gather_unsharded(model, cfg, world)
         if not world.is_main:
             return {}
         val_after = held_out_nll(model) if val_ex else None

@@ -49,14 +49,16 @@ class SupervisedNLL(torch.nn.Module):
 
     The LM head runs on the supervised positions alone, not on prompt or padding positions: for a small model
     with a large vocabulary the head is most of the compute, and its logits most of the memory. Models whose
-    head does more than a linear map (logit soft-capping or scaling) take the full forward instead."""
+    head does more than a linear map (logit soft-capping or scaling), and sharded (FSDP) models, whose
+    parameters are gathered by the whole model's forward, take the full forward instead."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, full_forward: bool = False):
         super().__init__()
         self.model = model
         causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = causal_lm.config
-        plain_head = not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+        special_head = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+        plain_head = not (full_forward or special_head)
         self.decoder = causal_lm.get_decoder() if plain_head else None
         self.head = causal_lm.get_output_embeddings() if plain_head else None
 

@@ -7,7 +7,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,10 +71,7 @@ def accumulate_gradients(
     source_sums = torch.zeros(n_sources, dtype=torch.float64)
     source_counts = torch.zeros(n_sources, dtype=torch.float64)
     for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
-        # Synchronise gradients across processes only on the step's last micro-batch.
-        sync = contextlib.nullcontext() if last or not hasattr(objective, "no_sync") else objective.no_sync()
-        with sync:
+        with gradient_sync(objective, last=i == len(batches) - 1):
             with autocast(device):
                 token_nll, token_correct = objective(**{k: batch[k].to(device) for k in MODEL_INPUTS if k in batch})
             (token_nll.sum() * world.size / max(step_tokens, 1)).backward()
@@ -93,17 +90,50 @@ def accumulate_gradients(
     )
 
 
+@contextlib.contextmanager
+def gradient_sync(objective: torch.nn.Module, last: bool) -> Iterator[None]:
+    """Reduce gradients across processes only on the step's last micro-batch (DDP's no_sync, FSDP's
+    set_requires_gradient_sync); a single process has nothing to reduce."""
+    inner = getattr(objective, "module", objective)
+    sharded = getattr(getattr(inner, "model", None), "set_requires_gradient_sync", None)
+    if sharded is not None:
+        sharded(last)
+        yield
+    elif hasattr(objective, "no_sync") and not last:
+        with objective.no_sync():
+            yield
+    else:
+        yield
+
+
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     # The fused kernel does the whole update in one pass over the parameters where torch has one for the device.
+    if cfg.distributed == "fsdp" and any(hasattr(p, "full_tensor") for p in params):
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     try:
         return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, ValueError):
         return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
+def shard(model: torch.nn.Module) -> None:
+    """FSDP2: shard each transformer block, then the rest, across the processes (in place)."""
+    from torch.distributed.fsdp import fully_shard
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    block_names = set(getattr(causal_lm, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise TrainingError(f"distributed=fsdp: no transformer blocks ({block_names or 'unknown'}) found in {type(causal_lm).__name__}")
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
 def wrap_objective(model: torch.nn.Module, cfg: TrainConfig, world: World) -> torch.nn.Module:
-    objective: torch.nn.Module = SupervisedNLL(model)
-    if world.size > 1:
+    sharded = world.size > 1 and cfg.distributed == "fsdp"  # the model itself was sharded before the optimizer was built
+    objective: torch.nn.Module = SupervisedNLL(model, full_forward=sharded)
+    if world.size > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [world.device.index] if world.device.type == "cuda" else None
@@ -145,6 +175,8 @@ def train_loop(
         raise TrainingError("no training examples left after encoding (all rows too long or without a response); see models/run.json")
     device = world.device
     seed_everything(cfg.seed)
+    if world.size > 1 and cfg.distributed == "fsdp":
+        shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg, device)
     steps = total_steps(len(examples), cfg, world.size)
@@ -185,7 +217,8 @@ def train_loop(
         shares = step_batches(stream, cfg.grad_accum_steps, world.size, world.rank)
         batches = [make_batch([examples[i] for i in idx], pad_id, cfg.packing, [source_of[i] for i in idx]) for idx in shares]
         stats = accumulate_gradients(objective, batches, device, world, n_sources)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a sharded norm
         if not (math.isfinite(stats.loss) and math.isfinite(grad_norm)):
             last = checkpoint.latest(checkpoints) if checkpoints else None
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet (set train.checkpoint_every)"
