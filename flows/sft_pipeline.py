@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
-from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
+# Without PREFECT_API_URL, Prefect starts a temporary local server; its 20 s default start-up limit is too
+# short on a busy 2-core machine (seen in CI-like runs). A user's own setting wins.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-from sftops.config import Config, isolate_outputs, load_config
-from sftops.pipeline import STAGES, where
+from prefect import flow, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from sftops.config import Config, isolate_outputs, load_config  # noqa: E402
+from sftops.pipeline import STAGES, where  # noqa: E402
 
 # Stage outputs live on disk (data/, models/); the tasks pass the typed config, never large objects.
 # Caching by real inputs comes with the operations work; until then every run computes afresh.
