@@ -11,11 +11,12 @@ import torch
 from transformers import PreTrainedModel
 
 from sftops import tracking
-from sftops.chat import encode_rows
 from sftops.config import Config, TrainConfig
 from sftops.curate import STATS
+from sftops.data.examples import training_examples
+from sftops.data.store import read_split
 from sftops.ingest import REPORT
-from sftops.jsonio import read_jsonl, require, write_json
+from sftops.jsonio import write_json
 from sftops.modeling import load_base_model, load_tokenizer, save_finetuned
 from sftops.objective import mean_nll, score_rows
 from sftops.training import seed_everything, train_loop
@@ -43,7 +44,7 @@ def apply_method(model: PreTrainedModel, cfg: TrainConfig) -> torch.nn.Module:
 
 
 def load_split(cfg: Config, split: str) -> list[dict[str, Any]]:
-    return list(read_jsonl(require(Path(cfg.paths.curated) / f"{split}.jsonl", "format")))
+    return read_split(cfg.paths.curated, split)
 
 
 def run_train(cfg: Config) -> dict[str, Any]:
@@ -55,8 +56,9 @@ def run_train(cfg: Config) -> dict[str, Any]:
     train_rows, val_rows = load_split(cfg, "train"), load_split(cfg, "val")
     if cfg.train.max_train_rows is not None and len(train_rows) > cfg.train.max_train_rows:
         train_rows = random.Random(cfg.train.seed).sample(train_rows, cfg.train.max_train_rows)
-    train_ex, _, train_counts = encode_rows(tokenizer, train_rows, cfg.model.max_length)
-    val_ex, _, val_counts = encode_rows(tokenizer, val_rows, cfg.model.max_length)
+    # The format stage's tokenised cache when it matches this tokenizer and max_length, else tokenised here.
+    train_ex, _, train_counts = training_examples(cfg, tokenizer, "train", train_rows)
+    val_ex, _, val_counts = training_examples(cfg, tokenizer, "val", val_rows)
     dev = device()
     seed_everything(cfg.train.seed)  # before the LoRA matrices are initialised
     model = apply_method(load_base_model(cfg.model), cfg.train).to(dev)
