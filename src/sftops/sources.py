@@ -113,6 +113,14 @@ def _as_row(value: Any, origin: str, row: int) -> Record:
     return Record(origin, row, error=f"row is a {type(value).__name__}, expected an object", raw=repr(value)[:500])
 
 
+def _encodable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_jsonl(path: Path, label: str) -> Iterator[Record]:
     with io.BytesIO(read_bytes(path)) as fh:
         row = 0
@@ -130,6 +138,9 @@ def read_jsonl(path: Path, label: str) -> Iterator[Record]:
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
                 yield Record(origin, row, error=f"malformed JSON: {exc.msg} at column {exc.colno}", raw=text[:500])
+                continue
+            if "\\ud" in text.lower() and not _encodable(value):
+                yield Record(origin, row, error="invalid Unicode: a lone surrogate escape (\\udXXX) is not a character", raw=text[:500])
                 continue
             yield _as_row(value, origin, row)
 
