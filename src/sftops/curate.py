@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sftops.config import Config
+from sftops.config import Config, DataConfig, SourceConfig
 from sftops.data.card import write_card
 from sftops.data.dedup import near_duplicates, normalise
 from sftops.data.schemas import RowError, to_conversation
@@ -32,8 +32,10 @@ __all__ = ["RowError", "to_messages", "assign_split", "prompt_key", "row_id", "r
 
 STATS = "stats.json"
 REJECTED = "rejected.jsonl"
+COUNTS = ("read", "rejected_ingest", "rejected_format", "duplicates", "sampled_out", "dropped_tokens", "kept", "train_rows")
 
 Message = dict[str, Any]
+Row = dict[str, Any]
 
 
 def to_messages(fields: dict[str, Any]) -> list[Message]:
@@ -72,7 +74,54 @@ def _seeded_rank(seed: int, rid: str) -> bytes:
     return hashlib.sha256(f"{seed}\0{rid}".encode()).digest()
 
 
-def check_tools_render(render: Renderer, rows: list[dict[str, Any]]) -> None:
+class Ledger:
+    """Every row that leaves, with its source, origin, kind and reason, and the per-source counts."""
+
+    def __init__(self, sources: list[SourceConfig], ingest: dict[str, Any]) -> None:
+        self.rejected: list[dict[str, Any]] = []
+        self.reasons: Counter[str] = Counter()
+        self.counts = {s.name: Counter() for s in sources}
+        for s in sources:
+            self.counts[s.name]["read"] = ingest["sources"][s.name]["read"]
+            self.counts[s.name]["rejected_ingest"] = ingest["sources"][s.name]["rejected"]
+
+    def add_ingest_rejections(self, records: list[dict[str, Any]]) -> None:
+        for rec in records:
+            kind = ingest_kind(rec["reason"])
+            self.rejected.append({"stage": "ingest", "kind": kind, **rec})
+            self.reasons[kind] += 1
+
+    def reject(self, source: str, origin: str, kind: str, reason: str, counter: str, **extra: Any) -> None:
+        self.rejected.append({"stage": "format", "source": source, "origin": origin, "kind": kind, "reason": reason, **extra})
+        self.reasons[kind] += 1
+        self.counts[source][counter] += 1
+
+    def per_source(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for name, c in self.counts.items():
+            s = {k: int(c[k]) for k in COUNTS}
+            accounted = sum(s[k] for k in COUNTS[1:-1])
+            assert s["read"] == accounted, f"source {name}: read {s['read']} != {accounted} accounted for"
+            out[name] = s
+        return out
+
+
+def map_rows(raw: Path, sources: list[SourceConfig], ledger: Ledger) -> list[Row]:
+    """Each raw row as a canonical conversation, or a rejection with its reason."""
+    rows: list[Row] = []
+    for source in sources:
+        for raw_row in read_jsonl(raw / f"{source.name}.jsonl"):
+            try:
+                conv = to_conversation(raw_row["fields"], source.row_schema, source.fields)
+            except RowError as exc:
+                ledger.reject(source.name, raw_row["origin"], exc.kind, str(exc), "rejected_format")
+                continue
+            rows.append({"id": row_id(conv["messages"], conv["tools"]), "source": source.name,
+                         "origin": raw_row["origin"], "split_as": source.split_as, **conv})
+    return rows
+
+
+def check_tools_render(render: Renderer, rows: list[Row]) -> None:
     """Tool definitions and calls must appear in the rendering, or the model would train without them."""
     for row in rows:
         names = [t.get("function", t).get("name") for t in row["tools"] or [] if isinstance(t, dict)]
@@ -88,45 +137,9 @@ def check_tools_render(render: Renderer, rows: list[dict[str, Any]]) -> None:
             )
 
 
-def run_format(cfg: Config) -> dict[str, Any]:
-    from sftops.modeling import load_tokenizer
-
-    raw, out = Path(cfg.paths.raw), Path(cfg.paths.curated)
-    ingest = read_json(require(raw / RAW_REPORT, "ingest"))
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    d = cfg.data
-    rejected: list[dict[str, Any]] = []
-    reasons: Counter[str] = Counter()
-    per_source: dict[str, Counter[str]] = {}
-    for rec in read_jsonl(raw / RAW_REJECTED):
-        kind = ingest_kind(rec["reason"])
-        rejected.append({"stage": "ingest", "kind": kind, **rec})
-        reasons[kind] += 1
-
-    # 1. schemas and row validation
-    rows: list[dict[str, Any]] = []
-    for source in d.sources:
-        counts = per_source.setdefault(source.name, Counter())
-        counts["read"] = ingest["sources"][source.name]["read"]
-        counts["rejected_ingest"] = ingest["sources"][source.name]["rejected"]
-        for raw_row in read_jsonl(require(raw / f"{source.name}.jsonl", "ingest")):
-            try:
-                conv = to_conversation(raw_row["fields"], source.row_schema, source.fields)
-            except RowError as exc:
-                rejected.append({"stage": "format", "source": source.name, "origin": raw_row["origin"], "kind": exc.kind, "reason": str(exc)})
-                reasons[exc.kind] += 1
-                counts["rejected_format"] += 1
-                continue
-            rows.append({"id": row_id(conv["messages"], conv["tools"]), "source": source.name, "origin": raw_row["origin"],
-                         "split_as": source.split_as, **conv})
-
-    tokenizer = load_tokenizer(cfg.model)
-    render = Renderer(tokenizer)
-    check_tools_render(render, rows)
-
-    # 2. exact duplicates (normalised text), then near-duplicates (MinHash); the first copy is kept
+def remove_duplicates(rows: list[Row], threshold: float | None, seed: int, ledger: Ledger) -> list[Row]:
+    """Exact duplicates of the normalised text, then near-duplicates (MinHash); the first copy is kept and
+    each removed row names it."""
     texts = [conversation_text(r["messages"]) for r in rows]
     first: dict[str, int] = {}
     unique: list[int] = []
@@ -138,110 +151,123 @@ def run_format(cfg: Config) -> dict[str, Any]:
         else:
             first[key] = i
             unique.append(i)
-    if d.near_duplicate_threshold is not None:
-        near = near_duplicates([texts[i] for i in unique], d.near_duplicate_threshold, seed=d.split_seed)
+    if threshold is not None:
+        near = near_duplicates([texts[i] for i in unique], threshold, seed=seed)
         duplicates += [(unique[j], unique[k], f"near duplicate ({sim:.2f})") for j, (k, sim) in near.items()]
         unique = [i for j, i in enumerate(unique) if j not in near]
-    for i, kept_i, what in duplicates:
-        r = rows[i]
-        rejected.append({"stage": "format", "source": r["source"], "origin": r["origin"], "kind": what.split(" (")[0],
-                         "reason": f"{what} of {rows[kept_i]['origin']}", "kept_copy": rows[kept_i]["origin"]})
-        reasons[what.split(" (")[0]] += 1
-        per_source[r["source"]]["duplicates"] += 1
-    rows = [rows[i] for i in unique]
+    for i, kept, what in duplicates:
+        ledger.reject(rows[i]["source"], rows[i]["origin"], what.split(" (")[0], f"{what} of {rows[kept]['origin']}",
+                      "duplicates", kept_copy=rows[kept]["origin"])
+    return [rows[i] for i in unique]
 
-    # 3. per-source caps (a seeded sample, stable when rows are added)
+
+def cap_sources(rows: list[Row], sources: list[SourceConfig], seed: int, ledger: Ledger) -> list[Row]:
+    """A source's max_rows: a seeded sample by row id, so the rows chosen stay chosen when rows are added."""
     capped = []
-    for source in d.sources:
+    for source in sources:
         mine = [r for r in rows if r["source"] == source.name]
         if source.max_rows is not None and len(mine) > source.max_rows:
-            chosen = {r["id"] for r in sorted(mine, key=lambda r: _seeded_rank(d.split_seed, r["id"]))[: source.max_rows]}
-            per_source[source.name]["sampled_out"] = len(mine) - len(chosen)
+            chosen = {r["id"] for r in sorted(mine, key=lambda r: _seeded_rank(seed, r["id"]))[: source.max_rows]}
+            ledger.counts[source.name]["sampled_out"] = len(mine) - len(chosen)
             mine = [r for r in mine if r["id"] in chosen]
         capped += mine
-    rows = capped  # still in input order: rows were read source by source
+    return capped  # still in input order: rows are read source by source
 
-    # 4. split: fixed-split sources first; any row sharing a prompt with them follows them
+
+def assign_splits(rows: list[Row], d: DataConfig) -> None:
+    """Fixed-split sources (split_as) first; any row sharing a prompt with them follows them; the rest by the
+    seeded hash of the prompt."""
     fixed = {prompt_text(r["messages"]): r["split_as"] for r in rows if r["split_as"] != "auto"}
     for r in rows:
         p = prompt_text(r["messages"])
-        r["split"] = r["split_as"] if r["split_as"] != "auto" else fixed.get(p) or split_of(p, d.split_seed, d.val_fraction, d.test_fraction)
+        if r["split_as"] != "auto":
+            r["split"] = r["split_as"]
+        else:
+            r["split"] = fixed.get(p) or split_of(p, d.split_seed, d.val_fraction, d.test_fraction)
 
-    # 5. tokenise, length statistics, mask self-check, max_length policy
+
+def apply_weights(train: list[tuple[Row, Any]], sources: list[SourceConfig], seed: int) -> list[tuple[Row, Any]]:
+    """Each source's train rows repeated `weight` times; a fractional part is a seeded sample of its rows
+    (weight 0.5: half of them, 2.5: all twice plus half once more)."""
+    out = []
+    for source in sources:
+        mine = [pair for pair in train if pair[0]["source"] == source.name]
+        whole, frac = divmod(source.weight, 1.0)
+        ranked = sorted(mine, key=lambda p: _seeded_rank(seed + 1, p[0]["id"]))
+        out += mine * int(whole) + ranked[: round(frac * len(mine))]
+    return out
+
+
+def run_format(cfg: Config) -> dict[str, Any]:
+    from sftops.modeling import load_tokenizer
+
+    raw, out, d = Path(cfg.paths.raw), Path(cfg.paths.curated), cfg.data
+    for source in d.sources:
+        require(raw / f"{source.name}.jsonl", "ingest")
+    ingest = read_json(require(raw / RAW_REPORT, "ingest"))
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    ledger = Ledger(d.sources, ingest)
+    ledger.add_ingest_rejections(list(read_jsonl(raw / RAW_REJECTED)))
+
+    rows = map_rows(raw, d.sources, ledger)
+    tokenizer = load_tokenizer(cfg.model)
+    render = Renderer(tokenizer)
+    check_tools_render(render, rows)
+    rows = remove_duplicates(rows, d.near_duplicate_threshold, d.split_seed, ledger)
+    rows = cap_sources(rows, d.sources, d.split_seed, ledger)
+    assign_splits(rows, d)
+
+    # tokens: length statistics and the self-check on the full encodings, then the max_length policy
     convs = [{"messages": r["messages"], "tools": r["tools"]} for r in rows]
     encoded = encode_batch(tokenizer, convs, render)
     lengths = token_lengths(encoded)
     sample = random.Random(d.split_seed).sample(range(len(rows)), min(d.self_check_rows, len(rows)))
     checked = self_check(tokenizer, [(f"{rows[i]['source']} {rows[i]['origin']}", convs[i], encoded[i]) for i in sample])
-    overflow = Counter()
-    tokens: dict[str, list[tuple[str, Any, bool, int]]] = {s: [] for s in SPLITS}
-    splits: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+    overflow: Counter[str] = Counter()
+    kept: dict[str, list[tuple[Row, tuple]]] = {s: [] for s in SPLITS}
     for r, conv, enc in zip(rows, convs, encoded):
         overflow["rows_over"] += len(enc.input_ids) > cfg.model.max_length
         fitted = fit(tokenizer, render, conv, enc, cfg.model.max_length, d.overflow, f"{r['source']} {r['origin']}")
+        overflow["response_tokens_lost"] += fitted.response_tokens_lost
         if fitted.encoded is None:
-            kind = fitted.kind or "dropped"
-            rejected.append({"stage": "format", "source": r["source"], "origin": r["origin"], "kind": kind, "reason": f"{kind}: {fitted.reason}"})
-            reasons[kind] += 1
-            overflow["dropped_too_long" if kind == "too long" else "dropped_no_target"] += 1
-            overflow["response_tokens_lost"] += fitted.response_tokens_lost
-            per_source[r["source"]]["dropped_tokens"] += 1
+            overflow["dropped_too_long" if fitted.kind == "too long" else "dropped_no_target"] += 1
+            ledger.reject(r["source"], r["origin"], fitted.kind, f"{fitted.kind}: {fitted.reason}", "dropped_tokens")
             continue
         overflow["truncated"] += fitted.truncated
-        overflow["response_tokens_lost"] += fitted.response_tokens_lost
+        ledger.counts[r["source"]]["kept"] += 1
         row = {k: r[k] for k in ("id", "source", "origin", "split", "messages", "tools")}
-        splits[r["split"]].append(row)
-        tokens[r["split"]].append((r["id"], fitted.encoded, fitted.truncated, fitted.response_tokens_lost))
-        per_source[r["source"]]["kept"] += 1
-
-    # 6. mixing: a source's train rows repeated `weight` times (the fraction: a seeded sample)
+        kept[r["split"]].append((row, (r["id"], fitted.encoded, fitted.truncated, fitted.response_tokens_lost)))
+    kept["train"] = apply_weights(kept["train"], d.sources, d.split_seed)
     for source in d.sources:
-        mine = [(row, tok) for row, tok in zip(splits["train"], tokens["train"]) if row["source"] == source.name]
-        whole, frac = divmod(source.weight, 1.0)
-        extra = [pair for _ in range(int(whole) - 1) for pair in mine]
-        if frac > 0:
-            ranked = sorted(mine, key=lambda p: _seeded_rank(d.split_seed + 1, p[0]["id"]))
-            part = ranked[: round(frac * len(mine))]
-            extra += part if whole >= 1 else []
-            if whole < 1:  # weight below 1: keep only that fraction of the source's train rows
-                drop = {p[0]["id"] for p in ranked[len(part) :]}
-                keep = [(row, tok) for row, tok in zip(splits["train"], tokens["train"]) if row["id"] not in drop]
-                splits["train"], tokens["train"] = [k[0] for k in keep], [k[1] for k in keep]
-        splits["train"] += [p[0] for p in extra]
-        tokens["train"] += [p[1] for p in extra]
-        per_source[source.name]["train_rows"] = sum(row["source"] == source.name for row in splits["train"])
+        ledger.counts[source.name]["train_rows"] = sum(row["source"] == source.name for row, _ in kept["train"])
 
-    # 7. contamination: test prompts whose word n-grams overlap the train prompts'
-    train_prompts = [prompt_text(r["messages"]) for r in splits["train"]]
-    test_prompts = [prompt_text(r["messages"]) for r in splits["test"]]
+    train_prompts = [prompt_text(row["messages"]) for row, _ in kept["train"]]
+    test_prompts = [prompt_text(row["messages"]) for row, _ in kept["test"]]
     flagged = contamination(train_prompts, test_prompts, d.contamination_ngram, d.contamination_threshold)
 
-    for name, split_rows in splits.items():
-        write_rows(split_file(out, name), split_rows)
-    write_cache(out, cache_key(out, tokenizer, cfg.model.max_length, d.overflow), tokens)
-    write_jsonl(out / REJECTED, rejected)
-
-    sources = {}
-    for name, c in per_source.items():
-        s = {k: int(c[k]) for k in ("read", "rejected_ingest", "rejected_format", "duplicates", "sampled_out", "dropped_tokens", "kept", "train_rows")}
-        accounted = s["rejected_ingest"] + s["rejected_format"] + s["duplicates"] + s["sampled_out"] + s["dropped_tokens"] + s["kept"]
-        assert s["read"] == accounted, f"source {name}: read {s['read']} != {accounted} accounted for"
-        sources[name] = s
+    for split, pairs in kept.items():
+        write_rows(split_file(out, split), [row for row, _ in pairs])
+    write_cache(out, cache_key(out, tokenizer, cfg.model.max_length, d.overflow),
+                {split: [tok for _, tok in pairs] for split, pairs in kept.items()})
+    write_jsonl(out / REJECTED, ledger.rejected)
+    sources = ledger.per_source()
     stats = {
         "read": sum(s["read"] for s in sources.values()),
         "rejected": sum(s["rejected_ingest"] + s["rejected_format"] for s in sources.values()),
         "duplicates": sum(s["duplicates"] for s in sources.values()),
         "kept": sum(s["kept"] for s in sources.values()),
-        "rejected_by_reason": dict(reasons.most_common()),
+        "rejected_by_reason": dict(ledger.reasons.most_common()),
         "sources": sources,
-        "splits": {name: len(r) for name, r in splits.items()},
+        "splits": {split: len(pairs) for split, pairs in kept.items()},
         "token_lengths": {part: length_summary(v) for part, v in lengths.items()},
         "overflow": {"policy": d.overflow, "max_length": cfg.model.max_length,
                      **{k: int(overflow[k]) for k in ("rows_over", "dropped_too_long", "truncated", "response_tokens_lost", "dropped_no_target")}},
         "contamination": {
             "ngram": d.contamination_ngram, "threshold": d.contamination_threshold, "test_prompts": len(test_prompts),
             "flagged": len(flagged),
-            "examples": [{"origin": splits["test"][i]["origin"], "overlap": round(o, 4)} for i, o in flagged[:20]],
+            "examples": [{"origin": kept["test"][i][0]["origin"], "overlap": round(o, 4)} for i, o in flagged[:20]],
         },
         "self_check": {"rows": checked},
         "ingest": ingest,

@@ -5,7 +5,7 @@ plus the weight-0 turns and tool definitions of the OpenAI format, and the max_l
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -89,7 +89,6 @@ class Fitted:
     truncated: bool = False
     response_tokens_lost: int = 0
     kind: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def _drop_oldest_exchange(messages: list[dict]) -> list[dict] | None:
