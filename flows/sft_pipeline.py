@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 # Without PREFECT_API_URL, Prefect starts a temporary local server; its 20 s default start-up limit is too
 # short on a busy 2-core machine (seen in CI-like runs). A user's own setting wins.
@@ -19,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from sftops.config import Config, isolate_outputs, load_config  # noqa: E402
+from sftops.data.card import CARD  # noqa: E402
 from sftops.pipeline import STAGES, where  # noqa: E402
 
 # Stage outputs live on disk (data/, models/); the tasks pass the typed config, never large objects.
@@ -27,6 +29,10 @@ ingest = task(STAGES["ingest"], name="ingest", retries=2, retry_delay_seconds=5,
 format_data = task(STAGES["format"], name="format", cache_policy=NO_CACHE)
 train = task(STAGES["train"], name="train", cache_policy=NO_CACHE)
 evaluate = task(STAGES["evaluate"], name="evaluate", cache_policy=NO_CACHE)
+
+
+def data_card(cfg: Config) -> str:
+    return (Path(cfg.paths.curated) / CARD).read_text(encoding="utf-8")
 
 
 def metrics_markdown(metrics: dict, cfg: Config) -> str:
@@ -42,6 +48,7 @@ def sft_pipeline(params: str = "params.yaml", overrides: list[str] | None = None
     cfg = isolate_outputs(load_config(params, overrides or []), overrides or [])
     ingest(cfg)
     format_data(cfg)
+    create_markdown_artifact(markdown=data_card(cfg), key="sft-data-card", description="what the format stage did")
     run = train(cfg)
     metrics = evaluate(cfg)
     create_markdown_artifact(markdown=metrics_markdown(metrics, cfg), key="sft-metrics", description="base vs tuned")

@@ -9,15 +9,16 @@ import pytest
 
 from sftops.config import Config
 from sftops.curate import RowError, assign_split, run_format, to_messages
+from sftops.data.store import read_split
 from sftops.ingest import run_ingest
 from sftops.jsonio import read_jsonl
 
 
-def make_cfg(tmp_path: Path, sources: list[dict], **data) -> Config:
+def make_cfg(tmp_path: Path, sources: list[dict], model: Path | str = "unused", **data) -> Config:
     return Config.model_validate(
         {
             "data": {"sources": sources, **data},
-            "model": {"base": "unused"},
+            "model": {"base": str(model), "max_length": 128},
             "paths": {"raw": str(tmp_path / "raw"), "curated": str(tmp_path / "curated")},
         }
     )
@@ -62,18 +63,16 @@ def test_ingest_keeps_and_rejects_with_reasons(tmp_path, files):
     assert {"conversation": ["hi", "Yes"], "categories": ["x"]} in [r["fields"] for r in kept]
 
 
-def test_format_maps_dedupes_drops_and_splits(tmp_path, files):
-    cfg = make_cfg(tmp_path, [{"name": "mixed", "path": str(files)}], test_fraction=0.3, val_fraction=0.2)
+def test_format_maps_dedupes_drops_and_splits(tmp_path, files, tiny_model):
+    cfg = make_cfg(tmp_path, [{"name": "mixed", "path": str(files)}], tiny_model, test_fraction=0.3, val_fraction=0.2)
     run_ingest(cfg)
     stats = run_format(cfg)
-    assert stats["rows_in"] == 9 and stats["kept"] + stats["dropped"] == 9
+    assert stats["read"] == 15 and stats["kept"] + stats["duplicates"] + stats["rejected"] == 15
     # p1/c1 appears in a.jsonl and d.parquet; q3 has an empty answer; one YAML conversation has no response.
-    assert stats["dropped_by_reason"] == {
-        "exact duplicate": 1,
-        "empty message": 1,
-        "no final assistant turn": 1,
-    }
-    rows = [r for s in ("train", "val", "test") for r in read_jsonl(Path(cfg.paths.curated) / f"{s}.jsonl")]
+    format_reasons = {k: v for k, v in stats["rejected_by_reason"].items() if k in ("exact duplicate", "empty message", "no final assistant turn")}
+    assert format_reasons == {"exact duplicate": 1, "empty message": 1, "no final assistant turn": 1}
+    assert sum(stats["rejected_by_reason"].values()) == 15 - stats["kept"]
+    rows = [r for s in ("train", "val", "test") for r in read_split(cfg.paths.curated, s)]
     assert len(rows) == stats["kept"] == 6
     by_prompt = {r["messages"][0]["content"]: r for r in rows}
     assert by_prompt["i1\n\nx"]["messages"][1] == {"role": "assistant", "content": "o1"}

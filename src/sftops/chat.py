@@ -34,7 +34,8 @@ def response_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, 
     text = render(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        # An assistant turn with weight 0 (OpenAI fine-tuning format) is context, not a target.
+        if message["role"] != "assistant" or message.get("weight", 1) == 0:
             continue
         before = render(tokenizer, messages[:i], generation_prompt=True)
         through = render(tokenizer, messages[: i + 1])

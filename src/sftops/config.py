@@ -20,6 +20,8 @@ class _Strict(BaseModel):
 class SourceConfig(_Strict):
     """One raw data source: a local file/folder/glob, a folder inside an installed package, or a hub dataset."""
 
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, serialize_by_alias=True)
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     path: str | None = None
     package: str | None = None
@@ -27,6 +29,19 @@ class SourceConfig(_Strict):
     hub_config: str | None = None
     split: str = "train"
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "yaml"] = "auto"
+    # How rows map to conversations: detected per row, or declared (see sftops.data.schemas.SCHEMAS).
+    row_schema: Literal[
+        "auto", "messages", "openai", "sharegpt", "alpaca", "prompt_completion", "question_answer", "conversation"
+    ] = Field("auto", alias="schema")
+    # Schema key -> where it is in the row: a dotted path with list indices, e.g. {output: "instances[0].output"}.
+    fields: dict[str, str] = {}
+    # "val"/"test"/"train": every row of this source goes to that split (a separate validation file);
+    # "auto": the seeded hash of the prompt decides.
+    split_as: Literal["auto", "train", "val", "test"] = "auto"
+    # Mixing: the source's train rows are repeated weight times (fractions: a seeded sample), and
+    # max_rows caps its curated rows (a seeded sample, stable when rows are added).
+    weight: float = Field(1.0, gt=0)
+    max_rows: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _one_location(self) -> SourceConfig:
@@ -43,6 +58,16 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     split_seed: int = 0
+    # Rows longer than model.max_length tokens: drop them, cut the oldest prompt turns / the start of the
+    # prompt (truncate_prompt, keeping the response whole where it fits), or stop the stage (error).
+    overflow: Literal["drop", "truncate_prompt", "error"] = "drop"
+    # Near-duplicates: estimated Jaccard similarity of word 3-gram sets (MinHash) at or above this; null: off.
+    near_duplicate_threshold: float | None = Field(0.85, gt=0.0, le=1.0)
+    # Contamination report: test prompts sharing at least this fraction of their word n-grams with train prompts.
+    contamination_ngram: int = Field(8, ge=1)
+    contamination_threshold: float = Field(0.5, gt=0.0, le=1.0)
+    # Rows whose loss mask and prompt rendering are re-derived independently on every format run.
+    self_check_rows: int = Field(64, ge=1)
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:

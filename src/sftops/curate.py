@@ -1,172 +1,277 @@
-"""Stage 2, format: map raw rows to the canonical conversation schema, drop what cannot be trained on (with a
-reason per row), remove exact duplicates, and split train/val/test by a seeded hash of the prompt."""
+"""Stage 2, format: map raw rows to canonical conversations (rejecting, with a reason per row, what cannot be
+trained on), remove exact and near duplicates, sample and weight the sources, split by a seeded hash of the
+prompt, tokenise with the real tokenizer (length statistics, the max_length policy, the mask self-check),
+and write the curated Parquet splits, the tokenised cache, the rejected rows, stats.json and the data card.
+For every source: read = rejected at ingest + rejected here + duplicates + sampled out + dropped for length
+or no target + kept."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sftops.config import Config
+from sftops.config import Config, DataConfig, SourceConfig
+from sftops.data.card import write_card
+from sftops.data.dedup import near_duplicates, normalise
+from sftops.data.schemas import RowError, to_conversation
+from sftops.data.selfcheck import self_check
+from sftops.data.split import contamination, prompt_text, split_of
+from sftops.data.store import SPLITS, cache_key, split_file, write_cache, write_rows
+from sftops.data.tokenize import Renderer, encode_batch, fit, length_summary, token_lengths
+from sftops.errors import DataError
 from sftops.ingest import REJECTED as RAW_REJECTED
 from sftops.ingest import REPORT as RAW_REPORT
-from sftops.jsonio import read_jsonl, require, write_json, write_jsonl
+from sftops.jsonio import read_json, read_jsonl, require, write_json, write_jsonl
 
-ROLES = ("system", "user", "assistant")
-SPLITS = ("train", "val", "test")
+__all__ = ["RowError", "to_messages", "assign_split", "prompt_key", "row_id", "run_format", "SPLITS", "STATS"]
+
 STATS = "stats.json"
-DROPPED = "dropped.jsonl"
+REJECTED = "rejected.jsonl"
+COUNTS = ("read", "rejected_ingest", "rejected_format", "duplicates", "sampled_out", "dropped_tokens", "kept", "train_rows")
 
-Message = dict[str, str]
-
-
-class RowError(ValueError):
-    """This row cannot become a training conversation. `kind` is the category counted in the stats;
-    the message (kind: detail) is what the dropped file records for the row."""
-
-    def __init__(self, kind: str, detail: str = "") -> None:
-        super().__init__(f"{kind}: {detail}" if detail else kind)
-        self.kind = kind
-
-
-def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise RowError("wrong type", f"{what} is a {type(value).__name__}, expected text")
-    return value
-
-
-def _from_messages(messages: Any) -> list[Message]:
-    if not isinstance(messages, list):
-        raise RowError("wrong type", "'messages' is not a list")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RowError("missing field", f"message {i} lacks 'role' or 'content'")
-        if m["role"] not in ROLES:
-            raise RowError("unknown role", f"message {i} has role {m['role']!r} (allowed: {', '.join(ROLES)})")
-        out.append({"role": m["role"], "content": _text(m["content"], f"message {i} content")})
-    return out
-
-
-def _from_turns(turns: Any) -> list[Message]:
-    # chatterbot-style: a list of strings, alternating user and assistant, starting with the user.
-    if not isinstance(turns, list):
-        raise RowError("wrong type", "'conversation' is not a list of turns")
-    return [
-        {"role": "user" if i % 2 == 0 else "assistant", "content": _text(t, f"turn {i}")} for i, t in enumerate(turns)
-    ]
-
-
-def _pair(prompt: Any, response: Any, what: str) -> list[Message]:
-    return [
-        {"role": "user", "content": _text(prompt, f"'{what[0]}'")},
-        {"role": "assistant", "content": _text(response, f"'{what[1]}'")},
-    ]
+Message = dict[str, Any]
+Row = dict[str, Any]
 
 
 def to_messages(fields: dict[str, Any]) -> list[Message]:
-    """Detect the row's schema and map it to messages; raise RowError with the reason when it fits none."""
-    if "messages" in fields:
-        messages = _from_messages(fields["messages"])
-    elif "conversation" in fields:
-        messages = _from_turns(fields["conversation"])
-    elif "instruction" in fields and "output" in fields:
-        instruction = _text(fields["instruction"], "'instruction'")
-        extra = _text(fields.get("input") or "", "'input'")
-        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        messages = _pair(prompt, fields["output"], ("instruction", "output"))
-    elif "prompt" in fields and "completion" in fields:
-        messages = _pair(fields["prompt"], fields["completion"], ("prompt", "completion"))
-    elif "question" in fields and "answer" in fields:
-        messages = _pair(fields["question"], fields["answer"], ("question", "answer"))
-    else:
-        raise RowError(
-            "no known schema",
-            "expected 'messages', 'conversation', instruction/output, prompt/completion "
-            f"or question/answer; found keys {sorted(fields)}"
-        )
-    if not messages:
-        raise RowError("empty conversation")
-    for i, m in enumerate(messages):
-        if not m["content"].strip():
-            raise RowError("empty message", f"message {i} ({m['role']}) is empty or whitespace")
-    if messages[-1]["role"] != "assistant":
-        raise RowError("no final assistant turn", "the conversation ends with a non-assistant turn: no response to learn")
-    if not any(m["role"] == "user" for m in messages):
-        raise RowError("no user turn")
-    return messages
+    """The canonical messages of a raw row (schema detected); RowError with the reason when it fits none."""
+    return to_conversation(fields)["messages"]
 
 
 def prompt_key(messages: list[Message]) -> str:
-    """Everything before the final response: rows with the same prompt always share a split."""
+    """Everything before the final response, exactly: rows with the same prompt share references."""
     return json.dumps(messages[:-1], ensure_ascii=False, sort_keys=True)
 
 
 def assign_split(messages: list[Message], seed: int, val_fraction: float, test_fraction: float) -> str:
-    digest = hashlib.sha256(f"{seed}\0{prompt_key(messages)}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
+    return split_of(prompt_text(messages), seed, val_fraction, test_fraction)
 
 
-def row_id(messages: list[Message]) -> str:
-    return hashlib.sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
+def row_id(messages: list[Message], tools: list | None = None) -> str:
+    body = {"messages": messages, "tools": tools} if tools else messages
+    return hashlib.sha256(json.dumps(body, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def conversation_text(messages: list[Message]) -> str:
+    return normalise("\n".join(f"{m['role']} {m['content']} {json.dumps(m.get('tool_calls') or '')}" for m in messages))
+
+
+def ingest_kind(reason: str) -> str:
+    """The counted category of an ingest rejection reason."""
+    if reason.startswith("row is a"):
+        return "row not an object"
+    if reason.startswith("row has"):
+        return "wrong number of CSV fields"
+    return reason.split(" (")[0].split(":")[0]
+
+
+def _seeded_rank(seed: int, rid: str) -> bytes:
+    return hashlib.sha256(f"{seed}\0{rid}".encode()).digest()
+
+
+class Ledger:
+    """Every row that leaves, with its source, origin, kind and reason, and the per-source counts."""
+
+    def __init__(self, sources: list[SourceConfig], ingest: dict[str, Any]) -> None:
+        self.rejected: list[dict[str, Any]] = []
+        self.reasons: Counter[str] = Counter()
+        self.counts = {s.name: Counter() for s in sources}
+        for s in sources:
+            self.counts[s.name]["read"] = ingest["sources"][s.name]["read"]
+            self.counts[s.name]["rejected_ingest"] = ingest["sources"][s.name]["rejected"]
+
+    def add_ingest_rejections(self, records: list[dict[str, Any]]) -> None:
+        for rec in records:
+            kind = ingest_kind(rec["reason"])
+            self.rejected.append({"stage": "ingest", "kind": kind, **rec})
+            self.reasons[kind] += 1
+
+    def reject(self, source: str, origin: str, kind: str, reason: str, counter: str, **extra: Any) -> None:
+        self.rejected.append({"stage": "format", "source": source, "origin": origin, "kind": kind, "reason": reason, **extra})
+        self.reasons[kind] += 1
+        self.counts[source][counter] += 1
+
+    def per_source(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for name, c in self.counts.items():
+            s = {k: int(c[k]) for k in COUNTS}
+            accounted = sum(s[k] for k in COUNTS[1:-1])
+            assert s["read"] == accounted, f"source {name}: read {s['read']} != {accounted} accounted for"
+            out[name] = s
+        return out
+
+
+def map_rows(raw: Path, sources: list[SourceConfig], ledger: Ledger) -> list[Row]:
+    """Each raw row as a canonical conversation, or a rejection with its reason."""
+    rows: list[Row] = []
+    for source in sources:
+        for raw_row in read_jsonl(raw / f"{source.name}.jsonl"):
+            try:
+                conv = to_conversation(raw_row["fields"], source.row_schema, source.fields)
+            except RowError as exc:
+                ledger.reject(source.name, raw_row["origin"], exc.kind, str(exc), "rejected_format")
+                continue
+            rows.append({"id": row_id(conv["messages"], conv["tools"]), "source": source.name,
+                         "origin": raw_row["origin"], "split_as": source.split_as, **conv})
+    return rows
+
+
+def check_tools_render(render: Renderer, rows: list[Row]) -> None:
+    """Tool definitions and calls must appear in the rendering, or the model would train without them."""
+    for row in rows:
+        names = [t.get("function", t).get("name") for t in row["tools"] or [] if isinstance(t, dict)]
+        calls = [c["function"]["name"] for m in row["messages"] for c in m.get("tool_calls") or []]
+        if not names and not calls:
+            continue
+        text = render(row["messages"], row["tools"])
+        missing = [n for n in names + calls if n and n not in text]
+        if missing:
+            raise DataError(
+                f"{row['origin']}: the chat template does not render tools/tool calls ({missing} missing from the "
+                "rendered text); use a model whose template supports tools, or remove these rows"
+            )
+
+
+def remove_duplicates(rows: list[Row], threshold: float | None, seed: int, ledger: Ledger) -> list[Row]:
+    """Exact duplicates of the normalised text, then near-duplicates (MinHash); the first copy is kept and
+    each removed row names it."""
+    texts = [conversation_text(r["messages"]) for r in rows]
+    first: dict[str, int] = {}
+    unique: list[int] = []
+    duplicates: list[tuple[int, int, str]] = []
+    for i, text in enumerate(texts):
+        key = hashlib.sha256(text.encode()).hexdigest()
+        if key in first:
+            duplicates.append((i, first[key], "exact duplicate"))
+        else:
+            first[key] = i
+            unique.append(i)
+    if threshold is not None:
+        near = near_duplicates([texts[i] for i in unique], threshold, seed=seed)
+        duplicates += [(unique[j], unique[k], f"near duplicate ({sim:.2f})") for j, (k, sim) in near.items()]
+        unique = [i for j, i in enumerate(unique) if j not in near]
+    for i, kept, what in duplicates:
+        ledger.reject(rows[i]["source"], rows[i]["origin"], what.split(" (")[0], f"{what} of {rows[kept]['origin']}",
+                      "duplicates", kept_copy=rows[kept]["origin"])
+    return [rows[i] for i in unique]
+
+
+def cap_sources(rows: list[Row], sources: list[SourceConfig], seed: int, ledger: Ledger) -> list[Row]:
+    """A source's max_rows: a seeded sample by row id, so the rows chosen stay chosen when rows are added."""
+    capped = []
+    for source in sources:
+        mine = [r for r in rows if r["source"] == source.name]
+        if source.max_rows is not None and len(mine) > source.max_rows:
+            chosen = {r["id"] for r in sorted(mine, key=lambda r: _seeded_rank(seed, r["id"]))[: source.max_rows]}
+            ledger.counts[source.name]["sampled_out"] = len(mine) - len(chosen)
+            mine = [r for r in mine if r["id"] in chosen]
+        capped += mine
+    return capped  # still in input order: rows are read source by source
+
+
+def assign_splits(rows: list[Row], d: DataConfig) -> None:
+    """Fixed-split sources (split_as) first; any row sharing a prompt with them follows them; the rest by the
+    seeded hash of the prompt."""
+    fixed = {prompt_text(r["messages"]): r["split_as"] for r in rows if r["split_as"] != "auto"}
+    for r in rows:
+        p = prompt_text(r["messages"])
+        if r["split_as"] != "auto":
+            r["split"] = r["split_as"]
+        else:
+            r["split"] = fixed.get(p) or split_of(p, d.split_seed, d.val_fraction, d.test_fraction)
+
+
+def apply_weights(train: list[tuple[Row, Any]], sources: list[SourceConfig], seed: int) -> list[tuple[Row, Any]]:
+    """Each source's train rows repeated `weight` times; a fractional part is a seeded sample of its rows
+    (weight 0.5: half of them, 2.5: all twice plus half once more)."""
+    out = []
+    for source in sources:
+        mine = [pair for pair in train if pair[0]["source"] == source.name]
+        whole, frac = divmod(source.weight, 1.0)
+        ranked = sorted(mine, key=lambda p: _seeded_rank(seed + 1, p[0]["id"]))
+        out += mine * int(whole) + ranked[: round(frac * len(mine))]
+    return out
 
 
 def run_format(cfg: Config) -> dict[str, Any]:
-    raw, out = Path(cfg.paths.raw), Path(cfg.paths.curated)
+    from sftops.modeling import load_tokenizer
+
+    raw, out, d = Path(cfg.paths.raw), Path(cfg.paths.curated), cfg.data
+    for source in d.sources:
+        require(raw / f"{source.name}.jsonl", "ingest")
+    ingest = read_json(require(raw / RAW_REPORT, "ingest"))
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    splits: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
-    dropped: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}
-    reasons: Counter[str] = Counter()
-    per_source: dict[str, Counter[str]] = {}
-    for source in cfg.data.sources:
-        counts = per_source.setdefault(source.name, Counter())
-        for raw_row in read_jsonl(require(raw / f"{source.name}.jsonl", "ingest")):
-            counts["in"] += 1
-            origin = raw_row["origin"]
-            try:
-                messages = to_messages(raw_row["fields"])
-            except RowError as exc:
-                reason = str(exc)
-                dropped.append({"source": source.name, "origin": origin, "reason": reason})
-                reasons[exc.kind] += 1
-                counts["dropped"] += 1
-                continue
-            rid = row_id(messages)
-            if rid in seen:
-                dropped.append({"source": source.name, "origin": origin, "reason": f"exact duplicate of {seen[rid]}"})
-                reasons["exact duplicate"] += 1
-                counts["dropped"] += 1
-                continue
-            seen[rid] = origin
-            split = assign_split(messages, cfg.data.split_seed, cfg.data.val_fraction, cfg.data.test_fraction)
-            splits[split].append({"id": rid, "source": source.name, "origin": origin, "messages": messages})
-            counts["kept"] += 1
-            counts[split] += 1
-    for name, rows in splits.items():
-        write_jsonl(out / f"{name}.jsonl", rows)
-    write_jsonl(out / DROPPED, dropped)
-    ingest = json.loads((raw / RAW_REPORT).read_text())
+    ledger = Ledger(d.sources, ingest)
+    ledger.add_ingest_rejections(list(read_jsonl(raw / RAW_REJECTED)))
+
+    rows = map_rows(raw, d.sources, ledger)
+    tokenizer = load_tokenizer(cfg.model)
+    render = Renderer(tokenizer)
+    check_tools_render(render, rows)
+    rows = remove_duplicates(rows, d.near_duplicate_threshold, d.split_seed, ledger)
+    rows = cap_sources(rows, d.sources, d.split_seed, ledger)
+    assign_splits(rows, d)
+
+    # tokens: length statistics and the self-check on the full encodings, then the max_length policy
+    convs = [{"messages": r["messages"], "tools": r["tools"]} for r in rows]
+    encoded = encode_batch(tokenizer, convs, render)
+    lengths = token_lengths(encoded)
+    sample = random.Random(d.split_seed).sample(range(len(rows)), min(d.self_check_rows, len(rows)))
+    checked = self_check(tokenizer, [(f"{rows[i]['source']} {rows[i]['origin']}", convs[i], encoded[i]) for i in sample])
+    overflow: Counter[str] = Counter()
+    kept: dict[str, list[tuple[Row, tuple]]] = {s: [] for s in SPLITS}
+    for r, conv, enc in zip(rows, convs, encoded):
+        overflow["rows_over"] += len(enc.input_ids) > cfg.model.max_length
+        fitted = fit(tokenizer, render, conv, enc, cfg.model.max_length, d.overflow, f"{r['source']} {r['origin']}")
+        overflow["response_tokens_lost"] += fitted.response_tokens_lost
+        if fitted.encoded is None:
+            overflow["dropped_too_long" if fitted.kind == "too long" else "dropped_no_target"] += 1
+            ledger.reject(r["source"], r["origin"], fitted.kind, f"{fitted.kind}: {fitted.reason}", "dropped_tokens")
+            continue
+        overflow["truncated"] += fitted.truncated
+        ledger.counts[r["source"]]["kept"] += 1
+        row = {k: r[k] for k in ("id", "source", "origin", "split", "messages", "tools")}
+        kept[r["split"]].append((row, (r["id"], fitted.encoded, fitted.truncated, fitted.response_tokens_lost)))
+    kept["train"] = apply_weights(kept["train"], d.sources, d.split_seed)
+    for source in d.sources:
+        ledger.counts[source.name]["train_rows"] = sum(row["source"] == source.name for row, _ in kept["train"])
+
+    train_prompts = [prompt_text(row["messages"]) for row, _ in kept["train"]]
+    test_prompts = [prompt_text(row["messages"]) for row, _ in kept["test"]]
+    flagged = contamination(train_prompts, test_prompts, d.contamination_ngram, d.contamination_threshold)
+
+    for split, pairs in kept.items():
+        write_rows(split_file(out, split), [row for row, _ in pairs])
+    write_cache(out, cache_key(out, tokenizer, cfg.model.max_length, d.overflow),
+                {split: [tok for _, tok in pairs] for split, pairs in kept.items()})
+    write_jsonl(out / REJECTED, ledger.rejected)
+    sources = ledger.per_source()
     stats = {
+        "read": sum(s["read"] for s in sources.values()),
+        "rejected": sum(s["rejected_ingest"] + s["rejected_format"] for s in sources.values()),
+        "duplicates": sum(s["duplicates"] for s in sources.values()),
+        "kept": sum(s["kept"] for s in sources.values()),
+        "rejected_by_reason": dict(ledger.reasons.most_common()),
+        "sources": sources,
+        "splits": {split: len(pairs) for split, pairs in kept.items()},
+        "token_lengths": {part: length_summary(v) for part, v in lengths.items()},
+        "overflow": {"policy": d.overflow, "max_length": cfg.model.max_length,
+                     **{k: int(overflow[k]) for k in ("rows_over", "dropped_too_long", "truncated", "response_tokens_lost", "dropped_no_target")}},
+        "contamination": {
+            "ngram": d.contamination_ngram, "threshold": d.contamination_threshold, "test_prompts": len(test_prompts),
+            "flagged": len(flagged),
+            "examples": [{"origin": kept["test"][i][0]["origin"], "overlap": round(o, 4)} for i, o in flagged[:20]],
+        },
+        "self_check": {"rows": checked},
         "ingest": ingest,
-        "rows_in": sum(c["in"] for c in per_source.values()),
-        "kept": sum(len(r) for r in splits.values()),
-        "dropped": len(dropped),
-        "dropped_by_reason": dict(reasons.most_common()),
-        "splits": {name: len(rows) for name, rows in splits.items()},
-        "sources": {name: dict(c) for name, c in per_source.items()},
-        "ingest_rejected_file": str(raw / RAW_REJECTED),
     }
-    assert stats["rows_in"] == stats["kept"] + stats["dropped"]
     write_json(out / STATS, stats)
+    write_card(out, stats, lengths, cfg.model.max_length)
     return stats

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from sftops import tracking
-from sftops.chat import encode_rows, generation_prompt
+from sftops.chat import generation_prompt
 from sftops.config import Config, ModelConfig
 from sftops.curate import prompt_key
+from sftops.data.examples import training_examples
 from sftops.errors import DataError
 from sftops.finetune import device, load_split
 from sftops.generation import generate
@@ -71,7 +72,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     base.eval()
 
     rows = load_split(cfg, "test")
-    examples, kept, counts = encode_rows(tokenizer, rows, cfg.model.max_length)
+    examples, kept, counts = training_examples(cfg, tokenizer, "test", rows)
     if not examples:
         raise DataError(f"no test rows to evaluate on ({counts}); raise data.test_fraction or model.max_length")
     pad = tokenizer.pad_token_id

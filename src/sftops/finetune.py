@@ -15,14 +15,15 @@ import torch
 import yaml
 
 from sftops import tracking
-from sftops.chat import encode_rows
 from sftops.adapters import apply_method, merge_checked
 from sftops.config import Config
 from sftops.curate import STATS
+from sftops.data.examples import training_examples
+from sftops.data.store import read_split
 from sftops.distributed import World, join, launch, leave, under_torchrun
 from sftops.errors import TrainingError
 from sftops.ingest import REPORT
-from sftops.jsonio import read_json, read_jsonl, require, write_json
+from sftops.jsonio import read_json, write_json
 from sftops.modeling import load_base_model, load_tokenizer, require_hardware, save_finetuned
 from sftops.objective import mean_nll, score_rows
 from sftops.packing_check import packing_self_check
@@ -35,7 +36,7 @@ def device() -> torch.device:
 
 
 def load_split(cfg: Config, split: str) -> list[dict[str, Any]]:
-    return list(read_jsonl(require(Path(cfg.paths.curated) / f"{split}.jsonl", "format")))
+    return read_split(cfg.paths.curated, split)
 
 
 def checkpoint_folder(cfg: Config) -> Path:
@@ -85,8 +86,9 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
     train_rows, val_rows = load_split(cfg, "train"), load_split(cfg, "val")
     if cfg.train.max_train_rows is not None and len(train_rows) > cfg.train.max_train_rows:
         train_rows = random.Random(cfg.train.seed).sample(train_rows, cfg.train.max_train_rows)
-    train_ex, kept, train_counts = encode_rows(tokenizer, train_rows, cfg.model.max_length)
-    val_ex, _, val_counts = encode_rows(tokenizer, val_rows, cfg.model.max_length)
+    # The format stage's tokenised cache when it matches this tokenizer and max_length, else tokenised here.
+    train_ex, kept, train_counts = training_examples(cfg, tokenizer, "train", train_rows)
+    val_ex, _, val_counts = training_examples(cfg, tokenizer, "val", val_rows)
     source_names = sorted({train_rows[i].get("source", "") for i in kept})
     sources = [source_names.index(train_rows[i].get("source", "")) for i in kept]
     dev = world.device

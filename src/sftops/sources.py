@@ -27,6 +27,36 @@ SUFFIX_FORMATS = {
     ".yaml": "yaml",
 }
 
+# A file may be compressed: data.jsonl.gz, data.csv.zst, ... (the format comes from the suffix before).
+COMPRESSIONS = (".gz", ".zst")
+
+
+def _suffixes(path: Path) -> tuple[str, str | None]:
+    """(format suffix, compression suffix or None) of a file name."""
+    name = path.name.lower()
+    for comp in COMPRESSIONS:
+        if name.endswith(comp):
+            return Path(name[: -len(comp)]).suffix, comp
+    return path.suffix.lower(), None
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's content, decompressed (gzip or zstandard) according to its suffix."""
+    _, comp = _suffixes(path)
+    data = path.read_bytes()
+    try:
+        if comp == ".gz":
+            import gzip
+
+            return gzip.decompress(data)
+        if comp == ".zst":
+            import zstandard
+
+            return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True).read()
+    except Exception as exc:  # gzip/zstandard raise several types for a corrupt file
+        raise DataError(f"{path}: cannot decompress ({exc})") from None
+    return data
+
 
 @dataclass
 class Record:
@@ -54,7 +84,7 @@ def resolve_files(source: SourceConfig) -> list[tuple[Path, str]]:
     if target.is_file():
         files = [target]
     elif target.is_dir():
-        files = sorted(p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIX_FORMATS)
+        files = sorted(p for p in target.rglob("*") if p.is_file() and _suffixes(p)[0] in SUFFIX_FORMATS)
     else:
         files = sorted(p for p in map(Path, glob.glob(str(target), recursive=True)) if p.is_file())
     if not files:
@@ -67,11 +97,12 @@ def resolve_files(source: SourceConfig) -> list[tuple[Path, str]]:
 def file_format(path: Path, declared: str) -> str:
     if declared != "auto":
         return declared
+    suffix, _ = _suffixes(path)
     try:
-        return SUFFIX_FORMATS[path.suffix.lower()]
+        return SUFFIX_FORMATS[suffix]
     except KeyError:
         raise DataError(
-            f"{path}: cannot tell the format from the suffix {path.suffix!r}; "
+            f"{path}: cannot tell the format from the suffix {suffix!r} (optionally followed by .gz or .zst); "
             f"set 'format' on the source to one of {sorted(set(SUFFIX_FORMATS.values()))}"
         ) from None
 
@@ -82,8 +113,16 @@ def _as_row(value: Any, origin: str, row: int) -> Record:
     return Record(origin, row, error=f"row is a {type(value).__name__}, expected an object", raw=repr(value)[:500])
 
 
+def _encodable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_jsonl(path: Path, label: str) -> Iterator[Record]:
-    with path.open("rb") as fh:
+    with io.BytesIO(read_bytes(path)) as fh:
         row = 0
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
@@ -100,12 +139,15 @@ def read_jsonl(path: Path, label: str) -> Iterator[Record]:
             except json.JSONDecodeError as exc:
                 yield Record(origin, row, error=f"malformed JSON: {exc.msg} at column {exc.colno}", raw=text[:500])
                 continue
+            if "\\ud" in text.lower() and not _encodable(value):
+                yield Record(origin, row, error="invalid Unicode: a lone surrogate escape (\\udXXX) is not a character", raw=text[:500])
+                continue
             yield _as_row(value, origin, row)
 
 
 def read_json(path: Path, label: str) -> Iterator[Record]:
     try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
+        value = json.loads(read_bytes(path).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a valid UTF-8 JSON document ({exc})") from None
     if not isinstance(value, list):
@@ -116,7 +158,7 @@ def read_json(path: Path, label: str) -> Iterator[Record]:
 
 def read_csv(path: Path, label: str) -> Iterator[Record]:
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = read_bytes(path).decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 ({exc})") from None
     reader = csv.reader(io.StringIO(text, newline=""))
@@ -138,7 +180,7 @@ def read_parquet(path: Path, label: str) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(io.BytesIO(read_bytes(path)))
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     for row, item in enumerate(table.to_pylist(), start=1):
@@ -148,7 +190,7 @@ def read_parquet(path: Path, label: str) -> Iterator[Record]:
 def read_yaml(path: Path, label: str) -> Iterator[Record]:
     # BaseLoader keeps every scalar a string: "Yes" stays "Yes", "4" stays "4" (text data, not YAML booleans).
     try:
-        value = yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
+        value = yaml.load(read_bytes(path).decode("utf-8"), Loader=yaml.BaseLoader)
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
         raise DataError(f"{path}: not valid UTF-8 YAML ({exc})") from None
     if isinstance(value, dict) and isinstance(value.get("conversations"), list):

@@ -65,6 +65,23 @@ def data_lineage(cfg: Config) -> dict[str, str]:
     return tags
 
 
+def log_curated_data(curated: Path, digest: str) -> None:
+    """The curated data as the run's dataset input (digest: its DVC hash, so the run names the exact data
+    version), and its data card with the token-length histograms as artifacts."""
+    import pandas as pd
+
+    from sftops.data.card import CARD, HISTOGRAM
+    from sftops.data.store import SPLITS, split_file
+
+    frames = [pd.read_parquet(split_file(curated, s), columns=["id", "source", "split"]) for s in SPLITS]
+    dataset = mlflow.data.from_pandas(pd.concat(frames, ignore_index=True), source=str(curated.resolve()),
+                                      name="curated", digest=digest)
+    mlflow.log_input(dataset, context="training")
+    for name in (CARD, HISTOGRAM):
+        if (curated / name).exists():
+            mlflow.log_artifact(str(curated / name), artifact_path="data")
+
+
 def log_params(cfg: Config) -> None:
     # Lists (the sources) are logged as flow-style YAML; MLflow caps a param value at 6000 characters.
     params = {}
@@ -91,9 +108,11 @@ def pipeline_run(cfg: Config, reports: list[Path]) -> Iterator[dict[str, str]]:
     # System metrics (CPU, memory, GPU utilisation) are sampled in a background thread while the run is open.
     with mlflow.start_run(run_name=f"sft-{cfg.train.method}", log_system_metrics=True) as run:
         log_params(cfg)
-        mlflow.set_tags({**data_lineage(cfg), "base_model": cfg.model.base, "method": cfg.train.method})
+        lineage = data_lineage(cfg)
+        mlflow.set_tags({**lineage, "base_model": cfg.model.base, "method": cfg.train.method})
         for path in reports:
             mlflow.log_artifact(str(path), artifact_path="data")
+        log_curated_data(Path(cfg.paths.curated), lineage["data.curated_dvc_md5"])
         yield {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": uri}
 
 

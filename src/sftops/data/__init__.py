@@ -1,0 +1,1 @@
+"""The data layer: schemas, validation, de-duplication, splitting, tokenisation, the curated store."""

@@ -1,0 +1,72 @@
+"""The data card: a markdown summary of what the format stage did (sources, rejections by reason, duplicates,
+token lengths, overflow, split, contamination, self-check) and PNG histograms of prompt/response lengths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CARD = "data_card.md"
+HISTOGRAM = "token_lengths.png"
+
+
+def write_histograms(path: Path, lengths: dict[str, list[int]], max_length: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, part in zip(axes, ("prompt", "response")):
+        values = lengths.get(part) or [0]
+        ax.hist(values, bins=40, color="#4477aa")
+        ax.set_title(f"{part} tokens ({len(lengths.get(part, []))} rows)")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("rows")
+    axes[0].axvline(max_length, color="#cc3311", linestyle="--", label=f"max_length {max_length}")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_card(stats: dict[str, Any]) -> str:
+    parts = [f"# Data card\n\n{stats['kept']} curated rows from {stats['read']} read "
+             f"({stats['rejected']} rejected, {stats['duplicates']} duplicates removed).\n"]
+    parts.append("## Sources\n\n" + _table(
+        ("source", "read", "rejected at ingest", "rejected at format", "duplicates", "over max_length / no target", "kept", "train rows (after weight)"),
+        [(name, s["read"], s["rejected_ingest"], s["rejected_format"], s["duplicates"], s["dropped_tokens"], s["kept"], s["train_rows"])
+         for name, s in stats["sources"].items()],
+    ))
+    if stats["rejected_by_reason"]:
+        parts.append("## Rejected rows by reason\n\n" + _table(("reason", "rows"), list(stats["rejected_by_reason"].items())))
+    lengths = stats["token_lengths"]
+    parts.append("## Token lengths\n\n" + _table(
+        ("part", "min", "median", "p90", "p99", "max"),
+        [(part, *(f"{lengths[part].get(k, 0):g}" for k in ("min", "median", "p90", "p99", "max"))) for part in ("prompt", "response", "total") if lengths.get(part)],
+    ) + f"\n\n![token lengths]({HISTOGRAM})")
+    o = stats["overflow"]
+    parts.append(f"## max_length {o['max_length']}, policy `{o['policy']}`\n\n- rows over max_length: {o['rows_over']}\n"
+                 f"- dropped: {o['dropped_too_long']}; truncated: {o['truncated']}; response tokens lost to truncation: "
+                 f"{o['response_tokens_lost']}\n- dropped with no supervised token: {o['dropped_no_target']}")
+    parts.append("## Split\n\n" + _table(("split", "rows"), list(stats["splits"].items())))
+    c = stats["contamination"]
+    parts.append(f"## Contamination\n\n{c['flagged']} of {c['test_prompts']} test prompts share at least "
+                 f"{c['threshold']:.0%} of their word {c['ngram']}-grams with train prompts."
+                 + ("\n\n" + _table(("test row", "overlap"), [(e["origin"], f"{e['overlap']:.2f}") for e in c["examples"]]) if c["examples"] else ""))
+    parts.append(f"## Mask self-check\n\n{stats['self_check']['rows']} rows checked: the supervised tokens decode to exactly the "
+                 "assistant text plus the end-of-turn token, and the training prompt equals the inference prompt.")
+    return "\n\n".join(parts) + "\n"
+
+
+def write_card(folder: Path, stats: dict[str, Any], lengths: dict[str, list[int]], max_length: int) -> Path:
+    write_histograms(folder / HISTOGRAM, lengths, max_length)
+    path = folder / CARD
+    path.write_text(render_card(stats), encoding="utf-8")
+    return path

@@ -1,0 +1,172 @@
+"""Conversations -> token ids and loss labels, fast: every conversation is rendered with the tokenizer's chat
+template (compiled once), then all texts are tokenised in one batched call with character offsets, and the
+labels come from the character spans of the assistant turns. Same result as sftops.chat.encode (tested),
+plus the weight-0 turns and tool definitions of the OpenAI format, and the max_length overflow policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from sftops.chat import IGNORE, Encoded
+from sftops.errors import DataError, ModelError
+
+Conversation = dict[str, Any]  # {"messages": [...], "tools": [...] | None}
+
+
+class Renderer:
+    """The tokenizer's chat template, compiled once and rendered with the variables apply_chat_template
+    passes (the special tokens), without its per-call overhead."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        if not tokenizer.chat_template:
+            raise ModelError("the tokenizer has no chat template (load it with sftops.modeling.load_tokenizer)")
+        self.template = _compile_jinja_template(tokenizer.chat_template)
+        self.special = dict(tokenizer.special_tokens_map)
+
+    def __call__(self, messages: list[dict], tools: list | None = None, generation_prompt: bool = False) -> str:
+        return self.template.render(
+            messages=messages, tools=tools, documents=None, add_generation_prompt=generation_prompt, **self.special
+        )
+
+
+def is_target(message: dict) -> bool:
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
+
+
+def response_spans(render: Renderer, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character span of each target assistant turn in it: from the end of the
+    conversation before it plus the generation prompt, to the end of the conversation through it."""
+    messages, tools = conv["messages"], conv.get("tools")
+    text = render(messages, tools)
+    spans = []
+    for i, message in enumerate(messages):
+        if not is_target(message):
+            continue
+        before = render(messages[:i], tools, generation_prompt=True)
+        through = text if i == len(messages) - 1 else render(messages[: i + 1], tools)
+        if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
+            raise ModelError(
+                "the chat template does not render conversations prefix by prefix, so the response tokens "
+                "cannot be located; use a tokenizer whose template does (or none, for the fallback template)"
+            )
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def encode_batch(tokenizer: PreTrainedTokenizerBase, convs: list[Conversation], render: Renderer | None = None,
+                 batch_size: int = 1024) -> list[Encoded]:
+    """Every conversation's ids and labels (target: a token starting inside a target turn's span)."""
+    render = render or Renderer(tokenizer)
+    out: list[Encoded] = []
+    for start in range(0, len(convs), batch_size):
+        rendered = [response_spans(render, c) for c in convs[start : start + batch_size]]
+        enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+        for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+            ids_arr = np.asarray(ids, dtype=np.int64)
+            starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
+            target = np.zeros(len(ids_arr), dtype=bool)
+            for lo, hi in spans:
+                target |= (starts >= lo) & (starts < hi)
+            out.append(Encoded(ids_arr.tolist(), np.where(target, ids_arr, IGNORE).tolist()))
+    return out
+
+
+# ---- max_length: drop, truncate_prompt or error ------------------------------------------------------------
+
+
+@dataclass
+class Fitted:
+    """A conversation's encoding after the overflow policy: None when dropped (reason says why)."""
+
+    encoded: Encoded | None
+    reason: str | None = None
+    truncated: bool = False
+    response_tokens_lost: int = 0
+    kind: str | None = None
+
+
+def _drop_oldest_exchange(messages: list[dict]) -> list[dict] | None:
+    """The conversation without its oldest exchange (the first user turn up to the next user turn), keeping
+    the system turn; None when only the final exchange is left."""
+    head = messages[:1] if messages[0]["role"] == "system" else []
+    body = messages[len(head) :]
+    users = [i for i, m in enumerate(body) if m["role"] == "user"]
+    if len(users) < 2:
+        return None
+    return head + body[users[1] :]
+
+
+def _cut_prompt_start(tokenizer: PreTrainedTokenizerBase, messages: list[dict], n_tokens: int) -> list[dict] | None:
+    """The conversation with the first n_tokens of its first user turn cut; None if that empties it."""
+    i = next(j for j, m in enumerate(messages) if m["role"] == "user")
+    ids = tokenizer(messages[i]["content"], add_special_tokens=False)["input_ids"]
+    if n_tokens >= len(ids):
+        return None
+    cut = dict(messages[i], content=tokenizer.decode(ids[n_tokens:], skip_special_tokens=False))
+    return messages[:i] + [cut] + messages[i + 1 :]
+
+
+def fit(tokenizer: PreTrainedTokenizerBase, render: Renderer, conv: Conversation, enc: Encoded, max_length: int,
+        policy: str, where: str) -> Fitted:
+    """Apply the overflow policy to one encoded conversation. truncate_prompt cuts the oldest exchanges, then
+    the start of the first user turn, and only when the response alone cannot fit, the end of the response
+    (counted in response_tokens_lost). A row left with no target token is dropped."""
+    targets = enc.n_targets
+    if len(enc.input_ids) > max_length:
+        if policy == "error":
+            raise DataError(
+                f"{where}: {len(enc.input_ids)} tokens > model.max_length {max_length} "
+                "(set data.overflow to drop or truncate_prompt, or raise model.max_length)"
+            )
+        if policy == "drop":
+            return Fitted(None, f"{len(enc.input_ids)} tokens > max_length {max_length}", kind="too long")
+        messages = conv["messages"]
+        while len(enc.input_ids) > max_length and (shorter := _drop_oldest_exchange(messages)) is not None:
+            messages = shorter
+            enc = encode_batch(tokenizer, [{**conv, "messages": messages}], render)[0]
+        for _ in range(4):  # decoding a cut can re-merge a token or two: try a few times
+            excess = len(enc.input_ids) - max_length
+            if excess <= 0:
+                break
+            cut = _cut_prompt_start(tokenizer, messages, excess + _ * 2)
+            if cut is None:
+                break
+            messages = cut
+            enc = encode_batch(tokenizer, [{**conv, "messages": messages}], render)[0]
+        if len(enc.input_ids) > max_length:  # the response itself does not fit: its end is lost
+            enc = Encoded(enc.input_ids[:max_length], enc.labels[:max_length])
+        lost = targets - enc.n_targets
+        if enc.n_targets == 0:
+            return Fitted(None, "no supervised token left after truncation", kind="no supervised tokens",
+                          truncated=True, response_tokens_lost=targets)
+        return Fitted(enc, truncated=True, response_tokens_lost=lost)
+    if targets == 0:
+        return Fitted(None, "no supervised token (the template renders no assistant text)", kind="no supervised tokens")
+    return Fitted(enc)
+
+
+def length_summary(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.asarray(values)
+    return {
+        "min": int(arr.min()),
+        "median": float(np.median(arr)),
+        "p90": float(np.percentile(arr, 90)),
+        "p99": float(np.percentile(arr, 99)),
+        "max": int(arr.max()),
+        "mean": float(arr.mean()),
+    }
+
+
+def token_lengths(encoded: list[Encoded]) -> dict[str, list[int]]:
+    """Per row: prompt tokens (everything not supervised), response tokens (supervised), total."""
+    response = [e.n_targets for e in encoded]
+    total = [len(e.input_ids) for e in encoded]
+    return {"prompt": [t - r for t, r in zip(total, response)], "response": response, "total": total}

@@ -1,0 +1,46 @@
+"""The data card (markdown + PNG histograms) next to the curated data, and the curated data logged to a real
+MLflow store as the run's dataset input with DVC's hash as its digest, with the card as artifacts."""
+
+import json
+from pathlib import Path
+
+import matplotlib.image
+from mlflow import MlflowClient
+
+from sftops import tracking
+from sftops.config import Config
+from sftops.curate import run_format
+from sftops.data.card import CARD, HISTOGRAM
+from sftops.ingest import run_ingest
+
+
+def test_card_and_mlflow_dataset_input(tmp_path, stories_model, gsm8k, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    lines = (gsm8k / "train.jsonl").read_text().splitlines()[:300]
+    Path("gsm.jsonl").write_text("\n".join(lines + lines[:10]) + "\n")  # 10 exact duplicates
+    cfg = Config.model_validate({
+        "data": {"sources": [{"name": "gsm8k", "path": "gsm.jsonl"}]},
+        "model": {"base": str(stories_model), "max_length": 300},
+        "tracking": {"experiment": "card-test"},
+    })
+    run_ingest(cfg)
+    stats = run_format(cfg)
+    curated = Path(cfg.paths.curated)
+    card = (curated / CARD).read_text()
+    assert f"{stats['kept']} curated rows from 310 read" in card and stats["duplicates"] >= 10
+    assert f"| gsm8k | 310 | 0 | 0 | {stats['duplicates']} |" in card
+    assert "policy `drop`" in card and f"rows over max_length: {stats['overflow']['rows_over']}" in card
+    image = matplotlib.image.imread(curated / HISTOGRAM)
+    assert image.ndim == 3 and image.shape[0] > 100
+    assert json.loads((curated / "stats.json").read_text())["self_check"]["rows"] == 64
+
+    with tracking.pipeline_run(cfg, [curated / "stats.json"]) as run:
+        pass
+    client = MlflowClient(run["tracking_uri"])
+    logged = client.get_run(run["run_id"])
+    [dataset_input] = logged.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "curated"
+    assert dataset_input.dataset.digest == tracking.dvc_md5(curated) == logged.data.tags["data.curated_dvc_md5"]
+    artifacts = {a.path for a in client.list_artifacts(run["run_id"], "data")}
+    assert {f"data/{CARD}", f"data/{HISTOGRAM}", "data/stats.json"} <= artifacts

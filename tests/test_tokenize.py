@@ -1,0 +1,143 @@
+"""The batched encoder against sftops.chat.encode, token-length statistics against an independent count, the
+max_length overflow policies, and the tokenised cache that train reads."""
+
+import json
+import statistics
+
+import pytest
+
+from sftops.chat import IGNORE, Encoded, encode, generation_prompt
+from sftops.config import Config, ModelConfig
+from sftops.curate import run_format
+from sftops.data.examples import training_examples
+from sftops.data.store import read_split
+from sftops.data.tokenize import Renderer, encode_batch, fit, length_summary, token_lengths
+from sftops.errors import DataError
+from sftops.ingest import run_ingest
+from sftops.modeling import load_tokenizer
+
+
+def gsm8k_convs(gsm8k, n):
+    rows = [json.loads(line) for line in (gsm8k / "train.jsonl").read_text().splitlines()[:n]]
+    return [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}], "tools": None}
+            for r in rows]
+
+
+@pytest.fixture(scope="module")
+def stories_tok(stories_model):
+    return load_tokenizer(ModelConfig(base=str(stories_model)))
+
+
+def test_batched_encoder_matches_chat_encode_on_gsm8k(stories_tok, gsm8k):
+    convs = gsm8k_convs(gsm8k, 150)
+    batched = encode_batch(stories_tok, convs, batch_size=64)
+    for conv, enc in zip(convs, batched):
+        ref = encode(stories_tok, conv["messages"])
+        assert (enc.input_ids, enc.labels) == (ref.input_ids, ref.labels)
+
+
+def test_batched_encoder_matches_chat_encode_on_multi_turn(tiny_model):
+    tok = load_tokenizer(ModelConfig(base=str(tiny_model)))
+    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": "how are you"}, {"role": "assistant", "content": "fine", "weight": 0},
+            {"role": "user", "content": "and the cat?"}, {"role": "assistant", "content": "the cat sat on the mat"}]
+    [enc] = encode_batch(tok, [{"messages": conv, "tools": None}])
+    assert (enc.input_ids, enc.labels) == (encode(tok, conv).input_ids, encode(tok, conv).labels)
+    assert tok.decode([t for t in enc.labels if t != IGNORE]).split("</s>")[:-1] == ["hi", "\nthe cat sat on the mat"]
+
+
+def test_token_lengths_agree_with_an_independent_count(stories_tok, gsm8k):
+    convs = gsm8k_convs(gsm8k, 200)
+    lengths = token_lengths(encode_batch(stories_tok, convs))
+    for conv, prompt, total in zip(convs, lengths["prompt"], lengths["total"]):
+        full = stories_tok(stories_tok.apply_chat_template(conv["messages"], tokenize=False), add_special_tokens=False)["input_ids"]
+        alone = stories_tok(generation_prompt(stories_tok, conv["messages"]), add_special_tokens=False)["input_ids"]
+        assert (prompt, total) == (len(alone), len(full))
+    summary = length_summary(lengths["response"])
+    values = sorted(lengths["response"])
+    assert (summary["min"], summary["max"], summary["median"]) == (values[0], values[-1], statistics.median(values))
+    assert values[int(0.9 * (len(values) - 1))] <= summary["p90"] <= values[-(-9 * len(values) // 10)]
+
+
+@pytest.fixture
+def tok(tiny_model):
+    return load_tokenizer(ModelConfig(base=str(tiny_model)))
+
+
+def _conv(*turns):
+    return {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)], "tools": None}
+
+
+def _fit(tok, conv, max_length, policy):
+    render = Renderer(tok)
+    return fit(tok, render, conv, encode_batch(tok, [conv], render)[0], max_length, policy, "src row 7")
+
+
+def test_drop_and_error_policies(tok):
+    conv = _conv("the cat " * 40, "the dog")
+    assert _fit(tok, conv, 200, "drop").encoded is not None
+    dropped = _fit(tok, conv, 30, "drop")
+    assert dropped.encoded is None and dropped.kind == "too long"
+    with pytest.raises(DataError, match="src row 7: .* tokens > model.max_length 30"):
+        _fit(tok, conv, 30, "error")
+
+
+def test_truncate_prompt_cuts_the_oldest_turns_and_keeps_the_response_whole(tok):
+    conv = _conv("the cat " * 20, "the dog ran", "what is two plus two?", "two plus two is four.")
+    full = encode_batch(tok, [conv])[0]
+    last = encode_batch(tok, [_conv("what is two plus two?", "two plus two is four.")])[0]
+    fitted = _fit(tok, conv, len(last.input_ids) + 2, "truncate_prompt")
+    assert fitted.truncated and len(fitted.encoded.input_ids) <= len(last.input_ids) + 2
+    assert (fitted.encoded.input_ids, fitted.encoded.labels) == (last.input_ids, last.labels)
+    assert fitted.response_tokens_lost == full.n_targets - last.n_targets > 0
+
+
+def test_truncate_prompt_cuts_the_start_of_a_long_prompt(tok):
+    conv = _conv("hello " * 60 + "what is two plus two?", "two plus two is four.")
+    enc = encode_batch(tok, [conv])[0]
+    fitted = _fit(tok, conv, 40, "truncate_prompt")
+    assert len(fitted.encoded.input_ids) <= 40 and fitted.response_tokens_lost == 0
+    assert fitted.encoded.n_targets == enc.n_targets
+    text = tok.decode(fitted.encoded.input_ids)
+    assert "what is two plus two?" in text and text.count("hello") < 60
+
+
+def test_a_response_longer_than_max_length_loses_its_end_and_says_how_much(tok):
+    conv = _conv("hi", "the cat sat on the mat " * 30)
+    enc = encode_batch(tok, [conv])[0]
+    fitted = _fit(tok, conv, 32, "truncate_prompt")
+    assert len(fitted.encoded.input_ids) == 32
+    assert fitted.response_tokens_lost == enc.n_targets - fitted.encoded.n_targets > 0
+
+
+def test_rows_without_supervised_tokens_are_dropped_not_trained_on(tok):
+    fitted = fit(tok, Renderer(tok), _conv("a", "b"), Encoded([1, 2, 3], [IGNORE] * 3), 64, "drop", "row")
+    assert fitted.encoded is None and fitted.kind == "no supervised tokens"
+
+
+def test_train_reads_the_cache_and_a_new_max_length_re_tokenises_the_same_way(tmp_path, tiny_model):
+    rows = [{"prompt": f"what is {i} plus two?" + " more" * (i % 9) * 6, "completion": f"{i + 2}, the cat sat."} for i in range(60)]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = Config.model_validate({
+        "data": {"sources": [{"name": "qa", "path": str(tmp_path / "in.jsonl")}], "overflow": "truncate_prompt"},
+        "model": {"base": str(tiny_model), "max_length": 48},
+        "paths": {"raw": str(tmp_path / "raw"), "curated": str(tmp_path / "curated")},
+    })
+    run_ingest(cfg)
+    stats = run_format(cfg)
+    assert stats["overflow"]["truncated"] > 0 and stats["overflow"]["rows_over"] == stats["overflow"]["truncated"]
+    tok = load_tokenizer(cfg.model)
+    train = read_split(cfg.paths.curated, "train")
+    cached, kept, counts = training_examples(cfg, tok, "train", train)
+    assert counts["from_cache"] and kept == list(range(len(train)))
+    # another max_length than the cache's: tokenised afresh
+    other = cfg.model_copy(deep=True)
+    other.model.max_length = 47
+    _, _, other_counts = training_examples(other, tok, "train", train)
+    assert not other_counts["from_cache"]
+    # the same settings without a usable cache: tokenised afresh, with the same result
+    (tmp_path / "curated" / "tokenized" / "key.json").write_text("{}")
+    fresh, _, fresh_counts = training_examples(cfg, tok, "train", train)
+    assert not fresh_counts["from_cache"]
+    assert [(e.input_ids, e.labels) for e in fresh] == [(e.input_ids, e.labels) for e in cached]
+    assert fresh_counts["truncated"] == counts["truncated"] and fresh_counts["response_tokens_lost"] == counts["response_tokens_lost"]
