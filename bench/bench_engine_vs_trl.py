@@ -240,8 +240,7 @@ def gpu_mfu(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     config = LlamaConfig(**GPU_LLAMA, vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=False)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config)
-    model.config._attn_implementation = "sdpa"
+        model = LlamaForCausalLM(config)  # sdpa attention, transformers' default
     n_params = sum(p.numel() for p in model.parameters())
     n_embed, n_head = model.get_input_embeddings().weight.numel(), model.get_output_embeddings().weight.numel()
     examples = synthetic_examples(args.gpu_micro_batch * args.steps * 2, config.vocab_size, args.seed)
