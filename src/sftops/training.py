@@ -67,19 +67,25 @@ def accumulate_gradients(
     accumulation steps nor the number of processes changes the objective. DDP averages gradients over
     processes; multiplying by the world size turns that average back into the sum the objective needs."""
     step_tokens = world.sum([sum(n_targets(b["labels"]) for b in batches)])[0]
-    nll_sum, correct = 0.0, 0
-    source_sums = torch.zeros(n_sources, dtype=torch.float64)
-    source_counts = torch.zeros(n_sources, dtype=torch.float64)
+    # Running sums stay on the device and are read once per step: a read per micro-batch would make the GPU wait.
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    source_sums = torch.zeros(n_sources, dtype=torch.float64, device=device)
+    source_counts = torch.zeros(n_sources, dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
         with gradient_sync(objective, last=i == len(batches) - 1):
             with autocast(device):
                 token_nll, token_correct = objective(**{k: batch[k].to(device) for k in MODEL_INPUTS if k in batch})
             (token_nll.sum() * world.size / max(step_tokens, 1)).backward()
-        nll_sum += token_nll.detach().sum().item()
-        correct += int(token_correct.sum())
+        token_nll = token_nll.detach().double()
+        nll_sum += token_nll.sum()
+        correct += token_correct.sum()
         if n_sources and "token_source" in batch:
-            source_sums.index_add_(0, batch["token_source"], token_nll.detach().double().cpu())
-            source_counts.index_add_(0, batch["token_source"], torch.ones(len(batch["token_source"]), dtype=torch.float64))
+            sources = batch["token_source"].to(device)
+            source_sums.index_add_(0, sources, token_nll)
+            source_counts.index_add_(0, sources, torch.ones_like(token_nll))
+    nll_sum, correct = nll_sum.item(), int(correct)
+    source_sums, source_counts = source_sums.cpu(), source_counts.cpu()
     totals = world.sum([nll_sum, correct, *source_sums.tolist(), *source_counts.tolist()])
     return StepStats(
         response_nll_sum=totals[0],
