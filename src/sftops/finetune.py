@@ -14,6 +14,7 @@ from sftops import tracking
 from sftops.chat import encode_rows
 from sftops.config import Config, TrainConfig
 from sftops.curate import STATS
+from sftops.curves import write_curves
 from sftops.ingest import REPORT
 from sftops.jsonio import read_jsonl, require, write_json
 from sftops.modeling import load_base_model, load_tokenizer, save_finetuned
@@ -77,6 +78,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
         val_before = validation_nll(0)
         result = train_loop(model, train_ex, cfg.train, tokenizer.pad_token_id, dev, on_step=tracking.log_step)
         val_after = validation_nll(result["steps"])
+        write_curves(out, result["history"], {0: val_before, result["steps"]: val_after})  # DVC plots
 
         manifest = {"method": cfg.train.method, "base": cfg.model.model_dump(mode="json")}
         save_finetuned(model, tokenizer, out / "model", manifest)
