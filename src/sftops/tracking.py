@@ -139,7 +139,7 @@ def current_champion(name: str, metric: str, tracking: str) -> Champion | None:
     except mlflow.exceptions.MlflowException:
         return None  # no such model or no such alias yet
     value = version.tags.get(f"test_{metric}")
-    return Champion(version.version, float(value) if value is not None else None, version.tags.get("eval_sha256"))
+    return Champion(str(version.version), float(value) if value is not None else None, version.tags.get("eval_sha256"))
 
 
 def apply_decision(run_info: dict[str, Any], decision: Decision, eval_sha256: str) -> None:
@@ -153,7 +153,7 @@ def apply_decision(run_info: dict[str, Any], decision: Decision, eval_sha256: st
     if decision.alias == CHAMPION:
         # A promoted version is no longer the challenger.
         try:
-            if client.get_model_version_by_alias(name, CHALLENGER).version == version:
+            if str(client.get_model_version_by_alias(name, CHALLENGER).version) == version:
                 client.delete_registered_model_alias(name, CHALLENGER)
         except mlflow.exceptions.MlflowException:
             pass
@@ -219,3 +219,13 @@ def load_manifest(run_id: str, tracking: str | None = None) -> dict[str, Any]:
         return mlflow.artifacts.load_dict(f"runs:/{run_id}/{MANIFEST_ARTIFACT}")
     except (mlflow.exceptions.MlflowException, OSError):
         raise ConfigError(f"run {run_id} has no {MANIFEST_ARTIFACT}: it was made before manifests were recorded") from None
+
+
+def predict(uri: str, prompts: list[str], max_new_tokens: int, tracking: str | None = None) -> list[str]:
+    """Answers from a logged or registered model (the pyfunc of serving.SFTChatModel)."""
+    mlflow.set_tracking_uri(tracking or tracking_uri())
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError(f"cannot load {uri} from {tracking or tracking_uri()}: {exc.message[:300]}") from None
+    return list(model.predict(prompts, params={"max_new_tokens": max_new_tokens}))
