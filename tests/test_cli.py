@@ -14,7 +14,7 @@ def sftops(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_bad_override_is_one_clear_error(tmp_path):
     proc = sftops("train", "--params", str(ROOT / "params.yaml"), "--set", "train.method=qlora-magic", cwd=tmp_path)
     assert proc.returncode == 2
-    assert "train.method: Input should be 'lora' or 'full'" in proc.stderr
+    assert "train.method: Input should be 'lora', 'dora', 'qlora' or 'full'" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -59,6 +59,9 @@ class ModelConfig(_Strict):
     base: str
     gguf_file: str | None = None
     max_length: int = Field(512, ge=8)
+    # sdpa (default) and eager build block-diagonal masks for packed rows; flash_attention_2 needs the
+    # flash-attn package and a CUDA GPU.
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 
 class LoraConfig(_Strict):
@@ -70,7 +73,8 @@ class LoraConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    method: Literal["lora", "full"] = "lora"
+    # lora, dora (LoRA with weight decomposition), qlora (LoRA on a 4-bit base; CUDA + bitsandbytes) or full.
+    method: Literal["lora", "dora", "qlora", "full"] = "lora"
     lora: LoraConfig = LoraConfig()
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)
@@ -83,7 +87,36 @@ class TrainConfig(_Strict):
     seed: int = 42
     # Batch rows of similar length together (less padding, same objective).
     group_by_length: bool = True
+    # Padding-free: each micro-batch is one row of concatenated conversations (checked at start-up).
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    compile: bool = False
     max_train_rows: int | None = Field(None, ge=1)
+    # Checkpoint every N optimizer steps (null: never); a re-run with the same config resumes from the last.
+    checkpoint_every: int | None = Field(None, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    # Validation NLL every N steps (null: only before and after training); the best weights are exported.
+    eval_every: int | None = Field(None, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    # Processes on this node (GPUs, or CPU processes with gloo); above 1 the train stage launches torchrun.
+    num_processes: int = Field(1, ge=1)
+    # ddp: a full replica per process; fsdp: parameters, gradients and optimizer state sharded across processes
+    # (for models that do not fit one GPU).
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    # Export a LoRA/DoRA model merged into its base (full weights), after checking its held-out NLL.
+    merge_adapter: bool = False
+    merge_tolerance: float = Field(1e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> TrainConfig:
+        if self.early_stopping_patience is not None and self.eval_every is None:
+            raise ValueError("early_stopping_patience needs eval_every (validate every N steps)")
+        if self.distributed == "fsdp" and (self.checkpoint_every or self.eval_every):
+            raise ValueError("checkpoint_every and eval_every are not supported with distributed=fsdp yet (they need "
+                             "sharded checkpoints); set them to null, or use distributed=ddp")
+        if self.merge_adapter and self.method == "full":
+            raise ValueError("merge_adapter applies to adapters (lora, dora, qlora), not method full")
+        return self
 
 
 class EvaluateConfig(_Strict):
@@ -119,6 +152,7 @@ class PathsConfig(_Strict):
     raw: str = "data/raw"
     curated: str = "data/curated"
     model: str = "models"
+    checkpoints: str = "checkpoints"
     reports: str = "reports"
     metrics: str = "metrics.json"
 

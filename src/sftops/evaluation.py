@@ -25,7 +25,7 @@ from sftops.fingerprints import file_sha256, json_sha256, tokenizer_sha256
 from sftops.finetune import device, load_split
 from sftops.generation import Completion, Decoding, complete
 from sftops.jsonio import read_json, require, write_json
-from sftops.modeling import load_base_model, load_finetuned, read_manifest
+from sftops.modeling import is_adapter, load_base_model, load_finetuned, read_manifest
 from sftops.objective import mean_nll, score_rows
 from sftops.promotion import data_checks, decide
 from sftops.textmetrics import chrf, extracted_match, length_stats, rouge_l
@@ -111,7 +111,7 @@ def _base_results(cfg, manifest, tuned, tokenizer, examples, prompts, dev, key: 
     expected = [sum(label != IGNORE for label in e.labels[1:]) for e in examples]
     if cached is not None and [c for _, c in cached["scores"]] == expected:
         return [tuple(s) for s in cached["scores"]], [Completion(**c) for c in cached["completions"]], True
-    if manifest["method"] == "lora":
+    if is_adapter(manifest):
         base, base_mode = tuned, tuned.disable_adapter  # the same weights with the adapter switched off
     else:
         base, base_mode = load_base_model(ModelConfig.model_validate(manifest["base"])).to(dev), contextlib.nullcontext

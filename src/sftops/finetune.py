@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import random
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+import yaml
 
 from sftops import tracking
 from sftops.chat import encode_rows
-from sftops.config import Config, TrainConfig
+from sftops.adapters import apply_method, merge_checked
+from sftops.config import Config
 from sftops.curate import STATS
 from sftops.curves import write_curves
+from sftops.distributed import World, join, launch, leave, under_torchrun
+from sftops.errors import TrainingError
 from sftops.ingest import REPORT
-from sftops.jsonio import read_jsonl, require, write_json
-from sftops.modeling import load_base_model, load_tokenizer, save_finetuned
+from sftops.jsonio import read_json, read_jsonl, require, write_json
+from sftops.modeling import load_base_model, load_tokenizer, require_hardware, save_finetuned
 from sftops.objective import mean_nll, score_rows
+from sftops.packing_check import packing_self_check
 from sftops.training import seed_everything, train_loop
 
 
@@ -27,72 +35,138 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def apply_method(model: PreTrainedModel, cfg: TrainConfig) -> torch.nn.Module:
-    if cfg.method == "full":
-        model.requires_grad_(True)
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
-
-
 def load_split(cfg: Config, split: str) -> list[dict[str, Any]]:
     return list(read_jsonl(require(Path(cfg.paths.curated) / f"{split}.jsonl", "format")))
 
 
+def checkpoint_folder(cfg: Config) -> Path:
+    """Checkpoints of this exact training job (model, train params, curated data): a re-run of the same job
+    resumes; a changed one starts afresh in its own folder."""
+    job = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+           "data": tracking.dvc_md5(Path(cfg.paths.curated))}
+    digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cfg.paths.checkpoints) / digest
+
+
+def gather_unsharded(model: torch.nn.Module, cfg: Config, world: World) -> torch.nn.Module:
+    """FSDP: every process sends its shards; the main process gets a plain, unsharded copy to evaluate and save."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not world.is_main:
+        return model
+    plain = apply_method(load_base_model(cfg.model), cfg.train)
+    plain.load_state_dict(state)
+    return plain.to(world.device).eval()
+
+
 def run_train(cfg: Config) -> dict[str, Any]:
+    require_hardware(cfg.train.method)
+    if cfg.train.num_processes > 1 and not under_torchrun():
+        with tempfile.TemporaryDirectory() as tmp:
+            params = Path(tmp) / "params.yaml"
+            params.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            launch(cfg.train.num_processes, params)
+        return read_json(Path(cfg.paths.model) / tracking.RUN_FILE)
+    world = join()
+    try:
+        return _train(cfg, world)
+    finally:
+        leave()
+
+
+def _train(cfg: Config, world: World) -> dict[str, Any]:
     out = Path(cfg.paths.model)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    if world.is_main:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
     tokenizer = load_tokenizer(cfg.model)
+    pad = tokenizer.pad_token_id
     train_rows, val_rows = load_split(cfg, "train"), load_split(cfg, "val")
     if cfg.train.max_train_rows is not None and len(train_rows) > cfg.train.max_train_rows:
         train_rows = random.Random(cfg.train.seed).sample(train_rows, cfg.train.max_train_rows)
-    train_ex, _, train_counts = encode_rows(tokenizer, train_rows, cfg.model.max_length)
+    train_ex, kept, train_counts = encode_rows(tokenizer, train_rows, cfg.model.max_length)
     val_ex, _, val_counts = encode_rows(tokenizer, val_rows, cfg.model.max_length)
-    dev = device()
+    source_names = sorted({train_rows[i].get("source", "") for i in kept})
+    sources = [source_names.index(train_rows[i].get("source", "")) for i in kept]
+    dev = world.device
     seed_everything(cfg.train.seed)  # before the LoRA matrices are initialised
-    model = apply_method(load_base_model(cfg.model), cfg.train).to(dev)
+    base = load_base_model(cfg.model, quantize_4bit=cfg.train.method == "qlora")
+    model = apply_method(base, cfg.train)
+    if cfg.train.method != "qlora":  # a 4-bit model is placed on its GPU as it loads
+        model = model.to(dev)
+    if cfg.train.packing:
+        packing_self_check(model, train_ex, pad, dev, cfg.model.attn_implementation)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
-    with tracking.pipeline_run(cfg, [Path(cfg.paths.raw) / REPORT, Path(cfg.paths.curated) / STATS]) as run:
-        encoding = {"train": train_counts, "val": val_counts}
-        tracking.log_metrics({"trainable_params": trainable, "total_params": total, "train_examples": len(train_ex)})
+    def held_out_nll(m: torch.nn.Module) -> float:
+        return mean_nll(score_rows(m, val_ex, cfg.train.micro_batch_size, pad, dev))
 
-        def validation_nll(step: int) -> float | None:
+    reports = [Path(cfg.paths.raw) / REPORT, Path(cfg.paths.curated) / STATS]
+    run_context = tracking.pipeline_run(cfg, reports) if world.is_main else contextlib.nullcontext({})
+    with run_context as run:
+        if world.is_main:
+            tracking.log_metrics({"trainable_params": trainable, "total_params": total, "train_examples": len(train_ex)})
+
+        def validate(step: int) -> float | None:
             if not val_ex:
                 return None
-            nll = mean_nll(score_rows(model, val_ex, cfg.train.micro_batch_size, tokenizer.pad_token_id, dev))
-            tracking.log_metrics({"val_nll": nll}, step=step)
+            nll = held_out_nll(model)
+            if world.is_main:
+                tracking.log_metrics({"val_nll": nll}, step=step)
             return nll
 
-        val_before = validation_nll(0)
-        result = train_loop(model, train_ex, cfg.train, tokenizer.pad_token_id, dev, on_step=tracking.log_step)
-        val_after = validation_nll(result["steps"])
-        write_curves(out, result["history"], {0: val_before, result["steps"]: val_after})  # DVC plots
+        val_before = validate(0)
+        checkpoints = checkpoint_folder(cfg)
+        step_of = {"step": 0}
 
-        manifest = {"method": cfg.train.method, "base": cfg.model.model_dump(mode="json")}
+        def on_step(step: int, record: dict[str, float]) -> None:
+            step_of["step"] = step
+            tracking.log_step(step, record)
+
+        result = train_loop(
+            model, train_ex, cfg.train, pad, world, sources=sources, source_names=source_names, checkpoints=checkpoints,
+            validate=(lambda: validate(step_of["step"])) if val_ex else None, on_step=on_step,
+        )
+        if world.size > 1 and cfg.train.distributed == "fsdp":
+            model = gather_unsharded(model, cfg, world)
+        if not world.is_main:
+            return {}
+        val_after = held_out_nll(model) if val_ex else None
+        val_points = {0: val_before, **{v["step"]: v["val_nll"] for v in result["validations"]}, result["steps"]: val_after}
+        write_curves(out, result["history"], val_points)  # the DVC plots of dvc.yaml
+        manifest = {"method": cfg.train.method, "weights": "full" if cfg.train.method == "full" else "adapter",
+                    "base": cfg.model.model_dump(mode="json")}
+        merge = None
+        if cfg.train.merge_adapter:
+            if not val_ex:
+                raise TrainingError("train.merge_adapter needs validation rows to check the merge on; raise data.val_fraction")
+            model, merge = merge_checked(model, held_out_nll, cfg.train.merge_tolerance)
+            manifest["weights"] = "full"
+            tracking.log_metrics({f"merge_{k}": v for k, v in merge.items()})
         save_finetuned(model, tokenizer, out / "model", manifest)
         registered = tracking.log_and_register_model(out / "model", cfg.tracking.registered_model_name)
         report = {
             **run,
             **registered,
             "steps": result["steps"],
+            "planned_steps": result["planned_steps"],
+            "best_step": result["best_step"],
+            "stopped_early": result["stopped_early"],
+            "resumed_from_step": result["resumed_from_step"],
             "final_train_loss": result["history"][-1]["train_loss"],
+            "history": result["history"],
+            "validations": result["validations"],
             "val_nll_before": val_before,
             "val_nll_after": val_after,
-            "encoding": encoding,
+            "merge": merge,
+            "encoding": {"train": train_counts, "val": val_counts},
             "trainable_params": trainable,
             "device": str(dev),
+            "processes": world.size,
         }
         write_json(out / tracking.RUN_FILE, report)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the job is done and exported
     return report

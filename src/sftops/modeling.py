@@ -47,20 +47,46 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_base_model(cfg: ModelConfig) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_base(cfg.base), gguf_file=cfg.gguf_file, dtype=torch.float32, trust_remote_code=False
-    )
+def require_hardware(method: str) -> None:
+    """QLoRA's 4-bit kernels (bitsandbytes) exist for CUDA GPUs only: refuse early, naming the fix."""
+    if method != "qlora":
+        return
+    if not torch.cuda.is_available():
+        raise ModelError("train.method=qlora needs a CUDA GPU (4-bit bitsandbytes kernels) and none is visible; use train.method=lora")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError("train.method=qlora needs the bitsandbytes package: pip install bitsandbytes") from None
+
+
+def load_base_model(cfg: ModelConfig, quantize_4bit: bool = False) -> PreTrainedModel:
+    """The pre-trained model in float32 (the optimizer's master weights), or with 4-bit NF4 linear layers
+    (bf16 compute) for QLoRA."""
+    extra: dict[str, Any] = {"attn_implementation": cfg.attn_implementation}
+    if quantize_4bit:
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True
+        )
+        extra["device_map"] = {"": torch.cuda.current_device()}
     if cfg.gguf_file:
         # A GGUF-loaded model is dequantised to float but still flagged as GGUF, and save_pretrained refuses it:
-        # move its weights into a plain model of the same config.
-        config = model.config
+        # move its weights into a plain model of the same config (from there on it is an ordinary checkpoint).
+        gguf = AutoModelForCausalLM.from_pretrained(
+            resolve_base(cfg.base), gguf_file=cfg.gguf_file, dtype=torch.float32, trust_remote_code=False
+        )
+        config = gguf.config
         del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(model.state_dict())
-        plain.generation_config = model.generation_config
-        model = plain
-    return model
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+        plain.load_state_dict(gguf.state_dict())
+        plain.generation_config = gguf.generation_config
+        if not quantize_4bit:
+            return plain
+        raise ModelError("train.method=qlora on a GGUF base is not supported: point model.base at safetensors weights")
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_base(cfg.base), dtype=torch.float32, trust_remote_code=False, **extra
+    )
 
 
 def save_finetuned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, info: dict[str, Any]) -> None:
@@ -79,16 +105,21 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def is_adapter(info: dict[str, Any]) -> bool:
+    """Whether a saved model is an adapter to load onto its base (else full weights, merged ones included)."""
+    return info.get("weights", "full" if info["method"] == "full" else "adapter") == "adapter"
+
+
 def load_finetuned(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     model_dir = Path(model_dir)
     info = read_manifest(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if info["method"] == "full":
+    if not is_adapter(info):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
     else:
         from peft import PeftModel
 
-        base = load_base_model(ModelConfig.model_validate(info["base"]))
+        base = load_base_model(ModelConfig.model_validate(info["base"]), quantize_4bit=info["method"] == "qlora")
         model = PeftModel.from_pretrained(base, model_dir)
     model.eval()
     return model, tokenizer

@@ -44,6 +44,42 @@ def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     return nll.sum(dim=1), (targets != IGNORE).sum(dim=1)
 
 
+class SupervisedNLL(torch.nn.Module):
+    """The training objective as a module (so DDP can wrap it): per-token NLL of the supervised tokens only.
+
+    The LM head runs on the supervised positions alone, not on prompt or padding positions: for a small model
+    with a large vocabulary the head is most of the compute, and its logits most of the memory. Models whose
+    head does more than a linear map (logit soft-capping or scaling), and sharded (FSDP) models, whose
+    parameters are gathered by the whole model's forward, take the full forward instead."""
+
+    def __init__(self, model: torch.nn.Module, full_forward: bool = False):
+        super().__init__()
+        self.model = model
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = causal_lm.config
+        special_head = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+        plain_head = not (full_forward or special_head)
+        self.decoder = causal_lm.get_decoder() if plain_head else None
+        self.head = causal_lm.get_output_embeddings() if plain_head else None
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(NLL of each supervised token, whether the model's top prediction was that token), in row-major order."""
+        # use_cache=False: with a cache, transformers builds a plain causal mask and packed rows would attend
+        # across example boundaries.
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
+        targets = labels[:, 1:]
+        supervised = targets != IGNORE
+        if self.decoder is not None:
+            hidden = self.decoder(**inputs).last_hidden_state[:, :-1][supervised]
+            logits = self.head(hidden)
+        else:
+            logits = self.model(**inputs).logits[:, :-1][supervised]
+        wanted = targets[supervised]
+        nll = F.cross_entropy(logits.float(), wanted, reduction="none")
+        return nll, (logits.detach().argmax(-1) == wanted)
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on GPUs that support it; plain float32 elsewhere (CPU)."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():

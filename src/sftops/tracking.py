@@ -70,7 +70,9 @@ def log_step(step: int, metrics: dict[str, float]) -> None:
 def pipeline_run(cfg: Config, reports: list[Path]) -> Iterator[dict[str, str]]:
     """Open the pipeline's MLflow run with its params, lineage tags and data reports; yields its ids."""
     uri = configure(cfg)
-    with mlflow.start_run(run_name=f"sft-{cfg.train.method}") as run:
+    mlflow.set_system_metrics_sampling_interval(5)
+    # System metrics (CPU, memory, GPU utilisation) are sampled in a background thread while the run is open.
+    with mlflow.start_run(run_name=f"sft-{cfg.train.method}", log_system_metrics=True) as run:
         log_params(cfg)
         mlflow.set_tags(
             {**data_lineage(cfg), "base_model": cfg.model.base, "method": cfg.train.method, "params.sha256": params_sha256(cfg)}

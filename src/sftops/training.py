@@ -1,11 +1,15 @@
-"""The optimisation loop: AdamW, warmup + cosine schedule, gradient accumulation weighted by target tokens,
-gradient clipping, seeded data order."""
+"""The optimisation loop: the exact SFT objective per step (across micro-batches and processes), AdamW,
+warmup + cosine schedule, clipping, atomic checkpoints and resume, validation with early stopping."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,12 +17,16 @@ import torch
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from sftops import checkpoint, faults
+from sftops.batching import Batch, make_batch, micro_batches, step_batches
 from sftops.chat import Encoded
 from sftops.config import TrainConfig
+from sftops.distributed import World
 from sftops.errors import TrainingError
-from sftops.objective import autocast, collate, n_targets, row_nll
+from sftops.objective import SupervisedNLL, autocast, n_targets
 
 StepCallback = Callable[[int, dict[str, float]], None]
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids")
 
 
 def seed_everything(seed: int) -> None:
@@ -27,51 +35,125 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def micro_batches(lengths: Sequence[int], size: int, seed: int, group_by_length: bool = False) -> Iterator[list[int]]:
-    """Index lists, one per micro-batch, epoch after epoch; each epoch is a fresh seeded shuffle.
-
-    With group_by_length, each window of 64 micro-batches is sorted by length before it is cut, and the
-    micro-batches are shuffled again: rows of similar length share a batch, so little compute goes to padding.
-    The objective is unchanged (every step is weighted by its target tokens)."""
-    n, epoch = len(lengths), 0
-    while True:
-        g = torch.Generator().manual_seed(seed + epoch)
-        perm = torch.randperm(n, generator=g).tolist()
-        if not group_by_length:
-            yield from (perm[start : start + size] for start in range(0, n, size))
-        else:
-            window = size * 64
-            chunks = []
-            for w in range(0, n, window):
-                part = sorted(perm[w : w + window], key=lambda i: lengths[i])
-                chunks += [part[start : start + size] for start in range(0, len(part), size)]
-            yield from (chunks[i] for i in torch.randperm(len(chunks), generator=g).tolist())
-        epoch += 1
-
-
-def total_steps(n_examples: int, cfg: TrainConfig) -> int:
+def total_steps(n_examples: int, cfg: TrainConfig, world_size: int = 1) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
-    per_epoch = math.ceil(math.ceil(n_examples / cfg.micro_batch_size) / cfg.grad_accum_steps)
-    return per_epoch * cfg.epochs
+    micro_per_epoch = math.ceil(n_examples / cfg.micro_batch_size)
+    return math.ceil(micro_per_epoch / (cfg.grad_accum_steps * world_size)) * cfg.epochs
 
 
-def accumulate_gradients(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], device: torch.device) -> tuple[float, int]:
-    """Forward/backward over the micro-batches of one optimizer step; returns the step's loss and target count.
+@dataclass
+class StepStats:
+    """Sums over every micro-batch of one optimizer step and every process."""
 
-    Each micro-batch contributes its NLL sum divided by the target count of the whole step, so the accumulated
-    gradient is that of the token-mean over the step, not a mean of per-micro-batch means."""
-    step_tokens = sum(n_targets(b["labels"]) for b in batches)
-    step_nll = 0.0
-    for batch in batches:
-        with autocast(device):
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
-            ).logits
-        nll = row_nll(logits, batch["labels"].to(device))[0].sum()
-        (nll / max(step_tokens, 1)).backward()
-        step_nll += nll.item()
-    return step_nll / max(step_tokens, 1), step_tokens
+    response_nll_sum: float
+    supervised_tokens: int
+    correct_tokens: int
+    source_nll_sums: list[float] = field(default_factory=list)
+    source_tokens: list[float] = field(default_factory=list)
+
+    @property
+    def loss(self) -> float:
+        return self.response_nll_sum / max(self.supervised_tokens, 1)
+
+
+def accumulate_gradients(
+    objective: torch.nn.Module, batches: Sequence[Batch], device: torch.device, world: World = World(), n_sources: int = 0
+) -> StepStats:
+    """Forward/backward over this process's micro-batches of one optimizer step.
+
+    The step's loss is sum(response-token NLL) / (supervised tokens of the whole step, all processes): each
+    micro-batch backpropagates its NLL *sum* divided by that total, so neither the micro-batch size, the
+    accumulation steps nor the number of processes changes the objective. DDP averages gradients over
+    processes; multiplying by the world size turns that average back into the sum the objective needs."""
+    step_tokens = world.sum([sum(n_targets(b["labels"]) for b in batches)])[0]
+    nll_sum, correct = 0.0, 0
+    source_sums = torch.zeros(n_sources, dtype=torch.float64)
+    source_counts = torch.zeros(n_sources, dtype=torch.float64)
+    for i, batch in enumerate(batches):
+        with gradient_sync(objective, last=i == len(batches) - 1):
+            with autocast(device):
+                token_nll, token_correct = objective(**{k: batch[k].to(device) for k in MODEL_INPUTS if k in batch})
+            (token_nll.sum() * world.size / max(step_tokens, 1)).backward()
+        nll_sum += token_nll.detach().sum().item()
+        correct += int(token_correct.sum())
+        if n_sources and "token_source" in batch:
+            source_sums.index_add_(0, batch["token_source"], token_nll.detach().double().cpu())
+            source_counts.index_add_(0, batch["token_source"], torch.ones(len(batch["token_source"]), dtype=torch.float64))
+    totals = world.sum([nll_sum, correct, *source_sums.tolist(), *source_counts.tolist()])
+    return StepStats(
+        response_nll_sum=totals[0],
+        supervised_tokens=int(step_tokens),
+        correct_tokens=int(totals[1]),
+        source_nll_sums=totals[2 : 2 + n_sources],
+        source_tokens=totals[2 + n_sources :],
+    )
+
+
+@contextlib.contextmanager
+def gradient_sync(objective: torch.nn.Module, last: bool) -> Iterator[None]:
+    """Reduce gradients across processes only on the step's last micro-batch (DDP's no_sync, FSDP's
+    set_requires_gradient_sync); a single process has nothing to reduce."""
+    inner = getattr(objective, "module", objective)
+    sharded = getattr(getattr(inner, "model", None), "set_requires_gradient_sync", None)
+    if sharded is not None:
+        sharded(last)
+        yield
+    elif hasattr(objective, "no_sync") and not last:
+        with objective.no_sync():
+            yield
+    else:
+        yield
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    # The fused kernel does the whole update in one pass over the parameters where torch has one for the device.
+    if cfg.distributed == "fsdp" and any(hasattr(p, "full_tensor") for p in params):
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    try:
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def shard(model: torch.nn.Module) -> None:
+    """FSDP2: shard each transformer block, then the rest, across the processes (in place)."""
+    from torch.distributed.fsdp import fully_shard
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    block_names = set(getattr(causal_lm, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise TrainingError(f"distributed=fsdp: no transformer blocks ({block_names or 'unknown'}) found in {type(causal_lm).__name__}")
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def wrap_objective(model: torch.nn.Module, cfg: TrainConfig, world: World) -> torch.nn.Module:
+    sharded = world.size > 1 and cfg.distributed == "fsdp"  # the model itself was sharded before the optimizer was built
+    objective: torch.nn.Module = SupervisedNLL(model, full_forward=sharded)
+    if world.size > 1 and not sharded:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [world.device.index] if world.device.type == "cuda" else None
+        objective = DistributedDataParallel(objective, device_ids=ids)
+    if cfg.compile:
+        objective = torch.compile(objective, dynamic=True)
+    return objective
+
+
+@dataclass
+class LoopState:
+    """Everything besides weights, optimizer and scheduler that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    validations: list[dict[str, float]] = field(default_factory=list)
+    best_val: float = math.inf
+    best_step: int = 0
+    evals_without_improvement: int = 0
+    cumulative_tokens: int = 0
 
 
 def train_loop(
@@ -79,36 +161,121 @@ def train_loop(
     examples: Sequence[Encoded],
     cfg: TrainConfig,
     pad_id: int,
-    device: torch.device,
+    world: World = World(),
+    *,
+    sources: Sequence[int] | None = None,
+    source_names: Sequence[str] = (),
+    checkpoints: Path | None = None,
+    validate: Callable[[], float] | None = None,
     on_step: StepCallback | None = None,
 ) -> dict[str, Any]:
+    """Train `model` in place. `sources` gives each example's index into `source_names` (for the per-source
+    loss); `checkpoints` is the folder to checkpoint into and resume from; `validate` returns the validation NLL."""
     if not examples:
         raise TrainingError("no training examples left after encoding (all rows too long or without a response); see models/run.json")
+    device = world.device
     seed_everything(cfg.seed)
+    if world.size > 1 and cfg.distributed == "fsdp":
+        shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device.type == "cuda" or None
-    )
-    steps = total_steps(len(examples), cfg)
+    optimizer = build_optimizer(params, cfg, device)
+    steps = total_steps(len(examples), cfg, world.size)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * steps), steps)
+    state = LoopState()
+    resumed = checkpoint.latest(checkpoints) if checkpoints else None
+    if resumed is not None:
+        saved = checkpoint.load(resumed, model)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        checkpoint.set_rng_state(saved["rng"])
+        state = LoopState(**saved["loop"])
+        if on_step is not None and world.is_main:  # the resumed run's record starts at step 1, too
+            for number, record in enumerate(state.history, start=1):
+                on_step(number, record)
+    objective = wrap_objective(model, cfg, world)  # after resuming: DDP starts every process from rank 0's weights
     stream = micro_batches([len(e.input_ids) for e in examples], cfg.micro_batch_size, cfg.seed, cfg.group_by_length)
+    for _ in range(state.step * cfg.grad_accum_steps * world.size):  # the data position: skip what was trained on
+        next(stream)
+    source_of = list(sources) if sources is not None else [0] * len(examples)
+    n_sources = len(source_names) if len(source_names) > 1 else 0
+
+    def save(name: str) -> Path | None:
+        path = None
+        if world.is_main and checkpoints is not None:
+            loop = {k: v for k, v in vars(state).items()}
+            saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(), "loop": loop}
+            path = checkpoint.save(checkpoints, name, model, saved)
+            if name.startswith(checkpoint.PREFIX):
+                checkpoint.prune(checkpoints, cfg.keep_checkpoints)
+        world.barrier()
+        return path
+
     model.train()
-    history: list[dict[str, float]] = []
-    bar = tqdm(range(1, steps + 1), desc="train", unit="step")
+    bar = tqdm(range(state.step + 1, steps + 1), desc="train", unit="step", disable=not world.is_main, initial=state.step, total=steps)
     for step in bar:
-        batches = [collate([examples[i] for i in next(stream)], pad_id) for _ in range(cfg.grad_accum_steps)]
-        loss, step_tokens = accumulate_gradients(model, batches, device)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise TrainingError(f"step {step}: loss={loss} grad_norm={grad_norm}; lower train.learning_rate")
+        started = time.perf_counter()
+        shares = step_batches(stream, cfg.grad_accum_steps, world.size, world.rank)
+        batches = [make_batch([examples[i] for i in idx], pad_id, cfg.packing, [source_of[i] for i in idx]) for idx in shares]
+        stats = accumulate_gradients(objective, batches, device, world, n_sources)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a sharded norm
+        if not (math.isfinite(stats.loss) and math.isfinite(grad_norm)):
+            last = checkpoint.latest(checkpoints) if checkpoints else None
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet (set train.checkpoint_every)"
+            raise TrainingError(
+                f"step {step}: non-finite loss ({stats.loss}) or gradient norm ({grad_norm}); the update was not applied and "
+                f"{kept}; lower train.learning_rate or check the data of this step"
+            )
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"train_loss": loss, "learning_rate": lr, "grad_norm": grad_norm, "target_tokens": float(step_tokens)}
-        history.append(record)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
-        if on_step is not None:
+        seconds = time.perf_counter() - started
+        state.step = step
+        state.cumulative_tokens += stats.supervised_tokens
+        record = {
+            "train_loss": stats.loss,
+            "response_nll_sum": stats.response_nll_sum,
+            "supervised_tokens": float(stats.supervised_tokens),
+            "token_accuracy": stats.correct_tokens / max(stats.supervised_tokens, 1),
+            "learning_rate": lr,
+            "grad_norm": grad_norm,
+            "supervised_tokens_per_s": stats.supervised_tokens / seconds,
+            "cumulative_supervised_tokens": float(state.cumulative_tokens),
+        }
+        for name, total, count in zip(source_names, stats.source_nll_sums, stats.source_tokens):
+            if count:
+                record[f"train_loss/{name}"] = total / count
+        state.history.append(record)
+        bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{lr:.2e}")
+        if on_step is not None and world.is_main:
             on_step(step, record)
+        stop = False
+        if validate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == steps):
+            val = validate()
+            model.train()
+            state.validations.append({"step": step, "val_nll": val})
+            if val < state.best_val:
+                state.best_val, state.best_step, state.evals_without_improvement = val, step, 0
+                save("best")
+            else:
+                state.evals_without_improvement += 1
+                patience = cfg.early_stopping_patience
+                stop = patience is not None and state.evals_without_improvement >= patience
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps and not stop:
+            save(f"{checkpoint.PREFIX}{step:06d}")
+        faults.point(f"after_step:{step}")
+        if stop:
+            break
     model.eval()
-    return {"steps": steps, "history": history}
+    if state.best_step and checkpoints is not None and state.best_step != state.step:
+        checkpoint.load(checkpoints / "best", model)  # export the best validated weights, not the last
+    return {
+        "steps": state.step,
+        "planned_steps": steps,
+        "history": state.history,
+        "validations": state.validations,
+        "best_step": state.best_step or state.step,
+        "stopped_early": state.step < steps,
+        "resumed_from_step": int(resumed.name.removeprefix(checkpoint.PREFIX)) if resumed is not None else None,
+    }

@@ -1,0 +1,76 @@
+"""From encoded examples to the micro-batches of each optimizer step: seeded order, optional length grouping,
+padded or padding-free (packed) rows, and the share of each process under torchrun."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from sftops.chat import IGNORE, Encoded
+from sftops.objective import collate
+
+Batch = dict[str, torch.Tensor]
+
+
+def micro_batches(lengths: Sequence[int], size: int, seed: int, group_by_length: bool = False) -> Iterator[list[int]]:
+    """Index lists, one per micro-batch, epoch after epoch; each epoch is a fresh seeded shuffle.
+
+    With group_by_length, each window of 64 micro-batches is sorted by length before it is cut, and the
+    micro-batches are shuffled again: rows of similar length share a batch, so little compute goes to padding.
+    The objective is unchanged (every step is weighted by its target tokens)."""
+    n, epoch = len(lengths), 0
+    while True:
+        g = torch.Generator().manual_seed(seed + epoch)
+        perm = torch.randperm(n, generator=g).tolist()
+        if not group_by_length:
+            yield from (perm[start : start + size] for start in range(0, n, size))
+        else:
+            window = size * 64
+            chunks = []
+            for w in range(0, n, window):
+                part = sorted(perm[w : w + window], key=lambda i: lengths[i])
+                chunks += [part[start : start + size] for start in range(0, len(part), size)]
+            yield from (chunks[i] for i in torch.randperm(len(chunks), generator=g).tolist())
+        epoch += 1
+
+
+def step_batches(stream: Iterator[list[int]], accum: int, world: int, rank: int) -> list[list[int]]:
+    """The micro-batches this process runs for one optimizer step.
+
+    The step takes accum * world consecutive micro-batches from the shared seeded stream, and process r runs
+    every world-th one from r: the step sees the same rows whatever the number of processes, so one process of
+    micro-batch 8 and two processes of micro-batch 4 compute the same step."""
+    taken = [next(stream) for _ in range(accum * world)]
+    return taken[rank::world]
+
+
+def pack(examples: Sequence[Encoded], pad_id: int) -> Batch:
+    """Padding-free: the examples concatenated into one row, position ids restarting at 0 for each, and no
+    attention mask, from which the model builds a block-diagonal causal mask (attention never crosses an
+    example boundary; see packing_self_check). Each example's first token predicts nothing of the previous
+    example: its label is masked, exactly as position 0 of an unpacked row never enters the loss."""
+    ids, labels, positions = [], [], []
+    for e in examples:
+        ids += e.input_ids
+        labels += [IGNORE] + e.labels[1:]
+        positions += range(len(e.input_ids))
+    return {
+        "input_ids": torch.tensor([ids]),
+        "labels": torch.tensor([labels]),
+        "position_ids": torch.tensor([positions]),
+    }
+
+
+def make_batch(examples: Sequence[Encoded], pad_id: int, packed: bool, source_ids: Sequence[int] | None = None) -> Batch:
+    """A padded or packed micro-batch; with source_ids (one per example), also the source of each supervised
+    token in the order the objective returns them (row-major), for the per-source loss."""
+    batch = pack(examples, pad_id) if packed else collate(examples, pad_id)
+    if source_ids is not None:
+        supervised = batch["labels"][:, 1:] != IGNORE
+        if packed:
+            example_of = torch.cumsum(batch["position_ids"] == 0, dim=1) - 1
+        else:
+            example_of = torch.arange(len(examples)).unsqueeze(1).expand_as(batch["labels"])
+        batch["token_source"] = torch.tensor(source_ids)[example_of[:, 1:][supervised]]
+    return batch
