@@ -22,7 +22,8 @@ from sftops.comparison import compare
 from sftops.config import Config, ModelConfig, TrainConfig
 from sftops.curate import run_format
 from sftops.evaluation import run_evaluate
-from sftops.finetune import apply_method, run_train
+from sftops.adapters import apply_method
+from sftops.finetune import run_train
 from sftops.ingest import run_ingest
 from sftops.modeling import load_base_model, load_tokenizer
 from sftops.objective import score_rows
@@ -46,9 +47,9 @@ def test_sft_lowers_held_out_gsm8k_response_nll_beyond_the_bootstrap_interval(st
     seed_everything(0)
     model = load_base_model(model_cfg)
     base = score_rows(model, test, 16, tokenizer.pad_token_id, cpu)
-    train_cfg = TrainConfig(method="full", max_steps=12, micro_batch_size=8, learning_rate=0.004, warmup_ratio=0.1)
+    train_cfg = TrainConfig(method="full", max_steps=12, micro_batch_size=4, learning_rate=0.004, warmup_ratio=0.1)
     model = apply_method(model, train_cfg)
-    train_loop(model, train, train_cfg, tokenizer.pad_token_id, cpu)
+    train_loop(model, train, train_cfg, tokenizer.pad_token_id)  # a world of one process, on the CPU
     tuned = score_rows(model, test, 16, tokenizer.pad_token_id, cpu)
     result = compare(base, tuned, resamples=2000, seed=0, confidence=0.95)
     print(f"GSM8K test response NLL {result['base_nll']:.2f} -> {result['tuned_nll']:.2f} nats/token, "
@@ -102,8 +103,8 @@ def test_a_real_mlflow_server_holds_the_review_and_the_champion_answers_from_it(
     cfg = Config.model_validate({
         "data": {"sources": [{"name": "qa", "path": "in.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
         "model": {"base": str(tiny_model), "max_length": 64},
-        "train": {"method": "lora", "max_steps": 4, "micro_batch_size": 8, "learning_rate": 0.01},
-        "evaluate": {"num_generations": 2, "max_new_tokens": 4, "bootstrap_resamples": 200},
+        "train": {"method": "lora", "max_steps": 2, "micro_batch_size": 8, "learning_rate": 0.01},
+        "evaluate": {"num_generations": 0, "bootstrap_resamples": 200},  # NLL only: the server is what is tested
         "tracking": {"registered_model_name": "served"},
     })
     run_ingest(cfg)
@@ -114,7 +115,7 @@ def test_a_real_mlflow_server_holds_the_review_and_the_champion_answers_from_it(
     client = MlflowClient(mlflow_server)
     assert str(client.get_model_version_by_alias("served", "champion").version) == run["version"]
     artifacts = {a.path for a in client.list_artifacts(run["run_id"], "eval")}
-    assert {"eval/report.html", "eval/generations.json", "eval/promotion.json"} <= artifacts
+    assert {"eval/report.html", "eval/nll_by_row.csv", "eval/promotion.json"} <= artifacts
     assert client.get_run(run["run_id"]).data.metrics["test_win_rate"] == metrics["win_rate"]
     capsys.readouterr()
     assert main(["generate", "--model", "models:/served@champion", "--prompt", "what is two plus two?", "--max-new-tokens", "4"]) == 0
