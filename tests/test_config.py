@@ -41,7 +41,7 @@ def test_unknown_key_is_named(tmp_path):
 def test_bad_value_names_key_and_allowed_values(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "params.yaml", ["train.method=qlora-magic"])
-    assert "train.method" in str(err.value) and "'lora' or 'full'" in str(err.value)
+    assert "train.method" in str(err.value) and "'qlora' or 'full'" in str(err.value)
 
 
 def test_impossible_split_fractions(tmp_path):
@@ -57,3 +57,12 @@ def test_source_needs_a_location(tmp_path):
 def test_malformed_override():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(ROOT / "params.yaml", ["train.learning_rate"])
+
+
+def test_impossible_engine_combinations_are_refused_at_load_time():
+    with pytest.raises(ConfigError, match="early_stopping_patience needs eval_every"):
+        load_config(ROOT / "params.yaml", ["train.early_stopping_patience=2"])
+    with pytest.raises(ConfigError, match="not supported with distributed=fsdp"):
+        load_config(ROOT / "params.yaml", ["train.distributed=fsdp", "train.checkpoint_every=10"])
+    with pytest.raises(ConfigError, match="merge_adapter applies to adapters"):
+        load_config(ROOT / "params.yaml", ["train.method=full", "train.merge_adapter=true"])
