@@ -36,11 +36,24 @@ def data_card(cfg: Config) -> str:
 
 
 def metrics_markdown(metrics: dict, cfg: Config) -> str:
+    """Headline numbers, the promotion decision and where the report is."""
     rows = "\n".join(
-        f"| {key} | {metrics['base'][key]:.4f} | {metrics['tuned'][key]:.4f} |" for key in metrics["tuned"]
+        f"| {key} | {metrics['base'][key]:.4f} | {metrics['tuned'][key]:.4f} |" for key in metrics["tuned"] if key in metrics["base"]
     )
     places = "\n".join(f"- {k}: `{v}`" for k, v in where(cfg).items())
-    return f"## SFT results ({metrics['test_rows']} test rows)\n\n| metric | base | tuned |\n|---|---|---|\n{rows}\n\n{places}\n"
+    level = round(100 * metrics["confidence"])
+    headline = (
+        f"**Held-out response NLL {metrics['base']['nll']:.4f} → {metrics['tuned']['nll']:.4f}** "
+        f"(improvement {metrics['nll_improvement']:+.4f}, {level}% CI [{metrics['nll_improvement_ci_low']:+.4f}, "
+        f"{metrics['nll_improvement_ci_high']:+.4f}], win rate {metrics['win_rate']:.2f})"
+    )
+    promotion = metrics["promotion"]
+    return (
+        f"## SFT results ({metrics['test_rows']} test rows)\n\n{headline}\n\n"
+        f"Registry: **{promotion['alias']}**: {promotion['reason']}\n\n"
+        f"Report: `{metrics['report']}` (also in the MLflow run's artifacts, eval/report.html)\n\n"
+        f"| metric | base | tuned |\n|---|---|---|\n{rows}\n\n{places}\n"
+    )
 
 
 @flow(name="sft-pipeline", log_prints=True)

@@ -69,6 +69,8 @@ def make_repo(path: Path, model: Path, gsm8k: Path, rows: int = 160) -> Path:
 def repro(tmp_path_factory, stories_model, gsm8k):
     repo = make_repo(tmp_path_factory.mktemp("e2e") / "repo", stories_model, gsm8k)
     out = sh(sys.executable, "-m", "dvc", "repro", cwd=repo, env=tool_env())
+    sh("git", "add", "dvc.lock", ".gitignore", cwd=repo)
+    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "repro", cwd=repo)
     return repo, out
 
 
@@ -101,6 +103,13 @@ def test_repro_again_has_nothing_to_do_and_lr_change_reruns_train_and_evaluate_o
     out = sh(sys.executable, "-m", "dvc", "repro", cwd=repo, env=env)
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
     assert "Stage 'ingest' didn't change, skipping" in out and "Stage 'format' didn't change, skipping" in out
+    # DVC compares the new metrics with the committed run's, and shows the loss curves.
+    diff = json.loads(sh(sys.executable, "-m", "dvc", "metrics", "diff", "--json", cwd=repo, env=env))["metrics.json"]
+    assert diff["tuned.nll"]["old"] != diff["tuned.nll"]["new"]
+    plots = json.loads(sh(sys.executable, "-m", "dvc", "plots", "show", "--json", cwd=repo, env=env))["data"]
+    assert {"models/train_curve.csv", "validation"} <= set(plots)
+    steps = [int(p["step"]) for p in plots["models/train_curve.csv"][0]["content"]["data"]["values"]]
+    assert steps == list(range(1, params["train"]["max_steps"] + 1))
 
 
 def test_mlflow_holds_run_metrics_lineage_and_a_loadable_registered_model(repro):

@@ -42,3 +42,39 @@ def test_rouge_l_agrees_with_the_rouge_score_package():
     ]
     for prediction, reference in pairs:
         assert rouge_l(prediction, reference) == pytest.approx(scorer.score(reference, prediction)["rougeL"].fmeasure)
+
+
+def test_answer_extraction_rules():
+    from sftops.textmetrics import extract_answer, extracted_match
+
+    gsm = "Natalia sold 48/2 = 24 clips in May.\n#### 1,072"
+    assert extract_answer(gsm, "gsm8k") == "1072"
+    assert extract_answer("so the answer is 72", "gsm8k") is None  # strict: the '####' line is required
+    assert extract_answer("so the answer is $72.00.", "last_number") == "72"
+    assert extracted_match("working... #### 72.0", "reasoning #### 72", "gsm8k") == 1.0
+    assert extracted_match("#### 71", "#### 72", "gsm8k") == 0.0
+    assert extracted_match("I think 72", "#### 72", "gsm8k") == 0.0
+    assert extracted_match("It is 72 apples", "#### 72", "last_number") == 1.0
+    assert extracted_match("Hello, World!", "hello world", "normalized") == 1.0
+
+
+def test_chrf_hand_computed_and_as_sacrebleu():
+    from sacrebleu.metrics import CHRF
+
+    from sftops.textmetrics import chrf
+
+    # 'abcdefg' vs 'abcdefh': n-gram precision = recall = 6/7, 5/6, 4/5, 3/4, 2/3, 1/2 for n = 1..6.
+    assert chrf("abcdefg", "abcdefh") == pytest.approx(100 * (6 / 7 + 5 / 6 + 4 / 5 + 3 / 4 + 2 / 3 + 1 / 2) / 6)
+    # 'abc' vs 'abcd': precision 1 for n = 1..3, recall 3/4, 2/3, 1/2 (n >= 4: no hypothesis n-grams, left out);
+    # F-beta (beta 2) of the averages: 5 * P * R / (4 * P + R) with P = 1, R = 23/36 -> 115/167.
+    assert chrf("abc", "abcd") == pytest.approx(100 * 115 / 167)
+    pairs = [("The cat sat on the mat.", "the cat is on the mat"), ("#### 72", "She sold 72 clips. #### 72")]
+    for hyp, ref in pairs:
+        assert chrf(hyp, ref) == pytest.approx(CHRF().sentence_score(hyp, [ref]).score)
+
+
+def test_length_stats_hand_computed():
+    from sftops.textmetrics import length_stats
+
+    stats = length_stats(["a b", "a b c d", "a", "a b c"], "response")
+    assert stats == {"response_words_mean": 2.5, "response_words_median": 2.5, "response_words_max": 4.0}

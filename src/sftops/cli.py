@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sftops.config import isolate_outputs, load_config
-from sftops.errors import SftopsError
+from sftops.errors import DataError, SftopsError
 
 
 def _print(title: str, value: Any) -> None:
@@ -24,21 +24,33 @@ def stage(name: str, params: str, overrides: list[str]) -> Any:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    """From a local model folder, or from MLflow: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model or a run id."""
     if Path(args.model).is_dir():
         from sftops.generation import answer
         from sftops.modeling import load_finetuned
 
         model, tokenizer = load_finetuned(Path(args.model))
         replies = answer(model, tokenizer, args.prompt, args.max_new_tokens)
-    else:  # runs:/<id>/model, models:/<name>/<version>, models:/<name>@<alias>
-        import mlflow
+    else:
+        from sftops import tracking
 
-        from sftops.tracking import tracking_uri
-
-        mlflow.set_tracking_uri(args.tracking_uri or tracking_uri())
-        replies = mlflow.pyfunc.load_model(args.model).predict(args.prompt, params={"max_new_tokens": args.max_new_tokens})
+        replies = tracking.predict(tracking.model_uri(args.model), args.prompt, args.max_new_tokens, args.tracking_uri)
     for prompt, reply in zip(args.prompt, replies):
         print(f"> {prompt}\n{reply}\n")
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    from sftops import tracking
+    from sftops.reproduce import reproduce
+
+    run_id = tracking.resolve_run_id(args.target, args.tracking_uri)
+    manifest = tracking.load_manifest(run_id, args.tracking_uri)
+    result = reproduce(manifest, run_id, Path(args.into) if args.into else None, allow_dirty=args.allow_dirty)
+    for name, check in result["checks"].items():
+        print(f"{'same' if check['match'] else 'DIFFERENT':>9}  {name}")
+    print(f"reproduction of run {run_id} in {result['folder']} (details: reproduction.json)")
+    if result["failed"]:
+        raise DataError(f"not reproduced: {', '.join(result['failed'])} differ from the recorded run")
 
 
 def _where(cfg: Any) -> None:
@@ -49,6 +61,9 @@ def _where(cfg: Any) -> None:
         m = json.loads(metrics.read_text())
         print(f"held-out response NLL: base {m['base']['nll']:.3f} -> tuned {m['tuned']['nll']:.3f} nats/token "
               f"({m['test_rows']} test rows)")
+        if "nll_improvement_ci_low" in m:
+            print(f"improvement {m['nll_improvement']:+.3f}, {round(100 * m['confidence'])}% CI "
+                  f"[{m['nll_improvement_ci_low']:+.3f}, {m['nll_improvement_ci_high']:+.3f}], win rate {m['win_rate']:.2f}")
     for what, place in where(cfg).items():
         print(f"{what:>13}: {place}")
 
@@ -69,14 +84,21 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a parameter, e.g. --set train.learning_rate=1e-4 (repeatable)")
     gen = sub.add_parser("generate", help="answer prompts with a fine-tuned model")
-    gen.add_argument("--model", required=True, help="a model folder (models/model), runs:/ID/model or models:/NAME@ALIAS")
+    gen.add_argument("--model", required=True, help="a model folder (models/model), models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a run id")
     gen.add_argument("--prompt", action="append", required=True, help="a question (repeatable)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    rep = sub.add_parser("reproduce", help="re-run the pipeline that made a model, from its manifest, and compare")
+    rep.add_argument("target", help="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID or a run id")
+    rep.add_argument("--into", default=None, help="folder for the reproduction (default: reproductions/<run id>)")
+    rep.add_argument("--allow-dirty", action="store_true", help="re-run the recorded commit even if the run had uncommitted changes")
+    rep.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             _generate(args)
+        elif args.command == "reproduce":
+            _reproduce(args)
         elif args.command in ("where", "run"):
             cfg = isolate_outputs(load_config(args.params, args.overrides), args.overrides)
             if args.command == "run":

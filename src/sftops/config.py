@@ -145,9 +145,26 @@ class TrainConfig(_Strict):
 
 
 class EvaluateConfig(_Strict):
+    # Rows per forward pass when scoring and prompts per generate() call: lower it if evaluation runs out of memory.
     batch_size: int = Field(16, ge=1)
     num_generations: int = Field(16, ge=0)
     max_new_tokens: int = Field(64, ge=1)
+    # Decoding: greedy unless do_sample; temperature/top_p apply only when sampling (seeded by sample_seed).
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    sample_seed: int = 0
+    # How a generated answer and a reference are compared for exact match: 'normalized' text, 'gsm8k' (the
+    # number after '####'), or 'last_number' (the last number in the text).
+    answer_extraction: Literal["normalized", "gsm8k", "last_number"] = "normalized"
+    # Paired bootstrap of the base - tuned NLL difference over test rows.
+    bootstrap_resamples: int = Field(1000, ge=10)
+    bootstrap_seed: int = 0
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    # Promotion gate: the new version becomes the 'champion' only if this test metric beats the champion's on
+    # the same test set by promotion_margin (nll and perplexity: lower is better; the others: higher).
+    primary_metric: Literal["nll", "perplexity", "exact_match", "rouge_l", "chrf"] = "nll"
+    promotion_margin: float = Field(0.0, ge=0)
 
 
 class TrackingConfig(_Strict):

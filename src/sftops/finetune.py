@@ -18,6 +18,7 @@ from sftops import tracking
 from sftops.adapters import apply_method, merge_checked
 from sftops.config import Config
 from sftops.curate import STATS
+from sftops.curves import write_curves
 from sftops.data.examples import training_examples
 from sftops.data.store import read_split
 from sftops.distributed import World, join, launch, leave, under_torchrun
@@ -136,6 +137,8 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
         if not world.is_main:
             return {}
         val_after = held_out_nll(model) if val_ex else None
+        val_points = {0: val_before, **{v["step"]: v["val_nll"] for v in result["validations"]}, result["steps"]: val_after}
+        write_curves(out, result["history"], val_points)  # the DVC plots of dvc.yaml
         manifest = {"method": cfg.train.method, "weights": "full" if cfg.train.method == "full" else "adapter",
                     "base": cfg.model.model_dump(mode="json")}
         merge = None

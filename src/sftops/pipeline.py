@@ -23,6 +23,7 @@ def where(cfg: Config) -> dict[str, str]:
         "model": f"{cfg.paths.model}/model",
         "metrics": cfg.paths.metrics,
         "generations": f"{cfg.paths.reports}/generations.csv",
+        "report": f"{cfg.paths.reports}/report.html",
         "mlflow": f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri,
     }
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import subprocess
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +15,14 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from sftops.config import Config
+from sftops.errors import ConfigError
+from sftops.manifest import build_manifest, dvc_md5, git_commit, model_section, params_sha256
+from sftops.promotion import CHALLENGER, CHAMPION, Champion, Decision
 
 RUN_FILE = "run.json"
+MANIFEST_ARTIFACT = "reproduce/manifest.json"
+# Run tags copied onto the registered version: what made it.
+LINEAGE_TAGS = ("base_model", "method", "data.curated_dvc_md5", "git.commit", "params.sha256")
 
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -34,27 +38,6 @@ def configure(cfg: Config) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.tracking.experiment)
     return uri
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def dvc_md5(path: Path) -> str:
-    """The hash DVC records for a directory output (in dvc.lock), computed here so that runs made outside
-    `dvc repro` (the Prefect flow, `sftops run`) carry the same data version: md5 of the sorted
-    [{"md5", "relpath"}] listing of the folder's files, plus '.dir'."""
-    entries = [
-        {"md5": hashlib.md5(f.read_bytes()).hexdigest(), "relpath": f.relative_to(path).as_posix()}
-        for f in sorted(p for p in Path(path).rglob("*") if p.is_file())
-    ]
-    entries.sort(key=lambda e: e["relpath"])
-    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
 def data_lineage(cfg: Config) -> dict[str, str]:
@@ -109,7 +92,8 @@ def pipeline_run(cfg: Config, reports: list[Path]) -> Iterator[dict[str, str]]:
     with mlflow.start_run(run_name=f"sft-{cfg.train.method}", log_system_metrics=True) as run:
         log_params(cfg)
         lineage = data_lineage(cfg)
-        mlflow.set_tags({**lineage, "base_model": cfg.model.base, "method": cfg.train.method})
+        mlflow.set_tags({**lineage, "base_model": cfg.model.base, "method": cfg.train.method, "params.sha256": params_sha256(cfg)})
+        mlflow.log_dict(build_manifest(cfg), MANIFEST_ARTIFACT)
         for path in reports:
             mlflow.log_artifact(str(path), artifact_path="data")
         log_curated_data(Path(cfg.paths.curated), lineage["data.curated_dvc_md5"])
@@ -126,22 +110,77 @@ def _unused_table_file(client: MlflowClient, run_id: str) -> str:
     return name
 
 
-def log_evaluation(run_info: dict[str, Any], metrics: dict[str, Any], table: dict[str, list], metrics_file: Path) -> None:
-    """Add the evaluate stage's results to the pipeline's run, and tag the registered version with them."""
+def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """metrics.json as MLflow metric names: test_base_nll, test_nll_improvement_ci_low, test_source/NAME/win_rate."""
+    flat = {f"test_{who}_{k}": v for who in ("base", "tuned") for k, v in metrics[who].items()}
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"test_{key}"] = value
+    for source, values in metrics.get("per_source", {}).items():
+        flat.update({f"test_source/{source}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+    return {k: float(v) for k, v in flat.items()}
+
+
+def log_evaluation(
+    run_info: dict[str, Any],
+    metrics: dict[str, Any],
+    table: dict[str, list],
+    files: list[Path],
+    decision: Decision | None = None,
+) -> None:
+    """Add the evaluate stage's results to the pipeline's run (metrics, the generations table, the report and
+    metrics files, the promotion decision), and tag the registered version with the headline metrics."""
     mlflow.set_tracking_uri(run_info["tracking_uri"])
     client = MlflowClient(run_info["tracking_uri"])
     table_file = _unused_table_file(client, run_info["run_id"])
     with mlflow.start_run(run_id=run_info["run_id"]):
-        flat = {f"test_{who}_{k}": v for who in ("base", "tuned") for k, v in metrics[who].items()}
-        mlflow.log_metrics({**flat, "test_nll_improvement": metrics["nll_improvement"], "test_rows": metrics["test_rows"]})
+        mlflow.log_metrics(_flat_metrics(metrics))
         mlflow.log_table(table, artifact_file=table_file)
-        mlflow.log_artifact(str(metrics_file), artifact_path="eval")
-    for key, value in metrics["tuned"].items():
-        client.set_model_version_tag(run_info["registered_model"], run_info["version"], f"test_{key}", f"{value:.4f}")
+        for path in files:
+            mlflow.log_artifact(str(path), artifact_path="eval")
+        if decision is not None:
+            mlflow.set_tags({"promotion.decision": decision.alias, "promotion.reason": decision.reason[:5000]})
+            mlflow.log_dict(decision.as_dict(), "eval/promotion.json")
+    tags = {f"test_{key}": value for key, value in metrics["tuned"].items()}
+    tags.update({f"test_{key}": metrics[key] for key in HEADLINE if key in metrics})
+    for key, value in tags.items():
+        client.set_model_version_tag(run_info["registered_model"], run_info["version"], key, repr(float(value)))
+
+
+HEADLINE = ("nll_improvement", "nll_improvement_ci_low", "nll_improvement_ci_high", "win_rate", "test_rows")
+
+
+def current_champion(name: str, metric: str, tracking: str) -> Champion | None:
+    """The version the `champion` alias points to, with its primary metric and evaluation identity."""
+    client = MlflowClient(tracking)
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None  # no such model or no such alias yet
+    value = version.tags.get(f"test_{metric}")
+    return Champion(str(version.version), float(value) if value is not None else None, version.tags.get("eval_sha256"))
+
+
+def apply_decision(run_info: dict[str, Any], decision: Decision, eval_sha256: str) -> None:
+    """Point the decided alias at the new version, and record the decision on the version."""
+    client = MlflowClient(run_info["tracking_uri"])
+    name, version = run_info["registered_model"], run_info["version"]
+    client.set_model_version_tag(name, version, "eval_sha256", eval_sha256)
+    client.set_model_version_tag(name, version, "promotion.decision", decision.alias)
+    client.set_model_version_tag(name, version, "promotion.reason", decision.reason[:5000])
+    client.set_registered_model_alias(name, decision.alias, version)
+    if decision.alias == CHAMPION:
+        # A promoted version is no longer the challenger.
+        try:
+            if str(client.get_model_version_by_alias(name, CHALLENGER).version) == version:
+                client.delete_registered_model_alias(name, CHALLENGER)
+        except mlflow.exceptions.MlflowException:
+            pass
 
 
 def log_and_register_model(model_dir: Path, name: str) -> dict[str, Any]:
-    """Log the saved model as an MLflow pyfunc (loadable with mlflow.pyfunc.load_model) and register it."""
+    """Log the saved model as an MLflow pyfunc (loadable with mlflow.pyfunc.load_model), register it as a new
+    version tagged with its lineage, and complete the run's reproducibility manifest with the model's hashes."""
     from sftops.serving import SFTChatModel, pip_requirements
 
     info = mlflow.pyfunc.log_model(
@@ -152,4 +191,60 @@ def log_and_register_model(model_dir: Path, name: str) -> dict[str, Any]:
         signature=infer_signature(["a question"], ["an answer"], params={"max_new_tokens": 64}),
         registered_model_name=name,
     )
-    return {"model_uri": info.model_uri, "registered_model": name, "version": str(info.registered_model_version)}
+    run = mlflow.active_run()
+    client = MlflowClient()
+    version = str(info.registered_model_version)
+    run_tags = client.get_run(run.info.run_id).data.tags
+    for key in LINEAGE_TAGS:
+        if key in run_tags:
+            client.set_model_version_tag(name, version, key, run_tags[key])
+    manifest = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{MANIFEST_ARTIFACT}")
+    manifest["model"] = {**model_section(model_dir), "registered_model": name, "version": version}
+    mlflow.log_dict(manifest, MANIFEST_ARTIFACT)
+    client.set_model_version_tag(name, version, "manifest", f"runs:/{run.info.run_id}/{MANIFEST_ARTIFACT}")
+    return {"model_uri": info.model_uri, "registered_model": name, "version": version}
+
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def resolve_run_id(target: str, tracking: str | None = None) -> str:
+    """The run behind models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/... or a bare run id."""
+    client = MlflowClient(tracking or tracking_uri())
+    try:
+        if target.startswith("models:/"):
+            name, _, rest = target[len("models:/") :].partition("/")
+            if "@" in name:
+                name, alias = name.split("@", 1)
+                return client.get_model_version_by_alias(name, alias).run_id
+            return client.get_model_version(name, rest.strip("/")).run_id
+        if target.startswith("runs:/"):
+            return target[len("runs:/") :].split("/", 1)[0]
+        if _RUN_ID.match(target):
+            return client.get_run(target).info.run_id
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError(f"{target}: not found in the MLflow store {tracking or tracking_uri()} ({exc.error_code})") from None
+    raise ConfigError(f"{target!r} is not models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/... or a run id")
+
+
+def model_uri(target: str) -> str:
+    """A loadable MLflow model URI: a bare run id means that run's logged model."""
+    return f"runs:/{target}/model" if _RUN_ID.match(target) else target
+
+
+def load_manifest(run_id: str, tracking: str | None = None) -> dict[str, Any]:
+    mlflow.set_tracking_uri(tracking or tracking_uri())
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{MANIFEST_ARTIFACT}")
+    except (mlflow.exceptions.MlflowException, OSError):
+        raise ConfigError(f"run {run_id} has no {MANIFEST_ARTIFACT}: it was made before manifests were recorded") from None
+
+
+def predict(uri: str, prompts: list[str], max_new_tokens: int, tracking: str | None = None) -> list[str]:
+    """Answers from a logged or registered model (the pyfunc of serving.SFTChatModel)."""
+    mlflow.set_tracking_uri(tracking or tracking_uri())
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError(f"cannot load {uri} from {tracking or tracking_uri()}: {exc.message[:300]}") from None
+    return list(model.predict(prompts, params={"max_new_tokens": max_new_tokens}))

@@ -1,0 +1,81 @@
+"""Base vs tuned on the same test rows: the difference of token-weighted mean NLL with a paired bootstrap
+confidence interval, and the per-row win rate; overall and per data source."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+Scores = Sequence[tuple[float, int]]  # (summed response NLL, response tokens) per row
+
+
+def _check_paired(base: Scores, tuned: Scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if len(base) != len(tuned) or not base:
+        raise ValueError(f"paired comparison needs the same non-empty rows (got {len(base)} and {len(tuned)})")
+    base_sum = np.array([s for s, _ in base], dtype=np.float64)
+    tuned_sum = np.array([s for s, _ in tuned], dtype=np.float64)
+    tokens = np.array([c for _, c in base], dtype=np.float64)
+    if [c for _, c in base] != [c for _, c in tuned]:
+        raise ValueError("base and tuned rows differ in response tokens: they were not encoded the same way")
+    return base_sum, tuned_sum, tokens
+
+
+def nll_difference(base: Scores, tuned: Scores) -> float:
+    """Token-weighted mean NLL of base minus that of tuned (positive: fine-tuning lowered the NLL)."""
+    base_sum, tuned_sum, tokens = _check_paired(base, tuned)
+    return float((base_sum.sum() - tuned_sum.sum()) / tokens.sum())
+
+
+def bootstrap_difference_ci(
+    base: Scores, tuned: Scores, resamples: int, seed: int, confidence: float = 0.95
+) -> tuple[float, float]:
+    """Percentile interval of nll_difference over resamples of the test rows drawn with replacement; each
+    resample keeps the pairing (a row's base and tuned scores move together) and its own token weights."""
+    base_sum, tuned_sum, tokens = _check_paired(base, tuned)
+    rng = np.random.default_rng(seed)
+    n, gap = len(tokens), base_sum - tuned_sum
+    differences = []
+    block = max(1, 4_000_000 // n)  # resamples per block: bounded memory on large test sets
+    for start in range(0, resamples, block):
+        # How often each row is drawn in each resample of this block.
+        counts = rng.multinomial(n, np.full(n, 1 / n), size=min(block, resamples - start))
+        differences.append((counts @ gap) / np.maximum(counts @ tokens, 1.0))
+    differences = np.concatenate(differences)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(differences, [alpha, 1 - alpha])
+    return float(low), float(high)
+
+
+def win_rate(base: Scores, tuned: Scores) -> float:
+    """Share of rows whose mean response NLL is lower under the tuned model (ties count half)."""
+    base_sum, tuned_sum, tokens = _check_paired(base, tuned)
+    base_mean, tuned_mean = base_sum / np.maximum(tokens, 1), tuned_sum / np.maximum(tokens, 1)
+    wins = (tuned_mean < base_mean).sum() + 0.5 * (tuned_mean == base_mean).sum()
+    return float(wins / len(tokens))
+
+
+def compare(base: Scores, tuned: Scores, resamples: int, seed: int, confidence: float) -> dict[str, float]:
+    low, high = bootstrap_difference_ci(base, tuned, resamples, seed, confidence)
+    tokens = sum(c for _, c in base)
+    return {
+        "rows": len(base),
+        "base_nll": sum(s for s, _ in base) / tokens,
+        "tuned_nll": sum(s for s, _ in tuned) / tokens,
+        "nll_improvement": nll_difference(base, tuned),
+        "nll_improvement_ci_low": low,
+        "nll_improvement_ci_high": high,
+        "win_rate": win_rate(base, tuned),
+    }
+
+
+def compare_by_group(
+    groups: Sequence[str], base: Scores, tuned: Scores, resamples: int, seed: int, confidence: float
+) -> dict[str, dict[str, Any]]:
+    """compare() within each group (e.g. the `source` of each row), in first-seen order."""
+    out: dict[str, dict[str, Any]] = {}
+    for group in dict.fromkeys(groups):
+        idx = [i for i, g in enumerate(groups) if g == group]
+        out[group] = compare([base[i] for i in idx], [tuned[i] for i in idx], resamples, seed, confidence)
+    return out

@@ -1,0 +1,80 @@
+"""The promotion gate: a new model version becomes the `champion` only if its primary test metric beats the
+current champion's, measured on the same test set with the same evaluation settings, by more than a margin,
+and the data self-checks passed; otherwise it is the `challenger`. Pure: the registry calls live in tracking."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+LOWER_IS_BETTER = {"nll", "perplexity"}
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: str
+    value: float | None  # its primary metric, None when it was never evaluated
+    eval_sha256: str | None  # the test set + evaluation settings it was measured with
+
+
+@dataclass(frozen=True)
+class Decision:
+    alias: str
+    reason: str
+    metric: str
+    value: float
+    champion_version: str | None = None
+    champion_value: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def data_checks(stats: dict[str, Any] | None) -> tuple[bool, str]:
+    """The curated data's self-checks, from stats.json: a `checks_passed` flag, or a `checks` mapping of
+    name -> bool (or {"passed": bool}). Data without recorded checks passes (there is nothing to fail)."""
+    if not stats:
+        return True, "no data checks recorded"
+    if "checks_passed" in stats:
+        passed = bool(stats["checks_passed"])
+        return passed, "data checks passed" if passed else "data checks failed (stats.json: checks_passed=false)"
+    checks = stats.get("checks")
+    if isinstance(checks, dict) and checks:
+        failed = [name for name, v in checks.items() if not (v.get("passed") if isinstance(v, dict) else v)]
+        return (not failed), ("data checks passed" if not failed else f"data checks failed: {', '.join(failed)}")
+    return True, "no data checks recorded"
+
+
+def decide(
+    metric: str,
+    value: float,
+    eval_sha256: str,
+    version: str,
+    champion: Champion | None,
+    margin: float,
+    checks: tuple[bool, str] = (True, "no data checks recorded"),
+) -> Decision:
+    passed, check_note = checks
+    if not passed:
+        return Decision(CHALLENGER, f"{check_note}: not promoted", metric, value, *_champ(champion))
+    if champion is None:
+        return Decision(CHAMPION, f"no champion yet; {check_note}", metric, value)
+    if champion.version == version:
+        return Decision(CHAMPION, "already the champion (re-evaluated)", metric, value, *_champ(champion))
+    if champion.value is None or champion.eval_sha256 != eval_sha256:
+        return Decision(
+            CHALLENGER,
+            f"champion v{champion.version} was not evaluated on this test set with these settings: no like-for-like "
+            "comparison, so not promoted (re-evaluate the champion on this test set, or move the alias by hand)",
+            metric, value, *_champ(champion),
+        )
+    gain = champion.value - value if metric in LOWER_IS_BETTER else value - champion.value
+    compared = f"test {metric} {value:.4f} vs champion v{champion.version}'s {champion.value:.4f} (gain {gain:+.4f}, margin {margin})"
+    if gain > margin:
+        return Decision(CHAMPION, f"{compared}: beats it by more than the margin; {check_note}", metric, value, *_champ(champion))
+    return Decision(CHALLENGER, f"{compared}: does not beat it by more than the margin", metric, value, *_champ(champion))
+
+
+def _champ(champion: Champion | None) -> tuple[str | None, float | None]:
+    return (champion.version, champion.value) if champion else (None, None)

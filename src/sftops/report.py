@@ -1,0 +1,103 @@
+"""A self-contained HTML review of one fine-tuned model: headline numbers with the confidence interval of the
+improvement, the loss curves (inline SVG), per-source results, the promotion decision, the rows the model
+improved most and least, and the generations next to their references. No external files or scripts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from html import escape
+from typing import Any
+
+
+def svg_curves(series: dict[str, Sequence[tuple[float, float]]], width: int = 640, height: int = 260) -> str:
+    """A line chart of named (x, y) series, with axis ranges printed; empty series are skipped."""
+    series = {name: pts for name, pts in series.items() if pts}
+    if not series:
+        return "<p>(no loss curves recorded)</p>"
+    xs = [x for pts in series.values() for x, _ in pts]
+    ys = [y for pts in series.values() for _, y in pts]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    pad = 40
+
+    def px(x: float, y: float) -> str:
+        sx = pad + (x - x0) / ((x1 - x0) or 1) * (width - 2 * pad)
+        sy = height - pad - (y - y0) / ((y1 - y0) or 1) * (height - 2 * pad)
+        return f"{sx:.1f},{sy:.1f}"
+
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
+             f'<rect x="{pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" fill="none" stroke="#ccc"/>']
+    for i, (name, pts) in enumerate(series.items()):
+        colour = colours[i % len(colours)]
+        coords = " ".join(px(x, y) for x, y in pts)
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}"/>')
+        parts += [f'<circle cx="{c.split(",")[0]}" cy="{c.split(",")[1]}" r="3" fill="{colour}"/>' for c in coords.split()[:50] if len(pts) < 50]
+        parts.append(f'<text x="{width - pad - 150}" y="{pad + 16 + 16 * i}" fill="{colour}" font-size="12">{escape(name)}</text>')
+    parts.append(f'<text x="{pad}" y="{height - 10}" font-size="11">step {x0:g} … {x1:g}</text>')
+    parts.append(f'<text x="4" y="{pad - 8}" font-size="11">{y1:.3f}</text><text x="4" y="{height - pad}" font-size="11">{y0:.3f}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else escape(str(v))
+
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render(
+    title: str,
+    metrics: dict[str, Any],
+    curves: dict[str, Sequence[tuple[float, float]]],
+    row_nll: Sequence[dict[str, Any]],
+    generations: dict[str, list],
+    decision: dict[str, Any] | None,
+    n_extreme: int = 5,
+) -> str:
+    """row_nll: one dict per test row with prompt, reference, base_nll, tuned_nll (mean per response token)."""
+    base, tuned = metrics["base"], metrics["tuned"]
+    level = round(100 * metrics.get("confidence", 0.95))
+    headline = (
+        f"<p class=big>Held-out response NLL: base <b>{base['nll']:.4f}</b> → tuned <b>{tuned['nll']:.4f}</b> nats/token "
+        f"(perplexity {base['perplexity']:.2f} → {tuned['perplexity']:.2f}) on {metrics['test_rows']} test rows.</p>"
+        f"<p class=big>Improvement {metrics['nll_improvement']:+.4f} nats/token, {level}% paired-bootstrap CI "
+        f"[{metrics['nll_improvement_ci_low']:+.4f}, {metrics['nll_improvement_ci_high']:+.4f}]; the tuned model has the "
+        f"lower NLL on {100 * metrics['win_rate']:.1f}% of rows.</p>"
+    )
+    keys = [k for k in tuned if k in base]
+    summary = _table(["metric", "base", "tuned"], [[k, base[k], tuned[k]] for k in keys])
+    sources = metrics.get("per_source", {})
+    per_source = _table(
+        ["source", "rows", "base NLL", "tuned NLL", "improvement", "CI low", "CI high", "win rate"],
+        [[s, v["rows"], v["base_nll"], v["tuned_nll"], v["nll_improvement"], v["nll_improvement_ci_low"],
+          v["nll_improvement_ci_high"], v["win_rate"]] for s, v in sources.items()],
+    )
+    gate = "<p>(no promotion decision)</p>"
+    if decision:
+        gate = f"<p class=big>Registry: <b>{escape(decision['alias'])}</b> — {escape(decision['reason'])}</p>"
+    ranked = sorted(row_nll, key=lambda r: r["base_nll"] - r["tuned_nll"], reverse=True)
+    cols = ["prompt", "reference", "base NLL", "tuned NLL", "improvement"]
+
+    def extreme(rows: Sequence[dict[str, Any]]) -> str:
+        return _table(cols, [[r["prompt"][:300], r["reference"][:300], r["base_nll"], r["tuned_nll"], r["base_nll"] - r["tuned_nll"]] for r in rows])
+
+    gen_cols = [c for c in generations if c not in ("id",)]
+    gen_rows = list(zip(*(generations[c] for c in gen_cols))) if gen_cols else []
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}}
+table{{border-collapse:collapse;margin:1em 0;font-size:13px}}td,th{{border:1px solid #ccc;padding:4px 6px;vertical-align:top;
+white-space:pre-wrap;max-width:380px}}th{{background:#f4f4f4}}.big{{font-size:16px}}</style></head><body>
+<h1>{escape(title)}</h1>
+<h2>Did fine-tuning help?</h2>{headline}{gate}
+<h2>Test metrics</h2>{summary}
+<h2>Per source</h2>{per_source}
+<h2>Loss curves</h2>{svg_curves(curves)}
+<h2>Rows improved most</h2>{extreme(ranked[:n_extreme])}
+<h2>Rows improved least (or made worse)</h2>{extreme(ranked[::-1][:n_extreme])}
+<h2>Generations ({len(gen_rows)})</h2>{_table(gen_cols, gen_rows)}
+</body></html>
+"""

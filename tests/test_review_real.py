@@ -1,0 +1,122 @@
+"""Model review against real things: SFT of the pre-trained stories260K on GSM8K lowers the held-out response
+NLL with a bootstrap interval that excludes zero; and a real `mlflow server` on loopback holds the run and the
+registry, from which the champion answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from sftops.chat import encode_rows
+from sftops.cli import main
+from sftops.comparison import compare
+from sftops.config import Config, ModelConfig, TrainConfig
+from sftops.curate import run_format
+from sftops.evaluation import run_evaluate
+from sftops.adapters import apply_method
+from sftops.finetune import run_train
+from sftops.ingest import run_ingest
+from sftops.modeling import load_base_model, load_tokenizer
+from sftops.objective import score_rows
+from sftops.training import seed_everything, train_loop
+
+
+def gsm8k_conversations(path: Path, n: int) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
+    return [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]} for r in rows]
+
+
+def test_sft_lowers_held_out_gsm8k_response_nll_beyond_the_bootstrap_interval(stories_model, gsm8k):
+    import torch
+
+    model_cfg = ModelConfig(base=str(stories_model), max_length=320)
+    tokenizer = load_tokenizer(model_cfg)
+    train, _, _ = encode_rows(tokenizer, gsm8k_conversations(gsm8k / "train.jsonl", 160), model_cfg.max_length)
+    test, _, _ = encode_rows(tokenizer, gsm8k_conversations(gsm8k / "test.jsonl", 60), model_cfg.max_length)
+    assert len(train) >= 40 and len(test) >= 15
+    cpu = torch.device("cpu")
+    seed_everything(0)
+    model = load_base_model(model_cfg)
+    base = score_rows(model, test, 16, tokenizer.pad_token_id, cpu)
+    train_cfg = TrainConfig(method="full", max_steps=12, micro_batch_size=4, learning_rate=0.004, warmup_ratio=0.1)
+    model = apply_method(model, train_cfg)
+    train_loop(model, train, train_cfg, tokenizer.pad_token_id)  # a world of one process, on the CPU
+    tuned = score_rows(model, test, 16, tokenizer.pad_token_id, cpu)
+    result = compare(base, tuned, resamples=2000, seed=0, confidence=0.95)
+    print(f"GSM8K test response NLL {result['base_nll']:.2f} -> {result['tuned_nll']:.2f} nats/token, "
+          f"95% CI of the gain [{result['nll_improvement_ci_low']:.2f}, {result['nll_improvement_ci_high']:.2f}], "
+          f"win rate {result['win_rate']:.2f} over {result['rows']} rows")
+    assert result["nll_improvement_ci_low"] > 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on a free loopback port, with a SQLite store and served artifacts."""
+    port = free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=(store / "server.log").open("w"), start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server did not start: {(store / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+def test_a_real_mlflow_server_holds_the_review_and_the_champion_answers_from_it(tmp_path, tiny_model, monkeypatch, mlflow_server, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("SFTOPS_CACHE_DIR", str(tmp_path / "cache"))
+    rows = [{"prompt": f"what is two plus two? ({i})", "completion": "two plus two is four."} for i in range(60)]
+    Path("in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = Config.model_validate({
+        "data": {"sources": [{"name": "qa", "path": "in.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
+        "model": {"base": str(tiny_model), "max_length": 64},
+        "train": {"method": "lora", "max_steps": 2, "micro_batch_size": 8, "learning_rate": 0.01},
+        "evaluate": {"num_generations": 0, "bootstrap_resamples": 200},  # NLL only: the server is what is tested
+        "tracking": {"registered_model_name": "served"},
+    })
+    run_ingest(cfg)
+    run_format(cfg)
+    run = run_train(cfg)
+    metrics = run_evaluate(cfg)
+    assert metrics["promotion"]["alias"] == "champion"
+    client = MlflowClient(mlflow_server)
+    assert str(client.get_model_version_by_alias("served", "champion").version) == run["version"]
+    artifacts = {a.path for a in client.list_artifacts(run["run_id"], "eval")}
+    assert {"eval/report.html", "eval/nll_by_row.csv", "eval/promotion.json"} <= artifacts
+    assert client.get_run(run["run_id"]).data.metrics["test_win_rate"] == metrics["win_rate"]
+    capsys.readouterr()
+    assert main(["generate", "--model", "models:/served@champion", "--prompt", "what is two plus two?", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("> what is two plus two?\n")
