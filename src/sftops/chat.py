@@ -3,6 +3,7 @@ token the template puts after it) is a target; everything else is masked with IG
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -26,19 +27,24 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], g
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def response_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the character span of each assistant turn in it.
+def is_target(message: dict) -> bool:
+    """An assistant turn is a target unless its weight is 0 (OpenAI fine-tuning format: context only)."""
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
 
-    A turn's span starts where the rendering of the conversation up to it, plus the generation prompt, ends,
-    and stops where the rendering including it ends: exactly what the model must produce at inference."""
-    text = render(tokenizer, messages)
+
+def target_spans(messages: list[dict], render_prefix: Callable[[list[dict], bool], str]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each target assistant turn in it.
+
+    A turn's span starts where the rendering of the conversation before it, plus the generation prompt, ends,
+    and stops where the rendering through it ends: exactly what the model must produce at inference.
+    `render_prefix(messages, generation_prompt)` renders with the chat template."""
+    text = render_prefix(messages, False)
     spans = []
     for i, message in enumerate(messages):
-        # An assistant turn with weight 0 (OpenAI fine-tuning format) is context, not a target.
-        if message["role"] != "assistant" or message.get("weight", 1) == 0:
+        if not is_target(message):
             continue
-        before = render(tokenizer, messages[:i], generation_prompt=True)
-        through = render(tokenizer, messages[: i + 1])
+        before = render_prefix(messages[:i], True)
+        through = text if i == len(messages) - 1 else render_prefix(messages[: i + 1], False)
         if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
             raise ModelError(
                 "the chat template does not render conversations prefix by prefix, so the response tokens "
@@ -46,6 +52,10 @@ def response_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, 
             )
         spans.append((len(before), len(through)))
     return text, spans
+
+
+def response_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    return target_spans(messages, lambda prefix, gen: render(tokenizer, prefix, generation_prompt=gen))
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> Encoded:

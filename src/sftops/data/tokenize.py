@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from sftops.chat import IGNORE, Encoded
+from sftops.chat import IGNORE, Encoded, target_spans
 from sftops.errors import DataError, ModelError
 
 Conversation = dict[str, Any]  # {"messages": [...], "tools": [...] | None}
@@ -35,28 +35,9 @@ class Renderer:
         )
 
 
-def is_target(message: dict) -> bool:
-    return message["role"] == "assistant" and message.get("weight", 1) != 0
-
-
 def response_spans(render: Renderer, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the character span of each target assistant turn in it: from the end of the
-    conversation before it plus the generation prompt, to the end of the conversation through it."""
-    messages, tools = conv["messages"], conv.get("tools")
-    text = render(messages, tools)
-    spans = []
-    for i, message in enumerate(messages):
-        if not is_target(message):
-            continue
-        before = render(messages[:i], tools, generation_prompt=True)
-        through = text if i == len(messages) - 1 else render(messages[: i + 1], tools)
-        if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
-            raise ModelError(
-                "the chat template does not render conversations prefix by prefix, so the response tokens "
-                "cannot be located; use a tokenizer whose template does (or none, for the fallback template)"
-            )
-        spans.append((len(before), len(through)))
-    return text, spans
+    tools = conv.get("tools")
+    return target_spans(conv["messages"], lambda prefix, gen: render(prefix, tools, generation_prompt=gen))
 
 
 def encode_batch(tokenizer: PreTrainedTokenizerBase, convs: list[Conversation], render: Renderer | None = None,
