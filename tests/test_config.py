@@ -63,6 +63,6 @@ def test_impossible_engine_combinations_are_refused_at_load_time():
     with pytest.raises(ConfigError, match="early_stopping_patience needs eval_every"):
         load_config(ROOT / "params.yaml", ["train.early_stopping_patience=2"])
     with pytest.raises(ConfigError, match="not supported with distributed=fsdp"):
-        load_config(ROOT / "params.yaml", ["train.distributed=fsdp", "train.checkpoint_every=10"])
+        load_config(ROOT / "params.yaml", ["train.distributed=fsdp", "train.eval_every=10"])
     with pytest.raises(ConfigError, match="merge_adapter applies to adapters"):
         load_config(ROOT / "params.yaml", ["train.method=full", "train.merge_adapter=true"])

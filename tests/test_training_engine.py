@@ -192,3 +192,21 @@ def test_ddp_and_fsdp_processes_through_the_train_stage_match_one(project):
         assert two["processes"] == 2
         assert losses(two) == pytest.approx(losses(one), rel=1e-5), distributed
         assert two["val_nll_after"] == pytest.approx(one["val_nll_after"], rel=1e-4), distributed
+
+
+def test_fsdp_resume_after_kill_matches_an_uninterrupted_run(project):
+    """With sharded training the checkpoint holds the whole weights and optimizer state (gathered), and a
+    killed 2-process FSDP job resumes to the same losses as one uninterrupted process."""
+    _, write = project
+    common = {"method": "full", "max_steps": 5, "group_by_length": False, "checkpoint_every": 2}
+    write({**common, "micro_batch_size": 8})
+    reference = run_train(load_config("params.yaml"))
+    write({**common, "micro_batch_size": 4, "num_processes": 2, "distributed": "fsdp"})
+    folder = checkpoint_folder(load_config("params.yaml"))
+    assert train_cli(fault="after_step:3").returncode != 0
+    assert checkpoint.latest(folder).name == "step-000002"
+    resumed = train_cli()
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    report = json.loads(Path("models/run.json").read_text())
+    assert report["resumed_from_step"] == 2 and report["processes"] == 2
+    assert losses(report) == pytest.approx(losses(reference), rel=1e-5)

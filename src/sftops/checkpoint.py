@@ -68,14 +68,14 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save(folder: Path, name: str, model: torch.nn.Module, state: dict[str, Any]) -> Path:
-    """Write checkpoint `name` into `folder` atomically; returns its path."""
+def save(folder: Path, name: str, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+    """Write checkpoint `name` (the trainable weights and the loop state) into `folder` atomically."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / name
     tmp = folder / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), tmp / WEIGHTS)
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
     faults.point(f"checkpoint_write:{name}")
     torch.save(state, tmp / STATE)
     manifest = {"name": name, "files": {f: _sha256(tmp / f) for f in (WEIGHTS, STATE)}}

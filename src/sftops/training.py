@@ -181,17 +181,24 @@ def train_loop(
         raise TrainingError("no training examples left after encoding (all rows too long or without a response); see models/run.json")
     device = world.device
     seed_everything(cfg.seed)
-    if world.size > 1 and cfg.distributed == "fsdp":
+    sharded = world.size > 1 and cfg.distributed == "fsdp"
+    state, saved = LoopState(), None
+    resumed = checkpoint.latest(checkpoints) if checkpoints else None
+    if resumed is not None:
+        saved = checkpoint.load(resumed, model)  # into the whole model, before it is sharded
+    if sharded:
         shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg, device)
     steps = total_steps(len(examples), cfg, world.size)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * steps), steps)
-    state = LoopState()
-    resumed = checkpoint.latest(checkpoints) if checkpoints else None
-    if resumed is not None:
-        saved = checkpoint.load(resumed, model)
-        optimizer.load_state_dict(saved["optimizer"])
+    if saved is not None:
+        if sharded:  # the checkpoint holds the whole optimizer state; each process keeps its shard of it
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         checkpoint.set_rng_state(saved["rng"])
         state = LoopState(**saved["loop"])
@@ -206,11 +213,21 @@ def train_loop(
     n_sources = len(source_names) if len(source_names) > 1 else 0
 
     def save(name: str) -> Path | None:
+        if checkpoints is None:
+            return None
+        if sharded:  # every process sends its shards; the main process writes the whole state
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            whole, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            weights = {n: t for n, t in whole.items() if n in trainable}
         path = None
-        if world.is_main and checkpoints is not None:
-            loop = {k: v for k, v in vars(state).items()}
-            saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(), "loop": loop}
-            path = checkpoint.save(checkpoints, name, model, saved)
+        if world.is_main:
+            if not sharded:
+                weights, optimizer_state = checkpoint.trainable_state(model), optimizer.state_dict()
+            loop = dict(vars(state))
+            saved = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(), "loop": loop}
+            path = checkpoint.save(checkpoints, name, weights, saved)
             if name.startswith(checkpoint.PREFIX):
                 checkpoint.prune(checkpoints, cfg.keep_checkpoints)
         world.barrier()
