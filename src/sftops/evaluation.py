@@ -143,7 +143,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     tuned.to(dev)
     manifest = read_manifest(model_dir)
 
-    test_file = require(Path(cfg.paths.curated) / "test.jsonl", "format")
+    test_file = require(Path(cfg.paths.curated) / "test.parquet", "format")
     rows = load_split(cfg, "test")
     examples, kept, counts = training_examples(cfg, tokenizer, "test", rows)
     if not examples:
