@@ -42,7 +42,7 @@ def workdir(tmp_path, tiny_model, monkeypatch):
                 "tracking": {"registered_model_name": "tiny"},
             }
         )
-        if not Path("data/curated/test.jsonl").exists():
+        if not Path("data/curated/test.parquet").exists():  # formatted once per test
             run_ingest(cfg)
             run_format(cfg)
         return cfg
