@@ -25,4 +25,5 @@ async def _read_workers_with_limits(self, work_pool_name, worker_filter=None, of
 
 if __name__ == "__main__":
     WorkPoolAsyncClient.read_workers_for_work_pool = _read_workers_with_limits
-    app(["deploy", *sys.argv[1:]])
+    sys.argv = ["prefect", "deploy", *sys.argv[1:]]
+    app()
