@@ -14,6 +14,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 # Without PREFECT_API_URL, Prefect starts a temporary local server; its 20 s default start-up limit is too
 # short on a busy 2-core machine (seen in CI-like runs). A user's own setting wins.
@@ -117,9 +118,10 @@ def metrics_table(metrics: dict) -> list[dict[str, Any]]:
 
 def report_link(run: dict, cfg: Config) -> str:
     """The HTML report on the MLflow server where reviewers can open it; the local file otherwise."""
-    uri = run.get("tracking_uri", "")
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/get-artifact?path=eval/report.html&run_uuid={run['run_id']}"
+    uri = urlsplit(run.get("tracking_uri", ""))
+    if uri.scheme in {"http", "https"}:
+        server = f"{uri.scheme}://{uri.hostname}" + (f":{uri.port}" if uri.port else "") + uri.path.rstrip("/")  # no user:password@
+        return f"{server}/get-artifact?path=eval/report.html&run_uuid={run['run_id']}"
     return (Path(cfg.paths.reports) / "report.html").resolve().as_uri()
 
 
