@@ -33,8 +33,10 @@ def count(url: str, query: str) -> int:
 def test_mlflow_and_prefect_servers_on_postgresql_serve_a_pipeline_run(postgres, tmp_path, stories_model, gsm8k):
     repo = make_repo(tmp_path / "repo", stories_model, gsm8k, rows=80, registered_model=MODEL_NAME)
     with postgres_database("sftops_ops_mlflow") as mlflow_db, postgres_database("sftops_ops_prefect") as prefect_db:
+        # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3: name the drivers that are installed.
         prefect_db_async = prefect_db.replace("postgresql://", "postgresql+asyncpg://", 1)
-        with realstack.mlflow_server(tmp_path / "mlflow", backend=mlflow_db) as mlflow_url, \
+        mlflow_store = mlflow_db.replace("postgresql://", "postgresql+psycopg2://", 1)
+        with realstack.mlflow_server(tmp_path / "mlflow", backend=mlflow_store) as mlflow_url, \
                 realstack.prefect_server(tmp_path / "prefect", database=prefect_db_async) as api:
             env = prefect_env(tmp_path / "prefect", api_url=api)
             env["MLFLOW_TRACKING_URI"] = mlflow_url
