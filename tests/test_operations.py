@@ -131,10 +131,20 @@ def test_a_train_param_change_reruns_train_and_evaluate_but_not_ingest_or_format
     assert MlflowClient(stack.mlflow).get_run(run_info["run_id"]).data.params["train.learning_rate"] == "0.001"
 
 
-def test_the_evaluate_deployment_reviews_a_given_model(stack):
+RATES = ("0.002", "0.004")
+
+
+@pytest.fixture(scope="module")
+def at_once(stack):
+    """Three runs triggered together: two variants of the pipeline and the evaluation of the nightly model."""
+    ids = [trigger(stack.env, stack.repo, "sft-pipeline/nightly", overrides=[f"train.learning_rate={r}"]) for r in RATES]
+    ids.append(trigger(stack.env, stack.repo, "sft-evaluate/evaluate", model="models"))
+    return [completed(stack.api, i) for i in ids]
+
+
+def test_the_evaluate_deployment_reviews_a_given_model(stack, at_once):
     run_info = json.loads((stack.repo / "models/run.json").read_text())
-    flow_run_id = trigger(stack.env, stack.repo, "sft-evaluate/evaluate", model="models")
-    completed(stack.api, flow_run_id)
+    flow_run_id = at_once[2]["id"]
     assert set(task_states(stack.api, flow_run_id)) == {"evaluate"}
     assert {"sft-metrics", "sft-report"} <= set(artifacts(stack.api, flow_run_id))
     [metrics_file] = (stack.repo / "runs").glob("eval-*/metrics.json")
@@ -142,16 +152,13 @@ def test_the_evaluate_deployment_reviews_a_given_model(stack):
     assert "test_tuned_nll" in MlflowClient(stack.mlflow).get_run(run_info["run_id"]).data.metrics
 
 
-def test_two_variants_run_at_once_into_their_own_folders_and_mlflow_runs(stack):
-    rates = ("0.002", "0.004")
-    ids = [trigger(stack.env, stack.repo, "sft-pipeline/nightly", overrides=[f"train.learning_rate={r}"]) for r in rates]
-    runs = [completed(stack.api, i) for i in ids]
-    # They ran at the same time: each started before the other finished.
-    assert runs[0]["start_time"] < runs[1]["end_time"] and runs[1]["start_time"] < runs[0]["end_time"]
+def test_two_variants_run_at_once_into_their_own_folders_and_mlflow_runs(stack, at_once):
+    first, second = at_once[:2]
+    assert first["start_time"] < second["end_time"] and second["start_time"] < first["end_time"]  # they overlapped
     client = MlflowClient(stack.mlflow)
     infos = [json.loads(f.read_text()) for f in sorted((stack.repo / "runs").glob("*/models/run.json"))]
     assert len(infos) == 2 and infos[0]["run_id"] != infos[1]["run_id"]
-    assert sorted(client.get_run(i["run_id"]).data.params["train.learning_rate"] for i in infos) == sorted(rates)
+    assert sorted(client.get_run(i["run_id"]).data.params["train.learning_rate"] for i in infos) == sorted(RATES)
     for info in infos:
         assert client.get_run(info["run_id"]).info.status == "FINISHED"
         assert len(client.get_metric_history(info["run_id"], "train_loss")) == 3
