@@ -83,9 +83,9 @@ def stack(tmp_path_factory, stories_model, gsm8k):
     with realstack.mlflow_server(tmp / "mlflow") as mlflow_url, realstack.prefect_server(tmp / "prefect") as api:
         env = prefect_env(tmp / "prefect", api_url=api)
         env.update(MLFLOW_TRACKING_URI=mlflow_url, PWD=str(repo))  # prefect deploy reads $PWD for working_dir
-        prefect(env, repo, "work-pool", "create", "sftops", "--type", "process")
+        prefect(env, repo, "work-pool", "create", "sftops", "--type", "process", "--overwrite")  # as `make deploy`
         sh(sys.executable, "flows/deploy.py", "--all", cwd=repo, env=env)  # prefect deploy --all, see flows/deploy.py
-        worker = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "sftops", "--type", "process"]
+        worker = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "sftops"]  # as `make worker`
         with background(worker, tmp / "worker.log", env=env, cwd=repo):
             first_run = completed(api, trigger(env, repo, "sft-pipeline/nightly"))
             yield Stack(repo, env, api, mlflow_url, first_run)
