@@ -1,7 +1,8 @@
 # GPU training image. torch 2.13.0's Linux x86_64 wheels on PyPI are built for CUDA 13.0 (they depend on
 # cuda-toolkit 13.0.x and nvidia-cudnn-cu13), so the base is NVIDIA's CUDA 13.0 runtime on Ubuntu 24.04; the host
 # needs an NVIDIA driver for CUDA 13.0 (R580 or newer) and `docker run --gpus all`. The pins come from
-# pyproject.toml and requirements-nodeps.txt, installed as `make setup` does (without the dev extra).
+# pyproject.toml and requirements-nodeps.txt, installed as `make setup` does, with the team extra (S3/GCS DVC
+# remotes) instead of the dev extra.
 # No secrets inside: the tracking server, the Prefect API and all credentials come from the environment at
 # run time (docker run -e MLFLOW_TRACKING_URI=... -e AWS_ACCESS_KEY_ID=...).
 FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04
@@ -23,7 +24,7 @@ RUN apt-get update \
 WORKDIR /opt/sftops
 COPY pyproject.toml requirements-nodeps.txt README.md ./
 COPY src ./src
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir "./[team]" \
     && pip install --no-cache-dir --no-deps -r requirements-nodeps.txt
 
 # The base image's `ubuntu` user has uid 1000; the pipeline runs as its own unprivileged user, in a folder it owns

@@ -33,7 +33,8 @@ def pip_installs(commands: list[str]) -> list[list[str]]:
             words = part.replace('"', "").split()
             if "pip" in words and "install" in words:
                 args = words[words.index("install") + 1:]
-                found.append([a for a in args if a not in {"--quiet", "-q", "--no-cache-dir", "-e", "--upgrade"}])
+                args = [a for a in args if a not in {"--quiet", "-q", "--no-cache-dir", "-e", "--upgrade"}]
+                found.append([re.sub(r"^\./(?=\[|$)", ".", a) for a in args])  # ./[extra] is .[extra]
     return found
 
 
@@ -50,9 +51,10 @@ def test_the_image_installs_what_make_setup_installs():
     image = pip_installs([args for name, args in steps if name == "RUN"])
     make = pip_installs([line for line in (ROOT / "Makefile").read_text().splitlines() if "pip install" in line])
     make = [args for args in make if args != ["pip"]]  # `pip install --upgrade pip` is the venv's own tool
-    # The same requirement files, with the same --no-deps; the project itself without its dev extra.
+    # The same requirement files, with the same --no-deps; the project itself with the team extra (DVC's S3/GCS
+    # remotes in the cluster) instead of the dev extra.
     assert [a for a in image if "-r" in a] == [a for a in make if "-r" in a]
-    assert [a for a in image if "-r" not in a] == [["."]] and [a for a in make if "-r" not in a] == [[".[dev]"]]
+    assert [a for a in image if "-r" not in a] == [[".[team]"]] and [a for a in make if "-r" not in a] == [[".[dev]"]]
     # Every file `make setup` depends on is in the image before the first install, and nothing else is installed.
     needed = re.search(r"^\$\(VENV\)/\.installed:(.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
     first_install = next(i for i, (name, args) in enumerate(steps) if name == "RUN" and "pip install" in args)
