@@ -1,6 +1,7 @@
 """What a stage's result is made from, hashed: the deps (code and data) and params sections that `dvc.yaml`
 declares for the stage, so that a cache outside DVC (the Prefect flow's) agrees with `dvc status` about what
-must re-run. Changing `train.*` changes the keys of train and evaluate, never those of ingest and format.
+must re-run. Changing `train.*` changes train's key (and evaluate's, through the new model it depends on),
+never those of ingest and format.
 
 A key says the inputs are unchanged; a stamp next to the base-eval cache says the outputs made from them are
 still in place (a deleted or re-written output must not be skipped over)."""
