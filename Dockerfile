@@ -1,25 +1,41 @@
-# GPU training image. PyPI's torch wheels for Linux x86_64 bundle their CUDA runtime, so a slim Python base
-# only needs the host's NVIDIA driver (run with --gpus all). Dependencies come from pyproject.toml's pins.
-FROM python:3.11-slim
+# GPU training image. torch 2.13.0's Linux x86_64 wheels on PyPI are built for CUDA 13.0 (they depend on
+# cuda-toolkit 13.0.x and nvidia-cudnn-cu13), so the base is NVIDIA's CUDA 13.0 runtime on Ubuntu 24.04; the host
+# needs an NVIDIA driver for CUDA 13.0 (R580 or newer) and `docker run --gpus all`. The pins come from
+# pyproject.toml and requirements-nodeps.txt, installed as `make setup` does, with the team extra (S3/GCS DVC
+# remotes) instead of the dev extra.
+# No secrets inside: the tracking server, the Prefect API and all credentials come from the environment at
+# run time (docker run -e MLFLOW_TRACKING_URI=... -e AWS_ACCESS_KEY_ID=...).
+FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04
 
-ENV PIP_NO_CACHE_DIR=1 \
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
-    HF_HUB_DISABLE_TELEMETRY=1
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    PATH=/opt/venv/bin:$PATH
 
+# Python 3.12 is Ubuntu 24.04's (the project needs >= 3.11); git and make for DVC and `make`.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends git=1:2.* make=4.* \
-    && rm -rf /var/lib/apt/lists/*
+    && apt-get install -y --no-install-recommends python3.12=3.12.* python3.12-venv=3.12.* git=1:2.* make=4.* \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3.12 -m venv /opt/venv
 
-RUN useradd --create-home --uid 1000 sft
+# The dependency files first, so that code changes do not re-install the dependencies.
+WORKDIR /opt/sftops
+COPY pyproject.toml requirements-nodeps.txt README.md ./
+COPY src ./src
+RUN pip install --no-cache-dir "./[team]" \
+    && pip install --no-cache-dir --no-deps -r requirements-nodeps.txt
+
+# The base image's `ubuntu` user has uid 1000; the pipeline runs as its own unprivileged user, in a folder it owns
+# (stages write data/, models/, reports/ there; mount a volume over it to keep them).
+RUN groupadd --gid 1001 sft && useradd --create-home --uid 1001 --gid 1001 sft
 WORKDIR /home/sft/app
+COPY --chown=1001:1001 . .
+USER 1001:1001
 
-COPY --chown=sft:sft pyproject.toml requirements-nodeps.txt README.md ./
-COPY --chown=sft:sft src ./src
-RUN pip install . && pip install --no-deps -r requirements-nodeps.txt
-
-COPY --chown=sft:sft . .
-USER sft
-
-# Runs the whole pipeline by default; `docker run IMAGE train --set train.max_steps=100` runs one stage.
-ENTRYPOINT ["sftops"]
-CMD ["run"]
+# No ENTRYPOINT, so that Prefect's docker and kubernetes workers can run their own command in this image.
+#   docker run --gpus all IMAGE                                      the whole pipeline (sftops run)
+#   docker run --gpus all IMAGE sftops train --set train.max_steps=100   one stage
+#   docker run --gpus all IMAGE python flows/sft_pipeline.py         the Prefect flow
+CMD ["sftops", "run"]

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup pipeline test flow ui
+.PHONY: setup pipeline test flow ui mlflow-server prefect-server deploy worker
 
 setup: $(VENV)/.installed
 
@@ -28,3 +28,21 @@ test: setup
 
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+# Operations on one machine (README "Operations"): the two servers, the deployments of prefect.yaml, a worker.
+PREFECT_API_URL ?= http://127.0.0.1:4200/api
+MLFLOW_TRACKING_URI ?= http://127.0.0.1:5000
+
+mlflow-server: setup
+	mkdir -p server
+	mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///server/mlflow.db --artifacts-destination server/artifacts
+
+prefect-server: setup
+	prefect server start --host 127.0.0.1 --port 4200
+
+deploy: setup
+	PREFECT_API_URL=$(PREFECT_API_URL) prefect work-pool create sftops --type process --overwrite
+	PWD=$(CURDIR) PREFECT_API_URL=$(PREFECT_API_URL) python flows/deploy.py --all   # working_dir = this folder
+
+worker: setup
+	PREFECT_API_URL=$(PREFECT_API_URL) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) prefect worker start --pool sftops

@@ -6,63 +6,18 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
 
+from realstack import ROOT, make_repo, sh, tool_env
 from sftops.config import isolate_outputs, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "tiny-sft"
-
-
-def sh(*cmd: str, cwd: Path, env: dict | None = None) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout
-
-
-def tool_env() -> dict[str, str]:
-    # The stages call `sftops`; put this interpreter's scripts folder first on PATH.
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
-def small_params(model: Path, data: Path) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"] = {"sources": [{"name": "gsm8k", "path": str(data)}], "val_fraction": 0.1, "test_fraction": 0.15, "split_seed": 0}
-    params["model"] = {"base": str(model), "gguf_file": None, "max_length": 512}
-    params["train"].update({"max_steps": 12, "micro_batch_size": 8, "grad_accum_steps": 1, "learning_rate": 0.003, "warmup_ratio": 0.1})
-    params["evaluate"] = {"batch_size": 16, "num_generations": 3, "max_new_tokens": 12}
-    params["tracking"]["registered_model_name"] = MODEL_NAME
-    return params
-
-
-def make_repo(path: Path, model: Path, gsm8k: Path, rows: int = 160) -> Path:
-    path.mkdir()
-    for item in ("dvc.yaml", "src", "data/sources/README.md", ".gitignore"):
-        src, dst = ROOT / item, path / item
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")) if src.is_dir() else shutil.copy(src, dst)
-    lines = (gsm8k / "train.jsonl").read_text().splitlines()[:rows]
-    (path / "data/sources/gsm8k.jsonl").write_text("\n".join(lines) + "\n")
-    (path / "params.yaml").write_text(yaml.safe_dump(small_params(model, Path("data/sources/gsm8k.jsonl")), sort_keys=False))
-    env = tool_env()
-    sh("git", "init", "-q", cwd=path)
-    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init", cwd=path)
-    sh(sys.executable, "-m", "dvc", "init", "-q", cwd=path, env=env)
-    sh(sys.executable, "-m", "dvc", "config", "core.analytics", "false", cwd=path, env=env)
-    sh("git", "add", "-A", cwd=path)
-    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "pipeline", cwd=path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,13 @@ from sftops.modeling import resolve_base
 DEFAULT_CACHE_DIR = ".sftops-cache"
 
 
+def cache_root() -> Path:
+    """$SFTOPS_CACHE_DIR, else .sftops-cache/ in the working folder (also home to the Prefect stage stamps)."""
+    return Path(os.environ.get("SFTOPS_CACHE_DIR") or DEFAULT_CACHE_DIR)
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("SFTOPS_CACHE_DIR") or DEFAULT_CACHE_DIR) / "base-eval"
+    return cache_root() / "base-eval"
 
 
 def model_fingerprint(model: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import random
 import shutil
 import tempfile
@@ -29,6 +30,9 @@ from sftops.modeling import load_base_model, load_tokenizer, require_hardware, s
 from sftops.objective import mean_nll, score_rows
 from sftops.packing_check import packing_self_check
 from sftops.training import seed_everything, train_loop
+
+# One line per optimizer step: what an orchestrator's log view (Prefect's) shows of training progress.
+log = logging.getLogger(__name__)
 
 
 def device() -> torch.device:
@@ -127,6 +131,7 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
         def on_step(step: int, record: dict[str, float]) -> None:
             step_of["step"] = step
             tracking.log_step(step, record)
+            log.info("train step %d: train_loss %.4f, learning_rate %.3g", step, record["train_loss"], record["learning_rate"])
 
         result = train_loop(
             model, train_ex, cfg.train, pad, world, sources=sources, source_names=source_names, checkpoints=checkpoints,

@@ -36,13 +36,14 @@ def git_commit() -> str | None:
     return None if commit is None else commit + ("-dirty" if dirty else "")
 
 
-def dvc_md5(path: Path) -> str:
+def dvc_md5(path: Path, skip: tuple[str, ...] = ()) -> str:
     """The hash DVC records for a directory output (in dvc.lock), computed here so that runs made outside
     `dvc repro` (the Prefect flow, `sftops run`) carry the same data version: md5 of the sorted
-    [{"md5", "relpath"}] listing of the folder's files, plus '.dir'."""
+    [{"md5", "relpath"}] listing of the folder's files, plus '.dir'. Files under a folder named in `skip`
+    (e.g. __pycache__) are left out."""
     entries = [
         {"md5": hashlib.md5(f.read_bytes()).hexdigest(), "relpath": f.relative_to(path).as_posix()}
-        for f in sorted(p for p in Path(path).rglob("*") if p.is_file())
+        for f in sorted(p for p in Path(path).rglob("*") if p.is_file() and not set(p.relative_to(path).parts) & set(skip))
     ]
     entries.sort(key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"

@@ -1,0 +1,210 @@
+"""The real things the end-to-end tests run: a temporary git + DVC repository holding the pipeline, and server
+processes (`mlflow server`, `prefect server start`, a `prefect worker`) on free loopback ports, polled until
+they answer and always stopped. PostgreSQL-backed variants use a fresh database on 127.0.0.1:5432."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# The PostgreSQL the team-setup tests use (trust auth); another one: SFTOPS_TEST_POSTGRES=postgresql://user@host:port/db
+POSTGRES = os.environ.get("SFTOPS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def sh(*cmd: str, cwd: Path, env: dict | None = None) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout
+
+
+def tool_env() -> dict[str, str]:
+    # The stages call `sftops`; put this interpreter's scripts folder first on PATH.
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def small_params(model: Path, data: Path, registered_model: str) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"] = {"sources": [{"name": "gsm8k", "path": str(data)}], "val_fraction": 0.1, "test_fraction": 0.15, "split_seed": 0}
+    params["model"] = {"base": str(model), "gguf_file": None, "max_length": 512}
+    params["train"].update({"max_steps": 12, "micro_batch_size": 8, "grad_accum_steps": 1, "learning_rate": 0.003, "warmup_ratio": 0.1})
+    params["evaluate"] = {"batch_size": 16, "num_generations": 3, "max_new_tokens": 12}
+    params["tracking"]["registered_model_name"] = registered_model
+    return params
+
+
+def git_commit(repo: Path, message: str) -> None:
+    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", message, cwd=repo)
+
+
+def make_repo(path: Path, model: Path, gsm8k: Path, rows: int = 160, registered_model: str = "tiny-sft",
+              extra: tuple[str, ...] = ()) -> Path:
+    """A git + DVC repository with the pipeline (dvc.yaml, the code, and `extra` files such as prefect.yaml) and
+    `rows` GSM8K rows as its source, committed in the order git init, dvc init, sources."""
+    path.mkdir()
+    for item in ("dvc.yaml", "src", "data/sources/README.md", ".gitignore", *extra):
+        src, dst = ROOT / item, path / item
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")) if src.is_dir() else shutil.copy(src, dst)
+    lines = (gsm8k / "train.jsonl").read_text().splitlines()[:rows]
+    (path / "data/sources/gsm8k.jsonl").write_text("\n".join(lines) + "\n")
+    params = small_params(model, Path("data/sources/gsm8k.jsonl"), registered_model)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = tool_env()
+    sh("git", "init", "-q", cwd=path)
+    git_commit(path, "init")
+    sh(sys.executable, "-m", "dvc", "init", "-q", cwd=path, env=env)
+    sh(sys.executable, "-m", "dvc", "config", "core.analytics", "false", cwd=path, env=env)
+    sh("git", "add", "-A", cwd=path)
+    git_commit(path, "pipeline")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def poll(check: Callable[[], Any], timeout: float, what: str, interval: float = 1.0) -> Any:
+    """Call check() until it returns something truthy; fail with `what` after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def http_json(method: str, url: str, body: Any = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read() or b"null")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server or worker and everything it started (it leads its own process group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@contextmanager
+def background(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None,
+               health: str | None = None, timeout: float = 300) -> Iterator[subprocess.Popen]:
+    """A long-running process, its output in `log`; with `health`, yields once that URL answers 200."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+    try:
+        if health:
+            def up() -> bool:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{cmd[:4]} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+                return answers(health)
+
+            poll(up, timeout, f"{' '.join(cmd[:4])} answering at {health}")
+        yield proc
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def mlflow_server(folder: Path, backend: str | None = None) -> Iterator[str]:
+    """`mlflow server` on a free loopback port: a SQLite store in `folder` unless `backend` is given, and the
+    artifacts served from `folder`/artifacts (clients upload through the server, over HTTP)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", backend or f"sqlite:///{folder / 'mlflow.db'}",
+           "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]
+    url = f"http://127.0.0.1:{port}"
+    with background(cmd, folder / "server.log", health=f"{url}/health"):
+        yield url
+
+
+def prefect_env(home: Path, api_url: str | None = None, database: str | None = None) -> dict[str, str]:
+    """The environment of a Prefect CLI, server or worker of one test: its own PREFECT_HOME, no prompts."""
+    env = tool_env()
+    env.update(PREFECT_HOME=str(home), PREFECT_CLI_PROMPT="false", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="5")
+    env.pop("PREFECT_API_URL", None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    if database:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database
+    return env
+
+
+@contextmanager
+def prefect_server(home: Path, database: str | None = None) -> Iterator[str]:
+    """`prefect server start` on a free loopback port with its own PREFECT_HOME (a SQLite database there unless
+    `database` is given); yields the API URL."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = prefect_env(home, database=database)
+    env["PREFECT_UI_ENABLED"] = "false"  # the API is what the tests use; the UI only costs start-up time
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    api = f"http://127.0.0.1:{port}/api"
+    with background(cmd, home / "server.log", env=env, health=f"{api}/health"):
+        yield api
+
+
+def postgres_available() -> str | None:
+    """None when PostgreSQL answers at POSTGRES; otherwise why not (the reason a test skips with)."""
+    import psycopg2
+
+    try:
+        psycopg2.connect(POSTGRES, connect_timeout=5).close()
+    except psycopg2.Error as exc:
+        return f"no PostgreSQL answers at {POSTGRES} ({str(exc).strip().splitlines()[0]})"
+    return None
+
+
+@contextmanager
+def postgres_database(prefix: str) -> Iterator[str]:
+    """A fresh, empty database on the test PostgreSQL, dropped afterwards; yields its postgresql:// URL."""
+    import psycopg2
+
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(POSTGRES, connect_timeout=5)
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        yield POSTGRES.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
