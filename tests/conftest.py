@@ -65,3 +65,33 @@ def gsm8k() -> Path:
     if not (GSM8K / "train.jsonl").exists():
         pytest.skip(f"GSM8K not found at {GSM8K} (../shared is absent)")
     return GSM8K
+
+
+# The reliability suite's figures (`make reliability`): tests add what they tried and what held, e.g.
+# figures["bad inputs tried"] += 1, after their assertions; the totals of the run are written to the JSON file
+# named by $SFTOPS_RELIABILITY_JSON, from which tests/reliability.py prints its table.
+class _Figures(dict):
+    def __missing__(self, key: str) -> int:
+        return 0
+
+
+_FIGURES = _Figures()
+_OUTCOMES: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session")
+def figures() -> dict[str, int]:
+    return _FIGURES
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" or report.outcome != "passed":
+        _OUTCOMES[report.nodeid] = "passed" if report.outcome == "passed" and report.when == "call" else report.outcome
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    target = os.environ.get("SFTOPS_RELIABILITY_JSON")
+    if target:
+        import json
+
+        Path(target).write_text(json.dumps({"figures": dict(_FIGURES), "tests": _OUTCOMES}, indent=2))

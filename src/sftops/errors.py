@@ -19,3 +19,7 @@ class ModelError(SftopsError, ValueError):
 
 class TrainingError(SftopsError, RuntimeError):
     """Training cannot go on (no examples, a non-finite loss)."""
+
+
+class StorageError(SftopsError, OSError):
+    """An output could not be written (disk full, file size limit): the previous output is left in place."""

@@ -3,13 +3,13 @@ data/raw/rejected.jsonl with its origin and reason. For each source, read = kept
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from sftops.config import Config
+from sftops.outputs import replaced_whole
 from sftops.jsonio import write_json, write_jsonl
 from sftops.sources import read_source
 
@@ -18,17 +18,18 @@ REJECTED = "rejected.jsonl"
 
 
 def run_ingest(cfg: Config) -> dict[str, Any]:
-    out = Path(cfg.paths.raw)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    with replaced_whole(cfg.paths.raw) as out:
+        return _ingest(cfg, out)
+
+
+def _ingest(cfg: Config, out: Path) -> dict[str, Any]:
     rejected: list[dict[str, Any]] = []
     per_source: dict[str, dict[str, int]] = {}
     for source in cfg.data.sources:
         counts = {"read": 0, "kept": 0, "rejected": 0}
 
         def kept_rows():
-            for rec in tqdm(read_source(source), desc=f"ingest {source.name}", unit=" rows", leave=False):
+            for rec in tqdm(read_source(source, cfg.data.max_row_bytes), desc=f"ingest {source.name}", unit=" rows", leave=False):
                 counts["read"] += 1
                 if rec.error is None:
                     counts["kept"] += 1
