@@ -4,6 +4,12 @@ models and datasets in ../shared (tests that need those skip with a reason where
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -51,6 +57,69 @@ def build_tiny_model(path: Path, vocab_size: int = 300) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The CLI's one-line error messages in a captured stderr (progress bars end their lines with \\r)."""
+    return [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("sftops:")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on a loopback port with a SQLite store and served artifacts under `store`; it can
+    be killed and started again on the same port and store (a server that went away and came back)."""
+
+    def __init__(self, store: Path) -> None:
+        self.store, self.port = store, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        store.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> None:
+        log = self.store / "server.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.store / 'mlflow.db'}",
+             "--artifacts-destination", str(self.store / "artifacts"), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=log.open("a"), start_new_session=True,
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop(signal.SIGKILL)
+                pytest.fail(f"mlflow server did not start: {log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture
+def mlflow_server_process(tmp_path: Path):
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlflow_server(mlflow_server_process: MlflowServer) -> str:
+    """The URL of a real `mlflow server` on a free loopback port, with a SQLite store and served artifacts."""
+    return mlflow_server_process.url
 
 
 @pytest.fixture(scope="session")

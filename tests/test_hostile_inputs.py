@@ -19,6 +19,8 @@ from sftops.config import load_config
 from sftops.curate import run_format
 from sftops.errors import ConfigError, DataError
 from sftops.ingest import run_ingest
+
+from conftest import error_lines
 from sftops.jsonio import read_jsonl
 
 HOSTILE = Path(__file__).parent / "hostile"
@@ -128,6 +130,6 @@ def test_the_cli_reports_hostile_files_and_paths_in_one_line_without_a_traceback
         assert done.returncode == 2, done.stderr[-2000:]
         assert "Traceback" not in done.stderr and phrase in done.stderr, done.stderr[-2000:]
         if not path.startswith(".."):
-            assert [line for line in done.stderr.splitlines() if line.startswith("sftops:")] == [
+            assert error_lines(done.stderr) == [
                 f"sftops: {DATA}/{path}: " + done.stderr.split(f"{DATA}/{path}: ", 1)[1].strip()], done.stderr
         figures["CLI runs on bad input ending without a traceback"] += 1

@@ -5,12 +5,6 @@ registry, from which the champion answers."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -56,42 +50,6 @@ def test_sft_lowers_held_out_gsm8k_response_nll_beyond_the_bootstrap_interval(st
           f"95% CI of the gain [{result['nll_improvement_ci_low']:.2f}, {result['nll_improvement_ci_high']:.2f}], "
           f"win rate {result['win_rate']:.2f} over {result['rows']} rows")
     assert result["nll_improvement_ci_low"] > 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on a free loopback port, with a SQLite store and served artifacts."""
-    port = free_port()
-    store = tmp_path / "server"
-    store.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=(store / "server.log").open("w"), start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"mlflow server did not start: {(store / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield url
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
 
 
 def test_a_real_mlflow_server_holds_the_review_and_the_champion_answers_from_it(tmp_path, tiny_model, monkeypatch, mlflow_server, capsys):

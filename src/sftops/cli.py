@@ -111,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     except SftopsError as exc:
         print(f"sftops: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        from sftops.outputs import no_space
+
+        if not no_space(exc):
+            raise
+        print(f"sftops: out of disk space ({exc}); free some, or point paths.* at a larger disk, and run again", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -21,5 +21,9 @@ class TrainingError(SftopsError, RuntimeError):
     """Training cannot go on (no examples, a non-finite loss)."""
 
 
+class TrackingError(SftopsError, RuntimeError):
+    """The MLflow tracking server stopped answering; the message says what was kept and how to go on."""
+
+
 class StorageError(SftopsError, OSError):
     """An output could not be written (disk full, file size limit): the previous output is left in place."""

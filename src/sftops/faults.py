@@ -27,3 +27,18 @@ def out_of_memory(name: str) -> None:
         import torch
 
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected at {name}). Tried to allocate 2.00 GiB")
+
+
+def pause(name: str) -> None:
+    """SFTOPS_PAUSE=<point>[,<point>...] and SFTOPS_PAUSE_DIR=<folder>: at that point, create
+    <folder>/<point>.reached and wait for <folder>/<point>.go, so that a test can act (kill a server) at an
+    exact moment of a run in another process."""
+    if name not in os.environ.get("SFTOPS_PAUSE", "").split(","):
+        return
+    import time
+    from pathlib import Path
+
+    folder = Path(os.environ["SFTOPS_PAUSE_DIR"])
+    (folder / f"{name}.reached").touch()
+    while not (folder / f"{name}.go").exists():
+        time.sleep(0.1)

@@ -3,6 +3,7 @@ data/raw/rejected.jsonl with its origin and reason. For each source, read = kept
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ def _ingest(cfg: Config, out: Path) -> dict[str, Any]:
                         {"source": source.name, "origin": rec.origin, "row": rec.row, "reason": rec.error, "raw": rec.raw}
                     )
 
-        write_jsonl(out / f"{source.name}.jsonl", kept_rows())
+        with contextlib.closing(kept_rows()) as rows:  # closed on a failed write too: the progress bar ends its line
+            write_jsonl(out / f"{source.name}.jsonl", rows)
         assert counts["read"] == counts["kept"] + counts["rejected"]
         per_source[source.name] = counts
     write_jsonl(out / REJECTED, rejected)
