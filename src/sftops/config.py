@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sftops.errors import ConfigError
+from sftops.redact import redact
 
 
 class _Strict(BaseModel):
@@ -272,7 +273,7 @@ def _describe(err: ValidationError, origin: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key (check the spelling; see params.yaml for the allowed keys)")
         else:
-            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {loc}: {e['msg']} (got {redact(repr(e.get('input')))[:200]})")
     return "\n".join(lines)
 
 

@@ -9,7 +9,8 @@ from sftops.curate import run_format
 from sftops.evaluation import run_evaluate
 from sftops.finetune import run_train
 from sftops.ingest import run_ingest
-from sftops.tracking import redact, tracking_uri
+from sftops.redact import redact
+from sftops.tracking import tracking_uri
 
 STAGES = {"ingest": run_ingest, "format": run_format, "train": run_train, "evaluate": run_evaluate}
 

@@ -16,6 +16,7 @@ import yaml
 
 from sftops.config import SourceConfig
 from sftops.errors import DataError
+from sftops.redact import redact
 
 # A row larger than this is refused (a runaway line, a file with no newlines); data.max_row_bytes overrides it.
 MAX_ROW_BYTES = 4_000_000
@@ -326,7 +327,7 @@ def read_hub(source: SourceConfig) -> Iterator[Record]:
     try:
         ds = datasets.load_dataset(source.hub, source.hub_config, split=source.split)
     except Exception as exc:  # offline, unknown id, bad split: all reported the same way
-        raise DataError(f"source {source.name!r}: cannot load dataset {source.hub!r} ({exc})") from None
+        raise DataError(redact(f"source {source.name!r}: cannot load dataset {source.hub!r} ({exc})")) from None
     for row, item in enumerate(ds, start=1):
         yield _as_row(item, f"{source.hub}[{source.split}]#{row}", row)
 

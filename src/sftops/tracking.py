@@ -21,6 +21,7 @@ from sftops.config import Config
 from sftops.errors import ConfigError, TrackingError
 from sftops.manifest import build_manifest, dvc_md5, git_commit, model_section, params_sha256
 from sftops.promotion import CHALLENGER, CHAMPION, Champion, Decision
+from sftops.redact import redact, tracking_credentials
 
 RUN_FILE = "run.json"
 MANIFEST_ARTIFACT = "reproduce/manifest.json"
@@ -32,16 +33,9 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def tracking_uri() -> str:
-    """Where runs go is the environment's business (a team server, a local file), not the params'."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-_USERINFO = re.compile(r"(?<=://)([^/@:\s]+):([^/@\s]+)@")
-
-
-def redact(text: str) -> str:
-    """A URI (or any text) with the password of user:password@host replaced: it may be written and shown."""
-    return _USERINFO.sub(r"\1:***@", text)
+    """Where runs go is the environment's business (a team server, a local file), not the params'. A password in
+    an http(s) URI is handed to MLflow's credential variables, so the URI MLflow prints and records has none."""
+    return tracking_credentials(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
 
 
 def store_of(run_info: dict[str, Any]) -> str:
@@ -87,7 +81,7 @@ def log_params(cfg: Config) -> None:
     params = {}
     for key, value in cfg.flat().items():
         text = yaml.safe_dump(value, default_flow_style=True).strip() if isinstance(value, list) else value
-        params[key] = str(text)[:6000] if text is not None else "null"
+        params[key] = redact(str(text))[:6000] if text is not None else "null"
     mlflow.log_params(params)
 
 
@@ -197,7 +191,7 @@ def pipeline_run(cfg: Config, reports: list[Path]) -> Iterator[dict[str, str]]:
     try:
         log_params(cfg)
         lineage = data_lineage(cfg)
-        mlflow.set_tags({**lineage, "base_model": cfg.model.base, "method": cfg.train.method, "params.sha256": params_sha256(cfg)})
+        mlflow.set_tags({**lineage, "base_model": redact(cfg.model.base), "method": cfg.train.method, "params.sha256": params_sha256(cfg)})
         mlflow.log_dict(build_manifest(cfg), MANIFEST_ARTIFACT)
         for path in reports:
             mlflow.log_artifact(str(path), artifact_path="data")
