@@ -353,10 +353,19 @@ def load_manifest(run_id: str, tracking: str | None = None) -> dict[str, Any]:
 
 
 def predict(uri: str, prompts: list[str], max_new_tokens: int, tracking: str | None = None) -> list[str]:
-    """Answers from a logged or registered model (the pyfunc of serving.SFTChatModel)."""
+    """Answers from a logged or registered model. Its files are downloaded and the safetensors model in them is
+    loaded directly: mlflow.pyfunc.load_model would unpickle the logged python model, and a registry may hold
+    models from others."""
+    from sftops.generation import answer
+    from sftops.modeling import MANIFEST, load_finetuned
+
     mlflow.set_tracking_uri(tracking or tracking_uri())
     try:
-        model = mlflow.pyfunc.load_model(uri)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except mlflow.exceptions.MlflowException as exc:
-        raise ConfigError(f"cannot load {uri} from {tracking or tracking_uri()}: {exc.message[:300]}") from None
-    return list(model.predict(prompts, params={"max_new_tokens": max_new_tokens}))
+        raise ConfigError(f"cannot load {uri} from {redact(tracking or tracking_uri())}: {redact(exc.message[:300])}") from None
+    found = sorted(local.rglob(MANIFEST))
+    if not found:
+        raise ConfigError(f"{uri} is not an sftops model (no {MANIFEST} in its files)")
+    model, tokenizer = load_finetuned(found[0].parent)
+    return answer(model, tokenizer, prompts, max_new_tokens)
