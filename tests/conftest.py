@@ -59,6 +59,27 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+def write_qa_project(tiny_model: Path, rows: int, name: str, **sections: dict) -> dict:
+    """In the current folder: qa.jsonl (`rows` distinct arithmetic questions) and params.yaml training the tiny
+    model on it (LoRA; `sections` update params sections, e.g. train={...}); returns the params."""
+    import json
+
+    import yaml
+
+    Path("qa.jsonl").write_text("".join(
+        json.dumps({"prompt": f"what is {i} plus two?", "completion": f"{i} plus two is {i + 2}."}) + "\n" for i in range(rows)))
+    params = {
+        "data": {"sources": [{"name": "qa", "path": "qa.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
+        "model": {"base": str(tiny_model), "max_length": 64},
+        "train": {"method": "lora"},
+        "tracking": {"registered_model_name": name},
+    }
+    for section, values in sections.items():
+        params[section] = {**params.get(section, {}), **values}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    return params
+
+
 def error_lines(stderr: str) -> list[str]:
     """The CLI's one-line error messages in a captured stderr (progress bars end their lines with \\r)."""
     return [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("sftops:")]

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ORDER = [
     "bad inputs tried",
     "bad inputs rejected with a reason",
+    "bad inputs accepted as valid (a BOM, extra keys)",
     "bad rows rejected with file, row and reason",
     "bad files stopped with a one-line error naming them",
     "CLI runs on bad input ending without a traceback",
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> int:
         report = Path(tmp) / "figures.json"
         env = {**os.environ, "SFTOPS_RELIABILITY_JSON": str(report)}
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "pytest", "-m", "reliability", "-q", "-p", "no:cacheprovider", *argv],
+        done = subprocess.run([sys.executable, "-m", "pytest", "-m", "reliability", "-q", "-p", "no:cacheprovider", "--durations=10", *argv],
                               cwd=ROOT, env=env)
         seconds = time.monotonic() - started
         if not report.exists():

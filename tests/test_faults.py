@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from sftops import checkpoint
@@ -25,7 +24,7 @@ from sftops.errors import StorageError, TrainingError
 from sftops.finetune import checkpoint_folder, run_train
 from sftops.ingest import run_ingest
 
-from conftest import error_lines
+from conftest import error_lines, write_qa_project
 
 pytestmark = pytest.mark.reliability
 SRC = str(Path(__file__).parents[1] / "src")
@@ -36,15 +35,7 @@ def project(tmp_path, tiny_model, monkeypatch):
     """A folder with a source ingested and formatted and params.yaml (LoRA, checkpoints every 2 steps)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    rows = [{"prompt": f"what is {i} plus two?", "completion": f"{i} plus two is {i + 2}."} for i in range(80)]
-    Path("qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    params = {
-        "data": {"sources": [{"name": "qa", "path": "qa.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
-        "model": {"base": str(tiny_model), "max_length": 64},
-        "train": {"method": "lora", "max_steps": 12, "micro_batch_size": 4, "learning_rate": 0.01, "checkpoint_every": 2},
-        "tracking": {"registered_model_name": "tiny"},
-    }
-    Path("params.yaml").write_text(yaml.safe_dump(params))
+    write_qa_project(tiny_model, 80, "tiny", train={"max_steps": 12, "micro_batch_size": 4, "learning_rate": 0.01, "checkpoint_every": 2})
     cfg = load_config("params.yaml")
     run_ingest(cfg)
     run_format(cfg)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from mlflow import MlflowClient
 
 from sftops.chat import encode_rows

@@ -20,6 +20,8 @@ from mlflow import MlflowClient
 from sftops.config import load_config
 from sftops.errors import ConfigError
 
+from conftest import write_qa_project
+
 pytestmark = pytest.mark.reliability
 ROOT = Path(__file__).parents[1]
 
@@ -49,16 +51,9 @@ def test_planted_secrets_reach_no_output(tmp_path, tiny_model, mlflow_server_pro
     project = tmp_path / "project"
     project.mkdir()
     monkeypatch.chdir(project)
-    rows = [{"prompt": f"what is {i} plus two?", "completion": f"{i} plus two is {i + 2}."} for i in range(60)]
-    Path("qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    params = {
-        "data": {"sources": [{"name": "qa", "path": "qa.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
-        "model": {"base": str(tiny_model), "max_length": 64},
-        "train": {"method": "lora", "max_steps": 2, "micro_batch_size": 8, "checkpoint_every": 1, "keep_checkpoints": 1},
-        "evaluate": {"num_generations": 2, "max_new_tokens": 4, "bootstrap_resamples": 50},
-        "tracking": {"registered_model_name": "secretive"},
-    }
-    Path("params.yaml").write_text(yaml.safe_dump(params))
+    params = write_qa_project(tiny_model, 60, "secretive",
+                              train={"max_steps": 2, "micro_batch_size": 8, "checkpoint_every": 1, "keep_checkpoints": 1},
+                              evaluate={"num_generations": 2, "max_new_tokens": 4, "bootstrap_resamples": 50})
     host = mlflow_server_process.url.removeprefix("http://")
     env = {**os.environ, **ENV_SECRETS, "PYTHONPATH": str(ROOT / "src"), "SFTOPS_CACHE_DIR": str(project / ".cache"),
            "MLFLOW_TRACKING_URI": f"http://sftops:{URI_PASSWORD}@{host}"}
