@@ -180,3 +180,15 @@ def test_out_of_gpu_memory_names_the_settings_to_change(project, monkeypatch, fi
     assert "the last good checkpoint is" in message and "step-000002" in message
     figures["faults injected"] += 1
     figures["faults survived"] += 1
+
+
+def test_no_tracking_server_at_all_is_one_line_not_a_traceback(project, figures):
+    from conftest import free_port
+
+    env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    out, err = sftops("train", env=env).communicate(timeout=600)
+    assert "Traceback" not in err, err[-3000:]
+    line = error_lines(err)
+    assert len(line) == 1 and "MLflow tracking server" in line[0] and "run again" in line[0], err[-3000:]
+    figures["faults injected"] += 1
+    figures["faults survived"] += 1
