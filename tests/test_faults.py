@@ -105,6 +105,7 @@ def test_a_killed_mlflow_server_loses_no_training(project, mlflow_server_process
     assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
     line = error_lines(err)
     assert len(line) == 1 and "MLflow tracking server" in line[0] and "stopped answering" in line[0], err[-3000:]
+    assert "models is unchanged; checkpoints in checkpoints are kept" in line[0]
     assert json.loads(Path("models/run.json").read_text())["run_id"] == first["run_id"]
     folder = checkpoint_folder(cfg)
     last = checkpoint.latest(folder)

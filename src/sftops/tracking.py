@@ -202,10 +202,10 @@ def pipeline_run(cfg: Config, reports: list[Path]) -> Iterator[dict[str, str]]:
     except BaseException as exc:
         with contextlib.suppress(Exception):
             mlflow.end_run("FAILED")
-        if isinstance(exc, TrackingError) or not unreachable(exc):
+        if not (isinstance(exc, TrackingError) or unreachable(exc)):
             raise
-        raise TrackingError(f"the MLflow tracking server at {redact(uri)} stopped answering ({type(exc).__name__}); "
-                            f"the model was not registered and {cfg.paths.model} is unchanged; checkpoints in "
+        cause = exc if isinstance(exc, TrackingError) else f"the MLflow tracking server at {redact(uri)} stopped answering ({type(exc).__name__})"
+        raise TrackingError(f"{cause}; the model was not registered and {cfg.paths.model} is unchanged; checkpoints in "
                             f"{cfg.paths.checkpoints} are kept: re-run once the server is back to resume") from None
     finally:
         _buffer = None
