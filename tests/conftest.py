@@ -80,6 +80,20 @@ def write_qa_project(tiny_model: Path, rows: int, name: str, **sections: dict) -
     return params
 
 
+def sh(*cmd: str, cwd: Path, env: dict | None = None) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout
+
+
+def tool_env() -> dict[str, str]:
+    # The stages call `sftops`; put this interpreter's scripts folder first on PATH.
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
 def error_lines(stderr: str) -> list[str]:
     """The CLI's one-line error messages in a captured stderr (progress bars end their lines with \\r)."""
     return [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("sftops:")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from sftops import checkpoint
@@ -25,7 +27,7 @@ from sftops.finetune import checkpoint_folder, run_train
 from sftops.data.store import read_split
 from sftops.ingest import run_ingest
 
-from conftest import error_lines, write_qa_project
+from conftest import error_lines, free_port, sh, tool_env, write_qa_project
 
 pytestmark = pytest.mark.reliability
 SRC = str(Path(__file__).parents[1] / "src")
@@ -184,8 +186,6 @@ def test_out_of_gpu_memory_names_the_settings_to_change(project, monkeypatch, fi
 
 
 def test_no_tracking_server_at_all_is_one_line_not_a_traceback(project, monkeypatch, capsys, figures):
-    from conftest import free_port
-
     from sftops.cli import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
@@ -193,5 +193,33 @@ def test_no_tracking_server_at_all_is_one_line_not_a_traceback(project, monkeypa
     assert main(["train"]) == 2
     line = error_lines(capsys.readouterr().err)
     assert len(line) == 1 and "MLflow tracking server" in line[0] and "run again" in line[0], line
+    figures["faults injected"] += 1
+    figures["faults survived"] += 1
+
+
+def test_a_failed_dvc_stage_leaves_the_recorded_output_in_place(tmp_path, figures):
+    """With the real dvc.yaml (outputs persist), `dvc repro` of a stage that fails on a bad file leaves the output
+    DVC recorded in place, byte for byte; DVC reports only the changed input."""
+    root, repo = Path(__file__).parents[1], tmp_path / "repo"
+    shutil.copytree(root / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(root / name, repo / name)
+    (repo / "data/sources").mkdir(parents=True)
+    (repo / "data/sources/qa.jsonl").write_text("".join(
+        json.dumps({"prompt": f"q{i}?", "completion": f"a{i}."}) + "\n" for i in range(20)))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["sources"] = [{"name": "qa", "path": "data/sources/qa.jsonl"}]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**tool_env(), "PYTHONPATH": str(repo / "src")}
+    sh(sys.executable, "-m", "dvc", "init", "-q", "--no-scm", cwd=repo, env=env)
+    sh(sys.executable, "-m", "dvc", "repro", "-q", "ingest", cwd=repo, env=env)
+    recorded = {p.relative_to(repo): p.read_bytes() for p in sorted((repo / "data/raw").rglob("*")) if p.is_file()}
+    assert recorded
+    (repo / "data/sources/qa.jsonl").write_text("")  # a failed export: the stage must stop on it
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro", "ingest"], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "sftops: data/sources/qa.jsonl: the file is empty" in done.stdout + done.stderr
+    assert {p.relative_to(repo): p.read_bytes() for p in sorted((repo / "data/raw").rglob("*")) if p.is_file()} == recorded
+    status = json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", "ingest", cwd=repo, env=env))
+    assert status == {"ingest": [{"changed deps": {"data/sources": "modified"}}]}
     figures["faults injected"] += 1
     figures["faults survived"] += 1

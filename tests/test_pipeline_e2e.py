@@ -18,22 +18,10 @@ from mlflow import MlflowClient
 
 from sftops.config import isolate_outputs, load_config
 
+from conftest import sh, tool_env
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "tiny-sft"
-
-
-def sh(*cmd: str, cwd: Path, env: dict | None = None) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout
-
-
-def tool_env() -> dict[str, str]:
-    # The stages call `sftops`; put this interpreter's scripts folder first on PATH.
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
 
 
 def small_params(model: Path, data: Path) -> dict:
