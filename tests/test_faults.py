@@ -22,7 +22,8 @@ from mlflow import MlflowClient
 from sftops import checkpoint
 from sftops.config import load_config
 from sftops.curate import run_format
-from sftops.errors import StorageError, TrainingError
+from sftops.errors import GpuMemoryError, StorageError
+from sftops.evaluation import run_evaluate
 from sftops.finetune import checkpoint_folder, run_train
 from sftops.data.store import read_split
 from sftops.ingest import run_ingest
@@ -174,15 +175,20 @@ def test_a_full_disk_while_saving_the_model_keeps_the_previous_model(project, mo
 
 def test_out_of_gpu_memory_names_the_settings_to_change(project, monkeypatch, figures):
     monkeypatch.setenv("SFTOPS_FAULT", "cuda_oom:step:3")
-    with pytest.raises(TrainingError) as err:
+    with pytest.raises(GpuMemoryError) as err:
         run_train(project)
     message = str(err.value)
     assert message.startswith("step 3: out of GPU memory")
     for fix in ("train.micro_batch_size=2 with train.grad_accum_steps=2", "train.gradient_checkpointing=true", "model.max_length"):
         assert fix in message, message
     assert "the last good checkpoint is" in message and "step-000002" in message
-    figures["faults injected"] += 1
-    figures["faults survived"] += 1
+    monkeypatch.delenv("SFTOPS_FAULT")
+    run_train(project.model_copy(update={"train": project.train.model_copy(update={"max_steps": 1})}))
+    monkeypatch.setenv("SFTOPS_FAULT", "cuda_oom:evaluate:tuned")
+    with pytest.raises(GpuMemoryError, match=r"evaluating the tuned model ran out of GPU memory. Try evaluate.batch_size=8"):
+        run_evaluate(project)
+    figures["faults injected"] += 2
+    figures["faults survived"] += 2
 
 
 def test_no_tracking_server_at_all_is_one_line_not_a_traceback(project, monkeypatch, capsys, figures):

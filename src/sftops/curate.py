@@ -25,8 +25,8 @@ from sftops.data.tokenize import Renderer, encode_batch, fit, length_summary, to
 from sftops.errors import DataError
 from sftops.ingest import REJECTED as RAW_REJECTED
 from sftops.ingest import REPORT as RAW_REPORT
-from sftops.outputs import replaced_whole
 from sftops.jsonio import read_json, read_jsonl, require, write_json, write_jsonl
+from sftops.outputs import replaced_whole
 
 __all__ = ["RowError", "to_messages", "assign_split", "prompt_key", "row_id", "run_format", "SPLITS", "STATS"]
 

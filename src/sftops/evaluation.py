@@ -14,21 +14,23 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from sftops import evalcache, report, tracking
+import torch
+
+from sftops import evalcache, faults, report, tracking
 from sftops.chat import IGNORE, Encoded, generation_prompt
 from sftops.comparison import compare, compare_by_group
 from sftops.config import Config, EvaluateConfig, ModelConfig
 from sftops.curate import STATS, prompt_key
 from sftops.curves import TRAIN_CURVE, VAL_CURVE, read_curve
 from sftops.data.examples import training_examples
-from sftops.errors import ConfigError, DataError
+from sftops.errors import ConfigError, DataError, GpuMemoryError
 from sftops.fingerprints import file_sha256, json_sha256, tokenizer_sha256
 from sftops.finetune import device, load_split
 from sftops.generation import Completion, Decoding, complete
-from sftops.outputs import replaced_whole
 from sftops.jsonio import read_json, require, write_json
 from sftops.modeling import is_adapter, load_base_model, load_finetuned, read_manifest
 from sftops.objective import mean_nll, score_rows
+from sftops.outputs import replaced_whole
 from sftops.promotion import data_checks, decide
 from sftops.textmetrics import chrf, extracted_match, length_stats, rouge_l
 
@@ -102,8 +104,14 @@ def eval_sha256(cfg: Config, test_file: Path) -> str:
 
 
 def _score_and_generate(model, tokenizer, examples: list[Encoded], prompts: list[str], cfg: Config, dev, who: str):
-    scores = score_rows(model, examples, cfg.evaluate.batch_size, tokenizer.pad_token_id, dev, desc=f"score {who}")
-    completions = complete(model, tokenizer, prompts, decoding(cfg.evaluate), cfg.evaluate.batch_size)
+    try:
+        faults.out_of_memory(f"evaluate:{who}")
+        scores = score_rows(model, examples, cfg.evaluate.batch_size, tokenizer.pad_token_id, dev, desc=f"score {who}")
+        completions = complete(model, tokenizer, prompts, decoding(cfg.evaluate), cfg.evaluate.batch_size)
+    except torch.OutOfMemoryError:
+        smaller = f"evaluate.batch_size={cfg.evaluate.batch_size // 2}, or " if cfg.evaluate.batch_size > 1 else ""
+        raise GpuMemoryError(f"evaluating the {who} model ran out of GPU memory. Try {smaller}a smaller "
+                             f"evaluate.max_new_tokens (now {cfg.evaluate.max_new_tokens}) or model.max_length") from None
     return scores, completions
 
 

@@ -10,8 +10,8 @@ from typing import Any
 from tqdm import tqdm
 
 from sftops.config import Config
-from sftops.outputs import replaced_whole
 from sftops.jsonio import write_json, write_jsonl
+from sftops.outputs import replaced_whole
 from sftops.sources import read_source
 
 REPORT = "ingest_report.json"

@@ -22,7 +22,7 @@ from sftops.batching import Batch, make_batch, micro_batches, step_batches
 from sftops.chat import Encoded
 from sftops.config import TrainConfig
 from sftops.distributed import World
-from sftops.errors import TrainingError
+from sftops.errors import GpuMemoryError, TrainingError
 from sftops.objective import SupervisedNLL, autocast, n_targets
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -259,7 +259,7 @@ def train_loop(
             faults.out_of_memory(f"step:{step}")
             stats = accumulate_gradients(objective, batches, device, world, n_sources)
         except torch.OutOfMemoryError:
-            raise TrainingError(out_of_memory_advice(cfg, step, checkpoint.latest(checkpoints) if checkpoints else None)) from None
+            raise GpuMemoryError(out_of_memory_advice(cfg, step, checkpoint.latest(checkpoints) if checkpoints else None)) from None
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a sharded norm
         if not (math.isfinite(stats.loss) and math.isfinite(grad_norm)):
