@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup pipeline test flow ui mlflow-server prefect-server deploy worker
+.PHONY: setup pipeline test reliability flow ui mlflow-server prefect-server deploy worker
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ flow: setup
 
 test: setup
 	pytest
+
+# The reliability suite: hostile inputs, fuzzing, injected faults, secrets; prints its figures as a table.
+reliability: setup
+	python tests/reliability.py
 
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlflow.db

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# The real processes (servers, temp repositories) live in realstack; tests also import these names from here.
+from realstack import MlflowServer, free_port, sh, tool_env  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 STORIES = SHARED / "models" / "stories260K" / "hf"
@@ -53,6 +56,46 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+def write_qa_project(tiny_model: Path, rows: int, name: str, **sections: dict) -> dict:
+    """In the current folder: qa.jsonl (`rows` distinct arithmetic questions) and params.yaml training the tiny
+    model on it (LoRA; `sections` update params sections, e.g. train={...}); returns the params."""
+    import json
+
+    import yaml
+
+    Path("qa.jsonl").write_text("".join(
+        json.dumps({"prompt": f"what is {i} plus two?", "completion": f"{i} plus two is {i + 2}."}) + "\n" for i in range(rows)))
+    params = {
+        "data": {"sources": [{"name": "qa", "path": "qa.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
+        "model": {"base": str(tiny_model), "max_length": 64},
+        "train": {"method": "lora"},
+        "tracking": {"registered_model_name": name},
+    }
+    for section, values in sections.items():
+        params[section] = {**params.get(section, {}), **values}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    return params
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The CLI's one-line error messages in a captured stderr (progress bars end their lines with \\r)."""
+    return [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("sftops:")]
+
+
+@pytest.fixture
+def mlflow_server_process(tmp_path: Path):
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlflow_server(mlflow_server_process: MlflowServer) -> str:
+    """The URL of a real `mlflow server` on a free loopback port, with a SQLite store and served artifacts."""
+    return mlflow_server_process.url
+
+
 @pytest.fixture(scope="session")
 def stories_model() -> Path:
     if not (STORIES / "model.safetensors").exists():
@@ -65,3 +108,33 @@ def gsm8k() -> Path:
     if not (GSM8K / "train.jsonl").exists():
         pytest.skip(f"GSM8K not found at {GSM8K} (../shared is absent)")
     return GSM8K
+
+
+# The reliability suite's figures (`make reliability`): tests add what they tried and what held, e.g.
+# figures["bad inputs tried"] += 1, after their assertions; the totals of the run are written to the JSON file
+# named by $SFTOPS_RELIABILITY_JSON, from which tests/reliability.py prints its table.
+class _Figures(dict):
+    def __missing__(self, key: str) -> int:
+        return 0
+
+
+_FIGURES = _Figures()
+_OUTCOMES: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session")
+def figures() -> dict[str, int]:
+    return _FIGURES
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" or report.outcome != "passed":
+        _OUTCOMES[report.nodeid] = "passed" if report.outcome == "passed" and report.when == "call" else report.outcome
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    target = os.environ.get("SFTOPS_RELIABILITY_JSON")
+    if target:
+        import json
+
+        Path(target).write_text(json.dumps({"figures": dict(_FIGURES), "tests": _OUTCOMES}, indent=2))

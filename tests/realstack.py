@@ -140,18 +140,54 @@ def background(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | N
         stop(proc)
 
 
+class MlflowServer:
+    """`mlflow server` on a free loopback port: a SQLite store in `folder` unless `backend` is given, and the
+    artifacts served from `folder`/artifacts (clients upload through the server, over HTTP). It can be killed
+    and started again on the same port and store (a server that went away and came back)."""
+
+    def __init__(self, folder: Path, backend: str | None = None) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.store, self.port = folder, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                    "--backend-store-uri", backend or f"sqlite:///{folder / 'mlflow.db'}",
+                    "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300) -> None:
+        log = self.store / "server.log"
+        with log.open("a") as out:
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}:\n{log.read_text()[-4000:]}")
+            return answers(f"{self.url}/health")
+
+        try:
+            poll(up, timeout, f"mlflow server answering at {self.url}")
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            if sig == signal.SIGTERM:
+                stop(self.proc)
+            elif self.proc.poll() is None:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout=30)
+        self.proc = None
+
+
 @contextmanager
 def mlflow_server(folder: Path, backend: str | None = None) -> Iterator[str]:
-    """`mlflow server` on a free loopback port: a SQLite store in `folder` unless `backend` is given, and the
-    artifacts served from `folder`/artifacts (clients upload through the server, over HTTP)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", backend or f"sqlite:///{folder / 'mlflow.db'}",
-           "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]
-    url = f"http://127.0.0.1:{port}"
-    with background(cmd, folder / "server.log", health=f"{url}/health"):
-        yield url
+    server = MlflowServer(folder, backend)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 def prefect_env(home: Path, api_url: str | None = None, database: str | None = None) -> dict[str, str]:

@@ -66,3 +66,42 @@ def test_impossible_engine_combinations_are_refused_at_load_time():
         load_config(ROOT / "params.yaml", ["train.distributed=fsdp", "train.eval_every=10"])
     with pytest.raises(ConfigError, match="merge_adapter applies to adapters"):
         load_config(ROOT / "params.yaml", ["train.method=full", "train.merge_adapter=true"])
+
+
+CPU_ONLY = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusals on a machine without a CUDA GPU")
+# (overrides, what the message must say: the key and the fix)
+REFUSED = [
+    (["train.learning_rat=0.1"], "train.learning_rat: unknown key"),
+    (["train.micro_batch_size=eight"], "train.micro_batch_size: Input should be a valid integer"),
+    (["train.method=qlora-magic"], "'lora', 'dora', 'qlora' or 'full'"),
+    (["model.attn_implementation=flex_attention"], "'sdpa', 'eager' or 'flash_attention_2'"),
+    (["train.packing=true", "model.attn_implementation=flash_attention_2"], "use model.attn_implementation=sdpa"),
+    (["train.method=qlora"], "use train.method=lora"),
+    (["train.early_stopping_patience=2"], "early_stopping_patience needs eval_every"),
+    (["train.distributed=fsdp", "train.eval_every=10"], "set it to null, or use distributed=ddp"),
+    (["train.method=full", "train.merge_adapter=true"], "merge_adapter applies to adapters"),
+    (["data.val_fraction=0.5", "data.test_fraction=0.5"], "val_fraction + test_fraction must be below 1"),
+    (["data.sources=[{name: x, hub: a/b, path: c}]"], "a hub source takes no 'path'"),
+    (["data.sources=[{name: x, path: ../../elsewhere.jsonl}]"], "write it as an absolute path"),
+    (["paths.raw=../outside"], "paths: Value error, '../outside' leads out of the project folder"),
+    (["model.gguf_file=../../model.gguf"], "leads out of model.base"),
+    (["data.max_row_bytes=10"], "data.max_row_bytes: Input should be greater than or equal to 1024"),
+    (["train.learning_rate"], "must look like key=value"),
+]
+
+
+@pytest.mark.reliability
+@CPU_ONLY
+def test_impossible_and_unsafe_settings_are_refused_at_load_time_with_the_fix(figures):
+    from sftops.errors import SftopsError
+
+    for overrides, phrase in REFUSED:
+        with pytest.raises(SftopsError) as err:
+            load_config(ROOT / "params.yaml", overrides)
+        assert phrase in str(err.value), (overrides, str(err.value))
+        figures["config errors refused with the fix named"] += 1
+
+
+def test_remote_code_and_pickles_are_off_unless_set():
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.model.trust_remote_code is False and cfg.model.allow_pickle is False

@@ -7,10 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from mlflow import MlflowClient
-
-import realstack
 
 from sftops.chat import encode_rows
 from sftops.cli import main
@@ -52,13 +49,6 @@ def test_sft_lowers_held_out_gsm8k_response_nll_beyond_the_bootstrap_interval(st
           f"95% CI of the gain [{result['nll_improvement_ci_low']:.2f}, {result['nll_improvement_ci_high']:.2f}], "
           f"win rate {result['win_rate']:.2f} over {result['rows']} rows")
     assert result["nll_improvement_ci_low"] > 0
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on a free loopback port, with a SQLite store and served artifacts."""
-    with realstack.mlflow_server(tmp_path / "server") as url:
-        yield url
 
 
 def test_a_real_mlflow_server_holds_the_review_and_the_champion_answers_from_it(tmp_path, tiny_model, monkeypatch, mlflow_server, capsys):

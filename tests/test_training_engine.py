@@ -64,7 +64,8 @@ def losses(report: dict) -> list[float]:
     return [h["train_loss"] for h in report["history"]]
 
 
-def test_resume_after_kill_matches_an_uninterrupted_run(project):
+@pytest.mark.reliability
+def test_resume_after_kill_matches_an_uninterrupted_run(project, figures):
     _, write = project
     # LoRA with dropout: the resumed run must also restore the RNG, the optimizer and the data position.
     write({"method": "lora", "max_steps": 8, "checkpoint_every": 2, "keep_checkpoints": 2})
@@ -89,9 +90,13 @@ def test_resume_after_kill_matches_an_uninterrupted_run(project):
     assert report["resumed_from_step"] == 4
     assert losses(report) == pytest.approx(losses(uninterrupted), rel=1e-6)
     assert report["final_train_loss"] == pytest.approx(uninterrupted["final_train_loss"], rel=1e-6)
+    figures["faults injected"] += 2  # SIGKILL after a step, SIGKILL in the middle of a checkpoint write
+    figures["faults survived"] += 2
+    figures["runs resumed with matching losses"] += 1
 
 
-def test_a_corrupt_checkpoint_is_never_loaded(project):
+@pytest.mark.reliability
+def test_a_corrupt_checkpoint_is_never_loaded(project, figures):
     _, write = project
     write({"method": "lora", "max_steps": 6, "checkpoint_every": 2})
     folder = checkpoint_folder(load_config("params.yaml"))
@@ -103,6 +108,8 @@ def test_a_corrupt_checkpoint_is_never_loaded(project):
     weights.write_bytes(bytes(data))
     assert not checkpoint.is_valid(newest)
     assert checkpoint.latest(folder).name == "step-000002"
+    figures["faults injected"] += 2  # SIGKILL, then a flipped byte in the newest checkpoint
+    figures["faults survived"] += 2
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(project):

@@ -111,6 +111,22 @@ def main(argv: list[str] | None = None) -> int:
     except SftopsError as exc:
         print(f"sftops: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        from sftops.outputs import no_space
+
+        if not no_space(exc):
+            raise
+        print(f"sftops: out of disk space ({exc}); free some, or point paths.* at a larger disk, and run again", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from sftops.redact import redact
+        from sftops.tracking import unreachable
+
+        if not unreachable(exc):
+            raise
+        print(f"sftops: the MLflow tracking server did not answer ({redact(str(exc)).splitlines()[0][:300]}); "
+              "start it (or fix MLFLOW_TRACKING_URI) and run again", file=sys.stderr)
+        return 2
     return 0
 
 

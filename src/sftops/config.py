@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sftops.errors import ConfigError
+from sftops.redact import redact
 
 
 class _Strict(BaseModel):
@@ -50,7 +51,24 @@ class SourceConfig(_Strict):
                 raise ValueError("a hub source takes no 'path' or 'package'")
         elif self.path is None:
             raise ValueError("give 'path' (a file, folder or glob; inside 'package' if set) or 'hub'")
+        else:
+            stays_inside(self.path, "the package's folder" if self.package else "the project folder")
         return self
+
+
+def stays_inside(path: str, what: str) -> str:
+    """A relative path may not climb out of its folder with '..'; an absolute path is the user's explicit choice."""
+    if not Path(path).is_absolute() and ".." in Path(path).parts:
+        parts: list[str] = []
+        for part in Path(path).parts:
+            if part == "..":
+                if not parts:
+                    raise ValueError(f"{path!r} leads out of {what} through '..'; "
+                                     f"write it as an absolute path if that file is really meant")
+                parts.pop()
+            elif part != ".":
+                parts.append(part)
+    return path
 
 
 class DataConfig(_Strict):
@@ -68,6 +86,8 @@ class DataConfig(_Strict):
     contamination_threshold: float = Field(0.5, gt=0.0, le=1.0)
     # Rows whose loss mask and prompt rendering are re-derived independently on every format run.
     self_check_rows: int = Field(64, ge=1)
+    # A raw row (a JSONL line, a CSV row) larger than this many bytes is rejected at ingest.
+    max_row_bytes: int = Field(4_000_000, ge=1024)
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -87,6 +107,17 @@ class ModelConfig(_Strict):
     # sdpa (default) and eager build block-diagonal masks for packed rows; flash_attention_2 needs the
     # flash-attn package and a CUDA GPU.
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # Run Python code shipped with a hub model (its own modelling files)? Only when set here, never by default.
+    trust_remote_code: bool = False
+    # Load pickle-based weights (pytorch_model.bin, *.pt)? Unpickling can run arbitrary code: by default only
+    # safetensors (and GGUF, which is parsed) are loaded.
+    allow_pickle: bool = False
+
+    @model_validator(mode="after")
+    def _gguf_name(self) -> ModelConfig:
+        if self.gguf_file is not None:
+            stays_inside(self.gguf_file, "model.base")
+        return self
 
 
 class LoraConfig(_Strict):
@@ -181,6 +212,12 @@ class PathsConfig(_Strict):
     reports: str = "reports"
     metrics: str = "metrics.json"
 
+    @model_validator(mode="after")
+    def _inside_project(self) -> PathsConfig:
+        for value in self.model_dump().values():
+            stays_inside(value, "the project folder")
+        return self
+
 
 class Config(_Strict):
     data: DataConfig
@@ -236,7 +273,7 @@ def _describe(err: ValidationError, origin: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key (check the spelling; see params.yaml for the allowed keys)")
         else:
-            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {loc}: {e['msg']} (got {redact(repr(e.get('input')))[:200]})")
     return "\n".join(lines)
 
 
@@ -253,6 +290,11 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
     for assignment in overrides:
         apply_override(tree, assignment)
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_describe(err, str(path))) from None
+    if cfg.train.method == "qlora" or cfg.model.attn_implementation == "flash_attention_2":
+        from sftops.modeling import require_hardware  # imports torch: only when the setting needs a GPU
+
+        require_hardware(cfg.train.method, cfg.model.attn_implementation)
+    return cfg

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from sftops.errors import DataError
 from sftops.ingest import REJECTED as RAW_REJECTED
 from sftops.ingest import REPORT as RAW_REPORT
 from sftops.jsonio import read_json, read_jsonl, require, write_json, write_jsonl
+from sftops.outputs import replaced_whole
 
 __all__ = ["RowError", "to_messages", "assign_split", "prompt_key", "row_id", "run_format", "SPLITS", "STATS"]
 
@@ -201,18 +201,20 @@ def apply_weights(train: list[tuple[Row, Any]], sources: list[SourceConfig], see
 def run_format(cfg: Config) -> dict[str, Any]:
     from sftops.modeling import load_tokenizer
 
-    raw, out, d = Path(cfg.paths.raw), Path(cfg.paths.curated), cfg.data
-    for source in d.sources:
+    raw = Path(cfg.paths.raw)
+    for source in cfg.data.sources:
         require(raw / f"{source.name}.jsonl", "ingest")
     ingest = read_json(require(raw / RAW_REPORT, "ingest"))
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    with replaced_whole(cfg.paths.curated) as out:
+        return _curate(cfg, load_tokenizer(cfg.model), raw, out, ingest)
+
+
+def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, ingest: dict[str, Any]) -> dict[str, Any]:
+    d = cfg.data
     ledger = Ledger(d.sources, ingest)
     ledger.add_ingest_rejections(list(read_jsonl(raw / RAW_REJECTED)))
 
     rows = map_rows(raw, d.sources, ledger)
-    tokenizer = load_tokenizer(cfg.model)
     render = Renderer(tokenizer)
     check_tools_render(render, rows)
     rows = remove_duplicates(rows, d.near_duplicate_threshold, d.split_seed, ledger)

@@ -19,3 +19,15 @@ class ModelError(SftopsError, ValueError):
 
 class TrainingError(SftopsError, RuntimeError):
     """Training cannot go on (no examples, a non-finite loss)."""
+
+
+class TrackingError(SftopsError, RuntimeError):
+    """The MLflow tracking server stopped answering; the message says what was kept and how to go on."""
+
+
+class GpuMemoryError(SftopsError, RuntimeError):
+    """A step did not fit in GPU memory; the message names the settings that need less of it."""
+
+
+class StorageError(SftopsError, OSError):
+    """An output could not be written (disk full, file size limit): the previous output is left in place."""

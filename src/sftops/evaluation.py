@@ -14,20 +14,23 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from sftops import evalcache, report, tracking
+import torch
+
+from sftops import evalcache, faults, report, tracking
 from sftops.chat import IGNORE, Encoded, generation_prompt
 from sftops.comparison import compare, compare_by_group
 from sftops.config import Config, EvaluateConfig, ModelConfig
 from sftops.curate import STATS, prompt_key
 from sftops.curves import TRAIN_CURVE, VAL_CURVE, read_curve
 from sftops.data.examples import training_examples
-from sftops.errors import ConfigError, DataError
+from sftops.errors import ConfigError, DataError, GpuMemoryError
 from sftops.fingerprints import file_sha256, json_sha256, tokenizer_sha256
 from sftops.finetune import device, load_split
 from sftops.generation import Completion, Decoding, complete
 from sftops.jsonio import read_json, require, write_json
 from sftops.modeling import is_adapter, load_base_model, load_finetuned, read_manifest
 from sftops.objective import mean_nll, score_rows
+from sftops.outputs import replaced_whole
 from sftops.promotion import data_checks, decide
 from sftops.textmetrics import chrf, extracted_match, length_stats, rouge_l
 
@@ -101,8 +104,14 @@ def eval_sha256(cfg: Config, test_file: Path) -> str:
 
 
 def _score_and_generate(model, tokenizer, examples: list[Encoded], prompts: list[str], cfg: Config, dev, who: str):
-    scores = score_rows(model, examples, cfg.evaluate.batch_size, tokenizer.pad_token_id, dev, desc=f"score {who}")
-    completions = complete(model, tokenizer, prompts, decoding(cfg.evaluate), cfg.evaluate.batch_size)
+    try:
+        faults.out_of_memory(f"evaluate:{who}")
+        scores = score_rows(model, examples, cfg.evaluate.batch_size, tokenizer.pad_token_id, dev, desc=f"score {who}")
+        completions = complete(model, tokenizer, prompts, decoding(cfg.evaluate), cfg.evaluate.batch_size)
+    except torch.OutOfMemoryError:
+        smaller = f"evaluate.batch_size={cfg.evaluate.batch_size // 2}, or " if cfg.evaluate.batch_size > 1 else ""
+        raise GpuMemoryError(f"evaluating the {who} model ran out of GPU memory. Try {smaller}a smaller "
+                             f"evaluate.max_new_tokens (now {cfg.evaluate.max_new_tokens}) or model.max_length") from None
     return scores, completions
 
 
@@ -181,7 +190,6 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         picked = [i for i, r in enumerate(sample) if r.get("source", "all") == source]
         for who, gen in (("base", base_gen), ("tuned", tuned_gen)):
             values.update({f"{who}_{name}": sum(v[i] for i in picked) / len(picked) for name, v in gen.items() if picked})
-    write_json(Path(cfg.paths.metrics), metrics)
 
     # Per test row (all of them): the NLL of each model, for the report's best/worst rows and for review.
     row_of = {r["id"]: i for i, r in enumerate(kept_rows)}
@@ -208,27 +216,29 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         "base_nll": [per_row["base_nll"][i] for i in sampled],
         "tuned_nll": [per_row["tuned_nll"][i] for i in sampled],
     }
-    reports = Path(cfg.paths.reports)
-    _write_csv(reports / GENERATIONS_FILE, table)
-    _write_csv(reports / ROWS_FILE, per_row)
+    # The previous reports/ and metrics.json stay until the new ones are complete.
+    with replaced_whole(cfg.paths.reports) as reports:
+        _write_csv(reports / GENERATIONS_FILE, table)
+        _write_csv(reports / ROWS_FILE, per_row)
 
-    decision = _promotion(cfg, run_info, metrics, test_file)
-    curves = {
-        "train loss": read_curve(Path(cfg.paths.model) / TRAIN_CURVE, "train_loss"),
-        "validation NLL": read_curve(Path(cfg.paths.model) / VAL_CURVE, "val_nll"),
-    }
-    review_rows = [
-        {"prompt": _prompt_text(r["messages"]), "reference": r["messages"][-1]["content"],
-         "base_nll": per_row["base_nll"][i], "tuned_nll": per_row["tuned_nll"][i]}
-        for i, r in enumerate(kept_rows)
-    ]
-    title = f"{run_info.get('registered_model', 'model')} v{run_info.get('version', '?')} (run {run_info['run_id']})"
-    html = report.render(title, metrics, curves, review_rows, table, decision.as_dict())
-    (reports / REPORT_FILE).write_text(html, encoding="utf-8")
+        decision = _promotion(cfg, run_info, metrics, test_file)
+        curves = {
+            "train loss": read_curve(Path(cfg.paths.model) / TRAIN_CURVE, "train_loss"),
+            "validation NLL": read_curve(Path(cfg.paths.model) / VAL_CURVE, "val_nll"),
+        }
+        review_rows = [
+            {"prompt": _prompt_text(r["messages"]), "reference": r["messages"][-1]["content"],
+             "base_nll": per_row["base_nll"][i], "tuned_nll": per_row["tuned_nll"][i]}
+            for i, r in enumerate(kept_rows)
+        ]
+        title = f"{run_info.get('registered_model', 'model')} v{run_info.get('version', '?')} (run {run_info['run_id']})"
+        html = report.render(title, metrics, curves, review_rows, table, decision.as_dict())
+        (reports / REPORT_FILE).write_text(html, encoding="utf-8")
+        write_json(Path(cfg.paths.metrics), metrics)  # with the reports: a failure before here leaves both as they were
 
-    files = [Path(cfg.paths.metrics), reports / REPORT_FILE, reports / ROWS_FILE]
-    tracking.log_evaluation(run_info, metrics, table, files, decision)
-    return {**metrics, "base_eval_cached": base_cached, "promotion": decision.as_dict(), "report": str(reports / REPORT_FILE)}
+        files = [Path(cfg.paths.metrics), reports / REPORT_FILE, reports / ROWS_FILE]
+        tracking.log_evaluation(run_info, metrics, table, files, decision)
+    return {**metrics, "base_eval_cached": base_cached, "promotion": decision.as_dict(), "report": str(Path(cfg.paths.reports) / REPORT_FILE)}
 
 
 def _promotion(cfg: Config, run_info: dict[str, Any], metrics: dict[str, Any], test_file: Path):
@@ -239,7 +249,7 @@ def _promotion(cfg: Config, run_info: dict[str, Any], metrics: dict[str, Any], t
     stats_file = Path(cfg.paths.curated) / STATS
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else None
     identity = eval_sha256(cfg, test_file)
-    champion = tracking.current_champion(run_info["registered_model"], metric, run_info["tracking_uri"])
+    champion = tracking.current_champion(run_info["registered_model"], metric, tracking.store_of(run_info))
     decision = decide(metric, metrics["tuned"][metric], identity, run_info["version"], champion, cfg.evaluate.promotion_margin, data_checks(stats))
     tracking.apply_decision(run_info, decision, identity)
     return decision

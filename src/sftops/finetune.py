@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import yaml
 
-from sftops import tracking
+from sftops import faults, tracking
 from sftops.adapters import apply_method, merge_checked
 from sftops.config import Config
 from sftops.curate import STATS
@@ -28,6 +28,7 @@ from sftops.ingest import REPORT
 from sftops.jsonio import read_json, write_json
 from sftops.modeling import load_base_model, load_tokenizer, require_hardware, save_finetuned
 from sftops.objective import mean_nll, score_rows
+from sftops.outputs import replaced_whole
 from sftops.packing_check import packing_self_check
 from sftops.training import seed_everything, train_loop
 
@@ -81,11 +82,6 @@ def run_train(cfg: Config) -> dict[str, Any]:
 
 
 def _train(cfg: Config, world: World) -> dict[str, Any]:
-    out = Path(cfg.paths.model)
-    if world.is_main:
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
     tokenizer = load_tokenizer(cfg.model)
     pad = tokenizer.pad_token_id
     train_rows, val_rows = load_split(cfg, "train"), load_split(cfg, "val")
@@ -137,43 +133,48 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
             model, train_ex, cfg.train, pad, world, sources=sources, source_names=source_names, checkpoints=checkpoints,
             validate=(lambda: validate(step_of["step"])) if val_ex else None, on_step=on_step,
         )
+        if world.is_main:
+            faults.pause("tracking_flush")
+            tracking.flush()  # metrics buffered while the server was away; a TrackingError if it still is
         if world.size > 1 and cfg.train.distributed == "fsdp":
             model = gather_unsharded(model, cfg, world)
         if not world.is_main:
             return {}
-        val_after = held_out_nll(model) if val_ex else None
-        val_points = {0: val_before, **{v["step"]: v["val_nll"] for v in result["validations"]}, result["steps"]: val_after}
-        write_curves(out, result["history"], val_points)  # the DVC plots of dvc.yaml
-        manifest = {"method": cfg.train.method, "weights": "full" if cfg.train.method == "full" else "adapter",
-                    "base": cfg.model.model_dump(mode="json")}
-        merge = None
-        if cfg.train.merge_adapter:
-            if not val_ex:
-                raise TrainingError("train.merge_adapter needs validation rows to check the merge on; raise data.val_fraction")
-            model, merge = merge_checked(model, held_out_nll, cfg.train.merge_tolerance)
-            manifest["weights"] = "full"
-            tracking.log_metrics({f"merge_{k}": v for k, v in merge.items()})
-        save_finetuned(model, tokenizer, out / "model", manifest)
-        registered = tracking.log_and_register_model(out / "model", cfg.tracking.registered_model_name)
-        report = {
-            **run,
-            **registered,
-            "steps": result["steps"],
-            "planned_steps": result["planned_steps"],
-            "best_step": result["best_step"],
-            "stopped_early": result["stopped_early"],
-            "resumed_from_step": result["resumed_from_step"],
-            "final_train_loss": result["history"][-1]["train_loss"],
-            "history": result["history"],
-            "validations": result["validations"],
-            "val_nll_before": val_before,
-            "val_nll_after": val_after,
-            "merge": merge,
-            "encoding": {"train": train_counts, "val": val_counts},
-            "trainable_params": trainable,
-            "device": str(dev),
-            "processes": world.size,
-        }
-        write_json(out / tracking.RUN_FILE, report)
+        # The previous models/ stays until the new one is complete (a failed export leaves it usable).
+        with replaced_whole(cfg.paths.model) as out:
+            val_after = held_out_nll(model) if val_ex else None
+            val_points = {0: val_before, **{v["step"]: v["val_nll"] for v in result["validations"]}, result["steps"]: val_after}
+            write_curves(out, result["history"], val_points)  # the DVC plots of dvc.yaml
+            manifest = {"method": cfg.train.method, "weights": "full" if cfg.train.method == "full" else "adapter",
+                        "base": cfg.model.model_dump(mode="json")}
+            merge = None
+            if cfg.train.merge_adapter:
+                if not val_ex:
+                    raise TrainingError("train.merge_adapter needs validation rows to check the merge on; raise data.val_fraction")
+                model, merge = merge_checked(model, held_out_nll, cfg.train.merge_tolerance)
+                manifest["weights"] = "full"
+                tracking.log_metrics({f"merge_{k}": v for k, v in merge.items()})
+            save_finetuned(model, tokenizer, out / "model", manifest)
+            registered = tracking.log_and_register_model(out / "model", cfg.tracking.registered_model_name)
+            report = {
+                **run,
+                **registered,
+                "steps": result["steps"],
+                "planned_steps": result["planned_steps"],
+                "best_step": result["best_step"],
+                "stopped_early": result["stopped_early"],
+                "resumed_from_step": result["resumed_from_step"],
+                "final_train_loss": result["history"][-1]["train_loss"],
+                "history": result["history"],
+                "validations": result["validations"],
+                "val_nll_before": val_before,
+                "val_nll_after": val_after,
+                "merge": merge,
+                "encoding": {"train": train_counts, "val": val_counts},
+                "trainable_params": trainable,
+                "device": str(dev),
+                "processes": world.size,
+            }
+            write_json(out / tracking.RUN_FILE, report)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the job is done and exported
     return report

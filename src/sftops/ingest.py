@@ -3,7 +3,7 @@ data/raw/rejected.jsonl with its origin and reason. For each source, read = kept
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from sftops.config import Config
 from sftops.jsonio import write_json, write_jsonl
+from sftops.outputs import replaced_whole
 from sftops.sources import read_source
 
 REPORT = "ingest_report.json"
@@ -18,17 +19,18 @@ REJECTED = "rejected.jsonl"
 
 
 def run_ingest(cfg: Config) -> dict[str, Any]:
-    out = Path(cfg.paths.raw)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    with replaced_whole(cfg.paths.raw) as out:
+        return _ingest(cfg, out)
+
+
+def _ingest(cfg: Config, out: Path) -> dict[str, Any]:
     rejected: list[dict[str, Any]] = []
     per_source: dict[str, dict[str, int]] = {}
     for source in cfg.data.sources:
         counts = {"read": 0, "kept": 0, "rejected": 0}
 
         def kept_rows():
-            for rec in tqdm(read_source(source), desc=f"ingest {source.name}", unit=" rows", leave=False):
+            for rec in tqdm(read_source(source, cfg.data.max_row_bytes), desc=f"ingest {source.name}", unit=" rows", leave=False):
                 counts["read"] += 1
                 if rec.error is None:
                     counts["kept"] += 1
@@ -39,7 +41,8 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
                         {"source": source.name, "origin": rec.origin, "row": rec.row, "reason": rec.error, "raw": rec.raw}
                     )
 
-        write_jsonl(out / f"{source.name}.jsonl", kept_rows())
+        with contextlib.closing(kept_rows()) as rows:  # closed on a failed write too: the progress bar ends its line
+            write_jsonl(out / f"{source.name}.jsonl", rows)
         assert counts["read"] == counts["kept"] + counts["rejected"]
         per_source[source.name] = counts
     write_jsonl(out / REJECTED, rejected)

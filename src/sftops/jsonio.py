@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sftops.errors import DataError
+from sftops.outputs import write_bytes
 
 
 def require(path: Path, producer: str) -> Path:
@@ -35,8 +36,7 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
+    write_bytes(Path(path), (json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8"))
 
 
 def read_json(path: Path) -> Any:

@@ -17,6 +17,7 @@ from typing import Any
 
 from sftops.config import Config
 from sftops.fingerprints import chat_template_sha256, file_sha256, json_sha256, tokenizer_sha256
+from sftops.redact import redact
 
 LIBRARIES = ("sftops", "torch", "transformers", "peft", "tokenizers", "accelerate", "datasets", "mlflow", "dvc", "prefect", "numpy")
 
@@ -86,7 +87,7 @@ def build_manifest(cfg: Config, lock_file: Path = Path("dvc.lock")) -> dict[str,
     return {
         "sftops_manifest": 1,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:]),
+        "command": redact(" ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])),
         "git": {"commit": commit, "dirty": dirty},
         "dvc_lock_sha256": file_sha256(lock_file) if lock_file.exists() else None,
         "params": cfg.model_dump(mode="json"),

@@ -35,8 +35,25 @@ def resolve_base(base: str) -> str:
     return base
 
 
+def _refusing_unsafe_code(what: str, load: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a from_pretrained call; the refusals of code or pickles the user did not opt in to become ModelErrors
+    naming the setting (transformers says it in its own words, with a traceback)."""
+    try:
+        return load(*args, **kwargs)
+    except (ValueError, OSError) as exc:
+        text = str(exc)
+        if "trust_remote_code" in text:
+            raise ModelError(f"{what} ships its own Python code, which sftops does not run unless you set "
+                             f"model.trust_remote_code: true (only for a model you trust)") from None
+        if "safetensors" in text and not kwargs.get("gguf_file"):
+            raise ModelError(f"{what} has no safetensors weights; pickle-based weights (.bin/.pt) can run code "
+                             f"when loaded and are refused unless you set model.allow_pickle: true") from None
+        raise
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(resolve_base(cfg.base), gguf_file=cfg.gguf_file, trust_remote_code=False)
+    tok = _refusing_unsafe_code(cfg.base, AutoTokenizer.from_pretrained, resolve_base(cfg.base), gguf_file=cfg.gguf_file,
+                                trust_remote_code=cfg.trust_remote_code)
     if not tok.chat_template:
         tok.chat_template = FALLBACK_CHAT_TEMPLATE
     if tok.eos_token is None:
@@ -47,8 +64,12 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def require_hardware(method: str) -> None:
-    """QLoRA's 4-bit kernels (bitsandbytes) exist for CUDA GPUs only: refuse early, naming the fix."""
+def require_hardware(method: str, attn_implementation: str = "sdpa") -> None:
+    """QLoRA's 4-bit kernels (bitsandbytes) and FlashAttention exist for CUDA GPUs only: refuse early (when the
+    config is loaded), naming the fix."""
+    if attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
+        raise ModelError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and none is visible; "
+                         "use model.attn_implementation=sdpa")
     if method != "qlora":
         return
     if not torch.cuda.is_available():
@@ -73,9 +94,9 @@ def load_base_model(cfg: ModelConfig, quantize_4bit: bool = False) -> PreTrained
     if cfg.gguf_file:
         # A GGUF-loaded model is dequantised to float but still flagged as GGUF, and save_pretrained refuses it:
         # move its weights into a plain model of the same config (from there on it is an ordinary checkpoint).
-        gguf = AutoModelForCausalLM.from_pretrained(
-            resolve_base(cfg.base), gguf_file=cfg.gguf_file, dtype=torch.float32, trust_remote_code=False
-        )
+        # GGUF is a data format: its tensors and metadata are parsed (gguf package), no code is run.
+        gguf = _refusing_unsafe_code(cfg.base, AutoModelForCausalLM.from_pretrained, resolve_base(cfg.base),
+                                     gguf_file=cfg.gguf_file, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
         config = gguf.config
         del config.quantization_config
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
@@ -84,8 +105,9 @@ def load_base_model(cfg: ModelConfig, quantize_4bit: bool = False) -> PreTrained
         if not quantize_4bit:
             return plain
         raise ModelError("train.method=qlora on a GGUF base is not supported: point model.base at safetensors weights")
-    return AutoModelForCausalLM.from_pretrained(
-        resolve_base(cfg.base), dtype=torch.float32, trust_remote_code=False, **extra
+    return _refusing_unsafe_code(
+        cfg.base, AutoModelForCausalLM.from_pretrained, resolve_base(cfg.base), dtype=torch.float32,
+        trust_remote_code=cfg.trust_remote_code, use_safetensors=None if cfg.allow_pickle else True, **extra
     )
 
 
@@ -113,13 +135,18 @@ def is_adapter(info: dict[str, Any]) -> bool:
 def load_finetuned(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     model_dir = Path(model_dir)
     info = read_manifest(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base_cfg = ModelConfig.model_validate(info["base"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     if not is_adapter(info):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
+        model = _refusing_unsafe_code(str(model_dir), AutoModelForCausalLM.from_pretrained, model_dir, dtype=torch.float32,
+                                      trust_remote_code=False, use_safetensors=None if base_cfg.allow_pickle else True)
     else:
         from peft import PeftModel
 
-        base = load_base_model(ModelConfig.model_validate(info["base"]), quantize_4bit=info["method"] == "qlora")
+        if not (model_dir / "adapter_model.safetensors").exists() and not base_cfg.allow_pickle:
+            raise ModelError(f"{model_dir} has no adapter_model.safetensors; pickle-based adapters are refused "
+                             f"unless model.allow_pickle: true")
+        base = load_base_model(base_cfg, quantize_4bit=info["method"] == "qlora")
         model = PeftModel.from_pretrained(base, model_dir)
     model.eval()
     return model, tokenizer

@@ -9,6 +9,7 @@ from sftops.curate import run_format
 from sftops.evaluation import run_evaluate
 from sftops.finetune import run_train
 from sftops.ingest import run_ingest
+from sftops.redact import redact
 from sftops.tracking import tracking_uri
 
 STAGES = {"ingest": run_ingest, "format": run_format, "train": run_train, "evaluate": run_evaluate}
@@ -16,7 +17,7 @@ STAGES = {"ingest": run_ingest, "format": run_format, "train": run_train, "evalu
 
 def where(cfg: Config) -> dict[str, str]:
     """Where a finished run left its results."""
-    uri = tracking_uri()
+    uri = redact(tracking_uri())
     return {
         "raw data": cfg.paths.raw,
         "curated data": cfg.paths.curated,

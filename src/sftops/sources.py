@@ -16,6 +16,14 @@ import yaml
 
 from sftops.config import SourceConfig
 from sftops.errors import DataError
+from sftops.redact import redact
+
+# A row larger than this is refused (a runaway line, a file with no newlines); data.max_row_bytes overrides it.
+MAX_ROW_BYTES = 4_000_000
+# Objects and arrays nested deeper than this are refused: no chat row needs it, and deeper values reach
+# Python's recursion limit in the JSON encoder and the schema mapping.
+MAX_DEPTH = 64
+BOM = b"\xef\xbb\xbf"
 
 SUFFIX_FORMATS = {
     ".jsonl": "jsonl",
@@ -41,21 +49,64 @@ def _suffixes(path: Path) -> tuple[str, str | None]:
 
 
 def read_bytes(path: Path) -> bytes:
-    """The file's content, decompressed (gzip or zstandard) according to its suffix."""
+    """The file's content, decompressed (gzip or zstandard) according to its suffix. An empty or
+    whitespace-only file is an error: it is almost always a failed export, not an empty dataset."""
     _, comp = _suffixes(path)
     data = path.read_bytes()
     try:
         if comp == ".gz":
             import gzip
 
-            return gzip.decompress(data)
-        if comp == ".zst":
+            data = gzip.decompress(data)
+        elif comp == ".zst":
             import zstandard
 
-            return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True).read()
+            data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True).read()
     except Exception as exc:  # gzip/zstandard raise several types for a corrupt file
         raise DataError(f"{path}: cannot decompress ({exc})") from None
+    if not data:
+        raise DataError(f"{path}: the file is empty")
+    if not data.strip():
+        raise DataError(f"{path}: the file holds only whitespace")
     return data
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook: a key given twice is refused (json.loads would silently keep the last value)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(f"duplicate key {dup!r} in an object")
+    return obj
+
+
+def parse_json(text: str) -> Any:
+    """json.loads that refuses duplicate keys and values nested deeper than MAX_DEPTH (ValueError)."""
+    try:
+        value = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except RecursionError:
+        raise ValueError(f"nested too deeply (over {MAX_DEPTH} levels)") from None
+    if _depth(value) > MAX_DEPTH:
+        raise ValueError(f"nested too deeply (over {MAX_DEPTH} levels)")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > MAX_DEPTH:
+                break
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 @dataclass
@@ -77,7 +128,8 @@ def package_dir(package: str) -> Path:
 def resolve_files(source: SourceConfig) -> list[tuple[Path, str]]:
     """The files a path/folder/glob source names, sorted so that ingest is deterministic, each with the label
     its rows' origins use: '<package>:<path in package>' for package data, so that the raw data (and its DVC
-    hash) does not depend on where the package is installed."""
+    hash) does not depend on where the package is installed. A relative path stays inside the project folder
+    (a package path inside its package), links included; files found in a folder stay inside that folder."""
     base = package_dir(source.package) if source.package else Path(".")
     assert source.path is not None
     target = base / source.path
@@ -89,9 +141,26 @@ def resolve_files(source: SourceConfig) -> list[tuple[Path, str]]:
         files = sorted(p for p in map(Path, glob.glob(str(target), recursive=True)) if p.is_file())
     if not files:
         raise DataError(f"source {source.name!r}: nothing matches {str(target)!r}")
+    boundary = target if target.is_dir() else None
+    if source.package or not Path(source.path).is_absolute():
+        boundary = base
+    if boundary is not None:
+        for f in files:
+            contained(f, boundary)
     if source.package:
         return [(f, f"{source.package}:{f.relative_to(base).as_posix()}") for f in files]
     return [(f, str(f)) for f in files]
+
+
+def contained(path: Path, boundary: Path) -> Path:
+    """`path` with links resolved, if it lies inside `boundary`; DataError otherwise (a link or `..` leading
+    out of the data's folder: give the absolute path in params.yaml if that file is really meant)."""
+    real, root = path.resolve(), boundary.resolve()
+    if not real.is_relative_to(root):
+        how = f"a link to {real}" if path.is_symlink() or real != path.absolute() else "outside it"
+        raise DataError(f"{path}: {how}, outside {root}; data files must stay inside the project's data folders "
+                        f"(write the absolute path in data.sources to read a file elsewhere)")
+    return real
 
 
 def file_format(path: Path, declared: str) -> str:
@@ -121,23 +190,31 @@ def _encodable(value: Any) -> bool:
     return True
 
 
-def read_jsonl(path: Path, label: str) -> Iterator[Record]:
-    with io.BytesIO(read_bytes(path)) as fh:
+def read_jsonl(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[Record]:
+    data = read_bytes(path)
+    with io.BytesIO(data[len(BOM):] if data.startswith(BOM) else data) as fh:
         row = 0
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             row += 1
             origin = f"{label}#line{line_no}"
+            if len(line) > max_row_bytes:
+                yield Record(origin, row, error=f"row too large: {len(line):,} bytes, over data.max_row_bytes={max_row_bytes:,}",
+                             raw=repr(line[:200]))
+                continue
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as exc:
                 yield Record(origin, row, error=f"not valid UTF-8 ({exc.reason} at byte {exc.start})", raw=repr(line[:500]))
                 continue
             try:
-                value = json.loads(text)
+                value = parse_json(text)
             except json.JSONDecodeError as exc:
                 yield Record(origin, row, error=f"malformed JSON: {exc.msg} at column {exc.colno}", raw=text[:500])
+                continue
+            except ValueError as exc:  # a duplicate key, or nested too deeply
+                yield Record(origin, row, error=f"malformed JSON: {exc}", raw=text[:500])
                 continue
             if "\\ud" in text.lower() and not _encodable(value):
                 yield Record(origin, row, error="invalid Unicode: a lone surrogate escape (\\udXXX) is not a character", raw=text[:500])
@@ -145,10 +222,10 @@ def read_jsonl(path: Path, label: str) -> Iterator[Record]:
             yield _as_row(value, origin, row)
 
 
-def read_json(path: Path, label: str) -> Iterator[Record]:
+def read_json(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[Record]:
     try:
-        value = json.loads(read_bytes(path).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        value = parse_json(read_bytes(path).decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"{path}: not a valid UTF-8 JSON document ({exc})") from None
     if not isinstance(value, list):
         raise DataError(f"{path}: a .json source must hold an array of objects (use .jsonl for one object per line)")
@@ -156,27 +233,40 @@ def read_json(path: Path, label: str) -> Iterator[Record]:
         yield _as_row(item, f"{label}#{row}", row)
 
 
-def read_csv(path: Path, label: str) -> Iterator[Record]:
+def read_csv(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[Record]:
     try:
         text = read_bytes(path).decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 ({exc})") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
+    csv.field_size_limit(max(max_row_bytes, csv.field_size_limit()))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # a stray or unclosed quote is an error
+    try:
+        yield from _csv_rows(reader, label, max_row_bytes)
+    except csv.Error as exc:  # e.g. a quote left open until the end of the file
+        raise DataError(f"{path} line {reader.line_num}: unreadable CSV ({exc})") from None
+
+
+def _csv_rows(reader: Any, label: str, max_row_bytes: int) -> Iterator[Record]:
     header = next(reader, None)
     if not header:
-        raise DataError(f"{path}: empty CSV (no header row)")
-    for row, values in enumerate(reader, start=1):
+        raise DataError(f"{label}: empty CSV (no header row)")
+    row = 0
+    for values in reader:
         origin = f"{label}#line{reader.line_num}"
         if not values:
-            row -= 1
             continue
-        if len(values) != len(header):
+        row += 1
+        size = sum(len(v) for v in values)
+        if size > max_row_bytes:
+            yield Record(origin, row, error=f"row too large: {size:,} characters, over data.max_row_bytes={max_row_bytes:,}",
+                         raw=",".join(values)[:200])
+        elif len(values) != len(header):
             yield Record(origin, row, error=f"row has {len(values)} fields, header has {len(header)}", raw=",".join(values)[:500])
-            continue
-        yield Record(origin, row, fields=dict(zip(header, values)))
+        else:
+            yield Record(origin, row, fields=dict(zip(header, values)))
 
 
-def read_parquet(path: Path, label: str) -> Iterator[Record]:
+def read_parquet(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     try:
@@ -187,12 +277,30 @@ def read_parquet(path: Path, label: str) -> Iterator[Record]:
         yield _as_row(item, f"{label}#{row}", row)
 
 
-def read_yaml(path: Path, label: str) -> Iterator[Record]:
+class _DataLoader(yaml.BaseLoader):
+    """BaseLoader without aliases: `*name` references let a few lines expand to billions of values."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.events.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted in data files",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def read_yaml(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[Record]:
     # BaseLoader keeps every scalar a string: "Yes" stays "Yes", "4" stays "4" (text data, not YAML booleans).
     try:
-        value = yaml.load(read_bytes(path).decode("utf-8"), Loader=yaml.BaseLoader)
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        value = yaml.load(read_bytes(path).decode("utf-8-sig"), Loader=_DataLoader)
+    except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 YAML ({exc})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise DataError(f"{path}: not valid UTF-8 YAML ({getattr(exc, 'problem', None) or exc}{where})") from None
+    except RecursionError:
+        raise DataError(f"{path}: YAML nested too deeply") from None
+    if _depth(value) > MAX_DEPTH:
+        raise DataError(f"{path}: YAML nested too deeply (over {MAX_DEPTH} levels)")
     if isinstance(value, dict) and isinstance(value.get("conversations"), list):
         # chatterbot-corpus layout: categories + a list of turn lists.
         categories = value.get("categories") or []
@@ -219,14 +327,14 @@ def read_hub(source: SourceConfig) -> Iterator[Record]:
     try:
         ds = datasets.load_dataset(source.hub, source.hub_config, split=source.split)
     except Exception as exc:  # offline, unknown id, bad split: all reported the same way
-        raise DataError(f"source {source.name!r}: cannot load dataset {source.hub!r} ({exc})") from None
+        raise DataError(redact(f"source {source.name!r}: cannot load dataset {source.hub!r} ({exc})")) from None
     for row, item in enumerate(ds, start=1):
         yield _as_row(item, f"{source.hub}[{source.split}]#{row}", row)
 
 
-def read_source(source: SourceConfig) -> Iterator[Record]:
+def read_source(source: SourceConfig, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[Record]:
     if source.hub is not None:
         yield from read_hub(source)
         return
     for path, label in resolve_files(source):
-        yield from READERS[file_format(path, source.format)](path, label)
+        yield from READERS[file_format(path, source.format)](path, label, max_row_bytes)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,9 +18,10 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from sftops.config import Config
-from sftops.errors import ConfigError
+from sftops.errors import ConfigError, TrackingError
 from sftops.manifest import build_manifest, dvc_md5, git_commit, model_section, params_sha256
 from sftops.promotion import CHALLENGER, CHAMPION, Champion, Decision
+from sftops.redact import redact, tracking_credentials
 
 RUN_FILE = "run.json"
 MANIFEST_ARTIFACT = "reproduce/manifest.json"
@@ -29,8 +33,15 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def tracking_uri() -> str:
-    """Where runs go is the environment's business (a team server, a local file), not the params'."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """Where runs go is the environment's business (a team server, a local file), not the params'. A password in
+    an http(s) URI is handed to MLflow's credential variables, so the URI MLflow prints and records has none."""
+    return tracking_credentials(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+
+
+def store_of(run_info: dict[str, Any]) -> str:
+    """The tracking URI of a recorded run: run.json keeps it redacted, so the environment's, when it is that one."""
+    here = tracking_uri()
+    return here if redact(here) == run_info["tracking_uri"] else run_info["tracking_uri"]
 
 
 def configure(cfg: Config) -> str:
@@ -70,12 +81,18 @@ def log_params(cfg: Config) -> None:
     params = {}
     for key, value in cfg.flat().items():
         text = yaml.safe_dump(value, default_flow_style=True).strip() if isinstance(value, list) else value
-        params[key] = str(text)[:6000] if text is not None else "null"
+        params[key] = redact(str(text))[:6000] if text is not None else "null"
     mlflow.log_params(params)
 
 
+_buffer: MetricBuffer | None = None  # the open pipeline run's, while training
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    mlflow.log_metrics(metrics, step=step)
+    if _buffer is not None:
+        _buffer.log(metrics, step)
+    else:
+        mlflow.log_metrics(metrics, step=step)
 
 
 def log_step(step: int, metrics: dict[str, float]) -> None:
@@ -83,21 +100,116 @@ def log_step(step: int, metrics: dict[str, float]) -> None:
     log_metrics(metrics, step)
 
 
+def flush() -> None:
+    """Send every buffered metric now (MLflow's full retries); TrackingError if the server does not answer."""
+    if _buffer is not None and not _buffer.flush(full_retries=True):
+        raise _buffer.unreachable()
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether an error means the tracking server did not answer (as opposed to a refused request)."""
+    import requests
+
+    if isinstance(exc, (requests.RequestException, ConnectionError, TimeoutError)):
+        return True
+    return isinstance(exc, mlflow.exceptions.MlflowException) and "API request to" in str(exc)
+
+
+class MetricBuffer:
+    """Metrics that outlive a tracking server going away. Each value is sent at once while the server answers;
+    when it does not, the values are kept (and written to `spool`) and sent with the next ones, trying again at
+    most every `retry_s` seconds with a single HTTP retry, so a training step never waits minutes for a server
+    that is down. flush(full_retries=True), at the end of training, uses MLflow's own retry settings
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _BACKOFF_FACTOR, _TIMEOUT)."""
+
+    def __init__(self, run_id: str, uri: str, spool: Path, retry_s: float = 30.0) -> None:
+        from mlflow.entities import Metric
+
+        self._metric = Metric
+        self.run_id, self.uri, self.spool, self.retry_s = run_id, uri, spool, retry_s
+        self.client = MlflowClient(uri)
+        self.pending: list[Any] = []
+        self.failed_at: float | None = None
+        self.error: BaseException | None = None
+
+    def log(self, metrics: dict[str, float], step: int | None) -> None:
+        now = int(time.time() * 1000)
+        self.pending += [self._metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        if self.failed_at is None or time.monotonic() - self.failed_at >= self.retry_s:
+            self.flush()
+
+    def flush(self, full_retries: bool = False) -> bool:
+        light = {} if full_retries or "MLFLOW_HTTP_REQUEST_MAX_RETRIES" in os.environ else {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+        try:
+            with _environment(light):
+                while self.pending:
+                    chunk = self.pending[:1000]  # MLflow's log_batch limit
+                    self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+                    del self.pending[: len(chunk)]
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            self.failed_at, self.error = time.monotonic(), exc
+            self.spool.parent.mkdir(parents=True, exist_ok=True)
+            self.spool.write_text("".join(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n"
+                                          for m in self.pending))
+            return False
+        self.failed_at = None
+        self.spool.unlink(missing_ok=True)
+        return True
+
+    def unreachable(self) -> TrackingError:
+        return TrackingError(
+            f"the MLflow tracking server at {redact(self.uri)} stopped answering ({type(self.error).__name__}); "
+            f"{len(self.pending)} metric values of run {self.run_id} were not sent and are saved in {self.spool}")
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @contextmanager
 def pipeline_run(cfg: Config, reports: list[Path]) -> Iterator[dict[str, str]]:
-    """Open the pipeline's MLflow run with its params, lineage tags and data reports; yields its ids."""
+    """Open the pipeline's MLflow run with its params, lineage tags and data reports; yields its ids. While it
+    is open, metrics go through a MetricBuffer; if the server stops answering, the stage fails with a
+    TrackingError saying what was kept (checkpoints, unsent metrics) rather than a traceback."""
+    global _buffer
     uri = configure(cfg)
     mlflow.set_system_metrics_sampling_interval(5)
     # System metrics (CPU, memory, GPU utilisation) are sampled in a background thread while the run is open.
-    with mlflow.start_run(run_name=f"sft-{cfg.train.method}", log_system_metrics=True) as run:
+    run = mlflow.start_run(run_name=f"sft-{cfg.train.method}", log_system_metrics=True)
+    try:
         log_params(cfg)
         lineage = data_lineage(cfg)
-        mlflow.set_tags({**lineage, "base_model": cfg.model.base, "method": cfg.train.method, "params.sha256": params_sha256(cfg)})
+        mlflow.set_tags({**lineage, "base_model": redact(cfg.model.base), "method": cfg.train.method, "params.sha256": params_sha256(cfg)})
         mlflow.log_dict(build_manifest(cfg), MANIFEST_ARTIFACT)
         for path in reports:
             mlflow.log_artifact(str(path), artifact_path="data")
         log_curated_data(Path(cfg.paths.curated), lineage["data.curated_dvc_md5"])
-        yield {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": uri}
+        _buffer = MetricBuffer(run.info.run_id, uri, Path(cfg.paths.checkpoints) / f"unsent-metrics-{run.info.run_id}.jsonl")
+        yield {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": redact(uri)}
+        flush()
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            mlflow.end_run("FAILED")
+        if not (isinstance(exc, TrackingError) or unreachable(exc)):
+            raise
+        cause = exc if isinstance(exc, TrackingError) else f"the MLflow tracking server at {redact(uri)} stopped answering ({type(exc).__name__})"
+        raise TrackingError(f"{cause}; the model was not registered and {cfg.paths.model} is unchanged; checkpoints in "
+                            f"{cfg.paths.checkpoints} are kept: re-run once the server is back to resume") from None
+    finally:
+        _buffer = None
+    mlflow.end_run()
 
 
 def _unused_table_file(client: MlflowClient, run_id: str) -> str:
@@ -130,8 +242,8 @@ def log_evaluation(
 ) -> None:
     """Add the evaluate stage's results to the pipeline's run (metrics, the generations table, the report and
     metrics files, the promotion decision), and tag the registered version with the headline metrics."""
-    mlflow.set_tracking_uri(run_info["tracking_uri"])
-    client = MlflowClient(run_info["tracking_uri"])
+    mlflow.set_tracking_uri(store_of(run_info))
+    client = MlflowClient(store_of(run_info))
     table_file = _unused_table_file(client, run_info["run_id"])
     with mlflow.start_run(run_id=run_info["run_id"]):
         mlflow.log_metrics(_flat_metrics(metrics))
@@ -163,7 +275,7 @@ def current_champion(name: str, metric: str, tracking: str) -> Champion | None:
 
 def apply_decision(run_info: dict[str, Any], decision: Decision, eval_sha256: str) -> None:
     """Point the decided alias at the new version, and record the decision on the version."""
-    client = MlflowClient(run_info["tracking_uri"])
+    client = MlflowClient(store_of(run_info))
     name, version = run_info["registered_model"], run_info["version"]
     client.set_model_version_tag(name, version, "eval_sha256", eval_sha256)
     client.set_model_version_tag(name, version, "promotion.decision", decision.alias)
@@ -241,10 +353,19 @@ def load_manifest(run_id: str, tracking: str | None = None) -> dict[str, Any]:
 
 
 def predict(uri: str, prompts: list[str], max_new_tokens: int, tracking: str | None = None) -> list[str]:
-    """Answers from a logged or registered model (the pyfunc of serving.SFTChatModel)."""
+    """Answers from a logged or registered model. Its files are downloaded and the safetensors model in them is
+    loaded directly: mlflow.pyfunc.load_model would unpickle the logged python model, and a registry may hold
+    models from others."""
+    from sftops.generation import answer
+    from sftops.modeling import MANIFEST, load_finetuned
+
     mlflow.set_tracking_uri(tracking or tracking_uri())
     try:
-        model = mlflow.pyfunc.load_model(uri)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except mlflow.exceptions.MlflowException as exc:
-        raise ConfigError(f"cannot load {uri} from {tracking or tracking_uri()}: {exc.message[:300]}") from None
-    return list(model.predict(prompts, params={"max_new_tokens": max_new_tokens}))
+        raise ConfigError(f"cannot load {uri} from {redact(tracking or tracking_uri())}: {redact(exc.message[:300])}") from None
+    found = sorted(local.rglob(MANIFEST))
+    if not found:
+        raise ConfigError(f"{uri} is not an sftops model (no {MANIFEST} in its files)")
+    model, tokenizer = load_finetuned(found[0].parent)
+    return answer(model, tokenizer, prompts, max_new_tokens)

@@ -22,7 +22,7 @@ from sftops.batching import Batch, make_batch, micro_batches, step_batches
 from sftops.chat import Encoded
 from sftops.config import TrainConfig
 from sftops.distributed import World
-from sftops.errors import TrainingError
+from sftops.errors import GpuMemoryError, TrainingError
 from sftops.objective import SupervisedNLL, autocast, n_targets
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -162,6 +162,22 @@ class LoopState:
     cumulative_tokens: int = 0
 
 
+def out_of_memory_advice(cfg: TrainConfig, step: int, last: Path | None) -> str:
+    """What to change when a step does not fit in GPU memory, cheapest first; the objective stays the same."""
+    tips = []
+    if cfg.micro_batch_size > 1:
+        half = cfg.micro_batch_size // 2
+        tips.append(f"train.micro_batch_size={half} with train.grad_accum_steps={cfg.grad_accum_steps * cfg.micro_batch_size // half} "
+                    f"(the same effective batch and loss)")
+    if not cfg.gradient_checkpointing:
+        tips.append("train.gradient_checkpointing=true")
+    tips.append("a smaller model.max_length (longer rows are dropped or truncated, see data.overflow)")
+    if cfg.method == "full":
+        tips.append("train.method=lora")
+    kept = f"; the last good checkpoint is {last}, and a re-run with the same settings resumes from it" if last else ""
+    return f"step {step}: out of GPU memory. Try " + ", or ".join(tips) + kept
+
+
 def train_loop(
     model: torch.nn.Module,
     examples: Sequence[Encoded],
@@ -239,7 +255,11 @@ def train_loop(
         started = time.perf_counter()
         shares = step_batches(stream, cfg.grad_accum_steps, world.size, world.rank)
         batches = [make_batch([examples[i] for i in idx], pad_id, cfg.packing, [source_of[i] for i in idx]) for idx in shares]
-        stats = accumulate_gradients(objective, batches, device, world, n_sources)
+        try:
+            faults.out_of_memory(f"step:{step}")
+            stats = accumulate_gradients(objective, batches, device, world, n_sources)
+        except torch.OutOfMemoryError:
+            raise GpuMemoryError(out_of_memory_advice(cfg, step, checkpoint.latest(checkpoints) if checkpoints else None)) from None
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a sharded norm
         if not (math.isfinite(stats.loss) and math.isfinite(grad_norm)):
@@ -288,6 +308,7 @@ def train_loop(
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps and not stop:
             save(f"{checkpoint.PREFIX}{step:06d}")
         faults.point(f"after_step:{step}")
+        faults.pause(f"after_step:{step}")
         if stop:
             break
     model.eval()

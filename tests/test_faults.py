@@ -1,0 +1,231 @@
+"""Faults a real run meets, injected for real: the MLflow server killed mid-run (a real `mlflow server`), the
+disk filling up while a stage writes (RLIMIT_FSIZE, so the write fails with the kernel's own error), and the
+GPU running out of memory. Each either loses nothing or stops with one clear line, leaving the earlier outputs
+usable. (SIGKILL during training and during a checkpoint write: tests/test_training_engine.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from sftops import checkpoint
+from sftops.config import load_config
+from sftops.curate import run_format
+from sftops.errors import GpuMemoryError, StorageError
+from sftops.evaluation import run_evaluate
+from sftops.finetune import checkpoint_folder, run_train
+from sftops.data.store import read_split
+from sftops.ingest import run_ingest
+
+from conftest import error_lines, free_port, sh, tool_env, write_qa_project
+
+pytestmark = pytest.mark.reliability
+SRC = str(Path(__file__).parents[1] / "src")
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model, monkeypatch):
+    """A folder with a source ingested and formatted and params.yaml (LoRA, checkpoints every 2 steps)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    write_qa_project(tiny_model, 80, "tiny", train={"max_steps": 12, "micro_batch_size": 4, "learning_rate": 0.01, "checkpoint_every": 2})
+    cfg = load_config("params.yaml")
+    run_ingest(cfg)
+    run_format(cfg)
+    return cfg
+
+
+def sftops(*args: str, env: dict[str, str] | None = None, limit_bytes: int | None = None) -> subprocess.Popen:
+    full = {**os.environ, "PYTHONPATH": SRC, **(env or {})}
+
+    def limit() -> None:  # a disk that fills up after limit_bytes per file: writes fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.Popen([sys.executable, "-m", "sftops", *args], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=limit if limit_bytes else None)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {path.name}: {proc.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {path}"
+        time.sleep(0.1)
+
+
+def losses(report: dict) -> list[float]:
+    return [h["train_loss"] for h in report["history"]]
+
+
+def test_a_killed_mlflow_server_loses_no_training(project, mlflow_server_process, tmp_path, figures):
+    """Killed at step 3 and back before the end: every step's metrics reach the server. Killed for good: the run
+    stops with one line after its checkpoints are safe, models/ untouched; re-run with the server back: it resumes
+    from the last checkpoint to the same losses."""
+    server, cfg = mlflow_server_process, project
+    pauses = tmp_path / "pauses"
+    pauses.mkdir()
+    # MLflow's own retry settings, short for the test (the defaults retry for minutes).
+    env = {"MLFLOW_TRACKING_URI": server.url, "SFTOPS_PAUSE_DIR": str(pauses), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+    # 1. The server dies at step 3 and comes back before the end of training.
+    proc = sftops("train", env={**env, "SFTOPS_PAUSE": "after_step:3,tracking_flush"})
+    wait_for(pauses / "after_step:3.reached", proc)
+    server.stop(signal.SIGKILL)
+    (pauses / "after_step:3.go").touch()
+    wait_for(pauses / "tracking_flush.reached", proc)
+    server.start()
+    (pauses / "tracking_flush.go").touch()
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    first = json.loads(Path("models/run.json").read_text())
+    history = MlflowClient(server.url).get_metric_history(first["run_id"], "train_loss")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, 13))  # none lost
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(losses(first))
+    figures["faults injected"] += 1
+    figures["faults survived"] += 1
+    figures["MLflow server kills survived"] += 1
+
+    # 2. The server dies at step 3 for good: a clear stop, checkpoints kept, the previous models/ untouched.
+    for f in pauses.iterdir():
+        f.unlink()
+    proc = sftops("train", env={**env, "SFTOPS_PAUSE": "after_step:3"})
+    wait_for(pauses / "after_step:3.reached", proc)
+    server.stop(signal.SIGKILL)
+    (pauses / "after_step:3.go").touch()
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    line = error_lines(err)
+    assert len(line) == 1 and "MLflow tracking server" in line[0] and "stopped answering" in line[0], err[-3000:]
+    assert "models is unchanged; checkpoints in checkpoints are kept" in line[0]
+    assert json.loads(Path("models/run.json").read_text())["run_id"] == first["run_id"]
+    folder = checkpoint_folder(cfg)
+    last = checkpoint.latest(folder)
+    assert last is not None and last.name == "step-000010" and checkpoint.is_valid(last)
+    unsent = list(Path(cfg.paths.checkpoints).glob("unsent-metrics-*.jsonl"))
+    assert len(unsent) == 1 and str(unsent[0]) in line[0]
+    assert {json.loads(x)["step"] for x in unsent[0].read_text().splitlines() if "train_loss" in x} == set(range(4, 13))
+    figures["faults injected"] += 1
+    figures["faults survived"] += 1
+    figures["MLflow server kills survived"] += 1
+
+    # 3. The server is back: the re-run resumes from step 10 and ends with the uninterrupted run's losses.
+    server.start()
+    proc = sftops("train", env=env)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    resumed = json.loads(Path("models/run.json").read_text())
+    assert resumed["resumed_from_step"] == 10
+    assert losses(resumed) == pytest.approx(losses(first), rel=1e-6)
+    figures["runs resumed with matching losses"] += 1
+
+
+def files_of(folder: str) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_a_full_disk_stops_the_stage_with_one_line_and_keeps_the_previous_output(project, figures):
+    """ingest, then format, under a file size limit (the kernel's EFBIG, as a full disk gives ENOSPC): one line,
+    exit code 2, and the previous data/raw or data/curated is still there, byte for byte, and usable."""
+    cfg = project
+    words = "the cat sat on a mat dog ran in the park what is two plus four hello how are you".split()
+    big = [{"prompt": f"row {i}: " + " ".join(words[(i * 7 + k * 3) % len(words)] for k in range(12)), "completion": f"answer {i}."}
+           for i in range(4000)]  # ~400 KB of raw rows, each short enough to be kept
+    Path("qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in big))
+    for stage, output in (("ingest", cfg.paths.raw), ("format", cfg.paths.curated)):
+        before = files_of(output)
+        proc = sftops(stage, limit_bytes=64_000)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+        line = error_lines(err)
+        assert len(line) == 1 and "File too large" in line[0] and f"the previous {output} is unchanged" in line[0], err[-3000:]
+        assert files_of(output) == before
+        assert not [p for p in Path(".").rglob("*.tmp") if p.is_dir()]  # no half-written output left behind
+        figures["faults injected"] += 1
+        figures["faults survived"] += 1
+        if stage == "ingest":
+            run_ingest(cfg)  # with room: the new raw rows, for format to fail on
+    # The previous curated data still reads as it did (it holds the 80 rows of before, not the new 4,000).
+    assert sum(len(read_split(cfg.paths.curated, split)) for split in ("train", "val", "test")) == 80
+
+
+def test_a_full_disk_while_saving_the_model_keeps_the_previous_model(project, monkeypatch, figures):
+    cfg = project.model_copy(update={"train": project.train.model_copy(update={"max_steps": 2})})
+    first = run_train(cfg)
+    monkeypatch.setenv("SFTOPS_FAULT", "disk_full:output:models")
+    with pytest.raises(StorageError, match=r"cannot write models: No space left on device .* the previous models is unchanged"):
+        run_train(cfg)
+    assert json.loads(Path("models/run.json").read_text())["run_id"] == first["run_id"]
+    assert Path("models/model/adapter_model.safetensors").exists()
+    figures["faults injected"] += 1
+    figures["faults survived"] += 1
+
+
+def test_out_of_gpu_memory_names_the_settings_to_change(project, monkeypatch, figures):
+    monkeypatch.setenv("SFTOPS_FAULT", "cuda_oom:step:3")
+    with pytest.raises(GpuMemoryError) as err:
+        run_train(project)
+    message = str(err.value)
+    assert message.startswith("step 3: out of GPU memory")
+    for fix in ("train.micro_batch_size=2 with train.grad_accum_steps=2", "train.gradient_checkpointing=true", "model.max_length"):
+        assert fix in message, message
+    assert "the last good checkpoint is" in message and "step-000002" in message
+    monkeypatch.delenv("SFTOPS_FAULT")
+    run_train(project.model_copy(update={"train": project.train.model_copy(update={"max_steps": 1})}))
+    monkeypatch.setenv("SFTOPS_FAULT", "cuda_oom:evaluate:tuned")
+    with pytest.raises(GpuMemoryError, match=r"evaluating the tuned model ran out of GPU memory. Try evaluate.batch_size=8"):
+        run_evaluate(project)
+    figures["faults injected"] += 2
+    figures["faults survived"] += 2
+
+
+def test_no_tracking_server_at_all_is_one_line_not_a_traceback(project, monkeypatch, capsys, figures):
+    from sftops.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert main(["train"]) == 2
+    line = error_lines(capsys.readouterr().err)
+    assert len(line) == 1 and "MLflow tracking server" in line[0] and "run again" in line[0], line
+    figures["faults injected"] += 1
+    figures["faults survived"] += 1
+
+
+def test_a_failed_dvc_stage_leaves_the_recorded_output_in_place(tmp_path, figures):
+    """With the real dvc.yaml (outputs persist), `dvc repro` of a stage that fails on a bad file leaves the output
+    DVC recorded in place, byte for byte; DVC reports only the changed input."""
+    root, repo = Path(__file__).parents[1], tmp_path / "repo"
+    shutil.copytree(root / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(root / name, repo / name)
+    (repo / "data/sources").mkdir(parents=True)
+    (repo / "data/sources/qa.jsonl").write_text("".join(
+        json.dumps({"prompt": f"q{i}?", "completion": f"a{i}."}) + "\n" for i in range(20)))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["sources"] = [{"name": "qa", "path": "data/sources/qa.jsonl"}]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**tool_env(), "PYTHONPATH": str(repo / "src")}
+    sh(sys.executable, "-m", "dvc", "init", "-q", "--no-scm", cwd=repo, env=env)
+    sh(sys.executable, "-m", "dvc", "repro", "-q", "ingest", cwd=repo, env=env)
+    recorded = {p.relative_to(repo): p.read_bytes() for p in sorted((repo / "data/raw").rglob("*")) if p.is_file()}
+    assert recorded
+    (repo / "data/sources/qa.jsonl").write_text("")  # a failed export: the stage must stop on it
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro", "ingest"], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "sftops: data/sources/qa.jsonl: the file is empty" in done.stdout + done.stderr
+    assert {p.relative_to(repo): p.read_bytes() for p in sorted((repo / "data/raw").rglob("*")) if p.is_file()} == recorded
+    status = json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", "ingest", cwd=repo, env=env))
+    assert status == {"ingest": [{"changed deps": {"data/sources": "modified"}}]}
+    figures["faults injected"] += 1
+    figures["faults survived"] += 1
