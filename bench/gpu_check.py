@@ -7,13 +7,17 @@ few steps with the real engine (sftops.training.train_loop) and prints one line:
 - bf16 autocast, LoRA and full: the loss falls; fused AdamW is in use;
 - packing: the start-up self-check's packed-vs-padded gap under bf16 autocast with SDPA;
 - torch.compile: the first-step loss equals the eager one (bf16 tolerance);
-- QLoRA: a 4-bit NF4 base (bitsandbytes) trains its adapter and the loss falls.
+- QLoRA: a 4-bit NF4 base (bitsandbytes) trains its adapter and the loss falls;
+- out of memory: a micro-batch far too big for the GPU stops with the engine's one-line advice (GpuMemoryError).
+
+    python bench/gpu_check.py --only oom      # just the out-of-memory check
 Needs torch, transformers, peft and (for QLoRA) bitsandbytes; not mlflow, DVC or Prefect.
 """
 
 from __future__ import annotations
 
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +30,7 @@ from sftops.adapters import apply_method
 from sftops.chat import encode
 from sftops.config import ModelConfig, TrainConfig
 from sftops.distributed import World
+from sftops.errors import GpuMemoryError
 from sftops.modeling import load_base_model, load_tokenizer
 from sftops.packing_check import packing_self_check
 from sftops.training import build_optimizer, train_loop
@@ -75,6 +80,19 @@ def train(folder: Path, examples, pad: int, **train) -> dict:
     return result
 
 
+def out_of_memory(folder: Path, examples, pad: int) -> None:
+    """A real CUDA out-of-memory (no injection): one micro-batch of ~3M tokens through a 512-wide model, ~150 GB of activations."""
+    many = examples * 100  # 48,000 rows (a kernel grid limit is 65,535 rows), ~3M padded tokens
+    try:
+        train(folder, many, pad, method="full", micro_batch_size=len(many), max_steps=1, grad_accum_steps=1)
+    except GpuMemoryError as exc:
+        print(f"out of memory: GpuMemoryError: {exc}")
+    else:
+        print("out of memory: FAILED: the step fitted; no out-of-memory to report")
+    finally:
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16: {torch.cuda.is_bf16_supported()}")
@@ -84,6 +102,9 @@ def main() -> None:
         tok = load_tokenizer(ModelConfig(base=str(folder)))
         examples = [encode(tok, c) for c in conversations(480)]
         pad = tok.pad_token_id
+        if sys.argv[1:] == ["--only", "oom"]:
+            out_of_memory(folder, examples, pad)
+            return
         for method in ("lora", "full"):
             r = train(folder, examples, pad, method=method)
             h = r["history"]
@@ -104,6 +125,7 @@ def main() -> None:
             h = r["history"]
             four_bit = sum(type(m).__name__ == "Linear4bit" for m in r["model"].modules())
             print(f"qlora: {four_bit} Linear4bit layers, loss {h[0]['train_loss']:.3f} -> {h[-1]['train_loss']:.3f} in {r['steps']} steps")
+        out_of_memory(folder, examples, pad)
 
 
 if __name__ == "__main__":
