@@ -27,7 +27,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from sftops.adapters import apply_method
-from sftops.chat import encode
+from sftops.chat import Encoded, encode
 from sftops.config import ModelConfig, TrainConfig
 from sftops.distributed import World
 from sftops.errors import GpuMemoryError
@@ -81,8 +81,11 @@ def train(folder: Path, examples, pad: int, **train) -> dict:
 
 
 def out_of_memory(folder: Path, examples, pad: int) -> None:
-    """A real CUDA out-of-memory (no injection): one micro-batch of ~3M tokens through a 512-wide model, ~150 GB of activations."""
-    many = examples * 100  # 48,000 rows (a kernel grid limit is 65,535 rows), ~3M padded tokens
+    """A real CUDA out-of-memory (no injection): one micro-batch of 48,000 rows of ~250 tokens (12M tokens) through
+    a 512-wide model, far more activations than any GPU holds. (48,000 rows: a CUDA grid dimension stops at 65,535.)"""
+    long_rows = [Encoded(sum((e.input_ids for e in examples[i:i + 6]), []), sum((e.labels for e in examples[i:i + 6]), []))
+                 for i in range(0, len(examples) - 5, 6)]
+    many = long_rows * 600
     try:
         train(folder, many, pad, method="full", micro_batch_size=len(many), max_steps=1, grad_accum_steps=1)
     except GpuMemoryError as exc:
