@@ -191,14 +191,17 @@ def test_out_of_gpu_memory_names_the_settings_to_change(project, monkeypatch, fi
     figures["faults survived"] += 2
 
 
-def test_no_tracking_server_at_all_is_one_line_not_a_traceback(project, monkeypatch, capsys, figures):
+@pytest.mark.parametrize("store", ["http://127.0.0.1:{port}", "postgresql+psycopg2://sft:planted-pw-7@127.0.0.1:{port}/mlflow"])
+def test_no_tracking_server_at_all_is_one_line_not_a_traceback(project, monkeypatch, capsys, figures, store):
     from sftops.cli import main
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.format(port=free_port()))  # nothing listens there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     assert main(["train"]) == 2
-    line = error_lines(capsys.readouterr().err)
+    err = capsys.readouterr().err
+    line = error_lines(err)
     assert len(line) == 1 and "MLflow tracking server" in line[0] and "run again" in line[0], line
+    assert "planted-pw-7" not in err and "Traceback" not in err
     figures["faults injected"] += 1
     figures["faults survived"] += 1
 

@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _print(args.command, stage(args.command, args.params, args.overrides))
     except SftopsError as exc:
-        print(f"sftops: {exc}", file=sys.stderr)
+        from sftops.redact import redact
+
+        print(f"sftops: {redact(str(exc))}", file=sys.stderr)  # a message may quote a URI with its password
         return 2
     except OSError as exc:
         from sftops.outputs import no_space
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not unreachable(exc):
             raise
-        print(f"sftops: the MLflow tracking server did not answer ({redact(str(exc)).splitlines()[0][:300]}); "
+        print(f"sftops: the MLflow tracking server or store did not answer ({redact(str(exc)).splitlines()[0][:300]}); "
               "start it (or fix MLFLOW_TRACKING_URI) and run again", file=sys.stderr)
         return 2
     return 0

@@ -107,10 +107,12 @@ def flush() -> None:
 
 
 def unreachable(exc: BaseException) -> bool:
-    """Whether an error means the tracking server did not answer (as opposed to a refused request)."""
+    """Whether an error means the tracking server (or a database store) did not answer, as opposed to a refused
+    request."""
     import requests
+    import sqlalchemy.exc
 
-    if isinstance(exc, (requests.RequestException, ConnectionError, TimeoutError)):
+    if isinstance(exc, (requests.RequestException, ConnectionError, TimeoutError, sqlalchemy.exc.OperationalError)):
         return True
     return isinstance(exc, mlflow.exceptions.MlflowException) and "API request to" in str(exc)
 
