@@ -32,8 +32,10 @@ def replaced_whole(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder; when the block completes it becomes `target` (replacing the old one);
     when it raises, `target` is untouched and the temporary folder is removed."""
     target = Path(target)
-    tmp = target.parent / f".{target.name}.tmp"
+    tmp, old = target.parent / f".{target.name}.tmp", target.parent / f".{target.name}.old"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+    if old.exists() and not target.exists():  # a run killed between the two renames below: put the old one back
+        old.rename(target)
     tmp.mkdir(parents=True)
     try:
         yield tmp
@@ -43,7 +45,6 @@ def replaced_whole(target: str | Path) -> Iterator[Path]:
         if no_space(exc):
             raise storage_error(exc, target) from None
         raise
-    old = target.parent / f".{target.name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         target.rename(old)
