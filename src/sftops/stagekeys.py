@@ -20,6 +20,7 @@ import sftops
 from sftops.config import Config
 from sftops.evalcache import cache_root
 from sftops.fingerprints import json_sha256, text_sha256
+from sftops.jsonio import write_json
 from sftops.manifest import dvc_md5
 
 STAGE_FILE = "dvc.yaml"
@@ -111,11 +112,7 @@ def _stamp(stage: str, cfg: Config) -> Path:
 
 def record_outputs(stage: str, cfg: Config, key: str, root: str | Path = ".") -> None:
     """After the stage ran (or was skipped as fresh): these outputs are what the inputs with this key made."""
-    stamp = _stamp(stage, cfg)
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    tmp = stamp.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"stage": stage, "key": key, "outputs": outputs_state(stage, cfg, root)}))
-    tmp.replace(stamp)
+    write_json(_stamp(stage, cfg), {"stage": stage, "key": key, "outputs": outputs_state(stage, cfg, root)})
 
 
 def outputs_fresh(stage: str, cfg: Config, key: str | None, root: str | Path = ".") -> bool:
