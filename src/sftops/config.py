@@ -13,6 +13,10 @@ from sftops.errors import ConfigError
 from sftops.redact import redact
 
 
+# The default of data.max_row_bytes (also the readers' default in sftops.sources).
+MAX_ROW_BYTES = 4_000_000
+
+
 class _Strict(BaseModel):
     # Unknown keys are errors: a typo must never silently fall back to a default.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -87,7 +91,7 @@ class DataConfig(_Strict):
     # Rows whose loss mask and prompt rendering are re-derived independently on every format run.
     self_check_rows: int = Field(64, ge=1)
     # A raw row (a JSONL line, a CSV row) larger than this many bytes is rejected at ingest.
-    max_row_bytes: int = Field(4_000_000, ge=1024)
+    max_row_bytes: int = Field(MAX_ROW_BYTES, ge=1024)
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:

@@ -14,12 +14,10 @@ from typing import Any
 
 import yaml
 
-from sftops.config import SourceConfig
+from sftops.config import MAX_ROW_BYTES, SourceConfig
 from sftops.errors import DataError
 from sftops.redact import redact
 
-# A row larger than this is refused (a runaway line, a file with no newlines); data.max_row_bytes overrides it.
-MAX_ROW_BYTES = 4_000_000
 # Objects and arrays nested deeper than this are refused: no chat row needs it, and deeper values reach
 # Python's recursion limit in the JSON encoder and the schema mapping.
 MAX_DEPTH = 64
