@@ -1,6 +1,7 @@
 """The promotion gate: a new model version becomes the `champion` only if its primary test metric beats the
 current champion's, measured on the same test set with the same evaluation settings, by more than a margin,
-and the data self-checks passed; otherwise it is the `challenger`. Pure: the registry calls live in tracking."""
+the data self-checks passed, and its data and code are versioned (committed to a git ref, outputs in DVC's cache),
+so that the champion can always be restored; otherwise it is the `challenger`. Pure: the registry calls live in tracking."""
 
 from __future__ import annotations
 
@@ -54,7 +55,11 @@ def decide(
     champion: Champion | None,
     margin: float,
     checks: tuple[bool, str] = (True, "no data checks recorded"),
+    versioned: tuple[bool, str] = (True, "versioned"),
 ) -> Decision:
+    is_versioned, version_note = versioned
+    if not is_versioned:
+        return Decision(CHALLENGER, f"its data is not versioned ({version_note}): not promoted", metric, value, *_champ(champion))
     passed, check_note = checks
     if not passed:
         return Decision(CHALLENGER, f"{check_note}: not promoted", metric, value, *_champ(champion))
