@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup pipeline test reliability flow ui mlflow-server prefect-server deploy worker
+.PHONY: setup pipeline test reliability ui mlflow-server prefect-server deploy worker
 
 setup: $(VENV)/.installed
 
@@ -16,12 +16,11 @@ $(VENV)/.installed: pyproject.toml requirements-nodeps.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $@
 
+# The pipeline as a team runs it: the Prefect flow, whose tasks run the DVC stages, records the run as a DVC
+# experiment and promotes the model (`dvc repro` alone runs the stages but records and promotes nothing).
 pipeline: setup
-	dvc repro
-	@sftops where
-
-flow: setup
 	python flows/sft_pipeline.py
+	@sftops where
 
 test: setup
 	pytest
@@ -44,9 +43,11 @@ mlflow-server: setup
 prefect-server: setup
 	prefect server start --host 127.0.0.1 --port 4200
 
+# Deploys the commit at HEAD (pushed to origin): see prefect.yaml and flows/deploy.py.
 deploy: setup
 	PREFECT_API_URL=$(PREFECT_API_URL) prefect work-pool create sftops --type process --overwrite
-	PWD=$(CURDIR) PREFECT_API_URL=$(PREFECT_API_URL) python flows/deploy.py --all   # working_dir = this folder
+	-PREFECT_API_URL=$(PREFECT_API_URL) prefect global-concurrency-limit create sftops-registry --limit 1  # one promotion at a time
+	PREFECT_API_URL=$(PREFECT_API_URL) python flows/deploy.py --all
 
 worker: setup
 	PREFECT_API_URL=$(PREFECT_API_URL) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) prefect worker start --pool sftops

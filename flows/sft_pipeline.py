@@ -1,17 +1,28 @@
-"""The SFT pipeline as a Prefect flow: the same four library stages that `dvc repro` runs, as tasks; and the
-evaluation alone, for a given model. Deployed by prefect.yaml (a nightly schedule on a process work pool).
+"""The SFT pipeline as a Prefect flow. DVC executes, Prefect orchestrates, MLflow registers:
 
-    python flows/sft_pipeline.py                      # params.yaml, Prefect's temporary local server
-    python flows/sft_pipeline.py --set train.max_steps=10
-    python flows/sft_pipeline.py --evaluate-only runs/<digest>/models
+    ingest -> format -> train -> evaluate     each a task running `dvc repro --single-item <stage>`: DVC decides
+                                              whether the stage runs, is restored from its run-cache or is up to
+                                              date; the task's state says which (Ran / Restored / Up to date)
+    record                                    `dvc exp save` the workspace as a DVC experiment (params, dvc.lock,
+                                              metrics in a git ref), `dvc exp push` it and its outputs; tag the
+                                              registered version with the ref (or with why its data is not versioned)
+    promote                                   the promotion gate (sftops.tracking.promote): champion or challenger
+    publish                                   artifacts: what DVC did, the data card, the review, the report link
+
+With `overrides` the four stages are one task, `dvc exp run --temp -S key=value ...`: a DVC experiment in a
+temporary copy of the repository, so several variants run at once; then record, promote and publish as above.
+
+    python flows/sft_pipeline.py                          # params.yaml, Prefect's temporary local server
+    python flows/sft_pipeline.py --set train.learning_rate=1e-4 --set train.epochs=2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,8 +30,13 @@ from urllib.parse import urlsplit
 # Without PREFECT_API_URL, Prefect starts a temporary local server; its 20 s default start-up limit is too
 # short on a busy 2-core machine (seen in CI-like runs). A user's own setting wins.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# The library's log lines (sftops.*) in the Prefect UI, through Prefect's own logging configuration; a deployment
+# sets it in prefect.yaml, this covers a run by hand. Set before Prefect configures logging on import.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "sftops")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # dvc_steps, beside this file
 
-from prefect import Task, flow, task  # noqa: E402
+import dvc_steps  # noqa: E402
+from prefect import flow, get_run_logger, runtime, task  # noqa: E402
 from prefect.artifacts import (  # noqa: E402
     create_link_artifact,
     create_markdown_artifact,
@@ -30,66 +46,124 @@ from prefect.artifacts import (  # noqa: E402
 )
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.client.schemas.objects import TaskRun  # noqa: E402
-from prefect.logging.handlers import APILogHandler  # noqa: E402
-from prefect.states import State  # noqa: E402
-from prefect.tasks import exponential_backoff  # noqa: E402
+from prefect.concurrency.sync import concurrency  # noqa: E402
+from prefect.states import Completed, State  # noqa: E402
+from prefect.tasks import Task, exponential_backoff  # noqa: E402
 
-from sftops.config import Config, isolate_outputs, load_config  # noqa: E402
+from sftops import tracking  # noqa: E402
+from sftops.config import Config, load_config  # noqa: E402
 from sftops.data.card import CARD  # noqa: E402
-from sftops.errors import SftopsError  # noqa: E402
-from sftops.fingerprints import text_sha256  # noqa: E402
+from sftops.errors import SftopsError, TransientError  # noqa: E402
 from sftops.pipeline import STAGES, where  # noqa: E402
-from sftops.stagekeys import outputs_fresh, record_outputs, stage_key  # noqa: E402
+
+REGISTRY_LOCK = "sftops-registry"  # a Prefect global concurrency limit of 1 (make deploy creates it)
 
 
-def retry_unless_user_error(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Bad params or bad data fail the same way on every try; a dropped connection may not."""
+def retry_only_outages(task: Task, task_run: TaskRun, state: State) -> bool:
+    """An outage (the tracking server, a remote, DVC's lock held by another run) may pass; a user mistake or a
+    bug fails the same way on every try, so it is not retried."""
     try:
         state.result()
+    except dvc_steps.DvcFailed as exc:
+        return exc.transient
     except SftopsError:
         return False
-    except Exception:  # noqa: BLE001 - any other failure is worth another try
-        return True
-    return True
+    except Exception as exc:  # noqa: BLE001 - in-process calls to MLflow (record, promote)
+        return isinstance(exc, TransientError) or tracking.unreachable(exc)
+    return False
 
 
-# Stage outputs live on disk (data/, models/); the tasks pass the typed config, never large objects.
-# Tasks that touch the network or the tracking server retry with exponential backoff (10, 20, 40 s, jittered);
-# train's retry resumes from its last checkpoint. Results are persisted: they are the cache (see run_stage).
-IO_RETRIES: dict[str, Any] = dict(
+# Retries wait 10, 20, 40 s (jittered). A retried train stage resumes from its last checkpoint.
+ON_OUTAGE: dict[str, Any] = dict(
     retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
-    retry_condition_fn=retry_unless_user_error,
+    retry_condition_fn=retry_only_outages, cache_policy=NO_CACHE,  # DVC is the cache: every run asks it
 )
-ingest = task(STAGES["ingest"], name="ingest", persist_result=True, **IO_RETRIES)  # files, packages, the hub
-format_data = task(STAGES["format"], name="format", persist_result=True)  # local computation only
-train = task(STAGES["train"], name="train", persist_result=True, retries=1, retry_delay_seconds=30,
-             retry_condition_fn=retry_unless_user_error)  # MLflow logging and registration
-evaluate = task(STAGES["evaluate"], name="evaluate", persist_result=True, **IO_RETRIES)  # MLflow registry
 
 
-def run_stage(stage_task: Task, stage: str, cfg: Config) -> Any:
-    """Run a stage, or take its cached result when its inputs as dvc.yaml declares them (deps hashed the way DVC
-    does, its params sections) are unchanged and the outputs they made are still in place: so a change of
-    train.* re-runs train and evaluate, never ingest and format, as `dvc repro` would."""
-    key = stage_key(stage, cfg)
-    if key is None:  # no dvc.yaml entry here to say what the stage depends on: always run
-        return stage_task.with_options(cache_policy=NO_CACHE)(cfg)
-    fresh = outputs_fresh(stage, cfg, key)
-    result = stage_task.with_options(cache_key_fn=lambda *_: key, refresh_cache=not fresh)(cfg)
-    record_outputs(stage, cfg, key)
-    return result
+def _log(line: str) -> None:
+    get_run_logger().info(line)
 
 
-def show_library_logs() -> None:
-    """The library's log lines (one per training step) appear in the Prefect UI with the run's own."""
-    logger = logging.getLogger("sftops")
-    logger.setLevel(logging.INFO)
-    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
-        logger.addHandler(APILogHandler())
+@task(**ON_OUTAGE)
+def dvc_stage(stage: str, upstream: dict | None = None) -> State:
+    """One stage through DVC; `upstream` (the previous stage's result) chains the tasks in the run's graph."""
+    outcome = dvc_steps.repro(stage, Path.cwd(), _log)
+    return Completed(name=outcome, message=f"DVC: {stage} {outcome.lower()}", data={"stage": stage, "outcome": outcome})
 
 
-def data_card(cfg: Config) -> str:
-    return (Path(cfg.paths.curated) / CARD).read_text(encoding="utf-8")
+@task(**ON_OUTAGE)
+def dvc_experiment(name: str, overrides: list[str]) -> State:
+    """The four stages as DVC experiment <name> with these params, in a temporary workspace."""
+    outcomes = dvc_steps.exp_run(name, overrides, Path.cwd(), _log)
+    ran = sum(o == dvc_steps.RAN for o in outcomes.values())
+    return Completed(name=f"Ran {ran} of {len(outcomes)}", data={"experiment": name, "outcomes": outcomes})
+
+
+def _run_files(cfg: Config, rev: str | None, cwd: Path) -> tuple[dict, dict]:
+    """The run.json of the model and metrics.json, from the workspace or as revision `rev` recorded them."""
+    run_file, metrics_file = f"{cfg.paths.model}/{tracking.RUN_FILE}", cfg.paths.metrics
+    if rev is None:
+        return json.loads((cwd / run_file).read_text()), json.loads((cwd / metrics_file).read_text())
+    return json.loads(dvc_steps.read_output(run_file, rev, cwd)), json.loads(dvc_steps.show(rev, metrics_file, cwd))
+
+
+@task(**ON_OUTAGE)
+def record(name: str, cfg: Config, in_workspace: bool, upstream: dict | None = None) -> State:
+    """Record the run in git and DVC, and tag its registered version with the record (or with why there is none)."""
+    cwd, logger = Path.cwd(), get_run_logger()
+    rev, tags = None, {}
+    try:
+        if in_workspace:
+            dvc_steps.exp_save(name, ["dvc.lock", cfg.paths.metrics], cwd, _log)
+        ref = dvc_steps.exp_ref(name, cwd)
+        rev = dvc_steps.git(["rev-parse", ref], cwd)
+        tags = {"dvc.experiment": name, "git.ref": ref, "git.commit": rev}
+        outs = dvc_steps.locked_outputs(dvc_steps.show(rev, "dvc.lock", cwd))
+        tags.update({"dvc.curated_md5": outs[cfg.paths.curated]["md5"], "dvc.model_md5": outs[cfg.paths.model]["md5"]})
+        versioned, why = True, f"{ref} in this repository; outputs in its DVC cache"
+    except dvc_steps.DvcFailed as exc:
+        versioned, why = False, f"{exc}; fix: run the flow in a git repository with `dvc init` done and its files committed"
+    run_info, metrics = _run_files(cfg, rev, cwd)
+    if versioned and tags["dvc.curated_md5"] != tracking.version_tags(run_info).get("data.curated_dvc_md5"):
+        versioned, why = False, "the curated data in dvc.lock is not the data the model was trained on"
+    git_remote, dvc_remote = dvc_steps.git_remote(cwd), dvc_steps.dvc_remote(cwd)
+    if versioned and git_remote:
+        if dvc_remote is None:
+            logger.warning("no default DVC remote: the experiment's git ref is pushed, its data stays in this machine's "
+                           "DVC cache (fix: dvc remote add -d <name> <url>, and commit .dvc/config)")
+        try:
+            dvc_steps.exp_push(name, git_remote, cwd, _log)
+            why = f"{tags['git.ref']} pushed to git remote {git_remote!r}" + (
+                f", outputs to DVC remote {dvc_remote!r}" if dvc_remote else ", outputs in this machine's DVC cache only")
+            tags["restore"] = f"dvc exp pull {git_remote} {name} && dvc exp apply {name}"
+        except dvc_steps.DvcFailed as exc:
+            versioned, why = False, f"{exc}; fix: make the remote reachable, then `dvc exp push {git_remote} {name}`"
+    tags.update({tracking.VERSIONED: str(versioned).lower(), tracking.VERSIONED_REASON: why[:5000]})
+    if not versioned:
+        logger.warning(f"sftops: model {run_info['registered_model']} v{run_info['version']}: data not versioned: {why}")
+    tracking.record_version(run_info, tags)
+    if in_workspace and runtime.deployment.id:
+        # A deployment's clone must stay clean for the next run's `git checkout` of the pinned commit; the
+        # experiment holds the params, dvc.lock and metrics, the DVC cache the outputs.
+        dvc_steps.git(["reset", "--hard", "-q"], cwd)
+        dvc_steps.git(["clean", "-fdq"], cwd)  # untracked, not ignored: the metrics file; never outputs or caches
+    recorded = {"run": run_info, "metrics": metrics, "tags": tags, "versioned": versioned, "rev": rev}
+    return Completed(name="Recorded" if versioned else "Not versioned", message=why[:500], data=recorded)
+
+
+@task(**ON_OUTAGE)
+def promote(recorded: dict, cfg: Config) -> State:
+    """The promotion gate, one flow at a time per registry: two variants deciding at once would both see the old
+    champion."""
+    with concurrency(REGISTRY_LOCK, occupy=1, strict=False):
+        decision = tracking.promote(recorded["run"], recorded["metrics"], cfg.evaluate.primary_metric,
+                                    cfg.evaluate.promotion_margin)
+    return Completed(name=decision.alias.capitalize(), message=decision.reason, data=decision.as_dict())
+
+
+def data_card(cfg: Config, rev: str | None = None) -> str:
+    path = f"{cfg.paths.curated}/{CARD}"
+    return dvc_steps.read_output(path, rev, Path.cwd()) if rev else Path(path).read_text(encoding="utf-8")
 
 
 def metrics_markdown(metrics: dict, cfg: Config) -> str:
@@ -116,6 +190,15 @@ def metrics_table(metrics: dict) -> list[dict[str, Any]]:
             for key in metrics["tuned"] if key in metrics["base"]]
 
 
+def record_markdown(outcomes: dict[str, str], recorded: dict) -> str:
+    rows = "\n".join(f"| {stage} | {outcome} |" for stage, outcome in outcomes.items())
+    tags = recorded["tags"]
+    versioned = (f"Recorded as DVC experiment `{tags['dvc.experiment']}` (`{tags['git.ref']}`, commit `{tags['git.commit'][:12]}`): "
+                 f"{tags[tracking.VERSIONED_REASON]}" if recorded["versioned"] else f"**Not versioned**: {tags[tracking.VERSIONED_REASON]}")
+    restore = f"\n\nRestore its data and model on a fresh clone: `{tags['restore']}`" if "restore" in tags else ""
+    return f"## What DVC did\n\n| stage | DVC |\n|---|---|\n{rows}\n\n{versioned}{restore}\n"
+
+
 def report_link(run: dict, cfg: Config) -> str:
     """The HTML report on the MLflow server where reviewers can open it; the local file otherwise."""
     uri = urlsplit(run.get("tracking_uri", ""))
@@ -125,53 +208,56 @@ def report_link(run: dict, cfg: Config) -> str:
     return (Path(cfg.paths.reports) / "report.html").resolve().as_uri()
 
 
-def publish_results(metrics: dict, run: dict, cfg: Config) -> None:
+def publish(outcomes: dict[str, str], recorded: dict, decision: dict, cfg: Config) -> None:
+    run, metrics = recorded["run"], {**recorded["metrics"], "promotion": decision,
+                                     "report": str(Path(cfg.paths.reports) / "report.html")}
+    create_markdown_artifact(markdown=record_markdown(outcomes, recorded), key="sft-dvc", description="what DVC did, where the run is recorded")
+    create_markdown_artifact(markdown=data_card(cfg, recorded["rev"]), key="sft-data-card", description="what the format stage did")
     create_markdown_artifact(markdown=metrics_markdown(metrics, cfg), key="sft-metrics", description="base vs tuned")
     create_table_artifact(table=metrics_table(metrics), key="sft-metrics-table", description="test metrics, base vs tuned")
     create_link_artifact(link=report_link(run, cfg), link_text="report.html", key="sft-report",
                          description=f"the review of MLflow run {run['run_id']}")
 
 
+def experiment_name() -> str:
+    """A name DVC accepts and a reader can place: the flow run's own name and the time."""
+    when = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{runtime.flow_run.name or 'run'}-{when}"
+
+
 @flow(name="sft-pipeline", log_prints=True)
-def sft_pipeline(params: str = "params.yaml", overrides: list[str] | None = None) -> dict:
-    cfg = isolate_outputs(load_config(params, overrides or []), overrides or [])
-    show_library_logs()
-    progress = create_progress_artifact(0.0, key="sft-progress", description="pipeline stages done (%)")
-    run_stage(ingest, "ingest", cfg)
-    update_progress_artifact(progress, 25.0)
-    run_stage(format_data, "format", cfg)
-    update_progress_artifact(progress, 50.0)
-    create_markdown_artifact(markdown=data_card(cfg), key="sft-data-card", description="what the format stage did")
-    run = run_stage(train, "train", cfg)
-    update_progress_artifact(progress, 75.0)
-    metrics = run_stage(evaluate, "evaluate", cfg)
+def sft_pipeline(overrides: list[str] | None = None, experiment: str | None = None) -> dict:
+    """The pipeline on params.yaml (with `overrides`: as a DVC experiment on those params), recorded and promoted."""
+    overrides = overrides or []
+    cfg = load_config("params.yaml", overrides)
+    name = experiment or experiment_name()
+    progress = create_progress_artifact(0.0, key="sft-progress", description="pipeline steps done (%)")
+    if overrides:
+        upstream = dvc_experiment.submit(name, overrides)
+        outcomes = upstream.result()["outcomes"]
+    else:
+        upstream, outcomes = None, {}
+        for done, stage in enumerate(STAGES, 1):
+            upstream = dvc_stage.with_options(name=stage).submit(stage, upstream)
+            outcomes[stage] = upstream.result()["outcome"]
+            update_progress_artifact(progress, 15.0 * done)
+    recording = record.submit(name, cfg, not overrides, upstream)
+    recorded = recording.result()
+    update_progress_artifact(progress, 80.0)
+    decision = promote.submit(recording, cfg).result()
+    publish(outcomes, recorded, decision, cfg)
     update_progress_artifact(progress, 100.0)
-    publish_results(metrics, run, cfg)
-    print(json.dumps({"mlflow_run_id": run["run_id"], "model_version": run["version"], **where(cfg)}, indent=2))
-    return {"run_id": run["run_id"], "metrics": metrics}
-
-
-@flow(name="sft-evaluate", log_prints=True)
-def sft_evaluate(model: str = "models", params: str = "params.yaml", overrides: list[str] | None = None) -> dict:
-    """Evaluate one trained model (a folder the train stage wrote: `models`, `runs/<digest>/models`) on the
-    current test split; the review lands in that model's MLflow run, the files under runs/eval-<digest>/."""
-    cfg = isolate_outputs(load_config(params, overrides or []), overrides or [])
-    out = Path("runs") / f"eval-{text_sha256(json.dumps([model, overrides or []]))[:10]}"
-    cfg.paths.model = model
-    cfg.paths.reports, cfg.paths.metrics = str(out / "reports"), str(out / "metrics.json")
-    metrics = evaluate.with_options(cache_policy=NO_CACHE)(cfg)  # says so when the folder holds no trained model
-    run = json.loads((Path(model) / "run.json").read_text())
-    publish_results(metrics, run, cfg)
-    return {"run_id": run["run_id"], "metrics": metrics}
+    run = recorded["run"]
+    print(json.dumps({"mlflow_run_id": run["run_id"], "model_version": run["version"], "registry": decision["alias"],
+                      "dvc_experiment": name, "dvc": outcomes}, indent=2))
+    return {"run_id": run["run_id"], "version": run["version"], "experiment": name, "outcomes": outcomes,
+            "decision": decision, "versioned": recorded["versioned"]}
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Run the SFT pipeline as a Prefect flow.")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--evaluate-only", metavar="MODEL_FOLDER", help="only evaluate this trained model folder")
+    parser = argparse.ArgumentParser(description="Run the SFT pipeline as a Prefect flow (DVC runs the stages).")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="run as a DVC experiment with this param changed (repeatable)")
+    parser.add_argument("--name", default=None, help="the DVC experiment's name (default: the flow run's name and time)")
     args = parser.parse_args()
-    if args.evaluate_only:
-        sft_evaluate(args.evaluate_only, args.params, args.overrides)
-    else:
-        sft_pipeline(args.params, args.overrides)
+    sft_pipeline(args.overrides, args.name)

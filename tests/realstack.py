@@ -41,11 +41,13 @@ def tool_env() -> dict[str, str]:
 
 
 def small_params(model: Path, data: Path, registered_model: str) -> dict:
+    """params.yaml with a small model, source and budget. Sections are updated, not replaced: DVC refuses a stage
+    whose declared params keys are missing from params.yaml."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"] = {"sources": [{"name": "gsm8k", "path": str(data)}], "val_fraction": 0.1, "test_fraction": 0.15, "split_seed": 0}
-    params["model"] = {"base": str(model), "gguf_file": None, "max_length": 512}
+    params["data"].update({"sources": [{"name": "gsm8k", "path": str(data)}], "val_fraction": 0.1, "test_fraction": 0.15, "split_seed": 0})
+    params["model"].update({"base": str(model), "gguf_file": None, "max_length": 512})
     params["train"].update({"max_steps": 12, "micro_batch_size": 8, "grad_accum_steps": 1, "learning_rate": 0.003, "warmup_ratio": 0.1})
-    params["evaluate"] = {"batch_size": 16, "num_generations": 3, "max_new_tokens": 12}
+    params["evaluate"].update({"batch_size": 16, "num_generations": 3, "max_new_tokens": 12})
     params["tracking"]["registered_model_name"] = registered_model
     return params
 

@@ -1,6 +1,7 @@
 """dvc.yaml says exactly what each stage reads: each stage is run for real (the tiny model, a small source) by
 tests/stage_reads.py, which records the params keys it reads and the project modules it imports, and both must be
-declared in the stage's `params` and `deps`. params.yaml carries every key of the typed config, so no default that
+declared in the stage's `params` and `deps`; every file it opens in the project folder must be one of its deps or
+outputs (or the places that are not pipeline data: the MLflow store, the caches, train's checkpoints). params.yaml carries every key of the typed config, so no default that
 lives only in code escapes DVC's params tracking."""
 
 from __future__ import annotations
@@ -27,6 +28,20 @@ def declared(stage: str) -> tuple[list[str], list[str]]:
     return entry["params"], [d for d in entry["deps"] if d.startswith("src/")]
 
 
+def declared_files(stage: str, paths: dict[str, str]) -> list[str]:
+    """The stage's deps and outputs (metrics included) with ${paths.*} filled in."""
+    entry = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    items = entry["deps"] + [next(iter(o)) if isinstance(o, dict) else o for o in entry.get("outs", []) + entry.get("metrics", [])]
+    for key, value in paths.items():
+        items = [i.replace("${paths.%s}" % key, value) for i in items]
+    return items
+
+
+def written_aside(path: str, outputs: list[str]) -> bool:
+    """A file in the folder an output is written in before it is swapped into place (.NAME.tmp, .NAME.old)."""
+    return any(f"/.{Path(o).name}." in f"/{path}" for o in outputs)
+
+
 def covered(item: str, declarations: list[str], sep: str) -> bool:
     return any(item == d or item.startswith(d.rstrip(sep) + sep) for d in declarations)
 
@@ -44,7 +59,10 @@ def reads(tmp_path_factory, tiny_model) -> dict[str, dict]:
     os.chdir(folder)
     try:
         write_qa_project(tiny_model, 60, "reads", train={"max_steps": 2, "micro_batch_size": 8},
-                         evaluate={"num_generations": 2, "max_new_tokens": 4, "bootstrap_resamples": 50})
+                         evaluate={"num_generations": 2, "max_new_tokens": 4, "bootstrap_resamples": 50},
+                         data={"sources": [{"name": "qa", "path": "data/sources/qa.jsonl"}]})
+        (folder / "data/sources").mkdir(parents=True)
+        (folder / "qa.jsonl").rename(folder / "data/sources/qa.jsonl")  # where dvc.yaml's ingest looks
     finally:
         os.chdir(cwd)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "SFTOPS_CACHE_DIR": str(folder / "cache")}
@@ -73,7 +91,21 @@ def test_each_stage_imports_only_the_project_code_its_dvc_entry_declares(reads, 
     assert not undeclared, f"dvc.yaml stage {stage!r} imports code it does not declare as deps: {undeclared}"
 
 
+NOT_PIPELINE_DATA = ("params.yaml", "mlflow.db", "mlruns/", "cache/", "checkpoints/")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_opens_only_files_its_dvc_entry_declares(reads, stage):
+    paths = load_config(ROOT / "params.yaml").paths.model_dump()
+    files = declared_files(stage, paths)
+    opened = [f for f in reads[stage]["opened"] if not f.startswith(NOT_PIPELINE_DATA)]
+    assert opened, "the recorder saw no files opened: it is broken"
+    undeclared = [f for f in opened if not covered(f, files, "/") and not written_aside(f, files)]
+    assert not undeclared, f"dvc.yaml stage {stage!r} opens files it does not declare: {undeclared}"
+
+
 def test_the_recorder_sees_the_reads_that_dvc_yaml_once_missed(reads):
     """The check can fail: ingest reads data.max_row_bytes (once undeclared), evaluate imports evalcache.py."""
     assert "data.max_row_bytes" in reads["ingest"]["params"] and not covered("data.max_row_bytes", ["data.sources"], ".")
     assert "src/sftops/evalcache.py" in reads["evaluate"]["modules"]
+    assert "data/curated/ingest_report.json" in reads["train"]["opened"]  # not data/raw's, which train does not depend on

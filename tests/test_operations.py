@@ -1,7 +1,11 @@
-"""The pipeline operated as a team would, on one machine and for real: a `prefect server start` and an
-`mlflow server` on loopback, the deployments of prefect.yaml, a process worker, runs triggered through the API
-(what the UI's "Run" button does), the artifacts reviewers open, stage caching, evaluation alone, and two
-variants at once. The team setup (both servers on PostgreSQL) is in test_operations_postgres.py."""
+"""The pipeline operated as a team would, for real: a git repository with a bare `origin` and a local-folder DVC
+remote, an `mlflow server` and a `prefect server start` on loopback, the deployments of prefect.yaml (pinned to a
+pushed commit), a process worker, runs triggered through the API (what the UI's "Run" button does). Proved here:
+each task runs its stage through DVC and says what DVC did; the run is recorded as a DVC experiment pushed to the
+remotes, and a fresh clone restores the champion's exact data and model from the registry's tags alone; DVC's
+run-cache restores earlier params without training; variants run at once as DVC experiments into one registry;
+`dvc repro`, the flow run by hand and the deployment write the same dvc.lock. The team setup (both servers on
+PostgreSQL) is in test_operations_postgres.py."""
 
 from __future__ import annotations
 
@@ -17,23 +21,49 @@ import yaml
 from mlflow import MlflowClient
 
 import realstack
-from realstack import background, http_json, make_repo, poll, prefect_env, sh
+from realstack import background, git_commit, http_json, make_repo, poll, prefect_env, sh
+from sftops.manifest import dvc_md5
 
 MODEL_NAME = "ops-sft"
 RUN_TIMEOUT = 900  # seconds for one flow run on a busy 2-core machine (about 1-2 min when idle)
+STAGES = ("ingest", "format", "train", "evaluate")
 
 
 @dataclass
 class Stack:
-    repo: Path
-    env: dict[str, str]  # a Prefect CLI's environment: PREFECT_API_URL, PREFECT_HOME, MLFLOW_TRACKING_URI
+    repo: Path  # the team's checkout, where code and params change and get pushed
+    clone: Path  # the deployment's clone, where the runs happen
+    origin: Path
+    remote: Path  # the DVC remote
+    env: dict[str, str]  # a Prefect CLI's environment: PREFECT_API_URL, PREFECT_HOME, MLFLOW_TRACKING_URI, SFTOPS_*
     api: str
     mlflow: str
     first_run: dict
 
 
-def prefect(stack_env: dict, repo: Path, *args: str) -> str:
-    return sh(sys.executable, "-m", "prefect", *args, cwd=repo, env=stack_env)
+def prefect(env: dict, repo: Path, *args: str) -> str:
+    return sh(sys.executable, "-m", "prefect", *args, cwd=repo, env=env)
+
+
+def dvc(env: dict, repo: Path, *args: str) -> str:
+    return sh(sys.executable, "-m", "dvc", *args, cwd=repo, env=env)
+
+
+def deploy(stack_env: dict, repo: Path) -> None:
+    """What `make deploy` does (pinning HEAD, which must be pushed)."""
+    env = {k: v for k, v in stack_env.items() if k != "SFTOPS_COMMIT"}
+    sh(sys.executable, "flows/deploy.py", "--all", cwd=repo, env=env)
+
+
+def push_change(stack: Stack, message: str, change) -> None:
+    params_file = stack.repo / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    change(params)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("git", "add", "params.yaml", cwd=stack.repo)
+    git_commit(stack.repo, message)
+    sh("git", "push", "-q", "origin", "main", cwd=stack.repo)
+    deploy(stack.env, stack.repo)
 
 
 def trigger(env: dict, repo: Path, deployment: str, **parameters) -> str:
@@ -62,9 +92,12 @@ def completed(api: str, flow_run_id: str) -> dict:
     return run
 
 
+def task_runs(api: str, flow_run_id: str) -> list[dict]:
+    return http_json("POST", f"{api}/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": [flow_run_id]}}})
+
+
 def task_states(api: str, flow_run_id: str) -> dict[str, str]:
-    runs = http_json("POST", f"{api}/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": [flow_run_id]}}})
-    return {r["name"].rsplit("-", 1)[0]: r["state"]["name"] for r in runs}  # task runs are named <task>-<suffix>
+    return {r["name"].rsplit("-", 1)[0]: r["state"]["name"] for r in task_runs(api, flow_run_id)}  # <task>-<suffix>
 
 
 def artifacts(api: str, flow_run_id: str) -> dict[str, dict]:
@@ -72,93 +105,207 @@ def artifacts(api: str, flow_run_id: str) -> dict[str, dict]:
     return {a["key"] or a["type"]: a for a in found}
 
 
+def mlflow_runs(mlflow: str) -> list:
+    client = MlflowClient(mlflow)
+    experiment = client.get_experiment_by_name("sftops")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, stories_model, gsm8k):
-    """Servers up, the repo's deployments deployed, a worker polling the pool, one nightly run done."""
+    """Origin, DVC remote, servers, the deployments pinned to the pushed HEAD, a worker, one nightly run done."""
     tmp = tmp_path_factory.mktemp("ops")
-    repo = make_repo(tmp / "repo", stories_model, gsm8k, rows=80, registered_model=MODEL_NAME, extra=("flows", "prefect.yaml"))
+    repo = make_repo(tmp / "repo", stories_model, gsm8k, rows=80, registered_model=MODEL_NAME,
+                     extra=("flows", "prefect.yaml", ".dvcignore"))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"].update(max_steps=3, checkpoint_every=None)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    origin, remote = tmp / "origin.git", tmp / "dvc-remote"
+    env = realstack.tool_env()
+    sh("git", "init", "-q", "--bare", str(origin), cwd=tmp)
+    sh("git", "symbolic-ref", "HEAD", "refs/heads/main", cwd=origin)
+    sh("git", "branch", "-M", "main", cwd=repo)
+    sh("git", "remote", "add", "origin", str(origin), cwd=repo)
+    dvc(env, repo, "remote", "add", "-d", "store", str(remote))
+    sh("git", "add", "-A", cwd=repo)
+    git_commit(repo, "small params, a DVC remote")
+    sh("git", "push", "-q", "-u", "origin", "main", cwd=repo)
     with realstack.mlflow_server(tmp / "mlflow") as mlflow_url, realstack.prefect_server(tmp / "prefect") as api:
         env = prefect_env(tmp / "prefect", api_url=api)
-        env.update(MLFLOW_TRACKING_URI=mlflow_url, PWD=str(repo))  # prefect deploy reads $PWD for working_dir
+        env.update(MLFLOW_TRACKING_URI=mlflow_url, SFTOPS_DEPLOY_DIR=str(tmp / "deployments"))
         prefect(env, repo, "work-pool", "create", "sftops", "--type", "process", "--overwrite")  # as `make deploy`
-        sh(sys.executable, "flows/deploy.py", "--all", cwd=repo, env=env)  # prefect deploy --all, see flows/deploy.py
+        prefect(env, repo, "global-concurrency-limit", "create", "sftops-registry", "--limit", "1")
+        deploy(env, repo)
         worker = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "sftops"]  # as `make worker`
-        with background(worker, tmp / "worker.log", env=env, cwd=repo):
+        with background(worker, tmp / "worker.log", env=env, cwd=tmp):
             first_run = completed(api, trigger(env, repo, "sft-pipeline/nightly"))
-            yield Stack(repo, env, api, mlflow_url, first_run)
+            yield Stack(repo, tmp / "deployments" / "sftops", origin, remote, env, api, mlflow_url, first_run)
 
 
-def test_the_nightly_deployment_is_scheduled_on_the_process_pool(stack):
-    deployment = http_json("GET", f"{stack.api}/deployments/name/sft-pipeline/nightly")
-    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 2 * * *"]
-    assert deployment["work_pool_name"] == "sftops" and deployment["parameters"] == {"params": "params.yaml", "overrides": []}
-    assert deployment["job_variables"]["working_dir"] == str(stack.repo)
-    evaluation = http_json("GET", f"{stack.api}/deployments/name/sft-evaluate/evaluate")
-    assert evaluation["parameters"]["model"] == "models" and not evaluation["schedules"]
+def test_the_deployments_run_pinned_code_and_the_nightly_one_at_a_time(stack):
+    nightly = http_json("GET", f"{stack.api}/deployments/name/sft-pipeline/nightly")
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
+    assert deployment_limit(nightly) == 1 and nightly["work_pool_name"] == "sftops"
+    [clone] = [step[name] for step in nightly["pull_steps"] for name in step if name.endswith(".git_clone")]
+    assert clone["repository"] == str(stack.origin)
+    assert clone["commit_sha"] == sh("git", "rev-parse", "HEAD", cwd=stack.repo).strip()
+    assert sh("git", "rev-parse", "HEAD", cwd=stack.clone).strip() == clone["commit_sha"]
+    sweep = http_json("GET", f"{stack.api}/deployments/name/sft-pipeline/sweep")
+    assert not sweep["schedules"] and deployment_limit(sweep) is None
 
 
-def test_a_triggered_run_completes_on_the_worker_with_its_artifacts_and_mlflow_run(stack):
+def deployment_limit(deployment: dict) -> int | None:
+    """A deployment's concurrency limit (Prefect keeps it as a global concurrency limit of the deployment's own)."""
+    return (deployment.get("global_concurrency_limit") or {}).get("limit") or deployment.get("concurrency_limit")
+
+
+def test_each_task_runs_its_dvc_stage_in_a_chain_and_says_what_dvc_did(stack):
     flow_run_id = stack.first_run["id"]
-    assert task_states(stack.api, flow_run_id) == dict.fromkeys(("ingest", "format", "train", "evaluate"), "Completed")
+    states = task_states(stack.api, flow_run_id)
+    assert states == {**dict.fromkeys(STAGES, "Ran"), "record": "Recorded", "promote": "Champion"}
+    # The graph is the chain: each stage's task takes the previous one's result as an input.
+    runs = {r["name"].rsplit("-", 1)[0]: r for r in task_runs(stack.api, flow_run_id)}
+    for before, after in zip(("ingest", "format", "train", "evaluate"), ("format", "train", "evaluate", "record")):
+        upstream = [i["id"] for inputs in runs[after]["task_inputs"].values() for i in inputs]
+        assert runs[before]["id"] in upstream, (before, after)
+    text = logs(stack.api, flow_run_id)
+    assert re.search(r"train step 3: train_loss \d", text)  # the stage's own lines, as DVC ran it
+    assert "Running stage 'train'" in text
     found = artifacts(stack.api, flow_run_id)
-    assert {"sft-data-card", "sft-metrics", "sft-metrics-table", "sft-report", "sft-progress"} <= set(found)
-    assert "Held-out response NLL" in found["sft-metrics"]["data"]
-    assert found["sft-progress"]["data"] == 100.0
-    assert {row["metric"] for row in json.loads(found["sft-metrics-table"]["data"])} >= {"nll", "rouge_l"}
-    assert re.search(r"train step 3: train_loss \d", logs(stack.api, flow_run_id))  # training progress, step by step
-    # The report link opens the HTML report through the MLflow server.
+    assert {"sft-dvc", "sft-data-card", "sft-metrics", "sft-metrics-table", "sft-report", "sft-progress"} <= set(found)
+    assert "| train | Ran |" in found["sft-dvc"]["data"] and "Held-out response NLL" in found["sft-metrics"]["data"]
     link = re.search(r"\((http[^)]+)\)", found["sft-report"]["data"]).group(1)
-    with urllib.request.urlopen(link, timeout=30) as response:
+    with urllib.request.urlopen(link, timeout=30) as response:  # the report, through the MLflow server
         assert b"<html" in response.read(2000).lower()
-    run_info = json.loads((stack.repo / "models/run.json").read_text())
+
+
+def test_the_champion_is_recorded_in_git_and_dvc_and_a_fresh_clone_restores_it_from_the_registry(stack, tmp_path):
     client = MlflowClient(stack.mlflow)
-    assert len(client.get_metric_history(run_info["run_id"], "train_loss")) == 3
-    assert client.get_model_version(MODEL_NAME, run_info["version"]).run_id == run_info["run_id"]
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    tags = champion.tags
+    assert tags["data.versioned"] == "true" and "pushed to git remote 'origin'" in tags["data.versioned_reason"]
+    assert tags["git.ref"] in sh("git", "ls-remote", str(stack.origin), cwd=tmp_path)
+    assert tags["dvc.curated_md5"] == tags["data.curated_dvc_md5"]  # what DVC recorded is what the model trained on
+    # A new user, with nothing but the registry URI: clone, then the restore command the version carries.
+    fresh = tmp_path / "fresh"
+    sh("git", "clone", "-q", str(stack.origin), str(fresh), cwd=tmp_path)
+    env = realstack.tool_env()
+    for command in tags["restore"].split(" && "):
+        assert command.startswith("dvc ")
+        dvc(env, fresh, *command.split()[1:])
+    params = yaml.safe_load((fresh / "params.yaml").read_text())
+    curated, model = fresh / params["paths"]["curated"], fresh / params["paths"]["model"]
+    assert dvc_md5(curated) == tags["dvc.curated_md5"] and dvc_md5(model) == tags["dvc.model_md5"]
+    for name in ("train.parquet", "test.parquet"):
+        assert (curated / name).read_bytes() == (stack.clone / params["paths"]["curated"] / name).read_bytes()
+    run_info = json.loads((model / "run.json").read_text())
+    assert run_info["run_id"] == champion.run_id and run_info["version"] == champion.version
+    assert json.loads(dvc(env, fresh, "status", "--json")) == {}
 
 
-def test_a_train_param_change_reruns_train_and_evaluate_but_not_ingest_or_format(stack):
-    params_file = stack.repo / "params.yaml"
-    params = yaml.safe_load(params_file.read_text())
-    params["train"]["learning_rate"] = 0.001
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    flow_run_id = trigger(stack.env, stack.repo, "sft-pipeline/nightly")
-    completed(stack.api, flow_run_id)
-    assert task_states(stack.api, flow_run_id) == {"ingest": "Cached", "format": "Cached", "train": "Completed", "evaluate": "Completed"}
-    run_info = json.loads((stack.repo / "models/run.json").read_text())
-    assert MlflowClient(stack.mlflow).get_run(run_info["run_id"]).data.params["train.learning_rate"] == "0.001"
+def test_sftops_reproduce_restores_the_recorded_data_through_dvc_and_retrains_the_same_model(stack, tmp_path):
+    """From the team's checkout (which has neither the experiment's commit nor its data): the commit is fetched by
+    the version's ref, the curated data pulled from the DVC remote, train and evaluate re-run; nothing re-ingests."""
+    env = {**realstack.tool_env(), "MLFLOW_TRACKING_URI": stack.mlflow}
+    again = tmp_path / "again"
+    sh(sys.executable, "-m", "sftops", "reproduce", f"models:/{MODEL_NAME}@champion", "--into", str(again), cwd=stack.repo, env=env)
+    result = json.loads((again / "reproduction.json").read_text())
+    assert result["data_restored_by_dvc"] and result["reproduced"], result["failed"]
+    assert result["checks"]["curated_files"]["match"] and result["checks"]["model_files"]["match"]
+    log = (again / "reproduction.log").read_text()
+    assert "dvc pull data/curated" in log and "Running stage 'train'" in log and "Running stage 'ingest'" not in log
+
+
+def test_a_pushed_train_param_change_reruns_train_and_evaluate_and_the_run_cache_restores_the_old_params(stack):
+    before = {r.info.run_id for r in mlflow_runs(stack.mlflow)}
+    push_change(stack, "lr 0.001", lambda p: p["train"].update(learning_rate=0.001))
+    changed = completed(stack.api, trigger(stack.env, stack.repo, "sft-pipeline/nightly"))
+    states = task_states(stack.api, changed["id"])
+    assert states["ingest"] in {"Restored", "Up to date"} and states["format"] in {"Restored", "Up to date"}
+    assert states["train"] == "Ran" and states["evaluate"] == "Ran"
+    runs = {r.info.run_id: r for r in mlflow_runs(stack.mlflow)}
+    [new] = set(runs) - before
+    assert runs[new].data.params["train.learning_rate"] == "0.001"
+
+    # Back to the first params: DVC's run-cache checks the first run's outputs out; nothing trains.
+    push_change(stack, "lr back", lambda p: p["train"].update(learning_rate=0.003))
+    again = completed(stack.api, trigger(stack.env, stack.repo, "sft-pipeline/nightly"))
+    assert task_states(stack.api, again["id"])["train"] == "Restored"
+    assert task_states(stack.api, again["id"])["evaluate"] == "Restored"
+    assert {r.info.run_id for r in mlflow_runs(stack.mlflow)} == set(runs)  # no new MLflow run: no training
+    first_version = MlflowClient(stack.mlflow).get_model_version(MODEL_NAME, "1")
+    assert json.loads((stack.clone / "models/run.json").read_text())["run_id"] == first_version.run_id
 
 
 RATES = ("0.002", "0.004")
 
 
-@pytest.fixture(scope="module")
-def at_once(stack):
-    """Three runs triggered together: two variants of the pipeline and the evaluation of the nightly model."""
-    ids = [trigger(stack.env, stack.repo, "sft-pipeline/nightly", overrides=[f"train.learning_rate={r}"]) for r in RATES]
-    ids.append(trigger(stack.env, stack.repo, "sft-evaluate/evaluate", model="models"))
-    return [completed(stack.api, i) for i in ids]
-
-
-def test_the_evaluate_deployment_reviews_a_given_model(stack, at_once):
-    run_info = json.loads((stack.repo / "models/run.json").read_text())
-    flow_run_id = at_once[2]["id"]
-    assert set(task_states(stack.api, flow_run_id)) == {"evaluate"}
-    assert {"sft-metrics", "sft-report"} <= set(artifacts(stack.api, flow_run_id))
-    [metrics_file] = (stack.repo / "runs").glob("eval-*/metrics.json")
-    assert json.loads(metrics_file.read_text())["test_rows"] > 0
-    assert "test_tuned_nll" in MlflowClient(stack.mlflow).get_run(run_info["run_id"]).data.metrics
-
-
-def test_two_variants_run_at_once_into_their_own_folders_and_mlflow_runs(stack, at_once):
-    first, second = at_once[:2]
+def test_variants_run_at_once_as_dvc_experiments_into_the_one_registry(stack):
+    ids = [trigger(stack.env, stack.repo, "sft-pipeline/sweep", overrides=[f"train.learning_rate={r}"]) for r in RATES]
+    first, second = [completed(stack.api, i) for i in ids]
     assert first["start_time"] < second["end_time"] and second["start_time"] < first["end_time"]  # they overlapped
+    env = realstack.tool_env()
+    shown = json.loads(dvc(env, stack.clone, "exp", "show", "--json"))
+    experiments = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev.get("data") or {}
+                lr = data.get("params", {}).get("params.yaml", {}).get("data", {}).get("train", {}).get("learning_rate")
+                metrics = data.get("metrics", {}).get("metrics.json", {}).get("data", {})
+                experiments[rev.get("name")] = (lr, metrics.get("tuned", {}).get("nll"))
+    swept = {lr: nll for lr, nll in experiments.values() if lr in (0.002, 0.004)}
+    assert set(swept) == {0.002, 0.004} and all(nll is not None for nll in swept.values()), experiments
     client = MlflowClient(stack.mlflow)
-    infos = [json.loads(f.read_text()) for f in sorted((stack.repo / "runs").glob("*/models/run.json"))]
-    assert len(infos) == 2 and infos[0]["run_id"] != infos[1]["run_id"]
-    assert sorted(client.get_run(i["run_id"]).data.params["train.learning_rate"] for i in infos) == sorted(RATES)
-    for info in infos:
-        assert client.get_run(info["run_id"]).info.status == "FINISHED"
-        assert len(client.get_metric_history(info["run_id"], "train_loss")) == 3
+    for flow_run in (first, second):
+        assert task_states(stack.api, flow_run["id"])["record"] == "Recorded"
+    versions = client.search_model_versions(f"name='{MODEL_NAME}'")
+    rates = sorted(client.get_run(v.run_id).data.params["train.learning_rate"] for v in versions)
+    assert set(RATES) <= set(rates)
+    for version in versions:
+        if client.get_run(version.run_id).data.params["train.learning_rate"] in RATES:
+            assert version.tags["data.versioned"] == "true" and version.tags["dvc.experiment"] in experiments
+            assert version.tags["promotion.decision"] in {"champion", "challenger"}
+
+
+def test_dvc_repro_the_flow_by_hand_and_the_deployment_write_the_same_dvc_lock(stack, tmp_path):
+    """Same commit, same params: the three doors record the same stages, deps, params and outputs. The model and
+    reports folders differ only in run.json (the MLflow run id) and report.html (which names it)."""
+    env = realstack.tool_env()
+    commit = sh("git", "rev-parse", "HEAD", cwd=stack.repo).strip()
+    by_door = {}
+    for door in ("dvc repro", "flow by hand"):
+        folder = tmp_path / door.replace(" ", "-")
+        sh("git", "clone", "-q", str(stack.origin), str(folder), cwd=tmp_path)
+        sh("git", "checkout", "-q", commit, cwd=folder)
+        if door == "dvc repro":
+            dvc({**env, "MLFLOW_TRACKING_URI": stack.mlflow}, folder, "repro")
+        else:
+            sh(sys.executable, "flows/sft_pipeline.py", cwd=folder, env={**stack.env, "SFTOPS_DEPLOY_DIR": str(tmp_path)})
+        by_door[door] = (folder, yaml.safe_load((folder / "dvc.lock").read_text())["stages"])
+    deployed = completed(stack.api, trigger(stack.env, stack.repo, "sft-pipeline/nightly"))
+    ref = MlflowClient(stack.mlflow).get_model_version(MODEL_NAME, version_from_logs(stack, deployed)).tags["git.ref"]
+    by_door["deployment"] = (stack.clone, yaml.safe_load(sh("git", "show", f"{ref}:dvc.lock", cwd=stack.clone))["stages"])
+
+    def comparable(folder: Path, stages: dict) -> dict:
+        out = {}
+        for name, entry in stages.items():
+            deps = {d["path"]: listing(folder, d["md5"]) for d in entry["deps"]}
+            outs = {o["path"]: listing(folder, o["md5"]) for o in entry["outs"]}
+            out[name] = {"cmd": entry["cmd"], "deps": deps, "params": entry.get("params"), "outs": outs}
+        return out
+
+    views = {door: comparable(*found) for door, found in by_door.items()}
+    assert views["dvc repro"] == views["flow by hand"] == views["deployment"]
+
+
+def listing(folder: Path, md5: str) -> dict[str, str] | str:
+    """A directory's files and their md5 (from DVC's cache), less the files that name the MLflow run."""
+    if not md5.endswith(".dir") or not (folder / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).exists():
+        return md5  # a file, or a source folder (its listing is not cached; its hash is compared as is)
+    entries = json.loads((folder / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).read_text())
+    return {e["relpath"]: e["md5"] for e in entries if e["relpath"] not in {"run.json", "report.html"}}
+
+
+def version_from_logs(stack: Stack, flow_run: dict) -> str:
+    return re.search(r'"model_version": "(\d+)"', logs(stack.api, flow_run["id"])).group(1)

@@ -15,7 +15,6 @@ import yaml
 from mlflow import MlflowClient
 
 from realstack import ROOT, make_repo, sh, tool_env
-from sftops.config import isolate_outputs, load_config
 
 MODEL_NAME = "tiny-sft"
 
@@ -98,25 +97,30 @@ def test_mlflow_holds_run_metrics_lineage_and_a_loadable_registered_model(repro)
     assert len(replies) == 1 and isinstance(replies[0], str) and replies[0]
 
 
-def test_prefect_flow_runs_the_same_stages(tmp_path, stories_model, gsm8k):
+def test_a_flow_run_with_overrides_is_a_dvc_experiment_logging_to_the_project_store(tmp_path, stories_model, gsm8k):
+    """`--set` makes the run a DVC experiment in a temporary workspace; its MLflow run and registered version
+    land in the project's own mlflow.db (never in one inside the temporary workspace), and `dvc exp show`
+    lists it with its params and metrics; the workspace's outputs are untouched."""
     repo = make_repo(tmp_path / "flowrepo", stories_model, gsm8k, rows=80)
     env = tool_env()
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "flows/sft_pipeline.py"), "--set", "train.max_steps=3"],
+        [sys.executable, str(ROOT / "flows/sft_pipeline.py"), "--set", "train.max_steps=3", "--name", "three-steps"],
         cwd=repo, env=env, capture_output=True, text=True, timeout=900,
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
-    assert "Finished in state Completed" in log
-    for task in ("ingest", "format", "train", "evaluate"):
-        assert f"{task}-" in log  # Prefect names task runs '<task>-<suffix>'
+    assert "Finished in state Completed" in log and "Running stage 'train'" in log
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("sftops").experiment_id])
     assert len(runs) == 1 and len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 3
-    assert runs[0].data.tags["data.curated_dvc_md5"].endswith(".dir")
-    # A run with overrides is an experiment: its outputs go under runs/<digest>/, not over DVC's.
-    cfg = isolate_outputs(load_config(repo / "params.yaml", ["train.max_steps=3"]), ["train.max_steps=3"])
-    assert json.loads((repo / cfg.paths.metrics).read_text())["test_rows"] > 0
-    assert cfg.paths.metrics.startswith("runs/") and not (repo / "metrics.json").exists()
+    assert runs[0].data.params["train.max_steps"] == "3"
+    [version] = client.search_model_versions(f"name='{MODEL_NAME}'")
+    assert version.tags["dvc.experiment"] == "three-steps" and version.tags["data.versioned"] == "true"
+    assert version.tags["dvc.curated_md5"] == runs[0].data.tags["data.curated_dvc_md5"]
+    shown = json.loads(sh(sys.executable, "-m", "dvc", "exp", "show", "--json", cwd=repo, env=env))
+    [exp] = [rev for b in shown for e in b.get("experiments") or [] for rev in e["revs"] if rev["name"] == "three-steps"]
+    assert exp["data"]["params"]["params.yaml"]["data"]["train"]["max_steps"] == 3
+    assert exp["data"]["metrics"]["metrics.json"]["data"]["test_rows"] > 0
+    assert not (repo / "metrics.json").exists() and not (repo / "models").exists()

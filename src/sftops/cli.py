@@ -70,7 +70,11 @@ def _reproduce(args: argparse.Namespace) -> None:
 
     run_id = tracking.resolve_run_id(args.target, args.tracking_uri)
     manifest = tracking.load_manifest(run_id, args.tracking_uri)
-    result = reproduce(manifest, run_id, Path(args.into) if args.into else None, allow_dirty=args.allow_dirty)
+    tags = tracking.run_version_tags(run_id, args.tracking_uri)
+    result = reproduce(manifest, run_id, Path(args.into) if args.into else None, allow_dirty=args.allow_dirty, tags=tags)
+    print("data: restored through DVC from the version's record" if result["data_restored_by_dvc"] else
+          "data: the version has no DVC record (made outside the pipeline flow): re-ingested from the sources, "
+          "which may have changed since")
     for name, check in result["checks"].items():
         print(f"{'same' if check['match'] else 'DIFFERENT':>9}  {name}")
     print(f"reproduction of run {run_id} in {result['folder']} (details: reproduction.json)")

@@ -277,5 +277,6 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, ingest: dict[str,
         "ingest": ingest,
     }
     write_json(out / STATS, stats)
+    write_json(out / RAW_REPORT, ingest)  # carried along: train logs it without reading data/raw, which it does not depend on
     write_card(out, stats, lengths, cfg.model.max_length)
     return stats

@@ -106,7 +106,7 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
     def held_out_nll(m: torch.nn.Module) -> float:
         return mean_nll(score_rows(m, val_ex, cfg.train.micro_batch_size, pad, dev))
 
-    reports = [Path(cfg.paths.raw) / REPORT, Path(cfg.paths.curated) / STATS]
+    reports = [Path(cfg.paths.curated) / REPORT, Path(cfg.paths.curated) / STATS]  # the ingest report, as format copied it
     run_context = tracking.pipeline_run(cfg, reports) if world.is_main else contextlib.nullcontext({})
     with run_context as run:
         if world.is_main:

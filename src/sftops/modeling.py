@@ -115,6 +115,11 @@ def save_finetuned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, o
     """Adapter (LoRA) or full weights as safetensors, the tokenizer with its chat template, and a manifest
     that says how to rebuild the model (for an adapter: which base to load it onto)."""
     out.mkdir(parents=True, exist_ok=True)
+    for adapter in getattr(model, "peft_config", {}).values():
+        # peft keeps target_modules as a set and writes it in hash order, which changes from process to process:
+        # sorted, the same training writes the same adapter_config.json (and DVC records the same model).
+        if isinstance(adapter.target_modules, set):
+            adapter.target_modules = sorted(adapter.target_modules)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")

@@ -2,12 +2,16 @@
 a registered model, from its reproducibility manifest, and check what came out against what was recorded.
 
 What it does, honestly:
-1. reads the run's manifest (reproduce/manifest.json) from MLflow;
-2. checks out the recorded git commit into a fresh worktree (refusing a run made from a dirty tree, whose
-   code cannot be recovered, unless allow_dirty);
-3. writes the recorded configuration (every key, overrides included) as that worktree's params.yaml;
-4. runs `python -m sftops run` there with that commit's own code (PYTHONPATH=<worktree>/src) and a separate
-   MLflow store (<worktree>/mlflow.db), so the reproduction never touches the original registry;
+1. reads the run's manifest (reproduce/manifest.json) and its registered version's tags from MLflow;
+2. a version the pipeline flow recorded (tags git.commit and dvc.experiment: a DVC experiment's commit, with its
+   params, dvc.lock and code): checks that commit out into a fresh worktree sharing this repository's DVC cache,
+   restores the curated data through DVC (`dvc checkout`, else `dvc pull` from the DVC remote) rather than
+   re-ingesting sources that may have changed since, and re-runs train and evaluate with `dvc repro --force`;
+3. otherwise (a run made outside the flow): checks out the manifest's commit (refusing a run made from a dirty
+   tree, whose code cannot be recovered, unless allow_dirty), and runs `python -m sftops run` from the sources;
+4. either way with the recorded configuration (every key, overrides included) as the worktree's params.yaml,
+   that commit's own code (PYTHONPATH=<worktree>/src) and a separate MLflow store (<worktree>/mlflow.db), so
+   the reproduction never touches the original registry;
 5. compares: the curated data (DVC hash), the saved model's tokenizer and chat template hashes, the model's
    weight files, the params and dvc.lock hashes, the library versions; writes reproduction.json.
 Data must come back identical (a failure otherwise); weights are compared and reported (bitwise equality is
@@ -47,6 +51,41 @@ def checkout(commit: str, into: Path, repo: Path) -> None:
     _git("worktree", "add", "--detach", str(into.resolve()), commit, cwd=repo)
 
 
+def _run(cmd: list[str], folder: Path, env: dict[str, str], log: list[str]) -> None:
+    proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True)
+    log.append(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+    (folder / "reproduction.log").write_text("\n".join(log), encoding="utf-8")
+    if proc.returncode != 0:
+        raise ConfigError(f"the reproduction failed at `{' '.join(cmd[2:] if cmd[1] == '-m' else cmd)}` (exit {proc.returncode}); "
+                          f"see {folder / 'reproduction.log'}")
+
+
+def _have_commit(commit: str, ref: str | None, repo: Path) -> None:
+    """The recorded commit, fetched from the remotes by its ref when this clone does not have it yet."""
+    try:
+        _git("cat-file", "-e", f"{commit}^{{commit}}", cwd=repo)
+        return
+    except ConfigError:
+        pass
+    for remote in _git("remote", cwd=repo).split():
+        if ref and subprocess.run(["git", "fetch", "-q", remote, f"{ref}:{ref}"], cwd=repo, capture_output=True).returncode == 0:
+            return
+
+
+def rerun_recorded(tags: dict[str, str], params: dict[str, Any], folder: Path, repo: Path, env: dict[str, str]) -> None:
+    """Train and evaluate again on the curated data the version's DVC experiment recorded."""
+    dvc = [sys.executable, "-m", "dvc"]
+    log: list[str] = []
+    curated = params["paths"]["curated"]
+    _run([*dvc, "cache", "dir", "--local", str((repo / ".dvc" / "cache").resolve())], folder, env, log)
+    try:
+        _run([*dvc, "checkout", curated], folder, env, log)  # in this repository's cache
+    except ConfigError:
+        _run([*dvc, "pull", curated], folder, env, log)  # from the DVC remote
+    for stage in ("train", "evaluate"):
+        _run([*dvc, "repro", "--single-item", "--force", stage], folder, env, log)
+
+
 def compare_outputs(manifest: dict[str, Any], folder: Path) -> dict[str, dict[str, Any]]:
     """Recorded vs reproduced, one check per item: {"recorded", "reproduced", "match"}."""
     params = manifest["params"]
@@ -75,8 +114,11 @@ def compare_outputs(manifest: dict[str, Any], folder: Path) -> dict[str, dict[st
 REQUIRED = ("params_sha256", "curated_dvc_md5", "tokenizer_sha256", "chat_template_sha256")
 
 
-def reproduce(manifest: dict[str, Any], run_id: str, into: Path | None = None, repo: Path = Path("."), allow_dirty: bool = False) -> dict[str, Any]:
-    commit, dirty = manifest["git"]["commit"], manifest["git"]["dirty"]
+def reproduce(manifest: dict[str, Any], run_id: str, into: Path | None = None, repo: Path = Path("."), allow_dirty: bool = False,
+              tags: dict[str, str] | None = None) -> dict[str, Any]:
+    tags = tags or {}
+    recorded = "dvc.experiment" in tags and "git.commit" in tags
+    commit, dirty = (tags["git.commit"], False) if recorded else (manifest["git"]["commit"], manifest["git"]["dirty"])
     if commit is None:
         raise ConfigError(f"run {run_id} was not made in a git repository: its code cannot be checked out")
     if dirty and not allow_dirty:
@@ -85,19 +127,21 @@ def reproduce(manifest: dict[str, Any], run_id: str, into: Path | None = None, r
             "cannot be reproduced exactly (pass --allow-dirty to re-run the commit anyway)"
         )
     folder = Path(into) if into is not None else Path("reproductions") / run_id[:12]
+    if recorded:
+        _have_commit(commit, tags.get("git.ref"), repo)
     checkout(commit, folder, repo)
     (folder / "params.yaml").write_text(yaml.safe_dump(manifest["params"], sort_keys=False), encoding="utf-8")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str((folder / "src").resolve()), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{(folder / 'mlflow.db').resolve()}"
-    proc = subprocess.run(
-        [sys.executable, "-m", "sftops", "run", "--params", "params.yaml"], cwd=folder, env=env, capture_output=True, text=True
-    )
-    (folder / "reproduction.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
-    if proc.returncode != 0:
-        raise ConfigError(f"the reproduced pipeline failed (exit {proc.returncode}); see {folder / 'reproduction.log'}")
+    env.pop("DVC_ROOT", None)
+    if recorded:
+        rerun_recorded(tags, manifest["params"], folder, repo, env)
+    else:
+        _run([sys.executable, "-m", "sftops", "run", "--params", "params.yaml"], folder, env, [])
     checks = compare_outputs(manifest, folder)
     failed = [name for name in REQUIRED if not checks[name]["match"]]
-    result = {"run_id": run_id, "commit": commit, "folder": str(folder), "checks": checks, "failed": failed, "reproduced": not failed}
+    result = {"run_id": run_id, "commit": commit, "folder": str(folder), "data_restored_by_dvc": recorded,
+              "checks": checks, "failed": failed, "reproduced": not failed}
     write_json(folder / "reproduction.json", result)
     return result

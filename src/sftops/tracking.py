@@ -281,6 +281,16 @@ def current_champion(name: str, metric: str, tracking: str) -> Champion | None:
     return Champion(str(version.version), float(value) if value is not None else None, version.tags.get("eval_sha256"))
 
 
+def version_tags(run_info: dict[str, Any]) -> dict[str, str]:
+    return MlflowClient(store_of(run_info)).get_model_version(run_info["registered_model"], run_info["version"]).tags
+
+
+def run_version_tags(run_id: str, tracking: str | None = None) -> dict[str, str]:
+    """The tags of the model version registered from a run ({} when it registered none)."""
+    versions = MlflowClient(tracking or tracking_uri()).search_model_versions(f"run_id='{run_id}'")
+    return dict(versions[0].tags) if versions else {}
+
+
 def record_version(run_info: dict[str, Any], tags: dict[str, str]) -> None:
     """Tag the registered version (and its run) with where its data and code are recorded."""
     client = MlflowClient(store_of(run_info))
