@@ -232,7 +232,21 @@ def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
             flat[f"test_{key}"] = value
     for source, values in metrics.get("per_source", {}).items():
         flat.update({f"test_source/{source}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+    for suite, values in metrics.get("suites", {}).items():
+        flat.update({f"suite/{suite}/{who}_{k}": v for who in ("base", "tuned") for k, v in values[who].items()})
+        flat.update({f"suite/{suite}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})  # regressed: 0/1
     return {k: float(v) for k, v in flat.items()}
+
+
+def log_suite_inputs(suites: list[dict[str, Any]]) -> None:
+    """Each regression suite as an evaluation dataset input of the active run, named by its digest (the sha256
+    of its rows as evaluated; MLflow keeps 36 characters of a digest)."""
+    import pandas as pd
+
+    for suite in suites:
+        frame = pd.DataFrame({"id": suite["ids"], "origin": suite["origins"]})
+        dataset = mlflow.data.from_pandas(frame, source=suite["source"], name=f"suite/{suite['name']}", digest=suite["digest"][:32])
+        mlflow.log_input(dataset, context="evaluation")
 
 
 def log_evaluation(
@@ -241,9 +255,11 @@ def log_evaluation(
     table: dict[str, list],
     files: list[Path],
     decision: Decision | None = None,
+    suites: list[dict[str, Any]] = (),
 ) -> None:
     """Add the evaluate stage's results to the pipeline's run (metrics, the generations table, the report and
-    metrics files, the promotion decision), and tag the registered version with the headline metrics."""
+    metrics files, the regression suites as evaluation datasets, the promotion decision), and tag the registered
+    version with the headline metrics."""
     mlflow.set_tracking_uri(store_of(run_info))
     client = MlflowClient(store_of(run_info))
     table_file = _unused_table_file(client, run_info["run_id"])
@@ -251,7 +267,8 @@ def log_evaluation(
         mlflow.log_metrics(_flat_metrics(metrics))
         mlflow.log_table(table, artifact_file=table_file)
         for path in files:
-            mlflow.log_artifact(str(path), artifact_path="eval")
+            mlflow.log_artifact(str(path), artifact_path="eval/suites" if path.parent.name == "suites" else "eval")
+        log_suite_inputs(list(suites))
         if decision is not None:
             mlflow.set_tags({"promotion.decision": decision.alias, "promotion.reason": decision.reason[:5000]})
             mlflow.log_dict(decision.as_dict(), "eval/promotion.json")
