@@ -15,7 +15,7 @@ from sftops.cli import main
 from sftops.comparison import mean_delta_ci, perplexity_delta_ci
 from sftops.config import Config, DataConfig, SuiteConfig
 from sftops.promotion import CHALLENGER, CHAMPION, Champion, SuiteResult, decide
-from sftops.suites import generation_sample, prepare_suite
+from sftops.suites import generation_sample, prepare_suite, suite_margin, suite_metric
 
 
 def suite_result(low: float, high: float, metric: str = "nll", margin: float = 0.0, informational: bool = False) -> SuiteResult:
@@ -101,6 +101,13 @@ def test_the_generation_sample_is_seeded_distinct_and_stable_when_rows_are_added
     # A row of the old suite in the new sample was already in the old sample (it only gained competitors).
     old_ids = {r["id"] for r in rows}
     assert {r["id"] for r in generation_sample(grown, 8, seed=0)[0]} & old_ids <= {r["id"] for r in first}
+
+
+def test_a_suite_overrides_the_regression_margin_and_primary_metric():
+    own = SuiteConfig(name="general", path="x.jsonl", regression_margin=0.5, primary_metric="chrf")
+    default = SuiteConfig(name="math", path="y.jsonl")
+    assert suite_margin(own, 0.1) == 0.5 and suite_margin(default, 0.1) == 0.1
+    assert suite_metric(own, "nll") == "chrf" and suite_metric(default, "nll") == "nll"
 
 
 def test_a_suite_takes_no_training_keys():
