@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from sftops import checkpoint
 from sftops.config import load_config
 from sftops.curate import run_format
-from sftops.errors import GpuMemoryError, StorageError
+from sftops.errors import TRANSIENT_EXIT, GpuMemoryError, StorageError
 from sftops.evaluation import run_evaluate
 from sftops.finetune import checkpoint_folder, run_train
 from sftops.data.store import read_split
@@ -106,7 +106,7 @@ def test_a_killed_mlflow_server_loses_no_training(project, mlflow_server_process
     server.stop(signal.SIGKILL)
     (pauses / "after_step:3.go").touch()
     out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert proc.returncode == TRANSIENT_EXIT and "Traceback" not in err, err[-3000:]  # worth another try, later
     line = error_lines(err)
     assert len(line) == 1 and "MLflow tracking server" in line[0] and "stopped answering" in line[0], err[-3000:]
     assert "models is unchanged; checkpoints in checkpoints are kept" in line[0]
@@ -197,7 +197,7 @@ def test_no_tracking_server_at_all_is_one_line_not_a_traceback(project, monkeypa
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.format(port=free_port()))  # nothing listens there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    assert main(["train"]) == 2
+    assert main(["train"]) == TRANSIENT_EXIT
     err = capsys.readouterr().err
     line = error_lines(err)
     assert len(line) == 1 and "MLflow tracking server" in line[0] and "run again" in line[0], line
@@ -206,9 +206,10 @@ def test_no_tracking_server_at_all_is_one_line_not_a_traceback(project, monkeypa
     figures["faults survived"] += 1
 
 
-def test_a_failed_dvc_stage_leaves_the_recorded_output_in_place(tmp_path, figures):
-    """With the real dvc.yaml (outputs persist), `dvc repro` of a stage that fails on a bad file leaves the output
-    DVC recorded in place, byte for byte; DVC reports only the changed input."""
+def test_a_failed_dvc_stage_records_nothing_and_names_the_one_command_that_restores_the_last_output(tmp_path, figures):
+    """With the real dvc.yaml, `dvc repro` of a stage that fails on a bad file leaves dvc.lock as it was (no
+    half-written output is ever recorded); the error line names `dvc checkout <stage>`, which puts the last
+    recorded output back byte for byte from DVC's cache."""
     root, repo = Path(__file__).parents[1], tmp_path / "repo"
     shutil.copytree(root / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("dvc.yaml", ".dvcignore"):
@@ -222,13 +223,19 @@ def test_a_failed_dvc_stage_leaves_the_recorded_output_in_place(tmp_path, figure
     env = {**tool_env(), "PYTHONPATH": str(repo / "src")}
     sh(sys.executable, "-m", "dvc", "init", "-q", "--no-scm", cwd=repo, env=env)
     sh(sys.executable, "-m", "dvc", "repro", "-q", "ingest", cwd=repo, env=env)
-    recorded = {p.relative_to(repo): p.read_bytes() for p in sorted((repo / "data/raw").rglob("*")) if p.is_file()}
+    raw = lambda: {p.relative_to(repo): p.read_bytes() for p in sorted((repo / "data/raw").rglob("*")) if p.is_file()}  # noqa: E731
+    recorded, lock = raw(), (repo / "dvc.lock").read_text()
     assert recorded
     (repo / "data/sources/qa.jsonl").write_text("")  # a failed export: the stage must stop on it
     done = subprocess.run([sys.executable, "-m", "dvc", "repro", "ingest"], cwd=repo, env=env, capture_output=True, text=True)
-    assert done.returncode != 0 and "sftops: data/sources/qa.jsonl: the file is empty" in done.stdout + done.stderr
-    assert {p.relative_to(repo): p.read_bytes() for p in sorted((repo / "data/raw").rglob("*")) if p.is_file()} == recorded
-    status = json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", "ingest", cwd=repo, env=env))
-    assert status == {"ingest": [{"changed deps": {"data/sources": "modified"}}]}
+    said = done.stdout + done.stderr
+    assert done.returncode != 0 and "sftops: data/sources/qa.jsonl: the file is empty" in said
+    assert "`dvc checkout ingest` restores them" in said
+    assert (repo / "dvc.lock").read_text() == lock
+    (repo / "data/sources/qa.jsonl").write_text("".join(
+        json.dumps({"prompt": f"q{i}?", "completion": f"a{i}."}) + "\n" for i in range(20)))  # the source is fixed
+    sh(sys.executable, "-m", "dvc", "checkout", "ingest", cwd=repo, env=env)
+    assert raw() == recorded
+    assert json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", "ingest", cwd=repo, env=env)) == {}
     figures["faults injected"] += 1
     figures["faults survived"] += 1

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from sftops import tracking
 from sftops.cli import main
 from sftops.config import Config
 from sftops.curate import run_format
@@ -50,6 +51,13 @@ def workdir(tmp_path, tiny_model, monkeypatch):
     return make
 
 
+def promote(run: dict, metrics: dict, cfg: Config, versioned: bool = True) -> dict:
+    """The pipeline flow's record and promote steps, as the flow calls them once the run is in git and DVC."""
+    if versioned:
+        tracking.record_version(run, {tracking.VERSIONED: "true", tracking.VERSIONED_REASON: "recorded by the test"})
+    return tracking.promote(run, metrics, cfg.evaluate.primary_metric, cfg.evaluate.promotion_margin).as_dict()
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as fh:
         return list(csv.DictReader(fh))
@@ -78,7 +86,7 @@ def test_evaluation_reports_the_paired_difference_per_source_with_table_report_c
     assert len(table) == m["generations"] == 4
     assert {"prompt", "reference", "base_output", "tuned_output", "tuned_chrf", "base_exact_match", "source"} <= set(table[0])
     html = Path("reports/report.html").read_text()
-    assert f"{m['nll_improvement_ci_low']:+.4f}" in html and "<svg" in html and "champion" in html
+    assert f"{m['nll_improvement_ci_low']:+.4f}" in html and "<svg" in html and "champion (preview)" in html
     curve = read_csv(Path("models/train_curve.csv"))
     assert [int(r["step"]) for r in curve] == list(range(1, 21))
     assert [int(r["step"]) for r in read_csv(Path("models/val_curve.csv"))] == [0, 20]
@@ -88,7 +96,9 @@ def test_evaluation_reports_the_paired_difference_per_source_with_table_report_c
     assert logged.data.metrics["test_nll_improvement_ci_low"] == pytest.approx(m["nll_improvement_ci_low"])
     assert logged.data.metrics["test_source/math/win_rate"] == m["per_source"]["math"]["win_rate"]
     assert {"eval/report.html", "eval/nll_by_row.csv", "eval/generations.json"} <= {a.path for a in client.list_artifacts(run["run_id"], "eval")}
-    assert logged.data.tags["promotion.decision"] == "champion"
+    assert "promotion.decision" not in logged.data.tags  # evaluation never moves an alias: the promote step does
+    first_decision = promote(run, m, cfg)
+    assert first_decision["alias"] == "champion" and client.get_run(run["run_id"]).data.tags["promotion.decision"] == "champion"
     version = client.get_model_version("tiny", run["version"])
     for tag in ("base_model", "method", "data.curated_dvc_md5", "git.commit", "params.sha256", "test_nll", "test_nll_improvement_ci_low"):
         assert tag in version.tags or (tag == "git.commit" and "git.commit" not in logged.data.tags), tag
@@ -109,8 +119,8 @@ def test_evaluation_reports_the_paired_difference_per_source_with_table_report_c
     second = run_evaluate(cfg)
     assert second["base_eval_cached"] and second["base"]["nll"] == first["base"]["nll"]
     assert {r["base_output"] for r in read_csv(Path("reports/generations.csv"))} == {"FROM-CACHE"}
-    assert second["promotion"] == {**first["promotion"], "reason": "already the champion (re-evaluated)",
-                                   "champion_version": run["version"], "champion_value": first["tuned"]["nll"]}
+    assert promote(run, second, cfg) == {**first_decision, "reason": "already the champion (re-evaluated)",
+                                         "champion_version": run["version"], "champion_value": first["tuned"]["nll"]}
     # Another eval setting the base outputs depend on is another key: computed afresh.
     third = run_evaluate(workdir(GOOD, {"max_new_tokens": 5}))
     assert not third["base_eval_cached"] and len(list((tmp_path / "cache" / "base-eval").glob("*.json"))) == 2
@@ -119,9 +129,10 @@ def test_evaluation_reports_the_paired_difference_per_source_with_table_report_c
 def test_champion_moves_only_for_a_better_model_with_passing_data_checks(tmp_path, workdir, capsys):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
-    def train_and_evaluate(train: dict) -> tuple[dict, dict]:
+    def train_and_evaluate(train: dict, versioned: bool = True) -> tuple[dict, dict]:
         cfg = workdir(train)
-        return run_train(cfg), run_evaluate(cfg)
+        run, metrics = run_train(cfg), run_evaluate(cfg)
+        return run, {**metrics, "promotion": promote(run, metrics, cfg, versioned)}
 
     def champion() -> str:
         return str(client.get_model_version_by_alias("tiny", "champion").version)
@@ -139,6 +150,12 @@ def test_champion_moves_only_for_a_better_model_with_passing_data_checks(tmp_pat
     assert champion() == weak["version"]
 
     stats.write_text(original)
+    # Better, checks passed, but its data was never recorded in git and DVC (a bare `dvc repro`): kept out.
+    unrecorded, m_unrecorded = train_and_evaluate(GOOD, versioned=False)
+    assert m_unrecorded["promotion"]["alias"] == "challenger" and "not versioned" in m_unrecorded["promotion"]["reason"]
+    assert client.get_model_version("tiny", unrecorded["version"]).tags["data.versioned"] == "false"
+    assert champion() == weak["version"]
+
     strong, m_strong = train_and_evaluate(GOOD)
     assert m_strong["promotion"]["alias"] == "champion" and champion() == strong["version"]
     assert "beats it by more than the margin" in m_strong["promotion"]["reason"]

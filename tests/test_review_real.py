@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from sftops import tracking
 from sftops.chat import encode_rows
 from sftops.cli import main
 from sftops.comparison import compare
@@ -68,7 +69,8 @@ def test_a_real_mlflow_server_holds_the_review_and_the_champion_answers_from_it(
     run_format(cfg)
     run = run_train(cfg)
     metrics = run_evaluate(cfg)
-    assert metrics["promotion"]["alias"] == "champion"
+    tracking.record_version(run, {tracking.VERSIONED: "true"})  # as the pipeline flow's record step does
+    assert tracking.promote(run, metrics, "nll", 0.0).alias == "champion"
     client = MlflowClient(mlflow_server)
     assert str(client.get_model_version_by_alias("served", "champion").version) == run["version"]
     artifacts = {a.path for a in client.list_artifacts(run["run_id"], "eval")}

@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import SHARED
+from sftops import tracking
 from sftops.config import Config
 from sftops.curate import run_format
 from sftops.evaluation import run_evaluate
@@ -50,6 +51,12 @@ def project(tmp_path, stories_model, gsm8k, monkeypatch):
     return make
 
 
+def promote(run: dict, metrics: dict, cfg: Config) -> dict:
+    """The pipeline flow's record and promote steps, as the flow calls them once the run is in git and DVC."""
+    tracking.record_version(run, {tracking.VERSIONED: "true", tracking.VERSIONED_REASON: "recorded by the test"})
+    return tracking.promote(run, metrics, cfg.evaluate.primary_metric, cfg.evaluate.promotion_margin).as_dict()
+
+
 def figures(name: str, m: dict) -> str:
     v = m["suites"][name]
     return (f"test NLL {m['base']['nll']:.3f} -> {m['tuned']['nll']:.3f}; suite {name} ({v['rows']} rows): NLL "
@@ -64,6 +71,7 @@ def test_a_gsm8k_fine_tune_that_got_worse_on_general_instructions_is_refused_cha
                   {"name": "general", **SELF_INSTRUCT_SOURCE})
     run = run_train(cfg)
     m = run_evaluate(cfg)
+    m["promotion"] = promote(run, m, cfg)
     print("\nGSM8K fine-tune, self-instruct suite:", figures("general", m))
     general = m["suites"]["general"]
     assert m["nll_improvement_ci_low"] > 0  # the test split alone says: a clear win
@@ -93,6 +101,7 @@ def test_a_gsm8k_fine_tune_that_got_worse_on_general_instructions_is_refused_cha
     informational = cfg.model_copy(deep=True)
     informational.evaluate.suites[0].informational = True
     again = run_evaluate(informational)
+    again["promotion"] = promote(run, again, informational)
     assert again["suites_base_eval_cached"] == {"general": True} and again["suites"]["general"]["base"] == general["base"]
     assert again["promotion"]["alias"] == "champion"
     assert "informational suite general regressed (not blocking)" in again["promotion"]["reason"]
@@ -101,8 +110,9 @@ def test_a_gsm8k_fine_tune_that_got_worse_on_general_instructions_is_refused_cha
 def test_a_self_instruct_fine_tune_that_did_not_get_worse_on_gsm8k_becomes_champion(project, gsm8k):
     cfg = project({"name": "selfinstruct", **SELF_INSTRUCT_SOURCE}, 30,
                   {"name": "math", "path": str(gsm8k / "test.jsonl"), "max_rows": 80})
-    run_train(cfg)
+    run = run_train(cfg)
     m = run_evaluate(cfg)
+    m["promotion"] = promote(run, m, cfg)
     print("\nself-instruct fine-tune, GSM8K suite:", figures("math", m))
     math = m["suites"]["math"]
     assert not math["regressed"] and math["delta_ci_high"] < 0  # its NLL fell, with the whole interval

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from sftops.config import isolate_outputs, load_config
-from sftops.errors import DataError, SftopsError
+from sftops.errors import TRANSIENT_EXIT, USER_ERROR_EXIT, DataError, SftopsError, TransientError
 
 
 def _print(title: str, value: Any) -> None:
@@ -17,10 +19,33 @@ def _print(title: str, value: Any) -> None:
 
 
 def stage(name: str, params: str, overrides: list[str]) -> Any:
-    from sftops.pipeline import STAGES
+    from sftops.pipeline import stage_function
 
     cfg = load_config(params, overrides)
-    return STAGES[name](cfg)
+    return stage_function(name)(cfg)
+
+
+def show_progress() -> None:
+    """The library's INFO lines (a line per training step, what each stage did) on stderr, where DVC and the
+    Prefect task that runs the stage pass them on."""
+    logger = logging.getLogger("sftops")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _fail(message: str, code: int) -> int:
+    from sftops.redact import redact
+
+    stage_name = os.environ.get("DVC_STAGE")  # set by DVC for the stage command it runs
+    if stage_name:
+        # Without persist, DVC removed the stage's outputs before running it; dvc.lock still names the last good ones.
+        message += f" (the last recorded outputs of stage {stage_name!r} are in DVC's cache: `dvc checkout {stage_name}` restores them)"
+    print(f"sftops: {redact(message)}", file=sys.stderr)  # a message may quote a URI with its password
+    return code
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -94,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--allow-dirty", action="store_true", help="re-run the recorded commit even if the run had uncommitted changes")
     rep.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     args = parser.parse_args(argv)
+    if args.command in ("ingest", "format", "train", "evaluate", "run"):
+        show_progress()
     try:
         if args.command == "generate":
             _generate(args)
@@ -109,26 +136,23 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _print(args.command, stage(args.command, args.params, args.overrides))
     except SftopsError as exc:
-        from sftops.redact import redact
-
-        print(f"sftops: {redact(str(exc))}", file=sys.stderr)  # a message may quote a URI with its password
-        return 2
+        return _fail(str(exc), USER_ERROR_EXIT)
+    except TransientError as exc:
+        return _fail(f"{exc}; try again later", TRANSIENT_EXIT)
     except OSError as exc:
         from sftops.outputs import no_space
 
         if not no_space(exc):
             raise
-        print(f"sftops: out of disk space ({exc}); free some, or point paths.* at a larger disk, and run again", file=sys.stderr)
-        return 2
+        return _fail(f"out of disk space ({exc}); free some, or point paths.* at a larger disk, and run again", USER_ERROR_EXIT)
     except Exception as exc:
         from sftops.redact import redact
         from sftops.tracking import unreachable
 
         if not unreachable(exc):
             raise
-        print(f"sftops: the MLflow tracking server or store did not answer ({redact(str(exc)).splitlines()[0][:300]}); "
-              "start it (or fix MLFLOW_TRACKING_URI) and run again", file=sys.stderr)
-        return 2
+        return _fail(f"the MLflow tracking server or store did not answer ({redact(str(exc)).splitlines()[0][:300]}); "
+                     "start it (or fix MLFLOW_TRACKING_URI) and run again", TRANSIENT_EXIT)
     return 0
 
 

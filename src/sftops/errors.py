@@ -1,4 +1,9 @@
-"""User mistakes, as opposed to bugs: the CLI prints these as one line (no traceback) and exits with 2."""
+"""Failures the CLI prints as one line (no traceback): user mistakes exit with 2, outages with 75 (EX_TEMPFAIL), so
+whoever runs a stage (DVC, the Prefect flow, a shell loop) can tell "fix it" from "try again later". Bugs still
+raise with their traceback (exit 1)."""
+
+USER_ERROR_EXIT = 2
+TRANSIENT_EXIT = 75  # sysexits.h EX_TEMPFAIL: the same command may succeed later
 
 
 class SftopsError(Exception):
@@ -21,7 +26,11 @@ class TrainingError(SftopsError, RuntimeError):
     """Training cannot go on (no examples, a non-finite loss)."""
 
 
-class TrackingError(SftopsError, RuntimeError):
+class TransientError(Exception):
+    """Something outside the run stopped answering (a server, a store); the same run may succeed later."""
+
+
+class TrackingError(TransientError, RuntimeError):
     """The MLflow tracking server stopped answering; the message says what was kept and how to go on."""
 
 

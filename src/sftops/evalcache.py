@@ -1,7 +1,7 @@
 """The base model's evaluation, cached on disk by (model, data, eval params): re-evaluating a new fine-tune of
 the same base on the same test split (or regression suite) does not score and generate with the base model again.
 
-The cache lives in $SFTOPS_CACHE_DIR (default: .sftops-cache/ in the working folder), one JSON file per key:
+The cache lives in $SFTOPS_CACHE_DIR (default: .sftops-cache/ in the project folder, see workspace.py), one JSON file per key:
 base-eval/<sha256>.json. Deleting the folder is always safe."""
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from typing import Any
 
 from sftops.fingerprints import file_sha256, json_sha256
 from sftops.modeling import resolve_base
+from sftops.workspace import project_root
 
 DEFAULT_CACHE_DIR = ".sftops-cache"
 
 
 def cache_root() -> Path:
-    """$SFTOPS_CACHE_DIR, else .sftops-cache/ in the working folder (also home to the Prefect stage stamps)."""
-    return Path(os.environ.get("SFTOPS_CACHE_DIR") or DEFAULT_CACHE_DIR)
+    """$SFTOPS_CACHE_DIR, else .sftops-cache/ in the project folder (shared by the runs of DVC experiments)."""
+    return Path(os.environ.get("SFTOPS_CACHE_DIR") or project_root() / DEFAULT_CACHE_DIR)
 
 
 def cache_dir() -> Path:

@@ -32,7 +32,7 @@ from sftops.jsonio import read_json, require, write_json
 from sftops.modeling import is_adapter, load_base_model, load_finetuned, read_manifest
 from sftops.objective import mean_nll, score_rows
 from sftops.outputs import replaced_whole
-from sftops.promotion import SuiteResult, data_checks, decide
+from sftops.promotion import SuiteResult, data_checks, decide, suite_results
 from sftops.suites import SuiteRows, generation_sample as suite_sample, prepare_suite, suite_margin, suite_metric
 from sftops.textmetrics import chrf, extracted_match, length_stats, rouge_l
 
@@ -207,6 +207,9 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         "win_rate": overall["win_rate"],
         **length_stats([r[0] for r in refs], "reference"),
         "per_source": compare_by_group(sources, base_scores, tuned_scores, *stats),
+        # What the promotion gate needs besides the numbers: the evaluation's identity and the data's self-checks.
+        "eval_sha256": eval_sha256(cfg, test_file),
+        "data_checks": _data_checks(cfg),
     }
     for source, values in metrics["per_source"].items():
         picked = [i for i, r in enumerate(sample) if r.get("source", "all") == source]
@@ -248,7 +251,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         for run in suite_runs:
             _write_csv(reports / SUITES_DIR / f"{run.name}.csv", run.table)
 
-        decision = _promotion(cfg, run_info, metrics, test_file, [run.result for run in suite_runs])
+        decision = _promotion_preview(cfg, run_info, metrics)
         curves = {
             "train loss": read_curve(Path(cfg.paths.model) / TRAIN_CURVE, "train_loss"),
             "validation NLL": read_curve(Path(cfg.paths.model) / VAL_CURVE, "val_nll"),
@@ -260,15 +263,15 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         ]
         title = f"{run_info.get('registered_model', 'model')} v{run_info.get('version', '?')} (run {run_info['run_id']})"
         worst = {run.name: run.most_worse() for run in suite_runs}
-        html = report.render(title, metrics, curves, review_rows, table, decision.as_dict(), worst)
+        html = report.render(title, metrics, curves, review_rows, table, decision, worst)
         (reports / REPORT_FILE).write_text(html, encoding="utf-8")
         write_json(Path(cfg.paths.metrics), metrics)  # with the reports: a failure before here leaves both as they were
 
         files = [Path(cfg.paths.metrics), reports / REPORT_FILE, reports / ROWS_FILE]
         files += [reports / SUITES_DIR / f"{run.name}.csv" for run in suite_runs]
-        tracking.log_evaluation(run_info, metrics, table, files, decision, [run.dataset for run in suite_runs])
+        tracking.log_evaluation(run_info, metrics, table, files, [run.dataset for run in suite_runs])
     return {**metrics, "base_eval_cached": base_cached, "suites_base_eval_cached": {run.name: run.base_cached for run in suite_runs},
-            "promotion": decision.as_dict(), "report": str(Path(cfg.paths.reports) / REPORT_FILE)}
+            "report": str(Path(cfg.paths.reports) / REPORT_FILE)}
 
 
 @dataclass
@@ -359,16 +362,21 @@ def _suite_source(suite: SuiteConfig) -> str:
     return str(((package_dir(suite.package) if suite.package else Path(".")) / suite.path).resolve())
 
 
-def _promotion(cfg: Config, run_info: dict[str, Any], metrics: dict[str, Any], test_file: Path, suites: list[SuiteResult]):
-    """The gate: compare with the current champion on the same test set; apply and return the decision."""
+def _data_checks(cfg: Config) -> dict[str, Any]:
+    stats_file = Path(cfg.paths.curated) / STATS
+    passed, note = data_checks(json.loads(stats_file.read_text()) if stats_file.exists() else None)
+    return {"passed": passed, "note": note}
+
+
+def _promotion_preview(cfg: Config, run_info: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """What the promotion gate would decide against today's champion, for the report. The gate itself runs
+    after the run is recorded (tracking.promote): evaluation never moves an alias."""
     metric = cfg.evaluate.primary_metric
     if metric not in metrics["tuned"]:
         raise ConfigError(f"evaluate.primary_metric={metric!r} was not measured (set evaluate.num_generations > 0 for generation metrics)")
-    stats_file = Path(cfg.paths.curated) / STATS
-    stats = json.loads(stats_file.read_text()) if stats_file.exists() else None
-    identity = eval_sha256(cfg, test_file)
     champion = tracking.current_champion(run_info["registered_model"], metric, tracking.store_of(run_info))
-    decision = decide(metric, metrics["tuned"][metric], identity, run_info["version"], champion, cfg.evaluate.promotion_margin,
-                      data_checks(stats), suites)
-    tracking.apply_decision(run_info, decision, identity)
-    return decision
+    checks = metrics["data_checks"]
+    decision = decide(metric, metrics["tuned"][metric], metrics["eval_sha256"], run_info["version"], champion,
+                      cfg.evaluate.promotion_margin, (checks["passed"], checks["note"]), suites=suite_results(metrics))
+    return {**decision.as_dict(), "alias": f"{decision.alias} (preview)",
+            "reason": f"{decision.reason}; applied once the run's data is versioned (the pipeline flow's promote step)"}

@@ -84,19 +84,20 @@ def build_manifest(cfg: Config, lock_file: Path = Path("dvc.lock")) -> dict[str,
     """Everything known when the training run starts."""
     commit, dirty = git_state()
     curated = Path(cfg.paths.curated)
+    params = cfg.model_dump(mode="json")  # the whole configuration, a record of the run (not an input of it)
     return {
         "sftops_manifest": 1,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": redact(" ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])),
         "git": {"commit": commit, "dirty": dirty},
         "dvc_lock_sha256": file_sha256(lock_file) if lock_file.exists() else None,
-        "params": cfg.model_dump(mode="json"),
+        "params": params,
         "params_sha256": params_sha256(cfg),
         "seeds": {
-            "train.seed": cfg.train.seed,
-            "data.split_seed": cfg.data.split_seed,
-            "evaluate.sample_seed": cfg.evaluate.sample_seed,
-            "evaluate.bootstrap_seed": cfg.evaluate.bootstrap_seed,
+            "train.seed": params["train"]["seed"],
+            "data.split_seed": params["data"]["split_seed"],
+            "evaluate.sample_seed": params["evaluate"]["sample_seed"],
+            "evaluate.bootstrap_seed": params["evaluate"]["bootstrap_seed"],
         },
         "hardware": hardware(),
         "libraries": library_versions(),

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from importlib import import_module
 from typing import Any
 
 from sftops.config import Config
-from sftops.curate import run_format
-from sftops.evaluation import run_evaluate
-from sftops.finetune import run_train
-from sftops.ingest import run_ingest
-from sftops.redact import redact
-from sftops.tracking import tracking_uri
 
-STAGES = {"ingest": run_ingest, "format": run_format, "train": run_train, "evaluate": run_evaluate}
+# Imported when called: `sftops ingest` loads the ingest stage's code, not torch and the train stage's.
+STAGES = {"ingest": "sftops.ingest:run_ingest", "format": "sftops.curate:run_format",
+          "train": "sftops.finetune:run_train", "evaluate": "sftops.evaluation:run_evaluate"}
+
+
+def stage_function(name: str) -> Callable[[Config], Any]:
+    module, function = STAGES[name].split(":")
+    return getattr(import_module(module), function)
 
 
 def where(cfg: Config) -> dict[str, str]:
     """Where a finished run left its results."""
+    from sftops.redact import redact
+    from sftops.tracking import tracking_uri  # MLflow: only when asked
+
     uri = redact(tracking_uri())
     return {
         "raw data": cfg.paths.raw,
@@ -30,5 +36,5 @@ def where(cfg: Config) -> dict[str, str]:
 
 
 def run_all(cfg: Config) -> dict[str, Any]:
-    results = {name: fn(cfg) for name, fn in STAGES.items()}
+    results = {name: stage_function(name)(cfg) for name in STAGES}
     return {"metrics": results["evaluate"], "where": where(cfg)}

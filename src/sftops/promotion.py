@@ -1,7 +1,8 @@
 """The promotion gate: a new model version becomes the `champion` only if its primary test metric beats the
 current champion's, measured on the same test set with the same evaluation settings, by more than a margin,
-the data self-checks passed, and no regression suite regressed (against the base model); otherwise it is the
-`challenger`. Pure: the registry calls live in tracking."""
+the data self-checks passed, its data and code are versioned (committed to a git ref, outputs in DVC's cache),
+so that the champion can always be restored, and no regression suite regressed against the base model; otherwise
+it is the `challenger`. Pure: the registry calls live in tracking."""
 
 from __future__ import annotations
 
@@ -60,6 +61,15 @@ class Decision:
         return asdict(self)
 
 
+def suite_results(metrics: dict[str, Any]) -> list[SuiteResult]:
+    """The regression suites' verdict inputs, from the evaluation's metrics (metrics.json's `suites`)."""
+    return [
+        SuiteResult(name, v["primary_metric"], v["base"][v["primary_metric"]], v["tuned"][v["primary_metric"]],
+                    v["delta_ci_low"], v["delta_ci_high"], v["regression_margin"], v["informational"])
+        for name, v in metrics.get("suites", {}).items()
+    ]
+
+
 def data_checks(stats: dict[str, Any] | None) -> tuple[bool, str]:
     """The curated data's self-checks, from stats.json: a `checks_passed` flag, or a `checks` mapping of
     name -> bool (or {"passed": bool}). Data without recorded checks passes (there is nothing to fail)."""
@@ -83,8 +93,12 @@ def decide(
     champion: Champion | None,
     margin: float,
     checks: tuple[bool, str] = (True, "no data checks recorded"),
+    versioned: tuple[bool, str] = (True, "versioned"),
     suites: Sequence[SuiteResult] = (),
 ) -> Decision:
+    is_versioned, version_note = versioned
+    if not is_versioned:
+        return Decision(CHALLENGER, f"its data is not versioned ({version_note}): not promoted", metric, value, *_champ(champion))
     passed, check_note = checks
     if not passed:
         return Decision(CHALLENGER, f"{check_note}: not promoted", metric, value, *_champ(champion))

@@ -20,22 +20,30 @@ from mlflow.models import infer_signature
 from sftops.config import Config
 from sftops.errors import ConfigError, TrackingError
 from sftops.manifest import build_manifest, dvc_md5, git_commit, model_section, params_sha256
-from sftops.promotion import CHALLENGER, CHAMPION, Champion, Decision
+from sftops.promotion import CHALLENGER, CHAMPION, Champion, Decision, decide, suite_results
 from sftops.redact import redact, tracking_credentials
+from sftops.workspace import project_root
 
 RUN_FILE = "run.json"
 MANIFEST_ARTIFACT = "reproduce/manifest.json"
 # Run tags copied onto the registered version: what made it.
 LINEAGE_TAGS = ("base_model", "method", "data.curated_dvc_md5", "git.commit", "params.sha256")
+# Whether the version's data and code are recorded in git and DVC (the pipeline flow's record step sets them).
+VERSIONED, VERSIONED_REASON = "data.versioned", "data.versioned_reason"
+UNRECORDED = ("registered by a stage run outside the pipeline flow (dvc repro, sftops run): no git ref records "
+              "its params and dvc.lock; run the flow (make pipeline) to record and promote")
 
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+def default_tracking_uri() -> str:
+    """mlflow.db in the project folder, as an absolute path: a DVC experiment's stages log to the project's store,
+    not to a file in its temporary workspace (see workspace.py)."""
+    return f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
 def tracking_uri() -> str:
     """Where runs go is the environment's business (a team server, a local file), not the params'. A password in
     an http(s) URI is handed to MLflow's credential variables, so the URI MLflow prints and records has none."""
-    return tracking_credentials(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    return tracking_credentials(os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
 
 
 def store_of(run_info: dict[str, Any]) -> str:
@@ -254,12 +262,11 @@ def log_evaluation(
     metrics: dict[str, Any],
     table: dict[str, list],
     files: list[Path],
-    decision: Decision | None = None,
     suites: list[dict[str, Any]] = (),
 ) -> None:
     """Add the evaluate stage's results to the pipeline's run (metrics, the generations table, the report and
-    metrics files, the regression suites as evaluation datasets, the promotion decision), and tag the registered
-    version with the headline metrics."""
+    metrics files, the regression suites as evaluation datasets), and tag the registered version with the headline
+    metrics and the evaluation's identity (the promotion gate compares versions measured alike)."""
     mlflow.set_tracking_uri(store_of(run_info))
     client = MlflowClient(store_of(run_info))
     table_file = _unused_table_file(client, run_info["run_id"])
@@ -269,13 +276,11 @@ def log_evaluation(
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="eval/suites" if path.parent.name == "suites" else "eval")
         log_suite_inputs(list(suites))
-        if decision is not None:
-            mlflow.set_tags({"promotion.decision": decision.alias, "promotion.reason": decision.reason[:5000]})
-            mlflow.log_dict(decision.as_dict(), "eval/promotion.json")
     tags = {f"test_{key}": value for key, value in metrics["tuned"].items()}
     tags.update({f"test_{key}": metrics[key] for key in HEADLINE if key in metrics})
     for key, value in tags.items():
         client.set_model_version_tag(run_info["registered_model"], run_info["version"], key, repr(float(value)))
+    client.set_model_version_tag(run_info["registered_model"], run_info["version"], "eval_sha256", metrics["eval_sha256"])
 
 
 HEADLINE = ("nll_improvement", "nll_improvement_ci_low", "nll_improvement_ci_high", "win_rate", "test_rows")
@@ -292,13 +297,33 @@ def current_champion(name: str, metric: str, tracking: str) -> Champion | None:
     return Champion(str(version.version), float(value) if value is not None else None, version.tags.get("eval_sha256"))
 
 
-def apply_decision(run_info: dict[str, Any], decision: Decision, eval_sha256: str) -> None:
-    """Point the decided alias at the new version, and record the decision on the version."""
+def record_version(run_info: dict[str, Any], tags: dict[str, str]) -> None:
+    """Tag the registered version (and its run) with where its data and code are recorded."""
+    client = MlflowClient(store_of(run_info))
+    for key, value in tags.items():
+        client.set_model_version_tag(run_info["registered_model"], run_info["version"], key, value)
+        client.set_tag(run_info["run_id"], key, value)
+
+
+def promote(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: str, margin: float) -> Decision:
+    """The promotion gate on the registry: decide (promotion.decide) from the version's test metrics, its data
+    checks and versioning tags and the current champion, then point the decided alias at the version and record
+    the decision on the version and its run."""
+    if primary_metric not in metrics["tuned"]:
+        raise ConfigError(f"evaluate.primary_metric={primary_metric!r} was not measured (set evaluate.num_generations > 0 for generation metrics)")
     client = MlflowClient(store_of(run_info))
     name, version = run_info["registered_model"], run_info["version"]
-    client.set_model_version_tag(name, version, "eval_sha256", eval_sha256)
+    tags = client.get_model_version(name, version).tags
+    versioned = (tags.get(VERSIONED) == "true", tags.get(VERSIONED_REASON, "no record of its data in git and DVC"))
+    champion = current_champion(name, primary_metric, store_of(run_info))
+    checks = metrics.get("data_checks", {"passed": True, "note": "no data checks recorded"})
+    decision = decide(primary_metric, metrics["tuned"][primary_metric], metrics["eval_sha256"], version, champion, margin,
+                      (checks["passed"], checks["note"]), versioned, suite_results(metrics))
     client.set_model_version_tag(name, version, "promotion.decision", decision.alias)
     client.set_model_version_tag(name, version, "promotion.reason", decision.reason[:5000])
+    client.set_tag(run_info["run_id"], "promotion.decision", decision.alias)
+    client.set_tag(run_info["run_id"], "promotion.reason", decision.reason[:5000])
+    client.log_dict(run_info["run_id"], decision.as_dict(), "eval/promotion.json")
     client.set_registered_model_alias(name, decision.alias, version)
     if decision.alias == CHAMPION:
         # A promoted version is no longer the challenger.
@@ -307,6 +332,7 @@ def apply_decision(run_info: dict[str, Any], decision: Decision, eval_sha256: st
                 client.delete_registered_model_alias(name, CHALLENGER)
         except mlflow.exceptions.MlflowException:
             pass
+    return decision
 
 
 def log_and_register_model(model_dir: Path, name: str) -> dict[str, Any]:
@@ -329,6 +355,8 @@ def log_and_register_model(model_dir: Path, name: str) -> dict[str, Any]:
     for key in LINEAGE_TAGS:
         if key in run_tags:
             client.set_model_version_tag(name, version, key, run_tags[key])
+    client.set_model_version_tag(name, version, VERSIONED, "false")  # until the flow has recorded it
+    client.set_model_version_tag(name, version, VERSIONED_REASON, UNRECORDED)
     manifest = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{MANIFEST_ARTIFACT}")
     manifest["model"] = {**model_section(model_dir), "registered_model": name, "version": version}
     mlflow.log_dict(manifest, MANIFEST_ARTIFACT)

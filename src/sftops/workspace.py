@@ -1,0 +1,15 @@
+"""The project folder: where the default MLflow store and caches live, the same for every stage of one run.
+
+A stage runs in the project folder, except inside a DVC experiment (`dvc exp run --temp` or `--queue`), which runs
+it in a temporary copy of the repository that is deleted afterwards: a store or cache there would be thrown away
+with it. DVC tells every stage command the project it belongs to in $DVC_ROOT; outside DVC it is the working
+folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()

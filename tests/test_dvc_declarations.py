@@ -1,0 +1,79 @@
+"""dvc.yaml says exactly what each stage reads: each stage is run for real (the tiny model, a small source) by
+tests/stage_reads.py, which records the params keys it reads and the project modules it imports, and both must be
+declared in the stage's `params` and `deps`. params.yaml carries every key of the typed config, so no default that
+lives only in code escapes DVC's params tracking."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import write_qa_project
+from sftops.config import _flatten, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("ingest", "format", "train", "evaluate")
+STAGE_MODULE = {"ingest": "ingest", "format": "curate", "train": "finetune", "evaluate": "evaluation"}
+
+
+def declared(stage: str) -> tuple[list[str], list[str]]:
+    entry = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    return entry["params"], [d for d in entry["deps"] if d.startswith("src/")]
+
+
+def covered(item: str, declarations: list[str], sep: str) -> bool:
+    return any(item == d or item.startswith(d.rstrip(sep) + sep) for d in declarations)
+
+
+def test_params_yaml_carries_every_config_key_with_its_value():
+    in_file = _flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert set(in_file) == set(load_config(ROOT / "params.yaml").flat())
+
+
+@pytest.fixture(scope="module")
+def reads(tmp_path_factory, tiny_model) -> dict[str, dict]:
+    """What each stage read, run in order in one project folder."""
+    folder = tmp_path_factory.mktemp("reads")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        write_qa_project(tiny_model, 60, "reads", train={"max_steps": 2, "micro_batch_size": 8},
+                         evaluate={"num_generations": 2, "max_new_tokens": 4, "bootstrap_resamples": 50})
+    finally:
+        os.chdir(cwd)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "SFTOPS_CACHE_DIR": str(folder / "cache")}
+    found = {}
+    for stage in STAGES:
+        done = subprocess.run([sys.executable, str(ROOT / "tests/stage_reads.py"), stage], cwd=folder, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        found[stage] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_reads_only_the_params_its_dvc_entry_declares(reads, stage):
+    params, _ = declared(stage)
+    assert reads[stage]["params"], "the recorder saw no reads at all: it is broken"
+    undeclared = [k for k in reads[stage]["params"] if not covered(k, params, ".")]
+    assert not undeclared, f"dvc.yaml stage {stage!r} reads params it does not declare: {undeclared}"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_imports_only_the_project_code_its_dvc_entry_declares(reads, stage):
+    _, deps = declared(stage)
+    assert f"src/sftops/{STAGE_MODULE[stage]}.py" in reads[stage]["modules"]
+    undeclared = [m for m in reads[stage]["modules"] if not covered(m, deps, "/")]
+    assert not undeclared, f"dvc.yaml stage {stage!r} imports code it does not declare as deps: {undeclared}"
+
+
+def test_the_recorder_sees_the_reads_that_dvc_yaml_once_missed(reads):
+    """The check can fail: ingest reads data.max_row_bytes (once undeclared), evaluate imports evalcache.py."""
+    assert "data.max_row_bytes" in reads["ingest"]["params"] and not covered("data.max_row_bytes", ["data.sources"], ".")
+    assert "src/sftops/evalcache.py" in reads["evaluate"]["modules"]
