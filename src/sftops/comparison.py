@@ -3,7 +3,7 @@ confidence interval, and the per-row win rate; overall and per data source."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,18 +34,41 @@ def bootstrap_difference_ci(
     """Percentile interval of nll_difference over resamples of the test rows drawn with replacement; each
     resample keeps the pairing (a row's base and tuned scores move together) and its own token weights."""
     base_sum, tuned_sum, tokens = _check_paired(base, tuned)
+    gap = base_sum - tuned_sum
+    return _percentiles([(c @ gap) / np.maximum(c @ tokens, 1.0) for c in _resample_counts(len(tokens), resamples, seed)], confidence)
+
+
+def _resample_counts(n: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """Blocks of bootstrap resamples of n rows: how often each row is drawn in each resample."""
     rng = np.random.default_rng(seed)
-    n, gap = len(tokens), base_sum - tuned_sum
-    differences = []
     block = max(1, 4_000_000 // n)  # resamples per block: bounded memory on large test sets
     for start in range(0, resamples, block):
-        # How often each row is drawn in each resample of this block.
-        counts = rng.multinomial(n, np.full(n, 1 / n), size=min(block, resamples - start))
-        differences.append((counts @ gap) / np.maximum(counts @ tokens, 1.0))
-    differences = np.concatenate(differences)
+        yield rng.multinomial(n, np.full(n, 1 / n), size=min(block, resamples - start))
+
+
+def _percentiles(blocks: list[np.ndarray], confidence: float) -> tuple[float, float]:
     alpha = (1 - confidence) / 2
-    low, high = np.quantile(differences, [alpha, 1 - alpha])
+    low, high = np.quantile(np.concatenate(blocks), [alpha, 1 - alpha])
     return float(low), float(high)
+
+
+def perplexity_delta_ci(base: Scores, tuned: Scores, resamples: int, seed: int, confidence: float) -> tuple[float, float, float]:
+    """Tuned minus base perplexity (of the token-weighted mean NLL) and its paired-bootstrap interval."""
+    base_sum, tuned_sum, tokens = _check_paired(base, tuned)
+    delta = float(np.exp(tuned_sum.sum() / tokens.sum()) - np.exp(base_sum.sum() / tokens.sum()))
+    blocks = []
+    for c in _resample_counts(len(tokens), resamples, seed):
+        weight = np.maximum(c @ tokens, 1.0)
+        blocks.append(np.exp((c @ tuned_sum) / weight) - np.exp((c @ base_sum) / weight))
+    return (delta, *_percentiles(blocks, confidence))
+
+
+def mean_delta_ci(base: Sequence[float], tuned: Sequence[float], resamples: int, seed: int, confidence: float) -> tuple[float, float, float]:
+    """Mean of the per-row tuned minus base values (e.g. chrF of each answer) and its paired-bootstrap interval."""
+    if len(base) != len(tuned) or not base:
+        raise ValueError(f"paired comparison needs the same non-empty rows (got {len(base)} and {len(tuned)})")
+    gap = np.asarray(tuned, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    return (float(gap.mean()), *_percentiles([(c @ gap) / len(gap) for c in _resample_counts(len(gap), resamples, seed)], confidence))
 
 
 def win_rate(base: Scores, tuned: Scores) -> float:

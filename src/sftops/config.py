@@ -179,6 +179,31 @@ class TrainConfig(_Strict):
         return self
 
 
+Metric = Literal["nll", "perplexity", "exact_match", "rouge_l", "chrf"]
+
+
+class SuiteConfig(SourceConfig):
+    """A regression suite: a named evaluation set besides the test split (a file, folder, glob, package folder
+    or hub dataset in any schema a source takes), never trained on, scored base against tuned."""
+
+    # A seeded sample of the suite's rows (evaluation time); null: all of them.
+    max_rows: int | None = Field(None, ge=1)
+    # Prompts answered by both models (null: evaluate.num_generations); a seeded sample.
+    num_generations: int | None = Field(None, ge=0)
+    # The metric that decides a regression (null: evaluate.primary_metric), and its margin (null:
+    # evaluate.regression_margin).
+    primary_metric: Metric | None = None
+    regression_margin: float | None = Field(None, ge=0)
+    # Reported, never blocking promotion.
+    informational: bool = False
+
+    @model_validator(mode="after")
+    def _not_training_data(self) -> SuiteConfig:
+        if self.split_as != "auto" or self.weight != 1.0:
+            raise ValueError("a suite is never trained on: it takes no 'split_as' or 'weight'")
+        return self
+
+
 class EvaluateConfig(_Strict):
     # Rows per forward pass when scoring and prompts per generate() call: lower it if evaluation runs out of memory.
     batch_size: int = Field(16, ge=1)
@@ -198,8 +223,20 @@ class EvaluateConfig(_Strict):
     confidence: float = Field(0.95, gt=0.5, lt=1)
     # Promotion gate: the new version becomes the 'champion' only if this test metric beats the champion's on
     # the same test set by promotion_margin (nll and perplexity: lower is better; the others: higher).
-    primary_metric: Literal["nll", "perplexity", "exact_match", "rouge_l", "chrf"] = "nll"
+    primary_metric: Metric = "nll"
     promotion_margin: float = Field(0.0, ge=0)
+    # Regression suites (see SuiteConfig): promotion also needs that no suite regresses, i.e. that the whole
+    # confidence interval of (tuned - base) on the suite's primary metric lies on the worse side of
+    # regression_margin (in the metric's units: nats/token for nll).
+    suites: list[SuiteConfig] = []
+    regression_margin: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _suite_names(self) -> EvaluateConfig:
+        names = [s.name for s in self.suites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"suite names must be unique, got {names}")
+        return self
 
 
 class TrackingConfig(_Strict):

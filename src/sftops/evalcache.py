@@ -1,5 +1,5 @@
 """The base model's evaluation, cached on disk by (model, data, eval params): re-evaluating a new fine-tune of
-the same base on the same test split does not score and generate with the base model again.
+the same base on the same test split (or regression suite) does not score and generate with the base model again.
 
 The cache lives in $SFTOPS_CACHE_DIR (default: .sftops-cache/ in the project folder, see workspace.py), one JSON file per key:
 base-eval/<sha256>.json. Deleting the folder is always safe."""
@@ -39,11 +39,12 @@ def model_fingerprint(model: dict[str, Any]) -> dict[str, Any]:
     return {"config": model, "files": files}
 
 
-def cache_key(model: dict[str, Any], test_file: Path, tokenizer_sha256: str, eval_params: dict[str, Any], device: str) -> str:
-    """sha256 of everything the base model's scores and outputs depend on."""
+def cache_key(model: dict[str, Any], data_sha256: str, tokenizer_sha256: str, eval_params: dict[str, Any], device: str) -> str:
+    """sha256 of everything the base model's scores and outputs depend on; data_sha256: the test split file's
+    sha256, or a regression suite's (its rows as evaluated)."""
     key = {
         "model": model_fingerprint(model),
-        "test_data": file_sha256(test_file),
+        "test_data": data_sha256,
         "tokenizer": tokenizer_sha256,
         "eval": eval_params,
         "device": device,

@@ -1,7 +1,8 @@
 """Stage 4, evaluate: the base and the fine-tuned model side by side on the held-out test split — response
 NLL and perplexity on every test row with a paired bootstrap CI of the difference and the win rate (overall
-and per source), generations scored against the references — then the HTML report, MLflow, and the
-promotion gate. The base model's results are cached (see evalcache)."""
+and per source), generations scored against the references — and the same on each regression suite
+(evaluate.suites, see sftops.suites); then the HTML report, MLflow, and the promotion gate. The base model's
+results are cached (see evalcache)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import csv
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ import torch
 
 from sftops import evalcache, faults, report, tracking
 from sftops.chat import IGNORE, Encoded, generation_prompt
-from sftops.comparison import compare, compare_by_group
-from sftops.config import Config, EvaluateConfig, ModelConfig
+from sftops.comparison import compare, compare_by_group, mean_delta_ci, perplexity_delta_ci
+from sftops.config import Config, EvaluateConfig, ModelConfig, SuiteConfig
 from sftops.curate import STATS, prompt_key
 from sftops.curves import TRAIN_CURVE, VAL_CURVE, read_curve
 from sftops.data.examples import training_examples
@@ -31,12 +32,14 @@ from sftops.jsonio import read_json, require, write_json
 from sftops.modeling import is_adapter, load_base_model, load_finetuned, read_manifest
 from sftops.objective import mean_nll, score_rows
 from sftops.outputs import replaced_whole
-from sftops.promotion import data_checks, decide
+from sftops.promotion import SuiteResult, data_checks, decide, suite_results
+from sftops.suites import SuiteRows, generation_sample as suite_sample, prepare_suite, suite_margin, suite_metric
 from sftops.textmetrics import chrf, extracted_match, length_stats, rouge_l
 
 REPORT_FILE = "report.html"
 GENERATIONS_FILE = "generations.csv"
 ROWS_FILE = "nll_by_row.csv"
+SUITES_DIR = "suites"  # in reports/: one CSV per suite, its sampled generations
 
 
 def generation_sample(rows: list[dict[str, Any]], n: int) -> tuple[list[dict[str, Any]], list[list[str]]]:
@@ -103,11 +106,12 @@ def eval_sha256(cfg: Config, test_file: Path) -> str:
     return json_sha256({"test": file_sha256(test_file), **base_eval_params(cfg), "answer_extraction": cfg.evaluate.answer_extraction})
 
 
-def _score_and_generate(model, tokenizer, examples: list[Encoded], prompts: list[str], cfg: Config, dev, who: str):
+def _score_and_generate(model, tokenizer, examples: list[Encoded], prompts: list[str], cfg: Config, dev, who: str,
+                        on: str = "test split"):
     try:
         faults.out_of_memory(f"evaluate:{who}")
-        scores = score_rows(model, examples, cfg.evaluate.batch_size, tokenizer.pad_token_id, dev, desc=f"score {who}")
-        completions = complete(model, tokenizer, prompts, decoding(cfg.evaluate), cfg.evaluate.batch_size)
+        scores = score_rows(model, examples, cfg.evaluate.batch_size, tokenizer.pad_token_id, dev, desc=f"score {who} on {on}")
+        completions = complete(model, tokenizer, prompts, decoding(cfg.evaluate), cfg.evaluate.batch_size, desc=f"generate {who} on {on}")
     except torch.OutOfMemoryError:
         smaller = f"evaluate.batch_size={cfg.evaluate.batch_size // 2}, or " if cfg.evaluate.batch_size > 1 else ""
         raise GpuMemoryError(f"evaluating the {who} model ran out of GPU memory. Try {smaller}a smaller "
@@ -115,19 +119,33 @@ def _score_and_generate(model, tokenizer, examples: list[Encoded], prompts: list
     return scores, completions
 
 
-def _base_results(cfg, manifest, tuned, tokenizer, examples, prompts, dev, key: str) -> tuple[list, list[Completion], bool]:
+class BaseModel:
+    """The base model, switched on only when a result is not in the cache: the tuned model with its adapter
+    disabled (the same weights), or the base loaded once from the manifest for a full fine-tune."""
+
+    def __init__(self, manifest: dict[str, Any], tuned, dev) -> None:
+        self.manifest, self.tuned, self.dev, self._loaded = manifest, tuned, dev, None
+
+    @contextlib.contextmanager
+    def active(self):
+        if is_adapter(self.manifest):
+            with self.tuned.disable_adapter():
+                yield self.tuned
+            return
+        if self._loaded is None:
+            self._loaded = load_base_model(ModelConfig.model_validate(self.manifest["base"])).to(self.dev)
+            self._loaded.eval()
+        yield self._loaded
+
+
+def _base_results(cfg, base: BaseModel, tokenizer, examples, prompts, dev, key: str, on: str = "test split") -> tuple[list, list[Completion], bool]:
     cached = evalcache.load(key)
     # The key covers the data and settings; checking the token counts as well costs nothing.
     expected = [sum(label != IGNORE for label in e.labels[1:]) for e in examples]
     if cached is not None and [c for _, c in cached["scores"]] == expected:
         return [tuple(s) for s in cached["scores"]], [Completion(**c) for c in cached["completions"]], True
-    if is_adapter(manifest):
-        base, base_mode = tuned, tuned.disable_adapter  # the same weights with the adapter switched off
-    else:
-        base, base_mode = load_base_model(ModelConfig.model_validate(manifest["base"])).to(dev), contextlib.nullcontext
-    base.eval()
-    with base_mode():
-        scores, completions = _score_and_generate(base, tokenizer, examples, prompts, cfg, dev, "base")
+    with base.active() as model:
+        scores, completions = _score_and_generate(model, tokenizer, examples, prompts, cfg, dev, "base", on)
     evalcache.store(key, {"scores": scores, "completions": [asdict(c) for c in completions]})
     return scores, completions, False
 
@@ -145,6 +163,9 @@ def _prompt_text(messages: list[dict[str, str]]) -> str:
 
 
 def run_evaluate(cfg: Config) -> dict[str, Any]:
+    # Suites first: a missing or empty suite stops the stage before any model is loaded.
+    train_rows = load_split(cfg, "train") if cfg.evaluate.suites else []
+    prepared = [prepare_suite(s, train_rows, cfg.data, cfg.evaluate.sample_seed) for s in cfg.evaluate.suites]
     model_dir = Path(cfg.paths.model) / "model"
     run_info = read_json(require(Path(cfg.paths.model) / tracking.RUN_FILE, "train"))
     dev = device()
@@ -161,8 +182,9 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     sample, refs = generation_sample(kept_rows, cfg.evaluate.num_generations)
     prompts = [generation_prompt(tokenizer, r["messages"]) for r in sample]
 
-    key = evalcache.cache_key(manifest["base"], test_file, tokenizer_sha256(tokenizer), base_eval_params(cfg), dev.type)
-    base_scores, base_out, base_cached = _base_results(cfg, manifest, tuned, tokenizer, examples, prompts, dev, key)
+    base = BaseModel(manifest, tuned, dev)
+    key = evalcache.cache_key(manifest["base"], file_sha256(test_file), tokenizer_sha256(tokenizer), base_eval_params(cfg), dev.type)
+    base_scores, base_out, base_cached = _base_results(cfg, base, tokenizer, examples, prompts, dev, key)
     tuned_scores, tuned_out = _score_and_generate(tuned, tokenizer, examples, prompts, cfg, dev, "tuned")
 
     rule = cfg.evaluate.answer_extraction
@@ -219,10 +241,15 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         "base_nll": [per_row["base_nll"][i] for i in sampled],
         "tuned_nll": [per_row["tuned_nll"][i] for i in sampled],
     }
+    suite_runs = [evaluate_suite(cfg, suite, rows, tuned, base, tokenizer, dev) for suite, rows in zip(cfg.evaluate.suites, prepared)]
+    if suite_runs:
+        metrics["suites"] = {run.name: run.metrics for run in suite_runs}
     # The previous reports/ and metrics.json stay until the new ones are complete.
     with replaced_whole(cfg.paths.reports) as reports:
         _write_csv(reports / GENERATIONS_FILE, table)
         _write_csv(reports / ROWS_FILE, per_row)
+        for run in suite_runs:
+            _write_csv(reports / SUITES_DIR / f"{run.name}.csv", run.table)
 
         decision = _promotion_preview(cfg, run_info, metrics)
         curves = {
@@ -235,13 +262,104 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
             for i, r in enumerate(kept_rows)
         ]
         title = f"{run_info.get('registered_model', 'model')} v{run_info.get('version', '?')} (run {run_info['run_id']})"
-        html = report.render(title, metrics, curves, review_rows, table, decision)
+        worst = {run.name: run.most_worse() for run in suite_runs}
+        html = report.render(title, metrics, curves, review_rows, table, decision, worst)
         (reports / REPORT_FILE).write_text(html, encoding="utf-8")
         write_json(Path(cfg.paths.metrics), metrics)  # with the reports: a failure before here leaves both as they were
 
         files = [Path(cfg.paths.metrics), reports / REPORT_FILE, reports / ROWS_FILE]
-        tracking.log_evaluation(run_info, metrics, table, files)
-    return {**metrics, "base_eval_cached": base_cached, "report": str(Path(cfg.paths.reports) / REPORT_FILE)}
+        files += [reports / SUITES_DIR / f"{run.name}.csv" for run in suite_runs]
+        tracking.log_evaluation(run_info, metrics, table, files, [run.dataset for run in suite_runs])
+    return {**metrics, "base_eval_cached": base_cached, "suites_base_eval_cached": {run.name: run.base_cached for run in suite_runs},
+            "report": str(Path(cfg.paths.reports) / REPORT_FILE)}
+
+
+@dataclass
+class SuiteRun:
+    """One suite's review: its metrics (for metrics.json), its regression verdict (for the gate), the sampled
+    generations side by side (for the report and its CSV) and its identity (an MLflow dataset input)."""
+
+    name: str
+    metrics: dict[str, Any]
+    result: SuiteResult
+    table: dict[str, list]
+    dataset: dict[str, Any]
+    base_cached: bool
+
+    def most_worse(self, n: int = 5) -> list[dict[str, Any]]:
+        """The sampled rows whose response NLL rose most under the tuned model, both answers side by side."""
+        t = self.table
+        order = sorted(range(len(t["prompt"])), key=lambda i: t["tuned_nll"][i] - t["base_nll"][i], reverse=True)
+        cols = ("prompt", "reference", "base_output", "tuned_output", "base_nll", "tuned_nll")
+        return [{c: t[c][i] for c in cols} for i in order[:n]]
+
+
+def _delta_ci(metric: str, base_scores, tuned_scores, base_gen, tuned_gen, overall, e: EvaluateConfig) -> tuple[float, float]:
+    """The confidence interval of (tuned - base) on a suite's primary metric."""
+    stats = (e.bootstrap_resamples, e.bootstrap_seed, e.confidence)
+    if metric == "nll":
+        return -overall["nll_improvement_ci_high"], -overall["nll_improvement_ci_low"]
+    if metric == "perplexity":
+        return perplexity_delta_ci(base_scores, tuned_scores, *stats)[1:]
+    return mean_delta_ci(base_gen[metric], tuned_gen[metric], *stats)[1:]
+
+
+def evaluate_suite(cfg: Config, suite: SuiteConfig, prepared: SuiteRows, tuned, base: BaseModel, tokenizer, dev) -> SuiteRun:
+    """Base against tuned on the suite's rows: response NLL with the paired bootstrap CI and win rate, and on a
+    seeded sample of prompts the generations with the text metrics, lengths and stop rate."""
+    e, on = cfg.evaluate, f"suite {suite.name}"
+    examples, kept, counts = training_examples(cfg, tokenizer, f"suite:{suite.name}", prepared.rows)
+    if not examples:
+        raise DataError(f"evaluate.suites {suite.name!r}: no row fits model.max_length={cfg.model.max_length} with a target ({counts})")
+    rows = [prepared.rows[i] for i in kept]
+    n = e.num_generations if suite.num_generations is None else suite.num_generations
+    sample, refs = suite_sample(rows, n, e.sample_seed)
+    prompts = [generation_prompt(tokenizer, r["messages"]) for r in sample]
+    key = evalcache.cache_key(base.manifest["base"], prepared.sha256, tokenizer_sha256(tokenizer),
+                              {**base_eval_params(cfg), "num_generations": n, "suite": True}, dev.type)
+    base_scores, base_out, cached = _base_results(cfg, base, tokenizer, examples, prompts, dev, key, on)
+    tuned_scores, tuned_out = _score_and_generate(tuned, tokenizer, examples, prompts, cfg, dev, "tuned", on)
+    base_gen = row_scores([c.text for c in base_out], refs, e.answer_extraction)
+    tuned_gen = row_scores([c.text for c in tuned_out], refs, e.answer_extraction)
+    overall = compare(base_scores, tuned_scores, e.bootstrap_resamples, e.bootstrap_seed, e.confidence)
+    summary = {"base": _summary(base_scores, base_gen, base_out), "tuned": _summary(tuned_scores, tuned_gen, tuned_out)}
+    metric = suite_metric(suite, e.primary_metric)
+    if metric not in summary["tuned"]:
+        raise ConfigError(f"evaluate.suites {suite.name!r}: primary metric {metric!r} needs generations (set its num_generations > 0)")
+    low, high = _delta_ci(metric, base_scores, tuned_scores, base_gen, tuned_gen, overall, e)
+    result = SuiteResult(suite.name, metric, summary["base"][metric], summary["tuned"][metric], low, high,
+                         suite_margin(suite, e.regression_margin), suite.informational)
+    by_row = {"base_nll": [s / max(c, 1) for s, c in base_scores], "tuned_nll": [s / max(c, 1) for s, c in tuned_scores]}
+    picked = [rows.index(r) for r in sample]
+    table = {
+        "id": [r["id"] for r in sample], "prompt": [_prompt_text(r["messages"]) for r in sample], "reference": [r[0] for r in refs],
+        "base_output": [c.text for c in base_out], "tuned_output": [c.text for c in tuned_out],
+        **{f"base_{k}": v for k, v in base_gen.items()}, **{f"tuned_{k}": v for k, v in tuned_gen.items()},
+        "base_new_tokens": [c.new_tokens for c in base_out], "tuned_new_tokens": [c.new_tokens for c in tuned_out],
+        **{k: [v[i] for i in picked] for k, v in by_row.items()},
+    }
+    metrics = {
+        **{k: prepared.counts[k] for k in ("read", "rejected", "duplicates", "train_duplicates", "sampled_out")},
+        "dropped_tokens": counts["dropped_too_long"] + counts["dropped_no_target"],
+        "rows": len(examples), "target_tokens": sum(c for _, c in tuned_scores), "generations": len(sample),
+        "contaminated_prompts": len(prepared.contaminated), "contamination_examples": prepared.contaminated[:20],
+        **summary,
+        **{k: overall[k] for k in ("nll_improvement", "nll_improvement_ci_low", "nll_improvement_ci_high", "win_rate")},
+        "confidence": e.confidence, "primary_metric": metric, "delta": result.tuned - result.base,
+        "delta_ci_low": low, "delta_ci_high": high, "regression_margin": result.margin,
+        "informational": suite.informational, "regressed": result.regressed, "sha256": prepared.sha256,
+    }
+    dataset = {"name": suite.name, "digest": prepared.sha256, "source": _suite_source(suite), "ids": [r["id"] for r in rows],
+               "origins": [r["origin"] for r in rows]}
+    return SuiteRun(suite.name, metrics, result, table, dataset, cached)
+
+
+def _suite_source(suite: SuiteConfig) -> str:
+    if suite.hub is not None:
+        return f"https://huggingface.co/datasets/{suite.hub}"
+    from sftops.sources import package_dir
+
+    return str(((package_dir(suite.package) if suite.package else Path(".")) / suite.path).resolve())
 
 
 def _data_checks(cfg: Config) -> dict[str, Any]:
@@ -259,6 +377,6 @@ def _promotion_preview(cfg: Config, run_info: dict[str, Any], metrics: dict[str,
     champion = tracking.current_champion(run_info["registered_model"], metric, tracking.store_of(run_info))
     checks = metrics["data_checks"]
     decision = decide(metric, metrics["tuned"][metric], metrics["eval_sha256"], run_info["version"], champion,
-                      cfg.evaluate.promotion_margin, (checks["passed"], checks["note"]))
+                      cfg.evaluate.promotion_margin, (checks["passed"], checks["note"]), suites=suite_results(metrics))
     return {**decision.as_dict(), "alias": f"{decision.alias} (preview)",
             "reason": f"{decision.reason}; applied once the run's data is versioned (the pipeline flow's promote step)"}

@@ -36,6 +36,7 @@ def complete(
     prompts: Sequence[str],
     decoding: Decoding,
     batch_size: int = 8,
+    desc: str = "generate",
 ) -> list[Completion]:
     """Completions of already-rendered prompts (see chat.generation_prompt), batch_size prompts at a time."""
     device = next(model.parameters()).device
@@ -54,7 +55,7 @@ def complete(
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     outputs: list[Completion] = []
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", leave=False):
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
             enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(device) for k, v in enc.items()}
             out = model.generate(**enc, generation_config=config)

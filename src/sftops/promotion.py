@@ -1,10 +1,12 @@
 """The promotion gate: a new model version becomes the `champion` only if its primary test metric beats the
 current champion's, measured on the same test set with the same evaluation settings, by more than a margin,
-the data self-checks passed, and its data and code are versioned (committed to a git ref, outputs in DVC's cache),
-so that the champion can always be restored; otherwise it is the `challenger`. Pure: the registry calls live in tracking."""
+the data self-checks passed, its data and code are versioned (committed to a git ref, outputs in DVC's cache),
+so that the champion can always be restored, and no regression suite regressed against the base model; otherwise
+it is the `challenger`. Pure: the registry calls live in tracking."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,6 +22,32 @@ class Champion:
 
 
 @dataclass(frozen=True)
+class SuiteResult:
+    """One regression suite, base against tuned on its primary metric: delta = tuned - base, with its
+    confidence interval."""
+
+    name: str
+    metric: str
+    base: float
+    tuned: float
+    delta_ci_low: float
+    delta_ci_high: float
+    margin: float
+    informational: bool = False
+
+    @property
+    def regressed(self) -> bool:
+        """The whole interval lies on the worse side of the margin (a clear loss, not noise)."""
+        if self.metric in LOWER_IS_BETTER:
+            return self.delta_ci_low > self.margin
+        return self.delta_ci_high < -self.margin
+
+    def describe(self) -> str:
+        return (f"suite {self.name!r} {self.metric} {self.base:.4f} (base) -> {self.tuned:.4f} (tuned), "
+                f"CI of the change [{self.delta_ci_low:+.4f}, {self.delta_ci_high:+.4f}], margin {self.margin}")
+
+
+@dataclass(frozen=True)
 class Decision:
     alias: str
     reason: str
@@ -27,9 +55,19 @@ class Decision:
     value: float
     champion_version: str | None = None
     champion_value: float | None = None
+    regressed_suites: tuple[str, ...] = ()  # the blocking suites that regressed
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def suite_results(metrics: dict[str, Any]) -> list[SuiteResult]:
+    """The regression suites' verdict inputs, from the evaluation's metrics (metrics.json's `suites`)."""
+    return [
+        SuiteResult(name, v["primary_metric"], v["base"][v["primary_metric"]], v["tuned"][v["primary_metric"]],
+                    v["delta_ci_low"], v["delta_ci_high"], v["regression_margin"], v["informational"])
+        for name, v in metrics.get("suites", {}).items()
+    ]
 
 
 def data_checks(stats: dict[str, Any] | None) -> tuple[bool, str]:
@@ -56,6 +94,7 @@ def decide(
     margin: float,
     checks: tuple[bool, str] = (True, "no data checks recorded"),
     versioned: tuple[bool, str] = (True, "versioned"),
+    suites: Sequence[SuiteResult] = (),
 ) -> Decision:
     is_versioned, version_note = versioned
     if not is_versioned:
@@ -63,6 +102,17 @@ def decide(
     passed, check_note = checks
     if not passed:
         return Decision(CHALLENGER, f"{check_note}: not promoted", metric, value, *_champ(champion))
+    regressed = [s for s in suites if s.regressed and not s.informational]
+    if regressed:
+        figures = "; ".join(s.describe() for s in regressed)
+        return Decision(CHALLENGER, f"regressed against the base model on {figures}: not promoted", metric, value,
+                        *_champ(champion), regressed_suites=tuple(s.name for s in regressed))
+    blocking = [s for s in suites if not s.informational]
+    if blocking:
+        check_note += f"; no regression on {len(blocking)} suite{'s' if len(blocking) > 1 else ''}"
+    noted = [s.name for s in suites if s.informational and s.regressed]
+    if noted:
+        check_note += f"; informational suite{'s' if len(noted) > 1 else ''} {', '.join(noted)} regressed (not blocking)"
     if champion is None:
         return Decision(CHAMPION, f"no champion yet; {check_note}", metric, value)
     if champion.version == version:

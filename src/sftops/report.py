@@ -55,9 +55,11 @@ def render(
     row_nll: Sequence[dict[str, Any]],
     generations: dict[str, list],
     decision: dict[str, Any] | None,
+    suite_worst: dict[str, list[dict[str, Any]]] | None = None,
     n_extreme: int = 5,
 ) -> str:
-    """row_nll: one dict per test row with prompt, reference, base_nll, tuned_nll (mean per response token)."""
+    """row_nll: one dict per test row with prompt, reference, base_nll, tuned_nll (mean per response token);
+    suite_worst: per regression suite, its sampled rows that got most worse (prompt, reference, both outputs)."""
     base, tuned = metrics["base"], metrics["tuned"]
     level = round(100 * metrics.get("confidence", 0.95))
     headline = (
@@ -95,9 +97,40 @@ white-space:pre-wrap;max-width:380px}}th{{background:#f4f4f4}}.big{{font-size:16
 <h2>Did fine-tuning help?</h2>{headline}{gate}
 <h2>Test metrics</h2>{summary}
 <h2>Per source</h2>{per_source}
+{suites_section(metrics.get("suites", {}), suite_worst or {})}
 <h2>Loss curves</h2>{svg_curves(curves)}
 <h2>Rows improved most</h2>{extreme(ranked[:n_extreme])}
 <h2>Rows improved least (or made worse)</h2>{extreme(ranked[::-1][:n_extreme])}
 <h2>Generations ({len(gen_rows)})</h2>{_table(gen_cols, gen_rows)}
 </body></html>
 """
+
+
+def _verdict(v: dict[str, Any]) -> str:
+    if v["regressed"]:
+        return "REGRESSED (informational)" if v["informational"] else "REGRESSED: blocks promotion"
+    return "no regression" + (" (informational)" if v["informational"] else "")
+
+
+def suites_section(suites: dict[str, dict[str, Any]], worst: dict[str, list[dict[str, Any]]]) -> str:
+    """What fine-tuning did elsewhere: each regression suite base against tuned, its verdict, and the rows that
+    got most worse with both answers side by side."""
+    if not suites:
+        return ""
+    header = ["suite", "rows", "excluded (train duplicates)", "contaminated prompts", "metric", "base", "tuned",
+              "change CI low", "change CI high", "margin", "verdict", "base NLL", "tuned NLL", "win rate",
+              "base stop rate", "tuned stop rate", "base words", "tuned words"]
+    rows = [[name, v["rows"], v["train_duplicates"], v["contaminated_prompts"], v["primary_metric"],
+             v["base"][v["primary_metric"]], v["tuned"][v["primary_metric"]], v["delta_ci_low"], v["delta_ci_high"],
+             v["regression_margin"], _verdict(v), v["base"]["nll"], v["tuned"]["nll"], v["win_rate"],
+             v["base"].get("stopped_rate", ""), v["tuned"].get("stopped_rate", ""),
+             v["base"].get("response_words_mean", ""), v["tuned"].get("response_words_mean", "")] for name, v in suites.items()]
+    parts = ["<h2>Regression suites</h2><p>Base against tuned on evaluation sets never trained on; a suite regresses "
+             "when the whole confidence interval of (tuned - base) lies on the worse side of its margin.</p>",
+             _table(header, rows)]
+    cols = ["prompt", "reference", "base answer", "tuned answer", "base NLL", "tuned NLL"]
+    for name, picked in worst.items():
+        parts.append(f"<h3>{escape(name)}: rows that got most worse</h3>")
+        parts.append(_table(cols, [[r["prompt"][:300], r["reference"][:300], r["base_output"], r["tuned_output"],
+                                    r["base_nll"], r["tuned_nll"]] for r in picked]))
+    return "".join(parts)

@@ -20,7 +20,7 @@ from mlflow.models import infer_signature
 from sftops.config import Config
 from sftops.errors import ConfigError, TrackingError
 from sftops.manifest import build_manifest, dvc_md5, git_commit, model_section, params_sha256
-from sftops.promotion import CHALLENGER, CHAMPION, Champion, Decision, decide
+from sftops.promotion import CHALLENGER, CHAMPION, Champion, Decision, decide, suite_results
 from sftops.redact import redact, tracking_credentials
 from sftops.workspace import project_root
 
@@ -240,7 +240,21 @@ def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
             flat[f"test_{key}"] = value
     for source, values in metrics.get("per_source", {}).items():
         flat.update({f"test_source/{source}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+    for suite, values in metrics.get("suites", {}).items():
+        flat.update({f"suite/{suite}/{who}_{k}": v for who in ("base", "tuned") for k, v in values[who].items()})
+        flat.update({f"suite/{suite}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})  # regressed: 0/1
     return {k: float(v) for k, v in flat.items()}
+
+
+def log_suite_inputs(suites: list[dict[str, Any]]) -> None:
+    """Each regression suite as an evaluation dataset input of the active run, named by its digest (the sha256
+    of its rows as evaluated; MLflow keeps 36 characters of a digest)."""
+    import pandas as pd
+
+    for suite in suites:
+        frame = pd.DataFrame({"id": suite["ids"], "origin": suite["origins"]})
+        dataset = mlflow.data.from_pandas(frame, source=suite["source"], name=f"suite/{suite['name']}", digest=suite["digest"][:32])
+        mlflow.log_input(dataset, context="evaluation")
 
 
 def log_evaluation(
@@ -248,10 +262,11 @@ def log_evaluation(
     metrics: dict[str, Any],
     table: dict[str, list],
     files: list[Path],
+    suites: list[dict[str, Any]] = (),
 ) -> None:
     """Add the evaluate stage's results to the pipeline's run (metrics, the generations table, the report and
-    metrics files), and tag the registered version with the headline metrics and the evaluation's identity (the
-    promotion gate compares versions measured alike)."""
+    metrics files, the regression suites as evaluation datasets), and tag the registered version with the headline
+    metrics and the evaluation's identity (the promotion gate compares versions measured alike)."""
     mlflow.set_tracking_uri(store_of(run_info))
     client = MlflowClient(store_of(run_info))
     table_file = _unused_table_file(client, run_info["run_id"])
@@ -259,7 +274,8 @@ def log_evaluation(
         mlflow.log_metrics(_flat_metrics(metrics))
         mlflow.log_table(table, artifact_file=table_file)
         for path in files:
-            mlflow.log_artifact(str(path), artifact_path="eval")
+            mlflow.log_artifact(str(path), artifact_path="eval/suites" if path.parent.name == "suites" else "eval")
+        log_suite_inputs(list(suites))
     tags = {f"test_{key}": value for key, value in metrics["tuned"].items()}
     tags.update({f"test_{key}": metrics[key] for key in HEADLINE if key in metrics})
     for key, value in tags.items():
@@ -312,7 +328,7 @@ def promote(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: s
     champion = current_champion(name, primary_metric, store_of(run_info))
     checks = metrics.get("data_checks", {"passed": True, "note": "no data checks recorded"})
     decision = decide(primary_metric, metrics["tuned"][primary_metric], metrics["eval_sha256"], version, champion, margin,
-                      (checks["passed"], checks["note"]), versioned)
+                      (checks["passed"], checks["note"]), versioned, suite_results(metrics))
     client.set_model_version_tag(name, version, "promotion.decision", decision.alias)
     client.set_model_version_tag(name, version, "promotion.reason", decision.reason[:5000])
     client.set_tag(run_info["run_id"], "promotion.decision", decision.alias)

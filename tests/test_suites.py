@@ -1,0 +1,135 @@
+"""Regression suites, the parts that need no model: the gate's verdict (the whole interval beyond the margin,
+informational suites never blocking, the refusing suite named with its figures), the paired intervals, and a
+suite's rows checked against the train split. And through the CLI: a missing or empty suite stops evaluate
+with one line naming it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import error_lines, write_qa_project
+from sftops.cli import main
+from sftops.comparison import mean_delta_ci, perplexity_delta_ci
+from sftops.config import Config, DataConfig, SuiteConfig
+from sftops.promotion import CHALLENGER, CHAMPION, Champion, SuiteResult, decide
+from sftops.suites import generation_sample, prepare_suite, suite_margin, suite_metric
+
+
+def suite_result(low: float, high: float, metric: str = "nll", margin: float = 0.0, informational: bool = False) -> SuiteResult:
+    return SuiteResult("general", metric, 2.0, 2.0 + (low + high) / 2, low, high, margin, informational)
+
+
+def test_a_suite_regresses_only_when_the_whole_interval_lies_beyond_the_margin_on_the_worse_side():
+    assert suite_result(0.1, 0.3).regressed  # NLL rose, the whole CI above 0
+    assert not suite_result(-0.1, 0.3).regressed  # the CI spans 0: noise, not a regression
+    assert not suite_result(0.1, 0.3, margin=0.2).regressed  # part of the CI within the margin
+    assert suite_result(0.25, 0.3, margin=0.2).regressed
+    assert not suite_result(-0.3, -0.1).regressed  # NLL fell: better
+    assert suite_result(-8.0, -2.0, metric="chrf").regressed  # higher is better: chrF fell
+    assert not suite_result(-8.0, -2.0, metric="chrf", margin=3.0).regressed
+    assert not suite_result(2.0, 8.0, metric="chrf").regressed
+
+
+def test_a_suite_regression_keeps_a_better_model_from_champion_and_the_decision_names_the_suite_and_figures():
+    args = ("nll", 1.5, "eval-id", "3", Champion("2", 1.8, "eval-id"), 0.0)
+    assert decide(*args).alias == CHAMPION  # beats the champion on the test split
+    refused = decide(*args, suites=[suite_result(0.1, 0.3), SuiteResult("math", "nll", 1.0, 0.9, -0.2, 0.0, 0.0)])
+    assert refused.alias == CHALLENGER and refused.regressed_suites == ("general",)
+    assert "suite 'general' nll 2.0000 (base) -> 2.2000 (tuned)" in refused.reason
+    assert "[+0.1000, +0.3000]" in refused.reason and "margin 0.0" in refused.reason and "math" not in refused.reason
+    # With no champion yet, a regression still blocks.
+    assert decide("nll", 1.5, "eval-id", "1", None, 0.0, suites=[suite_result(0.1, 0.3)]).alias == CHALLENGER
+    passed = decide(*args, suites=[suite_result(-0.1, 0.3)])
+    assert passed.alias == CHAMPION and "no regression on 1 suite" in passed.reason
+
+
+def test_an_informational_suite_is_reported_but_never_blocks():
+    noted = decide("nll", 1.5, "eval-id", "1", None, 0.0, suites=[suite_result(0.1, 0.3, informational=True)])
+    assert noted.alias == CHAMPION and noted.regressed_suites == ()
+    assert "informational suite general regressed (not blocking)" in noted.reason
+
+
+def test_paired_intervals_of_the_change_contain_the_change_and_follow_its_sign():
+    base, tuned = [10.0, 20.0, 30.0, 40.0] * 5, [5.0, 12.0, 25.0, 30.0] * 5
+    delta, low, high = mean_delta_ci(base, tuned, 500, 0, 0.95)
+    assert delta == pytest.approx(-7.0) and low <= delta <= high < 0
+    scores_base, scores_tuned = [(20.0, 10), (30.0, 10)] * 8, [(25.0, 10), (33.0, 10)] * 8
+    delta, low, high = perplexity_delta_ci(scores_base, scores_tuned, 500, 0, 0.95)
+    import math
+
+    assert delta == pytest.approx(math.exp(2.9) - math.exp(2.5)) and 0 < low <= delta <= high
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def conversation(prompt: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+
+
+def test_suite_rows_duplicating_train_rows_are_excluded_and_counted_and_overlapping_prompts_reported(tmp_path):
+    train = [{"id": str(i), **conversation(f"tell me a story about a {animal} in the big old forest", "once upon a time")}
+             for i, animal in enumerate(("cat", "dog"))]
+    suite_file = write_jsonl(tmp_path / "suite.jsonl", [
+        {"prompt": "tell me a story about a cat in the big old forest", "completion": "once upon a time"},  # a train row
+        {"prompt": "tell me a story about a cat in the big old forest", "completion": "a different answer"},  # overlap
+        {"prompt": "what is the capital of france?", "completion": "paris"},
+        {"prompt": "what is the capital of france?", "completion": "paris"},  # a duplicate within the suite
+        {"prompt": "", "completion": "no prompt"},  # invalid: rejected
+    ])
+    data = DataConfig(sources=[{"name": "x", "path": "x.jsonl"}], contamination_ngram=3, contamination_threshold=0.5)
+    prepared = prepare_suite(SuiteConfig(name="general", path=str(suite_file)), train, data, seed=0)
+    assert prepared.counts == {"read": 5, "rejected": 1, "duplicates": 1, "train_duplicates": 1, "sampled_out": 0, "kept": 2}
+    assert [r["messages"][-1]["content"] for r in prepared.rows] == ["a different answer", "paris"]
+    assert [c["origin"] for c in prepared.contaminated] == [prepared.rows[0]["origin"]]
+    assert prepared.contaminated[0]["overlap"] == 1.0
+    capped = prepare_suite(SuiteConfig(name="general", path=str(suite_file), max_rows=1), train, data, seed=0)
+    assert capped.counts["sampled_out"] == 1 and capped.counts["kept"] == 1
+
+
+def test_the_generation_sample_is_seeded_distinct_and_stable_when_rows_are_added():
+    rows = [{"id": f"{i:03d}", **conversation(f"question {i}", f"answer {i}")} for i in range(40)]
+    first, refs = generation_sample(rows, 8, seed=0)
+    assert len({r["id"] for r in first}) == 8 and all(len(r) == 1 for r in refs)
+    assert generation_sample(rows, 8, seed=0)[0] == first and generation_sample(rows, 8, seed=1)[0] != first
+    grown = rows + [{"id": f"x{i:03d}", **conversation(f"new question {i}", "a")} for i in range(40)]
+    # A row of the old suite in the new sample was already in the old sample (it only gained competitors).
+    old_ids = {r["id"] for r in rows}
+    assert {r["id"] for r in generation_sample(grown, 8, seed=0)[0]} & old_ids <= {r["id"] for r in first}
+
+
+def test_a_suite_overrides_the_regression_margin_and_primary_metric():
+    own = SuiteConfig(name="general", path="x.jsonl", regression_margin=0.5, primary_metric="chrf")
+    default = SuiteConfig(name="math", path="y.jsonl")
+    assert suite_margin(own, 0.1) == 0.5 and suite_margin(default, 0.1) == 0.1
+    assert suite_metric(own, "nll") == "chrf" and suite_metric(default, "nll") == "nll"
+
+
+def test_a_suite_takes_no_training_keys():
+    with pytest.raises(ValueError, match="never trained on"):
+        SuiteConfig(name="general", path="x.jsonl", weight=2.0)
+    with pytest.raises(ValueError, match="suite names must be unique"):
+        Config.model_validate({"data": {"sources": [{"name": "x", "path": "x.jsonl"}]}, "model": {"base": "m"},
+                               "evaluate": {"suites": [{"name": "a", "path": "a.jsonl"}, {"name": "a", "path": "b.jsonl"}]}})
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty after validation"])
+def test_a_missing_or_empty_suite_stops_evaluate_with_one_line_naming_it(tmp_path, tiny_model, monkeypatch, capsys, problem):
+    monkeypatch.chdir(tmp_path)
+    suite = {"name": "general", "path": "suites/general.jsonl"}
+    if problem != "missing":
+        Path("suites").mkdir()
+        write_jsonl(Path("suites/general.jsonl"), [{"prompt": "hi", "completion": ""}, {"question": "no answer"}])
+    write_qa_project(tiny_model, 40, "suites", evaluate={"suites": [suite]})
+    assert main(["ingest"]) == 0 and main(["format"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate"]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "evaluate.suites 'general'" in lines[0], lines
+    assert ("nothing matches" in lines[0]) if problem == "missing" else ("no rows left" in lines[0] and "'rejected': 2" in lines[0])
+    assert not Path("metrics.json").exists()

@@ -1,0 +1,120 @@
+"""Regression suites on real data and a real pre-trained model (../shared): stories260K fine-tuned on GSM8K,
+reviewed on the self-instruct seed tasks as a general suite, and the reverse. The whole evaluate stage runs
+(MLflow SQLite store, registry, report); the figures are printed for the README (pytest -s)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import SHARED
+from sftops import tracking
+from sftops.config import Config
+from sftops.curate import run_format
+from sftops.evaluation import run_evaluate
+from sftops.finetune import run_train
+from sftops.ingest import run_ingest
+
+SELF_INSTRUCT = SHARED / "data" / "self-instruct-seed" / "seed_tasks.jsonl"
+# The seed tasks' first instance as the alpaca instruction/input/output.
+SELF_INSTRUCT_SOURCE = {"path": str(SELF_INSTRUCT), "schema": "alpaca",
+                        "fields": {"input": "instances[0].input", "output": "instances[0].output"}}
+
+
+@pytest.fixture
+def project(tmp_path, stories_model, gsm8k, monkeypatch):
+    """A function: (source, train steps, suite) -> a config whose data has been ingested and formatted."""
+    if not SELF_INSTRUCT.exists():
+        pytest.skip(f"self-instruct seed tasks not found at {SELF_INSTRUCT} (../shared is absent)")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("SFTOPS_CACHE_DIR", str(tmp_path / "cache"))
+
+    def make(source: dict, steps: int, suite: dict) -> Config:
+        cfg = Config.model_validate({
+            "data": {"sources": [source], "test_fraction": 0.15, "val_fraction": 0.05},
+            "model": {"base": str(stories_model), "max_length": 320},
+            "train": {"method": "full", "max_steps": steps, "micro_batch_size": 8, "learning_rate": 0.004, "warmup_ratio": 0.1},
+            "evaluate": {"num_generations": 4, "max_new_tokens": 24, "bootstrap_resamples": 1000,
+                         "suites": [{"num_generations": 8, **suite}]},
+            "tracking": {"registered_model_name": "stories"},
+        })
+        if not Path("data/curated/test.parquet").exists():
+            run_ingest(cfg)
+            run_format(cfg)
+        return cfg
+
+    return make
+
+
+def promote(run: dict, metrics: dict, cfg: Config) -> dict:
+    """The pipeline flow's record and promote steps, as the flow calls them once the run is in git and DVC."""
+    tracking.record_version(run, {tracking.VERSIONED: "true", tracking.VERSIONED_REASON: "recorded by the test"})
+    return tracking.promote(run, metrics, cfg.evaluate.primary_metric, cfg.evaluate.promotion_margin).as_dict()
+
+
+def figures(name: str, m: dict) -> str:
+    v = m["suites"][name]
+    return (f"test NLL {m['base']['nll']:.3f} -> {m['tuned']['nll']:.3f}; suite {name} ({v['rows']} rows): NLL "
+            f"{v['base']['nll']:.3f} -> {v['tuned']['nll']:.3f}, change CI [{v['delta_ci_low']:+.3f}, {v['delta_ci_high']:+.3f}], "
+            f"win rate {v['win_rate']:.2f}, chrF {v['base']['chrf']:.2f} -> {v['tuned']['chrf']:.2f}, words "
+            f"{v['base']['response_words_mean']:.1f} -> {v['tuned']['response_words_mean']:.1f}, stop rate "
+            f"{v['base']['stopped_rate']:.2f} -> {v['tuned']['stopped_rate']:.2f}; {m['promotion']['alias']}")
+
+
+def test_a_gsm8k_fine_tune_that_got_worse_on_general_instructions_is_refused_champion(project, gsm8k, tmp_path):
+    cfg = project({"name": "gsm8k", "path": str(gsm8k / "train.jsonl"), "max_rows": 240}, 100,
+                  {"name": "general", **SELF_INSTRUCT_SOURCE})
+    run = run_train(cfg)
+    m = run_evaluate(cfg)
+    m["promotion"] = promote(run, m, cfg)
+    print("\nGSM8K fine-tune, self-instruct suite:", figures("general", m))
+    general = m["suites"]["general"]
+    assert m["nll_improvement_ci_low"] > 0  # the test split alone says: a clear win
+    assert general["regressed"] and general["delta_ci_low"] > 0 and not general["informational"]
+    assert general["read"] == 175 and general["rows"] + general["dropped_tokens"] == 175 and general["generations"] == 8
+    assert m["promotion"]["alias"] == "challenger" and m["promotion"]["regressed_suites"] == ("general",)
+    assert f"suite 'general' nll {general['base']['nll']:.4f} (base) -> {general['tuned']['nll']:.4f} (tuned)" in m["promotion"]["reason"]
+    client = MlflowClient(run["tracking_uri"])
+    with pytest.raises(Exception, match="alias"):
+        client.get_model_version_by_alias("stories", "champion")
+
+    on_disk = json.loads(Path("metrics.json").read_text())
+    assert on_disk["suites"]["general"]["delta_ci_low"] == general["delta_ci_low"]
+    with open("reports/suites/general.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 8 and {"prompt", "base_output", "tuned_output", "base_nll", "tuned_nll"} <= set(table[0])
+    html = Path("reports/report.html").read_text()
+    assert "Regression suites" in html and "general: rows that got most worse" in html and "REGRESSED" in html
+    logged = client.get_run(run["run_id"])
+    assert logged.data.metrics["suite/general/tuned_nll"] == pytest.approx(general["tuned"]["nll"])
+    assert logged.data.metrics["suite/general/regressed"] == 1.0
+    inputs = {d.dataset.name: d for d in logged.inputs.dataset_inputs}
+    assert inputs["suite/general"].dataset.digest == general["sha256"][:32]
+    assert [t.value for t in inputs["suite/general"].tags if t.key == "mlflow.data.context"] == ["evaluation"]
+
+    # The base model's suite results are cached; marked informational, the suite reports but no longer blocks.
+    informational = cfg.model_copy(deep=True)
+    informational.evaluate.suites[0].informational = True
+    again = run_evaluate(informational)
+    again["promotion"] = promote(run, again, informational)
+    assert again["suites_base_eval_cached"] == {"general": True} and again["suites"]["general"]["base"] == general["base"]
+    assert again["promotion"]["alias"] == "champion"
+    assert "informational suite general regressed (not blocking)" in again["promotion"]["reason"]
+
+
+def test_a_self_instruct_fine_tune_that_did_not_get_worse_on_gsm8k_becomes_champion(project, gsm8k):
+    cfg = project({"name": "selfinstruct", **SELF_INSTRUCT_SOURCE}, 30,
+                  {"name": "math", "path": str(gsm8k / "test.jsonl"), "max_rows": 80})
+    run = run_train(cfg)
+    m = run_evaluate(cfg)
+    m["promotion"] = promote(run, m, cfg)
+    print("\nself-instruct fine-tune, GSM8K suite:", figures("math", m))
+    math = m["suites"]["math"]
+    assert not math["regressed"] and math["delta_ci_high"] < 0  # its NLL fell, with the whole interval
+    assert math["sampled_out"] == 1319 - 80 and math["train_duplicates"] == 0
+    assert m["promotion"]["alias"] == "champion" and "no regression on 1 suite" in m["promotion"]["reason"]
