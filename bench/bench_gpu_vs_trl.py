@@ -64,6 +64,7 @@ class Run:
     tokens: list[int] = field(default_factory=list)  # all non-padding tokens of each step
     times: list[float] = field(default_factory=list)
     peak_gib: float = float("nan")
+    left_over_gib: float = float("nan")  # GPU memory still allocated when the run started: should be ~0
     error: str = ""
 
     def rate(self, warmup: int, counts: list[int]) -> float:
@@ -232,6 +233,7 @@ def one_run(side: str, name: str, method: str, options: dict, weights: dict, con
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        run.left_over_gib = torch.cuda.memory_allocated() / 2**30
     try:
         model = fresh_model(weights, config, method, options, spec["seed"], device)
         if side == "trl":
@@ -347,13 +349,13 @@ def run_all(args: argparse.Namespace, device: torch.device) -> None:
     gc.collect()
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {name}; {versions()}")
-    print(f"model: Llama {shape}, {n_full / 1e6:.0f}M parameters (LoRA r 16 all linear: {n_lora / 1e6:.1f}M trained); "
+    print(f"model: Llama {shape}, {n_full / 1e6:.3g}M parameters (LoRA r 16 all linear: {n_lora / 1e6:.3g}M trained); "
           f"{'bf16 autocast over float32 weights' if device.type == 'cuda' else 'float32; +flex runs use SDPA on the CPU'}; "
           f"MFU counts 6 x all parameters for LoRA too (its true cost is nearer 4 x)")
     print(f"rows: log-normal lengths, mean {sum(lengths) / len(lengths):.0f} (target {mean}), max {max(lengths)} (cap {cap}), "
           f"{supervised:.0%} supervised; {micro} rows per micro-batch x {args.accum} = ~{micro * args.accum * mean} tokens per step; "
           f"{args.steps} steps per run, first {args.warmup} not timed")
-    print(f"matmul ceiling: {ceiling / 1e12:.1f} TFLOP/s ({'bf16 8192^3' if not args.tiny else 'tiny'}); peak used for MFU "
+    print(f"matmul ceiling: {ceiling / 1e12:.3g} TFLOP/s ({'bf16 8192^3' if not args.tiny else 'tiny'}); peak used for MFU "
           f"{args.peak_flops / 1e12:.0f} TFLOP/s; budget {args.budget_s:.0f} s", flush=True)
     plan = [(side, name, method, options) for side, name, options in CANDIDATES for method in methods]
     if "full" in methods:
@@ -372,7 +374,8 @@ def run_all(args: argparse.Namespace, device: torch.device) -> None:
             run = one_run(side, name, method, options, weights, config, examples, spec, device, workdir)
             runs.append(run)
             status = run.error or (f"{len(run.times)} steps, first loss {run.losses[0]:.6f}" if run.losses else "no steps")
-            print(f"  {method:5s} {side:6s} {name:28s} {time.perf_counter() - started:6.0f} s  {status}", flush=True)
+            print(f"  {method:5s} {side:6s} {name:28s} {time.perf_counter() - started:6.0f} s  {status}; "
+                  f"GPU memory left over from earlier runs {run.left_over_gib:.2f} GiB", flush=True)
     report(runs, skipped, spec, n_params, args.peak_flops, ceiling)
     if device.type == "cpu":
         print(f"peak RSS of the whole process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (GPU runs report each run's peak)")
