@@ -30,6 +30,7 @@ import json
 import math
 import platform
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -131,6 +132,10 @@ def train_config(spec: dict, method: str, options: dict):
                        learning_rate=spec["lr"], warmup_ratio=0.1, max_grad_norm=1.0, seed=spec["seed"],
                        lora={"r": 16, "alpha": 32, "dropout": 0.0}, group_by_length=options.get("group_by_length", False),
                        packing=options.get("packing", False), param_dtype=options.get("param_dtype", "float32"))
+
+
+class OutOfTime(BaseException):
+    """The outer `timeout` sent SIGTERM: not an Exception, so no run's error handling swallows it."""
 
 
 class StopRun(Exception):
@@ -335,7 +340,8 @@ def run_all(args: argparse.Namespace, device: torch.device) -> None:
     config = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False, attention_dropout=0.0,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(args.seed)
-    weights = LlamaForCausalLM(config).state_dict()  # one random init, float32, on the CPU: every run starts from it
+    with torch.device(device):  # initialised where it is fast; kept on the CPU: every run starts from these weights
+        weights = {k: v.cpu() for k, v in LlamaForCausalLM(config).state_dict().items()}
     n_full = sum(t.numel() for t in weights.values())
     examples = workload(micro * args.accum * args.steps * 2, shape["vocab_size"], mean, cap, args.seed)
     lengths = [len(e.input_ids) for e in examples]
@@ -363,24 +369,32 @@ def run_all(args: argparse.Namespace, device: torch.device) -> None:
     spec = {"steps": args.steps, "warmup": args.warmup, "micro_batch": micro, "accum": args.accum, "lr": 1e-5, "seed": args.seed,
             "device": device.type}
     runs, skipped = [], []
-    with tempfile.TemporaryDirectory(prefix="sftops-gpu-bench-") as workdir:
-        for i, (side, name, method, options) in enumerate(plan):
-            left = args.budget_s - (time.perf_counter() - started)
-            if left <= 0:
-                skipped += [f"{m} {s} {n}" for s, n, m, _ in plan[i:]]
-                break
-            # Each run may use an even share of what is left, but always finishes its warm-up and two timed steps.
-            spec["deadline"] = time.perf_counter() + left / (len(plan) - i)
-            run = one_run(side, name, method, options, weights, config, examples, spec, device, workdir)
-            runs.append(run)
-            status = run.error or (f"{len(run.times)} steps, first loss {run.losses[0]:.6f}" if run.losses else "no steps")
-            print(f"  {method:5s} {side:6s} {name:28s} {time.perf_counter() - started:6.0f} s  {status}; "
-                  f"GPU memory left over from earlier runs {run.left_over_gib:.2f} GiB", flush=True)
+
+    def out_of_time(signum, frame):  # the outer `timeout` ends the command: print what was measured so far
+        raise OutOfTime(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, out_of_time)
+    try:
+        with tempfile.TemporaryDirectory(prefix="sftops-gpu-bench-") as workdir:
+            for i, (side, name, method, options) in enumerate(plan):
+                left = args.budget_s - (time.perf_counter() - started)
+                if left < 15:
+                    skipped += [f"{m} {s} {n}" for s, n, m, _ in plan[i:]]
+                    break
+                # Each run may use an even share of what is left, but always finishes its warm-up and two timed steps.
+                spec["deadline"] = time.perf_counter() + left / (len(plan) - i)
+                run = one_run(side, name, method, options, weights, config, examples, spec, device, workdir)
+                runs.append(run)
+                status = run.error or (f"{len(run.times)} steps, first loss {run.losses[0]:.6f}" if run.losses else "no steps")
+                print(f"  {method:5s} {side:6s} {name:28s} {time.perf_counter() - started:6.0f} s  {status}; "
+                      f"GPU memory left over from earlier runs {run.left_over_gib:.2f} GiB", flush=True)
+                print("RUN " + json.dumps(run.__dict__), flush=True)
+    except OutOfTime as stopped:
+        print(f"stopped by {stopped} during a run; the table holds the runs that finished", flush=True)
     report(runs, skipped, spec, n_params, args.peak_flops, ceiling)
     if device.type == "cpu":
         print(f"peak RSS of the whole process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (GPU runs report each run's peak)")
-    print(f"wall time {time.perf_counter() - started:.0f} s")
-    print("JSON " + json.dumps([r.__dict__ for r in runs]))
+    print(f"wall time {time.perf_counter() - started:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
