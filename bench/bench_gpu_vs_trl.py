@@ -1,6 +1,6 @@
 """GPU throughput of the sftops engine against TRL's SFTTrainer on a realistic chat-SFT workload, with MFU.
 
-    python bench/bench_gpu_vs_trl.py --budget-s 270                  # on a CUDA GPU (the H200): the whole table
+    python bench/bench_gpu_vs_trl.py --budget-s 220                  # on a CUDA GPU (the H200): the whole table
     python bench/bench_gpu_vs_trl.py --device cpu --tiny --budget-s 600   # the dry run: same code path, tiny model
 
 Workload: a Llama built from a config (about 0.5B parameters, 49,152-token vocabulary, random weights: speed
@@ -310,7 +310,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="a tiny model and short rows: the CPU dry run of the same code path")
-    p.add_argument("--budget-s", type=float, default=270, help="wall time for all runs; runs left when it is spent are skipped")
+    p.add_argument("--budget-s", type=float, default=220, help="wall time for all runs; runs left when it is spent are skipped")
     p.add_argument("--steps", type=int, default=7, help="optimizer steps per run (fewer if its share of the budget ends)")
     p.add_argument("--warmup", type=int, default=3, help="steps not timed (compilation happens here)")
     p.add_argument("--step-tokens", type=int, default=None, help="tokens per optimizer step, on average (65,536; tiny: 2,048)")
