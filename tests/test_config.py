@@ -76,6 +76,7 @@ REFUSED = [
     (["train.method=qlora-magic"], "'lora', 'dora', 'qlora' or 'full'"),
     (["model.attn_implementation=flash_attention_9"], "'sdpa', 'eager', 'flex_attention' or 'flash_attention_2'"),
     (["train.method=qlora", "train.param_dtype=bfloat16"], "param_dtype bfloat16 does not apply to qlora"),
+    (["model.attn_implementation=flex_attention"], "flex_attention trains only on a CUDA GPU"),
     (["train.packing=true", "model.attn_implementation=flash_attention_2"], "use model.attn_implementation=sdpa"),
     (["train.method=qlora"], "use train.method=lora"),
     (["train.early_stopping_patience=2"], "early_stopping_patience needs eval_every"),
