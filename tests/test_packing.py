@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import sftops.packing_check as packing_check
 from sftops.batching import pack
-from sftops.chat import IGNORE, encode
+from sftops.chat import IGNORE, Encoded, encode
 from sftops.config import ModelConfig
 from sftops.errors import TrainingError
 from sftops.modeling import load_tokenizer
@@ -68,3 +68,29 @@ def test_a_leaking_packed_mask_is_caught_by_the_self_check(stories, monkeypatch)
     monkeypatch.setattr(packing_check, "make_batch", leaking)
     with pytest.raises(TrainingError, match="train.packing=false"):
         packing_self_check(model, examples, tok.pad_token_id, torch.device("cpu"), "sdpa")
+
+
+
+
+def test_flex_attention_packed_losses_match_padded_sdpa():
+    """FlexAttention masks packed documents by block (no mask growing with the square of the packed length),
+    and must give each packed example exactly the loss it has padded with SDPA (float32 on CPU). The packed
+    rows keep one shape: torch 2.13's CPU compiler fails on the dynamic-shape FlexAttention kernel it builds
+    when a second shape arrives (the GPU's Triton kernel does not)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for length in (37, 90, 5, 140):  # four: the self-check packs four, the same shape
+        ids = torch.randint(3, 300, (length,), generator=g).tolist()
+        examples.append(Encoded(ids, [IGNORE] * (length // 3) + ids[length // 3 :]))
+    padded = per_example_nll(model, examples, 0, torch.device("cpu"), packed=False)
+    model.set_attn_implementation("flex_attention")
+    packed = per_example_nll(model, examples, 0, torch.device("cpu"), packed=True)
+    assert packed == pytest.approx(padded, rel=1e-5)
+    assert len(set(padded)) == len(padded)
+    assert packing_self_check(model, examples, 0, torch.device("cpu"), "flex_attention") < 1e-5

@@ -13,7 +13,11 @@ from sftops.errors import TrainingError
 
 
 def apply_method(model: PreTrainedModel, cfg: TrainConfig) -> torch.nn.Module:
-    """Mark what trains: every weight (full) or a freshly initialised adapter on a frozen base."""
+    """Mark what trains: every weight (full) or a freshly initialised adapter on a frozen base. With
+    cfg.param_dtype bfloat16 the base weights are cast to bf16; a LoRA adapter stays float32 (peft's default,
+    it is small), so only full fine-tuning has bf16 master weights."""
+    if cfg.param_dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with a frozen base (no input-grad hooks needed).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -108,9 +108,10 @@ class ModelConfig(_Strict):
     base: str
     gguf_file: str | None = None
     max_length: int = Field(512, ge=8)
-    # sdpa (default) and eager build block-diagonal masks for packed rows; flash_attention_2 needs the
-    # flash-attn package and a CUDA GPU.
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # sdpa (default) and eager build block-diagonal masks for packed rows (memory grows with the square of
+    # the packed length); flex_attention (torch's FlexAttention, compiled) masks packed documents by block,
+    # without that matrix; flash_attention_2 needs the flash-attn package and a CUDA GPU.
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
     # Run Python code shipped with a hub model (its own modelling files)? Only when set here, never by default.
     trust_remote_code: bool = False
     # Load pickle-based weights (pytorch_model.bin, *.pt)? Unpickling can run arbitrary code: by default only
@@ -150,6 +151,9 @@ class TrainConfig(_Strict):
     # Padding-free: each micro-batch is one row of concatenated conversations (checked at start-up).
     packing: bool = False
     gradient_checkpointing: bool = False
+    # The trained weights' dtype: float32 master weights under bf16 autocast (default), or pure bfloat16
+    # weights (full fine-tuning: half the memory of weights, gradients and AdamW moments, but rounded updates).
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
     compile: bool = False
     max_train_rows: int | None = Field(None, ge=1)
     # Checkpoint every N optimizer steps (null: never); a re-run with the same config resumes from the last.
@@ -174,6 +178,8 @@ class TrainConfig(_Strict):
         if self.distributed == "fsdp" and self.eval_every:
             raise ValueError("eval_every (keeping the best weights) is not supported with distributed=fsdp yet; "
                              "set it to null, or use distributed=ddp")
+        if self.param_dtype == "bfloat16" and self.method == "qlora":
+            raise ValueError("param_dtype bfloat16 does not apply to qlora (its base is 4-bit); use float32")
         if self.merge_adapter and self.method == "full":
             raise ValueError("merge_adapter applies to adapters (lora, dora, qlora), not method full")
         return self
@@ -334,7 +340,7 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
         cfg = Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_describe(err, str(path))) from None
-    if cfg.train.method == "qlora" or cfg.model.attn_implementation == "flash_attention_2":
+    if cfg.train.method == "qlora" or cfg.model.attn_implementation in ("flash_attention_2", "flex_attention"):
         from sftops.modeling import require_hardware  # imports torch: only when the setting needs a GPU
 
         require_hardware(cfg.train.method, cfg.model.attn_implementation)

@@ -65,11 +65,15 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def require_hardware(method: str, attn_implementation: str = "sdpa") -> None:
-    """QLoRA's 4-bit kernels (bitsandbytes) and FlashAttention exist for CUDA GPUs only: refuse early (when the
-    config is loaded), naming the fix."""
+    """QLoRA's 4-bit kernels (bitsandbytes), FlashAttention and FlexAttention's backward exist for CUDA GPUs only:
+    refuse early (when the config is loaded), naming the fix."""
     if attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
         raise ModelError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and none is visible; "
                          "use model.attn_implementation=sdpa")
+    if attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        # FlexAttention's forward runs on the CPU, but its backward does not: training would stop at step 1.
+        raise ModelError("model.attn_implementation=flex_attention trains only on a CUDA GPU (FlexAttention has no CPU "
+                         "backward) and none is visible; use model.attn_implementation=sdpa")
     if method != "qlora":
         return
     if not torch.cuda.is_available():
