@@ -77,6 +77,9 @@ def rerun_recorded(tags: dict[str, str], params: dict[str, Any], folder: Path, r
     dvc = [sys.executable, "-m", "dvc"]
     log: list[str] = []
     curated = params["paths"]["curated"]
+    # DVC's experiment commits also hold the top-level plots' files (the loss curves inside the model folder),
+    # and DVC refuses to write an output that git tracks: untrack them in this worktree; DVC restores them.
+    _git("rm", "-r", "-q", "--cached", "--ignore-unmatch", params["paths"]["model"], cwd=folder)
     _run([*dvc, "cache", "dir", "--local", str((repo / ".dvc" / "cache").resolve())], folder, env, log)
     try:
         _run([*dvc, "checkout", curated], folder, env, log)  # in this repository's cache
