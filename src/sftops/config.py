@@ -171,9 +171,6 @@ class TrainConfig(_Strict):
     def _combinations(self) -> TrainConfig:
         if self.early_stopping_patience is not None and self.eval_every is None:
             raise ValueError("early_stopping_patience needs eval_every (validate every N steps)")
-        if self.distributed == "fsdp" and self.eval_every:
-            raise ValueError("eval_every (keeping the best weights) is not supported with distributed=fsdp yet; "
-                             "set it to null, or use distributed=ddp")
         if self.merge_adapter and self.method == "full":
             raise ValueError("merge_adapter applies to adapters (lora, dora, qlora), not method full")
         return self

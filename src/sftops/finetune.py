@@ -47,8 +47,11 @@ def load_split(cfg: Config, split: str) -> list[dict[str, Any]]:
 
 def checkpoint_folder(cfg: Config) -> Path:
     """Checkpoints of this exact training job (model, train params, curated data): a re-run of the same job
-    resumes; a changed one starts afresh in its own folder."""
-    job = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+    resumes; a changed one starts afresh in its own folder. How many processes run it, and how each process
+    splits its share into accumulation steps, is not part of the job: a sharded job resumes on any number of
+    processes that takes the same micro-batches per step (training.same_batches_per_step)."""
+    train = cfg.train.model_dump(mode="json", exclude={"num_processes", "grad_accum_steps"})
+    job = {"model": cfg.model.model_dump(mode="json"), "train": train,
            "data": tracking.dvc_md5(Path(cfg.paths.curated))}
     digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.paths.checkpoints) / digest
