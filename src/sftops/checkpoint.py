@@ -164,7 +164,7 @@ def write_shards(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     """Every process writes its own shards into `tmp` (collective: all processes call it)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(_sharded_state(model, optimizer), checkpoint_id=tmp)
+    dcp.save(_sharded_state(model, optimizer), checkpoint_id=tmp, no_dist=not torch.distributed.is_initialized())
 
 
 def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
@@ -174,7 +174,7 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     state = _sharded_state(model, optimizer)
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
