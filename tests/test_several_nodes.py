@@ -3,6 +3,7 @@
 trains over the same global batch, log one MLflow run and register one model, write one set of sharded
 checkpoints, resume after one node is SIGKILLed, and stop with one line when the nodes disagree."""
 
+import contextlib
 import json
 import os
 import shlex
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from mlflow import MlflowClient
-from test_training_engine import losses, project  # noqa: F401 (project is a fixture)
+from test_training_engine import losses
 
 from sftops import checkpoint, launch
 from sftops.config import load_config
@@ -37,14 +39,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(tmp_path: Path, write, train: dict, **launch_section) -> Path:
+def two_nodes(tmp_path: Path, write, monkeypatch, train: dict) -> Path:
     """params.yaml for a 2-node loopback job, with its own MLflow store; returns the store's file."""
     write(train)
-    params = json.loads(json.dumps(__import__("yaml").safe_load(Path("params.yaml").read_text())))
-    params["launch"] = {"target": "loopback", "nodes": 2, "rdzv_port": free_port(), "name": "two-nodes", **launch_section}
-    Path("params.yaml").write_text(__import__("yaml").safe_dump(params))
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["launch"] = {"target": "loopback", "nodes": 2, "rdzv_port": free_port(), "name": "two-nodes"}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
     store = tmp_path / "two-nodes.db"
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     return store
 
 
@@ -52,8 +54,7 @@ def test_two_nodes_train_what_one_process_trains_with_one_run_and_one_model(proj
     folder, write = project
     write({**ONE, "epochs": 1})
     one = run_train(load_config("params.yaml"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])  # restored after the test
-    store = two_nodes(folder, write, {**TWO_NODES, "epochs": 1})
+    store = two_nodes(folder, write, monkeypatch, {**TWO_NODES, "epochs": 1})
     two = run_train(load_config("params.yaml"))  # launch.target=loopback: two agents, waited for
     assert two["processes"] == 2
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
@@ -81,7 +82,7 @@ def kill_node(agent: subprocess.Popen) -> None:
     workers = psutil.Process(agent.pid).children(recursive=True)
     os.killpg(agent.pid, signal.SIGKILL)
     for worker in workers:
-        with __import__("contextlib").suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(worker.pid, signal.SIGKILL)
 
 
@@ -90,8 +91,7 @@ def test_a_killed_node_resumes_to_the_same_losses_after_both_are_relaunched(proj
     train = {"max_steps": 5, "checkpoint_every": 2}
     write({**ONE, **train})
     reference = losses(run_train(load_config("params.yaml")))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
-    two_nodes(folder, write, {**TWO_NODES, **train})
+    two_nodes(folder, write, monkeypatch, {**TWO_NODES, **train})
     cfg = load_config("params.yaml")
     _, job = launch.write_job(cfg)
     commands = job.read_text().splitlines()
@@ -138,8 +138,7 @@ def run_nodes(configs: list) -> list[str]:
 
 def test_nodes_that_disagree_or_do_not_come_stop_with_one_line(project, monkeypatch, tmp_path):
     folder, write = project
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
-    two_nodes(folder, write, {**TWO_NODES, "max_steps": 1})
+    two_nodes(folder, write, monkeypatch, {**TWO_NODES, "max_steps": 1})
     cfg = load_config("params.yaml")
     other_lr = load_config("params.yaml", ["train.learning_rate=0.5"])
     errors = run_nodes([cfg, other_lr])

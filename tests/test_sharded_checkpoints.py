@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_training_engine import losses, project, train_cli  # noqa: F401 (project is a fixture)
+from test_training_engine import losses, train_cli
 
 from sftops import checkpoint
 from sftops.config import load_config
