@@ -97,3 +97,11 @@ def test_sftops_launch_write_only_prints_the_job(tmp_path, monkeypatch, capsys):
 
 def config_overrides(target: str) -> list[str]:
     return [f"launch.target={target}", *CLUSTER]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed here")
+def test_kubernetes_without_a_reachable_cluster_is_one_line_naming_the_job_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-cluster"))
+    with pytest.raises(TrainingError, match=r"`kubectl delete pytorchjob/sftops-train --ignore-not-found` failed \(exit 1\); the job file is launch/sftops-train.yaml"):
+        launch.submit(config("kubernetes"))

@@ -15,6 +15,7 @@ import shlex
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -144,20 +145,39 @@ def submit(cfg: Config) -> None:
     if cfg.launch.target == "loopback":
         run_loopback(cfg, params)
         return
-    if cfg.launch.target == "slurm":
-        commands = [["sbatch", "--wait", str(job)]]
-    else:
-        name = f"pytorchjob/{cfg.launch.name}"
-        commands = [["kubectl", "apply", "-f", str(job)],
-                    ["kubectl", "wait", "--for=condition=Succeeded", name, f"--timeout={cfg.launch.wait_timeout_s}s"]]
-    for cmd in commands:
-        try:
-            done = subprocess.run(cmd)
-        except FileNotFoundError:
-            raise TrainingError(f"launch.target={cfg.launch.target} needs `{cmd[0]}` on this machine's PATH; "
-                                f"the job file is {job} (submit it by hand, or set launch.target=local)") from None
-        if done.returncode != 0:
-            raise TrainingError(f"`{render(cmd)}` failed (exit {done.returncode}); the job file is {job}")
+    if cfg.launch.target == "slurm":  # --wait: sbatch returns when the job ends, with its exit status
+        run_tool(cfg, ["sbatch", "--wait", str(job)], job)
+        return
+    name = f"pytorchjob/{cfg.launch.name}"
+    run_tool(cfg, ["kubectl", "delete", name, "--ignore-not-found"], job)  # a finished job of that name would not rerun
+    run_tool(cfg, ["kubectl", "apply", "-f", str(job)], job)
+    wait_for_pytorchjob(cfg, name, job)
+
+
+def run_tool(cfg: Config, cmd: list[str], job: Path, capture: bool = False) -> str:
+    try:
+        done = subprocess.run(cmd, capture_output=capture, text=True)
+    except FileNotFoundError:
+        raise TrainingError(f"launch.target={cfg.launch.target} needs `{cmd[0]}` on this machine's PATH; "
+                            f"the job file is {job} (submit it by hand, or set launch.target=local)") from None
+    if done.returncode != 0:
+        raise TrainingError(f"`{render(cmd)}` failed (exit {done.returncode}); the job file is {job}")
+    return done.stdout or ""
+
+
+def wait_for_pytorchjob(cfg: Config, name: str, job: Path) -> None:
+    """Poll the job's last condition until Succeeded or Failed (`kubectl wait` for Succeeded alone would wait out
+    its timeout on a failed job)."""
+    deadline = time.monotonic() + cfg.launch.wait_timeout_s
+    while time.monotonic() < deadline:
+        state = run_tool(cfg, ["kubectl", "get", name, "-o", "jsonpath={.status.conditions[-1:].type}"], job, capture=True)
+        if state.strip() == "Succeeded":
+            return
+        if state.strip() == "Failed":
+            raise TrainingError(f"{name} failed; its logs: kubectl logs -l training.kubeflow.org/job-name={cfg.launch.name}")
+        time.sleep(30)
+    raise TrainingError(f"{name} did not finish within launch.wait_timeout_s={cfg.launch.wait_timeout_s}; it is still "
+                        f"running: kubectl get {name}")
 
 
 def run_node(cfg: Config, params: Path, node_rank: int, head: str, env: dict[str, str] | None = None) -> None:
