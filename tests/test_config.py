@@ -62,8 +62,6 @@ def test_malformed_override():
 def test_impossible_engine_combinations_are_refused_at_load_time():
     with pytest.raises(ConfigError, match="early_stopping_patience needs eval_every"):
         load_config(ROOT / "params.yaml", ["train.early_stopping_patience=2"])
-    with pytest.raises(ConfigError, match="not supported with distributed=fsdp"):
-        load_config(ROOT / "params.yaml", ["train.distributed=fsdp", "train.eval_every=10"])
     with pytest.raises(ConfigError, match="merge_adapter applies to adapters"):
         load_config(ROOT / "params.yaml", ["train.method=full", "train.merge_adapter=true"])
 
@@ -80,7 +78,6 @@ REFUSED = [
     (["train.packing=true", "model.attn_implementation=flash_attention_2"], "use model.attn_implementation=sdpa"),
     (["train.method=qlora"], "use train.method=lora"),
     (["train.early_stopping_patience=2"], "early_stopping_patience needs eval_every"),
-    (["train.distributed=fsdp", "train.eval_every=10"], "set it to null, or use distributed=ddp"),
     (["train.method=full", "train.merge_adapter=true"], "merge_adapter applies to adapters"),
     (["data.val_fraction=0.5", "data.test_fraction=0.5"], "val_fraction + test_fraction must be below 1"),
     (["data.sources=[{name: x, hub: a/b, path: c}]"], "a hub source takes no 'path'"),

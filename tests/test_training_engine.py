@@ -10,48 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
 
 from sftops import checkpoint
 from sftops.config import load_config
-from sftops.curate import run_format
 from sftops.errors import TrainingError
 from sftops.finetune import checkpoint_folder, load_split, run_train
-from sftops.ingest import run_ingest
 from sftops.modeling import load_finetuned
 from sftops.chat import encode_rows
 from sftops.objective import mean_nll, score_rows
-
-QA = [("what is two plus two?", "two plus two is four."), ("hello, how are you today?", "i am fine, thank you.")]
-
-
-@pytest.fixture
-def project(tmp_path, tiny_model, monkeypatch):
-    """A folder with two sources ingested and formatted, and params.yaml; returns (folder, write_params)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    for name, qa in (("maths", QA[:1]), ("chat", QA[1:])):
-        rows = [{"prompt": f"{q} ({i})", "completion": a} for i in range(50) for q, a in qa]
-        Path(f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-
-    def write(train: dict) -> Path:
-        params = {
-            "data": {"sources": [{"name": "maths", "path": "maths.jsonl"}, {"name": "chat", "path": "chat.jsonl"}],
-                     "test_fraction": 0.2, "val_fraction": 0.1},
-            "model": {"base": str(tiny_model), "max_length": 64},
-            "train": {"micro_batch_size": 4, "learning_rate": 0.01, **train},
-            "tracking": {"registered_model_name": "tiny"},
-        }
-        Path("params.yaml").write_text(yaml.safe_dump(params))
-        return Path("params.yaml")
-
-    write({})
-    cfg = load_config("params.yaml")
-    run_ingest(cfg)
-    run_format(cfg)
-    return tmp_path, write
-
 
 def train_cli(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "SFTOPS_FAULT"}

@@ -82,6 +82,22 @@ def _reproduce(args: argparse.Namespace) -> None:
         raise DataError(f"not reproduced: {', '.join(result['failed'])} differ from the recorded run")
 
 
+def _launch(args: argparse.Namespace) -> None:
+    """Write the job for launch.target (and submit it and wait, unless --write-only), or run one node here."""
+    from sftops import launch
+    from sftops.finetune import run_train
+
+    cfg = load_config(args.params, args.overrides)
+    if args.node_rank is not None:
+        params, _ = launch.job_files(cfg)
+        launch.run_node(cfg, launch.write_params(cfg, params), args.node_rank, args.head)
+    elif args.write_only:
+        params, job = launch.write_job(cfg)
+        print(f"{job} (params: {params}):\n{job.read_text()}")
+    else:
+        _print("train", run_train(cfg))
+
+
 def _where(cfg: Any) -> None:
     from sftops.pipeline import where
 
@@ -112,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a parameter, e.g. --set train.learning_rate=1e-4 (repeatable)")
+    lau = sub.add_parser("launch", help="run the train stage on launch.nodes nodes (slurm, kubernetes, loopback), or one node of it")
+    lau.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    lau.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a parameter (repeatable)")
+    lau.add_argument("--write-only", action="store_true", help="write launch/<name>.* (script or manifest) and print it; submit nothing")
+    lau.add_argument("--node-rank", type=int, default=None, help="run node K's torchrun agent here (a cluster without Slurm or Kubernetes)")
+    lau.add_argument("--head", default="127.0.0.1", help="with --node-rank: the rendezvous host (node 0's address)")
     gen = sub.add_parser("generate", help="answer prompts with a fine-tuned model")
     gen.add_argument("--model", required=True, help="a model folder (models/model), models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a run id")
     gen.add_argument("--prompt", action="append", required=True, help="a question (repeatable)")
@@ -128,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             _generate(args)
+        elif args.command == "launch":
+            _launch(args)
         elif args.command == "reproduce":
             _reproduce(args)
         elif args.command in ("where", "run"):

@@ -175,9 +175,6 @@ class TrainConfig(_Strict):
     def _combinations(self) -> TrainConfig:
         if self.early_stopping_patience is not None and self.eval_every is None:
             raise ValueError("early_stopping_patience needs eval_every (validate every N steps)")
-        if self.distributed == "fsdp" and self.eval_every:
-            raise ValueError("eval_every (keeping the best weights) is not supported with distributed=fsdp yet; "
-                             "set it to null, or use distributed=ddp")
         if self.param_dtype == "bfloat16" and self.method == "qlora":
             raise ValueError("param_dtype bfloat16 does not apply to qlora (its base is 4-bit); use float32")
         if self.merge_adapter and self.method == "full":
@@ -266,12 +263,32 @@ class PathsConfig(_Strict):
         return self
 
 
+class LaunchConfig(_Strict):
+    # Where the train stage runs: local (this node; torchrun --standalone when train.num_processes > 1), slurm
+    # (an sbatch script, submitted and waited for), kubernetes (a Kubeflow PyTorchJob, applied and waited for)
+    # or loopback (launch.nodes torchrun agents on this machine: the stand-in the tests use).
+    target: Literal["local", "slurm", "kubernetes", "loopback"] = "local"
+    name: str = Field("sftops-train", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # the job's name (and rendezvous id)
+    nodes: int = Field(1, ge=1)  # train.num_processes processes run on each
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_node: int = Field(8, ge=1)
+    image: str = "sftops:latest"  # kubernetes: the container image (the Dockerfile's)
+    # kubernetes: the PersistentVolumeClaim holding the project folder, mounted at shared_folder on every pod.
+    volume_claim: str = "sftops-shared"
+    shared_folder: str = "/shared/sftops"
+    rdzv_port: int = Field(29500, ge=1, le=65535)
+    join_timeout_s: int = Field(600, ge=1)  # how long the nodes wait for each other at the rendezvous
+    time_limit: str = "24:00:00"  # slurm: --time
+    wait_timeout_s: int = Field(86400, ge=1)  # kubernetes: how long `kubectl wait` waits for the job
+
+
 class Config(_Strict):
     data: DataConfig
     model: ModelConfig
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    launch: LaunchConfig = LaunchConfig()
     paths: PathsConfig = PathsConfig()
 
     def flat(self) -> dict[str, Any]:

@@ -39,6 +39,25 @@ class World:
             dist.barrier()
 
 
+def agree(world: World, fingerprints: dict[str, str]) -> None:
+    """Every process must run the same job: each named fingerprint (the params, the curated data) is compared with
+    rank 0's; on a mismatch every process stops with the same one-line error naming the node."""
+    if world.size == 1:
+        return
+    import socket
+
+    mine = {**fingerprints, "host": socket.gethostname(), "node": os.environ.get("GROUP_RANK", "?")}
+    everyone: list[dict[str, str]] = [{} for _ in range(world.size)]
+    dist.all_gather_object(everyone, mine)
+    for rank, theirs in enumerate(everyone):
+        for key, value in fingerprints.items():
+            if theirs[key] != everyone[0][key]:
+                raise TrainingError(
+                    f"rank {rank} (node {theirs['node']}, {theirs['host']}) has {key} {theirs[key]}, rank 0 (node "
+                    f"{everyone[0]['node']}) has {everyone[0][key]}: every node must run the same params.yaml on the same "
+                    f"curated data (copy them to every node, or put the project on a shared filesystem)")
+
+
 def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 

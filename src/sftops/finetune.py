@@ -15,14 +15,14 @@ from typing import Any
 import torch
 import yaml
 
-from sftops import faults, tracking
+from sftops import distributed, faults, launch, tracking
 from sftops.adapters import apply_method, merge_checked
 from sftops.config import Config
 from sftops.curate import STATS
 from sftops.curves import write_curves
 from sftops.data.examples import training_examples
 from sftops.data.store import read_split
-from sftops.distributed import World, join, launch, leave, under_torchrun
+from sftops.distributed import World, agree, join, leave, under_torchrun
 from sftops.errors import TrainingError
 from sftops.ingest import REPORT
 from sftops.jsonio import read_json, write_json
@@ -47,8 +47,11 @@ def load_split(cfg: Config, split: str) -> list[dict[str, Any]]:
 
 def checkpoint_folder(cfg: Config) -> Path:
     """Checkpoints of this exact training job (model, train params, curated data): a re-run of the same job
-    resumes; a changed one starts afresh in its own folder."""
-    job = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+    resumes; a changed one starts afresh in its own folder. How many processes run it, and how each process
+    splits its share into accumulation steps, is not part of the job: a sharded job resumes on any number of
+    processes that takes the same micro-batches per step (training.same_batches_per_step)."""
+    train = cfg.train.model_dump(mode="json", exclude={"num_processes", "grad_accum_steps"})
+    job = {"model": cfg.model.model_dump(mode="json"), "train": train,
            "data": tracking.dvc_md5(Path(cfg.paths.curated))}
     digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.paths.checkpoints) / digest
@@ -68,17 +71,28 @@ def gather_unsharded(model: torch.nn.Module, cfg: Config, world: World) -> torch
 
 def run_train(cfg: Config) -> dict[str, Any]:
     require_hardware(cfg.train.method)
+    if cfg.launch.target != "local" and not under_torchrun():  # a cluster (or loopback) runs it; wait for its result
+        launch.submit(cfg)
+        return read_json(Path(cfg.paths.model) / tracking.RUN_FILE)
     if cfg.train.num_processes > 1 and not under_torchrun():
         with tempfile.TemporaryDirectory() as tmp:
             params = Path(tmp) / "params.yaml"
             params.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-            launch(cfg.train.num_processes, params)
+            distributed.launch(cfg.train.num_processes, params)
         return read_json(Path(cfg.paths.model) / tracking.RUN_FILE)
     world = join()
     try:
+        agree(world, same_job(cfg))
         return _train(cfg, world)
     finally:
         leave()
+
+
+def same_job(cfg: Config) -> dict[str, str]:
+    """What every process of one job must share: the params (where each node keeps its files aside) and the data."""
+    params = cfg.model_dump(mode="json", exclude={"paths", "launch"})
+    return {"params digest": hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12],
+            "curated data hash": tracking.dvc_md5(Path(cfg.paths.curated))}
 
 
 def _train(cfg: Config, world: World) -> dict[str, Any]:

@@ -51,6 +51,7 @@ class StepStats:
     correct_tokens: int
     source_nll_sums: list[float] = field(default_factory=list)
     source_tokens: list[float] = field(default_factory=list)
+    rows: int = 0  # conversations trained on in this step, all processes
 
     @property
     def loss(self) -> float:
@@ -58,14 +59,16 @@ class StepStats:
 
 
 def accumulate_gradients(
-    objective: torch.nn.Module, batches: Sequence[Batch], device: torch.device, world: World = World(), n_sources: int = 0
+    objective: torch.nn.Module, batches: Sequence[Batch], device: torch.device, world: World = World(), n_sources: int = 0,
+    rows: int = 0,
 ) -> StepStats:
     """Forward/backward over this process's micro-batches of one optimizer step.
 
     The step's loss is sum(response-token NLL) / (supervised tokens of the whole step, all processes): each
     micro-batch backpropagates its NLL *sum* divided by that total, so neither the micro-batch size, the
     accumulation steps nor the number of processes changes the objective. DDP averages gradients over
-    processes; multiplying by the world size turns that average back into the sum the objective needs."""
+    processes; multiplying by the world size turns that average back into the sum the objective needs.
+    `rows` (this process's conversations) is summed with the rest, so the record shows each step's rows."""
     step_tokens = world.sum([sum(n_targets(b["labels"]) for b in batches)])[0]
     # Running sums stay on the device and are read once per step: a read per micro-batch would make the GPU wait.
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -86,13 +89,14 @@ def accumulate_gradients(
             source_counts.index_add_(0, sources, torch.ones_like(token_nll))
     nll_sum, correct = nll_sum.item(), int(correct)
     source_sums, source_counts = source_sums.cpu(), source_counts.cpu()
-    totals = world.sum([nll_sum, correct, *source_sums.tolist(), *source_counts.tolist()])
+    totals = world.sum([nll_sum, correct, rows, *source_sums.tolist(), *source_counts.tolist()])
     return StepStats(
         response_nll_sum=totals[0],
         supervised_tokens=int(step_tokens),
         correct_tokens=int(totals[1]),
-        source_nll_sums=totals[2 : 2 + n_sources],
-        source_tokens=totals[2 + n_sources :],
+        rows=int(totals[2]),
+        source_nll_sums=totals[3 : 3 + n_sources],
+        source_tokens=totals[3 + n_sources :],
     )
 
 
@@ -160,6 +164,22 @@ class LoopState:
     best_step: int = 0
     evals_without_improvement: int = 0
     cumulative_tokens: int = 0
+    # The step's geometry: a resumed run must take the same micro-batches per step (0: not recorded).
+    micro_batch_size: int = 0
+    micro_batches_per_step: int = 0
+
+
+def same_batches_per_step(state: LoopState, cfg: TrainConfig, world: World, resumed: Path) -> None:
+    """Any number of processes may resume a job, as long as each step still trains the same rows: the data
+    position and the objective carry over only then."""
+    now = (cfg.micro_batch_size, cfg.grad_accum_steps * world.size)
+    if state.micro_batches_per_step and (state.micro_batch_size, state.micro_batches_per_step) != now:
+        raise TrainingError(
+            f"checkpoint {resumed} was written taking {state.micro_batches_per_step} micro-batches of "
+            f"{state.micro_batch_size} rows per step, this run takes {now[1]} of {now[0]} "
+            f"(train.grad_accum_steps {cfg.grad_accum_steps} x {world.size} processes): set train.micro_batch_size="
+            f"{state.micro_batch_size} and train.grad_accum_steps so that grad_accum_steps x processes = "
+            f"{state.micro_batches_per_step}")
 
 
 def out_of_memory_advice(cfg: TrainConfig, step: int, last: Path | None) -> str:
@@ -200,27 +220,27 @@ def train_loop(
     sharded = world.size > 1 and cfg.distributed == "fsdp"
     state, saved = LoopState(), None
     resumed = checkpoint.latest(checkpoints) if checkpoints else None
-    if resumed is not None:
-        saved = checkpoint.load(resumed, model)  # into the whole model, before it is sharded
+    if resumed is not None and not checkpoint.is_sharded(resumed):
+        saved = checkpoint.load(resumed, model)
     if sharded:
         shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg, device)
     steps = total_steps(len(examples), cfg, world.size)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * steps), steps)
-    if saved is not None:
-        if sharded:  # the checkpoint holds the whole optimizer state; each process keeps its shard of it
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+    if resumed is not None:
+        if checkpoint.is_sharded(resumed):  # each process reads its shards, whatever the number that wrote them
+            saved = checkpoint.load_sharded(resumed, model, optimizer)
         else:
             optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         checkpoint.set_rng_state(saved["rng"])
         state = LoopState(**saved["loop"])
+        same_batches_per_step(state, cfg, world, resumed)
         if on_step is not None and world.is_main:  # the resumed run's record starts at step 1, too
             for number, record in enumerate(state.history, start=1):
                 on_step(number, record)
+    state.micro_batch_size, state.micro_batches_per_step = cfg.micro_batch_size, cfg.grad_accum_steps * world.size
     objective = wrap_objective(model, cfg, world)  # after resuming: DDP starts every process from rank 0's weights
     stream = micro_batches([len(e.input_ids) for e in examples], cfg.micro_batch_size, cfg.seed, cfg.group_by_length)
     for _ in range(state.step * cfg.grad_accum_steps * world.size):  # the data position: skip what was trained on
@@ -231,19 +251,21 @@ def train_loop(
     def save(name: str) -> Path | None:
         if checkpoints is None:
             return None
-        if sharded:  # every process sends its shards; the main process writes the whole state
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-            whole, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-            weights = {n: t for n, t in whole.items() if n in trainable}
+        if cfg.distributed == "fsdp":  # every process writes its own shards: nothing is gathered
+            if world.is_main:
+                checkpoint.start(checkpoints, name)
+            world.barrier()
+            checkpoint.write_shards(checkpoint.temporary(checkpoints, name), model, optimizer)
+            faults.point(f"checkpoint_write:{name}")
+            world.barrier()
         path = None
         if world.is_main:
-            if not sharded:
-                weights, optimizer_state = checkpoint.trainable_state(model), optimizer.state_dict()
-            loop = dict(vars(state))
-            saved = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(), "loop": loop}
-            path = checkpoint.save(checkpoints, name, weights, saved)
+            saved = {"scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(), "loop": dict(vars(state))}
+            if cfg.distributed == "fsdp":
+                path = checkpoint.commit(checkpoints, name, saved)
+            else:
+                saved["optimizer"] = optimizer.state_dict()
+                path = checkpoint.save(checkpoints, name, checkpoint.trainable_state(model), saved)
             if name.startswith(checkpoint.PREFIX):
                 checkpoint.prune(checkpoints, cfg.keep_checkpoints)
         world.barrier()
@@ -257,7 +279,7 @@ def train_loop(
         batches = [make_batch([examples[i] for i in idx], pad_id, cfg.packing, [source_of[i] for i in idx]) for idx in shares]
         try:
             faults.out_of_memory(f"step:{step}")
-            stats = accumulate_gradients(objective, batches, device, world, n_sources)
+            stats = accumulate_gradients(objective, batches, device, world, n_sources, rows=sum(map(len, shares)))
         except torch.OutOfMemoryError:
             raise GpuMemoryError(out_of_memory_advice(cfg, step, checkpoint.latest(checkpoints) if checkpoints else None)) from None
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -280,6 +302,7 @@ def train_loop(
             "train_loss": stats.loss,
             "response_nll_sum": stats.response_nll_sum,
             "supervised_tokens": float(stats.supervised_tokens),
+            "rows": float(stats.rows),
             "token_accuracy": stats.correct_tokens / max(stats.supervised_tokens, 1),
             "learning_rate": lr,
             "grad_norm": grad_norm,
@@ -313,7 +336,8 @@ def train_loop(
             break
     model.eval()
     if state.best_step and checkpoints is not None and state.best_step != state.step:
-        checkpoint.load(checkpoints / "best", model)  # export the best validated weights, not the last
+        best = checkpoints / "best"  # export the best validated weights, not the last
+        checkpoint.load_sharded(best, model) if checkpoint.is_sharded(best) else checkpoint.load(best, model)
     return {
         "steps": state.step,
         "planned_steps": steps,
