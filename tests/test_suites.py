@@ -33,6 +33,13 @@ def test_a_suite_regresses_only_when_the_whole_interval_lies_beyond_the_margin_o
     assert not suite_result(2.0, 8.0, metric="chrf").regressed
 
 
+def test_a_model_that_does_not_beat_its_base_on_the_test_split_is_never_champion():
+    refused = decide("nll", 2.1, "eval-id", "1", None, 0.0, base_value=2.0)  # worse than the base: no champion yet or not
+    assert refused.alias == CHALLENGER and "does not beat the base model's 2.0000" in refused.reason
+    assert decide("nll", 1.9, "eval-id", "1", None, 0.0, base_value=2.0).alias == CHAMPION
+    assert decide("chrf", 30.0, "eval-id", "1", None, 0.0, base_value=31.0).alias == CHALLENGER  # higher is better
+
+
 def test_a_suite_regression_keeps_a_better_model_from_champion_and_the_decision_names_the_suite_and_figures():
     args = ("nll", 1.5, "eval-id", "3", Champion("2", 1.8, "eval-id"), 0.0)
     assert decide(*args).alias == CHAMPION  # beats the champion on the test split

@@ -377,6 +377,7 @@ def _promotion_preview(cfg: Config, run_info: dict[str, Any], metrics: dict[str,
     champion = tracking.current_champion(run_info["registered_model"], metric, tracking.store_of(run_info))
     checks = metrics["data_checks"]
     decision = decide(metric, metrics["tuned"][metric], metrics["eval_sha256"], run_info["version"], champion,
-                      cfg.evaluate.promotion_margin, (checks["passed"], checks["note"]), suites=suite_results(metrics))
+                      cfg.evaluate.promotion_margin, (checks["passed"], checks["note"]), suites=suite_results(metrics),
+                      base_value=metrics["base"].get(metric))
     return {**decision.as_dict(), "alias": f"{decision.alias} (preview)",
             "reason": f"{decision.reason}; applied once the run's data is versioned (the pipeline flow's promote step)"}

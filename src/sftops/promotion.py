@@ -95,6 +95,7 @@ def decide(
     checks: tuple[bool, str] = (True, "no data checks recorded"),
     versioned: tuple[bool, str] = (True, "versioned"),
     suites: Sequence[SuiteResult] = (),
+    base_value: float | None = None,
 ) -> Decision:
     is_versioned, version_note = versioned
     if not is_versioned:
@@ -113,6 +114,9 @@ def decide(
     noted = [s.name for s in suites if s.informational and s.regressed]
     if noted:
         check_note += f"; informational suite{'s' if len(noted) > 1 else ''} {', '.join(noted)} regressed (not blocking)"
+    if base_value is not None and not _better(metric, value, base_value):
+        return Decision(CHALLENGER, f"test {metric} {value:.4f} does not beat the base model's {base_value:.4f}: "
+                        "fine-tuning did not help on the test split, not promoted", metric, value, *_champ(champion))
     if champion is None:
         return Decision(CHAMPION, f"no champion yet; {check_note}", metric, value)
     if champion.version == version:
@@ -129,6 +133,10 @@ def decide(
     if gain > margin:
         return Decision(CHAMPION, f"{compared}: beats it by more than the margin; {check_note}", metric, value, *_champ(champion))
     return Decision(CHALLENGER, f"{compared}: does not beat it by more than the margin", metric, value, *_champ(champion))
+
+
+def _better(metric: str, value: float, than: float) -> bool:
+    return value < than if metric in LOWER_IS_BETTER else value > than
 
 
 def _champ(champion: Champion | None) -> tuple[str | None, float | None]:

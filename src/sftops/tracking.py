@@ -328,7 +328,8 @@ def promote(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: s
     champion = current_champion(name, primary_metric, store_of(run_info))
     checks = metrics.get("data_checks", {"passed": True, "note": "no data checks recorded"})
     decision = decide(primary_metric, metrics["tuned"][primary_metric], metrics["eval_sha256"], version, champion, margin,
-                      (checks["passed"], checks["note"]), versioned, suite_results(metrics))
+                      (checks["passed"], checks["note"]), versioned, suite_results(metrics),
+                      base_value=metrics["base"].get(primary_metric))
     client.set_model_version_tag(name, version, "promotion.decision", decision.alias)
     client.set_model_version_tag(name, version, "promotion.reason", decision.reason[:5000])
     client.set_tag(run_info["run_id"], "promotion.decision", decision.alias)
