@@ -52,10 +52,10 @@ def test_ingest_keeps_and_rejects_with_reasons(tmp_path, files):
     rejected = list(read_jsonl(Path(cfg.paths.raw) / "rejected.jsonl"))
     reasons = {r["origin"].rsplit("/", 1)[1]: r["reason"] for r in rejected}
     assert reasons["a.jsonl#line2"].startswith("malformed JSON")
-    assert reasons["a.jsonl#line3"] == "row is a list, expected an object"
+    assert reasons["a.jsonl#line3"].startswith("row is a list, expected an object")
     assert reasons["a.jsonl#line5"].startswith("not valid UTF-8")
     assert reasons["b.csv#line3"] == "row has 3 fields, header has 2"
-    assert reasons["c.json#2"] == "row is a int, expected an object"
+    assert reasons["c.json#2"].startswith("row is a int, expected an object")
     assert reasons["e.yml#3"] == "conversation is not a list of turns"
     kept = list(read_jsonl(Path(cfg.paths.raw) / "mixed.jsonl"))
     assert len(kept) == 9

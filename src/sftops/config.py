@@ -36,7 +36,8 @@ class SourceConfig(_Strict):
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "yaml"] = "auto"
     # How rows map to conversations: detected per row, or declared (see sftops.data.schemas.SCHEMAS).
     row_schema: Literal[
-        "auto", "messages", "openai", "sharegpt", "alpaca", "prompt_completion", "question_answer", "conversation"
+        "auto", "messages", "openai", "sharegpt", "alpaca", "dolly", "prompt_completion", "prompt_response",
+        "question_answer", "conversation",
     ] = Field("auto", alias="schema")
     # Schema key -> where it is in the row: a dotted path with list indices, e.g. {output: "instances[0].output"}.
     fields: dict[str, str] = {}
@@ -47,6 +48,9 @@ class SourceConfig(_Strict):
     # max_rows caps its curated rows (a seeded sample, stable when rows are added).
     weight: float = Field(1.0, gt=0)
     max_rows: int | None = Field(None, ge=1)
+    # Row fields left out of the conversation on purpose (e.g. [id, category]): not reported as unused.
+    # A multimodal field named here (images) is dropped, and "<image>" lets placeholders through as text.
+    ignore: list[str] = []
 
     @model_validator(mode="after")
     def _one_location(self) -> SourceConfig:
@@ -92,6 +96,8 @@ class DataConfig(_Strict):
     self_check_rows: int = Field(64, ge=1)
     # A raw row (a JSONL line, a CSV row) larger than this many bytes is rejected at ingest.
     max_row_bytes: int = Field(MAX_ROW_BYTES, ge=1024)
+    # The format stage stops when fewer test rows are kept (evaluation needs them); 0: prepare data without one.
+    min_test_rows: int = Field(1, ge=0)
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:

@@ -177,7 +177,7 @@ def file_format(path: Path, declared: str) -> str:
 def _as_row(value: Any, origin: str, row: int) -> Record:
     if isinstance(value, dict):
         return Record(origin, row, fields=value)
-    return Record(origin, row, error=f"row is a {type(value).__name__}, expected an object", raw=repr(value)[:500])
+    return Record(origin, row, error=f"row is a {type(value).__name__}, expected an object (e.g. {{\"prompt\": ..., \"completion\": ...}} or {{\"messages\": [...]}})", raw=repr(value)[:500])
 
 
 def _encodable(value: Any) -> bool:

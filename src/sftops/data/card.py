@@ -37,13 +37,21 @@ def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
 
 
 def render_card(stats: dict[str, Any]) -> str:
+    dropped = sum(s["dropped_tokens"] for s in stats["sources"].values())
+    sampled = sum(s["sampled_out"] for s in stats["sources"].values())
     parts = [f"# Data card\n\n{stats['kept']} curated rows from {stats['read']} read "
-             f"({stats['rejected']} rejected, {stats['duplicates']} duplicates removed).\n"]
+             f"({stats['rejected']} rejected, {stats['duplicates']} duplicates removed, {dropped} over max_length or "
+             f"without a target, {sampled} sampled out by max_rows).\n"]
     parts.append("## Sources\n\n" + _table(
         ("source", "read", "rejected at ingest", "rejected at format", "duplicates", "over max_length / no target", "kept", "train rows (after weight)"),
         [(name, s["read"], s["rejected_ingest"], s["rejected_format"], s["duplicates"], s["dropped_tokens"], s["kept"], s["train_rows"])
          for name, s in stats["sources"].items()],
     ))
+    if stats.get("unused_fields"):
+        parts.append("## Fields not used\n\nRow fields that reach neither the conversation nor a mapping (list them in the "
+                     "source's `ignore` to silence this, or map them in `fields`):\n\n" + _table(
+                         ("source", "field", "rows"),
+                         [(name, key, n) for name, c in stats["unused_fields"].items() for key, n in c.items()]))
     if stats["rejected_by_reason"]:
         parts.append("## Rejected rows by reason\n\n" + _table(("reason", "rows"), list(stats["rejected_by_reason"].items())))
     lengths = stats["token_lengths"]

@@ -106,7 +106,7 @@ def fit(tokenizer: PreTrainedTokenizerBase, render: Renderer, conv: Conversation
                 "(set data.overflow to drop or truncate_prompt, or raise model.max_length)"
             )
         if policy == "drop":
-            return Fitted(None, f"{len(enc.input_ids)} tokens > max_length {max_length}", kind="too long")
+            return Fitted(None, f"{len(enc.input_ids)} tokens > model.max_length {max_length} (raise it, or set data.overflow: truncate_prompt)", kind="too long")
         messages = conv["messages"]
         while len(enc.input_ids) > max_length and (shorter := _drop_oldest_exchange(messages)) is not None:
             messages = shorter
