@@ -75,8 +75,6 @@ REFUSED = [
     (["train.micro_batch_size=eight"], "train.micro_batch_size: Input should be a valid integer"),
     (["train.method=qlora-magic"], "'lora', 'dora', 'qlora' or 'full'"),
     (["model.attn_implementation=flex_attention"], "'sdpa', 'eager' or 'flash_attention_2'"),
-    (["train.packing=true", "model.attn_implementation=flash_attention_2"], "use model.attn_implementation=sdpa"),
-    (["train.method=qlora"], "use train.method=lora"),
     (["train.early_stopping_patience=2"], "early_stopping_patience needs eval_every"),
     (["train.distributed=fsdp", "train.eval_every=10"], "set it to null, or use distributed=ddp"),
     (["train.method=full", "train.merge_adapter=true"], "merge_adapter applies to adapters"),
@@ -100,6 +98,18 @@ def test_impossible_and_unsafe_settings_are_refused_at_load_time_with_the_fix(fi
             load_config(ROOT / "params.yaml", overrides)
         assert phrase in str(err.value), (overrides, str(err.value))
         figures["config errors refused with the fix named"] += 1
+
+
+@CPU_ONLY
+def test_gpu_settings_are_checked_by_the_stages_that_need_a_gpu_not_by_data_preparation():
+    from sftops.errors import ModelError
+    from sftops.modeling import require_hardware
+
+    for overrides, phrase in ((["train.method=qlora"], "use train.method=lora"),
+                              (["model.attn_implementation=flash_attention_2"], "use model.attn_implementation=sdpa")):
+        cfg = load_config(ROOT / "params.yaml", overrides)  # ingest and format load this and go on
+        with pytest.raises(ModelError, match=phrase):
+            require_hardware(cfg.train.method, cfg.model.attn_implementation)  # what train and evaluate call first
 
 
 def test_remote_code_and_pickles_are_off_unless_set():

@@ -137,6 +137,15 @@ def refuse_too_few(kept: dict[str, list], cfg: Config) -> None:
         )
 
 
+CANDIDATE_MAX_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
+
+
+def rows_within(totals: list[int], max_length: int) -> dict[str, int]:
+    """How many rows each candidate model.max_length would keep whole: the numbers to choose it by."""
+    candidates = sorted({*CANDIDATE_MAX_LENGTHS, max_length})
+    return {str(n): sum(t <= n for t in totals) for n in candidates}
+
+
 def check_tools_render(render: Renderer, rows: list[Row]) -> None:
     """Tool definitions and calls must appear in the rendering, or the model would train without them."""
     for row in rows:
@@ -256,8 +265,11 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, ingest: dict[str,
             dropped[r["source"]].append(f"{fitted.kind}: {fitted.reason}")
             continue
         overflow["truncated"] += fitted.truncated
+        overflow["prompt_tokens_cut"] += fitted.prompt_tokens_cut
         ledger.counts[r["source"]]["kept"] += 1
         row = {k: r[k] for k in ("id", "source", "origin", "split", "messages", "tools")}
+        row.update(messages_as_trained=fitted.messages, prompt_tokens_cut=fitted.prompt_tokens_cut,
+                   response_tokens_lost=fitted.response_tokens_lost)
         kept[r["split"]].append((row, (r["id"], fitted.encoded, fitted.truncated, fitted.response_tokens_lost)))
     for source in d.sources:  # a source wholly duplicated by another is fine; one wholly too long is not
         if ledger.counts[source.name]["kept"] == 0 and dropped[source.name]:
@@ -287,8 +299,10 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, ingest: dict[str,
         "unused_fields": {name: dict(c.most_common()) for name, c in ledger.unused.items() if c},
         "splits": {split: len(pairs) for split, pairs in kept.items()},
         "token_lengths": {part: length_summary(v) for part, v in lengths.items()},
+        "rows_before_length": len(rows),
+        "rows_kept_at_max_length": rows_within(lengths["total"], cfg.model.max_length),
         "overflow": {"policy": d.overflow, "max_length": cfg.model.max_length,
-                     **{k: int(overflow[k]) for k in ("rows_over", "dropped_too_long", "truncated", "response_tokens_lost", "dropped_no_target")}},
+                     **{k: int(overflow[k]) for k in ("rows_over", "dropped_too_long", "truncated", "prompt_tokens_cut", "response_tokens_lost", "dropped_no_target")}},
         "contamination": {
             "ngram": d.contamination_ngram, "threshold": d.contamination_threshold, "test_prompts": len(test_prompts),
             "flagged": len(flagged),

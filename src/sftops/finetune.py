@@ -67,7 +67,7 @@ def gather_unsharded(model: torch.nn.Module, cfg: Config, world: World) -> torch
 
 
 def run_train(cfg: Config) -> dict[str, Any]:
-    require_hardware(cfg.train.method)
+    require_hardware(cfg.train.method, cfg.model.attn_implementation)
     if cfg.train.num_processes > 1 and not under_torchrun():
         with tempfile.TemporaryDirectory() as tmp:
             params = Path(tmp) / "params.yaml"

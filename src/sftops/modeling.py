@@ -65,8 +65,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def require_hardware(method: str, attn_implementation: str = "sdpa") -> None:
-    """QLoRA's 4-bit kernels (bitsandbytes) and FlashAttention exist for CUDA GPUs only: refuse early (when the
-    config is loaded), naming the fix."""
+    """QLoRA's 4-bit kernels (bitsandbytes) and FlashAttention exist for CUDA GPUs only: refuse early (before the
+    train or evaluate stage loads a model), naming the fix."""
     if attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
         raise ModelError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and none is visible; "
                          "use model.attn_implementation=sdpa")

@@ -61,8 +61,13 @@ def render_card(stats: dict[str, Any]) -> str:
     ) + f"\n\n![token lengths]({HISTOGRAM})")
     o = stats["overflow"]
     parts.append(f"## max_length {o['max_length']}, policy `{o['policy']}`\n\n- rows over max_length: {o['rows_over']}\n"
-                 f"- dropped: {o['dropped_too_long']}; truncated: {o['truncated']}; response tokens lost to truncation: "
-                 f"{o['response_tokens_lost']}\n- dropped with no supervised token: {o['dropped_no_target']}")
+                 f"- dropped: {o['dropped_too_long']}; truncated: {o['truncated']} (prompt tokens cut from the middle of the "
+                 f"longest user turn: {o.get('prompt_tokens_cut', 0)}; each curated row holds the text as trained in messages_as_trained); response "
+                 f"tokens lost to truncation: {o['response_tokens_lost']}\n- dropped with no supervised token: {o['dropped_no_target']}")
+    if stats.get("rows_kept_at_max_length"):
+        parts.append("## Rows that each max_length would keep (before the overflow policy)\n\n" + _table(
+            ("model.max_length", "rows kept", "share"),
+            [(n, k, f"{k / max(stats['rows_before_length'], 1):.0%}") for n, k in stats["rows_kept_at_max_length"].items()]))
     parts.append("## Split\n\n" + _table(("split", "rows"), list(stats["splits"].items())))
     c = stats["contamination"]
     parts.append(f"## Contamination\n\n{c['flagged']} of {c['test_prompts']} test prompts share at least "
