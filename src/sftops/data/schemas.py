@@ -214,12 +214,6 @@ def detect_schema(fields: dict[str, Any]) -> str:
         if all(k in fields for k in SCHEMAS[name][0]):
             return name
     keys = sorted(fields)
-    if "chosen" in fields:
-        raise RowError(
-            "preference data",
-            f"found keys {keys}: 'chosen' holds the preferred response (SFT trains on it, 'rejected' is not used); "
-            f"in params.yaml write {suggest_mapping(keys)}",
-        )
     raise RowError(
         "no known schema",
         "expected 'messages', 'conversations' (ShareGPT), 'conversation', instruction/output, instruction/response, "
@@ -294,6 +288,12 @@ def to_conversation(fields: dict[str, Any], schema: str = "auto", mapping: dict[
     it fits no schema or carries images."""
     raw = fields if isinstance(fields, dict) else {}
     refuse_multimodal(raw, ignore)
+    if schema == "auto" and not mapping and "chosen" in raw and "chosen" not in ignore:
+        raise RowError(
+            "preference data",
+            f"found keys {sorted(raw)}: 'chosen' holds the preferred response (SFT trains on one response; 'rejected' "
+            f"is not used); in params.yaml write {suggest_mapping(sorted(raw))}, or train with a preference method",
+        )
     fields = apply_mapping(fields, mapping or {})
     name = detect_schema(fields) if schema == "auto" else schema
     keys, convert = SCHEMAS[name]
