@@ -35,7 +35,7 @@ def top_reasons(reasons: list[str], n: int = 3) -> str:
     first = {}
     for r in reasons:
         first.setdefault(ingest_kind(r), r)
-    return "; ".join(f"{c} x {first[k][:240]}" for k, c in counts.most_common(n))
+    return "; ".join(f"{c} x {first[k][:400]}" for k, c in counts.most_common(n))
 
 
 def refuse_empty(source: SourceConfig, read: int, reasons: list[str], stage: str) -> None:

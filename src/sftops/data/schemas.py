@@ -58,7 +58,10 @@ def apply_mapping(fields: dict[str, Any], mapping: dict[str, str]) -> dict[str, 
 
 
 MULTIMODAL = "multimodal row"
-MULTIMODAL_FIX = "a text model cannot see images or audio: remove these rows, or list the field in the source's ignore to train on the text alone"
+MULTIMODAL_FIX = ("a text model cannot see images or audio: remove these rows, or list the field in data.sources[].ignore "
+                  "to train on the text alone")
+PLACEHOLDER_FIX = ("a text model cannot see the image it stands for: remove these rows, or add the placeholder to "
+                   "data.sources[].ignore to train on it as plain text")
 IMAGE_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "video"}
 IMAGE_FIELDS = ("images", "image", "image_url", "audios", "audio", "videos", "video")
 IMAGE_PLACEHOLDERS = ("<image>", "<|image|>", "<audio>", "<video>")
@@ -159,7 +162,7 @@ def from_turns(turns: Any) -> list[Message]:
 
 
 def _pair(fields: dict[str, Any], prompt: Any, response: Any, what: tuple[str, str]) -> list[Message]:
-    system = fields.get("system")
+    system = fields.get("system") or fields.get("system_prompt")
     head = [{"role": "system", "content": _text(system, "'system'")}] if system else []
     if isinstance(prompt, list) and isinstance(response, list):
         # TRL's conversational prompt/completion: lists of messages.
@@ -194,8 +197,9 @@ SCHEMAS = {
 }
 AUTO_ORDER = ("messages", "sharegpt", "conversation", "alpaca", "dolly", "prompt_completion", "prompt_response", "question_answer")
 # The row keys each schema reads besides its identifying keys: any other key is reported as unused.
-OPTIONAL_KEYS = {"alpaca": ("input", "context", "system"), "dolly": ("input", "context", "system"), "prompt_completion": ("system",),
-                 "prompt_response": ("system",), "question_answer": ("system",)}
+_SYSTEM = ("system", "system_prompt")
+OPTIONAL_KEYS = {"alpaca": ("input", "context", *_SYSTEM), "dolly": ("input", "context", *_SYSTEM),
+                 "prompt_completion": _SYSTEM, "prompt_response": _SYSTEM, "question_answer": _SYSTEM}
 PROMPT_LIKE = ("instruction", "prompt", "question", "query", "input", "text", "problem")
 RESPONSE_LIKE = ("output", "response", "answer", "completion", "target", "solution", "chosen")
 
@@ -228,11 +232,11 @@ def refuse_multimodal(fields: dict[str, Any], ignore: tuple[str, ...] = ()) -> N
             raise RowError(MULTIMODAL, f"the row has a {key!r} field; {MULTIMODAL_FIX}")
 
 
-def refuse_placeholders(messages: list[Message]) -> None:
+def refuse_placeholders(messages: list[Message], ignore: tuple[str, ...] = ()) -> None:
     for i, m in enumerate(messages):
         for tag in IMAGE_PLACEHOLDERS:
-            if tag in m["content"]:
-                raise RowError(MULTIMODAL, f"message {i} ({m['role']}) has the placeholder {tag}; {MULTIMODAL_FIX}")
+            if tag in m["content"] and tag not in ignore:
+                raise RowError(MULTIMODAL, f"message {i} ({m['role']}) has the placeholder {tag}; {PLACEHOLDER_FIX}")
 
 
 def _tools(fields: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -289,11 +293,11 @@ def to_conversation(fields: dict[str, Any], schema: str = "auto", mapping: dict[
     raw = fields if isinstance(fields, dict) else {}
     refuse_multimodal(raw, ignore)
     if schema == "auto" and not mapping and "chosen" in raw and "chosen" not in ignore:
-        raise RowError(
-            "preference data",
-            f"found keys {sorted(raw)}: 'chosen' holds the preferred response (SFT trains on one response; 'rejected' "
-            f"is not used); in params.yaml write {suggest_mapping(sorted(raw))}, or train with a preference method",
-        )
+        keys = sorted(raw)
+        fix = (f"write {suggest_mapping(keys)}" if any(k.lower() in PROMPT_LIKE for k in keys)
+               else "export them as conversations that end with the chosen response")
+        raise RowError("preference data", f"found keys {keys}: SFT trains on one response per prompt and 'chosen' "
+                                          f"holds it; {fix}, or train them with a preference method (DPO)")
     fields = apply_mapping(fields, mapping or {})
     name = detect_schema(fields) if schema == "auto" else schema
     keys, convert = SCHEMAS[name]
@@ -302,6 +306,5 @@ def to_conversation(fields: dict[str, Any], schema: str = "auto", mapping: dict[
         raise RowError("missing field", f"schema {name!r} needs {missing}; found keys {sorted(fields)}")
     messages = convert(fields)
     validate(messages)
-    if "<image>" not in ignore:
-        refuse_placeholders(messages)
+    refuse_placeholders(messages, ignore)
     return {"messages": messages, "tools": _tools(fields), "unused": unused_keys(raw, name, mapping or {}, ignore)}
