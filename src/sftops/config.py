@@ -98,6 +98,8 @@ class DataConfig(_Strict):
     max_row_bytes: int = Field(MAX_ROW_BYTES, ge=1024)
     # The format stage stops when fewer test rows are kept (evaluation needs them); 0: prepare data without one.
     min_test_rows: int = Field(1, ge=0)
+    # A source none of whose rows is kept stops ingest/format, naming its top reasons; false: counted and go on.
+    stop_on_empty_source: bool = True
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -113,7 +115,7 @@ class ModelConfig(_Strict):
     # A hub id, a local folder, or 'pkg:<python package>' for a model shipped inside an installed package.
     base: str
     gguf_file: str | None = None
-    max_length: int = Field(512, ge=8)
+    max_length: int = Field(1024, ge=8)
     # sdpa (default) and eager build block-diagonal masks for packed rows; flash_attention_2 needs the
     # flash-attn package and a CUDA GPU.
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"

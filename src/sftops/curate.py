@@ -99,7 +99,7 @@ class Ledger:
         return out
 
 
-def map_rows(raw: Path, sources: list[SourceConfig], ledger: Ledger) -> list[Row]:
+def map_rows(raw: Path, sources: list[SourceConfig], ledger: Ledger, stop_on_empty: bool = True) -> list[Row]:
     """Each raw row as a canonical conversation, or a rejection with its reason."""
     rows: list[Row] = []
     for source in sources:
@@ -116,7 +116,7 @@ def map_rows(raw: Path, sources: list[SourceConfig], ledger: Ledger) -> list[Row
             ledger.unused[source.name].update(conv.pop("unused"))
             rows.append({"id": row_id(conv["messages"], conv["tools"]), "source": source.name,
                          "origin": raw_row["origin"], "split_as": source.split_as, **conv})
-        if mapped == 0:
+        if mapped == 0 and stop_on_empty:
             refuse_empty(source, ledger.counts[source.name]["read"], reasons, "format")
     return rows
 
@@ -239,7 +239,7 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, ingest: dict[str,
     ledger = Ledger(d.sources, ingest)
     ledger.add_ingest_rejections(list(read_jsonl(raw / RAW_REJECTED)))
 
-    rows = map_rows(raw, d.sources, ledger)
+    rows = map_rows(raw, d.sources, ledger, d.stop_on_empty_source)
     render = Renderer(tokenizer)
     check_tools_render(render, rows)
     rows = remove_duplicates(rows, d.near_duplicate_threshold, d.split_seed, ledger)
@@ -272,7 +272,7 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, ingest: dict[str,
                    response_tokens_lost=fitted.response_tokens_lost)
         kept[r["split"]].append((row, (r["id"], fitted.encoded, fitted.truncated, fitted.response_tokens_lost)))
     for source in d.sources:  # a source wholly duplicated by another is fine; one wholly too long is not
-        if ledger.counts[source.name]["kept"] == 0 and dropped[source.name]:
+        if ledger.counts[source.name]["kept"] == 0 and dropped[source.name] and d.stop_on_empty_source:
             refuse_empty(source, ledger.counts[source.name]["read"], dropped[source.name], "format")
     refuse_too_few(kept, cfg)
     kept["train"] = apply_weights(kept["train"], d.sources, d.split_seed)

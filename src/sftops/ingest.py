@@ -72,7 +72,7 @@ def _ingest(cfg: Config, out: Path) -> dict[str, Any]:
         with contextlib.closing(kept_rows()) as rows:  # closed on a failed write too: the progress bar ends its line
             write_jsonl(out / f"{source.name}.jsonl", rows)
         assert counts["read"] == counts["kept"] + counts["rejected"]
-        if counts["kept"] == 0:
+        if counts["kept"] == 0 and cfg.data.stop_on_empty_source:
             refuse_empty(source, counts["read"], [r["reason"] for r in rejected if r["source"] == source.name], "ingest")
         per_source[source.name] = counts
     write_jsonl(out / REJECTED, rejected)
