@@ -115,3 +115,13 @@ def test_gpu_settings_are_checked_by_the_stages_that_need_a_gpu_not_by_data_prep
 def test_remote_code_and_pickles_are_off_unless_set():
     cfg = load_config(ROOT / "params.yaml")
     assert cfg.model.trust_remote_code is False and cfg.model.allow_pickle is False
+
+
+def test_a_misspelt_key_names_the_nearest_allowed_one_first_and_no_dict_dump():
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "params.yaml", ["data.sources=[{name: x, path: a.jsonl, feilds: {output: response}}]"])
+    lines = str(err.value).splitlines()
+    assert lines[1] == "  data.sources.0.feilds: unknown key: did you mean 'fields'? (params.yaml lists the allowed keys)"
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "params.yaml", ["data.sources=[{name: x, hub: a/b, path: c}]"])
+    assert "{" not in str(err.value)  # the message, not the section's dict cut at 200 characters

@@ -278,12 +278,38 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)
 
 
+def _closest_key(loc: tuple, model: type[BaseModel]) -> str | None:
+    """The allowed key nearest to a misspelt one, found by walking the config classes along its location."""
+    import difflib
+    import typing
+
+    node: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(node, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        node = field.annotation
+        while typing.get_args(node) and not hasattr(node, "model_fields"):
+            node = next((a for a in typing.get_args(node) if hasattr(a, "model_fields")), typing.get_args(node)[0])
+    names = list(getattr(node, "model_fields", {}))
+    names += [f.alias for f in getattr(node, "model_fields", {}).values() if f.alias]
+    match = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    return match[0] if match else None
+
+
 def _describe(err: ValidationError, origin: str) -> str:
     lines = [f"invalid configuration in {origin}:"]
-    for e in err.errors():
+    # unknown keys first: a misspelt key is the likeliest cause, and other errors often follow from it
+    for e in sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden"):
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key (check the spelling; see params.yaml for the allowed keys)")
+            near = _closest_key(e["loc"], Config)
+            hint = f"did you mean {near!r}?" if near else "check the spelling."
+            lines.append(f"  {loc}: unknown key: {hint} (params.yaml lists the allowed keys)")
+        elif isinstance(e.get("input"), (dict, list)):  # a dump of the whole section would bury the message
+            lines.append(f"  {loc}: {e['msg']}")
         else:
             lines.append(f"  {loc}: {e['msg']} (got {redact(repr(e.get('input')))[:200]})")
     return "\n".join(lines)
