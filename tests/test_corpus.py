@@ -45,11 +45,6 @@ REFUSED = {
 }
 
 
-def needs_shared(name: str) -> None:
-    if name in ("gsm8k", "selfinstruct") and not SHARED.is_dir():
-        pytest.skip("../shared/data is absent")
-
-
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     """The corpus files, plus the two samples written here: image content parts in Parquet, and a 3-row source."""

@@ -5,8 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-
 import pytest
 import yaml
 
@@ -36,8 +34,8 @@ def test_an_uncached_hub_model_offline_is_one_line_with_exit_code_2(tmp_path, ti
               "model": {"base": "sftops-tests/not-a-cached-model", "gguf_file": None}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "HF_ENDPOINT": UNREACHABLE, "HF_HOME": str(tmp_path / "hf")}  # an empty cache
-    run = lambda *a: subprocess.run([sys.executable, "-m", "sftops", *a], cwd=tmp_path, capture_output=True, text=True, env=env)
-    assert run("ingest").returncode == 0
+    ingest = subprocess.run([sys.executable, "-m", "sftops", "ingest"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert ingest.returncode == 0, ingest.stderr[-2000:]
     for offline in ("0", "1"):  # no network, and HF_HUB_OFFLINE set
         done = subprocess.run([sys.executable, "-m", "sftops", "format"], cwd=tmp_path, capture_output=True, text=True,
                               env={**env, "HF_HUB_OFFLINE": offline})
