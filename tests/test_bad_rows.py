@@ -43,7 +43,7 @@ BAD_LINES = [
     (json.dumps(msgs(("user", "a\u0000b"), ("assistant", "c"))).encode(), "invalid characters", "control character U+0000"),
     (b'{"prompt": "lone \\ud800 surrogate", "completion": "x"}', "invalid Unicode", "lone surrogate"),
     (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},
-                              {"role": "assistant", "content": "b"}]}).encode(), "unsupported content", "parts of type ['image_url']"),
+                              {"role": "assistant", "content": "b"}]}).encode(), "multimodal row", "parts of type ['image_url']"),
     (json.dumps({**GOOD, "tools": "get_weather"}).encode(), "invalid tools", "'tools' is not a list"),
     (json.dumps({"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]}).encode(), "unknown role", "from 'alien'"),
     (json.dumps({"conversations": [{"from": "human"}, {"from": "gpt", "value": "y"}]}).encode(), "missing field", "turn 0 lacks 'from' or 'value'"),
@@ -51,7 +51,7 @@ BAD_LINES = [
     (json.dumps({"instruction": ["a"], "output": "x"}).encode(), "wrong type", "'instruction' is a list"),
     (json.dumps(GOOD).encode(), "exact duplicate", "exact duplicate of"),
     (json.dumps(msgs(("user", "What is two plus two"), ("assistant", "Four"))).encode(), "exact duplicate", "exact duplicate of"),
-    (json.dumps(msgs(("user", "hello " + "word " * 300), ("assistant", "long"))).encode(), "too long", "tokens > max_length 64"),
+    (json.dumps(msgs(("user", "hello " + "word " * 300), ("assistant", "long"))).encode(), "too long", "tokens > model.max_length 64"),
 ]
 
 
@@ -66,7 +66,7 @@ def test_every_malformed_row_is_rejected_with_its_reason_and_counts_are_conserve
             {"name": "csv", "path": str(tmp_path / "bad.csv")},
             {"name": "mapped", "path": str(tmp_path / "mapped.jsonl"), "schema": "prompt_completion",
              "fields": {"prompt": "q", "completion": "instances[0].out"}},
-        ]},
+        ], "min_test_rows": 0},
         "model": {"base": str(tiny_model), "max_length": 64},
         "paths": {"raw": str(tmp_path / "raw"), "curated": str(tmp_path / "curated")},
     })

@@ -74,9 +74,6 @@ REFUSED = [
     (["train.method=qlora-magic"], "'lora', 'dora', 'qlora' or 'full'"),
     (["model.attn_implementation=flash_attention_9"], "'sdpa', 'eager', 'flex_attention' or 'flash_attention_2'"),
     (["train.method=qlora", "train.param_dtype=bfloat16"], "param_dtype bfloat16 does not apply to qlora"),
-    (["model.attn_implementation=flex_attention"], "flex_attention trains only on a CUDA GPU"),
-    (["train.packing=true", "model.attn_implementation=flash_attention_2"], "use model.attn_implementation=sdpa"),
-    (["train.method=qlora"], "use train.method=lora"),
     (["train.early_stopping_patience=2"], "early_stopping_patience needs eval_every"),
     (["train.method=full", "train.merge_adapter=true"], "merge_adapter applies to adapters"),
     (["data.val_fraction=0.5", "data.test_fraction=0.5"], "val_fraction + test_fraction must be below 1"),
@@ -101,6 +98,29 @@ def test_impossible_and_unsafe_settings_are_refused_at_load_time_with_the_fix(fi
         figures["config errors refused with the fix named"] += 1
 
 
+@CPU_ONLY
+def test_gpu_settings_are_checked_by_the_stages_that_need_a_gpu_not_by_data_preparation():
+    from sftops.errors import ModelError
+    from sftops.modeling import require_hardware
+
+    for overrides, phrase in ((["train.method=qlora"], "use train.method=lora"),
+                              (["model.attn_implementation=flash_attention_2"], "use model.attn_implementation=sdpa"),
+                              (["model.attn_implementation=flex_attention"], "flex_attention trains only on a CUDA GPU")):
+        cfg = load_config(ROOT / "params.yaml", overrides)  # ingest and format load this and go on
+        with pytest.raises(ModelError, match=phrase):
+            require_hardware(cfg.train.method, cfg.model.attn_implementation)  # what train and evaluate call first
+
+
 def test_remote_code_and_pickles_are_off_unless_set():
     cfg = load_config(ROOT / "params.yaml")
     assert cfg.model.trust_remote_code is False and cfg.model.allow_pickle is False
+
+
+def test_a_misspelt_key_names_the_nearest_allowed_one_first_and_no_dict_dump():
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "params.yaml", ["data.sources=[{name: x, path: a.jsonl, feilds: {output: response}}]"])
+    lines = str(err.value).splitlines()
+    assert lines[1] == "  data.sources.0.feilds: unknown key: did you mean 'fields'? (params.yaml lists the allowed keys)"
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "params.yaml", ["data.sources=[{name: x, hub: a/b, path: c}]"])
+    assert "{" not in str(err.value)  # the message, not the section's dict cut at 200 characters

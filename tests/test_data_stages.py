@@ -52,10 +52,10 @@ def test_ingest_keeps_and_rejects_with_reasons(tmp_path, files):
     rejected = list(read_jsonl(Path(cfg.paths.raw) / "rejected.jsonl"))
     reasons = {r["origin"].rsplit("/", 1)[1]: r["reason"] for r in rejected}
     assert reasons["a.jsonl#line2"].startswith("malformed JSON")
-    assert reasons["a.jsonl#line3"] == "row is a list, expected an object"
+    assert reasons["a.jsonl#line3"].startswith("row is a list, expected an object")
     assert reasons["a.jsonl#line5"].startswith("not valid UTF-8")
     assert reasons["b.csv#line3"] == "row has 3 fields, header has 2"
-    assert reasons["c.json#2"] == "row is a int, expected an object"
+    assert reasons["c.json#2"].startswith("row is a int, expected an object")
     assert reasons["e.yml#3"] == "conversation is not a list of turns"
     kept = list(read_jsonl(Path(cfg.paths.raw) / "mixed.jsonl"))
     assert len(kept) == 9
@@ -130,3 +130,15 @@ def test_package_rows_are_labelled_independently_of_the_install_location(tmp_pat
     run_ingest(cfg)
     first = next(read_jsonl(Path(cfg.paths.raw) / "cb.jsonl"))
     assert first["origin"] == "chatterbot_corpus:data/english/greetings.yml#1"
+
+
+def test_a_json_file_of_one_object_is_one_row_and_a_trailing_comma_is_named_on_its_line(tmp_path):
+    from sftops.errors import DataError
+
+    (tmp_path / "one.json").write_text(json.dumps({"prompt": "p", "completion": "c"}, indent=2))
+    cfg = make_cfg(tmp_path, [{"name": "one", "path": str(tmp_path / "one.json")}])
+    assert run_ingest(cfg)["sources"]["one"] == {"read": 1, "kept": 1, "rejected": 0}
+    (tmp_path / "comma.json").write_text('[\n  {"prompt": "p", "completion": "c"},\n  {"prompt": "q", "completion": "d"},\n]\n')
+    cfg = make_cfg(tmp_path, [{"name": "comma", "path": str(tmp_path / "comma.json")}])
+    with pytest.raises(DataError, match="a trailing comma at line 3 .*remove it"):
+        run_ingest(cfg)

@@ -121,7 +121,7 @@ def test_openai_weight_zero_turns_are_context_not_targets(tmp_path, tiny_model):
     ]
     (tmp_path / "ft.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     cfg = make_cfg(tmp_path, tiny_model, [{"name": "ft", "path": str(tmp_path / "ft.jsonl"), "schema": "openai"}],
-                   test_fraction=0.01, val_fraction=0.0)
+                   test_fraction=0.01, val_fraction=0.0, min_test_rows=0)
     run(cfg)
     tok = load_tokenizer(cfg.model)
     curated = curated_rows(cfg)
@@ -156,7 +156,7 @@ def test_tools_render_where_the_template_can_and_fail_clearly_where_it_cannot(tm
     for f in Path(tiny_model).iterdir():
         if not (model / f.name).exists():
             (model / f.name).write_bytes(f.read_bytes())
-    cfg = make_cfg(tmp_path, model, sources)
+    cfg = make_cfg(tmp_path, model, sources, min_test_rows=0)  # 4 rows: the split has no test row
     stats = run(cfg)
     assert stats["kept"] == 4
     row = curated_rows(cfg)[0]

@@ -52,7 +52,9 @@ def hostile_project(tmp_path, tiny_model, monkeypatch):
 
     def params(sources: list[dict], name: str = "params.yaml") -> Path:
         tree = {
-            "data": {"sources": sources, "near_duplicate_threshold": None, "test_fraction": 0.2, "val_fraction": 0.1},
+            # many hostile sources keep no row: counted here, not stopped (stop_on_empty_source has its own tests)
+            "data": {"sources": sources, "near_duplicate_threshold": None, "test_fraction": 0.2, "val_fraction": 0.1,
+                     "stop_on_empty_source": False},
             "model": {"base": str(tiny_model), "max_length": 128},
         }
         Path(name).write_text(yaml.safe_dump(tree))

@@ -92,14 +92,19 @@ def test_truncate_prompt_cuts_the_oldest_turns_and_keeps_the_response_whole(tok)
     assert fitted.response_tokens_lost == full.n_targets - last.n_targets > 0
 
 
-def test_truncate_prompt_cuts_the_start_of_a_long_prompt(tok):
-    conv = _conv("hello " * 60 + "what is two plus two?", "two plus two is four.")
-    enc = encode_batch(tok, [conv])[0]
-    fitted = _fit(tok, conv, 40, "truncate_prompt")
-    assert len(fitted.encoded.input_ids) <= 40 and fitted.response_tokens_lost == 0
-    assert fitted.encoded.n_targets == enc.n_targets
-    text = tok.decode(fitted.encoded.input_ids)
-    assert "what is two plus two?" in text and text.count("hello") < 60
+def test_truncate_prompt_cuts_the_middle_of_a_long_prompt_and_keeps_the_question(tok):
+    for question_first in (True, False):
+        question, passage = "what is two plus two?", "hello " * 60
+        conv = _conv(f"{question}\n\n{passage}" if question_first else f"{passage}\n\n{question}", "two plus two is four.")
+        enc = encode_batch(tok, [conv])[0]
+        fitted = _fit(tok, conv, 64, "truncate_prompt")
+        assert len(fitted.encoded.input_ids) <= 64 and fitted.response_tokens_lost == 0
+        assert fitted.encoded.n_targets == enc.n_targets
+        text = tok.decode(fitted.encoded.input_ids)
+        assert question in text and text.count("hello") < 60 and "[...]" in text
+        # the conversation as trained is returned (the curated row records it) with the tokens cut
+        assert question in fitted.messages[0]["content"] and "[...]" in fitted.messages[0]["content"]
+        assert fitted.prompt_tokens_cut >= len(enc.input_ids) - 64
 
 
 def test_a_response_longer_than_max_length_loses_its_end_and_says_how_much(tok):

@@ -36,7 +36,8 @@ class SourceConfig(_Strict):
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "yaml"] = "auto"
     # How rows map to conversations: detected per row, or declared (see sftops.data.schemas.SCHEMAS).
     row_schema: Literal[
-        "auto", "messages", "openai", "sharegpt", "alpaca", "prompt_completion", "question_answer", "conversation"
+        "auto", "messages", "openai", "sharegpt", "alpaca", "dolly", "prompt_completion", "prompt_response",
+        "question_answer", "conversation",
     ] = Field("auto", alias="schema")
     # Schema key -> where it is in the row: a dotted path with list indices, e.g. {output: "instances[0].output"}.
     fields: dict[str, str] = {}
@@ -47,6 +48,9 @@ class SourceConfig(_Strict):
     # max_rows caps its curated rows (a seeded sample, stable when rows are added).
     weight: float = Field(1.0, gt=0)
     max_rows: int | None = Field(None, ge=1)
+    # Row fields left out of the conversation on purpose (e.g. [id, category]): not reported as unused.
+    # A multimodal field named here (images) is dropped, and "<image>" lets placeholders through as text.
+    ignore: list[str] = []
 
     @model_validator(mode="after")
     def _one_location(self) -> SourceConfig:
@@ -92,6 +96,10 @@ class DataConfig(_Strict):
     self_check_rows: int = Field(64, ge=1)
     # A raw row (a JSONL line, a CSV row) larger than this many bytes is rejected at ingest.
     max_row_bytes: int = Field(MAX_ROW_BYTES, ge=1024)
+    # The format stage stops when fewer test rows are kept (evaluation needs them); 0: prepare data without one.
+    min_test_rows: int = Field(1, ge=0)
+    # A source none of whose rows is kept stops ingest/format, naming its top reasons; false: counted and go on.
+    stop_on_empty_source: bool = True
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -107,7 +115,7 @@ class ModelConfig(_Strict):
     # A hub id, a local folder, or 'pkg:<python package>' for a model shipped inside an installed package.
     base: str
     gguf_file: str | None = None
-    max_length: int = Field(512, ge=8)
+    max_length: int = Field(1024, ge=8)
     # sdpa (default) and eager build block-diagonal masks for packed rows (memory grows with the square of
     # the packed length); flex_attention (torch's FlexAttention, compiled) masks packed documents by block,
     # without that matrix; flash_attention_2 needs the flash-attn package and a CUDA GPU.
@@ -330,12 +338,38 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)
 
 
+def _closest_key(loc: tuple, model: type[BaseModel]) -> str | None:
+    """The allowed key nearest to a misspelt one, found by walking the config classes along its location."""
+    import difflib
+    import typing
+
+    node: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(node, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        node = field.annotation
+        while typing.get_args(node) and not hasattr(node, "model_fields"):
+            node = next((a for a in typing.get_args(node) if hasattr(a, "model_fields")), typing.get_args(node)[0])
+    names = list(getattr(node, "model_fields", {}))
+    names += [f.alias for f in getattr(node, "model_fields", {}).values() if f.alias]
+    match = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    return match[0] if match else None
+
+
 def _describe(err: ValidationError, origin: str) -> str:
     lines = [f"invalid configuration in {origin}:"]
-    for e in err.errors():
+    # unknown keys first: a misspelt key is the likeliest cause, and other errors often follow from it
+    for e in sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden"):
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key (check the spelling; see params.yaml for the allowed keys)")
+            near = _closest_key(e["loc"], Config)
+            hint = f"did you mean {near!r}?" if near else "check the spelling."
+            lines.append(f"  {loc}: unknown key: {hint} (params.yaml lists the allowed keys)")
+        elif isinstance(e.get("input"), (dict, list)):  # a dump of the whole section would bury the message
+            lines.append(f"  {loc}: {e['msg']}")
         else:
             lines.append(f"  {loc}: {e['msg']} (got {redact(repr(e.get('input')))[:200]})")
     return "\n".join(lines)
@@ -357,8 +391,6 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
         cfg = Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_describe(err, str(path))) from None
-    if cfg.train.method == "qlora" or cfg.model.attn_implementation in ("flash_attention_2", "flex_attention"):
-        from sftops.modeling import require_hardware  # imports torch: only when the setting needs a GPU
-
-        require_hardware(cfg.train.method, cfg.model.attn_implementation)
+    # the GPU a setting needs is checked by the stages that use it (train, evaluate), not here: preparing
+    # data for a GPU run works on a laptop
     return cfg

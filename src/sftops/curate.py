@@ -25,6 +25,7 @@ from sftops.data.tokenize import Renderer, encode_batch, fit, length_summary, to
 from sftops.errors import DataError
 from sftops.ingest import REJECTED as RAW_REJECTED
 from sftops.ingest import REPORT as RAW_REPORT
+from sftops.ingest import ingest_kind, refuse_empty
 from sftops.jsonio import read_json, read_jsonl, require, write_json, write_jsonl
 from sftops.outputs import replaced_whole
 
@@ -61,15 +62,6 @@ def conversation_text(messages: list[Message]) -> str:
     return normalise("\n".join(f"{m['role']} {m['content']} {json.dumps(m.get('tool_calls') or '')}" for m in messages))
 
 
-def ingest_kind(reason: str) -> str:
-    """The counted category of an ingest rejection reason."""
-    if reason.startswith("row is a"):
-        return "row not an object"
-    if reason.startswith("row has"):
-        return "wrong number of CSV fields"
-    return reason.split(" (")[0].split(":")[0]
-
-
 def _seeded_rank(seed: int, rid: str) -> bytes:
     return hashlib.sha256(f"{seed}\0{rid}".encode()).digest()
 
@@ -81,6 +73,7 @@ class Ledger:
         self.rejected: list[dict[str, Any]] = []
         self.reasons: Counter[str] = Counter()
         self.counts = {s.name: Counter() for s in sources}
+        self.unused: dict[str, Counter[str]] = {s.name: Counter() for s in sources}
         for s in sources:
             self.counts[s.name]["read"] = ingest["sources"][s.name]["read"]
             self.counts[s.name]["rejected_ingest"] = ingest["sources"][s.name]["rejected"]
@@ -106,19 +99,51 @@ class Ledger:
         return out
 
 
-def map_rows(raw: Path, sources: list[SourceConfig], ledger: Ledger) -> list[Row]:
+def map_rows(raw: Path, sources: list[SourceConfig], ledger: Ledger, stop_on_empty: bool = True) -> list[Row]:
     """Each raw row as a canonical conversation, or a rejection with its reason."""
     rows: list[Row] = []
     for source in sources:
+        reasons: list[str] = []
+        mapped = 0
         for raw_row in read_jsonl(raw / f"{source.name}.jsonl"):
             try:
-                conv = to_conversation(raw_row["fields"], source.row_schema, source.fields)
+                conv = to_conversation(raw_row["fields"], source.row_schema, source.fields, tuple(source.ignore))
             except RowError as exc:
                 ledger.reject(source.name, raw_row["origin"], exc.kind, str(exc), "rejected_format")
+                reasons.append(str(exc))
                 continue
+            mapped += 1
+            ledger.unused[source.name].update(conv.pop("unused"))
             rows.append({"id": row_id(conv["messages"], conv["tools"]), "source": source.name,
                          "origin": raw_row["origin"], "split_as": source.split_as, **conv})
+        if mapped == 0 and stop_on_empty:
+            refuse_empty(source, ledger.counts[source.name]["read"], reasons, "format")
     return rows
+
+
+def refuse_too_few(kept: dict[str, list], cfg: Config) -> None:
+    """Training needs train rows and evaluation test rows: say so now, not after a model was trained."""
+    d = cfg.data
+    counts = {split: len(pairs) for split, pairs in kept.items()}
+    split = f"{sum(counts.values())} rows kept, split train/val/test = {counts['train']}/{counts['val']}/{counts['test']}"
+    if counts["train"] == 0:
+        raise DataError(f"{split}: no train rows; add data, lower data.val_fraction/test_fraction or raise model.max_length "
+                        f"(now {cfg.model.max_length})")
+    if counts["test"] < d.min_test_rows:
+        raise DataError(
+            f"{split}: evaluation needs at least data.min_test_rows={d.min_test_rows} test rows; add data, raise "
+            f"data.test_fraction (now {d.test_fraction}), give a source with split_as: test, or set data.min_test_rows=0 "
+            "to prepare data without evaluating"
+        )
+
+
+CANDIDATE_MAX_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
+
+
+def rows_within(totals: list[int], max_length: int) -> dict[str, int]:
+    """How many rows each candidate model.max_length would keep whole: the numbers to choose it by."""
+    candidates = sorted({*CANDIDATE_MAX_LENGTHS, max_length})
+    return {str(n): sum(t <= n for t in totals) for n in candidates}
 
 
 def check_tools_render(render: Renderer, rows: list[Row]) -> None:
@@ -214,7 +239,7 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, ingest: dict[str,
     ledger = Ledger(d.sources, ingest)
     ledger.add_ingest_rejections(list(read_jsonl(raw / RAW_REJECTED)))
 
-    rows = map_rows(raw, d.sources, ledger)
+    rows = map_rows(raw, d.sources, ledger, d.stop_on_empty_source)
     render = Renderer(tokenizer)
     check_tools_render(render, rows)
     rows = remove_duplicates(rows, d.near_duplicate_threshold, d.split_seed, ledger)
@@ -229,6 +254,7 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, ingest: dict[str,
     checked = self_check(tokenizer, [(f"{rows[i]['source']} {rows[i]['origin']}", convs[i], encoded[i]) for i in sample])
     overflow: Counter[str] = Counter()
     kept: dict[str, list[tuple[Row, tuple]]] = {s: [] for s in SPLITS}
+    dropped: dict[str, list[str]] = {s.name: [] for s in d.sources}
     for r, conv, enc in zip(rows, convs, encoded):
         overflow["rows_over"] += len(enc.input_ids) > cfg.model.max_length
         fitted = fit(tokenizer, render, conv, enc, cfg.model.max_length, d.overflow, f"{r['source']} {r['origin']}")
@@ -236,11 +262,19 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, ingest: dict[str,
         if fitted.encoded is None:
             overflow["dropped_too_long" if fitted.kind == "too long" else "dropped_no_target"] += 1
             ledger.reject(r["source"], r["origin"], fitted.kind, f"{fitted.kind}: {fitted.reason}", "dropped_tokens")
+            dropped[r["source"]].append(f"{fitted.kind}: {fitted.reason}")
             continue
         overflow["truncated"] += fitted.truncated
+        overflow["prompt_tokens_cut"] += fitted.prompt_tokens_cut
         ledger.counts[r["source"]]["kept"] += 1
         row = {k: r[k] for k in ("id", "source", "origin", "split", "messages", "tools")}
+        row.update(messages_as_trained=fitted.messages, prompt_tokens_cut=fitted.prompt_tokens_cut,
+                   response_tokens_lost=fitted.response_tokens_lost)
         kept[r["split"]].append((row, (r["id"], fitted.encoded, fitted.truncated, fitted.response_tokens_lost)))
+    for source in d.sources:  # a source wholly duplicated by another is fine; one wholly too long is not
+        if ledger.counts[source.name]["kept"] == 0 and dropped[source.name] and d.stop_on_empty_source:
+            refuse_empty(source, ledger.counts[source.name]["read"], dropped[source.name], "format")
+    refuse_too_few(kept, cfg)
     kept["train"] = apply_weights(kept["train"], d.sources, d.split_seed)
     for source in d.sources:
         ledger.counts[source.name]["train_rows"] = sum(row["source"] == source.name for row, _ in kept["train"])
@@ -262,18 +296,21 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, ingest: dict[str,
         "kept": sum(s["kept"] for s in sources.values()),
         "rejected_by_reason": dict(ledger.reasons.most_common()),
         "sources": sources,
+        "unused_fields": {name: dict(c.most_common()) for name, c in ledger.unused.items() if c},
         "splits": {split: len(pairs) for split, pairs in kept.items()},
         "token_lengths": {part: length_summary(v) for part, v in lengths.items()},
+        "rows_before_length": len(rows),
+        "rows_kept_at_max_length": rows_within(lengths["total"], cfg.model.max_length),
         "overflow": {"policy": d.overflow, "max_length": cfg.model.max_length,
-                     **{k: int(overflow[k]) for k in ("rows_over", "dropped_too_long", "truncated", "response_tokens_lost", "dropped_no_target")}},
+                     **{k: int(overflow[k]) for k in ("rows_over", "dropped_too_long", "truncated", "prompt_tokens_cut", "response_tokens_lost", "dropped_no_target")}},
         "contamination": {
             "ngram": d.contamination_ngram, "threshold": d.contamination_threshold, "test_prompts": len(test_prompts),
             "flagged": len(flagged),
             "examples": [{"origin": kept["test"][i][0]["origin"], "overlap": round(o, 4)} for i, o in flagged[:20]],
         },
         "self_check": {"rows": checked},
-        # The stage stops on a failed check, so written stats mean passed; the promotion gate reads this.
-        "checks": {"mask_self_check": {"passed": True, "rows": checked}},
+        # The stage stops on a failed check, so written stats mean passed, if any row was checked; the promotion gate reads this.
+        "checks": {"mask_self_check": {"passed": checked > 0, "rows": checked}},
         "ingest": ingest,
     }
     write_json(out / STATS, stats)

@@ -29,7 +29,7 @@ from sftops.fingerprints import file_sha256, json_sha256, tokenizer_sha256
 from sftops.finetune import device, load_split
 from sftops.generation import Completion, Decoding, complete
 from sftops.jsonio import read_json, require, write_json
-from sftops.modeling import is_adapter, load_base_model, load_finetuned, read_manifest
+from sftops.modeling import is_adapter, load_base_model, load_finetuned, read_manifest, require_hardware
 from sftops.objective import mean_nll, score_rows
 from sftops.outputs import replaced_whole
 from sftops.promotion import SuiteResult, data_checks, decide, suite_results
@@ -163,6 +163,7 @@ def _prompt_text(messages: list[dict[str, str]]) -> str:
 
 
 def run_evaluate(cfg: Config) -> dict[str, Any]:
+    require_hardware("lora", cfg.model.attn_implementation)  # the method trained is done; attention still runs here
     # Suites first: a missing or empty suite stops the stage before any model is loaded.
     train_rows = load_split(cfg, "train") if cfg.evaluate.suites else []
     prepared = [prepare_suite(s, train_rows, cfg.data, cfg.evaluate.sample_seed) for s in cfg.evaluate.suites]

@@ -70,7 +70,7 @@ def gather_unsharded(model: torch.nn.Module, cfg: Config, world: World) -> torch
 
 
 def run_train(cfg: Config) -> dict[str, Any]:
-    require_hardware(cfg.train.method)
+    require_hardware(cfg.train.method, cfg.model.attn_implementation)
     if cfg.launch.target != "local" and not under_torchrun():  # a cluster (or loopback) runs it; wait for its result
         launch.submit(cfg)
         return read_json(Path(cfg.paths.model) / tracking.RUN_FILE)

@@ -35,6 +35,48 @@ def resolve_base(base: str) -> str:
     return base
 
 
+HUB_PROBE_SECONDS = 3.0
+
+
+def _hub_reachable(endpoint: str, timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """One TCP connection to the hub: seconds, not the minute of retries a download makes when offline."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_base(cfg: ModelConfig) -> None:
+    """model.base and model.gguf_file name something loadable here, or one line says which setting and the fix:
+    a local folder that exists (holding gguf_file, if set), or a hub id that is in the local cache or reachable."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    where = resolve_base(cfg.base)
+    folder = Path(where)
+    if folder.is_dir():
+        if cfg.gguf_file and not (folder / cfg.gguf_file).is_file():
+            found = sorted(p.name for p in folder.glob("*.gguf"))
+            raise ModelError(f"model.gguf_file {cfg.gguf_file!r} is not in model.base {cfg.base!r} (GGUF files there: "
+                             f"{found or 'none'}); set model.gguf_file to one of them, or to null for the folder's safetensors")
+        return
+    if folder.is_absolute() or cfg.base.startswith((".", "~")) or cfg.base.count("/") > 1:
+        raise ModelError(f"model.base {cfg.base!r} is not a folder here, nor a hub id (owner/name); fix model.base in params.yaml")
+    wanted = cfg.gguf_file or "config.json"
+    if isinstance(try_to_load_from_cache(cfg.base, wanted), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ModelError(f"model.base {cfg.base!r} ({wanted}) is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                         "download it once with network (huggingface-cli download), or point model.base at a local folder")
+    if not _hub_reachable(constants.ENDPOINT):
+        raise ModelError(f"model.base {cfg.base!r} is not in the local Hugging Face cache and {constants.ENDPOINT} cannot be "
+                         "reached (offline?); connect, or download it elsewhere and point model.base at the local folder")
+
+
 def _refusing_unsafe_code(what: str, load: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a from_pretrained call; the refusals of code or pickles the user did not opt in to become ModelErrors
     naming the setting (transformers says it in its own words, with a traceback)."""
@@ -48,10 +90,15 @@ def _refusing_unsafe_code(what: str, load: Any, *args: Any, **kwargs: Any) -> An
         if "safetensors" in text and not kwargs.get("gguf_file"):
             raise ModelError(f"{what} has no safetensors weights; pickle-based weights (.bin/.pt) can run code "
                              f"when loaded and are refused unless you set model.allow_pickle: true") from None
+        if isinstance(exc, OSError) and not Path(str(args[0])).is_dir():  # a hub id that does not resolve
+            first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
+            raise ModelError(f"model.base {what!r} could not be loaded from the hub ({first}); check the id, "
+                             "or log in (huggingface-cli login) for a gated model") from None
         raise
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    check_base(cfg)
     tok = _refusing_unsafe_code(cfg.base, AutoTokenizer.from_pretrained, resolve_base(cfg.base), gguf_file=cfg.gguf_file,
                                 trust_remote_code=cfg.trust_remote_code)
     if not tok.chat_template:
@@ -66,7 +113,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 def require_hardware(method: str, attn_implementation: str = "sdpa") -> None:
     """QLoRA's 4-bit kernels (bitsandbytes), FlashAttention and FlexAttention's backward exist for CUDA GPUs only:
-    refuse early (when the config is loaded), naming the fix."""
+    refuse early (before the train or evaluate stage loads a model), naming the fix."""
     if attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
         raise ModelError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and none is visible; "
                          "use model.attn_implementation=sdpa")
@@ -87,6 +134,7 @@ def require_hardware(method: str, attn_implementation: str = "sdpa") -> None:
 def load_base_model(cfg: ModelConfig, quantize_4bit: bool = False) -> PreTrainedModel:
     """The pre-trained model in float32 (the optimizer's master weights), or with 4-bit NF4 linear layers
     (bf16 compute) for QLoRA."""
+    check_base(cfg)
     extra: dict[str, Any] = {"attn_implementation": cfg.attn_implementation}
     if quantize_4bit:
         from transformers import BitsAndBytesConfig

@@ -177,7 +177,7 @@ def file_format(path: Path, declared: str) -> str:
 def _as_row(value: Any, origin: str, row: int) -> Record:
     if isinstance(value, dict):
         return Record(origin, row, fields=value)
-    return Record(origin, row, error=f"row is a {type(value).__name__}, expected an object", raw=repr(value)[:500])
+    return Record(origin, row, error=f"row is a {type(value).__name__}, expected an object (e.g. {{\"prompt\": ..., \"completion\": ...}} or {{\"messages\": [...]}})", raw=repr(value)[:500])
 
 
 def _encodable(value: Any) -> bool:
@@ -220,13 +220,31 @@ def read_jsonl(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> It
             yield _as_row(value, origin, row)
 
 
+def _json_error(path: Path, text: str, exc: json.JSONDecodeError) -> DataError:
+    """Where the document breaks; a trailing comma is named on the line that holds it (json reports the next one)."""
+    before = text[: exc.pos].rstrip()
+    if before.endswith(",") and text[exc.pos : exc.pos + 1] in ("]", "}"):
+        line = text.count("\n", 0, len(before)) + 1
+        return DataError(f"{path}: not valid JSON: a trailing comma at line {line} (before a closing "
+                         f"{text[exc.pos]!r}); remove it")
+    return DataError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}")
+
+
 def read_json(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[Record]:
     try:
-        value = parse_json(read_bytes(path).decode("utf-8-sig"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{path}: not a valid UTF-8 JSON document ({exc})") from None
+        text = read_bytes(path).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        value = parse_json(text)
+    except json.JSONDecodeError as exc:
+        raise _json_error(path, text, exc) from None
+    except ValueError as exc:
+        raise DataError(f"{path}: not a valid JSON document ({exc})") from None
+    if isinstance(value, dict):  # one pretty-printed example: a source of one row
+        value = [value]
     if not isinstance(value, list):
-        raise DataError(f"{path}: a .json source must hold an array of objects (use .jsonl for one object per line)")
+        raise DataError(f"{path}: a .json source must hold an array of objects or one object, not a {type(value).__name__}")
     for row, item in enumerate(value, start=1):
         yield _as_row(item, f"{label}#{row}", row)
 

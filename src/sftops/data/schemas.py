@@ -12,8 +12,11 @@ import unicodedata
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
+# Accepted spellings that mean a canonical role: OpenAI's "developer" instructions are a system turn.
+ROLE_ALIASES = {"developer": "system"}
 SHAREGPT_ROLES = {
     "system": "system",
+    "developer": "system",
     "human": "user",
     "user": "user",
     "gpt": "assistant",
@@ -54,13 +57,30 @@ def apply_mapping(fields: dict[str, Any], mapping: dict[str, str]) -> dict[str, 
     return {**fields, **{key: get_path(fields, path) for key, path in mapping.items()}}
 
 
+MULTIMODAL = "multimodal row"
+MULTIMODAL_FIX = ("a text model cannot see images or audio: remove these rows, or list the field in data.sources[].ignore "
+                  "to train on the text alone")
+PLACEHOLDER_FIX = ("a text model cannot see the image it stands for: remove these rows, or add the placeholder to "
+                   "data.sources[].ignore to train on it as plain text")
+IMAGE_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "video"}
+IMAGE_FIELDS = ("images", "image", "image_url", "audios", "audio", "videos", "video")
+IMAGE_PLACEHOLDERS = ("<image>", "<|image|>", "<audio>", "<video>")
+
+
+def _part_text(part: dict[str, Any]) -> str:
+    # {"type": "text", "text": ...} (OpenAI) or {"type": "text", "value": ...} (a common export variant)
+    return str(part.get("text", part.get("value", "")))
+
+
 def _text(value: Any, what: str) -> str:
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):
-        # OpenAI content parts: text parts only.
-        kinds = {p.get("type") for p in value}
+        # content parts: text parts only; an image part is the multimodal refusal, any other kind is named.
+        kinds = {str(p.get("type")) for p in value}
+        if kinds & IMAGE_PARTS:
+            raise RowError(MULTIMODAL, f"{what} has parts of type {sorted(kinds & IMAGE_PARTS)}; {MULTIMODAL_FIX}")
         if kinds - {"text"}:
-            raise RowError("unsupported content", f"{what} has parts of type {sorted(map(str, kinds - {'text'}))}")
-        value = "".join(str(p.get("text", "")) for p in value)
+            raise RowError("unsupported content", f"{what} has parts of type {sorted(kinds - {'text'})}; only text parts are trained")
+        value = "".join(_part_text(p) for p in value)
     if not isinstance(value, str):
         raise RowError("wrong type", f"{what} is a {type(value).__name__}, expected text")
     return value
@@ -94,7 +114,7 @@ def from_messages(messages: Any) -> list[Message]:
             raise RowError("message not an object", f"message {i} is a {type(m).__name__}")
         if "role" not in m:
             raise RowError("missing field", f"message {i} lacks 'role'")
-        role = m["role"]
+        role = ROLE_ALIASES.get(m["role"], m["role"]) if isinstance(m["role"], str) else m["role"]
         if role not in ROLES:
             raise RowError("unknown role", f"message {i} has role {role!r} (allowed: {', '.join(ROLES)})")
         msg: Message = {"role": role}
@@ -142,7 +162,7 @@ def from_turns(turns: Any) -> list[Message]:
 
 
 def _pair(fields: dict[str, Any], prompt: Any, response: Any, what: tuple[str, str]) -> list[Message]:
-    system = fields.get("system")
+    system = fields.get("system") or fields.get("system_prompt")
     head = [{"role": "system", "content": _text(system, "'system'")}] if system else []
     if isinstance(prompt, list) and isinstance(response, list):
         # TRL's conversational prompt/completion: lists of messages.
@@ -154,10 +174,13 @@ def _pair(fields: dict[str, Any], prompt: Any, response: Any, what: tuple[str, s
 
 
 def from_alpaca(fields: dict[str, Any]) -> list[Message]:
+    """Alpaca (instruction, input, output) and Dolly (instruction, context, response): the input or context
+    passage follows the instruction in the user turn."""
     instruction = _text(fields["instruction"], "'instruction'")
-    extra = _text(fields.get("input") or "", "'input'")
-    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    return _pair(fields, prompt, fields["output"], ("instruction", "output"))
+    extras = [_text(fields.get(key) or "", f"'{key}'") for key in ("input", "context")]
+    prompt = "\n\n".join([instruction, *(e for e in extras if e.strip())])
+    response_key = "output" if "output" in fields else "response"
+    return _pair(fields, prompt, fields[response_key], ("instruction", response_key))
 
 
 SCHEMAS = {
@@ -167,21 +190,53 @@ SCHEMAS = {
     "sharegpt": (("conversations",), lambda f: from_sharegpt(f["conversations"])),
     "conversation": (("conversation",), lambda f: from_turns(f["conversation"])),
     "alpaca": (("instruction", "output"), from_alpaca),
+    "dolly": (("instruction", "response"), from_alpaca),
     "prompt_completion": (("prompt", "completion"), lambda f: _pair(f, f["prompt"], f["completion"], ("prompt", "completion"))),
+    "prompt_response": (("prompt", "response"), lambda f: _pair(f, f["prompt"], f["response"], ("prompt", "response"))),
     "question_answer": (("question", "answer"), lambda f: _pair(f, f["question"], f["answer"], ("question", "answer"))),
 }
-AUTO_ORDER = ("messages", "sharegpt", "conversation", "alpaca", "prompt_completion", "question_answer")
+AUTO_ORDER = ("messages", "sharegpt", "conversation", "alpaca", "dolly", "prompt_completion", "prompt_response", "question_answer")
+# The row keys each schema reads besides its identifying keys: any other key is reported as unused.
+_SYSTEM = ("system", "system_prompt")
+OPTIONAL_KEYS = {"alpaca": ("input", "context", *_SYSTEM), "dolly": ("input", "context", *_SYSTEM),
+                 "prompt_completion": _SYSTEM, "prompt_response": _SYSTEM, "question_answer": _SYSTEM}
+PROMPT_LIKE = ("instruction", "prompt", "question", "query", "input", "text", "problem")
+RESPONSE_LIKE = ("output", "response", "answer", "completion", "target", "solution", "chosen")
+
+
+def suggest_mapping(keys: list[str]) -> str:
+    """A field mapping to write for rows with these keys, when their names make the meaning plain."""
+    prompt = next((k for k in keys if k.lower() in PROMPT_LIKE), None)
+    response = next((k for k in keys if k.lower() in RESPONSE_LIKE and k != prompt), None)
+    if prompt and response:
+        return f"schema: prompt_completion, fields: {{prompt: {prompt}, completion: {response}}}"
+    return "schema: prompt_completion, fields: {prompt: <the key of the question>, completion: <the key of the answer>}"
 
 
 def detect_schema(fields: dict[str, Any]) -> str:
     for name in AUTO_ORDER:
         if all(k in fields for k in SCHEMAS[name][0]):
             return name
+    keys = sorted(fields)
     raise RowError(
         "no known schema",
-        "expected 'messages', 'conversations' (ShareGPT), 'conversation', instruction/output, prompt/completion "
-        f"or question/answer (or a field mapping in params.yaml); found keys {sorted(fields)}",
+        "expected 'messages', 'conversations' (ShareGPT), 'conversation', instruction/output, instruction/response, "
+        f"prompt/completion, prompt/response or question/answer; found keys {keys}; in params.yaml write {suggest_mapping(keys)}",
     )
+
+
+def refuse_multimodal(fields: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
+    """Images, audio or video in a row (a column, or a placeholder in the text) refused with one reason."""
+    for key in IMAGE_FIELDS:
+        if key not in ignore and fields.get(key) not in (None, "", []):
+            raise RowError(MULTIMODAL, f"the row has a {key!r} field; {MULTIMODAL_FIX}")
+
+
+def refuse_placeholders(messages: list[Message], ignore: tuple[str, ...] = ()) -> None:
+    for i, m in enumerate(messages):
+        for tag in IMAGE_PLACEHOLDERS:
+            if tag in m["content"] and tag not in ignore:
+                raise RowError(MULTIMODAL, f"message {i} ({m['role']}) has the placeholder {tag}; {PLACEHOLDER_FIX}")
 
 
 def _tools(fields: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -224,8 +279,25 @@ def validate(messages: list[Message]) -> None:
         raise RowError("no trainable turn", "every assistant turn has weight 0")
 
 
-def to_conversation(fields: dict[str, Any], schema: str = "auto", mapping: dict[str, str] | None = None) -> dict[str, Any]:
-    """{"messages": [...], "tools": [...] or None} for a raw row; RowError with the reason when it fits no schema."""
+def unused_keys(raw: dict[str, Any], schema: str, mapping: dict[str, str], ignore: tuple[str, ...] = ()) -> list[str]:
+    """The row's top-level keys that reach neither the conversation nor a declared mapping nor the ignore list."""
+    used = set(SCHEMAS[schema][0]) | set(OPTIONAL_KEYS.get(schema, ())) | {"tools"} | set(ignore)
+    used |= {_PATH_PART.findall(path)[0][0] for path in mapping.values() if _PATH_PART.findall(path)}
+    return sorted(k for k in raw if k not in used)
+
+
+def to_conversation(fields: dict[str, Any], schema: str = "auto", mapping: dict[str, str] | None = None,
+                    ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """{"messages": [...], "tools": [...] or None, "unused": [keys]} for a raw row; RowError with the reason when
+    it fits no schema or carries images."""
+    raw = fields if isinstance(fields, dict) else {}
+    refuse_multimodal(raw, ignore)
+    if schema == "auto" and not mapping and "chosen" in raw and "chosen" not in ignore:
+        keys = sorted(raw)
+        fix = (f"write {suggest_mapping(keys)}" if any(k.lower() in PROMPT_LIKE for k in keys)
+               else "export them as conversations that end with the chosen response")
+        raise RowError("preference data", f"found keys {keys}: SFT trains on one response per prompt and 'chosen' "
+                                          f"holds it; {fix}, or train them with a preference method (DPO)")
     fields = apply_mapping(fields, mapping or {})
     name = detect_schema(fields) if schema == "auto" else schema
     keys, convert = SCHEMAS[name]
@@ -234,4 +306,5 @@ def to_conversation(fields: dict[str, Any], schema: str = "auto", mapping: dict[
         raise RowError("missing field", f"schema {name!r} needs {missing}; found keys {sorted(fields)}")
     messages = convert(fields)
     validate(messages)
-    return {"messages": messages, "tools": _tools(fields)}
+    refuse_placeholders(messages, ignore)
+    return {"messages": messages, "tools": _tools(fields), "unused": unused_keys(raw, name, mapping or {}, ignore)}

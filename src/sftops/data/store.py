@@ -37,6 +37,10 @@ SCHEMA = pa.schema(
         ("split", pa.string()),
         ("messages", pa.list_(MESSAGE)),
         ("tools", pa.string()),  # JSON list of tool definitions, null when none
+        # data.overflow: truncate_prompt: the conversation as trained (JSON, null when not cut) and what was cut
+        ("messages_as_trained", pa.string()),
+        ("prompt_tokens_cut", pa.int32()),
+        ("response_tokens_lost", pa.int32()),
     ]
 )
 TOKEN_SCHEMA = pa.schema(
@@ -63,7 +67,10 @@ def _to_record(row: dict[str, Any]) -> dict[str, Any]:
     ]
     tools = json.dumps(row["tools"], ensure_ascii=False) if row.get("tools") else None
     return {"id": row["id"], "source": row["source"], "origin": row["origin"], "split": row["split"],
-            "messages": messages, "tools": tools}
+            "messages": messages, "tools": tools,
+            "messages_as_trained": json.dumps(row["messages_as_trained"], ensure_ascii=False) if row.get("messages_as_trained") else None,
+            "prompt_tokens_cut": row.get("prompt_tokens_cut", 0),
+            "response_tokens_lost": row.get("response_tokens_lost", 0)}
 
 
 def _from_record(rec: dict[str, Any]) -> dict[str, Any]:

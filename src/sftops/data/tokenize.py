@@ -70,6 +70,8 @@ class Fitted:
     truncated: bool = False
     response_tokens_lost: int = 0
     kind: str | None = None
+    messages: list[dict] | None = None  # the conversation as trained, when truncation changed it
+    prompt_tokens_cut: int = 0
 
 
 def _drop_oldest_exchange(messages: list[dict]) -> list[dict] | None:
@@ -83,21 +85,41 @@ def _drop_oldest_exchange(messages: list[dict]) -> list[dict] | None:
     return head + body[users[1] :]
 
 
-def _cut_prompt_start(tokenizer: PreTrainedTokenizerBase, messages: list[dict], n_tokens: int) -> list[dict] | None:
-    """The conversation with the first n_tokens of its first user turn cut; None if that empties it."""
-    i = next(j for j, m in enumerate(messages) if m["role"] == "user")
-    ids = tokenizer(messages[i]["content"], add_special_tokens=False)["input_ids"]
-    if n_tokens >= len(ids):
+ELISION = " [...] "
+KEEP_EACH_END = 4  # tokens of a cut passage always kept at its start and its end
+
+
+def _cut_middle(tokenizer: PreTrainedTokenizerBase, text: str, n_tokens: int) -> str | None:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = len(ids) - n_tokens
+    if keep < 2 * KEEP_EACH_END:
         return None
-    cut = dict(messages[i], content=tokenizer.decode(ids[n_tokens:], skip_special_tokens=False))
-    return messages[:i] + [cut] + messages[i + 1 :]
+    head, tail = ids[: keep // 2], ids[len(ids) - (keep - keep // 2) :]
+    return tokenizer.decode(head, skip_special_tokens=False) + ELISION + tokenizer.decode(tail, skip_special_tokens=False)
+
+
+def _cut_prompt_middle(tokenizer: PreTrainedTokenizerBase, messages: list[dict], n_tokens: int) -> list[dict] | None:
+    """The conversation with n_tokens cut, marked by ELISION, from the middle of the longest paragraph of its
+    longest user turn: an instruction or question in a paragraph of its own (alpaca's instruction, Dolly's
+    context, "passage ... Question: ...") survives whole, and so do the start and end of the passage. None
+    when that turn is too short to cut so much."""
+    users = [j for j, m in enumerate(messages) if m["role"] == "user"]
+    i = max(users, key=lambda j: len(messages[j]["content"]))
+    parts = messages[i]["content"].split("\n\n")
+    longest = max(range(len(parts)), key=lambda k: len(parts[k]))
+    cut = _cut_middle(tokenizer, parts[longest], n_tokens)
+    if cut is None:
+        return None
+    content = "\n\n".join(parts[:longest] + [cut] + parts[longest + 1 :])
+    return messages[:i] + [dict(messages[i], content=content)] + messages[i + 1 :]
 
 
 def fit(tokenizer: PreTrainedTokenizerBase, render: Renderer, conv: Conversation, enc: Encoded, max_length: int,
         policy: str, where: str) -> Fitted:
     """Apply the overflow policy to one encoded conversation. truncate_prompt cuts the oldest exchanges, then
-    the start of the first user turn, and only when the response alone cannot fit, the end of the response
-    (counted in response_tokens_lost). A row left with no target token is dropped."""
+    the middle of the longest user turn (never its start or its end, where the question is), and only when the
+    response alone cannot fit, the end of the response (counted in response_tokens_lost). A row left with no
+    target token is dropped."""
     targets = enc.n_targets
     if len(enc.input_ids) > max_length:
         if policy == "error":
@@ -106,16 +128,17 @@ def fit(tokenizer: PreTrainedTokenizerBase, render: Renderer, conv: Conversation
                 "(set data.overflow to drop or truncate_prompt, or raise model.max_length)"
             )
         if policy == "drop":
-            return Fitted(None, f"{len(enc.input_ids)} tokens > max_length {max_length}", kind="too long")
+            return Fitted(None, f"{len(enc.input_ids)} tokens > model.max_length {max_length} (raise it, or set data.overflow: truncate_prompt)", kind="too long")
         messages = conv["messages"]
+        prompt_before = len(enc.input_ids) - targets
         while len(enc.input_ids) > max_length and (shorter := _drop_oldest_exchange(messages)) is not None:
             messages = shorter
             enc = encode_batch(tokenizer, [{**conv, "messages": messages}], render)[0]
-        for _ in range(4):  # decoding a cut can re-merge a token or two: try a few times
+        for attempt in range(4):  # the marker and re-merged tokens at the cut: cut a little more each try
             excess = len(enc.input_ids) - max_length
             if excess <= 0:
                 break
-            cut = _cut_prompt_start(tokenizer, messages, excess + _ * 2)
+            cut = _cut_prompt_middle(tokenizer, messages, excess + len(tokenizer(ELISION, add_special_tokens=False)["input_ids"]) + attempt * 2)
             if cut is None:
                 break
             messages = cut
@@ -126,7 +149,8 @@ def fit(tokenizer: PreTrainedTokenizerBase, render: Renderer, conv: Conversation
         if enc.n_targets == 0:
             return Fitted(None, "no supervised token left after truncation", kind="no supervised tokens",
                           truncated=True, response_tokens_lost=targets)
-        return Fitted(enc, truncated=True, response_tokens_lost=lost)
+        cut_tokens = max(prompt_before - (len(enc.input_ids) - enc.n_targets), 0)
+        return Fitted(enc, truncated=True, response_tokens_lost=lost, messages=messages if messages is not conv["messages"] else None, prompt_tokens_cut=cut_tokens)
     if targets == 0:
         return Fitted(None, "no supervised token (the template renders no assistant text)", kind="no supervised tokens")
     return Fitted(enc)
