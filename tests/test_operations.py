@@ -283,8 +283,9 @@ def test_dvc_repro_the_flow_by_hand_and_the_deployment_write_the_same_dvc_lock(s
         else:
             sh(sys.executable, "flows/sft_pipeline.py", cwd=folder, env={**stack.env, "SFTOPS_DEPLOY_DIR": str(tmp_path)})
         by_door[door] = (folder, yaml.safe_load((folder / "dvc.lock").read_text())["stages"])
-    deployed = completed(stack.api, trigger(stack.env, stack.repo, "sft-pipeline/nightly"))
-    ref = MlflowClient(stack.mlflow).get_model_version(MODEL_NAME, version_from_logs(stack, deployed)).tags["git.ref"]
+    completed(stack.api, trigger(stack.env, stack.repo, "sft-pipeline/nightly"))
+    recorded = json.loads((stack.clone / "models/run.json").read_text())["version"]  # the version this run recorded
+    ref = MlflowClient(stack.mlflow).get_model_version(MODEL_NAME, recorded).tags["git.ref"]
     by_door["deployment"] = (stack.clone, yaml.safe_load(sh("git", "show", f"{ref}:dvc.lock", cwd=stack.clone))["stages"])
 
     def comparable(folder: Path, stages: dict) -> dict:
@@ -305,7 +306,3 @@ def listing(folder: Path, md5: str) -> dict[str, str] | str:
         return md5  # a file, or a source folder (its listing is not cached; its hash is compared as is)
     entries = json.loads((folder / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).read_text())
     return {e["relpath"]: e["md5"] for e in entries if e["relpath"] not in {"run.json", "report.html"}}
-
-
-def version_from_logs(stack: Stack, flow_run: dict) -> str:
-    return re.search(r'"model_version": "(\d+)"', logs(stack.api, flow_run["id"])).group(1)

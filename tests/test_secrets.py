@@ -17,6 +17,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from sftops import tracking
 from sftops.config import load_config
 from sftops.errors import ConfigError
 
@@ -71,9 +72,12 @@ def test_planted_secrets_reach_no_output(tmp_path, tiny_model, mlflow_server_pro
         texts[f"config error {Path(path).name} {overrides[:1]}"] = str(err.value)
     # The Prefect flow's markdown artifacts, built by the flow's own functions from this run's results.
     client = MlflowClient(mlflow_server_process.url)
-    run = client.get_run(json.loads(Path("models/run.json").read_text())["run_id"])
-    metrics = {**json.loads(Path("metrics.json").read_text()), "report": "reports/report.html",
-               "promotion": {"alias": run.data.tags["promotion.decision"], "reason": run.data.tags["promotion.reason"]}}
+    run_info = json.loads(Path("models/run.json").read_text())
+    measured = json.loads(Path("metrics.json").read_text())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    decision = tracking.promote(run_info, measured, "nll", 0.0)  # what the flow's promote step does after recording
+    run = client.get_run(run_info["run_id"])
+    metrics = {**measured, "report": "reports/report.html", "promotion": decision.as_dict()}
     flow = flow_module()
     cfg = load_config("params.yaml")
     texts["prefect artifact sft-metrics"] = flow.metrics_markdown(metrics, cfg)

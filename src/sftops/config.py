@@ -286,7 +286,9 @@ class LaunchConfig(_Strict):
     shared_folder: str = "/shared/sftops"
     rdzv_port: int = Field(29500, ge=1, le=65535)
     join_timeout_s: int = Field(600, ge=1)  # how long the nodes wait for each other at the rendezvous
-    time_limit: str = "24:00:00"  # slurm: --time
+    # slurm --time, in minutes: a "24:00:00" string would not survive `dvc exp run -S`, which rewrites params.yaml
+    # unquoted, and YAML 1.1 then reads 24:00:00 as the integer 86400.
+    time_limit_minutes: int = Field(1440, ge=1)
     wait_timeout_s: int = Field(86400, ge=1)  # kubernetes: how long `kubectl wait` waits for the job
 
 

@@ -75,7 +75,7 @@ def slurm_script(cfg: Config, params: Path, project: Path) -> str:
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --cpus-per-task={launch.cpus_per_node}",
         *gpus,
-        f"#SBATCH --time={launch.time_limit}",
+        f"#SBATCH --time={launch.time_limit_minutes}",
         f"#SBATCH --chdir={project}",
         "#SBATCH --export=ALL",
         f"#SBATCH --output={project / 'launch' / launch.name}-%j.log",
