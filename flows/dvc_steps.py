@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from sftops.errors import TRANSIENT_EXIT  # the exit code of an outage: the stage may succeed on another try
+
 # What DVC prints for each way a stage can end well (dvc/stage/run.py, dvc/repo/reproduce.py, DVC 3.67).
 RAN, RESTORED, UP_TO_DATE = "Ran", "Restored", "Up to date"
 _OUTCOMES = (
@@ -23,7 +25,6 @@ _OUTCOMES = (
     (re.compile(r"Stage '([^']+)' didn't change, skipping"), UP_TO_DATE),
 )
 _EXITED = re.compile(r"failed to run: .*, exited with (-?\d+)")
-USER_ERROR_EXIT, TRANSIENT_EXIT = 2, 75  # sftops.errors: a user mistake; an outage (try again later)
 
 
 class DvcFailed(RuntimeError):
