@@ -207,3 +207,72 @@ def test_a_pipeline_run_records_the_commits_it_loaded_and_a_moved_branch_is_a_ne
     assert again["version_tags"]["data.qa.revision"] == commits["one"]
     assert len(list(base_evals.glob("*.json"))) == cached_before + 2  # a second key, not a hit on the first
     assert again["metrics"]["base"]["nll"] != got["metrics"]["base"]["nll"]  # other weights, other base scores
+
+
+class StandInHub:
+    """A loopback stand-in for the hub's revision API (GET /api/{models,datasets}/<repo>/revision/<rev>), answering
+    as the hub does: the commit, or 404 with X-Error-Code RevisionNotFound / RepoNotFound, which huggingface_hub
+    turns into its own errors. commits: (repo, revision) -> commit."""
+
+    def __init__(self, commits: dict[tuple[str, str], str]) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import unquote
+
+        known = commits
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+                parts = unquote(self.path.split("?")[0]).strip("/").split("/", 5)  # api/models/org/name/revision/rev
+                repo = "/".join(parts[2:4])
+                commit = known.get((repo, parts[5] if len(parts) > 5 else "main"))
+                if commit is not None:
+                    body = json.dumps({"id": repo, "sha": commit}).encode()
+                    self.send_response(200)
+                else:
+                    body, repos = b"{}", {r for r, _ in known}
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "RevisionNotFound" if repo in repos else "RepoNotFound")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_online_the_hub_names_the_commit_and_a_revision_it_lacks_is_one_line(hub, monkeypatch):
+    from huggingface_hub import constants
+
+    from sftops import hub as hubs
+    from sftops.errors import DataError, ModelError
+
+    commits = hub["commits"]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", hub["env"]["HF_HUB_CACHE"])
+    # the hub's main has moved on to B while the cache's refs/main still names A: the hub decides
+    server = StandInHub({(MODEL, "main"): commits["B"], (DATA, "v1"): commits["one"]})
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    try:
+        assert hubs.resolve(MODEL, None, "model", f"model.base {MODEL!r}", "model.revision", ModelError) == commits["B"]
+        assert hubs.resolve(DATA, "v1", "dataset", "source", "its revision", DataError) == commits["one"]
+        with pytest.raises(ModelError) as missing:
+            hubs.resolve(MODEL, "no-such-tag", "model", f"model.base {MODEL!r}", "model.revision", ModelError)
+        message = str(missing.value)
+        assert "\n" not in message and message.startswith("model.revision='no-such-tag': model.base 'sftops-test/tiny' "
+                                                          "has no such branch, tag or commit on the hub"), message
+        with pytest.raises(DataError, match=r"\(hub 'sftops-test/none'\) is not a repository on the hub"):
+            hubs.resolve("sftops-test/none", None, "dataset", "source 'x' (hub 'sftops-test/none')", "its revision",
+                         DataError)
+    finally:
+        server.stop()
+    # the hub gone (nothing listens there now): the cache's refs decide
+    assert hubs.resolve(MODEL, None, "model", f"model.base {MODEL!r}", "model.revision", ModelError) == commits["A"]

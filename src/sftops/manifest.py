@@ -88,7 +88,8 @@ def resolved_revisions(cfg: Config, base_revision: str | None) -> dict[str, Any]
 
     report = Path(cfg.paths.curated) / REPORT
     data = json.loads(report.read_text()).get("revisions", {}) if report.exists() else {}
-    return {"model": {"base": cfg.model.base, "requested": cfg.model.revision, "resolved": base_revision}, "data": data}
+    return {"model": {"base": redact(cfg.model.base), "requested": cfg.model.revision, "resolved": base_revision},
+            "data": data}
 
 
 def revision_tags(revisions: dict[str, Any]) -> dict[str, str]:
