@@ -40,21 +40,25 @@ def reachable(timeout: float = PROBE_SECONDS) -> bool:
 
 def cached_snapshot(repo: str, revision: str | None, repo_type: str) -> Path | None:
     """The local cache's folder of `repo` at `revision` (a commit, or a branch/tag through refs/): its name is the
-    commit. None when the cache does not hold it."""
+    commit. None when the cache does not hold it. A model's snapshot with files missing from its cached listing
+    (a download of some files only) still counts: from_pretrained needs only some, and check_base looks for them;
+    a dataset's does not: read offline, its folder is the dataset, and a part of it would be read as the whole."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo, repo_type=repo_type, revision=revision, local_files_only=True))
-    except LocalEntryNotFoundError:  # not cached, or a partial snapshot (IncompleteSnapshotError)
+    except IncompleteSnapshotError as partial:
+        return Path(partial.snapshot_path) if repo_type == "model" else None
+    except LocalEntryNotFoundError:
         return None
 
 
 def resolve(repo: str, revision: str | None, repo_type: str, subject: str, key: str, error: type[SftopsError]) -> str:
     """The commit `revision` of `repo` names (null: the default branch), or `error` in one line naming the setting
     (`subject`: where the repository is named, `key`: the revision's setting), the repository, the revision and the
-    fix. A commit already in the cache is taken as it is (commits
-    never move); otherwise the hub is asked when it answers, and the cache's refs/ are read when it does not."""
+    fix. A commit already in the cache is taken as it is (commits never move); otherwise the hub is asked when it
+    answers, and the cache's refs/ are read when it does not."""
     named = revision or "main"
     if is_commit(revision) and cached_snapshot(repo, revision, repo_type) is not None:
         return revision
