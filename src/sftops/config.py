@@ -32,6 +32,8 @@ class SourceConfig(_Strict):
     package: str | None = None
     hub: str | None = None
     hub_config: str | None = None
+    # A hub dataset's branch, tag or commit (null: the default branch). Either way ingest records the commit it read.
+    revision: str | None = None
     split: str = "train"
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "yaml"] = "auto"
     # How rows map to conversations: detected per row, or declared (see sftops.data.schemas.SCHEMAS).
@@ -57,6 +59,8 @@ class SourceConfig(_Strict):
         if self.hub is not None:
             if self.path is not None or self.package is not None:
                 raise ValueError("a hub source takes no 'path' or 'package'")
+        elif self.revision is not None:
+            raise ValueError("'revision' applies to a hub dataset ('hub'); a file source has none (its files are hashed)")
         elif self.path is None:
             raise ValueError("give 'path' (a file, folder or glob; inside 'package' if set) or 'hub'")
         else:
@@ -114,6 +118,10 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     # A hub id, a local folder, or 'pkg:<python package>' for a model shipped inside an installed package.
     base: str
+    # Hub id: a branch, tag or commit (null: the default branch); the commit it names when the run starts is what
+    # is loaded and recorded (manifest, MLflow, the model's base). pkg: the package version it must be (null: the
+    # installed one, recorded). A local folder: null.
+    revision: str | None = None
     gguf_file: str | None = None
     max_length: int = Field(1024, ge=8)
     # sdpa (default) and eager build block-diagonal masks for packed rows (memory grows with the square of

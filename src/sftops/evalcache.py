@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from sftops.fingerprints import file_sha256, json_sha256
-from sftops.modeling import resolve_base
+from sftops.config import ModelConfig
+from sftops.modeling import check_base, resolve_base
 from sftops.workspace import project_root
 
 DEFAULT_CACHE_DIR = ".sftops-cache"
@@ -29,14 +30,16 @@ def cache_dir() -> Path:
 
 
 def model_fingerprint(model: dict[str, Any]) -> dict[str, Any]:
-    """The base model config, plus the content hash of its files when it is a local folder or package (a hub
-    id names its weights by itself)."""
+    """The base model config, with the commit its hub revision resolves to (a hub id alone does not fix the
+    weights: its branches move; the model folder's manifest records the commit, older ones are resolved now), or
+    the content hash of its files when it is a local folder or package."""
     place = Path(resolve_base(model["base"]))
     files = {}
     if place.is_dir():
         chosen = [place / model["gguf_file"]] if model.get("gguf_file") else sorted(p for p in place.iterdir() if p.is_file())
         files = {p.name: file_sha256(p) for p in chosen if p.exists()}
-    return {"config": model, "files": files}
+        return {"config": model, "files": files}
+    return {"config": model, "commit": check_base(ModelConfig.model_validate(model)), "files": files}
 
 
 def cache_key(model: dict[str, Any], data_sha256: str, tokenizer_sha256: str, eval_params: dict[str, Any], device: str) -> str:

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 import yaml
 
-from sftops import distributed, faults, launch, tracking
+from sftops import distributed, faults, hub, launch, tracking
 from sftops.adapters import apply_method, merge_checked
-from sftops.config import Config
+from sftops.config import Config, ModelConfig
 from sftops.curate import STATS
 from sftops.curves import write_curves
 from sftops.data.examples import training_examples
@@ -26,7 +26,8 @@ from sftops.distributed import World, agree, join, leave, under_torchrun
 from sftops.errors import TrainingError
 from sftops.ingest import REPORT
 from sftops.jsonio import read_json, write_json
-from sftops.modeling import load_base_model, load_tokenizer, require_hardware, save_finetuned
+from sftops.manifest import resolved_revisions
+from sftops.modeling import load_base_model, load_tokenizer, pinned, require_hardware, save_finetuned
 from sftops.objective import mean_nll, score_rows
 from sftops.outputs import replaced_whole
 from sftops.packing_check import packing_self_check
@@ -45,26 +46,30 @@ def load_split(cfg: Config, split: str) -> list[dict[str, Any]]:
     return read_split(cfg.paths.curated, split)
 
 
-def checkpoint_folder(cfg: Config) -> Path:
+def checkpoint_folder(cfg: Config, base_revision: str | None = None) -> Path:
     """Checkpoints of this exact training job (model, train params, curated data): a re-run of the same job
     resumes; a changed one starts afresh in its own folder. How many processes run it, and how each process
     splits its share into accumulation steps, is not part of the job: a sharded job resumes on any number of
-    processes that takes the same micro-batches per step (training.same_batches_per_step)."""
+    processes that takes the same micro-batches per step (training.same_batches_per_step). base_revision: the hub
+    commit model.revision resolved to (a branch that moved on is another base: training starts afresh)."""
     train = cfg.train.model_dump(mode="json", exclude={"num_processes", "grad_accum_steps"})
-    job = {"model": cfg.model.model_dump(mode="json"), "train": train,
+    model = cfg.model.model_dump(mode="json")
+    if hub.is_commit(base_revision):
+        model["revision"] = base_revision
+    job = {"model": model, "train": train,
            "data": tracking.dvc_md5(Path(cfg.paths.curated))}
     digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.paths.checkpoints) / digest
 
 
-def gather_unsharded(model: torch.nn.Module, cfg: Config, world: World) -> torch.nn.Module:
+def gather_unsharded(model: torch.nn.Module, cfg: Config, base: ModelConfig, world: World) -> torch.nn.Module:
     """FSDP: every process sends its shards; the main process gets a plain, unsharded copy to evaluate and save."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not world.is_main:
         return model
-    plain = apply_method(load_base_model(cfg.model), cfg.train)
+    plain = apply_method(load_base_model(base), cfg.train)
     plain.load_state_dict(state)
     return plain.to(world.device).eval()
 
@@ -82,8 +87,9 @@ def run_train(cfg: Config) -> dict[str, Any]:
         return read_json(Path(cfg.paths.model) / tracking.RUN_FILE)
     world = join()
     try:
-        agree(world, same_job(cfg))
-        return _train(cfg, world)
+        base = pinned(cfg.model)  # each process resolves model.revision; agree() checks they found the same commit
+        agree(world, {**same_job(cfg), "base model revision": str(base.revision)})
+        return _train(cfg, base, world)
     finally:
         leave()
 
@@ -95,8 +101,9 @@ def same_job(cfg: Config) -> dict[str, str]:
             "curated data hash": tracking.dvc_md5(Path(cfg.paths.curated))}
 
 
-def _train(cfg: Config, world: World) -> dict[str, Any]:
-    tokenizer = load_tokenizer(cfg.model)
+def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> dict[str, Any]:
+    """base_cfg: cfg.model pinned to the revision it resolved to, which every load uses and the run records."""
+    tokenizer = load_tokenizer(base_cfg)
     pad = tokenizer.pad_token_id
     train_rows, val_rows = load_split(cfg, "train"), load_split(cfg, "val")
     if cfg.train.max_train_rows is not None and len(train_rows) > cfg.train.max_train_rows:
@@ -108,7 +115,7 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
     sources = [source_names.index(train_rows[i].get("source", "")) for i in kept]
     dev = world.device
     seed_everything(cfg.train.seed)  # before the LoRA matrices are initialised
-    base = load_base_model(cfg.model, quantize_4bit=cfg.train.method == "qlora")
+    base = load_base_model(base_cfg, quantize_4bit=cfg.train.method == "qlora")
     model = apply_method(base, cfg.train)
     if cfg.train.method != "qlora":  # a 4-bit model is placed on its GPU as it loads
         model = model.to(dev)
@@ -121,7 +128,8 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
         return mean_nll(score_rows(m, val_ex, cfg.train.micro_batch_size, pad, dev))
 
     reports = [Path(cfg.paths.curated) / REPORT, Path(cfg.paths.curated) / STATS]  # the ingest report, as format copied it
-    run_context = tracking.pipeline_run(cfg, reports) if world.is_main else contextlib.nullcontext({})
+    revisions = resolved_revisions(cfg, base_cfg.revision)
+    run_context = tracking.pipeline_run(cfg, reports, revisions) if world.is_main else contextlib.nullcontext({})
     with run_context as run:
         if world.is_main:
             tracking.log_metrics({"trainable_params": trainable, "total_params": total, "train_examples": len(train_ex)})
@@ -135,7 +143,7 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
             return nll
 
         val_before = validate(0)
-        checkpoints = checkpoint_folder(cfg)
+        checkpoints = checkpoint_folder(cfg, base_cfg.revision)
         step_of = {"step": 0}
 
         def on_step(step: int, record: dict[str, float]) -> None:
@@ -151,7 +159,7 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
             faults.pause("tracking_flush")
             tracking.flush()  # metrics buffered while the server was away; a TrackingError if it still is
         if world.size > 1 and cfg.train.distributed == "fsdp":
-            model = gather_unsharded(model, cfg, world)
+            model = gather_unsharded(model, cfg, base_cfg, world)
         if not world.is_main:
             return {}
         # The previous models/ stays until the new one is complete (a failed export leaves it usable).
@@ -160,7 +168,7 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
             val_points = {0: val_before, **{v["step"]: v["val_nll"] for v in result["validations"]}, result["steps"]: val_after}
             write_curves(out, result["history"], val_points)  # the DVC plots of dvc.yaml
             manifest = {"method": cfg.train.method, "weights": "full" if cfg.train.method == "full" else "adapter",
-                        "base": cfg.model.model_dump(mode="json")}
+                        "base": base_cfg.model_dump(mode="json")}  # its revision: the commit (package version) loaded
             merge = None
             if cfg.train.merge_adapter:
                 if not val_ex:

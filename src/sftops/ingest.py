@@ -14,7 +14,7 @@ from sftops.config import Config, SourceConfig
 from sftops.errors import DataError
 from sftops.jsonio import write_json, write_jsonl
 from sftops.outputs import replaced_whole
-from sftops.sources import read_source
+from sftops.sources import pinned_source, read_source
 
 REPORT = "ingest_report.json"
 REJECTED = "rejected.jsonl"
@@ -54,7 +54,11 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
 def _ingest(cfg: Config, out: Path) -> dict[str, Any]:
     rejected: list[dict[str, Any]] = []
     per_source: dict[str, dict[str, int]] = {}
-    for source in cfg.data.sources:
+    revisions: dict[str, dict[str, str | None]] = {}
+    for requested in cfg.data.sources:
+        source = pinned_source(requested)  # a hub dataset: read at the commit its revision names now
+        if source.hub is not None:
+            revisions[source.name] = {"hub": source.hub, "requested": requested.revision, "commit": source.revision}
         counts = {"read": 0, "kept": 0, "rejected": 0}
 
         def kept_rows():
@@ -77,6 +81,7 @@ def _ingest(cfg: Config, out: Path) -> dict[str, Any]:
         per_source[source.name] = counts
     write_jsonl(out / REJECTED, rejected)
     totals = {k: sum(c[k] for c in per_source.values()) for k in ("read", "kept", "rejected")}
-    report = {"totals": totals, "sources": per_source}
+    # the hub sources' commits: train records them (manifest, MLflow) from the copy format carries along
+    report = {"totals": totals, "sources": per_source, "revisions": revisions}
     write_json(out / REPORT, report)
     return report

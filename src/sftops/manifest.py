@@ -80,8 +80,27 @@ def folder_hashes(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def build_manifest(cfg: Config, lock_file: Path = Path("dvc.lock")) -> dict[str, Any]:
-    """Everything known when the training run starts."""
+def resolved_revisions(cfg: Config, base_revision: str | None) -> dict[str, Any]:
+    """What the run's hub model and datasets were at: model.revision as configured and as resolved when the run
+    started (a hub commit, a pkg: package's version, None for a local folder), and each hub source's commit as the
+    ingest stage recorded it (in its report, which format carries into the curated folder)."""
+    from sftops.ingest import REPORT
+
+    report = Path(cfg.paths.curated) / REPORT
+    data = json.loads(report.read_text()).get("revisions", {}) if report.exists() else {}
+    return {"model": {"base": redact(cfg.model.base), "requested": cfg.model.revision, "resolved": base_revision},
+            "data": data}
+
+
+def revision_tags(revisions: dict[str, Any]) -> dict[str, str]:
+    """The resolved revisions as flat tags: model.revision, data.<source>.revision ("null": a local folder)."""
+    tags = {"model.revision": str(revisions["model"]["resolved"] or "null")}
+    tags.update({f"data.{name}.revision": str(entry["commit"] or "null") for name, entry in revisions["data"].items()})
+    return tags
+
+
+def build_manifest(cfg: Config, lock_file: Path = Path("dvc.lock"), revisions: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything known when the training run starts (revisions: resolved_revisions')."""
     commit, dirty = git_state()
     curated = Path(cfg.paths.curated)
     params = cfg.model_dump(mode="json")  # the whole configuration, a record of the run (not an input of it)
@@ -102,6 +121,7 @@ def build_manifest(cfg: Config, lock_file: Path = Path("dvc.lock")) -> dict[str,
         "hardware": hardware(),
         "libraries": library_versions(),
         "data": {"curated_dvc_md5": dvc_md5(curated), "files": folder_hashes(curated) if curated.exists() else {}},
+        "revisions": revisions if revisions is not None else resolved_revisions(cfg, None),
     }
 
 

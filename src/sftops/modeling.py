@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sftops.config import ModelConfig
+from sftops import hub
 from sftops.errors import ModelError
 from sftops.sources import package_dir
 
@@ -35,27 +36,11 @@ def resolve_base(base: str) -> str:
     return base
 
 
-HUB_PROBE_SECONDS = 3.0
-
-
-def _hub_reachable(endpoint: str, timeout: float = HUB_PROBE_SECONDS) -> bool:
-    """One TCP connection to the hub: seconds, not the minute of retries a download makes when offline."""
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(endpoint)
-    try:
-        socket.create_connection((url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def check_base(cfg: ModelConfig) -> None:
+def check_base(cfg: ModelConfig) -> str | None:
     """model.base and model.gguf_file name something loadable here, or one line says which setting and the fix:
-    a local folder that exists (holding gguf_file, if set), or a hub id that is in the local cache or reachable."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
+    a local folder that exists (holding gguf_file, if set), or a hub id whose model.revision is in the local cache
+    or on the reachable hub. Returns what fixes the weights besides the path: the hub commit model.revision
+    resolves to now, the package's version for pkg:, None for a local folder."""
     where = resolve_base(cfg.base)
     folder = Path(where)
     if folder.is_dir():
@@ -63,18 +48,52 @@ def check_base(cfg: ModelConfig) -> None:
             found = sorted(p.name for p in folder.glob("*.gguf"))
             raise ModelError(f"model.gguf_file {cfg.gguf_file!r} is not in model.base {cfg.base!r} (GGUF files there: "
                              f"{found or 'none'}); set model.gguf_file to one of them, or to null for the folder's safetensors")
-        return
+        return _package_version(cfg) if cfg.base.startswith("pkg:") else _no_revision(cfg)
     if folder.is_absolute() or cfg.base.startswith((".", "~")) or cfg.base.count("/") > 1:
         raise ModelError(f"model.base {cfg.base!r} is not a folder here, nor a hub id (owner/name); fix model.base in params.yaml")
+    commit = hub.resolve(cfg.base, cfg.revision, "model", f"model.base {cfg.base!r}", "model.revision", ModelError)
+    snapshot = hub.cached_snapshot(cfg.base, commit, "model")
     wanted = cfg.gguf_file or "config.json"
-    if isinstance(try_to_load_from_cache(cfg.base, wanted), str):
-        return
-    if constants.HF_HUB_OFFLINE:
-        raise ModelError(f"model.base {cfg.base!r} ({wanted}) is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                         "download it once with network (huggingface-cli download), or point model.base at a local folder")
-    if not _hub_reachable(constants.ENDPOINT):
-        raise ModelError(f"model.base {cfg.base!r} is not in the local Hugging Face cache and {constants.ENDPOINT} cannot be "
-                         "reached (offline?); connect, or download it elsewhere and point model.base at the local folder")
+    if snapshot is not None and not (snapshot / wanted).is_file() and (hub.offline() or not hub.reachable()):
+        raise ModelError(f"model.base {cfg.base!r} at commit {commit} has no {wanted} in the local Hugging Face cache and "
+                         "the hub is not at hand; download it once with network, or fix model.gguf_file")
+    return commit
+
+
+def pinned(cfg: ModelConfig) -> ModelConfig:
+    """The model config with model.revision replaced by what check_base resolves it to (a hub commit, a package
+    version): loading from it loads exactly what the run records, however the hub's branches move meanwhile."""
+    return cfg.model_copy(update={"revision": check_base(cfg)})
+
+
+def _no_revision(cfg: ModelConfig) -> None:
+    if cfg.revision is not None:
+        raise ModelError(f"model.revision {cfg.revision!r} applies to a hub id, but model.base {cfg.base!r} is a local "
+                         "folder (its files are hashed instead); set model.revision to null")
+    return None
+
+
+def _package_version(cfg: ModelConfig) -> str | None:
+    """The installed version of the distribution holding pkg:<package>; model.revision, when set, must be it."""
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+    package = cfg.base[len("pkg:"):]
+    dist = (packages_distributions().get(package) or [package])[0]
+    try:
+        installed = version(dist)
+    except PackageNotFoundError:
+        installed = None
+    if cfg.revision is not None and cfg.revision != installed:
+        raise ModelError(f"model.revision {cfg.revision!r} is the version of {dist} that model.base {cfg.base!r} must come "
+                         f"from, but {installed!r} is installed; pip install '{dist}=={cfg.revision}', or set "
+                         "model.revision to null (the installed version is recorded)")
+    return installed
+
+
+def _hub_revision(cfg: ModelConfig) -> str | None:
+    """The revision to pass to from_pretrained: the resolved commit for a hub id, nothing for a folder or package."""
+    revision = check_base(cfg)
+    return None if Path(resolve_base(cfg.base)).is_dir() else revision
 
 
 def _refusing_unsafe_code(what: str, load: Any, *args: Any, **kwargs: Any) -> Any:
@@ -98,9 +117,8 @@ def _refusing_unsafe_code(what: str, load: Any, *args: Any, **kwargs: Any) -> An
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    check_base(cfg)
     tok = _refusing_unsafe_code(cfg.base, AutoTokenizer.from_pretrained, resolve_base(cfg.base), gguf_file=cfg.gguf_file,
-                                trust_remote_code=cfg.trust_remote_code)
+                                revision=_hub_revision(cfg), trust_remote_code=cfg.trust_remote_code)
     if not tok.chat_template:
         tok.chat_template = FALLBACK_CHAT_TEMPLATE
     if tok.eos_token is None:
@@ -134,8 +152,7 @@ def require_hardware(method: str, attn_implementation: str = "sdpa") -> None:
 def load_base_model(cfg: ModelConfig, quantize_4bit: bool = False) -> PreTrainedModel:
     """The pre-trained model in float32 (the optimizer's master weights), or with 4-bit NF4 linear layers
     (bf16 compute) for QLoRA."""
-    check_base(cfg)
-    extra: dict[str, Any] = {"attn_implementation": cfg.attn_implementation}
+    extra: dict[str, Any] = {"attn_implementation": cfg.attn_implementation, "revision": _hub_revision(cfg)}
     if quantize_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -148,7 +165,8 @@ def load_base_model(cfg: ModelConfig, quantize_4bit: bool = False) -> PreTrained
         # move its weights into a plain model of the same config (from there on it is an ordinary checkpoint).
         # GGUF is a data format: its tensors and metadata are parsed (gguf package), no code is run.
         gguf = _refusing_unsafe_code(cfg.base, AutoModelForCausalLM.from_pretrained, resolve_base(cfg.base),
-                                     gguf_file=cfg.gguf_file, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+                                     gguf_file=cfg.gguf_file, dtype=torch.float32, revision=extra["revision"],
+                                     trust_remote_code=cfg.trust_remote_code)
         config = gguf.config
         del config.quantization_config
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=cfg.attn_implementation)

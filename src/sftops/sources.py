@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from sftops.config import MAX_ROW_BYTES, SourceConfig
+from sftops import hub
+from sftops.config import MAX_ROW_BYTES, SourceConfig, SuiteConfig
 from sftops.errors import DataError
 from sftops.redact import redact
 
@@ -336,12 +337,41 @@ def read_yaml(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> Ite
 READERS = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv, "parquet": read_parquet, "yaml": read_yaml}
 
 
+def hub_commit(source: SourceConfig) -> str | None:
+    """The commit a hub source's revision names now (null: the default branch's), resolved online or from the local
+    Hugging Face cache; None for a `hub` that is a local dataset folder (no revision)."""
+    assert source.hub is not None
+    where = "evaluate.suites" if isinstance(source, SuiteConfig) else "data.sources"
+    if Path(source.hub).is_dir():
+        if source.revision is not None:
+            raise DataError(f"{where} {source.name!r}: revision {source.revision!r} applies to a hub dataset id, but "
+                            f"hub {source.hub!r} is a local folder; set its revision to null")
+        return None
+    return hub.resolve(source.hub, source.revision, "dataset", f"{where} {source.name!r} (hub {source.hub!r})",
+                       f"the revision of {where} {source.name!r}", DataError)
+
+
+def pinned_source(source: SourceConfig) -> SourceConfig:
+    """A hub source with its revision replaced by the commit it names now: read from it, the rows are the ones
+    recorded, however the hub's branches move meanwhile."""
+    if source.hub is None:
+        return source
+    return source.model_copy(update={"revision": hub_commit(source)})
+
+
 def read_hub(source: SourceConfig) -> Iterator[Record]:
-    """A Hugging Face dataset by id (needs network), or any path `datasets.load_dataset` accepts."""
+    """A Hugging Face dataset by id at its revision's commit (from the hub, or offline from the local cache's
+    snapshot of that commit), or any path `datasets.load_dataset` accepts."""
     import datasets
 
+    commit = hub_commit(source)  # a commit already cached is taken as it is, without asking the hub
+    where, revision = source.hub, commit
+    if commit is not None and hub.offline():
+        # offline, load_dataset(id) ignores the hub cache (it falls back to its own cache of whatever version it
+        # prepared last): the cached snapshot folder of the commit is the dataset
+        where, revision = str(hub.cached_snapshot(source.hub, commit, "dataset")), None
     try:
-        ds = datasets.load_dataset(source.hub, source.hub_config, split=source.split)
+        ds = datasets.load_dataset(where, source.hub_config, split=source.split, revision=revision)
     except Exception as exc:  # offline, unknown id, bad split: all reported the same way
         raise DataError(redact(f"source {source.name!r}: cannot load dataset {source.hub!r} ({exc})")) from None
     for row, item in enumerate(ds, start=1):

@@ -19,7 +19,7 @@ from mlflow.models import infer_signature
 
 from sftops.config import Config
 from sftops.errors import ConfigError, TrackingError
-from sftops.manifest import build_manifest, dvc_md5, git_commit, model_section, params_sha256
+from sftops.manifest import build_manifest, dvc_md5, git_commit, model_section, params_sha256, revision_tags
 from sftops.promotion import CHALLENGER, CHAMPION, Champion, Decision, decide, suite_results
 from sftops.redact import redact, tracking_credentials
 from sftops.workspace import project_root
@@ -28,6 +28,7 @@ RUN_FILE = "run.json"
 MANIFEST_ARTIFACT = "reproduce/manifest.json"
 # Run tags copied onto the registered version: what made it.
 LINEAGE_TAGS = ("base_model", "method", "data.curated_dvc_md5", "git.commit", "params.sha256")
+REVISION_TAG = re.compile(r"^(model|data\.[A-Za-z0-9_.-]+)\.revision$")  # and the revisions it was made from
 # Whether the version's data and code are recorded in git and DVC (the pipeline flow's record step sets them).
 VERSIONED, VERSIONED_REASON = "data.versioned", "data.versioned_reason"
 UNRECORDED = ("registered by a stage run outside the pipeline flow (dvc repro, sftops run): no git ref records "
@@ -188,9 +189,19 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def log_revisions(revisions: dict[str, Any]) -> None:
+    """The commits the run's hub model and datasets resolved to: tags model.revision and data.<source>.revision
+    (copied onto the registered version), and the same values as params model.revision_resolved and
+    data.<source>.revision_resolved beside the configured model.revision (which stays as params.yaml has it)."""
+    tags = revision_tags(revisions)
+    mlflow.set_tags(tags)
+    mlflow.log_params({f"{key}_resolved": value for key, value in tags.items()})
+
+
 @contextmanager
-def pipeline_run(cfg: Config, reports: list[Path]) -> Iterator[dict[str, str]]:
-    """Open the pipeline's MLflow run with its params, lineage tags and data reports; yields its ids. While it
+def pipeline_run(cfg: Config, reports: list[Path], revisions: dict[str, Any] | None = None) -> Iterator[dict[str, str]]:
+    """Open the pipeline's MLflow run with its params, lineage tags, resolved revisions (manifest.resolved_revisions)
+    and data reports; yields its ids. While it
     is open, metrics go through a MetricBuffer; if the server stops answering, the stage fails with a
     TrackingError saying what was kept (checkpoints, unsent metrics) rather than a traceback."""
     global _buffer
@@ -202,7 +213,9 @@ def pipeline_run(cfg: Config, reports: list[Path]) -> Iterator[dict[str, str]]:
         log_params(cfg)
         lineage = data_lineage(cfg)
         mlflow.set_tags({**lineage, "base_model": redact(cfg.model.base), "method": cfg.train.method, "params.sha256": params_sha256(cfg)})
-        mlflow.log_dict(build_manifest(cfg), MANIFEST_ARTIFACT)
+        manifest = build_manifest(cfg, revisions=revisions)
+        log_revisions(manifest["revisions"])
+        mlflow.log_dict(manifest, MANIFEST_ARTIFACT)
         for path in reports:
             mlflow.log_artifact(str(path), artifact_path="data")
         log_curated_data(Path(cfg.paths.curated), lineage["data.curated_dvc_md5"])
@@ -349,8 +362,10 @@ def promote(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: s
 def log_and_register_model(model_dir: Path, name: str) -> dict[str, Any]:
     """Log the saved model as an MLflow pyfunc (loadable with mlflow.pyfunc.load_model), register it as a new
     version tagged with its lineage, and complete the run's reproducibility manifest with the model's hashes."""
+    from sftops.modeling import read_manifest
     from sftops.serving import SFTChatModel, pip_requirements
 
+    base = read_manifest(model_dir)["base"]
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=SFTChatModel(),
@@ -358,13 +373,15 @@ def log_and_register_model(model_dir: Path, name: str) -> dict[str, Any]:
         pip_requirements=pip_requirements(),
         signature=infer_signature(["a question"], ["an answer"], params={"max_new_tokens": 64}),
         registered_model_name=name,
+        # the base it loads onto and the commit (pkg: version) that base was at: the MLmodel file records both
+        metadata={"base_model": redact(base["base"]), "base_model_revision": base.get("revision")},
     )
     run = mlflow.active_run()
     client = MlflowClient()
     version = str(info.registered_model_version)
     run_tags = client.get_run(run.info.run_id).data.tags
-    for key in LINEAGE_TAGS:
-        if key in run_tags:
+    for key in run_tags:
+        if key in LINEAGE_TAGS or REVISION_TAG.match(key):
             client.set_model_version_tag(name, version, key, run_tags[key])
     client.set_model_version_tag(name, version, VERSIONED, "false")  # until the flow has recorded it
     client.set_model_version_tag(name, version, VERSIONED_REASON, UNRECORDED)
