@@ -13,6 +13,7 @@ import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
+from realstack import evaluation_runs
 
 from sftops import evalruns, tracking
 from sftops.chat import IGNORE
@@ -51,12 +52,6 @@ def workdir(tmp_path, tiny_model, monkeypatch):
         return cfg
 
     return make
-
-
-def evaluation_runs(client: MlflowClient, training_run_id: str) -> list:
-    experiment = client.get_run(training_run_id).info.experiment_id
-    found = client.search_runs([experiment], f"tags.`{evalruns.OF_RUN}` = '{training_run_id}'", order_by=["attributes.start_time ASC"])
-    return [client.get_run(r.info.run_id) for r in found]  # with their model inputs, which a search leaves out
 
 
 def recorded(run: dict) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from realstack import evaluation_runs
 
 from sftops import tracking
 from sftops.cli import main
@@ -56,12 +57,6 @@ def promote(run: dict, metrics: dict, cfg: Config, versioned: bool = True) -> di
     if versioned:
         tracking.record_version(run, {tracking.VERSIONED: "true", tracking.VERSIONED_REASON: "recorded by the test"})
     return tracking.promote(run, metrics, cfg.evaluate.primary_metric, cfg.evaluate.promotion_margin).as_dict()
-
-
-def evaluation_runs(client: MlflowClient, training_run_id: str) -> list:
-    """The evaluation runs of a training run's model, oldest first."""
-    experiment = client.get_run(training_run_id).info.experiment_id
-    return client.search_runs([experiment], f"tags.`sftops.evaluation.of_run` = '{training_run_id}'", order_by=["attributes.start_time ASC"])
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

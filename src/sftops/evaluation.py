@@ -438,5 +438,9 @@ def _promotion_preview(cfg: Config, run_info: dict[str, Any], metrics: dict[str,
     decision = decide(metric, metrics["tuned"][metric], key, run_info["version"], champion,
                       cfg.evaluate.promotion_margin, (checks["passed"], checks["note"]), suites=suite_results(metrics),
                       base_value=metrics["base"].get(metric))
+    reason = decision.reason
+    if champion and champion.value is None and champion.version != str(run_info["version"]):
+        reason = (f"champion v{champion.version} has no {metric} result on this test split with these settings: the "
+                  "promote step measures it there first, then compares")
     return {**decision.as_dict(), "alias": f"{decision.alias} (preview)",
-            "reason": f"{decision.reason}; applied once the run's data is versioned (the pipeline flow's promote step)"}
+            "reason": f"{reason}; applied once the run's data is versioned (the pipeline flow's promote step)"}
