@@ -254,5 +254,6 @@ def evaluation_runs(client, training_run_id: str) -> list:
     from sftops.evalruns import OF_RUN
 
     experiment = client.get_run(training_run_id).info.experiment_id
-    found = client.search_runs([experiment], f"tags.`{OF_RUN}` = '{training_run_id}'", order_by=["attributes.start_time ASC"])
+    found = client.search_runs([experiment], f"tags.`{OF_RUN}` = '{training_run_id}'",
+                               order_by=["attributes.start_time ASC"])
     return [client.get_run(r.info.run_id) for r in found]

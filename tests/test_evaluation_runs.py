@@ -39,13 +39,20 @@ def workdir(tmp_path, tiny_model, monkeypatch):
     Path("qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def make(train: dict, evaluate: dict | None = None, data: dict | None = None) -> Config:
-        cfg = Config.model_validate({
-            "data": {"sources": [{"name": "qa", "path": "qa.jsonl"}], "test_fraction": 0.25, "val_fraction": 0.1, **(data or {})},
-            "model": {"base": str(tiny_model), "max_length": 64},
-            "train": train,
-            "evaluate": {"num_generations": 4, "max_new_tokens": 4, "bootstrap_resamples": 200, **(evaluate or {})},
-            "tracking": {"registered_model_name": "tiny"},
-        })
+        cfg = Config.model_validate(
+            {
+                "data": {
+                    "sources": [{"name": "qa", "path": "qa.jsonl"}],
+                    "test_fraction": 0.25,
+                    "val_fraction": 0.1,
+                    **(data or {}),
+                },
+                "model": {"base": str(tiny_model), "max_length": 64},
+                "train": train,
+                "evaluate": {"num_generations": 4, "max_new_tokens": 4, "bootstrap_resamples": 200, **(evaluate or {})},
+                "tracking": {"registered_model_name": "tiny"},
+            }
+        )
         if not Path("data/curated/test.parquet").exists():
             run_ingest(cfg)
             run_format(cfg)
@@ -56,9 +63,17 @@ def workdir(tmp_path, tiny_model, monkeypatch):
 
 def recorded(run: dict) -> None:
     """What the pipeline flow's record step writes on the version once the run is in git and DVC."""
-    tracking.record_version(run, {tracking.VERSIONED: "true", tracking.VERSIONED_REASON: "refs/exps/x pushed by the test",
-                                  "dvc.experiment": f"exp-v{run['version']}", "git.ref": "refs/exps/ab/x",
-                                  "git.commit": "c0ffee" * 6, "dvc.curated_md5": "feed" * 8 + ".dir"})
+    tracking.record_version(
+        run,
+        {
+            tracking.VERSIONED: "true",
+            tracking.VERSIONED_REASON: "refs/exps/x pushed by the test",
+            "dvc.experiment": f"exp-v{run['version']}",
+            "git.ref": "refs/exps/ab/x",
+            "git.commit": "c0ffee" * 6,
+            "dvc.curated_md5": "feed" * 8 + ".dir",
+        },
+    )
 
 
 def digest_of(path: Path) -> str:
@@ -86,7 +101,9 @@ def test_a_second_evaluation_adds_a_linked_run_and_leaves_earlier_numbers_unchan
         assert evaluated.data.tags["mlflow.parentRunId"] == run["run_id"]
         assert [m.model_id for m in evaluated.inputs.model_inputs] == [model_id]
         [test] = [d for d in evaluated.inputs.dataset_inputs if d.dataset.name == "test"]
-        assert test.dataset.digest == digest and [t.value for t in test.tags if t.key == "mlflow.data.context"] == ["evaluation"]
+        assert test.dataset.digest == digest and [t.value for t in test.tags if t.key == "mlflow.data.context"] == [
+            "evaluation"
+        ]
     linked = [m for m in client.get_logged_model(model_id).metrics if m.key == "test_tuned_nll"]
     assert {m.run_id for m in linked} == {one.info.run_id, two.info.run_id}
     assert {m.dataset_digest for m in linked} == {digest} and {m.dataset_name for m in linked} == {"test"}
@@ -171,9 +188,18 @@ def test_a_champion_without_a_result_on_the_new_test_set_is_measured_there_and_t
     [evaluated] = evaluation_runs(client, strong["run_id"])
     report = f"runs:/{evaluated.info.run_id}/eval/report.html"
     level = round(100 * metrics["confidence"])
-    for part in (str(cfg.model.base), "**Method**: full", f"exp-v{strong['version']}", "c0ffee" * 6, "feed" * 8 + ".dir",
-                 f"{level}% CI [{metrics['nll_improvement_ci_low']:+.4f}, {metrics['nll_improvement_ci_high']:+.4f}]",
-                 new_digest, "**Promotion gate**: champion", decision.reason, report):
+    for part in (
+        str(cfg.model.base),
+        "**Method**: full",
+        f"exp-v{strong['version']}",
+        "c0ffee" * 6,
+        "feed" * 8 + ".dir",
+        f"{level}% CI [{metrics['nll_improvement_ci_low']:+.4f}, {metrics['nll_improvement_ci_high']:+.4f}]",
+        new_digest,
+        "**Promotion gate**: champion",
+        decision.reason,
+        report,
+    ):
         assert part in description, part
     html = Path(mlflow.artifacts.download_artifacts(report)).read_text()
     assert f"{metrics['nll_improvement_ci_low']:+.4f}" in html

@@ -97,7 +97,8 @@ def test_evaluation_reports_the_paired_difference_per_source_with_table_report_c
     [evaluated] = evaluation_runs(client, run["run_id"])  # the evaluation is a run of its own, a child of training's
     assert evaluated.data.metrics["test_nll_improvement_ci_low"] == pytest.approx(m["nll_improvement_ci_low"])
     assert evaluated.data.metrics["test_source/math/win_rate"] == m["per_source"]["math"]["win_rate"]
-    assert {"eval/report.html", "eval/nll_by_row.csv", "eval/generations.json"} <= {a.path for a in client.list_artifacts(evaluated.info.run_id, "eval")}
+    artifacts = {a.path for a in client.list_artifacts(evaluated.info.run_id, "eval")}
+    assert {"eval/report.html", "eval/nll_by_row.csv", "eval/generations.json"} <= artifacts
     assert "promotion.decision" not in logged.data.tags  # evaluation never moves an alias: the promote step does
     first_decision = promote(run, m, cfg)
     assert first_decision["alias"] == "champion" and client.get_run(run["run_id"]).data.tags["promotion.decision"] == "champion"

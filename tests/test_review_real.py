@@ -75,7 +75,8 @@ def test_a_real_mlflow_server_holds_the_review_and_the_champion_answers_from_it(
     client = MlflowClient(mlflow_server)
     assert str(client.get_model_version_by_alias("served", "champion").version) == run["version"]
     [evaluated] = evaluation_runs(client, run["run_id"])
-    assert {"eval/report.html", "eval/nll_by_row.csv"} <= {a.path for a in client.list_artifacts(evaluated.info.run_id, "eval")}
+    artifacts = {a.path for a in client.list_artifacts(evaluated.info.run_id, "eval")}
+    assert {"eval/report.html", "eval/nll_by_row.csv"} <= artifacts
     assert "eval/promotion.json" in {a.path for a in client.list_artifacts(run["run_id"], "eval")}
     assert evaluated.data.metrics["test_win_rate"] == metrics["win_rate"]
     capsys.readouterr()

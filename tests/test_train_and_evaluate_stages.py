@@ -64,7 +64,8 @@ def test_full_method_trains_saves_weights_and_evaluates(tmp_path, curated):
     runs = evaluation_runs(client, report["run_id"])
     assert len(runs) == 2
     for n, run in enumerate(runs):
-        table = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/generations.json", str(tmp_path / str(n)))).read_text())
+        file = client.download_artifacts(run.info.run_id, "eval/generations.json", str(tmp_path / str(n)))
+        table = json.loads(Path(file).read_text())
         assert len(table["data"]) == metrics["generations"]
 
 

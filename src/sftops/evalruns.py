@@ -69,7 +69,9 @@ def _dataset(test_file: Path, identity: dict[str, Any], source: str):
     import pandas as pd
 
     frame = pd.read_parquet(test_file, columns=["id", "source"])
-    return mlflow.data.from_pandas(frame, source=source, name=identity["dataset"]["name"], digest=identity["dataset"]["digest"])
+    return mlflow.data.from_pandas(
+        frame, source=source, name=identity["dataset"]["name"], digest=identity["dataset"]["digest"]
+    )
 
 
 def _log_suites(suites: list[dict[str, Any]], results: dict[str, Any], model: str | None) -> None:
@@ -79,13 +81,23 @@ def _log_suites(suites: list[dict[str, Any]], results: dict[str, Any], model: st
 
     for suite in suites:
         frame = pd.DataFrame({"id": suite["ids"], "origin": suite["origins"]})
-        dataset = mlflow.data.from_pandas(frame, source=suite["source"], name=f"suite/{suite['name']}", digest=suite["digest"][:32])
+        dataset = mlflow.data.from_pandas(
+            frame, source=suite["source"], name=f"suite/{suite['name']}", digest=suite["digest"][:32]
+        )
         mlflow.log_input(dataset, context="evaluation")
         mlflow.log_metrics(suite_metrics(suite["name"], results[suite["name"]]), model_id=model, dataset=dataset)
 
 
-def log_evaluation_run(store: str, run_info: dict[str, Any], metrics: dict[str, Any], table: dict[str, list],
-                       files: list[Path], suites: list[dict[str, Any]], test_file: Path, source: str | None = None) -> str:
+def log_evaluation_run(
+    store: str,
+    run_info: dict[str, Any],
+    metrics: dict[str, Any],
+    table: dict[str, list],
+    files: list[Path],
+    suites: list[dict[str, Any]],
+    test_file: Path,
+    source: str | None = None,
+) -> str:
     """A new evaluation run of the version in run_info: its metrics linked to the logged model and the test
     dataset, its identity as params, the generations table, the files, and (when `source` is not given: this is
     the test split's first evaluation, its source is the local file) the test split itself, named by the dataset
@@ -96,14 +108,22 @@ def log_evaluation_run(store: str, run_info: dict[str, Any], metrics: dict[str, 
     model = model_id(client, name, version)
     identity = metrics["evaluation"]
     digest = identity["dataset"]["digest"]
-    tags = {"mlflow.parentRunId": run_info["run_id"], OF_RUN: run_info["run_id"], MODEL: f"{name}/{version}",
-            DATASET_DIGEST: digest, **({MODEL_ID: model} if model else {})}
+    tags = {
+        "mlflow.parentRunId": run_info["run_id"],
+        OF_RUN: run_info["run_id"],
+        MODEL: f"{name}/{version}",
+        DATASET_DIGEST: digest,
+        **({MODEL_ID: model} if model else {}),
+    }
     experiment = client.get_run(run_info["run_id"]).info.experiment_id
     with mlflow.start_run(experiment_id=experiment, run_name=f"eval-v{version}-{digest[:8]}", tags=tags) as run:
         copy = {}
         if source is None:
             mlflow.log_artifact(str(test_file), artifact_path=TEST_SPLIT_ARTIFACT)
-            source, copy = str(test_file.resolve()), {"artifact": f"runs:/{run.info.run_id}/{TEST_SPLIT_ARTIFACT}/{test_file.name}"}
+            source, copy = (
+                str(test_file.resolve()),
+                {"artifact": f"runs:/{run.info.run_id}/{TEST_SPLIT_ARTIFACT}/{test_file.name}"},
+            )
         dataset = _dataset(test_file, identity, source)
         mlflow.log_input(dataset, context="evaluation", tags=copy, model=LoggedModelInput(model) if model else None)
         mlflow.log_params(evaluation_params(identity))
@@ -121,18 +141,28 @@ def dataset_source(client: MlflowClient, evaluation_run_id: str) -> str:
 
     inputs = client.get_run(evaluation_run_id).inputs.dataset_inputs
     found = [d.dataset for d in inputs if not d.dataset.name.startswith("suite/")]
-    return json.loads(found[0].source).get("uri", found[0].source) if found else f"runs:/{evaluation_run_id}/{TEST_SPLIT_ARTIFACT}"
+    return (
+        json.loads(found[0].source).get("uri", found[0].source)
+        if found
+        else f"runs:/{evaluation_run_id}/{TEST_SPLIT_ARTIFACT}"
+    )
 
 
 def evaluation_run(client: MlflowClient, training_run_id: str, family: str, key: str) -> str | None:
     """The latest evaluation run of a training run's model with this comparison key."""
     experiment = client.get_run(training_run_id).info.experiment_id
-    runs = client.search_runs([experiment], f"tags.`{OF_RUN}` = '{training_run_id}' and params.`{key_param(family)}` = '{key}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [experiment],
+        f"tags.`{OF_RUN}` = '{training_run_id}' and params.`{key_param(family)}` = '{key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0].info.run_id if runs else None
 
 
-def comparable_result(client: MlflowClient, name: str, version: str, metric: str, family: str, key: str) -> float | None:
+def comparable_result(
+    client: MlflowClient, name: str, version: str, metric: str, family: str, key: str
+) -> float | None:
     """The version's latest tuned `metric` among the results linked to its logged model whose evaluation run
     has this comparison key (the same test split digest and the settings the metric depends on)."""
     model = model_id(client, name, version)
@@ -162,30 +192,46 @@ def _base_line(manifest: dict[str, Any], tags: dict[str, str]) -> str:
 
     model = {**manifest.get("params", {}).get("model", {}), **manifest.get("base", {})}
     revision = model.get("resolved_revision") or model.get("revision") or tags.get("base_revision")
-    return (f"**Base**: `{redact(str(model.get('base', tags.get('base_model', '?'))))}` at revision "
-            f"`{revision or 'not recorded (a local folder or package: its file hashes are in the manifest)'}`")
+    return (
+        f"**Base**: `{redact(str(model.get('base', tags.get('base_model', '?'))))}` at revision "
+        f"`{revision or 'not recorded (a local folder or package: its file hashes are in the manifest)'}`"
+    )
 
 
 def _data_line(tags: dict[str, str]) -> str:
     if tags.get("dvc.experiment"):
-        return (f"**Data version**: DVC experiment `{tags['dvc.experiment']}` (`{tags.get('git.ref', '?')}`), git commit "
-                f"`{tags.get('git.commit', '?')}`, curated data DVC md5 `{tags.get('dvc.curated_md5', '?')}`; "
-                f"{tags.get('data.versioned_reason', '')}" + (f". Restore: `{tags['restore']}`" if "restore" in tags else ""))
-    return (f"**Data version**: not recorded in git and DVC ({tags.get('data.versioned_reason', 'no record')}); curated data "
-            f"DVC md5 `{tags.get('data.curated_dvc_md5', '?')}`")
+        return (
+            f"**Data version**: DVC experiment `{tags['dvc.experiment']}` (`{tags.get('git.ref', '?')}`), git commit "
+            f"`{tags.get('git.commit', '?')}`, curated data DVC md5 `{tags.get('dvc.curated_md5', '?')}`; "
+            f"{tags.get('data.versioned_reason', '')}"
+            + (f". Restore: `{tags['restore']}`" if "restore" in tags else "")
+        )
+    return (
+        f"**Data version**: not recorded in git and DVC ({tags.get('data.versioned_reason', 'no record')}); "
+        f"curated data DVC md5 `{tags.get('data.curated_dvc_md5', '?')}`"
+    )
 
 
 def _result_line(metrics: dict[str, Any]) -> str:
     level = round(100 * metrics["confidence"])
     dataset = metrics["evaluation"]["dataset"]
-    return (f"**Held-out response NLL** {metrics['base']['nll']:.4f} (base) → {metrics['tuned']['nll']:.4f} (tuned): "
-            f"improvement {metrics['nll_improvement']:+.4f}, {level}% CI [{metrics['nll_improvement_ci_low']:+.4f}, "
-            f"{metrics['nll_improvement_ci_high']:+.4f}], win rate {metrics['win_rate']:.2f}, on {metrics['test_rows']} "
-            f"rows of evaluation dataset `{dataset['name']}` (digest `{dataset['digest']}`)")
+    return (
+        f"**Held-out response NLL** {metrics['base']['nll']:.4f} (base) → {metrics['tuned']['nll']:.4f} (tuned): "
+        f"improvement {metrics['nll_improvement']:+.4f}, {level}% CI [{metrics['nll_improvement_ci_low']:+.4f}, "
+        f"{metrics['nll_improvement_ci_high']:+.4f}], win rate {metrics['win_rate']:.2f}, on {metrics['test_rows']} "
+        f"rows of evaluation dataset `{dataset['name']}` (digest `{dataset['digest']}`)"
+    )
 
 
-def describe_version(run_info: dict[str, Any], tags: dict[str, str], manifest: dict[str, Any], metrics: dict[str, Any],
-                     decision: dict[str, Any], evaluation_run_id: str | None, store: str) -> str:
+def describe_version(
+    run_info: dict[str, Any],
+    tags: dict[str, str],
+    manifest: dict[str, Any],
+    metrics: dict[str, Any],
+    decision: dict[str, Any],
+    evaluation_run_id: str | None,
+    store: str,
+) -> str:
     """The registered version's description (Markdown, as the MLflow UI renders it): what a reviewer needs
     before opening any run."""
     method = manifest.get("params", {}).get("train", {}).get("method", tags.get("method", "?"))

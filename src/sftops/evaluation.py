@@ -210,8 +210,8 @@ def measure_model(cfg: Config, model_dir: Path, curated: Path) -> tuple[dict[str
     examples, _, sample, refs, prompts = _test_inputs(local, tokenizer)
     scores, completions = _score_and_generate(model, tokenizer, examples, prompts, local, dev, "champion")
     generated = row_scores([c.text for c in completions], refs, cfg.evaluate.answer_extraction)
-    metrics = {"test_rows": len(examples), "test_target_tokens": sum(c for _, c in scores), "generations": len(sample),
-               "tuned": _summary(scores, generated, completions),
+    metrics = {"test_rows": len(examples), "test_target_tokens": sum(c for _, c in scores),
+               "generations": len(sample), "tuned": _summary(scores, generated, completions),
                "evaluation": evaluation_identity(local, curated / "test.parquet", tokenizer)}
     table = {"id": [r["id"] for r in sample], "prompt": [_prompt_text(r["messages"]) for r in sample],
              "reference": [r[0] for r in refs], "tuned_output": [c.text for c in completions],
@@ -432,7 +432,8 @@ def _promotion_preview(cfg: Config, run_info: dict[str, Any], metrics: dict[str,
     metric = cfg.evaluate.primary_metric
     if metric not in metrics["tuned"]:
         raise ConfigError(f"evaluate.primary_metric={metric!r} was not measured (set evaluate.num_generations > 0 for generation metrics)")
-    champion = tracking.current_champion(run_info["registered_model"], metric, tracking.store_of(run_info), metrics["evaluation"])
+    store = tracking.store_of(run_info)
+    champion = tracking.current_champion(run_info["registered_model"], metric, store, metrics["evaluation"])
     checks = metrics["data_checks"]
     key = metrics["evaluation"]["keys"][metric_family(metric)]
     decision = decide(metric, metrics["tuned"][metric], key, run_info["version"], champion,

@@ -125,9 +125,10 @@ def decide(
     if champion.value is None or champion.comparison_key != comparison_key:
         return Decision(
             CHALLENGER,
-            f"champion v{champion.version} has no {metric} result on this test set with the settings {metric} depends "
-            "on (tokenizer, max_length, overflow; for generation metrics also decoding and generations): no "
-            "like-for-like comparison, so not promoted (evaluate the champion on this test set, or move the alias by hand)",
+            f"champion v{champion.version} has no {metric} result on this test set with the settings {metric} "
+            "depends on (tokenizer, max_length, overflow; for generation metrics also decoding and generations): "
+            "no like-for-like comparison, so not promoted (evaluate the champion on this test set, or move the "
+            "alias by hand)",
             metric, value, *_champ(champion),
         )
     gain = champion.value - value if metric in LOWER_IS_BETTER else value - champion.value

@@ -32,6 +32,8 @@ LINEAGE_TAGS = ("base_model", "method", "data.curated_dvc_md5", "git.commit", "p
 VERSIONED, VERSIONED_REASON = "data.versioned", "data.versioned_reason"
 UNRECORDED = ("registered by a stage run outside the pipeline flow (dvc repro, sftops run): no git ref records "
               "its params and dvc.lock; run the flow (make pipeline) to record and promote")
+# How the promotion gate measures a champion: (model folder, curated folder) -> (metrics, generations table).
+Measure = Callable[[Path, Path], tuple[dict, dict]]
 
 
 def default_tracking_uri() -> str:
@@ -272,7 +274,7 @@ def record_version(run_info: dict[str, Any], tags: dict[str, str]) -> None:
 
 
 def promote(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: str, margin: float,
-            measure: Callable[[Path, Path], tuple[dict, dict]] | None = None) -> Decision:
+            measure: Measure | None = None) -> Decision:
     """The promotion gate on the registry: decide (promotion.decide) from the version's test metrics, its data
     checks and versioning tags and the champion's linked result on the same evaluation; where the champion has
     none, measure it there first (`measure`: evaluation.champion_measurer, its result is then linked too). Then
@@ -304,7 +306,7 @@ def promote(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: s
     return decision
 
 
-def evaluate_champion(store: str, name: str, version: str, evaluated: str, measure: Callable[[Path, Path], tuple[dict, dict]]) -> str:
+def evaluate_champion(store: str, name: str, version: str, evaluated: str, measure: Measure) -> str:
     """Measure version `version` on the test split the challenger's evaluation run `evaluated` logged, and log
     the result as that version's new evaluation run (linked to its model and to the same dataset)."""
     import tempfile
@@ -314,7 +316,8 @@ def evaluate_champion(store: str, name: str, version: str, evaluated: str, measu
     mlflow.set_tracking_uri(store)
     champion = MlflowClient(store).get_model_version(name, version)
     with tempfile.TemporaryDirectory() as tmp:
-        curated = Path(mlflow.artifacts.download_artifacts(run_id=evaluated, artifact_path=TEST_SPLIT_ARTIFACT, dst_path=tmp))
+        split = mlflow.artifacts.download_artifacts(run_id=evaluated, artifact_path=TEST_SPLIT_ARTIFACT, dst_path=tmp)
+        curated = Path(split)
         metrics, table = measure(local_model_dir(f"models:/{name}/{version}"), curated)
         run_info = {"run_id": champion.run_id, "registered_model": name, "version": version}
         source = dataset_source(MlflowClient(store), evaluated)
@@ -362,7 +365,8 @@ def report_link(run_info: dict[str, Any], metrics: dict[str, Any], primary_metri
 
     family = metric_family(primary_metric)
     store = store_of(run_info)
-    evaluated = evaluation_run(MlflowClient(store), run_info["run_id"], family, metrics["evaluation"]["keys"][family])
+    key = metrics["evaluation"]["keys"][family]
+    evaluated = evaluation_run(MlflowClient(store), run_info["run_id"], family, key)
     return link(store, evaluated) if evaluated else None
 
 
@@ -450,7 +454,8 @@ def local_model_dir(uri: str) -> Path:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except mlflow.exceptions.MlflowException as exc:
-        raise ConfigError(f"cannot load {uri} from {redact(mlflow.get_tracking_uri())}: {redact(exc.message[:300])}") from None
+        store = redact(mlflow.get_tracking_uri())
+        raise ConfigError(f"cannot load {uri} from {store}: {redact(exc.message[:300])}") from None
     found = sorted(local.rglob(MANIFEST))
     if not found:
         raise ConfigError(f"{uri} is not an sftops model (no {MANIFEST} in its files)")
