@@ -91,7 +91,9 @@ def test_a_second_evaluation_adds_a_linked_run_and_leaves_earlier_numbers_unchan
     second = run_evaluate(workdir(GOOD, {"num_generations": 2}))  # `dvc exp run -S evaluate.num_generations=2`
     one_after, two = evaluation_runs(client, run["run_id"])
     assert one_after.info.run_id == one.info.run_id and one_after.data.metrics == before
-    assert client.get_run(run["run_id"]).data.metrics == training_metrics  # no test numbers in the training run
+    training = client.get_run(run["run_id"])
+    assert training.data.metrics == training_metrics  # no test numbers in the training run
+    assert training.data.tags[evalruns.LATEST] == two.info.run_id  # and from it, the way to its latest evaluation
     assert two.data.metrics["test_tuned_nll"] == pytest.approx(second["tuned"]["nll"])
     assert two.data.metrics["test_generations"] == 2 and before["test_generations"] == 4
 

@@ -1,7 +1,7 @@
 """MLflow: each evaluation is a run of its own, a child of the training run, linked to the logged model it
 measured (MLflow 3's LoggedModel: the registered version's model_id) and to the test split as an evaluation
-dataset (name and digest). The promotion gate reads results back from the logged model; nothing is written
-into the training run or onto the version, so evaluating again never overwrites an earlier result."""
+dataset (name and digest). The promotion gate reads results back from the logged model; no result is written
+into the training run or onto the version's tags, so evaluating again never overwrites an earlier one."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ OF_RUN = "sftops.evaluation.of_run"  # the training run of the model evaluated
 MODEL = "sftops.evaluation.model"  # NAME/VERSION
 MODEL_ID = "sftops.evaluation.model_id"
 DATASET_DIGEST = "sftops.evaluation.dataset_digest"
+LATEST = "sftops.evaluation.latest_run"  # on the training run: its model's latest evaluation (the way back down)
 TEST_SPLIT_ARTIFACT = "eval/data"  # the test split itself: the champion can be measured on it from any machine
 REPORT_ARTIFACT = "eval/report.html"
 
@@ -132,6 +133,7 @@ def log_evaluation_run(
         mlflow.log_table(table, artifact_file="eval/generations.json")
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="eval/suites" if path.parent.name == "suites" else "eval")
+    client.set_tag(run_info["run_id"], LATEST, run.info.run_id)
     return run.info.run_id
 
 
