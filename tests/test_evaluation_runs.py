@@ -20,7 +20,7 @@ from sftops.chat import IGNORE
 from sftops.config import Config
 from sftops.curate import run_format
 from sftops.data.examples import training_examples
-from sftops.evaluation import champion_measurer, run_evaluate
+from sftops.evaluation import champion_measurer, comparable_settings, run_evaluate
 from sftops.finetune import load_split, run_train
 from sftops.ingest import run_ingest
 from sftops.modeling import load_finetuned
@@ -78,6 +78,20 @@ def recorded(run: dict) -> None:
 
 def digest_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+
+
+def test_nll_settings_leave_out_what_only_generations_depend_on():
+    def settings(tokenizer: str = "tokenizer-sha", max_length: int = 64, **evaluate) -> dict:
+        cfg = Config.model_validate({"data": {"sources": [{"name": "qa", "path": "qa.jsonl"}]},
+                                     "model": {"base": "x", "max_length": max_length}, "evaluate": evaluate})
+        return comparable_settings(cfg, tokenizer)
+
+    base = settings()
+    for change in ({"num_generations": 4}, {"max_new_tokens": 8}, {"do_sample": True}, {"answer_extraction": "gsm8k"}):
+        other = settings(**change)
+        assert other["nll"] == base["nll"] and other["generation"] != base["generation"], change
+    assert settings(batch_size=2)["nll"] == base["nll"]  # NLL is per row: padding is masked
+    assert settings(max_length=32)["nll"] != base["nll"] and settings("another")["nll"] != base["nll"]
 
 
 def test_a_second_evaluation_adds_a_linked_run_and_leaves_earlier_numbers_unchanged(workdir):

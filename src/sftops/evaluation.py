@@ -32,7 +32,8 @@ from sftops.jsonio import read_json, require, write_json
 from sftops.modeling import is_adapter, load_base_model, load_finetuned, read_manifest, require_hardware
 from sftops.objective import mean_nll, score_rows
 from sftops.outputs import replaced_whole
-from sftops.promotion import LOWER_IS_BETTER, SuiteResult, data_checks, decide, suite_results
+from sftops.promotion import (GENERATION_FAMILY, NLL_FAMILY, SuiteResult, data_checks, decide, metric_family,
+                              suite_results)
 from sftops.suites import SuiteRows, generation_sample as suite_sample, prepare_suite, suite_margin, suite_metric
 from sftops.textmetrics import chrf, extracted_match, length_stats, rouge_l
 
@@ -100,13 +101,7 @@ def base_eval_params(cfg: Config) -> dict[str, Any]:
     }
 
 
-GENERATION_FAMILY, NLL_FAMILY = "generation", "nll"
 TEST_DATASET = "test"
-
-
-def metric_family(metric: str) -> str:
-    """Which settings a metric depends on: response NLL and perplexity score the reference answers only."""
-    return NLL_FAMILY if metric in LOWER_IS_BETTER else GENERATION_FAMILY
 
 
 def comparable_settings(cfg: Config, tokenizer_sha: str) -> dict[str, dict[str, Any]]:

@@ -13,6 +13,13 @@ from typing import Any
 
 LOWER_IS_BETTER = {"nll", "perplexity"}
 CHAMPION, CHALLENGER = "champion", "challenger"
+GENERATION_FAMILY, NLL_FAMILY = "generation", "nll"
+
+
+def metric_family(metric: str) -> str:
+    """Which settings a metric depends on: response NLL and perplexity score the reference answers only, so
+    they do not depend on what or how much is generated."""
+    return NLL_FAMILY if metric in LOWER_IS_BETTER else GENERATION_FAMILY
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from mlflow.models import infer_signature
 from sftops.config import Config
 from sftops.errors import ConfigError, TrackingError
 from sftops.manifest import build_manifest, dvc_md5, git_commit, model_section, params_sha256
-from sftops.promotion import CHALLENGER, CHAMPION, Champion, Decision, decide, suite_results
+from sftops.promotion import CHALLENGER, CHAMPION, Champion, Decision, decide, metric_family, suite_results
 from sftops.redact import redact, tracking_credentials
 from sftops.workspace import project_root
 
@@ -243,7 +243,6 @@ def current_champion(name: str, metric: str, tracking: str, identity: dict[str, 
     """The version the `champion` alias points to, with its result on `metric` comparable with an evaluation
     of this identity (the same test split digest and the settings the metric depends on), if it has one."""
     from sftops.evalruns import comparable_result
-    from sftops.evaluation import metric_family
 
     client = MlflowClient(tracking)
     try:
@@ -281,7 +280,6 @@ def promote(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: s
     point the decided alias at the version, record the decision on the version and its run, and describe the
     version for reviewers."""
     from sftops.evalruns import evaluation_run
-    from sftops.evaluation import metric_family
 
     if primary_metric not in metrics["tuned"]:
         raise ConfigError(f"evaluate.primary_metric={primary_metric!r} was not measured (set evaluate.num_generations > 0 for generation metrics)")
@@ -361,7 +359,6 @@ def describe(run_info: dict[str, Any], metrics: dict[str, Any], decision: Decisi
 def report_link(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: str) -> str | None:
     """Where a reviewer opens the report of this evaluation (see evalruns.report_link); None without one."""
     from sftops.evalruns import evaluation_run, report_link as link
-    from sftops.evaluation import metric_family
 
     family = metric_family(primary_metric)
     store = store_of(run_info)
