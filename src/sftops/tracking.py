@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from sftops.config import Config
-from sftops.errors import ConfigError, TrackingError
+from sftops.errors import ConfigError, SftopsError, TrackingError
 from sftops.manifest import build_manifest, dvc_md5, git_commit, model_section, params_sha256
 from sftops.promotion import CHALLENGER, CHAMPION, Champion, Decision, decide, metric_family, suite_results
 from sftops.redact import redact, tracking_credentials
@@ -291,14 +292,18 @@ def promote(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: s
     family = metric_family(primary_metric)
     key = metrics["evaluation"]["keys"][family]
     evaluated = evaluation_run(client, run_info["run_id"], family, key)
-    champion = current_champion(name, primary_metric, store, metrics["evaluation"])
+    champion, unmeasured = current_champion(name, primary_metric, store, metrics["evaluation"]), ""
     if champion and champion.value is None and champion.version != version and measure and evaluated:
-        evaluate_champion(store, name, champion.version, evaluated, measure)
+        try:
+            evaluate_champion(store, name, champion.version, evaluated, measure)
+        except SftopsError as exc:  # a champion that no longer loads or fits: decided without it, and said so
+            unmeasured = f" (measuring champion v{champion.version} on this test set failed: {exc})"
         champion = current_champion(name, primary_metric, store, metrics["evaluation"])
     checks = metrics.get("data_checks", {"passed": True, "note": "no data checks recorded"})
     decision = decide(primary_metric, metrics["tuned"][primary_metric], key, version, champion, margin,
                       (checks["passed"], checks["note"]), versioned, suite_results(metrics),
                       base_value=metrics["base"].get(primary_metric))
+    decision = replace(decision, reason=decision.reason + unmeasured)
     _record_decision(client, run_info, decision)
     describe(run_info, metrics, decision, evaluated)
     return decision
