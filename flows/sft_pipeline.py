@@ -155,9 +155,12 @@ def record(name: str, cfg: Config, in_workspace: bool, upstream: dict | None = N
 def promote(recorded: dict, cfg: Config) -> State:
     """The promotion gate, one flow at a time per registry: two variants deciding at once would both see the old
     champion."""
+    from sftops.evaluation import champion_measurer
+
     with concurrency(REGISTRY_LOCK, occupy=1, strict=False):
+        # A champion with no result on this run's test split is measured on it first, with this run's settings.
         decision = tracking.promote(recorded["run"], recorded["metrics"], cfg.evaluate.primary_metric,
-                                    cfg.evaluate.promotion_margin)
+                                    cfg.evaluate.promotion_margin, champion_measurer(cfg))
     return Completed(name=decision.alias.capitalize(), message=decision.reason, data=decision.as_dict())
 
 
@@ -180,7 +183,7 @@ def metrics_markdown(metrics: dict, cfg: Config) -> str:
     return (
         f"## SFT results ({metrics['test_rows']} test rows)\n\n{headline}\n\n"
         f"Registry: **{promotion['alias']}**: {promotion['reason']}\n\n"
-        f"Report: `{metrics['report']}` (also in the MLflow run's artifacts, eval/report.html)\n\n"
+        f"Report: `{metrics['report']}` (also in the MLflow evaluation run's artifacts, eval/report.html)\n\n"
         f"| metric | base | tuned |\n|---|---|---|\n{rows}\n\n{places}\n"
     )
 
@@ -199,12 +202,13 @@ def record_markdown(outcomes: dict[str, str], recorded: dict) -> str:
     return f"## What DVC did\n\n| stage | DVC |\n|---|---|\n{rows}\n\n{versioned}{restore}\n"
 
 
-def report_link(run: dict, cfg: Config) -> str:
-    """The HTML report on the MLflow server where reviewers can open it; the local file otherwise."""
-    uri = urlsplit(run.get("tracking_uri", ""))
-    if uri.scheme in {"http", "https"}:
-        server = f"{uri.scheme}://{uri.hostname}" + (f":{uri.port}" if uri.port else "") + uri.path.rstrip("/")  # no user:password@
-        return f"{server}/get-artifact?path=eval/report.html&run_uuid={run['run_id']}"
+def report_link(run: dict, metrics: dict, cfg: Config) -> str:
+    """The HTML report in the evaluation's MLflow run, on the server where reviewers can open it; the local file
+    otherwise."""
+    if urlsplit(run.get("tracking_uri", "")).scheme in {"http", "https"}:
+        link = tracking.report_link(run, metrics, cfg.evaluate.primary_metric)
+        if link:
+            return link
     return (Path(cfg.paths.reports) / "report.html").resolve().as_uri()
 
 
@@ -215,7 +219,7 @@ def publish(outcomes: dict[str, str], recorded: dict, decision: dict, cfg: Confi
     create_markdown_artifact(markdown=data_card(cfg, recorded["rev"]), key="sft-data-card", description="what the format stage did")
     create_markdown_artifact(markdown=metrics_markdown(metrics, cfg), key="sft-metrics", description="base vs tuned")
     create_table_artifact(table=metrics_table(metrics), key="sft-metrics-table", description="test metrics, base vs tuned")
-    create_link_artifact(link=report_link(run, cfg), link_text="report.html", key="sft-report",
+    create_link_artifact(link=report_link(run, recorded["metrics"], cfg), link_text="report.html", key="sft-report",
                          description=f"the review of MLflow run {run['run_id']}")
 
 

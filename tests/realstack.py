@@ -246,3 +246,14 @@ def postgres_database(prefix: str) -> Iterator[str]:
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+def evaluation_runs(client, training_run_id: str) -> list:
+    """The evaluation runs of a training run's model (sftops.evalruns), oldest first, each fetched whole (a
+    search leaves out a run's model inputs)."""
+    from sftops.evalruns import OF_RUN
+
+    experiment = client.get_run(training_run_id).info.experiment_id
+    found = client.search_runs([experiment], f"tags.`{OF_RUN}` = '{training_run_id}'",
+                               order_by=["attributes.start_time ASC"])
+    return [client.get_run(r.info.run_id) for r in found]

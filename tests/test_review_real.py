@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from mlflow import MlflowClient
+from realstack import evaluation_runs
 
 from sftops import tracking
 from sftops.chat import encode_rows
@@ -73,9 +74,11 @@ def test_a_real_mlflow_server_holds_the_review_and_the_champion_answers_from_it(
     assert tracking.promote(run, metrics, "nll", 0.0).alias == "champion"
     client = MlflowClient(mlflow_server)
     assert str(client.get_model_version_by_alias("served", "champion").version) == run["version"]
-    artifacts = {a.path for a in client.list_artifacts(run["run_id"], "eval")}
-    assert {"eval/report.html", "eval/nll_by_row.csv", "eval/promotion.json"} <= artifacts
-    assert client.get_run(run["run_id"]).data.metrics["test_win_rate"] == metrics["win_rate"]
+    [evaluated] = evaluation_runs(client, run["run_id"])
+    artifacts = {a.path for a in client.list_artifacts(evaluated.info.run_id, "eval")}
+    assert {"eval/report.html", "eval/nll_by_row.csv"} <= artifacts
+    assert "eval/promotion.json" in {a.path for a in client.list_artifacts(run["run_id"], "eval")}
+    assert evaluated.data.metrics["test_win_rate"] == metrics["win_rate"]
     capsys.readouterr()
     assert main(["generate", "--model", "models:/served@champion", "--prompt", "what is two plus two?", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("> what is two plus two?\n")

@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import SHARED
+from realstack import evaluation_runs
 from sftops import tracking
 from sftops.config import Config
 from sftops.curate import run_format
@@ -90,7 +91,7 @@ def test_a_gsm8k_fine_tune_that_got_worse_on_general_instructions_is_refused_cha
     assert len(table) == 8 and {"prompt", "base_output", "tuned_output", "base_nll", "tuned_nll"} <= set(table[0])
     html = Path("reports/report.html").read_text()
     assert "Regression suites" in html and "general: rows that got most worse" in html and "REGRESSED" in html
-    logged = client.get_run(run["run_id"])
+    logged = evaluation_runs(client, run["run_id"])[-1]
     assert logged.data.metrics["suite/general/tuned_nll"] == pytest.approx(general["tuned"]["nll"])
     assert logged.data.metrics["suite/general/regressed"] == 1.0
     inputs = {d.dataset.name: d for d in logged.inputs.dataset_inputs}

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
+from realstack import evaluation_runs
 from safetensors.torch import load_file
 
 from sftops.config import Config, ModelConfig
@@ -55,13 +56,17 @@ def test_full_method_trains_saves_weights_and_evaluates(tmp_path, curated):
     assert metrics["tuned"]["nll"] < 0.5 * metrics["base"]["nll"]
     client = MlflowClient(report["tracking_uri"])
     assert client.get_run(report["run_id"]).data.params["train.method"] == "full"
-    assert client.get_model_version("tiny", report["version"]).tags["test_nll"]
-    # Evaluating again (as DVC does after a change of evaluate params) adds a table, never rows to the old one.
+    [evaluated] = evaluation_runs(client, report["run_id"])
+    assert evaluated.data.metrics["test_tuned_nll"] == pytest.approx(metrics["tuned"]["nll"])
+    # Evaluating again (as DVC does after a change of evaluate params) adds a run with its own table, never rows
+    # to the old one.
     run_evaluate(cfg)
-    tables = sorted(a.path for a in client.list_artifacts(report["run_id"], "eval") if a.path.endswith(".json") and "generations" in a.path)
-    assert tables == ["eval/generations-2.json", "eval/generations.json"]
-    first = json.loads(Path(client.download_artifacts(report["run_id"], "eval/generations.json", str(tmp_path))).read_text())
-    assert len(first["data"]) == metrics["generations"]
+    runs = evaluation_runs(client, report["run_id"])
+    assert len(runs) == 2
+    for n, run in enumerate(runs):
+        file = client.download_artifacts(run.info.run_id, "eval/generations.json", str(tmp_path / str(n)))
+        table = json.loads(Path(file).read_text())
+        assert len(table["data"]) == metrics["generations"]
 
 
 def test_lora_training_is_reproducible_from_the_seed(tmp_path, curated):

@@ -32,7 +32,8 @@ from sftops.jsonio import read_json, require, write_json
 from sftops.modeling import is_adapter, load_base_model, load_finetuned, read_manifest, require_hardware
 from sftops.objective import mean_nll, score_rows
 from sftops.outputs import replaced_whole
-from sftops.promotion import SuiteResult, data_checks, decide, suite_results
+from sftops.promotion import (GENERATION_FAMILY, NLL_FAMILY, SuiteResult, data_checks, decide, metric_family,
+                              suite_results)
 from sftops.suites import SuiteRows, generation_sample as suite_sample, prepare_suite, suite_margin, suite_metric
 from sftops.textmetrics import chrf, extracted_match, length_stats, rouge_l
 
@@ -100,10 +101,29 @@ def base_eval_params(cfg: Config) -> dict[str, Any]:
     }
 
 
-def eval_sha256(cfg: Config, test_file: Path) -> str:
-    """Identity of the test set and everything that shapes a metric on it: two models are comparable on their
-    primary metric only when this matches."""
-    return json_sha256({"test": file_sha256(test_file), **base_eval_params(cfg), "answer_extraction": cfg.evaluate.answer_extraction})
+TEST_DATASET = "test"
+
+
+def comparable_settings(cfg: Config, tokenizer_sha: str) -> dict[str, dict[str, Any]]:
+    """Per metric family, the settings its value depends on besides the test data: NLL on the tokenizer and
+    chat template and how rows are fitted to max_length; generation metrics also on what is generated and how
+    it is scored. The batch size is there for generations only: left padding can move a greedy token, while
+    NLL is per-row (padding is masked)."""
+    e = cfg.evaluate
+    nll = {"tokenizer_sha256": tokenizer_sha, "max_length": cfg.model.max_length, "overflow": cfg.data.overflow}
+    generation = {**nll, "num_generations": e.num_generations, "answer_extraction": e.answer_extraction,
+                  "batch_size": e.batch_size, **asdict(decoding(e))}
+    return {NLL_FAMILY: nll, GENERATION_FAMILY: generation}
+
+
+def evaluation_identity(cfg: Config, test_file: Path, tokenizer) -> dict[str, Any]:
+    """What a result was measured on: the test split as an MLflow dataset (name, digest: the file's sha256, 32
+    characters as MLflow keeps them) and per metric family the settings and a key over both. Two results on a
+    metric compare like for like when their family's keys match."""
+    digest = file_sha256(test_file)[:32]
+    settings = comparable_settings(cfg, tokenizer_sha256(tokenizer))
+    keys = {family: json_sha256({"dataset": digest, **values}) for family, values in settings.items()}
+    return {"dataset": {"name": TEST_DATASET, "digest": digest}, "settings": settings, "keys": keys}
 
 
 def _score_and_generate(model, tokenizer, examples: list[Encoded], prompts: list[str], cfg: Config, dev, who: str,
@@ -162,6 +182,44 @@ def _prompt_text(messages: list[dict[str, str]]) -> str:
     return messages[-2]["content"] if len(messages) > 1 else ""
 
 
+def _test_inputs(cfg: Config, tokenizer) -> tuple[list[Encoded], list[dict], list[dict], list[list[str]], list[str]]:
+    """The test split as scored (examples and the rows they came from) and as generated from (the sampled rows,
+    their references and prompts)."""
+    rows = load_split(cfg, "test")
+    examples, kept, counts = training_examples(cfg, tokenizer, "test", rows)
+    if not examples:
+        raise DataError(f"no test rows to evaluate on ({counts}); raise data.test_fraction or model.max_length")
+    kept_rows = [rows[i] for i in kept]
+    sample, refs = generation_sample(kept_rows, cfg.evaluate.num_generations)
+    return examples, kept_rows, sample, refs, [generation_prompt(tokenizer, r["messages"]) for r in sample]
+
+
+def measure_model(cfg: Config, model_dir: Path, curated: Path) -> tuple[dict[str, Any], dict[str, list]]:
+    """One model alone on the test split in `curated`, scored as run_evaluate scores the tuned model (the
+    champion's side of a comparison it has no result for): its metrics with their evaluation identity, and
+    its generations table."""
+    local = cfg.model_copy(update={"paths": cfg.paths.model_copy(update={"curated": str(curated)})})
+    dev = device()
+    model, tokenizer = load_finetuned(model_dir)
+    model.to(dev)
+    examples, _, sample, refs, prompts = _test_inputs(local, tokenizer)
+    scores, completions = _score_and_generate(model, tokenizer, examples, prompts, local, dev, "champion")
+    generated = row_scores([c.text for c in completions], refs, cfg.evaluate.answer_extraction)
+    metrics = {"test_rows": len(examples), "test_target_tokens": sum(c for _, c in scores),
+               "generations": len(sample), "tuned": _summary(scores, generated, completions),
+               "evaluation": evaluation_identity(local, curated / "test.parquet", tokenizer)}
+    table = {"id": [r["id"] for r in sample], "prompt": [_prompt_text(r["messages"]) for r in sample],
+             "reference": [r[0] for r in refs], "tuned_output": [c.text for c in completions],
+             **{f"tuned_{name}": values for name, values in generated.items()}}
+    return metrics, table
+
+
+def champion_measurer(cfg: Config) -> Callable[[Path, Path], tuple[dict[str, Any], dict[str, list]]]:
+    """For the promotion gate (tracking.promote): measure a model folder on a curated folder's test split with
+    these evaluation settings."""
+    return lambda model_dir, curated: measure_model(cfg, model_dir, curated)
+
+
 def run_evaluate(cfg: Config) -> dict[str, Any]:
     require_hardware("lora", cfg.model.attn_implementation)  # the method trained is done; attention still runs here
     # Suites first: a missing or empty suite stops the stage before any model is loaded.
@@ -175,13 +233,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     manifest = read_manifest(model_dir)
 
     test_file = require(Path(cfg.paths.curated) / "test.parquet", "format")
-    rows = load_split(cfg, "test")
-    examples, kept, counts = training_examples(cfg, tokenizer, "test", rows)
-    if not examples:
-        raise DataError(f"no test rows to evaluate on ({counts}); raise data.test_fraction or model.max_length")
-    kept_rows = [rows[i] for i in kept]
-    sample, refs = generation_sample(kept_rows, cfg.evaluate.num_generations)
-    prompts = [generation_prompt(tokenizer, r["messages"]) for r in sample]
+    examples, kept_rows, sample, refs, prompts = _test_inputs(cfg, tokenizer)
 
     base = BaseModel(manifest, tuned, dev)
     key = evalcache.cache_key(manifest["base"], file_sha256(test_file), tokenizer_sha256(tokenizer), base_eval_params(cfg), dev.type)
@@ -209,7 +261,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         **length_stats([r[0] for r in refs], "reference"),
         "per_source": compare_by_group(sources, base_scores, tuned_scores, *stats),
         # What the promotion gate needs besides the numbers: the evaluation's identity and the data's self-checks.
-        "eval_sha256": eval_sha256(cfg, test_file),
+        "evaluation": evaluation_identity(cfg, test_file, tokenizer),
         "data_checks": _data_checks(cfg),
     }
     for source, values in metrics["per_source"].items():
@@ -270,7 +322,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
 
         files = [Path(cfg.paths.metrics), reports / REPORT_FILE, reports / ROWS_FILE]
         files += [reports / SUITES_DIR / f"{run.name}.csv" for run in suite_runs]
-        tracking.log_evaluation(run_info, metrics, table, files, [run.dataset for run in suite_runs])
+        tracking.log_evaluation(run_info, metrics, table, files, [run.dataset for run in suite_runs], test_file)
     return {**metrics, "base_eval_cached": base_cached, "suites_base_eval_cached": {run.name: run.base_cached for run in suite_runs},
             "report": str(Path(cfg.paths.reports) / REPORT_FILE)}
 
@@ -375,10 +427,16 @@ def _promotion_preview(cfg: Config, run_info: dict[str, Any], metrics: dict[str,
     metric = cfg.evaluate.primary_metric
     if metric not in metrics["tuned"]:
         raise ConfigError(f"evaluate.primary_metric={metric!r} was not measured (set evaluate.num_generations > 0 for generation metrics)")
-    champion = tracking.current_champion(run_info["registered_model"], metric, tracking.store_of(run_info))
+    store = tracking.store_of(run_info)
+    champion = tracking.current_champion(run_info["registered_model"], metric, store, metrics["evaluation"])
     checks = metrics["data_checks"]
-    decision = decide(metric, metrics["tuned"][metric], metrics["eval_sha256"], run_info["version"], champion,
+    key = metrics["evaluation"]["keys"][metric_family(metric)]
+    decision = decide(metric, metrics["tuned"][metric], key, run_info["version"], champion,
                       cfg.evaluate.promotion_margin, (checks["passed"], checks["note"]), suites=suite_results(metrics),
                       base_value=metrics["base"].get(metric))
+    reason = decision.reason
+    if champion and champion.value is None and champion.version != str(run_info["version"]):
+        reason = (f"champion v{champion.version} has no {metric} result on this test split with these settings: the "
+                  "promote step measures it there first, then compares")
     return {**decision.as_dict(), "alias": f"{decision.alias} (preview)",
-            "reason": f"{decision.reason}; applied once the run's data is versioned (the pipeline flow's promote step)"}
+            "reason": f"{reason}; applied once the run's data is versioned (the pipeline flow's promote step)"}

@@ -1,5 +1,6 @@
 """The promotion gate: a new model version becomes the `champion` only if its primary test metric beats the
-current champion's, measured on the same test set with the same evaluation settings, by more than a margin,
+current champion's, measured on the same test set (dataset digest) with the settings that metric depends on
+(its comparison key: NLL does not depend on how many answers were generated), by more than a margin,
 the data self-checks passed, its data and code are versioned (committed to a git ref, outputs in DVC's cache),
 so that the champion can always be restored, and no regression suite regressed against the base model; otherwise
 it is the `challenger`. Pure: the registry calls live in tracking."""
@@ -12,13 +13,20 @@ from typing import Any
 
 LOWER_IS_BETTER = {"nll", "perplexity"}
 CHAMPION, CHALLENGER = "champion", "challenger"
+GENERATION_FAMILY, NLL_FAMILY = "generation", "nll"
+
+
+def metric_family(metric: str) -> str:
+    """Which settings a metric depends on: response NLL and perplexity score the reference answers only, so
+    they do not depend on what or how much is generated."""
+    return NLL_FAMILY if metric in LOWER_IS_BETTER else GENERATION_FAMILY
 
 
 @dataclass(frozen=True)
 class Champion:
     version: str
-    value: float | None  # its primary metric, None when it was never evaluated
-    eval_sha256: str | None  # the test set + evaluation settings it was measured with
+    value: float | None  # its primary metric, None when it has no result comparable with the challenger's
+    comparison_key: str | None  # the test set + the settings the primary metric depends on, as measured
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,7 @@ def data_checks(stats: dict[str, Any] | None) -> tuple[bool, str]:
 def decide(
     metric: str,
     value: float,
-    eval_sha256: str,
+    comparison_key: str,
     version: str,
     champion: Champion | None,
     margin: float,
@@ -121,11 +129,13 @@ def decide(
         return Decision(CHAMPION, f"no champion yet; {check_note}", metric, value)
     if champion.version == version:
         return Decision(CHAMPION, "already the champion (re-evaluated)", metric, value, *_champ(champion))
-    if champion.value is None or champion.eval_sha256 != eval_sha256:
+    if champion.value is None or champion.comparison_key != comparison_key:
         return Decision(
             CHALLENGER,
-            f"champion v{champion.version} was not evaluated on this test set with these settings: no like-for-like "
-            "comparison, so not promoted (re-evaluate the champion on this test set, or move the alias by hand)",
+            f"champion v{champion.version} has no {metric} result on this test set with the settings {metric} "
+            "depends on (tokenizer, max_length, overflow; for generation metrics also decoding and generations): "
+            "no like-for-like comparison, so not promoted (evaluate the champion on this test set, or move the "
+            "alias by hand)",
             metric, value, *_champ(champion),
         )
     gain = champion.value - value if metric in LOWER_IS_BETTER else value - champion.value

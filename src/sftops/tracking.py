@@ -1,4 +1,4 @@
-"""MLflow: one run per pipeline run. The train stage opens it; the evaluate stage adds to it."""
+"""MLflow: one run per pipeline run, opened by the train stage; each evaluation a child run of it (evalruns)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,9 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from sftops.config import Config
-from sftops.errors import ConfigError, TrackingError
+from sftops.errors import ConfigError, SftopsError, TrackingError
 from sftops.manifest import build_manifest, dvc_md5, git_commit, model_section, params_sha256, revision_tags
-from sftops.promotion import CHALLENGER, CHAMPION, Champion, Decision, decide, suite_results
+from sftops.promotion import CHALLENGER, CHAMPION, Champion, Decision, decide, metric_family, suite_results
 from sftops.redact import redact, tracking_credentials
 from sftops.workspace import project_root
 
@@ -33,6 +34,8 @@ REVISION_TAG = re.compile(r"^(model|data\.[A-Za-z0-9_.-]+)\.revision$")  # and t
 VERSIONED, VERSIONED_REASON = "data.versioned", "data.versioned_reason"
 UNRECORDED = ("registered by a stage run outside the pipeline flow (dvc repro, sftops run): no git ref records "
               "its params and dvc.lock; run the flow (make pipeline) to record and promote")
+# How the promotion gate measures a champion: (model folder, curated folder) -> (metrics, generations table).
+Measure = Callable[[Path, Path], tuple[dict, dict]]
 
 
 def default_tracking_uri() -> str:
@@ -235,79 +238,34 @@ def pipeline_run(cfg: Config, reports: list[Path], revisions: dict[str, Any] | N
     mlflow.end_run()
 
 
-def _unused_table_file(client: MlflowClient, run_id: str) -> str:
-    """log_table appends to an existing table file: a re-evaluation (new eval params) gets a file of its own."""
-    existing = {a.path for a in client.list_artifacts(run_id, "eval")}
-    name, n = "eval/generations.json", 1
-    while name in existing:
-        n += 1
-        name = f"eval/generations-{n}.json"
-    return name
-
-
-def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """metrics.json as MLflow metric names: test_base_nll, test_nll_improvement_ci_low, test_source/NAME/win_rate."""
-    flat = {f"test_{who}_{k}": v for who in ("base", "tuned") for k, v in metrics[who].items()}
-    for key, value in metrics.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[f"test_{key}"] = value
-    for source, values in metrics.get("per_source", {}).items():
-        flat.update({f"test_source/{source}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
-    for suite, values in metrics.get("suites", {}).items():
-        flat.update({f"suite/{suite}/{who}_{k}": v for who in ("base", "tuned") for k, v in values[who].items()})
-        flat.update({f"suite/{suite}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})  # regressed: 0/1
-    return {k: float(v) for k, v in flat.items()}
-
-
-def log_suite_inputs(suites: list[dict[str, Any]]) -> None:
-    """Each regression suite as an evaluation dataset input of the active run, named by its digest (the sha256
-    of its rows as evaluated; MLflow keeps 36 characters of a digest)."""
-    import pandas as pd
-
-    for suite in suites:
-        frame = pd.DataFrame({"id": suite["ids"], "origin": suite["origins"]})
-        dataset = mlflow.data.from_pandas(frame, source=suite["source"], name=f"suite/{suite['name']}", digest=suite["digest"][:32])
-        mlflow.log_input(dataset, context="evaluation")
-
-
 def log_evaluation(
     run_info: dict[str, Any],
     metrics: dict[str, Any],
     table: dict[str, list],
     files: list[Path],
-    suites: list[dict[str, Any]] = (),
-) -> None:
-    """Add the evaluate stage's results to the pipeline's run (metrics, the generations table, the report and
-    metrics files, the regression suites as evaluation datasets), and tag the registered version with the headline
-    metrics and the evaluation's identity (the promotion gate compares versions measured alike)."""
-    mlflow.set_tracking_uri(store_of(run_info))
-    client = MlflowClient(store_of(run_info))
-    table_file = _unused_table_file(client, run_info["run_id"])
-    with mlflow.start_run(run_id=run_info["run_id"]):
-        mlflow.log_metrics(_flat_metrics(metrics))
-        mlflow.log_table(table, artifact_file=table_file)
-        for path in files:
-            mlflow.log_artifact(str(path), artifact_path="eval/suites" if path.parent.name == "suites" else "eval")
-        log_suite_inputs(list(suites))
-    tags = {f"test_{key}": value for key, value in metrics["tuned"].items()}
-    tags.update({f"test_{key}": metrics[key] for key in HEADLINE if key in metrics})
-    for key, value in tags.items():
-        client.set_model_version_tag(run_info["registered_model"], run_info["version"], key, repr(float(value)))
-    client.set_model_version_tag(run_info["registered_model"], run_info["version"], "eval_sha256", metrics["eval_sha256"])
+    suites: list[dict[str, Any]],
+    test_file: Path,
+) -> str:
+    """The evaluate stage's results as a new evaluation run, a child of the pipeline's run, linked to the
+    registered version's logged model and to the test split (see evalruns). Returns its run id."""
+    from sftops.evalruns import log_evaluation_run
+
+    return log_evaluation_run(store_of(run_info), run_info, metrics, table, files, list(suites), test_file)
 
 
-HEADLINE = ("nll_improvement", "nll_improvement_ci_low", "nll_improvement_ci_high", "win_rate", "test_rows")
+def current_champion(name: str, metric: str, tracking: str, identity: dict[str, Any]) -> Champion | None:
+    """The version the `champion` alias points to, with its result on `metric` comparable with an evaluation
+    of this identity (the same test split digest and the settings the metric depends on), if it has one."""
+    from sftops.evalruns import comparable_result
 
-
-def current_champion(name: str, metric: str, tracking: str) -> Champion | None:
-    """The version the `champion` alias points to, with its primary metric and evaluation identity."""
     client = MlflowClient(tracking)
     try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
+        version = str(client.get_model_version_by_alias(name, CHAMPION).version)
     except mlflow.exceptions.MlflowException:
         return None  # no such model or no such alias yet
-    value = version.tags.get(f"test_{metric}")
-    return Champion(str(version.version), float(value) if value is not None else None, version.tags.get("eval_sha256"))
+    key = identity["keys"][metric_family(metric)]
+    value = comparable_result(client, name, version, metric, metric_family(metric), key)
+    return Champion(version, value, key if value is not None else None)
 
 
 def version_tags(run_info: dict[str, Any]) -> dict[str, str]:
@@ -328,21 +286,62 @@ def record_version(run_info: dict[str, Any], tags: dict[str, str]) -> None:
         client.set_tag(run_info["run_id"], key, value)
 
 
-def promote(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: str, margin: float) -> Decision:
+def promote(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: str, margin: float,
+            measure: Measure | None = None) -> Decision:
     """The promotion gate on the registry: decide (promotion.decide) from the version's test metrics, its data
-    checks and versioning tags and the current champion, then point the decided alias at the version and record
-    the decision on the version and its run."""
+    checks and versioning tags and the champion's linked result on the same evaluation; where the champion has
+    none, measure it there first (`measure`: evaluation.champion_measurer, its result is then linked too). Then
+    point the decided alias at the version, record the decision on the version and its run, and describe the
+    version for reviewers."""
+    from sftops.evalruns import evaluation_run
+
     if primary_metric not in metrics["tuned"]:
         raise ConfigError(f"evaluate.primary_metric={primary_metric!r} was not measured (set evaluate.num_generations > 0 for generation metrics)")
-    client = MlflowClient(store_of(run_info))
-    name, version = run_info["registered_model"], run_info["version"]
+    store = store_of(run_info)
+    client = MlflowClient(store)
+    name, version = run_info["registered_model"], str(run_info["version"])
     tags = client.get_model_version(name, version).tags
     versioned = (tags.get(VERSIONED) == "true", tags.get(VERSIONED_REASON, "no record of its data in git and DVC"))
-    champion = current_champion(name, primary_metric, store_of(run_info))
+    family = metric_family(primary_metric)
+    key = metrics["evaluation"]["keys"][family]
+    evaluated = evaluation_run(client, run_info["run_id"], family, key)
+    champion, unmeasured = current_champion(name, primary_metric, store, metrics["evaluation"]), ""
+    if champion and champion.value is None and champion.version != version and measure and evaluated:
+        try:
+            evaluate_champion(store, name, champion.version, evaluated, measure)
+        except SftopsError as exc:  # a champion that no longer loads or fits: decided without it, and said so
+            unmeasured = f" (measuring champion v{champion.version} on this test set failed: {exc})"
+        champion = current_champion(name, primary_metric, store, metrics["evaluation"])
     checks = metrics.get("data_checks", {"passed": True, "note": "no data checks recorded"})
-    decision = decide(primary_metric, metrics["tuned"][primary_metric], metrics["eval_sha256"], version, champion, margin,
+    decision = decide(primary_metric, metrics["tuned"][primary_metric], key, version, champion, margin,
                       (checks["passed"], checks["note"]), versioned, suite_results(metrics),
                       base_value=metrics["base"].get(primary_metric))
+    decision = replace(decision, reason=decision.reason + unmeasured)
+    _record_decision(client, run_info, decision)
+    describe(run_info, metrics, decision, evaluated)
+    return decision
+
+
+def evaluate_champion(store: str, name: str, version: str, evaluated: str, measure: Measure) -> str:
+    """Measure version `version` on the test split the challenger's evaluation run `evaluated` logged, and log
+    the result as that version's new evaluation run (linked to its model and to the same dataset)."""
+    import tempfile
+
+    from sftops.evalruns import TEST_SPLIT_ARTIFACT, dataset_source, log_evaluation_run
+
+    mlflow.set_tracking_uri(store)
+    champion = MlflowClient(store).get_model_version(name, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        split = mlflow.artifacts.download_artifacts(run_id=evaluated, artifact_path=TEST_SPLIT_ARTIFACT, dst_path=tmp)
+        curated = Path(split)
+        metrics, table = measure(local_model_dir(f"models:/{name}/{version}"), curated)
+        run_info = {"run_id": champion.run_id, "registered_model": name, "version": version}
+        source = dataset_source(MlflowClient(store), evaluated)
+        return log_evaluation_run(store, run_info, metrics, table, [], [], curated / "test.parquet", source)
+
+
+def _record_decision(client: MlflowClient, run_info: dict[str, Any], decision: Decision) -> None:
+    name, version = run_info["registered_model"], str(run_info["version"])
     client.set_model_version_tag(name, version, "promotion.decision", decision.alias)
     client.set_model_version_tag(name, version, "promotion.reason", decision.reason[:5000])
     client.set_tag(run_info["run_id"], "promotion.decision", decision.alias)
@@ -356,7 +355,34 @@ def promote(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: s
                 client.delete_registered_model_alias(name, CHALLENGER)
         except mlflow.exceptions.MlflowException:
             pass
-    return decision
+
+
+def describe(run_info: dict[str, Any], metrics: dict[str, Any], decision: Decision, evaluated: str | None) -> str:
+    """Write the version's description (what the MLflow UI shows on the version's page); returns it."""
+    from sftops.evalruns import describe_version
+
+    store = store_of(run_info)
+    client = MlflowClient(store)
+    name, version = run_info["registered_model"], str(run_info["version"])
+    try:
+        manifest = load_manifest(run_info["run_id"], store)
+    except ConfigError:
+        manifest = {}
+    tags = client.get_model_version(name, version).tags
+    text = describe_version(run_info, tags, manifest, metrics, decision.as_dict(), evaluated, store)
+    client.update_model_version(name, version, description=text)
+    return text
+
+
+def report_link(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: str) -> str | None:
+    """Where a reviewer opens the report of this evaluation (see evalruns.report_link); None without one."""
+    from sftops.evalruns import evaluation_run, report_link as link
+
+    family = metric_family(primary_metric)
+    store = store_of(run_info)
+    key = metrics["evaluation"]["keys"][family]
+    evaluated = evaluation_run(MlflowClient(store), run_info["run_id"], family, key)
+    return link(store, evaluated) if evaluated else None
 
 
 def log_and_register_model(model_dir: Path, name: str) -> dict[str, Any]:
@@ -432,15 +458,24 @@ def predict(uri: str, prompts: list[str], max_new_tokens: int, tracking: str | N
     loaded directly: mlflow.pyfunc.load_model would unpickle the logged python model, and a registry may hold
     models from others."""
     from sftops.generation import answer
-    from sftops.modeling import MANIFEST, load_finetuned
+    from sftops.modeling import load_finetuned
 
     mlflow.set_tracking_uri(tracking or tracking_uri())
+    model, tokenizer = load_finetuned(local_model_dir(uri))
+    return answer(model, tokenizer, prompts, max_new_tokens)
+
+
+def local_model_dir(uri: str) -> Path:
+    """The files of a logged or registered model (from the current tracking store), downloaded: the folder in
+    them that modeling.load_finetuned loads."""
+    from sftops.modeling import MANIFEST
+
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except mlflow.exceptions.MlflowException as exc:
-        raise ConfigError(f"cannot load {uri} from {redact(tracking or tracking_uri())}: {redact(exc.message[:300])}") from None
+        store = redact(mlflow.get_tracking_uri())
+        raise ConfigError(f"cannot load {uri} from {store}: {redact(exc.message[:300])}") from None
     found = sorted(local.rglob(MANIFEST))
     if not found:
         raise ConfigError(f"{uri} is not an sftops model (no {MANIFEST} in its files)")
-    model, tokenizer = load_finetuned(found[0].parent)
-    return answer(model, tokenizer, prompts, max_new_tokens)
+    return found[0].parent

@@ -1,0 +1,249 @@
+"""MLflow: each evaluation is a run of its own, a child of the training run, linked to the logged model it
+measured (MLflow 3's LoggedModel: the registered version's model_id) and to the test split as an evaluation
+dataset (name and digest). The promotion gate reads results back from the logged model; no result is written
+into the training run or onto the version's tags, so evaluating again never overwrites an earlier one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModelInput
+
+OF_RUN = "sftops.evaluation.of_run"  # the training run of the model evaluated
+MODEL = "sftops.evaluation.model"  # NAME/VERSION
+MODEL_ID = "sftops.evaluation.model_id"
+DATASET_DIGEST = "sftops.evaluation.dataset_digest"
+LATEST = "sftops.evaluation.latest_run"  # on the training run: its model's latest evaluation (the way back down)
+TEST_SPLIT_ARTIFACT = "eval/data"  # the test split itself: the champion can be measured on it from any machine
+REPORT_ARTIFACT = "eval/report.html"
+
+
+def key_param(family: str) -> str:
+    return f"comparison_key.{family}"
+
+
+def model_id(client: MlflowClient, name: str, version: str) -> str | None:
+    """The LoggedModel behind a registered version: its model_id, else the models:/m-... source it was
+    registered from, else the model its run logged."""
+    found = client.get_model_version(name, version)
+    if found.model_id:
+        return found.model_id
+    if (found.source or "").startswith("models:/m-"):
+        return found.source[len("models:/") :].split("/")[0]
+    outputs = client.get_run(found.run_id).outputs if found.run_id else None
+    return outputs.model_outputs[0].model_id if outputs and outputs.model_outputs else None
+
+
+def test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """metrics.json's test-split numbers as MLflow metric names: test_base_nll, test_tuned_nll,
+    test_nll_improvement_ci_low, test_source/NAME/win_rate (a champion measured alone has no base)."""
+    flat = {f"test_{who}_{k}": v for who in ("base", "tuned") for k, v in metrics.get(who, {}).items()}
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"test_{key}"] = value
+    for source, values in metrics.get("per_source", {}).items():
+        flat.update({f"test_source/{source}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+    return {k: float(v) for k, v in flat.items()}
+
+
+def suite_metrics(name: str, values: dict[str, Any]) -> dict[str, float]:
+    flat = {f"suite/{name}/{who}_{k}": v for who in ("base", "tuned") for k, v in values[who].items()}
+    flat.update({f"suite/{name}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})  # regressed: 0/1
+    return {k: float(v) for k, v in flat.items()}
+
+
+def evaluation_params(identity: dict[str, Any]) -> dict[str, str]:
+    """The evaluation's identity as run params: the dataset, every setting, and per metric family the key the
+    gate compares."""
+    params = {"dataset.name": identity["dataset"]["name"], "dataset.digest": identity["dataset"]["digest"]}
+    for settings in identity["settings"].values():
+        params.update({f"settings.{k}": str(v) for k, v in settings.items()})
+    params.update({key_param(family): key for family, key in identity["keys"].items()})
+    return params
+
+
+def _dataset(test_file: Path, identity: dict[str, Any], source: str):
+    import pandas as pd
+
+    frame = pd.read_parquet(test_file, columns=["id", "source"])
+    return mlflow.data.from_pandas(
+        frame, source=source, name=identity["dataset"]["name"], digest=identity["dataset"]["digest"]
+    )
+
+
+def _log_suites(suites: list[dict[str, Any]], results: dict[str, Any], model: str | None) -> None:
+    """Each regression suite as an evaluation dataset named by its digest (the sha256 of its rows as
+    evaluated; MLflow keeps 36 characters), its metrics linked to it and to the model."""
+    import pandas as pd
+
+    for suite in suites:
+        frame = pd.DataFrame({"id": suite["ids"], "origin": suite["origins"]})
+        dataset = mlflow.data.from_pandas(
+            frame, source=suite["source"], name=f"suite/{suite['name']}", digest=suite["digest"][:32]
+        )
+        mlflow.log_input(dataset, context="evaluation")
+        mlflow.log_metrics(suite_metrics(suite["name"], results[suite["name"]]), model_id=model, dataset=dataset)
+
+
+def log_evaluation_run(
+    store: str,
+    run_info: dict[str, Any],
+    metrics: dict[str, Any],
+    table: dict[str, list],
+    files: list[Path],
+    suites: list[dict[str, Any]],
+    test_file: Path,
+    source: str | None = None,
+) -> str:
+    """A new evaluation run of the version in run_info: its metrics linked to the logged model and the test
+    dataset, its identity as params, the generations table, the files, and (when `source` is not given: this is
+    the test split's first evaluation, its source is the local file) the test split itself, named by the dataset
+    input's `artifact` tag. Returns the run id."""
+    mlflow.set_tracking_uri(store)
+    client = MlflowClient(store)
+    name, version = run_info["registered_model"], str(run_info["version"])
+    model = model_id(client, name, version)
+    identity = metrics["evaluation"]
+    digest = identity["dataset"]["digest"]
+    tags = {
+        "mlflow.parentRunId": run_info["run_id"],
+        OF_RUN: run_info["run_id"],
+        MODEL: f"{name}/{version}",
+        DATASET_DIGEST: digest,
+        **({MODEL_ID: model} if model else {}),
+    }
+    experiment = client.get_run(run_info["run_id"]).info.experiment_id
+    with mlflow.start_run(experiment_id=experiment, run_name=f"eval-v{version}-{digest[:8]}", tags=tags) as run:
+        copy = {}
+        if source is None:
+            mlflow.log_artifact(str(test_file), artifact_path=TEST_SPLIT_ARTIFACT)
+            source, copy = (
+                str(test_file.resolve()),
+                {"artifact": f"runs:/{run.info.run_id}/{TEST_SPLIT_ARTIFACT}/{test_file.name}"},
+            )
+        dataset = _dataset(test_file, identity, source)
+        mlflow.log_input(dataset, context="evaluation", tags=copy, model=LoggedModelInput(model) if model else None)
+        mlflow.log_params(evaluation_params(identity))
+        mlflow.log_metrics(test_metrics(metrics), model_id=model, dataset=dataset)
+        _log_suites(suites, metrics.get("suites", {}), model)
+        mlflow.log_table(table, artifact_file="eval/generations.json")
+        for path in files:
+            mlflow.log_artifact(str(path), artifact_path="eval/suites" if path.parent.name == "suites" else "eval")
+    client.set_tag(run_info["run_id"], LATEST, run.info.run_id)
+    return run.info.run_id
+
+
+def dataset_source(client: MlflowClient, evaluation_run_id: str) -> str:
+    """Where an evaluation run's test dataset came from (its MLflow dataset source's URI)."""
+    import json
+
+    inputs = client.get_run(evaluation_run_id).inputs.dataset_inputs
+    found = [d.dataset for d in inputs if not d.dataset.name.startswith("suite/")]
+    return (
+        json.loads(found[0].source).get("uri", found[0].source)
+        if found
+        else f"runs:/{evaluation_run_id}/{TEST_SPLIT_ARTIFACT}"
+    )
+
+
+def evaluation_run(client: MlflowClient, training_run_id: str, family: str, key: str) -> str | None:
+    """The latest evaluation run of a training run's model with this comparison key."""
+    experiment = client.get_run(training_run_id).info.experiment_id
+    runs = client.search_runs(
+        [experiment],
+        f"tags.`{OF_RUN}` = '{training_run_id}' and params.`{key_param(family)}` = '{key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def comparable_result(
+    client: MlflowClient, name: str, version: str, metric: str, family: str, key: str
+) -> float | None:
+    """The version's latest tuned `metric` among the results linked to its logged model whose evaluation run
+    has this comparison key (the same test split digest and the settings the metric depends on)."""
+    model = model_id(client, name, version)
+    if model is None:
+        return None
+    linked = [m for m in client.get_logged_model(model).metrics or [] if m.key == f"test_tuned_{metric}" and m.run_id]
+    for result in sorted(linked, key=lambda m: m.timestamp, reverse=True):
+        if client.get_run(result.run_id).data.params.get(key_param(family)) == key:
+            return result.value
+    return None
+
+
+def report_link(store: str, evaluation_run_id: str) -> str:
+    """The evaluation's HTML report: a link a browser opens on an MLflow server (without user:password@), a
+    runs:/ URI otherwise."""
+    uri = urlsplit(store)
+    if uri.scheme in {"http", "https"}:
+        server = f"{uri.scheme}://{uri.hostname}" + (f":{uri.port}" if uri.port else "") + uri.path.rstrip("/")
+        return f"{server}/get-artifact?path={REPORT_ARTIFACT}&run_uuid={evaluation_run_id}"
+    return f"runs:/{evaluation_run_id}/{REPORT_ARTIFACT}"
+
+
+def _base_line(manifest: dict[str, Any], tags: dict[str, str]) -> str:
+    """The base model and its revision: the manifest's base section once hub revisions are recorded, its
+    params otherwise."""
+    from sftops.redact import redact
+
+    model = {**manifest.get("params", {}).get("model", {}), **manifest.get("base", {})}
+    revision = model.get("resolved_revision") or model.get("revision") or tags.get("base_revision")
+    return (
+        f"**Base**: `{redact(str(model.get('base', tags.get('base_model', '?'))))}` at revision "
+        f"`{revision or 'not recorded (a local folder or package: its file hashes are in the manifest)'}`"
+    )
+
+
+def _data_line(tags: dict[str, str]) -> str:
+    if tags.get("dvc.experiment"):
+        return (
+            f"**Data version**: DVC experiment `{tags['dvc.experiment']}` (`{tags.get('git.ref', '?')}`), git commit "
+            f"`{tags.get('git.commit', '?')}`, curated data DVC md5 `{tags.get('dvc.curated_md5', '?')}`; "
+            f"{tags.get('data.versioned_reason', '')}"
+            + (f". Restore: `{tags['restore']}`" if "restore" in tags else "")
+        )
+    return (
+        f"**Data version**: not recorded in git and DVC ({tags.get('data.versioned_reason', 'no record')}); "
+        f"curated data DVC md5 `{tags.get('data.curated_dvc_md5', '?')}`"
+    )
+
+
+def _result_line(metrics: dict[str, Any]) -> str:
+    level = round(100 * metrics["confidence"])
+    dataset = metrics["evaluation"]["dataset"]
+    return (
+        f"**Held-out response NLL** {metrics['base']['nll']:.4f} (base) → {metrics['tuned']['nll']:.4f} (tuned): "
+        f"improvement {metrics['nll_improvement']:+.4f}, {level}% CI [{metrics['nll_improvement_ci_low']:+.4f}, "
+        f"{metrics['nll_improvement_ci_high']:+.4f}], win rate {metrics['win_rate']:.2f}, on {metrics['test_rows']} "
+        f"rows of evaluation dataset `{dataset['name']}` (digest `{dataset['digest']}`)"
+    )
+
+
+def describe_version(
+    run_info: dict[str, Any],
+    tags: dict[str, str],
+    manifest: dict[str, Any],
+    metrics: dict[str, Any],
+    decision: dict[str, Any],
+    evaluation_run_id: str | None,
+    store: str,
+) -> str:
+    """The registered version's description (Markdown, as the MLflow UI renders it): what a reviewer needs
+    before opening any run."""
+    method = manifest.get("params", {}).get("train", {}).get("method", tags.get("method", "?"))
+    lines = [
+        _base_line(manifest, tags),
+        f"**Method**: {method}",
+        _data_line(tags),
+        _result_line(metrics),
+        f"**Promotion gate**: {decision['alias']} ({decision['metric']} {decision['value']:.4f}): {decision['reason']}",
+        f"**Report**: {report_link(store, evaluation_run_id) if evaluation_run_id else 'no evaluation run found'}",
+        f"**Runs**: training `{run_info['run_id']}`, evaluation `{evaluation_run_id}` (a child of the training run)",
+    ]
+    return "\n\n".join(lines)
