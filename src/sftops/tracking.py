@@ -15,7 +15,6 @@ from typing import Any
 import mlflow
 import yaml
 from mlflow import MlflowClient
-from mlflow.models import infer_signature
 
 from sftops.config import Config
 from sftops.errors import ConfigError, TrackingError
@@ -347,18 +346,11 @@ def promote(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: s
 
 
 def log_and_register_model(model_dir: Path, name: str) -> dict[str, Any]:
-    """Log the saved model as an MLflow pyfunc (loadable with mlflow.pyfunc.load_model), register it as a new
-    version tagged with its lineage, and complete the run's reproducibility manifest with the model's hashes."""
-    from sftops.serving import SFTChatModel, pip_requirements
+    """Log the saved model as an MLflow transformers chat model (see serving.py), register it as a new version
+    tagged with its lineage, and complete the run's reproducibility manifest with the model's hashes."""
+    from sftops.serving import log_chat_model
 
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=SFTChatModel(),
-        artifacts={"model": str(model_dir)},
-        pip_requirements=pip_requirements(),
-        signature=infer_signature(["a question"], ["an answer"], params={"max_new_tokens": 64}),
-        registered_model_name=name,
-    )
+    info = log_chat_model(model_dir, name)
     run = mlflow.active_run()
     client = MlflowClient()
     version = str(info.registered_model_version)
@@ -410,20 +402,18 @@ def load_manifest(run_id: str, tracking: str | None = None) -> dict[str, Any]:
         raise ConfigError(f"run {run_id} has no {MANIFEST_ARTIFACT}: it was made before manifests were recorded") from None
 
 
-def predict(uri: str, prompts: list[str], max_new_tokens: int, tracking: str | None = None) -> list[str]:
-    """Answers from a logged or registered model. Its files are downloaded and the safetensors model in them is
-    loaded directly: mlflow.pyfunc.load_model would unpickle the logged python model, and a registry may hold
-    models from others."""
-    from sftops.generation import answer
-    from sftops.modeling import MANIFEST, load_finetuned
+def local_model_dir(uri: str, tracking: str | None = None) -> Path:
+    """A local folder of a logged or registered model that modeling.load_finetuned loads (see serving.py)."""
+    from sftops.serving import local_model_dir as download
 
     mlflow.set_tracking_uri(tracking or tracking_uri())
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    except mlflow.exceptions.MlflowException as exc:
-        raise ConfigError(f"cannot load {uri} from {redact(tracking or tracking_uri())}: {redact(exc.message[:300])}") from None
-    found = sorted(local.rglob(MANIFEST))
-    if not found:
-        raise ConfigError(f"{uri} is not an sftops model (no {MANIFEST} in its files)")
-    model, tokenizer = load_finetuned(found[0].parent)
+    return download(uri)
+
+
+def predict(uri: str, prompts: list[str], max_new_tokens: int, tracking: str | None = None) -> list[str]:
+    """Answers from a logged or registered model, generated as from a local model folder (sftops generate)."""
+    from sftops.generation import answer
+    from sftops.modeling import load_finetuned
+
+    model, tokenizer = load_finetuned(local_model_dir(uri, tracking))
     return answer(model, tokenizer, prompts, max_new_tokens)
