@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import urllib.error
@@ -51,9 +50,7 @@ def hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("hf-home")
     repo = home / "hub" / f"models--{HUB_ID.replace('/', '--')}"
     snapshot = build_tiny_model(repo / "snapshots" / HUB_REVISION)
-    config = json.loads((snapshot / "tokenizer_config.json").read_text())
-    (snapshot / "chat_template.jinja").write_text(FALLBACK_CHAT_TEMPLATE)
-    (snapshot / "tokenizer_config.json").write_text(json.dumps(config))
+    (snapshot / "chat_template.jinja").write_text(FALLBACK_CHAT_TEMPLATE)  # the base's own template
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(HUB_REVISION)
     return home
@@ -138,7 +135,7 @@ def transformers_answer(uri: str) -> str:
     return out[0]["generated_text"].strip()
 
 
-def served_answers_and_refusals(venv: Path, registry: str, uri: str, folder: Path, env_extra: dict | None = None) -> tuple:
+def served_answers_and_refusals(venv: Path, registry: str, uri: str, folder: Path, env_extra: dict | None) -> tuple:
     port = free_port()
     cmd = [str(venv / "bin" / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
            "-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
@@ -184,7 +181,8 @@ def requirement_names(requirements: str) -> set[str]:
     return {line.split("==")[0] for line in requirements.split() if line and not line.startswith("#")}
 
 
-def test_merged_champion_is_served_from_its_own_record(tmp_path, registry, fresh_venv, stories_model, monkeypatch, capsys):
+def test_merged_champion_is_served_from_its_own_record(tmp_path, registry, fresh_venv, stories_model, monkeypatch,
+                                                        capsys):
     """A local-folder base (as GGUF and pkg: bases): the adapter is merged into self-contained safetensors."""
     uri = train_champion(tmp_path, str(stories_model), "served-merged", registry, monkeypatch)
     requirements = logged_file(registry, uri, "requirements.txt")

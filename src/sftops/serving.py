@@ -23,6 +23,7 @@ import yaml
 from packaging.version import Version
 
 from sftops.chat import stop_token_ids
+from sftops.config import ModelConfig
 from sftops.errors import ConfigError
 from sftops.modeling import MANIFEST, is_adapter, load_finetuned, read_manifest, resolve_base
 
@@ -54,7 +55,8 @@ def logs_adapter(info: dict[str, Any], tokenizer: Any) -> bool:
     from the hub (not GGUF, not a package or local folder) and the tokenizer is the base's own (MLflow's PEFT
     layout takes the tokenizer from the hub too)."""
     base = info["base"]
-    if not is_adapter(info) or info["method"] == "qlora" or base.get("gguf_file") or Path(resolve_base(base["base"])).is_dir():
+    local = base.get("gguf_file") or Path(resolve_base(base["base"])).is_dir()
+    if local or not is_adapter(info) or info["method"] == "qlora":
         return False
     from transformers import AutoTokenizer
 
@@ -122,15 +124,16 @@ def log_chat_model(model_dir: Path, registered_model_name: str) -> Any:
     if adapter:
         from huggingface_hub import snapshot_download
 
-        info = {**info, "base": {**info["base"], "revision": revision}}
+        if "revision" in ModelConfig.model_fields:  # model.revision pins the base (the manifest then has it too)
+            info = {**info, "base": {**info["base"], "revision": revision}}
         extra = {"hub_base": (info["base"]["base"], revision),
                  "base_model_path": snapshot_download(info["base"]["base"], revision=revision)}
         shape = f"LoRA adapter on {info['base']['base']} at {revision}"
     else:
+        shape = "full weights in safetensors" + (" (adapter merged in)" if is_adapter(info) else "")
         if is_adapter(info):
             model = model.merge_and_unload()
         info = {**info, "weights": "full"}
-        shape = "full weights in safetensors" + (" (adapter merged in)" if is_adapter(read_manifest(model_dir)) else "")
     set_decoding(model, tokenizer)
     return mlflow.models.Model.log(
         artifact_path=None, name="model", flavor=_ChatFlavor, registered_model_name=registered_model_name,
