@@ -83,10 +83,13 @@ def logged_file(registry: str, uri: str, name: str) -> str:
 
 @pytest.fixture(scope="session")
 def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty virtualenv (pip reads this machine's index configuration); each test installs into it the
-    requirements.txt of the model it serves, nothing else."""
-    venv = tmp_path_factory.mktemp("served-venv")
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)  # on the base interpreter, empty
+    """A virtualenv without the project (pip reads this machine's index configuration); each test installs into
+    it the requirements.txt of the model it serves, nothing else. SFTOPS_TEST_SERVED_VENV names a folder to keep
+    it in between sessions (the install takes minutes; made there when missing)."""
+    kept = os.environ.get("SFTOPS_TEST_SERVED_VENV")
+    venv = Path(kept) if kept else tmp_path_factory.mktemp("served-venv")
+    if not (venv / "bin" / "pip").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)  # on the base interpreter, empty
     return venv
 
 
