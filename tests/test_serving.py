@@ -147,7 +147,7 @@ def served_answers_and_refusals(venv: Path, registry: str, uri: str, folder: Pat
         url = f"http://127.0.0.1:{port}/invocations"
         status, body = post(url, chat([{"role": "user", "content": PROMPT}]))
         assert status == 200, body
-        reply = json.loads(body)
+        [reply] = json.loads(body)  # one conversation, one chat completion
         refusals = {
             "no messages": post(url, {"max_tokens": 4}),
             "content a number": post(url, chat([{"role": "user", "content": 7}])),

@@ -133,6 +133,7 @@ def log_chat_model(model_dir: Path, registered_model_name: str) -> Any:
         shape = "full weights in safetensors" + (" (adapter merged in)" if is_adapter(info) else "")
         if is_adapter(info):
             model = model.merge_and_unload()
+        model.config._name_or_path = info["base"]["base"]  # what a response names, not a path on this machine
         info = {**info, "weights": "full"}
     set_decoding(model, tokenizer)
     return mlflow.models.Model.log(
