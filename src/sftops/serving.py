@@ -45,9 +45,13 @@ def served_requirements(adapter: bool) -> list[str]:
     return [pinned(p) for p in packages]
 
 
-def hub_revision(info: dict[str, Any], model: Any) -> str | None:
-    """The commit of the hub base the adapter was trained on: the manifest's, else the one its weights came from."""
-    return info["base"].get("revision") or getattr(model.get_base_model().config, "_commit_hash", None)
+def hub_snapshot(base: dict[str, Any]) -> Path | None:
+    """The local snapshot of the hub base the adapter was trained on (its folder name is the commit): at the
+    manifest's revision, else at the commit the cache's main pointed to when training loaded it."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(base["base"], "config.json", revision=base.get("revision"))
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 def logs_adapter(info: dict[str, Any], tokenizer: Any) -> bool:
@@ -119,15 +123,13 @@ def log_chat_model(model_dir: Path, registered_model_name: str) -> Any:
     goes into the MLmodel metadata (`sftops`), so local_model_dir can rebuild the folder."""
     info = read_manifest(model_dir)
     model, tokenizer = load_finetuned(model_dir)
-    adapter = logs_adapter(info, tokenizer) and (revision := hub_revision(info, model)) is not None
+    adapter = logs_adapter(info, tokenizer) and (snapshot := hub_snapshot(info["base"])) is not None
     extra: dict[str, Any] = {}
     if adapter:
-        from huggingface_hub import snapshot_download
-
+        revision = snapshot.name
         if "revision" in ModelConfig.model_fields:  # model.revision pins the base (the manifest then has it too)
             info = {**info, "base": {**info["base"], "revision": revision}}
-        extra = {"hub_base": (info["base"]["base"], revision),
-                 "base_model_path": snapshot_download(info["base"]["base"], revision=revision)}
+        extra = {"hub_base": (info["base"]["base"], revision), "base_model_path": str(snapshot)}
         shape = f"LoRA adapter on {info['base']['base']} at {revision}"
     else:
         shape = "full weights in safetensors" + (" (adapter merged in)" if is_adapter(info) else "")
