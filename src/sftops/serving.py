@@ -112,9 +112,12 @@ def _name_hub_base(path: Path, flavor: dict[str, Any], repo: str, revision: str)
     """Saved against the base's local snapshot (MLflow would otherwise ask the hub for its newest commit, which
     is not the one trained on, and fails offline), then recorded as MLflow records a hub base: name and commit,
     tokenizer from the same commit."""
-    flavor.pop("source_model_local_base")
-    flavor.update({"source_model_name": repo, "source_model_revision": revision,
-                   "tokenizer_name": repo, "tokenizer_revision": revision})
+    from mlflow.transformers.flavor_config import FlavorKey
+
+    flavor.pop(FlavorKey.MODEL_LOCAL_BASE)
+    flavor.update({FlavorKey.MODEL_NAME: repo, FlavorKey.MODEL_REVISION: revision,
+                   FlavorKey.COMPONENT_NAME.format("tokenizer"): repo,
+                   FlavorKey.COMPONENT_REVISION.format("tokenizer"): revision})
     shutil.rmtree(path / "components" / "tokenizer")
 
 
