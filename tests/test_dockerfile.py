@@ -10,6 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from realstack import ROOT
@@ -81,3 +82,12 @@ def test_the_image_runs_as_a_non_root_user_without_secrets():
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".env", ".venv/", "mlflow.db", ".dvc/config.local"} <= set(ignored)
     assert [args for name, args in steps if name == "CMD"] == ['["sftops", "run"]']
+
+
+def test_the_image_has_what_mlflow_reads_gpu_metrics_with():
+    """MLflow's GPU monitor imports pynvml (package nvidia-ml-py) and skips GPU metrics without it; the image
+    installs the project's dependencies (the test above), so it is one of them."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert any(re.match(r"nvidia-ml-py==", pin) for pin in project["dependencies"])
+    monitor = Path(mlflow.__file__).parent / "system_metrics" / "metrics" / "gpu_monitor.py"
+    assert "import pynvml" in monitor.read_text()

@@ -93,10 +93,12 @@ def test_mlflow_holds_run_metrics_lineage_and_a_loadable_registered_model(repro)
     os.chdir(repo)  # the default artifact root (./mlruns) is relative to the repo
     try:
         model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{run_info['version']}")
-        replies = model.predict(["Tom has 3 apples and buys 2 more. How many apples does he have?"], params={"max_new_tokens": 8})
+        question = "Tom has 3 apples and buys 2 more. How many apples does he have?"
+        replies = model.predict({"messages": [{"role": "user", "content": question}], "max_tokens": 8})
     finally:
         os.chdir(cwd)
-    assert len(replies) == 1 and isinstance(replies[0], str) and replies[0]
+    assert len(replies) == 1 and replies[0]["choices"][0]["message"]["role"] == "assistant"
+    assert isinstance(replies[0]["choices"][0]["message"]["content"], str)
 
 
 def test_a_flow_run_with_overrides_is_a_dvc_experiment_logging_to_the_project_store(tmp_path, stories_model, gsm8k):

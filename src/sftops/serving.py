@@ -1,32 +1,190 @@
-"""The fine-tuned model as an MLflow pyfunc: `mlflow.pyfunc.load_model(uri).predict(["a question"])`."""
+"""The fine-tuned model as an MLflow transformers model with the chat task (`llm/v1/chat`): what is logged, with
+which requirements, and how a logged model becomes an sftops model folder again.
+
+Two shapes (see README, Serving):
+- a LoRA/DoRA adapter on a hub base (`org/name`) whose tokenizer sftops did not change: the adapter alone, on the
+  base named with its resolved commit (MLflow's PEFT layout; the serving machine fetches the base at that commit);
+- anything else (a GGUF or `pkg:` base, a local folder, full fine-tuning, a tokenizer given a chat template here):
+  self-contained full weights in safetensors, the adapter merged in, so serving needs neither gguf nor the package
+  that held the base.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
+import mlflow
+import yaml
+from packaging.version import Version
+
+from sftops.chat import stop_token_ids
+from sftops.config import ModelConfig
+from sftops.errors import ConfigError
+from sftops.modeling import MANIFEST, is_adapter, load_finetuned, read_manifest, resolve_base
+from sftops.redact import redact
+
+CHAT_TASK = "llm/v1/chat"
+GUARD = Path(__file__).with_name("served_chat.py")  # the pyfunc entry point, shipped in the model's code/ folder
+DEFAULT_MAX_NEW_TOKENS = 64  # sftops generate's default: the endpoint answers alike when max_tokens is not given
+INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 8}
 
 
-def pip_requirements() -> list[str]:
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "peft", "tokenizers", "safetensors", "mlflow")]
+def pinned(package: str) -> str:
+    """package==version without a local label (torch 2.13.0+cpu -> torch==2.13.0): the same release installs on a
+    CUDA machine from the index it uses there."""
+    return f"{package}=={Version(version(package)).public}"
 
 
-class SFTChatModel(mlflow.pyfunc.PythonModel):
-    def load_context(self, context: Any) -> None:
-        from sftops.modeling import load_finetuned
+def served_requirements(adapter: bool) -> list[str]:
+    """What the served model imports: no sftops, no gguf, no package that held the base."""
+    packages = ["torch", "transformers", "tokenizers", "safetensors", "mlflow", *(["peft"] if adapter else [])]
+    return [pinned(p) for p in packages]
 
-        self.model, self.tokenizer = load_finetuned(context.artifacts["model"])
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would validate against them
-        from sftops.generation import answer
+def hub_snapshot(base: dict[str, Any]) -> Path | None:
+    """The local snapshot of the hub base the adapter was trained on (its folder name is the commit): at the
+    manifest's revision, else at the commit the cache's main pointed to when training loaded it."""
+    from huggingface_hub import try_to_load_from_cache
 
-        if hasattr(model_input, "columns"):  # a pandas DataFrame
-            column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-            questions = [str(q) for q in model_input[column]]
-        elif isinstance(model_input, str):
-            questions = [model_input]
-        else:
-            questions = [str(q) for q in model_input]
-        max_new_tokens = int((params or {}).get("max_new_tokens", 64))
-        return answer(self.model, self.tokenizer, questions, max_new_tokens)
+    cached = try_to_load_from_cache(base["base"], "config.json", revision=base.get("revision"))
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def logs_adapter(info: dict[str, Any], tokenizer: Any) -> bool:
+    """Whether the adapter can be logged alone, on its base named by hub id: the base loads with transformers
+    from the hub (not GGUF, not a package or local folder) and the tokenizer is the base's own (MLflow's PEFT
+    layout takes the tokenizer from the hub too)."""
+    base = info["base"]
+    local = base.get("gguf_file") or Path(resolve_base(base["base"])).is_dir()
+    if local or not is_adapter(info) or info["method"] == "qlora":
+        return False
+    from transformers import AutoTokenizer
+
+    hub_tokenizer = AutoTokenizer.from_pretrained(base["base"], revision=base.get("revision"))
+    return hub_tokenizer.chat_template == tokenizer.chat_template
+
+
+def decoding(tokenizer: Any) -> dict[str, Any]:
+    """Greedy, stopping where sftops generate stops (EOS or end of turn), as many new tokens by default."""
+    return {"do_sample": False, "eos_token_id": stop_token_ids(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+            "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
+
+
+def set_decoding(model: Any, tokenizer: Any) -> None:
+    """Into the saved generation config (what mlflow.transformers.load_model's pipeline uses) as well as the
+    pyfunc's model_config: an adapter's base comes from the hub with the hub's generation config."""
+    config = model.generation_config
+    config.temperature, config.top_p, config.top_k = None, None, None
+    for key, value in decoding(tokenizer).items():
+        setattr(config, key, value)
+
+
+def model_card(info: dict[str, Any], shape: str) -> Any:
+    from huggingface_hub import ModelCard
+
+    base = info["base"]
+    at = f" at {base['revision']}" if base.get("revision") else ""
+    return ModelCard(f"---\nlibrary_name: transformers\n---\nsftops {info['method']} fine-tune of {base['base']}{at}: "
+                     f"{shape}. Served with the MLflow transformers flavor, task {CHAT_TASK}.\n")
+
+
+class _ChatFlavor:
+    """Model.log's flavor: MLflow's transformers flavor, whose python_function entry point is served_chat (the
+    transformers pyfunc behind a request check); for an adapter, the base named by hub id at its commit."""
+
+    __name__ = "transformers"
+
+    @staticmethod
+    def save_model(path: str, mlflow_model: Any, hub_base: tuple[str, str] | None = None, **kwargs: Any) -> None:
+        mlflow.transformers.save_model(path=path, mlflow_model=mlflow_model, code_paths=[str(GUARD)], **kwargs)
+        flavors = mlflow_model.flavors
+        flavors["python_function"]["loader_module"] = GUARD.stem
+        if hub_base:
+            _name_hub_base(Path(path), flavors["transformers"], *hub_base)
+        mlflow_model.save(str(Path(path) / "MLmodel"))
+
+
+def _name_hub_base(path: Path, flavor: dict[str, Any], repo: str, revision: str) -> None:
+    """Saved against the base's local snapshot (MLflow would otherwise ask the hub for its newest commit, which
+    is not the one trained on, and fails offline), then recorded as MLflow records a hub base: name and commit,
+    tokenizer from the same commit."""
+    from mlflow.transformers.flavor_config import FlavorKey
+
+    flavor.pop(FlavorKey.MODEL_LOCAL_BASE)
+    flavor.update({FlavorKey.MODEL_NAME: repo, FlavorKey.MODEL_REVISION: revision,
+                   FlavorKey.COMPONENT_NAME.format("tokenizer"): repo,
+                   FlavorKey.COMPONENT_REVISION.format("tokenizer"): revision})
+    shutil.rmtree(path / "components" / "tokenizer")
+
+
+def _metadata(info: dict[str, Any]) -> dict[str, Any]:
+    """The MLmodel file's metadata: the sftops manifest (local_model_dir rebuilds the folder from it), and the base
+    the model was trained from with the commit (pkg: version) it was at, for a reader of the MLmodel file."""
+    base = info["base"]
+    return {"sftops": info, "base_model": redact(base["base"]), "base_model_revision": base.get("revision")}
+
+
+def log_chat_model(model_dir: Path, registered_model_name: str) -> Any:
+    """Log the saved sftops model as an MLflow transformers chat model and register it; its sftops manifest
+    goes into the MLmodel metadata (`sftops`), so local_model_dir can rebuild the folder."""
+    info = read_manifest(model_dir)
+    model, tokenizer = load_finetuned(model_dir)
+    adapter = logs_adapter(info, tokenizer) and (snapshot := hub_snapshot(info["base"])) is not None
+    extra: dict[str, Any] = {}
+    if adapter:
+        revision = snapshot.name
+        if "revision" in ModelConfig.model_fields:  # model.revision pins the base (the manifest then has it too)
+            info = {**info, "base": {**info["base"], "revision": revision}}
+        extra = {"hub_base": (info["base"]["base"], revision), "base_model_path": str(snapshot)}
+        shape = f"LoRA adapter on {info['base']['base']} at {revision}"
+    else:
+        shape = "full weights in safetensors" + (" (adapter merged in)" if is_adapter(info) else "")
+        if is_adapter(info):
+            model = model.merge_and_unload()
+        model.config._name_or_path = info["base"]["base"]  # what a response names, not a path on this machine
+        info = {**info, "weights": "full"}
+    set_decoding(model, tokenizer)
+    return mlflow.models.Model.log(
+        artifact_path=None, name="model", flavor=_ChatFlavor, registered_model_name=registered_model_name,
+        transformers_model={"model": model, "tokenizer": tokenizer}, task=CHAT_TASK, input_example=INPUT_EXAMPLE,
+        model_config=decoding(tokenizer), pip_requirements=served_requirements(adapter), metadata=_metadata(info),
+        model_card=model_card(info, shape), **extra,
+    )
+
+
+def local_model_dir(uri: str) -> Path:
+    """A local folder that modeling.load_finetuned loads, for a logged or registered model: the weights (or
+    adapter) MLflow stored, its tokenizer, and the sftops manifest from the MLmodel metadata. Models logged by
+    older sftops (a pyfunc holding an sftops folder) are found by their manifest file."""
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="sftops-")))
+    except mlflow.exceptions.MlflowException as exc:
+
+        raise ConfigError(f"cannot load {uri} from {redact(mlflow.get_tracking_uri())}: "
+                          f"{redact(exc.message.splitlines()[0][:300])}") from None
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text()) if (local / "MLmodel").exists() else {}
+    info = (mlmodel.get("metadata") or {}).get("sftops")
+    if info is None:
+        found = sorted(local.rglob(MANIFEST))
+        if not found:
+            raise ConfigError(f"{uri} is not an sftops model (no sftops metadata in its MLmodel, no {MANIFEST})")
+        return found[0].parent
+    flavor = mlmodel["flavors"]["transformers"]
+    folder = local / (flavor["peft_adaptor"] if "peft_adaptor" in flavor else flavor["model_binary"])
+    tokenizer_dir = local / "components" / "tokenizer"
+    if tokenizer_dir.is_dir():
+        for file in tokenizer_dir.iterdir():
+            shutil.copy(file, folder / file.name)
+    else:  # the adapter's tokenizer is its hub base's, at the recorded commit
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(flavor["tokenizer_name"], revision=flavor["tokenizer_revision"])
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # as modeling.load_tokenizer sets it
+        tokenizer.save_pretrained(folder)
+    (folder / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
+    return folder

@@ -16,7 +16,6 @@ from typing import Any
 import mlflow
 import yaml
 from mlflow import MlflowClient
-from mlflow.models import infer_signature
 
 from sftops.config import Config
 from sftops.errors import ConfigError, SftopsError, TrackingError
@@ -386,22 +385,11 @@ def report_link(run_info: dict[str, Any], metrics: dict[str, Any], primary_metri
 
 
 def log_and_register_model(model_dir: Path, name: str) -> dict[str, Any]:
-    """Log the saved model as an MLflow pyfunc (loadable with mlflow.pyfunc.load_model), register it as a new
-    version tagged with its lineage, and complete the run's reproducibility manifest with the model's hashes."""
-    from sftops.modeling import read_manifest
-    from sftops.serving import SFTChatModel, pip_requirements
+    """Log the saved model as an MLflow transformers chat model (see serving.py), register it as a new version
+    tagged with its lineage, and complete the run's reproducibility manifest with the model's hashes."""
+    from sftops.serving import log_chat_model
 
-    base = read_manifest(model_dir)["base"]
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=SFTChatModel(),
-        artifacts={"model": str(model_dir)},
-        pip_requirements=pip_requirements(),
-        signature=infer_signature(["a question"], ["an answer"], params={"max_new_tokens": 64}),
-        registered_model_name=name,
-        # the base it loads onto and the commit (pkg: version) that base was at: the MLmodel file records both
-        metadata={"base_model": redact(base["base"]), "base_model_revision": base.get("revision")},
-    )
+    info = log_chat_model(model_dir, name)
     run = mlflow.active_run()
     client = MlflowClient()
     version = str(info.registered_model_version)
@@ -453,29 +441,18 @@ def load_manifest(run_id: str, tracking: str | None = None) -> dict[str, Any]:
         raise ConfigError(f"run {run_id} has no {MANIFEST_ARTIFACT}: it was made before manifests were recorded") from None
 
 
+def local_model_dir(uri: str, tracking: str | None = None) -> Path:
+    """A local folder of a logged or registered model that modeling.load_finetuned loads (see serving.py)."""
+    from sftops.serving import local_model_dir as download
+
+    mlflow.set_tracking_uri(tracking or tracking_uri())
+    return download(uri)
+
+
 def predict(uri: str, prompts: list[str], max_new_tokens: int, tracking: str | None = None) -> list[str]:
-    """Answers from a logged or registered model. Its files are downloaded and the safetensors model in them is
-    loaded directly: mlflow.pyfunc.load_model would unpickle the logged python model, and a registry may hold
-    models from others."""
+    """Answers from a logged or registered model, generated as from a local model folder (sftops generate)."""
     from sftops.generation import answer
     from sftops.modeling import load_finetuned
 
-    mlflow.set_tracking_uri(tracking or tracking_uri())
-    model, tokenizer = load_finetuned(local_model_dir(uri))
+    model, tokenizer = load_finetuned(local_model_dir(uri, tracking))
     return answer(model, tokenizer, prompts, max_new_tokens)
-
-
-def local_model_dir(uri: str) -> Path:
-    """The files of a logged or registered model (from the current tracking store), downloaded: the folder in
-    them that modeling.load_finetuned loads."""
-    from sftops.modeling import MANIFEST
-
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    except mlflow.exceptions.MlflowException as exc:
-        store = redact(mlflow.get_tracking_uri())
-        raise ConfigError(f"cannot load {uri} from {store}: {redact(exc.message[:300])}") from None
-    found = sorted(local.rglob(MANIFEST))
-    if not found:
-        raise ConfigError(f"{uri} is not an sftops model (no {MANIFEST} in its files)")
-    return found[0].parent

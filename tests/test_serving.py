@@ -1,0 +1,228 @@
+"""The registered champion is served by `mlflow models serve` from a fresh virtualenv built from the model's own
+requirements.txt only (no sftops, no project venv), and answers a chat request as `sftops generate` does; the
+pyfunc and transformers loaders answer alike; a malformed chat request gets HTTP 400 with the reason.
+
+Both logged shapes: merged full weights (a local-folder base, as for GGUF and pkg: bases) and an adapter on a
+hub base named at its commit (a Hugging Face cache folder built here, read with HF_HUB_OFFLINE=1).
+
+The venv is built once per session (a few minutes: torch, transformers and mlflow from the local mirror)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import build_tiny_model
+from realstack import background, free_port, mlflow_server
+from sftops.cli import main
+from sftops.config import Config
+from sftops.curate import run_format
+from sftops.finetune import run_train
+from sftops.ingest import run_ingest
+from sftops.modeling import FALLBACK_CHAT_TEMPLATE
+
+PROMPT = "what is two plus two?"
+MAX_TOKENS = 12
+HUB_ID, HUB_REVISION = "sftops-test/tiny-chat", "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with mlflow_server(tmp_path_factory.mktemp("registry")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """HF_HOME holding HUB_ID at HUB_REVISION in the layout huggingface_hub reads offline (refs/main, snapshots/),
+    a tiny Llama whose tokenizer carries its own chat template."""
+    home = tmp_path_factory.mktemp("hf-home")
+    repo = home / "hub" / f"models--{HUB_ID.replace('/', '--')}"
+    snapshot = build_tiny_model(repo / "snapshots" / HUB_REVISION)
+    (snapshot / "chat_template.jinja").write_text(FALLBACK_CHAT_TEMPLATE)  # the base's own template
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_REVISION)
+    return home
+
+
+def train_champion(folder: Path, base: str, name: str, registry: str, monkeypatch) -> str:
+    """The production path: ingest, format, train (logs and registers), then the alias the gate would set."""
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
+    monkeypatch.setenv("SFTOPS_CACHE_DIR", str(folder / "cache"))
+    rows = [{"prompt": f"{PROMPT} ({i})", "completion": "two plus two is four."} for i in range(40)]
+    Path("in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = Config.model_validate({
+        "data": {"sources": [{"name": "qa", "path": "in.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
+        "model": {"base": base, "max_length": 64},
+        "train": {"method": "lora", "max_steps": 3, "micro_batch_size": 8, "learning_rate": 0.05},
+        "tracking": {"registered_model_name": name},
+    })
+    run_ingest(cfg)
+    run_format(cfg)
+    run = run_train(cfg)
+    MlflowClient(registry).set_registered_model_alias(name, "champion", run["version"])
+    return f"models:/{name}@champion"
+
+
+def logged_file(registry: str, uri: str, name: str) -> str:
+    mlflow.set_tracking_uri(registry)
+    return Path(mlflow.artifacts.download_artifacts(f"{uri}/{name}")).read_text()
+
+
+@pytest.fixture(scope="session")
+def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A virtualenv without the project (pip reads this machine's index configuration); each test installs into
+    it the requirements.txt of the model it serves, nothing else. SFTOPS_TEST_SERVED_VENV names a folder to keep
+    it in between sessions (the install takes minutes; made there when missing)."""
+    kept = os.environ.get("SFTOPS_TEST_SERVED_VENV")
+    venv = Path(kept) if kept else tmp_path_factory.mktemp("served-venv")
+    if not (venv / "bin" / "pip").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)  # on the base interpreter, empty
+    return venv
+
+
+def install_requirements(venv: Path, requirements: str, folder: Path) -> None:
+    path = folder / "requirements.txt"
+    path.write_text(requirements)
+    proc = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-r", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def venv_env(venv: Path, registry: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The served process's environment: the fresh venv first on PATH, the project's venv and sources nowhere."""
+    keep = {k: v for k, v in os.environ.items() if k in ("HOME", "LANG", "TMPDIR", "PIP_CONFIG_FILE")}
+    return {**keep, "PATH": f"{venv / 'bin'}:/usr/bin:/bin", "MLFLOW_TRACKING_URI": registry, **(extra or {})}
+
+
+def post(url: str, body: object) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def chat(messages: list[dict]) -> dict:
+    return {"messages": messages, "max_tokens": MAX_TOKENS}
+
+
+def sftops_generate(uri: str, capsys) -> str:
+    capsys.readouterr()
+    assert main(["generate", "--model", uri, "--prompt", PROMPT, "--max-new-tokens", str(MAX_TOKENS)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"> {PROMPT}\n")
+    return out[len(f"> {PROMPT}\n"):].strip()
+
+
+def transformers_answer(uri: str) -> str:
+    """mlflow.transformers.load_model's pipeline, given the chat prompt and the decoding the pyfunc applies."""
+    pipeline = mlflow.transformers.load_model(uri)
+    decoding = mlflow.pyfunc.load_model(uri).model_config
+    prompt = pipeline.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
+                                                    add_generation_prompt=True)
+    out = pipeline(prompt, return_full_text=False, **{**decoding, "max_new_tokens": MAX_TOKENS})
+    return out[0]["generated_text"].strip()
+
+
+def served_answers_and_refusals(venv: Path, registry: str, uri: str, folder: Path, env_extra: dict | None) -> tuple:
+    port = free_port()
+    cmd = [str(venv / "bin" / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
+    with background(cmd, folder / "serve.log", env=venv_env(venv, registry, env_extra), cwd=folder,
+                    health=f"http://127.0.0.1:{port}/ping", timeout=600):
+        url = f"http://127.0.0.1:{port}/invocations"
+        status, body = post(url, chat([{"role": "user", "content": PROMPT}]))
+        assert status == 200, body
+        [reply] = json.loads(body)  # one conversation, one chat completion
+        refusals = {
+            "no messages": post(url, {"max_tokens": 4}),
+            "content a number": post(url, chat([{"role": "user", "content": 7}])),
+            "messages a string": post(url, {"messages": "hello"}),
+            "unknown role": post(url, chat([{"role": "wizard", "content": PROMPT}])),
+            "no turns": post(url, chat([])),
+        }
+    return reply, refusals
+
+
+def check_refusals(refusals: dict[str, tuple[int, str]]) -> None:
+    for what, (status, body) in refusals.items():
+        assert status == 400, (what, status, body[-2000:])
+        message = json.loads(body)["message"]
+        assert message and "Traceback" not in body, (what, body[-2000:])
+    assert "messages[0].role is 'wizard'" in json.loads(refusals["unknown role"][1])["message"]
+    assert "non-empty list" in json.loads(refusals["no turns"][1])["message"]
+
+
+def check_one_model(uri: str, registry: str, venv: Path, folder: Path, capsys, env_extra: dict | None = None) -> None:
+    requirements = logged_file(registry, uri, "requirements.txt")
+    install_requirements(venv, requirements, folder)
+    expected = sftops_generate(uri, capsys)
+    reply, refusals = served_answers_and_refusals(venv, registry, uri, folder, env_extra)
+    assert reply["choices"][0]["message"]["role"] == "assistant"
+    assert reply["choices"][0]["message"]["content"].strip() == expected
+    pyfunc_reply = mlflow.pyfunc.load_model(uri).predict(chat([{"role": "user", "content": PROMPT}]))
+    assert pyfunc_reply[0]["choices"][0]["message"]["content"].strip() == expected
+    assert transformers_answer(uri) == expected
+    check_refusals(refusals)
+
+
+def requirement_names(requirements: str) -> set[str]:
+    return {line.split("==")[0] for line in requirements.split() if line and not line.startswith("#")}
+
+
+def test_merged_champion_is_served_from_its_own_record(tmp_path, registry, fresh_venv, stories_model, monkeypatch,
+                                                        capsys):
+    """A local-folder base (as GGUF and pkg: bases): the adapter is merged into self-contained safetensors."""
+    uri = train_champion(tmp_path, str(stories_model), "served-merged", registry, monkeypatch)
+    requirements = logged_file(registry, uri, "requirements.txt")
+    assert requirement_names(requirements) == {"torch", "transformers", "tokenizers", "safetensors", "mlflow"}
+    assert "+" not in requirements
+    assert "+" not in logged_file(registry, uri, "conda.yaml")
+    mlmodel = yaml.safe_load(logged_file(registry, uri, "MLmodel"))
+    assert mlmodel["flavors"]["python_function"]["loader_module"] == "served_chat"
+    assert mlmodel["metadata"]["task"] == "llm/v1/chat" and mlmodel["metadata"]["sftops"]["weights"] == "full"
+    assert "peft_adaptor" not in mlmodel["flavors"]["transformers"] and mlmodel["saved_input_example_info"]
+    check_one_model(uri, registry, fresh_venv, tmp_path, capsys)
+
+
+def test_adapter_champion_on_a_named_hub_base_is_served_from_its_own_record(
+        tmp_path, registry, fresh_venv, hub_cache, monkeypatch, capsys):
+    """A hub base: the adapter alone, on the base named at its commit; the serving env fetches the base from
+    the (offline) hub cache at that commit."""
+    monkeypatch.setenv("HF_HOME", str(hub_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache / "hub"))
+    uri = train_champion(tmp_path, HUB_ID, "served-adapter", registry, monkeypatch)
+    requirements = logged_file(registry, uri, "requirements.txt")
+    assert requirement_names(requirements) == {"torch", "transformers", "tokenizers", "safetensors", "mlflow", "peft"}
+    flavor = yaml.safe_load(logged_file(registry, uri, "MLmodel"))["flavors"]["transformers"]
+    assert (flavor["source_model_name"], flavor["source_model_revision"]) == (HUB_ID, HUB_REVISION)
+    assert flavor["peft_adaptor"] == "peft" and "model_binary" not in flavor
+    check_one_model(uri, registry, fresh_venv, tmp_path, capsys,
+                    {"HF_HOME": str(hub_cache), "HF_HUB_OFFLINE": "1"})
+
+
+def test_a_registry_uri_naming_no_model_or_alias_is_one_line_exit_2(tmp_path, registry, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
+    for uri in ("models:/no-such-model@champion", "models:/no-such-model/3"):
+        capsys.readouterr()
+        assert main(["generate", "--model", uri, "--prompt", PROMPT]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and uri in err, err
