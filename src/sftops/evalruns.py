@@ -188,16 +188,15 @@ def report_link(store: str, evaluation_run_id: str) -> str:
 
 
 def _base_line(manifest: dict[str, Any], tags: dict[str, str]) -> str:
-    """The base model and its revision: the manifest's base section once hub revisions are recorded, its
-    params otherwise."""
+    """The base model and the revision it was read at: the run manifest's resolved revisions (the version's
+    model.revision tag holds the same), the package version for a pkg: base, none for a local folder."""
     from sftops.redact import redact
 
-    model = {**manifest.get("params", {}).get("model", {}), **manifest.get("base", {})}
-    revision = model.get("resolved_revision") or model.get("revision") or tags.get("base_revision")
-    return (
-        f"**Base**: `{redact(str(model.get('base', tags.get('base_model', '?'))))}` at revision "
-        f"`{revision or 'not recorded (a local folder or package: its file hashes are in the manifest)'}`"
-    )
+    model = manifest.get("revisions", {}).get("model", {})
+    revision = model.get("resolved") or tags.get("model.revision", "null")
+    base = model.get("base") or manifest.get("params", {}).get("model", {}).get("base") or tags.get("base_model", "?")
+    shown = revision if revision != "null" else "none (a local folder: its file hashes are in the manifest)"
+    return f"**Base**: `{redact(str(base))}` at revision `{shown}`"
 
 
 def _data_line(tags: dict[str, str]) -> str:
