@@ -25,14 +25,15 @@ def training_examples(
     counts: dict[str, Any] = {"rows": len(rows), "kept": 0, "dropped_too_long": 0, "dropped_no_target": 0,
                               "truncated": 0, "response_tokens_lost": 0, "from_cache": False}
     examples, kept = [], []
-    if cached is not None and all(r["id"] in cached for r in rows):
+    position = {rid: i for i, rid in enumerate(cached.ids.to_pylist())} if cached is not None else {}
+    if cached is not None and all(r["id"] in position for r in rows):
         counts["from_cache"] = True
         for i, row in enumerate(rows):
-            enc, truncated, lost = cached[row["id"]]
-            examples.append(enc)
+            at = position[row["id"]]
+            examples.append(cached.row(at))
             kept.append(i)
-            counts["truncated"] += int(truncated)
-            counts["response_tokens_lost"] += lost
+            counts["truncated"] += int(cached.truncated[at])
+            counts["response_tokens_lost"] += int(cached.lost[at])
     else:
         render = Renderer(tokenizer)
         convs = [{"messages": r["messages"], "tools": r.get("tools")} for r in rows]
