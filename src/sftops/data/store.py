@@ -103,13 +103,22 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [_from_record(r) for r in pq.read_table(path, schema=SCHEMA).to_pylist()]
 
 
-def read_split(curated: str | Path, split: str) -> list[dict[str, Any]]:
-    """The one reader of the curated data (train and evaluate use it): rows with id, source, origin, split,
-    messages (canonical dicts) and tools."""
+def _existing_split(curated: str | Path, split: str) -> Path:
     path = split_file(Path(curated), split)
     if not path.exists():
         raise DataError(f"{path} not found: run `sftops format` (or `dvc repro`) first")
-    return read_rows(path)
+    return path
+
+
+def read_split(curated: str | Path, split: str) -> list[dict[str, Any]]:
+    """The one reader of the curated data (train and evaluate use it): rows with id, source, origin, split,
+    messages (canonical dicts) and tools."""
+    return read_rows(_existing_split(curated, split))
+
+
+def read_columns(curated: str | Path, split: str, columns: list[str]) -> pa.Table:
+    """Only these columns of a split (Parquet column projection): the conversations are not read."""
+    return pq.read_table(_existing_split(curated, split), columns=columns, schema=SCHEMA)
 
 
 # ---- the tokenised cache --------------------------------------------------------------------------------
