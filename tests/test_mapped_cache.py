@@ -133,3 +133,22 @@ def test_chunked_writes_equal_one_write_and_an_interrupted_write_is_no_cache(tmp
             writer.add("train", ["a"], [Encoded([1, 2], [IGNORE, 2])], [False], [0])
             raise RuntimeError("killed mid-write")
     assert read_cache(tmp_path / "one", "train", {"k": 1}) is None
+
+
+def test_streamed_digests_equal_whole_file_hashes_and_see_a_changed_file(tmp_path, monkeypatch):
+    import hashlib
+
+    import sftops.fingerprints as fingerprints
+    from sftops.manifest import dvc_md5
+
+    monkeypatch.setattr(fingerprints, "REMEMBER_FROM_BYTES", 0)  # remember every file, so a stale memo would show
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "a.bin").write_bytes(bytes(range(256)) * 9000)  # more than one 1 MiB block
+    (data / "b.txt").write_text("b")
+    listing = [{"md5": hashlib.md5((data / n).read_bytes()).hexdigest(), "relpath": n} for n in ("a.bin", "b.txt")]
+    assert dvc_md5(data) == hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
+    assert fingerprints.stream_digest([data / "a.bin", tmp_path / "missing", data / "b.txt"], "sha256") == hashlib.sha256(
+        (data / "a.bin").read_bytes() + b"-" + b"b").hexdigest()
+    (data / "b.txt").write_text("bb")
+    assert fingerprints.file_sha256(data / "b.txt") == hashlib.sha256(b"bb").hexdigest()

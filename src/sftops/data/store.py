@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sftops.chat import IGNORE, Encoded
 from sftops.errors import DataError
+from sftops.fingerprints import stream_digest
 
 SPLITS = ("train", "val", "test")
 TOKENIZED = "tokenized"
@@ -129,12 +130,8 @@ def _sha(text: str | bytes) -> str:
 
 
 def data_hash(curated: Path) -> str:
-    """Of the curated split files' bytes: any change to the data changes it."""
-    h = hashlib.sha256()
-    for split in SPLITS:
-        path = split_file(curated, split)
-        h.update(path.read_bytes() if path.exists() else b"-")
-    return h.hexdigest()
+    """Of the curated split files' bytes: any change to the data changes it (streamed: bounded memory)."""
+    return stream_digest([split_file(curated, split) for split in SPLITS], "sha256")
 
 
 def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -187,8 +184,8 @@ class TokenCacheWriter:
         lengths = np.fromiter((len(e.input_ids) for e in encodings), dtype=np.int64, count=len(encodings))
         total = int(lengths.sum())
         files = self._files[split]
-        files["input_ids"].write(_flat((e.input_ids for e in encodings), total).tobytes())
-        files["labels"].write(_flat((e.labels for e in encodings), total).tobytes())
+        files["input_ids"].write(_flat([e.input_ids for e in encodings], total).tobytes())
+        files["labels"].write(_flat([e.labels for e in encodings], total).tobytes())
         files["offsets"].write((self._tokens[split] + np.cumsum(lengths)).astype(np.int64).tobytes())
         files["truncated"].write(np.asarray(truncated, dtype=np.bool_).tobytes())
         files["lost"].write(np.asarray(lost, dtype=np.int32).tobytes())
@@ -220,7 +217,10 @@ class TokenCacheWriter:
             self._finish_files()  # no key: the partial cache stays invalid
 
 
-def _flat(rows: Iterator[list[int]], total: int) -> np.ndarray:
+def _flat(rows: list[Any], total: int) -> np.ndarray:
+    """The rows end to end; rows given as numpy arrays (a chunked producer) are joined without Python ints."""
+    if rows and all(isinstance(r, np.ndarray) for r in rows):
+        return np.concatenate(rows).astype(np.int32, copy=False)
     return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=total)
 
 
