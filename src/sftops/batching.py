@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from sftops.chat import IGNORE, Encoded
@@ -13,25 +14,28 @@ from sftops.objective import collate
 Batch = dict[str, torch.Tensor]
 
 
-def micro_batches(lengths: Sequence[int], size: int, seed: int, group_by_length: bool = False) -> Iterator[list[int]]:
+def micro_batches(lengths: Sequence[int] | np.ndarray, size: int, seed: int, group_by_length: bool = False) -> Iterator[list[int]]:
     """Index lists, one per micro-batch, epoch after epoch; each epoch is a fresh seeded shuffle.
 
-    With group_by_length, each window of 64 micro-batches is sorted by length before it is cut, and the
+    With group_by_length, each window of 64 micro-batches is sorted by length (stably) before it is cut, and the
     micro-batches are shuffled again: rows of similar length share a batch, so little compute goes to padding.
-    The objective is unchanged (every step is weighted by its target tokens)."""
+    The objective is unchanged (every step is weighted by its target tokens). The order is computed on arrays;
+    Python lists are made only for the micro-batch being yielded."""
+    lengths = np.asarray(lengths, dtype=np.int64)
     n, epoch = len(lengths), 0
     while True:
         g = torch.Generator().manual_seed(seed + epoch)
-        perm = torch.randperm(n, generator=g).tolist()
+        perm = torch.randperm(n, generator=g).numpy()
         if not group_by_length:
-            yield from (perm[start : start + size] for start in range(0, n, size))
+            yield from (perm[start : start + size].tolist() for start in range(0, n, size))
         else:
             window = size * 64
             chunks = []
             for w in range(0, n, window):
-                part = sorted(perm[w : w + window], key=lambda i: lengths[i])
+                part = perm[w : w + window]
+                part = part[np.argsort(lengths[part], kind="stable")]
                 chunks += [part[start : start + size] for start in range(0, len(part), size)]
-            yield from (chunks[i] for i in torch.randperm(len(chunks), generator=g).tolist())
+            yield from (chunks[i].tolist() for i in torch.randperm(len(chunks), generator=g).tolist())
         epoch += 1
 
 
@@ -74,3 +78,10 @@ def make_batch(examples: Sequence[Encoded], pad_id: int, packed: bool, source_id
             example_of = torch.arange(len(examples)).unsqueeze(1).expand_as(batch["labels"])
         batch["token_source"] = torch.tensor(source_ids)[example_of[:, 1:][supervised]]
     return batch
+
+
+def step_micro_batches(examples: Sequence[Encoded], shares: list[list[int]], pad_id: int, packed: bool,
+                       source_of: np.ndarray) -> list[Batch]:
+    """This process's micro-batches for one step: only the rows in `shares` are taken from the examples (from
+    an array-backed TokenRows, sliced out of its memory-mapped tokens), with each row's source index."""
+    return [make_batch([examples[i] for i in idx], pad_id, packed, source_of[idx].tolist()) for idx in shares]

@@ -3,9 +3,10 @@ token the template puts after it) is a target; everything else is masked with IG
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from sftops.errors import ModelError
@@ -21,6 +22,14 @@ class Encoded:
     @property
     def n_targets(self) -> int:
         return sum(label != IGNORE for label in self.labels)
+
+
+def example_lengths(examples: Sequence[Encoded]) -> np.ndarray:
+    """Token count of each example: from the offsets of an array-backed TokenRows, without building its rows."""
+    lengths = getattr(examples, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths, dtype=np.int64)
+    return np.fromiter((len(e.input_ids) for e in examples), dtype=np.int64, count=len(examples))
 
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:

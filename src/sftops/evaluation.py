@@ -24,6 +24,7 @@ from sftops.config import Config, EvaluateConfig, ModelConfig, SuiteConfig
 from sftops.curate import STATS, prompt_key
 from sftops.curves import TRAIN_CURVE, VAL_CURVE, read_curve
 from sftops.data.examples import training_examples
+from sftops.data.store import TokenRows
 from sftops.errors import ConfigError, DataError, GpuMemoryError
 from sftops.fingerprints import file_sha256, json_sha256, tokenizer_sha256
 from sftops.finetune import device, load_split
@@ -161,7 +162,8 @@ class BaseModel:
 def _base_results(cfg, base: BaseModel, tokenizer, examples, prompts, dev, key: str, on: str = "test split") -> tuple[list, list[Completion], bool]:
     cached = evalcache.load(key)
     # The key covers the data and settings; checking the token counts as well costs nothing.
-    expected = [sum(label != IGNORE for label in e.labels[1:]) for e in examples]
+    expected = (examples.target_counts().tolist() if isinstance(examples, TokenRows)  # from the arrays, not per token
+                else [sum(label != IGNORE for label in e.labels[1:]) for e in examples])
     if cached is not None and [c for _, c in cached["scores"]] == expected:
         return [tuple(s) for s in cached["scores"]], [Completion(**c) for c in cached["completions"]], True
     with base.active() as model:

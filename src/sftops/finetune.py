@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from sftops.adapters import apply_method, merge_checked
 from sftops.config import Config, ModelConfig
 from sftops.curate import STATS
 from sftops.curves import write_curves
-from sftops.data.examples import training_examples
+from sftops.data.examples import split_examples
 from sftops.data.store import read_split
 from sftops.distributed import World, agree, join, leave, under_torchrun
 from sftops.errors import TrainingError
@@ -105,14 +104,12 @@ def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> dict[str, Any]:
     """base_cfg: cfg.model pinned to the revision it resolved to, which every load uses and the run records."""
     tokenizer = load_tokenizer(base_cfg)
     pad = tokenizer.pad_token_id
-    train_rows, val_rows = load_split(cfg, "train"), load_split(cfg, "val")
-    if cfg.train.max_train_rows is not None and len(train_rows) > cfg.train.max_train_rows:
-        train_rows = random.Random(cfg.train.seed).sample(train_rows, cfg.train.max_train_rows)
-    # The format stage's tokenised cache when it matches this tokenizer and max_length, else tokenised here.
-    train_ex, kept, train_counts = training_examples(cfg, tokenizer, "train", train_rows)
-    val_ex, _, val_counts = training_examples(cfg, tokenizer, "val", val_rows)
-    source_names = sorted({train_rows[i].get("source", "") for i in kept})
-    sources = [source_names.index(train_rows[i].get("source", "")) for i in kept]
+    # The format stage's tokenised cache (memory-mapped) when it matches this tokenizer and max_length, else
+    # tokenised here; max_train_rows draws its sample from the split's row ids only.
+    train = split_examples(cfg, tokenizer, "train", cfg.train.max_train_rows, cfg.train.seed)
+    val = split_examples(cfg, tokenizer, "val")
+    train_ex, train_counts, val_ex, val_counts = train.examples, train.counts, val.examples, val.counts
+    sources, source_names = train.sources, train.source_names
     dev = world.device
     seed_everything(cfg.train.seed)  # before the LoRA matrices are initialised
     base = load_base_model(base_cfg, quantize_4bit=cfg.train.method == "qlora")

@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sftops.chat import IGNORE, Encoded
+from sftops.chat import IGNORE, Encoded, example_lengths
 
 
 def collate(examples: Sequence[Encoded], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
@@ -93,7 +94,7 @@ def score_rows(
 ) -> list[tuple[float, int]]:
     """(summed NLL, target count) for each example, in input order. Rows are batched by length to pad less."""
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    order = np.argsort(example_lengths(examples), kind="stable").tolist()
     out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         idx = order[start : start + batch_size]

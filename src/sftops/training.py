@@ -18,8 +18,8 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from sftops import checkpoint, faults
-from sftops.batching import Batch, make_batch, micro_batches, step_batches
-from sftops.chat import Encoded
+from sftops.batching import Batch, micro_batches, step_batches, step_micro_batches
+from sftops.chat import Encoded, example_lengths
 from sftops.config import TrainConfig
 from sftops.distributed import World
 from sftops.errors import GpuMemoryError, TrainingError
@@ -242,10 +242,11 @@ def train_loop(
                 on_step(number, record)
     state.micro_batch_size, state.micro_batches_per_step = cfg.micro_batch_size, cfg.grad_accum_steps * world.size
     objective = wrap_objective(model, cfg, world)  # after resuming: DDP starts every process from rank 0's weights
-    stream = micro_batches([len(e.input_ids) for e in examples], cfg.micro_batch_size, cfg.seed, cfg.group_by_length)
+    # lengths from the offsets of array-backed examples; a micro-batch's rows are sliced out only when it runs
+    stream = micro_batches(example_lengths(examples), cfg.micro_batch_size, cfg.seed, cfg.group_by_length)
     for _ in range(state.step * cfg.grad_accum_steps * world.size):  # the data position: skip what was trained on
         next(stream)
-    source_of = list(sources) if sources is not None else [0] * len(examples)
+    source_of = np.asarray(sources, dtype=np.int64) if sources is not None else np.zeros(len(examples), dtype=np.int64)
     n_sources = len(source_names) if len(source_names) > 1 else 0
 
     def save(name: str) -> Path | None:
@@ -276,7 +277,7 @@ def train_loop(
     for step in bar:
         started = time.perf_counter()
         shares = step_batches(stream, cfg.grad_accum_steps, world.size, world.rank)
-        batches = [make_batch([examples[i] for i in idx], pad_id, cfg.packing, [source_of[i] for i in idx]) for idx in shares]
+        batches = step_micro_batches(examples, shares, pad_id, cfg.packing, source_of)
         try:
             faults.out_of_memory(f"step:{step}")
             stats = accumulate_gradients(objective, batches, device, world, n_sources, rows=sum(map(len, shares)))

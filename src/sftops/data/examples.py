@@ -1,49 +1,119 @@
 """Training examples for a split: from the tokenised cache the format stage wrote when its key matches the
-current data, tokenizer, template, max_length and overflow policy; otherwise tokenised afresh, the same way."""
+current data, tokenizer, template, max_length and overflow policy (memory-mapped arrays, no per-token Python
+objects); otherwise tokenised afresh, the same way (lists: small data, tests, evaluation suites)."""
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from sftops.chat import Encoded
 from sftops.config import Config
-from sftops.data.store import cache_key, read_cache
+from sftops.data.store import TokenRows, cache_key, read_cache, read_columns, read_split
 from sftops.data.tokenize import Renderer, encode_batch, fit
+
+
+def _counts(rows: int) -> dict[str, Any]:
+    return {"rows": rows, "kept": 0, "dropped_too_long": 0, "dropped_no_target": 0, "truncated": 0,
+            "response_tokens_lost": 0, "from_cache": False}
+
+
+def cached_rows(cfg: Config, tokenizer: PreTrainedTokenizerBase, split: str, row_ids: pa.ChunkedArray) -> TokenRows | None:
+    """The cached encodings of `row_ids`, in that order, or None when the cache is stale or lacks one of them."""
+    curated = Path(cfg.paths.curated)
+    cached = read_cache(curated, split, cache_key(curated, tokenizer, cfg.model.max_length, cfg.data.overflow))
+    if cached is None:
+        return None
+    if cached.ids.equals(row_ids):  # the usual case: the split as the format stage wrote it
+        return cached
+    at = pc.index_in(row_ids, value_set=cached.ids.combine_chunks())
+    return None if at.null_count else cached.select(at.to_numpy(zero_copy_only=False))
+
+
+def cache_counts(rows: TokenRows) -> dict[str, Any]:
+    return {**_counts(len(rows)), "kept": len(rows), "truncated": int(rows.truncated.sum()),
+            "response_tokens_lost": int(rows.lost.sum()), "from_cache": True}
 
 
 def training_examples(
     cfg: Config, tokenizer: PreTrainedTokenizerBase, split: str, rows: list[dict[str, Any]]
-) -> tuple[list[Encoded], list[int], dict[str, Any]]:
+) -> tuple[Sequence[Encoded], list[int], dict[str, Any]]:
     """(examples, indices of the rows they came from, counts), as sftops.chat.encode_rows returns, with
-    data.overflow applied and rows left with no target token dropped and counted."""
-    curated = Path(cfg.paths.curated)
-    key = cache_key(curated, tokenizer, cfg.model.max_length, cfg.data.overflow)
-    cached = read_cache(curated, split, key)
-    counts: dict[str, Any] = {"rows": len(rows), "kept": 0, "dropped_too_long": 0, "dropped_no_target": 0,
-                              "truncated": 0, "response_tokens_lost": 0, "from_cache": False}
+    data.overflow applied and rows left with no target token dropped and counted. From the cache, the examples
+    are a TokenRows (array-backed, indexable like a list of Encoded)."""
+    cached = cached_rows(cfg, tokenizer, split, pa.chunked_array([pa.array([r["id"] for r in rows], pa.string())]))
+    if cached is not None:
+        return cached, list(range(len(rows))), cache_counts(cached)
+    return encode_afresh(cfg, tokenizer, rows)
+
+
+def encode_afresh(
+    cfg: Config, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]]
+) -> tuple[list[Encoded], list[int], dict[str, Any]]:
+    """Tokenise rows as the format stage does (the path without a valid cache)."""
+    counts = _counts(len(rows))
     examples, kept = [], []
-    if cached is not None and all(r["id"] in cached for r in rows):
-        counts["from_cache"] = True
-        for i, row in enumerate(rows):
-            enc, truncated, lost = cached[row["id"]]
-            examples.append(enc)
-            kept.append(i)
-            counts["truncated"] += int(truncated)
-            counts["response_tokens_lost"] += lost
-    else:
-        render = Renderer(tokenizer)
-        convs = [{"messages": r["messages"], "tools": r.get("tools")} for r in rows]
-        for i, (row, conv, enc) in enumerate(zip(rows, convs, encode_batch(tokenizer, convs, render))):
-            fitted = fit(tokenizer, render, conv, enc, cfg.model.max_length, cfg.data.overflow, row.get("origin", f"row {i}"))
-            if fitted.encoded is None:
-                counts["dropped_too_long" if fitted.kind == "too long" else "dropped_no_target"] += 1
-                continue
-            examples.append(fitted.encoded)
-            kept.append(i)
-            counts["truncated"] += int(fitted.truncated)
-            counts["response_tokens_lost"] += fitted.response_tokens_lost
+    render = Renderer(tokenizer)
+    convs = [{"messages": r["messages"], "tools": r.get("tools")} for r in rows]
+    for i, (row, conv, enc) in enumerate(zip(rows, convs, encode_batch(tokenizer, convs, render))):
+        fitted = fit(tokenizer, render, conv, enc, cfg.model.max_length, cfg.data.overflow, row.get("origin", f"row {i}"))
+        if fitted.encoded is None:
+            counts["dropped_too_long" if fitted.kind == "too long" else "dropped_no_target"] += 1
+            continue
+        examples.append(fitted.encoded)
+        kept.append(i)
+        counts["truncated"] += int(fitted.truncated)
+        counts["response_tokens_lost"] += fitted.response_tokens_lost
     counts["kept"] = len(examples)
     return examples, kept, counts
+
+
+@dataclass
+class SplitExamples:
+    """A split ready to train on: the examples, each one's index into source_names, and the encoding counts."""
+
+    examples: Sequence[Encoded]
+    sources: np.ndarray
+    source_names: list[str]
+    counts: dict[str, Any]
+
+
+def sampled(n_rows: int, max_rows: int | None, seed: int) -> np.ndarray:
+    """Row indices: all of them, or max_rows drawn as random.Random(seed).sample draws them from the rows."""
+    if max_rows is None or n_rows <= max_rows:
+        return np.arange(n_rows)
+    return np.asarray(random.Random(seed).sample(range(n_rows), max_rows), dtype=np.int64)
+
+
+def source_codes(sources: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+    """Each row's index into the sorted source names."""
+    filled = pc.fill_null(sources, "")
+    names = sorted(pc.unique(filled).to_pylist())
+    codes = pc.index_in(filled, value_set=pa.array(names, pa.string()))
+    return codes.to_numpy().astype(np.int64), names
+
+
+def split_examples(cfg: Config, tokenizer: PreTrainedTokenizerBase, split: str, max_rows: int | None = None,
+                   seed: int = 0) -> SplitExamples:
+    """The train stage's reader: with a valid cache only the id and source columns of the curated split are read
+    (never the conversations) and the tokens stay memory-mapped; otherwise the split is read and tokenised."""
+    columns = read_columns(cfg.paths.curated, split, ["id", "source"])
+    chosen = sampled(columns.num_rows, max_rows, seed)
+    columns = columns.take(pa.array(chosen)) if len(chosen) != columns.num_rows else columns
+    cached = cached_rows(cfg, tokenizer, split, columns.column("id"))
+    if cached is not None:
+        codes, names = source_codes(columns.column("source"))
+        return SplitExamples(cached, codes, names, cache_counts(cached))
+    rows = read_split(cfg.paths.curated, split)
+    rows = [rows[i] for i in chosen.tolist()]
+    examples, kept, counts = encode_afresh(cfg, tokenizer, rows)
+    codes, names = source_codes(pa.chunked_array([pa.array([rows[i].get("source") for i in kept], pa.string())]))
+    return SplitExamples(examples, codes, names, counts)

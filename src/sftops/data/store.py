@@ -1,19 +1,26 @@
 """The curated dataset on disk: one Parquet file per split with the canonical schema, and the tokenised
-cache next to it, keyed by (data hash, tokenizer hash, template hash, max_length, overflow policy)."""
+cache next to it (flat memory-mappable arrays), keyed by (data hash, tokenizer hash, template hash, max_length,
+overflow policy)."""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
-from sftops.chat import Encoded
+from sftops.chat import IGNORE, Encoded
 from sftops.errors import DataError
+from sftops.fingerprints import stream_digest
 
 SPLITS = ("train", "val", "test")
 TOKENIZED = "tokenized"
@@ -43,10 +50,10 @@ SCHEMA = pa.schema(
         ("response_tokens_lost", pa.int32()),
     ]
 )
-TOKEN_SCHEMA = pa.schema(
-    [("id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-     ("truncated", pa.bool_()), ("response_tokens_lost", pa.int32())]
-)
+# The tokenised cache, per split: flat arrays (raw .bin files in this machine's byte order, memory-mapped by the reader) and the ids
+ARRAYS = {"input_ids": np.int32, "labels": np.int32, "offsets": np.int64, "truncated": np.bool_, "lost": np.int32}
+IDS = "ids.arrow"
+ID_SCHEMA = pa.schema([("id", pa.string())])
 
 
 def split_file(curated: Path, split: str) -> Path:
@@ -97,13 +104,22 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [_from_record(r) for r in pq.read_table(path, schema=SCHEMA).to_pylist()]
 
 
-def read_split(curated: str | Path, split: str) -> list[dict[str, Any]]:
-    """The one reader of the curated data (train and evaluate use it): rows with id, source, origin, split,
-    messages (canonical dicts) and tools."""
+def _existing_split(curated: str | Path, split: str) -> Path:
     path = split_file(Path(curated), split)
     if not path.exists():
         raise DataError(f"{path} not found: run `sftops format` (or `dvc repro`) first")
-    return read_rows(path)
+    return path
+
+
+def read_split(curated: str | Path, split: str) -> list[dict[str, Any]]:
+    """The one reader of the curated data (train and evaluate use it): rows with id, source, origin, split,
+    messages (canonical dicts) and tools."""
+    return read_rows(_existing_split(curated, split))
+
+
+def read_columns(curated: str | Path, split: str, columns: list[str]) -> pa.Table:
+    """Only these columns of a split (Parquet column projection): the conversations are not read."""
+    return pq.read_table(_existing_split(curated, split), columns=columns, schema=SCHEMA)
 
 
 # ---- the tokenised cache --------------------------------------------------------------------------------
@@ -114,12 +130,8 @@ def _sha(text: str | bytes) -> str:
 
 
 def data_hash(curated: Path) -> str:
-    """Of the curated split files' bytes: any change to the data changes it."""
-    h = hashlib.sha256()
-    for split in SPLITS:
-        path = split_file(curated, split)
-        h.update(path.read_bytes() if path.exists() else b"-")
-    return h.hexdigest()
+    """Of the curated split files' bytes: any change to the data changes it (streamed: bounded memory)."""
+    return stream_digest([split_file(curated, split) for split in SPLITS], "sha256")
 
 
 def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -140,39 +152,151 @@ def cache_key(curated: Path, tokenizer: PreTrainedTokenizerBase, max_length: int
     }
 
 
+class TokenCacheWriter:
+    """Writes the tokenised cache split by split, in chunks, as flat arrays a reader memory-maps without copying:
+    per split a folder with input_ids/labels (int32, all rows end to end), offsets (int64, rows + 1),
+    truncated (bool), lost (int32, response tokens lost) and ids (an Arrow IPC file).
+
+    key.json is written last, by close(): an interrupted write leaves no key, so it is never taken for a valid cache."""
+
+    def __init__(self, curated: Path, key: dict[str, Any]) -> None:
+        self.folder = Path(curated) / TOKENIZED
+        self.key = key
+        shutil.rmtree(self.folder, ignore_errors=True)  # an old cache (and its key) must not outlive this write
+        self.folder.mkdir(parents=True)
+        self._files: dict[str, dict[str, Any]] = {}
+        self._tokens: dict[str, int] = {}
+        self._ids: dict[str, pa.ipc.RecordBatchFileWriter] = {}
+
+    def _open(self, split: str) -> None:
+        folder = self.folder / split
+        folder.mkdir()
+        self._files[split] = {name: open(folder / f"{name}.bin", "wb") for name in ARRAYS}
+        self._files[split]["offsets"].write(np.zeros(1, dtype=np.int64).tobytes())
+        self._tokens[split] = 0
+        self._ids[split] = pa.ipc.new_file(str(folder / IDS), ID_SCHEMA)
+
+    def add(self, split: str, row_ids: list[str], encodings: list[Encoded], truncated: list[bool], lost: list[int]) -> None:
+        if not len(row_ids) == len(encodings) == len(truncated) == len(lost):
+            raise ValueError("row_ids, encodings, truncated and lost must have one entry per row")
+        if split not in self._files:
+            self._open(split)
+        lengths = np.fromiter((len(e.input_ids) for e in encodings), dtype=np.int64, count=len(encodings))
+        total = int(lengths.sum())
+        files = self._files[split]
+        files["input_ids"].write(_flat([e.input_ids for e in encodings], total).tobytes())
+        files["labels"].write(_flat([e.labels for e in encodings], total).tobytes())
+        files["offsets"].write((self._tokens[split] + np.cumsum(lengths)).astype(np.int64).tobytes())
+        files["truncated"].write(np.asarray(truncated, dtype=np.bool_).tobytes())
+        files["lost"].write(np.asarray(lost, dtype=np.int32).tobytes())
+        self._tokens[split] += total
+        self._ids[split].write_table(pa.table({"id": pa.array(row_ids, pa.string())}, schema=ID_SCHEMA))
+
+    def _finish_files(self) -> None:
+        for files in self._files.values():
+            for f in files.values():
+                f.close()
+        for writer in self._ids.values():
+            writer.close()
+        self._files, self._ids = {}, {}
+
+    def close(self) -> None:
+        for split in SPLITS:  # a split with no rows is an empty cache, not a missing one
+            if split not in self._files:
+                self._open(split)
+        self._finish_files()
+        (self.folder / CACHE_KEY).write_text(json.dumps(self.key, indent=2) + "\n")
+
+    def __enter__(self) -> TokenCacheWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._finish_files()  # no key: the partial cache stays invalid
+
+
+def _flat(rows: list[Any], total: int) -> np.ndarray:
+    """The rows end to end; rows given as numpy arrays (a chunked producer) are joined without Python ints."""
+    if rows and all(isinstance(r, np.ndarray) for r in rows):
+        return np.concatenate(rows).astype(np.int32, copy=False)
+    return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=total)
+
+
 def write_cache(curated: Path, key: dict[str, Any], encoded: dict[str, list[tuple[str, Encoded, bool, int]]]) -> None:
     """encoded: split -> [(row id, encoding, truncated, response tokens lost)]."""
-    out = Path(curated) / TOKENIZED
-    out.mkdir(parents=True, exist_ok=True)
-    for split, rows in encoded.items():
-        table = pa.Table.from_pydict(
-            {
-                "id": [r[0] for r in rows],
-                "input_ids": [r[1].input_ids for r in rows],
-                "labels": [r[1].labels for r in rows],
-                "truncated": [r[2] for r in rows],
-                "response_tokens_lost": [r[3] for r in rows],
-            },
-            schema=TOKEN_SCHEMA,
-        )
-        pq.write_table(table, out / f"{split}.parquet")
-    (out / CACHE_KEY).write_text(json.dumps(key, indent=2) + "\n")
+    with TokenCacheWriter(curated, key) as writer:
+        for split, rows in encoded.items():
+            writer.add(split, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
 
 
-def read_cache(curated: Path, split: str, key: dict[str, Any]) -> dict[str, tuple[Encoded, bool, int]] | None:
-    """row id -> (encoding, truncated, response tokens lost), or None when the cache was made with another
-    data, tokenizer, template, max_length or overflow policy."""
+@dataclass(frozen=True)
+class TokenRows:
+    """Tokenised rows backed by flat (memory-mapped) arrays: row i is input_ids[starts[i]:ends[i]] (and the same
+    slice of labels). Indexing with an int gives one Encoded (lists built for that row only), so a TokenRows
+    serves as a Sequence[Encoded]; select() takes a subset without touching the tokens."""
+
+    ids: pa.ChunkedArray
+    input_ids: np.ndarray
+    labels: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+    truncated: np.ndarray
+    lost: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.ends - self.starts
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def row(self, i: int) -> Encoded:
+        start, end = int(self.starts[i]), int(self.ends[i])
+        return Encoded(self.input_ids[start:end].tolist(), self.labels[start:end].tolist())
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return self.select(np.arange(len(self))[i])
+        return self.row(i)
+
+    def __iter__(self) -> Iterator[Encoded]:
+        return (self.row(i) for i in range(len(self)))
+
+    def select(self, indices: Any) -> TokenRows:
+        """The rows at `indices` (in that order); the flat token arrays are shared, not copied."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return TokenRows(self.ids.take(pa.array(idx)), self.input_ids, self.labels, self.starts[idx], self.ends[idx],
+                         self.truncated[idx], self.lost[idx])
+
+    def target_counts(self) -> np.ndarray:
+        """Per row, the labels that enter the loss (those after its first position that are not IGNORE)."""
+        supervised = np.concatenate([[0], np.cumsum(self.labels != IGNORE, dtype=np.int64)])
+        return supervised[self.ends] - supervised[np.minimum(self.starts + 1, self.ends)]
+
+
+def _mapped(path: Path, dtype: Any) -> np.ndarray:
+    # np.memmap refuses an empty file; an empty split is an empty array
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.empty(0, dtype=dtype)
+
+
+def read_cache(curated: Path, split: str, key: dict[str, Any]) -> TokenRows | None:
+    """The split's cached rows, memory-mapped, or None when the cache was made with another data, tokenizer,
+    template, max_length or overflow policy, or is incomplete."""
     folder = Path(curated) / TOKENIZED
     try:
         stored = json.loads((folder / CACHE_KEY).read_text())
     except (OSError, ValueError):
         return None
-    if stored != key or not (folder / f"{split}.parquet").exists():
+    files = [folder / split / f"{name}.bin" for name in ARRAYS] + [folder / split / IDS]
+    if stored != key or not all(f.exists() for f in files):
         return None
-    table = pq.read_table(folder / f"{split}.parquet").to_pydict()
-    return {
-        rid: (Encoded(ids, labels), trunc, lost)
-        for rid, ids, labels, trunc, lost in zip(
-            table["id"], table["input_ids"], table["labels"], table["truncated"], table["response_tokens_lost"]
-        )
-    }
+    arrays = {name: _mapped(folder / split / f"{name}.bin", dtype) for name, dtype in ARRAYS.items()}
+    ids = pa.ipc.open_file(pa.memory_map(str(folder / split / IDS))).read_all().column("id")
+    offsets, n = arrays["offsets"], len(ids)
+    if not (len(offsets) == n + 1 == len(arrays["truncated"]) + 1 == len(arrays["lost"]) + 1
+            and offsets[-1] == len(arrays["input_ids"]) == len(arrays["labels"])):
+        return None
+    return TokenRows(ids, arrays["input_ids"], arrays["labels"], offsets[:-1], offsets[1:], arrays["truncated"],
+                     arrays["lost"])
