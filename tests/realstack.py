@@ -248,6 +248,15 @@ def postgres_database(prefix: str) -> Iterator[str]:
         admin.close()
 
 
+def training_runs(client, experiment_name: str = "sftops") -> list:
+    """The experiment's training runs: every run but the evaluation runs (sftops.evalruns) hung under them."""
+    from sftops.evalruns import OF_RUN
+
+    experiment = client.get_experiment_by_name(experiment_name)
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    return [r for r in runs if OF_RUN not in r.data.tags]
+
+
 def evaluation_runs(client, training_run_id: str) -> list:
     """The evaluation runs of a training run's model (sftops.evalruns), oldest first, each fetched whole (a
     search leaves out a run's model inputs)."""

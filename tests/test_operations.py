@@ -106,9 +106,7 @@ def artifacts(api: str, flow_run_id: str) -> dict[str, dict]:
 
 
 def mlflow_runs(mlflow: str) -> list:
-    client = MlflowClient(mlflow)
-    experiment = client.get_experiment_by_name("sftops")
-    return client.search_runs([experiment.experiment_id]) if experiment else []
+    return realstack.training_runs(MlflowClient(mlflow))
 
 
 @pytest.fixture(scope="module")

@@ -49,11 +49,13 @@ def test_mlflow_and_prefect_servers_on_postgresql_serve_a_pipeline_run(postgres,
             keys = {a["key"] for a in http_json("POST", f"{api}/artifacts/filter", {})}
             assert {"sft-metrics", "sft-data-card", "sft-report"} <= keys
             client = MlflowClient(mlflow_url)
-            [run] = client.search_runs([client.get_experiment_by_name("sftops").experiment_id])
+            [run] = realstack.training_runs(client)
             assert run.info.status == "FINISHED" and len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
+            [evaluation] = realstack.evaluation_runs(client, run.info.run_id)
+            assert evaluation.info.status == "FINISHED" and "test_tuned_nll" in evaluation.data.metrics
             assert client.get_latest_versions(MODEL_NAME)
         # What the servers answered with lives in the PostgreSQL databases.
-        assert count(mlflow_db, "SELECT count(*) FROM runs WHERE status = 'FINISHED'") == 1
+        assert count(mlflow_db, "SELECT count(*) FROM runs WHERE status = 'FINISHED'") == 2  # training + evaluation
         assert count(mlflow_db, "SELECT count(*) FROM model_versions") == 1
         assert count(prefect_db, "SELECT count(*) FROM flow_run WHERE state_type = 'COMPLETED'") == 1
         # The DVC experiment (the four stages, with the override), record, promote.

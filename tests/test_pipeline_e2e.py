@@ -14,7 +14,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from realstack import ROOT, evaluation_runs, make_repo, sh, tool_env
+from realstack import ROOT, evaluation_runs, make_repo, sh, tool_env, training_runs
 
 MODEL_NAME = "tiny-sft"
 
@@ -117,8 +117,9 @@ def test_a_flow_run_with_overrides_is_a_dvc_experiment_logging_to_the_project_st
     assert proc.returncode == 0, log[-6000:]
     assert "Finished in state Completed" in log and "Running stage 'train'" in log
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("sftops").experiment_id])
+    runs = training_runs(client)
     assert len(runs) == 1 and len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 3
+    assert len(evaluation_runs(client, runs[0].info.run_id)) == 1
     assert runs[0].data.params["train.max_steps"] == "3"
     [version] = client.search_model_versions(f"name='{MODEL_NAME}'")
     assert version.tags["dvc.experiment"] == "three-steps" and version.tags["data.versioned"] == "true"
