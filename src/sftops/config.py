@@ -104,6 +104,10 @@ class DataConfig(_Strict):
     min_test_rows: int = Field(1, ge=0)
     # A source none of whose rows is kept stops ingest/format, naming its top reasons; false: counted and go on.
     stop_on_empty_source: bool = True
+    # The format stage maps and tokenises rows in chunks of this many, in this many worker processes (1: in
+    # the stage's own process); any values give the same curated data, bytes for bytes.
+    chunk_rows: int = Field(5000, ge=1)
+    workers: int = Field(2, ge=1)
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:

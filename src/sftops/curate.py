@@ -3,25 +3,38 @@ trained on), remove exact and near duplicates, sample and weight the sources, sp
 prompt, tokenise with the real tokenizer (length statistics, the max_length policy, the mask self-check),
 and write the curated Parquet splits, the tokenised cache, the rejected rows, stats.json and the data card.
 For every source: read = rejected at ingest + rejected here + duplicates + sampled out + dropped for length
-or no target + kept."""
+or no target + kept.
+
+Bounded memory at any size: pass 1 maps and tokenises the raw rows chunk by chunk in worker processes
+(sftops.data.chunks), each chunk's rows and tokens going to files of its own; the decisions that need the whole
+set (duplicates, source caps, splits, weights) are taken here on small per-row arrays; pass 2 streams the chunks
+again into the curated files."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import random
+import shutil
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sftops.config import Config, DataConfig, SourceConfig
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from sftops.config import Config, SourceConfig
 from sftops.data.card import write_card
-from sftops.data.dedup import near_duplicates, normalise
+from sftops.data.chunks import (AUTO, KEPT, OVERFLOW_ERROR, SPLIT_CODES, TOO_LONG, ChunkMapper, ChunkResult,
+                                conversation_text, map_chunks, progress_total, read_chunk, read_jobs, row_id)
+from sftops.data.dedup import near_duplicates_of
 from sftops.data.schemas import RowError, to_conversation
 from sftops.data.selfcheck import self_check
-from sftops.data.split import contamination, prompt_text, split_of
-from sftops.data.store import SPLITS, cache_key, split_file, write_cache, write_rows
-from sftops.data.tokenize import Renderer, encode_batch, fit, length_summary, token_lengths
+from sftops.data.split import ContaminationIndex, prompt_text, split_of
+from sftops.data.store import SPLITS, SplitWriter, TokenCacheWriter, cache_key, split_file
+from sftops.data.tokenize import encode_batch, length_summary
 from sftops.errors import DataError
 from sftops.ingest import REJECTED as RAW_REJECTED
 from sftops.ingest import REPORT as RAW_REPORT
@@ -29,14 +42,15 @@ from sftops.ingest import ingest_kind, refuse_empty
 from sftops.jsonio import read_json, read_jsonl, require, write_json, write_jsonl
 from sftops.outputs import replaced_whole
 
-__all__ = ["RowError", "to_messages", "assign_split", "prompt_key", "row_id", "run_format", "SPLITS", "STATS"]
+__all__ = ["RowError", "to_messages", "assign_split", "prompt_key", "row_id", "conversation_text", "run_format", "SPLITS",
+           "STATS"]
 
 STATS = "stats.json"
 REJECTED = "rejected.jsonl"
 COUNTS = ("read", "rejected_ingest", "rejected_format", "duplicates", "sampled_out", "dropped_tokens", "kept", "train_rows")
 
 Message = dict[str, Any]
-Row = dict[str, Any]
+SPLIT_NAMES = {code: name for name, code in SPLIT_CODES.items()}
 
 
 def to_messages(fields: dict[str, Any]) -> list[Message]:
@@ -51,15 +65,6 @@ def prompt_key(messages: list[Message]) -> str:
 
 def assign_split(messages: list[Message], seed: int, val_fraction: float, test_fraction: float) -> str:
     return split_of(prompt_text(messages), seed, val_fraction, test_fraction)
-
-
-def row_id(messages: list[Message], tools: list | None = None) -> str:
-    body = {"messages": messages, "tools": tools} if tools else messages
-    return hashlib.sha256(json.dumps(body, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def conversation_text(messages: list[Message]) -> str:
-    return normalise("\n".join(f"{m['role']} {m['content']} {json.dumps(m.get('tool_calls') or '')}" for m in messages))
 
 
 def _seeded_rank(seed: int, rid: str) -> bytes:
@@ -99,32 +104,9 @@ class Ledger:
         return out
 
 
-def map_rows(raw: Path, sources: list[SourceConfig], ledger: Ledger, stop_on_empty: bool = True) -> list[Row]:
-    """Each raw row as a canonical conversation, or a rejection with its reason."""
-    rows: list[Row] = []
-    for source in sources:
-        reasons: list[str] = []
-        mapped = 0
-        for raw_row in read_jsonl(raw / f"{source.name}.jsonl"):
-            try:
-                conv = to_conversation(raw_row["fields"], source.row_schema, source.fields, tuple(source.ignore))
-            except RowError as exc:
-                ledger.reject(source.name, raw_row["origin"], exc.kind, str(exc), "rejected_format")
-                reasons.append(str(exc))
-                continue
-            mapped += 1
-            ledger.unused[source.name].update(conv.pop("unused"))
-            rows.append({"id": row_id(conv["messages"], conv["tools"]), "source": source.name,
-                         "origin": raw_row["origin"], "split_as": source.split_as, **conv})
-        if mapped == 0 and stop_on_empty:
-            refuse_empty(source, ledger.counts[source.name]["read"], reasons, "format")
-    return rows
-
-
-def refuse_too_few(kept: dict[str, list], cfg: Config) -> None:
+def refuse_too_few(counts: dict[str, int], cfg: Config) -> None:
     """Training needs train rows and evaluation test rows: say so now, not after a model was trained."""
     d = cfg.data
-    counts = {split: len(pairs) for split, pairs in kept.items()}
     split = f"{sum(counts.values())} rows kept, split train/val/test = {counts['train']}/{counts['val']}/{counts['test']}"
     if counts["train"] == 0:
         raise DataError(f"{split}: no train rows; add data, lower data.val_fraction/test_fraction or raise model.max_length "
@@ -140,87 +122,10 @@ def refuse_too_few(kept: dict[str, list], cfg: Config) -> None:
 CANDIDATE_MAX_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 
 
-def rows_within(totals: list[int], max_length: int) -> dict[str, int]:
+def rows_within(totals: np.ndarray, max_length: int) -> dict[str, int]:
     """How many rows each candidate model.max_length would keep whole: the numbers to choose it by."""
     candidates = sorted({*CANDIDATE_MAX_LENGTHS, max_length})
-    return {str(n): sum(t <= n for t in totals) for n in candidates}
-
-
-def check_tools_render(render: Renderer, rows: list[Row]) -> None:
-    """Tool definitions and calls must appear in the rendering, or the model would train without them."""
-    for row in rows:
-        names = [t.get("function", t).get("name") for t in row["tools"] or [] if isinstance(t, dict)]
-        calls = [c["function"]["name"] for m in row["messages"] for c in m.get("tool_calls") or []]
-        if not names and not calls:
-            continue
-        text = render(row["messages"], row["tools"])
-        missing = [n for n in names + calls if n and n not in text]
-        if missing:
-            raise DataError(
-                f"{row['origin']}: the chat template does not render tools/tool calls ({missing} missing from the "
-                "rendered text); use a model whose template supports tools, or remove these rows"
-            )
-
-
-def remove_duplicates(rows: list[Row], threshold: float | None, seed: int, ledger: Ledger) -> list[Row]:
-    """Exact duplicates of the normalised text, then near-duplicates (MinHash); the first copy is kept and
-    each removed row names it."""
-    texts = [conversation_text(r["messages"]) for r in rows]
-    first: dict[str, int] = {}
-    unique: list[int] = []
-    duplicates: list[tuple[int, int, str]] = []
-    for i, text in enumerate(texts):
-        key = hashlib.sha256(text.encode()).hexdigest()
-        if key in first:
-            duplicates.append((i, first[key], "exact duplicate"))
-        else:
-            first[key] = i
-            unique.append(i)
-    if threshold is not None:
-        near = near_duplicates([texts[i] for i in unique], threshold, seed=seed)
-        duplicates += [(unique[j], unique[k], f"near duplicate ({sim:.2f})") for j, (k, sim) in near.items()]
-        unique = [i for j, i in enumerate(unique) if j not in near]
-    for i, kept, what in duplicates:
-        ledger.reject(rows[i]["source"], rows[i]["origin"], what.split(" (")[0], f"{what} of {rows[kept]['origin']}",
-                      "duplicates", kept_copy=rows[kept]["origin"])
-    return [rows[i] for i in unique]
-
-
-def cap_sources(rows: list[Row], sources: list[SourceConfig], seed: int, ledger: Ledger) -> list[Row]:
-    """A source's max_rows: a seeded sample by row id, so the rows chosen stay chosen when rows are added."""
-    capped = []
-    for source in sources:
-        mine = [r for r in rows if r["source"] == source.name]
-        if source.max_rows is not None and len(mine) > source.max_rows:
-            chosen = {r["id"] for r in sorted(mine, key=lambda r: _seeded_rank(seed, r["id"]))[: source.max_rows]}
-            ledger.counts[source.name]["sampled_out"] = len(mine) - len(chosen)
-            mine = [r for r in mine if r["id"] in chosen]
-        capped += mine
-    return capped  # still in input order: rows are read source by source
-
-
-def assign_splits(rows: list[Row], d: DataConfig) -> None:
-    """Fixed-split sources (split_as) first; any row sharing a prompt with them follows them; the rest by the
-    seeded hash of the prompt."""
-    fixed = {prompt_text(r["messages"]): r["split_as"] for r in rows if r["split_as"] != "auto"}
-    for r in rows:
-        p = prompt_text(r["messages"])
-        if r["split_as"] != "auto":
-            r["split"] = r["split_as"]
-        else:
-            r["split"] = fixed.get(p) or split_of(p, d.split_seed, d.val_fraction, d.test_fraction)
-
-
-def apply_weights(train: list[tuple[Row, Any]], sources: list[SourceConfig], seed: int) -> list[tuple[Row, Any]]:
-    """Each source's train rows repeated `weight` times; a fractional part is a seeded sample of its rows
-    (weight 0.5: half of them, 2.5: all twice plus half once more)."""
-    out = []
-    for source in sources:
-        mine = [pair for pair in train if pair[0]["source"] == source.name]
-        whole, frac = divmod(source.weight, 1.0)
-        ranked = sorted(mine, key=lambda p: _seeded_rank(seed + 1, p[0]["id"]))
-        out += mine * int(whole) + ranked[: round(frac * len(mine))]
-    return out
+    return {str(n): int((np.asarray(totals) <= n).sum()) for n in candidates}
 
 
 def run_format(cfg: Config) -> dict[str, Any]:
@@ -230,63 +135,293 @@ def run_format(cfg: Config) -> dict[str, Any]:
     for source in cfg.data.sources:
         require(raw / f"{source.name}.jsonl", "ingest")
     ingest = read_json(require(raw / RAW_REPORT, "ingest"))
-    with replaced_whole(cfg.paths.curated) as out:
-        return _curate(cfg, load_tokenizer(cfg.model), raw, out, ingest)
+    with replaced_whole(cfg.paths.curated) as out, chunk_folder(Path(cfg.paths.curated)) as chunks:
+        return _curate(cfg, load_tokenizer(cfg.model), raw, out, chunks, ingest)
 
 
-def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, ingest: dict[str, Any]) -> dict[str, Any]:
+@contextmanager
+def chunk_folder(curated: Path):
+    """Pass 1's files, beside the curated folder (on its disk), removed when the stage ends however it ends."""
+    folder = curated.parent / f".{curated.name}.chunks"
+    shutil.rmtree(folder, ignore_errors=True)  # left by a killed run
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class Rows:
+    """Pass 1's per-row arrays of all chunks end to end, in input order (source by source, row by row)."""
+
+    def __init__(self, results: list[ChunkResult]) -> None:
+        self.chunks = [(r.number, r.source, len(r)) for r in results]
+        starts = np.cumsum([0] + [len(r) for r in results])
+        self.chunk_start = starts[:-1]
+        self.source = np.concatenate([np.full(len(r), r.source, dtype=np.int16) for r in results] or [np.zeros(0, np.int16)])
+
+        def joined(name: str, dtype: Any, shape: tuple = ()) -> np.ndarray:
+            parts = [getattr(r, name) for r in results]
+            return np.concatenate(parts) if parts else np.zeros((0, *shape), dtype=dtype)
+
+        self.ids = joined("ids", np.uint64)
+        self.text_keys = joined("text_keys", np.uint64, (2,))
+        self.prompt_keys = joined("prompt_keys", np.uint64)
+        self.auto_split, self.split_as = joined("auto_split", np.int8), joined("split_as", np.int8)
+        self.lengths = joined("lengths", np.int32, (3,))
+        self.verdict, self.truncated = joined("verdict", np.int8), joined("truncated", bool)
+        self.prompt_tokens_cut = joined("prompt_tokens_cut", np.int32)
+        self.response_tokens_lost = joined("response_tokens_lost", np.int32)
+        self.signatures = (np.concatenate([r.signatures for r in results])
+                           if results and results[0].signatures is not None else None)
+        self.origins = pa.chunked_array([r.origins for r in results], pa.string())
+        self.reasons = {int(starts[k]) + i: why for k, r in enumerate(results) for i, why in r.reasons.items()}
+        self.test_prompts = {int(starts[k]) + i: p for k, r in enumerate(results) for i, p in r.fixed_prompts.items()}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def origin(self, i: int) -> str:
+        return self.origins[int(i)].as_py()
+
+    def row_id(self, i: int) -> str:
+        return f"{int(self.ids[i]):016x}"
+
+
+def _seeded_ranks(seed: int, rows: Rows, indices: np.ndarray) -> np.ndarray:
+    """indices ordered by the seeded hash of their row ids: a sample by it keeps its rows when rows are added."""
+    return indices[np.argsort([_seeded_rank(seed, rows.row_id(i)) for i in indices], kind="stable")]
+
+
+def map_all(cfg: Config, tokenizer: Any, raw: Path, chunks: Path, ingest: dict[str, Any], ledger: Ledger) -> Rows:
+    """Pass 1 over every source; the rejections of mapping go to the ledger in input order."""
+    d = cfg.data
+    mapper = ChunkMapper(cfg, tokenizer, chunks)
+    results, reasons = [], {s.name: [] for s in d.sources}
+    bar = tqdm(total=progress_total(ingest, d.sources), desc="format: map and tokenise", unit=" rows", leave=False)
+    with bar:
+        for result in map_chunks(mapper, read_jobs(raw, d.sources, d.chunk_rows), d.workers):
+            name = d.sources[result.source].name
+            for rec in result.rejected:
+                ledger.reject(name, rec["origin"], rec["kind"], rec["reason"], "rejected_format")
+                reasons[name].append(rec["reason"])
+            ledger.unused[name].update(result.unused)
+            bar.update(len(result) + len(result.rejected))
+            results.append(result)
+    rows = Rows(results)
+    del results
+    mapped = np.bincount(rows.source, minlength=len(d.sources))
+    for index, source in enumerate(d.sources):
+        if mapped[index] == 0 and d.stop_on_empty_source:
+            refuse_empty(source, ledger.counts[source.name]["read"], reasons[source.name], "format")
+    return rows
+
+
+def remove_duplicates(rows: Rows, threshold: float | None, sources: list[SourceConfig], ledger: Ledger) -> np.ndarray:
+    """Exact duplicates of the normalised text, then near-duplicates (MinHash) among the rest; the first copy is
+    kept and each removed row names it. Returns the kept rows' indices, in input order."""
+    keys = np.ascontiguousarray(rows.text_keys).view(np.dtype((np.void, 16))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    first_of = first[inverse.ravel()]
+    unique = np.flatnonzero(first_of == np.arange(len(rows)))
+    removed = [(i, first_of[i], "exact duplicate") for i in np.flatnonzero(first_of != np.arange(len(rows)))]
+    if threshold is not None and len(unique):
+        dups, kept, sims = near_duplicates_of(rows.signatures[unique], threshold)
+        removed += [(unique[j], unique[k], f"near duplicate ({sim:.2f})") for j, k, sim in zip(dups, kept, sims)]
+        unique = np.delete(unique, dups)
+    for i, copy, what in removed:
+        copy_origin = rows.origin(copy)
+        ledger.reject(sources[rows.source[i]].name, rows.origin(i), what.split(" (")[0], f"{what} of {copy_origin}",
+                      "duplicates", kept_copy=copy_origin)
+    return unique
+
+
+def cap_sources(rows: Rows, alive: np.ndarray, sources: list[SourceConfig], seed: int, ledger: Ledger) -> np.ndarray:
+    """A source's max_rows: a seeded sample by row id, so the rows chosen stay chosen when rows are added."""
+    keep = np.ones(len(alive), dtype=bool)
+    for index, source in enumerate(sources):
+        mine = np.flatnonzero(rows.source[alive] == index)
+        if source.max_rows is not None and len(mine) > source.max_rows:
+            dropped = _seeded_ranks(seed, rows, alive[mine])[source.max_rows :]
+            ledger.counts[source.name]["sampled_out"] = len(dropped)
+            keep[np.isin(alive, dropped)] = False
+    return alive[keep]  # still in input order
+
+
+def assign_splits(rows: Rows, alive: np.ndarray) -> np.ndarray:
+    """Fixed-split sources (split_as) first; any row sharing a prompt with them follows them; the rest by the
+    seeded hash of the prompt (computed in pass 1). The split code of each alive row."""
+    fixed_as = rows.split_as[alive]
+    split = np.where(fixed_as != AUTO, fixed_as, rows.auto_split[alive])
+    fixed = np.flatnonzero(fixed_as != AUTO)
+    if len(fixed):
+        follow = dict(zip(rows.prompt_keys[alive[fixed]].tolist(), fixed_as[fixed].tolist()))  # the last one wins
+        auto = np.flatnonzero(fixed_as == AUTO)
+        split[auto] = [follow.get(k, s) for k, s in zip(rows.prompt_keys[alive[auto]].tolist(), split[auto].tolist())]
+    return split
+
+
+def check_masks(cfg: Config, tokenizer: Any, rows: Rows, alive: np.ndarray, chunks: Path) -> int:
+    """The mask self-check on a seeded sample of the rows (re-encoded from pass 1's files: the same encoder)."""
+    from sftops.data.store import _from_record
+
+    sample = random.Random(cfg.data.split_seed).sample(range(len(alive)), min(cfg.data.self_check_rows, len(alive)))
+    picked = []
+    for i in alive[sample]:
+        chunk = int(np.searchsorted(rows.chunk_start, i, side="right") - 1)
+        table, _ = read_chunk(chunks, rows.chunks[chunk][0])
+        rec = _from_record(table.slice(int(i - rows.chunk_start[chunk]), 1).to_pylist()[0])
+        picked.append((f"{rec['source']} {rec['origin']}", {"messages": rec["messages"], "tools": rec["tools"]}))
+    encoded = encode_batch(tokenizer, [conv for _, conv in picked])
+    return self_check(tokenizer, [(where, conv, enc) for (where, conv), enc in zip(picked, encoded)])
+
+
+def apply_length_policy(cfg: Config, rows: Rows, alive: np.ndarray, ledger: Ledger) -> tuple[np.ndarray, dict]:
+    """The verdicts pass 1 reached, applied to the rows still in: the kept rows' indices and the counts."""
+    sources, max_length = cfg.data.sources, cfg.model.max_length
+    verdict = rows.verdict[alive]
+    errors = np.flatnonzero(verdict == OVERFLOW_ERROR)
+    if len(errors):
+        raise DataError(rows.reasons[int(alive[errors[0]])])
+    kept = verdict == KEPT
+    for i in alive[~kept]:
+        kind = "too long" if rows.verdict[i] == TOO_LONG else "no supervised tokens"
+        ledger.reject(sources[rows.source[i]].name, rows.origin(i), kind, rows.reasons[int(i)], "dropped_tokens")
+    for index, source in enumerate(sources):
+        ledger.counts[source.name]["kept"] = int((rows.source[alive[kept]] == index).sum())
+        dropped = [rows.reasons[int(i)] for i in alive[~kept] if rows.source[i] == index]
+        if ledger.counts[source.name]["kept"] == 0 and dropped and cfg.data.stop_on_empty_source:
+            refuse_empty(source, ledger.counts[source.name]["read"], dropped, "format")
+    overflow = {
+        "policy": cfg.data.overflow, "max_length": max_length,
+        "rows_over": int((rows.lengths[alive, 2] > max_length).sum()),
+        "dropped_too_long": int((verdict == TOO_LONG).sum()),
+        "truncated": int(rows.truncated[alive[kept]].sum()),
+        "prompt_tokens_cut": int(rows.prompt_tokens_cut[alive[kept]].sum()),
+        "response_tokens_lost": int(rows.response_tokens_lost[alive].sum()),
+        "dropped_no_target": int((~kept & (verdict != TOO_LONG)).sum()),
+    }
+    return alive[kept], overflow
+
+
+def train_copies(rows: Rows, train: np.ndarray, sources: list[SourceConfig], seed: int) -> dict[int, tuple[int, np.ndarray]]:
+    """Per source, its train rows' `weight`: (whole repeats, the rows of the fractional part: a seeded sample of
+    round(frac x rows), in input order). Weight 0.5: half of them once; 2.5: all twice plus half once more."""
+    plan = {}
+    for index, source in enumerate(sources):
+        mine = train[rows.source[train] == index]
+        whole, frac = divmod(source.weight, 1.0)
+        part = np.sort(_seeded_ranks(seed + 1, rows, mine)[: round(frac * len(mine))]) if frac else mine[:0]
+        plan[index] = (int(whole), part)
+    return plan
+
+
+def _token_spans(offsets: np.ndarray, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The flat token positions of the rows `local` (end to end) and each row's length."""
+    starts, lengths = offsets[local], offsets[local + 1] - offsets[local]
+    before = np.cumsum(lengths) - lengths
+    return np.arange(int(lengths.sum())) + np.repeat(starts - before, lengths), lengths
+
+
+class OutputWriter:
+    """The curated split files and the tokenised cache, fed one chunk's rows at a time."""
+
+    def __init__(self, out: Path, cache: TokenCacheWriter, rows: Rows, bar: tqdm) -> None:
+        self.splits = {split: SplitWriter(split_file(out, split)) for split in SPLITS}
+        self.cache, self.rows, self.bar, self.counts = cache, rows, bar, Counter()
+
+    def add(self, split: str, table: pa.Table, tokens: dict[str, np.ndarray], first: int, local: np.ndarray) -> None:
+        """Rows `local` of the chunk whose first row is global row `first`."""
+        if not len(local):
+            return
+        picked = table.take(pa.array(local))
+        picked = picked.set_column(picked.schema.get_field_index("split"), "split",
+                                   pa.array([split] * len(local), pa.string()))
+        self.splits[split].add(picked)
+        spans, lengths = _token_spans(tokens["offsets"], local)
+        where = first + local
+        self.cache.add_arrays(split, picked.column("id").combine_chunks(), tokens["input_ids"][spans],
+                              tokens["labels"][spans], lengths, self.rows.truncated[where],
+                              self.rows.response_tokens_lost[where])
+        self.counts[split] += len(local)
+        self.bar.update(len(local))
+
+    def close(self) -> None:
+        for writer in self.splits.values():
+            writer.close()
+
+
+def write_outputs(cfg: Config, tokenizer: Any, rows: Rows, kept: np.ndarray, split_code: np.ndarray,
+                  plan: dict[int, tuple[int, np.ndarray]], chunks: Path, out: Path,
+                  contamination: ContaminationIndex) -> dict[str, Any]:
+    """Pass 2: the kept rows of each chunk into their split files and the tokenised cache, in input order, source
+    by source: its val and test rows, its train rows `whole` times, then the fractional sample. Train prompts
+    go to the contamination index as they pass (once per row)."""
+    is_kept = np.zeros(len(rows), dtype=bool)
+    is_kept[kept] = True
+    train_code = SPLIT_CODES["train"]
+    train = is_kept & (split_code == train_code)
+    total = int((is_kept & ~train).sum()) + sum(whole * int((train & (rows.source == index)).sum()) + len(part)
+                                                for index, (whole, part) in plan.items())
+    train_rows = Counter()
+    with TokenCacheWriter(out, {}) as cache, tqdm(total=total, desc="format: write", unit=" rows", leave=False) as bar:
+        writer = OutputWriter(out, cache, rows, bar)
+        for index in range(len(cfg.data.sources)):
+            whole, part = plan[index]
+            in_part = np.zeros(len(rows), dtype=bool)
+            in_part[part] = True
+            mine = [(number, int(rows.chunk_start[k]), n) for k, (number, source, n) in enumerate(rows.chunks)
+                    if source == index]
+            for repeat in range(max(whole, 1)):
+                for number, first, n in mine:
+                    table, tokens = read_chunk(chunks, number)
+                    codes, ok = split_code[first : first + n], is_kept[first : first + n]
+                    if repeat == 0:
+                        for split in ("val", "test"):
+                            writer.add(split, table, tokens, first, np.flatnonzero(ok & (codes == SPLIT_CODES[split])))
+                    if repeat < whole:
+                        local = np.flatnonzero(ok & (codes == train_code))
+                        writer.add("train", table, tokens, first, local)
+                        train_rows[index] += len(local)
+                        if repeat == 0:
+                            contamination.add_train(table.column("prompt").take(pa.array(local)).to_pylist())
+            for number, first, n in mine if len(part) else ():
+                table, tokens = read_chunk(chunks, number)
+                local = np.flatnonzero(in_part[first : first + n])
+                writer.add("train", table, tokens, first, local)
+                train_rows[index] += len(local)
+                if whole == 0:
+                    contamination.add_train(table.column("prompt").take(pa.array(local)).to_pylist())
+        writer.close()
+        cache.key = cache_key(out, tokenizer, cfg.model.max_length, cfg.data.overflow)  # of the split files just written
+    return {"splits": {split: writer.counts[split] for split in SPLITS}, "train_rows": train_rows}
+
+
+def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, chunks: Path, ingest: dict[str, Any]) -> dict[str, Any]:
     d = cfg.data
     ledger = Ledger(d.sources, ingest)
     ledger.add_ingest_rejections(list(read_jsonl(raw / RAW_REJECTED)))
+    rows = map_all(cfg, tokenizer, raw, chunks, ingest, ledger)
+    alive = remove_duplicates(rows, d.near_duplicate_threshold, d.sources, ledger)
+    alive = cap_sources(rows, alive, d.sources, d.split_seed, ledger)
+    split_of_alive = assign_splits(rows, alive)
+    lengths = {part: rows.lengths[alive, k] for k, part in enumerate(("prompt", "response", "total"))}
+    checked = check_masks(cfg, tokenizer, rows, alive, chunks)
+    kept, overflow = apply_length_policy(cfg, rows, alive, ledger)
+    split_code = np.full(len(rows), -1, dtype=np.int8)
+    split_code[alive] = split_of_alive
+    counts = {name: int((split_code[kept] == code).sum()) for name, code in SPLIT_CODES.items()}
+    refuse_too_few(counts, cfg)
+    plan = train_copies(rows, kept[split_code[kept] == SPLIT_CODES["train"]], d.sources, d.split_seed)
 
-    rows = map_rows(raw, d.sources, ledger, d.stop_on_empty_source)
-    render = Renderer(tokenizer)
-    check_tools_render(render, rows)
-    rows = remove_duplicates(rows, d.near_duplicate_threshold, d.split_seed, ledger)
-    rows = cap_sources(rows, d.sources, d.split_seed, ledger)
-    assign_splits(rows, d)
+    test = kept[split_code[kept] == SPLIT_CODES["test"]]
+    follow = {int(rows.prompt_keys[i]): p for i, p in rows.test_prompts.items()}
+    contamination = ContaminationIndex([follow[int(rows.prompt_keys[i])] for i in test], d.contamination_ngram)
+    written = write_outputs(cfg, tokenizer, rows, kept, split_code, plan, chunks, out, contamination)
+    for index, source in enumerate(d.sources):
+        ledger.counts[source.name]["train_rows"] = written["train_rows"][index]
+    flagged = contamination.flagged(d.contamination_threshold)
 
-    # tokens: length statistics and the self-check on the full encodings, then the max_length policy
-    convs = [{"messages": r["messages"], "tools": r["tools"]} for r in rows]
-    encoded = encode_batch(tokenizer, convs, render)
-    lengths = token_lengths(encoded)
-    sample = random.Random(d.split_seed).sample(range(len(rows)), min(d.self_check_rows, len(rows)))
-    checked = self_check(tokenizer, [(f"{rows[i]['source']} {rows[i]['origin']}", convs[i], encoded[i]) for i in sample])
-    overflow: Counter[str] = Counter()
-    kept: dict[str, list[tuple[Row, tuple]]] = {s: [] for s in SPLITS}
-    dropped: dict[str, list[str]] = {s.name: [] for s in d.sources}
-    for r, conv, enc in zip(rows, convs, encoded):
-        overflow["rows_over"] += len(enc.input_ids) > cfg.model.max_length
-        fitted = fit(tokenizer, render, conv, enc, cfg.model.max_length, d.overflow, f"{r['source']} {r['origin']}")
-        overflow["response_tokens_lost"] += fitted.response_tokens_lost
-        if fitted.encoded is None:
-            overflow["dropped_too_long" if fitted.kind == "too long" else "dropped_no_target"] += 1
-            ledger.reject(r["source"], r["origin"], fitted.kind, f"{fitted.kind}: {fitted.reason}", "dropped_tokens")
-            dropped[r["source"]].append(f"{fitted.kind}: {fitted.reason}")
-            continue
-        overflow["truncated"] += fitted.truncated
-        overflow["prompt_tokens_cut"] += fitted.prompt_tokens_cut
-        ledger.counts[r["source"]]["kept"] += 1
-        row = {k: r[k] for k in ("id", "source", "origin", "split", "messages", "tools")}
-        row.update(messages_as_trained=fitted.messages, prompt_tokens_cut=fitted.prompt_tokens_cut,
-                   response_tokens_lost=fitted.response_tokens_lost)
-        kept[r["split"]].append((row, (r["id"], fitted.encoded, fitted.truncated, fitted.response_tokens_lost)))
-    for source in d.sources:  # a source wholly duplicated by another is fine; one wholly too long is not
-        if ledger.counts[source.name]["kept"] == 0 and dropped[source.name] and d.stop_on_empty_source:
-            refuse_empty(source, ledger.counts[source.name]["read"], dropped[source.name], "format")
-    refuse_too_few(kept, cfg)
-    kept["train"] = apply_weights(kept["train"], d.sources, d.split_seed)
-    for source in d.sources:
-        ledger.counts[source.name]["train_rows"] = sum(row["source"] == source.name for row, _ in kept["train"])
-
-    train_prompts = [prompt_text(row["messages"]) for row, _ in kept["train"]]
-    test_prompts = [prompt_text(row["messages"]) for row, _ in kept["test"]]
-    flagged = contamination(train_prompts, test_prompts, d.contamination_ngram, d.contamination_threshold)
-
-    for split, pairs in kept.items():
-        write_rows(split_file(out, split), [row for row, _ in pairs])
-    write_cache(out, cache_key(out, tokenizer, cfg.model.max_length, d.overflow),
-                {split: [tok for _, tok in pairs] for split, pairs in kept.items()})
     write_jsonl(out / REJECTED, ledger.rejected)
     sources = ledger.per_source()
     stats = {
@@ -297,16 +432,15 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, ingest: dict[str,
         "rejected_by_reason": dict(ledger.reasons.most_common()),
         "sources": sources,
         "unused_fields": {name: dict(c.most_common()) for name, c in ledger.unused.items() if c},
-        "splits": {split: len(pairs) for split, pairs in kept.items()},
+        "splits": written["splits"],
         "token_lengths": {part: length_summary(v) for part, v in lengths.items()},
-        "rows_before_length": len(rows),
+        "rows_before_length": len(alive),
         "rows_kept_at_max_length": rows_within(lengths["total"], cfg.model.max_length),
-        "overflow": {"policy": d.overflow, "max_length": cfg.model.max_length,
-                     **{k: int(overflow[k]) for k in ("rows_over", "dropped_too_long", "truncated", "prompt_tokens_cut", "response_tokens_lost", "dropped_no_target")}},
+        "overflow": overflow,
         "contamination": {
-            "ngram": d.contamination_ngram, "threshold": d.contamination_threshold, "test_prompts": len(test_prompts),
+            "ngram": d.contamination_ngram, "threshold": d.contamination_threshold, "test_prompts": len(test),
             "flagged": len(flagged),
-            "examples": [{"origin": kept["test"][i][0]["origin"], "overlap": round(o, 4)} for i, o in flagged[:20]],
+            "examples": [{"origin": rows.origin(test[i]), "overlap": round(o, 4)} for i, o in flagged[:20]],
         },
         "self_check": {"rows": checked},
         # The stage stops on a failed check, so written stats mean passed, if any row was checked; the promotion gate reads this.
@@ -315,5 +449,5 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, ingest: dict[str,
     }
     write_json(out / STATS, stats)
     write_json(out / RAW_REPORT, ingest)  # carried along: train logs it without reading data/raw, which it does not depend on
-    write_card(out, stats, lengths, cfg.model.max_length)
+    write_card(out, stats, {k: v.tolist() for k, v in lengths.items()}, cfg.model.max_length)
     return stats

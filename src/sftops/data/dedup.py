@@ -77,17 +77,14 @@ def minhash_signatures(texts: Sequence[str], num_perm: int = 64, seed: int = 0, 
     return out
 
 
-def near_duplicates(
-    texts: Sequence[str], threshold: float, num_perm: int = 64, seed: int = 0
-) -> dict[int, tuple[int, float]]:
-    """{index of a near-duplicate: (index of the earlier kept copy, estimated similarity)}."""
-    if not texts:
-        return {}
-    sig = minhash_signatures(texts, num_perm, seed)
+def near_duplicates_of(sig: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indices of near-duplicate rows, the earlier kept copy of each, estimated similarity), by duplicate index.
+    Rows are visited in order; a row's candidates are the earlier kept rows sharing an LSH band with it."""
+    n, num_perm = sig.shape if sig.ndim == 2 else (0, 1)
     bands, rows = _lsh_shape(num_perm, threshold)
     buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
-    found: dict[int, tuple[int, float]] = {}
-    for i in range(len(texts)):
+    found: list[tuple[int, int, float]] = []
+    for i in range(n):
         keys = [sig[i, k * rows : (k + 1) * rows].tobytes() for k in range(bands)]
         candidates = {j for k, key in enumerate(keys) for j in buckets[k].get(key, ())}
         best = None
@@ -96,8 +93,19 @@ def near_duplicates(
             if sim >= threshold and (best is None or sim > best[1]):
                 best = (j, sim)
         if best is not None:
-            found[i] = best
+            found.append((i, *best))
             continue
         for k, key in enumerate(keys):
             buckets[k].setdefault(key, []).append(i)
-    return found
+    dups = np.array([f[0] for f in found], dtype=np.int64)
+    return dups, np.array([f[1] for f in found], dtype=np.int64), np.array([f[2] for f in found], dtype=np.float64)
+
+
+def near_duplicates(
+    texts: Sequence[str], threshold: float, num_perm: int = 64, seed: int = 0
+) -> dict[int, tuple[int, float]]:
+    """{index of a near-duplicate: (index of the earlier kept copy, estimated similarity)}."""
+    if not texts:
+        return {}
+    dups, kept, sims = near_duplicates_of(minhash_signatures(texts, num_perm, seed), threshold)
+    return {int(i): (int(k), float(s)) for i, k, s in zip(dups, kept, sims)}

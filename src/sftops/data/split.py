@@ -45,3 +45,25 @@ def contamination(train_prompts: list[str], test_prompts: list[str], n: int, thr
             if overlap >= threshold:
                 flagged.append((i, overlap))
     return flagged
+
+
+class ContaminationIndex:
+    """contamination() with the train side streamed: built from the test prompts, fed train prompts chunk by chunk."""
+
+    def __init__(self, test_prompts: list[str], n: int) -> None:
+        self.n, self.grams = n, [ngrams(p, n) for p in test_prompts]
+        self.seen: set[tuple[str, ...]] = set()
+        self.wanted = set().union(*self.grams) if self.grams else set()
+
+    def add_train(self, prompts: list[str]) -> None:
+        for p in prompts:
+            self.seen |= ngrams(p, self.n) & self.wanted
+
+    def flagged(self, threshold: float) -> list[tuple[int, float]]:
+        out = []
+        for i, grams in enumerate(self.grams):
+            if grams:
+                overlap = len(grams & self.seen) / len(grams)
+                if overlap >= threshold:
+                    out.append((i, overlap))
+        return out

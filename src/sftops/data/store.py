@@ -60,7 +60,7 @@ def split_file(curated: Path, split: str) -> Path:
     return Path(curated) / f"{split}.parquet"
 
 
-def _to_record(row: dict[str, Any]) -> dict[str, Any]:
+def record_of(row: dict[str, Any]) -> dict[str, Any]:
     messages = [
         {
             "role": m["role"],
@@ -97,7 +97,49 @@ def _from_record(rec: dict[str, Any]) -> dict[str, Any]:
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist([_to_record(r) for r in rows], schema=SCHEMA), path)
+    pq.write_table(pa.Table.from_pylist([record_of(r) for r in rows], schema=SCHEMA), path)
+
+
+ROW_GROUP = 10_000  # rows per Parquet row group / Arrow record batch: fixed, so the files' bytes depend on the rows only
+
+
+class RowBatcher:
+    """Tables appended in any sizes, handed on in slices of exactly `size` rows (the last one shorter): a file
+    written through it has the same layout, byte for byte, however its producer chunked the rows."""
+
+    def __init__(self, write: Any, size: int = ROW_GROUP) -> None:
+        self.write, self.size, self.pending, self.rows = write, size, [], 0
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.rows += table.num_rows
+        if self.rows >= self.size:
+            whole = pa.concat_tables(self.pending)
+            cut = self.rows - self.rows % self.size
+            for start in range(0, cut, self.size):  # one batch each: a table's chunks would be batches of their own
+                self.write(whole.slice(start, self.size).combine_chunks())
+            self.pending, self.rows = [whole.slice(cut)], self.rows - cut
+
+    def flush(self) -> None:
+        if self.rows:
+            self.write(pa.concat_tables(self.pending).combine_chunks())
+        self.pending, self.rows = [], 0
+
+
+class SplitWriter:
+    """A curated split file written table by table (the canonical schema), in row groups of ROW_GROUP rows."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = pq.ParquetWriter(path, SCHEMA)
+        self.batcher = RowBatcher(lambda t: self.writer.write_table(t, row_group_size=ROW_GROUP))
+
+    def add(self, table: pa.Table) -> None:
+        self.batcher.add(table.select(SCHEMA.names).cast(SCHEMA))
+
+    def close(self) -> None:
+        self.batcher.flush()
+        self.writer.close()
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -167,6 +209,7 @@ class TokenCacheWriter:
         self._files: dict[str, dict[str, Any]] = {}
         self._tokens: dict[str, int] = {}
         self._ids: dict[str, pa.ipc.RecordBatchFileWriter] = {}
+        self._id_batches: dict[str, RowBatcher] = {}
 
     def _open(self, split: str) -> None:
         folder = self.folder / split
@@ -175,6 +218,7 @@ class TokenCacheWriter:
         self._files[split]["offsets"].write(np.zeros(1, dtype=np.int64).tobytes())
         self._tokens[split] = 0
         self._ids[split] = pa.ipc.new_file(str(folder / IDS), ID_SCHEMA)
+        self._id_batches[split] = RowBatcher(self._ids[split].write_table)
 
     def add(self, split: str, row_ids: list[str], encodings: list[Encoded], truncated: list[bool], lost: list[int]) -> None:
         if not len(row_ids) == len(encodings) == len(truncated) == len(lost):
@@ -190,15 +234,33 @@ class TokenCacheWriter:
         files["truncated"].write(np.asarray(truncated, dtype=np.bool_).tobytes())
         files["lost"].write(np.asarray(lost, dtype=np.int32).tobytes())
         self._tokens[split] += total
-        self._ids[split].write_table(pa.table({"id": pa.array(row_ids, pa.string())}, schema=ID_SCHEMA))
+        self._id_batches[split].add(pa.table({"id": pa.array(row_ids, pa.string())}, schema=ID_SCHEMA))
+
+    def add_arrays(self, split: str, row_ids: pa.Array, input_ids: np.ndarray, labels: np.ndarray,
+                   lengths: np.ndarray, truncated: np.ndarray, lost: np.ndarray) -> None:
+        """As add(), for rows already flat: input_ids and labels end to end, each row's length."""
+        if not len(row_ids) == len(lengths) == len(truncated) == len(lost) or len(input_ids) != int(lengths.sum()):
+            raise ValueError("one id, length, truncated and lost per row; as many tokens as the lengths sum to")
+        if split not in self._files:
+            self._open(split)
+        files = self._files[split]
+        files["input_ids"].write(np.asarray(input_ids, dtype=np.int32).tobytes())
+        files["labels"].write(np.asarray(labels, dtype=np.int32).tobytes())
+        files["offsets"].write((self._tokens[split] + np.cumsum(lengths)).astype(np.int64).tobytes())
+        files["truncated"].write(np.asarray(truncated, dtype=np.bool_).tobytes())
+        files["lost"].write(np.asarray(lost, dtype=np.int32).tobytes())
+        self._tokens[split] += int(lengths.sum())
+        self._id_batches[split].add(pa.table({"id": pa.array(row_ids, pa.string())}, schema=ID_SCHEMA))
 
     def _finish_files(self) -> None:
+        for batcher in self._id_batches.values():
+            batcher.flush()
         for files in self._files.values():
             for f in files.values():
                 f.close()
         for writer in self._ids.values():
             writer.close()
-        self._files, self._ids = {}, {}
+        self._files, self._ids, self._id_batches = {}, {}, {}
 
     def close(self) -> None:
         for split in SPLITS:  # a split with no rows is an empty cache, not a missing one

@@ -156,8 +156,8 @@ def fit(tokenizer: PreTrainedTokenizerBase, render: Renderer, conv: Conversation
     return Fitted(enc)
 
 
-def length_summary(values: list[int]) -> dict[str, float]:
-    if not values:
+def length_summary(values: list[int] | np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
         return {}
     arr = np.asarray(values)
     return {

@@ -1,0 +1,258 @@
+"""The format stage's first pass, one chunk of raw rows at a time, in worker processes: each row is mapped to a
+canonical conversation (or rejected with its reason), tokenised and fitted to model.max_length. What the
+stage's global decisions need (duplicate keys, MinHash signatures, split hashes, lengths, the length policy's
+verdict) comes back as small arrays; what the second pass writes (the rows and their tokens) goes to the
+chunk's own files. A chunk's result depends on its own rows only, so any chunk size and any number of workers
+give the same curated data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sftops.config import Config
+from sftops.data.dedup import minhash_signatures, normalise
+from sftops.data.schemas import RowError, to_conversation
+from sftops.data.split import prompt_text, split_of
+from sftops.data.store import SCHEMA, record_of
+from sftops.data.tokenize import Renderer, encode_batch, fit
+from sftops.errors import DataError
+
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+AUTO = -1  # split_as: auto (the seeded prompt hash decides)
+# The length policy's verdict per mapped row
+KEPT, TOO_LONG, NO_TARGET, OVERFLOW_ERROR = 0, 1, 2, 3
+VERDICT_KINDS = {TOO_LONG: "too long", NO_TARGET: "no supervised tokens"}
+# A chunk's rows as pass 2 writes them: the curated schema plus each row's normalised prompt (contamination)
+CHUNK_SCHEMA = SCHEMA.append(pa.field("prompt", pa.string()))
+
+
+@dataclass
+class Job:
+    number: int
+    source: int  # index into data.sources
+    lines: list[bytes]  # JSON lines of data/raw/<source>.jsonl
+
+
+@dataclass
+class ChunkResult:
+    number: int
+    source: int
+    rejected: list[dict[str, Any]]  # rows that map to no conversation: origin, kind, reason
+    unused: Counter[str]
+    ids: np.ndarray  # uint64: the row id (16 hex digits) of each mapped row
+    origins: pa.Array
+    text_keys: np.ndarray  # (rows, 2) uint64: sha256 of the normalised conversation text (exact duplicates)
+    signatures: np.ndarray | None  # MinHash of that text (near duplicates); None when that check is off
+    prompt_keys: np.ndarray  # uint64: sha256 of the normalised prompt (rows sharing a prompt share a split)
+    auto_split: np.ndarray  # int8 split code from the seeded prompt hash
+    split_as: np.ndarray  # int8 split code the source fixes, or AUTO
+    fixed_prompts: dict[int, str]  # row -> normalised prompt, for rows whose auto split is test or fixed
+    lengths: np.ndarray  # (rows, 3) int32: prompt, response, total tokens before the length policy
+    verdict: np.ndarray  # int8: KEPT, TOO_LONG, NO_TARGET, OVERFLOW_ERROR
+    reasons: dict[int, str] = field(default_factory=dict)  # row -> why it is not kept
+    truncated: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    prompt_tokens_cut: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    response_tokens_lost: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def row_id(messages: list[dict[str, Any]], tools: list | None = None) -> str:
+    body = {"messages": messages, "tools": tools} if tools else messages
+    return hashlib.sha256(json.dumps(body, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def conversation_text(messages: list[dict[str, Any]]) -> str:
+    return normalise("\n".join(f"{m['role']} {m['content']} {json.dumps(m.get('tool_calls') or '')}" for m in messages))
+
+
+def _key128(text: str) -> tuple[int, int]:
+    digest = hashlib.sha256(text.encode()).digest()
+    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:16], "little")
+
+
+def _key64(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def chunk_paths(folder: Path, number: int) -> tuple[Path, Path]:
+    return folder / f"{number:06d}.parquet", folder / f"{number:06d}.tokens.npz"
+
+
+def check_tools_render(render: Renderer, conv: dict[str, Any], origin: str) -> None:
+    """Tool definitions and calls must appear in the rendering, or the model would train without them."""
+    names = [t.get("function", t).get("name") for t in conv["tools"] or [] if isinstance(t, dict)]
+    calls = [c["function"]["name"] for m in conv["messages"] for c in m.get("tool_calls") or []]
+    if not names and not calls:
+        return
+    text = render(conv["messages"], conv["tools"])
+    missing = [n for n in names + calls if n and n not in text]
+    if missing:
+        raise DataError(
+            f"{origin}: the chat template does not render tools/tool calls ({missing} missing from the "
+            "rendered text); use a model whose template supports tools, or remove these rows"
+        )
+
+
+class ChunkMapper:
+    """Maps one Job to its ChunkResult and files. Built once per process (the tokenizer and template with it)."""
+
+    def __init__(self, cfg: Config, tokenizer: Any, folder: Path) -> None:
+        self.cfg, self.tokenizer, self.folder = cfg, tokenizer, folder
+        self.render = Renderer(tokenizer)
+
+    def __call__(self, job: Job) -> ChunkResult:
+        d, source = self.cfg.data, self.cfg.data.sources[job.source]
+        rejected, unused, rows, convs = [], Counter(), [], []
+        for line in job.lines:
+            raw = json.loads(line)
+            try:
+                conv = to_conversation(raw["fields"], source.row_schema, source.fields, tuple(source.ignore))
+            except RowError as exc:
+                rejected.append({"origin": raw["origin"], "kind": exc.kind, "reason": str(exc)})
+                continue
+            unused.update(conv.pop("unused"))
+            check_tools_render(self.render, conv, raw["origin"])
+            rows.append({"id": row_id(conv["messages"], conv["tools"]), "source": source.name, "origin": raw["origin"],
+                         "split": "", **conv})
+            convs.append(conv)
+        encoded = encode_batch(self.tokenizer, convs, self.render)
+        n = len(rows)
+        texts = [conversation_text(r["messages"]) for r in rows]
+        prompts = [prompt_text(r["messages"]) for r in rows]
+        auto = np.array([SPLIT_CODES[split_of(p, d.split_seed, d.val_fraction, d.test_fraction)] for p in prompts],
+                        dtype=np.int8)
+        fixed_as = AUTO if source.split_as == "auto" else SPLIT_CODES[source.split_as]
+        result = ChunkResult(
+            number=job.number, source=job.source, rejected=rejected, unused=unused,
+            ids=np.array([int(r["id"], 16) for r in rows], dtype=np.uint64),
+            origins=pa.array([r["origin"] for r in rows], pa.string()),
+            text_keys=np.array([_key128(t) for t in texts], dtype=np.uint64).reshape(n, 2),
+            signatures=minhash_signatures(texts, seed=d.split_seed) if d.near_duplicate_threshold is not None else None,
+            prompt_keys=np.array([_key64(p) for p in prompts], dtype=np.uint64),
+            auto_split=auto, split_as=np.full(n, fixed_as, dtype=np.int8),
+            # the prompts a test row can have (contamination): auto test rows', and a test source's (rows sharing
+            # its prompts follow it into test)
+            fixed_prompts={i: p for i, p in enumerate(prompts)
+                           if (auto[i] if fixed_as == AUTO else fixed_as) == SPLIT_CODES["test"]},
+            lengths=np.zeros((n, 3), dtype=np.int32), verdict=np.zeros(n, dtype=np.int8),
+            truncated=np.zeros(n, dtype=bool), prompt_tokens_cut=np.zeros(n, dtype=np.int32),
+            response_tokens_lost=np.zeros(n, dtype=np.int32),
+        )
+        tokens = self._fit_all(result, rows, convs, encoded, prompts)
+        self._write(job.number, rows, tokens)
+        return result
+
+    def _fit_all(self, result: ChunkResult, rows: list[dict], convs: list[dict], encoded: list, prompts: list[str]
+                 ) -> list[tuple[list[int], list[int]]]:
+        """The length policy on each row (its verdict and counts into result); the tokens as trained."""
+        max_length, policy = self.cfg.model.max_length, self.cfg.data.overflow
+        tokens = []
+        for i, (row, conv, enc) in enumerate(zip(rows, convs, encoded)):
+            targets = enc.n_targets
+            result.lengths[i] = (len(enc.input_ids) - targets, targets, len(enc.input_ids))
+            where = f"{row['source']} {row['origin']}"
+            try:
+                fitted = fit(self.tokenizer, self.render, conv, enc, max_length, policy, where)
+            except DataError as exc:  # data.overflow: error; raised by the stage only if the row survives dedup
+                result.verdict[i], result.reasons[i] = OVERFLOW_ERROR, str(exc)
+                tokens.append(([], []))
+                row.update(prompt=prompts[i])
+                continue
+            result.response_tokens_lost[i] = fitted.response_tokens_lost
+            if fitted.encoded is None:
+                result.verdict[i] = TOO_LONG if fitted.kind == "too long" else NO_TARGET
+                result.reasons[i] = f"{fitted.kind}: {fitted.reason}"
+                tokens.append(([], []))
+            else:
+                result.truncated[i], result.prompt_tokens_cut[i] = fitted.truncated, fitted.prompt_tokens_cut
+                tokens.append((fitted.encoded.input_ids, fitted.encoded.labels))
+            row.update(messages_as_trained=fitted.messages, prompt_tokens_cut=fitted.prompt_tokens_cut,
+                       response_tokens_lost=fitted.response_tokens_lost, prompt=prompts[i])
+        return tokens
+
+    def _write(self, number: int, rows: list[dict], tokens: list[tuple[list[int], list[int]]]) -> None:
+        table_path, tokens_path = chunk_paths(self.folder, number)
+        records = [{**record_of(r), "prompt": r["prompt"]} for r in rows]
+        pq.write_table(pa.Table.from_pylist(records, schema=CHUNK_SCHEMA), table_path)
+        lengths = np.fromiter((len(ids) for ids, _ in tokens), dtype=np.int64, count=len(tokens))
+        flat = [t for ids, _ in tokens for t in ids], [t for _, labels in tokens for t in labels]
+        np.savez(tokens_path, input_ids=np.asarray(flat[0], dtype=np.int32), labels=np.asarray(flat[1], dtype=np.int32),
+                 offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+
+def read_jobs(raw: Path, sources: Iterable[Any], chunk_rows: int) -> Iterator[Job]:
+    """The raw rows of each source, in order, chunk_rows lines at a time; a chunk never spans two sources."""
+    number = 0
+    for index, source in enumerate(sources):
+        lines: list[bytes] = []
+        with open(raw / f"{source.name}.jsonl", "rb") as f:
+            for line in f:
+                if line.strip():
+                    lines.append(line)
+                if len(lines) == chunk_rows:
+                    yield Job(number, index, lines)
+                    number, lines = number + 1, []
+        if lines:
+            yield Job(number, index, lines)
+            number += 1
+
+
+_WORKER: ChunkMapper | None = None  # set in the parent before the fork: each worker inherits it
+
+
+def _in_worker(job: Job) -> ChunkResult:
+    assert _WORKER is not None
+    return _WORKER(job)
+
+
+def map_chunks(mapper: ChunkMapper, jobs: Iterable[Job], workers: int) -> Iterator[ChunkResult]:
+    """mapper over the jobs, results in job order. With workers > 1, forked processes (they inherit the loaded
+    tokenizer) take jobs as they come, at most two per worker in flight, so the raw rows are never all in
+    memory; an error in a worker is raised here."""
+    if workers <= 1:
+        yield from map(mapper, jobs)
+        return
+    global _WORKER
+    _WORKER = mapper
+    # The tokenizer's own thread pool must not run in forked children (it can deadlock): one thread each.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pending: deque = deque()
+            for job in jobs:
+                pending.append(pool.apply_async(_in_worker, (job,)))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().get()
+            while pending:
+                yield pending.popleft().get()
+    finally:
+        _WORKER = None
+
+
+def read_chunk(folder: Path, number: int) -> tuple[pa.Table, dict[str, np.ndarray]]:
+    table_path, tokens_path = chunk_paths(folder, number)
+    with np.load(tokens_path) as tokens:
+        return pq.read_table(table_path, schema=CHUNK_SCHEMA), {k: tokens[k] for k in tokens.files}
+
+
+def progress_total(ingest: dict[str, Any], sources: Iterable[Any]) -> int:
+    return sum(ingest["sources"][s.name]["kept"] for s in sources)
+
+
+__all__ = ["AUTO", "CHUNK_SCHEMA", "ChunkMapper", "ChunkResult", "Job", "KEPT", "NO_TARGET", "OVERFLOW_ERROR",
+           "SPLIT_CODES", "TOO_LONG", "VERDICT_KINDS", "check_tools_render", "conversation_text", "map_chunks",
+           "progress_total", "read_chunk", "read_jobs", "row_id"]
