@@ -16,7 +16,7 @@ from sftops.errors import DataError
 _WORD = re.compile(r"\w+")
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: a salted copy of it per permutation is a good independent hash family
     (uint64 multiplication wraps modulo 2^64, as intended)."""
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -77,7 +77,7 @@ def minhash_signatures(texts: Sequence[str], num_perm: int = 64, seed: int = 0, 
         end = int(np.searchsorted(np.cumsum(counts[row:]), chunk, side="right")) + row
         end = max(end, row + 1)
         lo, hi = starts[row], starts[end - 1] + counts[end - 1]
-        perm = (_mix64(hashes[lo:hi, None] ^ salts) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        perm = (mix64(hashes[lo:hi, None] ^ salts) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
         out[row:end] = np.minimum.reduceat(perm, starts[row:end] - lo, axis=0)
         row = end
     return out
@@ -95,7 +95,7 @@ def _band_keys(band: np.ndarray) -> np.ndarray:
     with equal keys is caught later, where the pair's values are compared."""
     keys = np.full(len(band), 0x9E3779B97F4A7C15, dtype=np.uint64)
     for values in band.T:
-        keys = _mix64(keys ^ values.astype(np.uint64))
+        keys = mix64(keys ^ values.astype(np.uint64))
     return keys
 
 
