@@ -109,11 +109,12 @@ def test_streaming_contamination_index_matches_the_set_based_check(n):
     for threshold in (0.1, 0.5, 1.0):
         expected = set_based_contamination(train, test, n, threshold)
         assert contamination(train, test, n, threshold) == expected
-        index = ContaminationIndex(test, n)
+        index = ContaminationIndex(test, n, chunk=37)  # the test side hashed in chunks too
         for lo, hi in ((0, 1), (1, 400), (400, 401), (401, len(train))):  # other chunk sizes, same result
             index.add_train(train[lo:hi])
         assert index.flagged(threshold) == expected
     assert any(0 < overlap < 1 for _, overlap in set_based_contamination(train, test, n, 0.1))
+    assert contamination(train, [], n, 0.5) == contamination(train, ["", " "], n, 0.5) == contamination([], test, n, 0.5) == []
 
 
 @pytest.fixture(scope="module")

@@ -58,20 +58,30 @@ def _lsh_shape(num_perm: int, threshold: float) -> tuple[int, int]:
     return best
 
 
+SIGNATURE_CHUNK = 10_000  # texts whose shingle hashes are held as Python ints at once: ~15 MB at 30 words
+
+
 def minhash_signatures(texts: Sequence[str], num_perm: int = 64, seed: int = 0, n: int = 3) -> np.ndarray:
     """(rows, num_perm) uint32 MinHash signatures of each text's shingle set. A row's signature depends only on
     its own text, the seed and num_perm, so chunks computed apart (worker processes) concatenate into the
     signatures of the whole. Each permutation is the low 32 bits of a salted 64-bit mix: half the memory of
     uint64 (256 MB at a million rows), and two different shingles collide with probability 2^-32, far below
     the 1/num_perm resolution of the similarity estimate."""
+    rng = np.random.default_rng(seed)
+    salts = rng.integers(0, np.iinfo(np.uint64).max, size=num_perm, dtype=np.uint64, endpoint=True)
+    out = np.empty((len(texts), num_perm), dtype=np.uint32)
+    for lo in range(0, len(texts), SIGNATURE_CHUNK):
+        out[lo : lo + SIGNATURE_CHUNK] = _signature_block(texts[lo : lo + SIGNATURE_CHUNK], salts, n)
+    return out
+
+
+def _signature_block(texts: Sequence[str], salts: np.ndarray, n: int) -> np.ndarray:
     per_row = [sorted({zlib.crc32(s.encode()) for s in shingles(t, n)}) for t in texts]
     counts = np.array([len(h) for h in per_row], dtype=np.int64)
     hashes = np.fromiter((h for row in per_row for h in row), dtype=np.uint64, count=int(counts.sum()))
-    rng = np.random.default_rng(seed)
-    salts = rng.integers(0, np.iinfo(np.uint64).max, size=num_perm, dtype=np.uint64, endpoint=True)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    out = np.empty((len(texts), num_perm), dtype=np.uint32)
-    chunk = max(1, 2_000_000 // num_perm)  # bound the (shingles, perms) intermediate to ~16 MB
+    starts = np.cumsum(counts) - counts
+    out = np.empty((len(texts), len(salts)), dtype=np.uint32)
+    chunk = max(1, 2_000_000 // len(salts))  # bound the (shingles, perms) intermediate to ~16 MB
     row = 0
     while row < len(texts):
         end = int(np.searchsorted(np.cumsum(counts[row:]), chunk, side="right")) + row
@@ -85,7 +95,7 @@ def minhash_signatures(texts: Sequence[str], num_perm: int = 64, seed: int = 0, 
 
 # Bounds on the near-duplicate index, so that templated data (thousands of rows sharing a band) stops with a
 # clear error instead of an out-of-memory kill or a quadratic run that never ends.
-MAX_CANDIDATE_PAIRS = 500_000_000  # pairs of rows sharing a band, compared in blocks: time, not memory
+MAX_CANDIDATE_PAIRS = 500_000_000  # pairs sharing a band, compared in blocks: time (~130 CPU ns each), not memory
 MAX_NEAR_PAIRS = 10_000_000  # pairs at or above the threshold, held for the resolution: ~10 bytes each
 _PAIR_BLOCK = 1 << 16  # candidate pairs compared at once: two (block, num_perm) gathers of ~16 MB each
 
