@@ -98,6 +98,7 @@ def _signature_block(texts: Sequence[str], salts: np.ndarray, n: int) -> np.ndar
 MAX_CANDIDATE_PAIRS = 500_000_000  # pairs sharing a band, compared in blocks: time (~130 CPU ns each), not memory
 MAX_NEAR_PAIRS = 10_000_000  # pairs at or above the threshold, held for the resolution: ~10 bytes each
 _PAIR_BLOCK = 1 << 16  # candidate pairs compared at once: two (block, num_perm) gathers of ~16 MB each
+_RESOLVE_BLOCK = 1 << 20  # near pairs resolved at once as Python ints: ~120 MB of them, not 1.2 GB at the bound
 
 
 def _band_keys(band: np.ndarray) -> np.ndarray:
@@ -191,11 +192,13 @@ def _resolve_in_order(later: np.ndarray, earlier: np.ndarray, agreeing: np.ndarr
     is_duplicate = bytearray(rows)
     chosen = []
     decided = -1
-    for position, row, candidate in zip(best_first.tolist(), later[best_first].tolist(), earlier[best_first].tolist()):
-        if row != decided and not is_duplicate[candidate]:
-            is_duplicate[row] = 1
-            decided = row
-            chosen.append(position)
+    for lo in range(0, len(best_first), _RESOLVE_BLOCK):
+        block = best_first[lo : lo + _RESOLVE_BLOCK]
+        for position, row, candidate in zip(block.tolist(), later[block].tolist(), earlier[block].tolist()):
+            if row != decided and not is_duplicate[candidate]:
+                is_duplicate[row] = 1
+                decided = row
+                chosen.append(position)
     return np.array(chosen, dtype=np.int64)
 
 
