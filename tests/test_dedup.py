@@ -119,8 +119,9 @@ def test_a_large_group_sharing_a_band_is_resolved_in_passes_or_refused():
     sig[:, :8] = 7  # every row shares the first band: 4.5 million candidate pairs, none near
     sig[2000:] = sig[1000:2000]  # but these copies are
     assert as_dict(near_duplicates_of(sig, 0.85)) == {r: (r - 1000, 1.0) for r in range(2000, 3000)}
-    with pytest.raises(DataError, match="data.near_duplicate_threshold"):
+    with pytest.raises(DataError, match="data.near_duplicate_threshold") as refused:
         near_duplicates_of(sig, 0.85, max_candidate_pairs=1_000_000)
+    assert "\n" not in str(refused.value) and "4,498,500 candidate pairs" in str(refused.value)
     with pytest.raises(DataError, match="data.near_duplicate_threshold"):
         near_duplicates_of(sig, 0.85, max_near_pairs=999)
 
