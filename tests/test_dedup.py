@@ -3,7 +3,11 @@ and keeps the first copy."""
 
 import random
 
-from sftops.data.dedup import jaccard, near_duplicates, normalise
+import numpy as np
+import pytest
+
+from sftops.data.dedup import _lsh_shape, jaccard, minhash_signatures, near_duplicates, near_duplicates_of, normalise
+from sftops.errors import DataError
 
 
 def test_normalisation_ignores_case_punctuation_and_spacing():
@@ -46,3 +50,87 @@ def test_planted_near_duplicates_are_found_among_twenty_thousand_rows():
         planted[dst] = src
     found = near_duplicates(texts, 0.8)
     assert {i: k for i, (k, _) in found.items()} == planted
+
+
+def old_near_duplicates_loop(sig: np.ndarray, threshold: float) -> dict[int, tuple[int, float]]:
+    """The reference: the per-row loop with per-band dicts that near_duplicates_of replaced, verbatim."""
+    bands, rows = _lsh_shape(sig.shape[1], threshold)
+    buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
+    found: dict[int, tuple[int, float]] = {}
+    for i in range(len(sig)):
+        keys = [sig[i, k * rows : (k + 1) * rows].tobytes() for k in range(bands)]
+        candidates = {j for k, key in enumerate(keys) for j in buckets[k].get(key, ())}
+        best = None
+        for j in sorted(candidates):
+            sim = float(np.mean(sig[i] == sig[j]))
+            if sim >= threshold and (best is None or sim > best[1]):
+                best = (j, sim)
+        if best is not None:
+            found[i] = best
+            continue
+        for k, key in enumerate(keys):
+            buckets[k].setdefault(key, []).append(i)
+    return found
+
+
+def signatures_with_planted_chains(rng: np.random.Generator, rows: int, num_perm: int, alphabet: int) -> np.ndarray:
+    """Random signatures over a small alphabet (many shared bands, many tied similarities), then chains
+    a ~ b ~ c: each planted row copies an earlier row (often itself planted) with a few values changed."""
+    sig = rng.integers(0, alphabet, size=(rows, num_perm), dtype=np.uint32)
+    for row in rng.choice(np.arange(1, rows), size=rows // 3, replace=False):
+        source = rng.integers(0, row)
+        sig[row] = sig[source]
+        changed = rng.choice(num_perm, size=rng.integers(0, num_perm // 4 + 1), replace=False)
+        sig[row, changed] = rng.integers(0, alphabet, size=len(changed))
+    return sig
+
+
+def as_dict(result: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[int, tuple[int, float]]:
+    rows, kept, sims = result
+    assert np.all(np.diff(rows) > 0)  # sorted by duplicate row, each once
+    return {int(r): (int(k), float(s)) for r, k, s in zip(rows, kept, sims)}
+
+
+@pytest.mark.parametrize(("num_perm", "threshold", "alphabet"), [(64, 0.85, 2), (64, 0.8, 1000), (64, 0.6, 3), (16, 0.5, 2), (32, 0.95, 4)])
+def test_vectorised_index_matches_the_per_row_loop(num_perm, threshold, alphabet):
+    rng = np.random.default_rng(num_perm + alphabet)
+    for rows in (1, 2, 50, 600):
+        sig = signatures_with_planted_chains(rng, rows, num_perm, alphabet)
+        expected = old_near_duplicates_loop(sig, threshold)
+        assert as_dict(near_duplicates_of(sig, threshold)) == expected
+        assert as_dict(near_duplicates_of(sig.astype(np.uint64), threshold)) == expected
+
+
+def test_a_chain_keeps_the_row_whose_nearest_earlier_copy_was_removed():
+    """c is nearest to b, but b is a near-duplicate of a: c is compared only with kept rows (a, and d if kept)."""
+    a = np.arange(64, dtype=np.uint32)
+    b = a.copy()
+    b[:6] += 1000  # b ~ a at 58/64
+    c = b.copy()
+    c[6:12] += 2000  # c ~ b at 58/64, c ~ a at 52/64
+    sig = np.stack([a, b, c])
+    assert as_dict(near_duplicates_of(sig, 0.8)) == old_near_duplicates_loop(sig, 0.8) == {1: (0, 58 / 64), 2: (0, 52 / 64)}
+    assert as_dict(near_duplicates_of(sig, 0.85)) == old_near_duplicates_loop(sig, 0.85) == {1: (0, 58 / 64)}
+
+
+def test_a_large_group_sharing_a_band_is_resolved_in_passes_or_refused():
+    rng = np.random.default_rng(5)
+    sig = rng.integers(0, 2**32, size=(3000, 64), dtype=np.uint32)
+    sig[:, :8] = 7  # every row shares the first band: 4.5 million candidate pairs, none near
+    sig[2000:] = sig[1000:2000]  # but these copies are
+    assert as_dict(near_duplicates_of(sig, 0.85)) == {r: (r - 1000, 1.0) for r in range(2000, 3000)}
+    with pytest.raises(DataError, match="data.near_duplicate_threshold") as refused:
+        near_duplicates_of(sig, 0.85, max_candidate_pairs=1_000_000)
+    # 3000 * 2999 / 2 pairs in the shared band, plus the 1000 copies again in each of the other 7 bands
+    assert "\n" not in str(refused.value) and "4,505,500 candidate pairs" in str(refused.value)
+    with pytest.raises(DataError, match="data.near_duplicate_threshold"):
+        near_duplicates_of(sig, 0.85, max_near_pairs=999)
+
+
+def test_a_chunks_signatures_do_not_depend_on_the_other_rows():
+    rng = random.Random(3)
+    words = [f"w{i}" for i in range(200)]
+    texts = [" ".join(rng.choices(words, k=rng.randrange(0, 30))) for _ in range(500)]
+    whole = minhash_signatures(texts, seed=4)
+    chunks = np.concatenate([minhash_signatures(texts[lo : lo + 77], seed=4) for lo in range(0, 500, 77)])
+    assert whole.dtype == np.uint32 and np.array_equal(whole, chunks)

@@ -3,6 +3,7 @@ passes on any conversation the encoder handles correctly and names the row when 
 the contamination check against an independent count."""
 
 import json
+import random
 
 import pytest
 from hypothesis import given, settings
@@ -12,7 +13,7 @@ from sftops.chat import IGNORE, Encoded
 from sftops.config import Config, ModelConfig
 from sftops.curate import assign_split, run_format
 from sftops.data.selfcheck import MaskError, self_check
-from sftops.data.split import contamination, split_of
+from sftops.data.split import ContaminationIndex, contamination, split_of
 from sftops.data.store import read_split
 from sftops.data.tokenize import encode_batch
 from sftops.ingest import run_ingest
@@ -66,6 +67,54 @@ def test_contamination_flags_test_prompts_by_ngram_overlap():
     flagged = dict(contamination(train, test, n=3, threshold=0.5))
     # counted by hand: the first test prompt has 11 words, 9 3-grams, all but "at the bird" in train
     assert flagged == {0: 8 / 9, 2: 1.0}
+
+
+def set_based_contamination(train, test, n, threshold):
+    """The reference: every train n-gram tuple in one set, each test prompt's distinct tuples against it."""
+    def grams(text):
+        words = text.split()
+        if len(words) < n:
+            return {tuple(words)} if words else set()
+        return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+    seen = set().union(*map(grams, train))
+    overlaps = ((i, len(grams(p) & seen) / len(grams(p))) for i, p in enumerate(test) if grams(p))
+    return [(i, overlap) for i, overlap in overlaps if overlap >= threshold]
+
+
+def random_prompts(rng, count, vocabulary, templates):
+    """Prompts of 0 to 20 words over a small vocabulary (shared n-grams, repeated n-grams inside a prompt),
+    a third of them cut from shared templates with words replaced (partial overlaps)."""
+    prompts = []
+    for _ in range(count):
+        if rng.random() < 0.3:
+            words = list(rng.choice(templates))[: rng.randrange(0, 21)]
+            for k in rng.sample(range(len(words)), k=min(len(words), rng.randrange(0, 4))):
+                words[k] = rng.choice(vocabulary)
+        else:
+            words = [rng.choice(vocabulary) for _ in range(rng.randrange(0, 21))]
+        prompts.append(" ".join(words))
+    return prompts
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+def test_streaming_contamination_index_matches_the_set_based_check(n):
+    rng = random.Random(n)
+    vocabulary = [f"w{i}" for i in range(12)]
+    templates = [[rng.choice(vocabulary) for _ in range(20)] for _ in range(5)]
+    train = random_prompts(rng, 900, vocabulary, templates)
+    test = random_prompts(rng, 300, vocabulary + ["unseen", "new"], templates)
+    test += ["", "w1", "w1 w2", " ".join(vocabulary[:n])]  # empty, short and exactly-n-word prompts
+    train.append("w1")
+    for threshold in (0.1, 0.5, 1.0):
+        expected = set_based_contamination(train, test, n, threshold)
+        assert contamination(train, test, n, threshold) == expected
+        index = ContaminationIndex(test, n, chunk=37)  # the test side hashed in chunks too
+        for lo, hi in ((0, 1), (1, 400), (400, 401), (401, len(train))):  # other chunk sizes, same result
+            index.add_train(train[lo:hi])
+        assert index.flagged(threshold) == expected
+    assert any(0 < overlap < 1 for _, overlap in set_based_contamination(train, test, n, 0.1))
+    assert contamination(train, [], n, 0.5) == contamination(train, ["", " "], n, 0.5) == contamination([], test, n, 0.5) == []
 
 
 @pytest.fixture(scope="module")

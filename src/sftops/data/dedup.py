@@ -11,10 +11,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sftops.errors import DataError
+
 _WORD = re.compile(r"\w+")
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: a salted copy of it per permutation is a good independent hash family
     (uint64 multiplication wraps modulo 2^64, as intended)."""
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -56,56 +58,173 @@ def _lsh_shape(num_perm: int, threshold: float) -> tuple[int, int]:
     return best
 
 
+SIGNATURE_CHUNK = 10_000  # texts whose shingle hashes are held as Python ints at once: ~15 MB at 30 words
+
+
 def minhash_signatures(texts: Sequence[str], num_perm: int = 64, seed: int = 0, n: int = 3) -> np.ndarray:
-    """(rows, num_perm) uint64 MinHash signatures of each text's shingle set."""
+    """(rows, num_perm) uint32 MinHash signatures of each text's shingle set. A row's signature depends only on
+    its own text, the seed and num_perm, so chunks computed apart (worker processes) concatenate into the
+    signatures of the whole. Each permutation is the low 32 bits of a salted 64-bit mix: half the memory of
+    uint64 (256 MB at a million rows), and two different shingles collide with probability 2^-32, far below
+    the 1/num_perm resolution of the similarity estimate."""
+    rng = np.random.default_rng(seed)
+    salts = rng.integers(0, np.iinfo(np.uint64).max, size=num_perm, dtype=np.uint64, endpoint=True)
+    out = np.empty((len(texts), num_perm), dtype=np.uint32)
+    for lo in range(0, len(texts), SIGNATURE_CHUNK):
+        out[lo : lo + SIGNATURE_CHUNK] = _signature_block(texts[lo : lo + SIGNATURE_CHUNK], salts, n)
+    return out
+
+
+def _signature_block(texts: Sequence[str], salts: np.ndarray, n: int) -> np.ndarray:
     per_row = [sorted({zlib.crc32(s.encode()) for s in shingles(t, n)}) for t in texts]
     counts = np.array([len(h) for h in per_row], dtype=np.int64)
     hashes = np.fromiter((h for row in per_row for h in row), dtype=np.uint64, count=int(counts.sum()))
-    rng = np.random.default_rng(seed)
-    salts = rng.integers(0, np.iinfo(np.uint64).max, size=num_perm, dtype=np.uint64, endpoint=True)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    out = np.empty((len(texts), num_perm), dtype=np.uint64)
-    chunk = max(1, 2_000_000 // num_perm)  # bound the (shingles, perms) intermediate to ~16 MB
+    starts = np.cumsum(counts) - counts
+    out = np.empty((len(texts), len(salts)), dtype=np.uint32)
+    chunk = max(1, 2_000_000 // len(salts))  # bound the (shingles, perms) intermediate to ~16 MB
     row = 0
     while row < len(texts):
         end = int(np.searchsorted(np.cumsum(counts[row:]), chunk, side="right")) + row
         end = max(end, row + 1)
         lo, hi = starts[row], starts[end - 1] + counts[end - 1]
-        perm = _mix64(hashes[lo:hi, None] ^ salts)
+        perm = (mix64(hashes[lo:hi, None] ^ salts) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
         out[row:end] = np.minimum.reduceat(perm, starts[row:end] - lo, axis=0)
         row = end
     return out
 
 
-def near_duplicates_of(sig: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(indices of near-duplicate rows, the earlier kept copy of each, estimated similarity), by duplicate index.
-    Rows are visited in order; a row's candidates are the earlier kept rows sharing an LSH band with it."""
-    n, num_perm = sig.shape if sig.ndim == 2 else (0, 1)
+# Bounds on the near-duplicate index, so that templated data (thousands of rows sharing a band) stops with a
+# clear error instead of an out-of-memory kill or a quadratic run that never ends.
+MAX_CANDIDATE_PAIRS = 500_000_000  # pairs sharing a band, compared in blocks: time (~130 CPU ns each), not memory
+MAX_NEAR_PAIRS = 10_000_000  # pairs at or above the threshold, held for the resolution: ~10 bytes each
+_PAIR_BLOCK = 1 << 16  # candidate pairs compared at once: two (block, num_perm) gathers of ~16 MB each
+_RESOLVE_BLOCK = 1 << 20  # near pairs resolved at once as Python ints: ~120 MB of them, not 1.2 GB at the bound
+
+
+def _band_keys(band: np.ndarray) -> np.ndarray:
+    """One uint64 per row for the row's values in this band: equal values give equal keys; a rare unequal pair
+    with equal keys is caught later, where the pair's values are compared."""
+    keys = np.full(len(band), 0x9E3779B97F4A7C15, dtype=np.uint64)
+    for values in band.T:
+        keys = mix64(keys ^ values.astype(np.uint64))
+    return keys
+
+
+def _shared_groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows sharing their key with another row, ordered by key then row index; the end position of each one's
+    group in that order; the group sizes). The stable sort keeps each group in row order, so within a group
+    an earlier position is an earlier row."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.concatenate([[True], sorted_keys[1:] != sorted_keys[:-1]]))
+    all_sizes = np.diff(np.append(starts, len(keys)))
+    shared = all_sizes >= 2
+    order = order[np.repeat(shared, all_sizes)]
+    sizes = all_sizes[shared]
+    ends = np.repeat(np.cumsum(sizes), sizes)
+    return order, ends, sizes
+
+
+def _group_pairs(order: np.ndarray, ends: np.ndarray):
+    """(earlier rows, later rows) of every pair of rows within a group, in blocks of at most _PAIR_BLOCK pairs:
+    the d-th pass pairs each position with the one d places on, so a pass never holds more than one pair
+    per row and a large group costs passes, not memory."""
+    active = np.arange(len(order))
+    step = 1
+    while True:
+        active = active[active + step < ends[active]]
+        if not len(active):
+            return
+        for lo in range(0, len(active), _PAIR_BLOCK):
+            block = active[lo : lo + _PAIR_BLOCK]
+            yield order[block], order[block + step]
+        step += 1
+
+
+def _refuse_large_index(what: str, count: int, bound: int, largest_group: int) -> None:
+    raise DataError(
+        f"near-duplicate index: {count:,} {what} exceed the bound of {bound:,} (the largest group of rows "
+        f"sharing an LSH band has {largest_group:,} rows, typically templated prompts); raise "
+        "data.near_duplicate_threshold (longer bands, fewer candidates), or set it to null to skip near-duplicate "
+        "removal, or remove the templated rows"
+    )
+
+
+def _near_pairs(
+    signatures: np.ndarray, threshold: float, max_candidate_pairs: int, max_near_pairs: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(later row, earlier row, agreeing permutations) of every pair sharing at least one band whose signature
+    agreement is at or above the threshold, each pair once (in the first band it shares)."""
+    num_perm = signatures.shape[1]
     bands, rows = _lsh_shape(num_perm, threshold)
-    buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
-    found: list[tuple[int, int, float]] = []
-    for i in range(n):
-        keys = [sig[i, k * rows : (k + 1) * rows].tobytes() for k in range(bands)]
-        candidates = {j for k, key in enumerate(keys) for j in buckets[k].get(key, ())}
-        best = None
-        for j in sorted(candidates):
-            sim = float(np.mean(sig[i] == sig[j]))
-            if sim >= threshold and (best is None or sim > best[1]):
-                best = (j, sim)
-        if best is not None:
-            found.append((i, *best))
-            continue
-        for k, key in enumerate(keys):
-            buckets[k].setdefault(key, []).append(i)
-    dups = np.array([f[0] for f in found], dtype=np.int64)
-    return dups, np.array([f[1] for f in found], dtype=np.int64), np.array([f[2] for f in found], dtype=np.float64)
+    groups = [_shared_groups(_band_keys(signatures[:, k * rows : (k + 1) * rows])) for k in range(bands)]
+    candidates = sum(int((sizes * (sizes - 1) // 2).sum()) for _, _, sizes in groups)
+    largest = max((int(sizes.max()) for _, _, sizes in groups if len(sizes)), default=0)
+    if candidates > max_candidate_pairs:
+        _refuse_large_index("candidate pairs", candidates, max_candidate_pairs, largest)
+    index_dtype = np.int32 if len(signatures) < 2**31 else np.int64
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    held = 0
+    for k, (order, ends, _) in enumerate(groups):
+        for earlier, later in _group_pairs(order, ends):
+            agree = signatures[earlier] == signatures[later]
+            in_band = agree[:, k * rows : (k + 1) * rows].all(axis=1)  # equal keys, unequal values: no match
+            seen_before = agree[:, : k * rows].reshape(len(agree), k, rows).all(axis=2).any(axis=1)
+            agreeing = agree.sum(axis=1)
+            # count / num_perm in float64 is exactly float(np.mean(agree)) as the per-row loop compared it
+            near = in_band & ~seen_before & (agreeing / num_perm >= threshold)
+            if near.any():
+                found.append((later[near].astype(index_dtype), earlier[near].astype(index_dtype),
+                              agreeing[near].astype(np.uint16)))
+                held += int(near.sum())
+                if held > max_near_pairs:
+                    _refuse_large_index(f"pairs at or above the threshold {threshold}", held, max_near_pairs, largest)
+    if not found:
+        empty = np.empty(0, dtype=index_dtype)
+        return empty, empty, np.empty(0, dtype=np.uint16)
+    return tuple(np.concatenate(parts) for parts in zip(*found))  # type: ignore[return-value]
+
+
+def _resolve_in_order(later: np.ndarray, earlier: np.ndarray, agreeing: np.ndarray, rows: int) -> np.ndarray:
+    """Positions of the chosen pairs, visiting rows in order: a row takes its most similar candidate (ties to
+    the smallest index) among earlier rows that were kept, so its own choice depends only on earlier rows'."""
+    best_first = np.lexsort((earlier, -agreeing.astype(np.int32), later))
+    is_duplicate = bytearray(rows)
+    chosen = []
+    decided = -1
+    for lo in range(0, len(best_first), _RESOLVE_BLOCK):
+        block = best_first[lo : lo + _RESOLVE_BLOCK]
+        for position, row, candidate in zip(block.tolist(), later[block].tolist(), earlier[block].tolist()):
+            if row != decided and not is_duplicate[candidate]:
+                is_duplicate[row] = 1
+                decided = row
+                chosen.append(position)
+    return np.array(chosen, dtype=np.int64)
+
+
+def near_duplicates_of(
+    signatures: np.ndarray,
+    threshold: float,
+    max_candidate_pairs: int = MAX_CANDIDATE_PAIRS,
+    max_near_pairs: int = MAX_NEAR_PAIRS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(near-duplicate rows, the earlier kept row each duplicates, estimated similarity), sorted by row. Rows are
+    visited in order; a row's candidates are the earlier kept rows sharing an LSH band with it; the most
+    similar candidate at or above the threshold wins (ties to the smallest index); a near-duplicate row is
+    never a candidate for later rows. Vectorised: all pairs at or above the threshold first, in bounded
+    blocks, then the in-order resolution over those few pairs only."""
+    if not len(signatures):
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, np.empty(0, dtype=np.float64)
+    later, earlier, agreeing = _near_pairs(signatures, threshold, max_candidate_pairs, max_near_pairs)
+    chosen = _resolve_in_order(later, earlier, agreeing, len(signatures))
+    sims = agreeing[chosen].astype(np.float64) / signatures.shape[1]
+    return later[chosen].astype(np.int64), earlier[chosen].astype(np.int64), sims
 
 
 def near_duplicates(
     texts: Sequence[str], threshold: float, num_perm: int = 64, seed: int = 0
 ) -> dict[int, tuple[int, float]]:
     """{index of a near-duplicate: (index of the earlier kept copy, estimated similarity)}."""
-    if not texts:
-        return {}
-    dups, kept, sims = near_duplicates_of(minhash_signatures(texts, num_perm, seed), threshold)
-    return {int(i): (int(k), float(s)) for i, k, s in zip(dups, kept, sims)}
+    rows, kept, sims = near_duplicates_of(minhash_signatures(texts, num_perm, seed), threshold)
+    return {int(r): (int(k), float(s)) for r, k, s in zip(rows.tolist(), kept.tolist(), sims.tolist())}

@@ -4,9 +4,14 @@ normalised prompt, so adding rows never moves an existing one, and rows sharing 
 from __future__ import annotations
 
 import hashlib
+import itertools
 from typing import Any
 
-from sftops.data.dedup import normalise
+import numpy as np
+
+from sftops.data.dedup import mix64, normalise
+
+PROMPT_CHUNK = 20_000  # prompts hashed at once: their words as Python strings dominate, ~40 MB at 20 words
 
 
 def prompt_text(messages: list[dict[str, Any]]) -> str:
@@ -24,46 +29,96 @@ def split_of(prompt: str, seed: int, val_fraction: float, test_fraction: float) 
     return "train"
 
 
-def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    words = text.split()
-    if len(words) < n:
-        return {tuple(words)} if words else set()
-    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+class ContaminationIndex:
+    """The contamination check in memory bounded by the test side: the test prompts' distinct word n-grams,
+    hashed to uint64 and sorted, and which of them the train prompts, added chunk by chunk, contain. Same
+    results as comparing n-gram tuple sets, up to a 64-bit hash collision (about N^2 / 2^64 for N n-grams)."""
+
+    def __init__(self, test_prompts: list[str], n: int, chunk: int = PROMPT_CHUNK):
+        self.n = n
+        self.test_count = len(test_prompts)
+        owners, hashes = _distinct_per_prompt(*_chunked_ngram_hashes(test_prompts, n, chunk))
+        self.grams, self._gram_of_pair = np.unique(hashes, return_inverse=True)
+        self._owner_of_pair = owners
+        self._seen = np.zeros(len(self.grams), dtype=bool)
+
+    def add_train(self, prompts: list[str]) -> None:
+        """Marks the test n-grams these train prompts contain; chunks may come in any size and order."""
+        _, hashes = ngram_hashes(prompts, self.n)
+        at = np.searchsorted(self.grams, hashes)
+        found = at < len(self.grams)
+        found[found] = self.grams[at[found]] == hashes[found]
+        self._seen[at[found]] = True
+
+    def flagged(self, threshold: float) -> list[tuple[int, float]]:
+        """(index of a test prompt, fraction of its distinct n-grams seen in train) at or above the threshold,
+        by index; a prompt without words has no n-grams and is never flagged."""
+        grams = np.bincount(self._owner_of_pair, minlength=self.test_count)
+        seen = np.bincount(self._owner_of_pair, weights=self._seen[self._gram_of_pair], minlength=self.test_count)
+        has_grams = grams > 0
+        overlap = np.zeros(self.test_count)
+        overlap[has_grams] = seen[has_grams] / grams[has_grams]  # float64 count / count, as len() / len()
+        flagged = np.flatnonzero(has_grams & (overlap >= threshold))
+        return [(int(i), float(overlap[i])) for i in flagged]
+
+
+def _word_hashes(words: list[str]) -> np.ndarray:
+    """A stable uint64 per word (blake2b, not hash(): the same in every process), each distinct word hashed once."""
+    codes = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    positions = np.fromiter(map(codes.__getitem__, words), dtype=np.int64, count=len(words))
+    digests = b"".join(hashlib.blake2b(w.encode(), digest_size=8).digest() for w in codes)
+    return np.frombuffer(digests, dtype="<u8")[positions]
+
+
+def _distinct_per_prompt(owners: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (prompt, n-gram) pairs once each: a prompt's n-grams are a set, a repeated one counts once."""
+    order = np.lexsort((hashes, owners))
+    owners, hashes = owners[order], hashes[order]
+    first = np.ones(len(owners), dtype=bool)
+    first[1:] = (owners[1:] != owners[:-1]) | (hashes[1:] != hashes[:-1])
+    return owners[first], hashes[first]
+
+
+def _ngram_positions(lengths: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prompt, position of the first word, words) of each n-gram, for prompts of these word counts: a prompt
+    shorter than n words is one n-gram of all its words, a prompt without words has none."""
+    counts = np.where(lengths >= n, lengths - n + 1, np.minimum(lengths, 1))
+    owners = np.repeat(np.arange(len(lengths)), counts)
+    within_prompt = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    first_word = np.repeat(np.cumsum(lengths) - lengths, counts) + within_prompt
+    return owners, first_word, np.minimum(lengths, n)[owners]
+
+
+def ngram_hashes(prompts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt index, uint64 hash) of each word n-gram of each prompt (words split on whitespace). The hash
+    mixes the words in order and then the n-gram's length, so a short prompt's n-gram never equals a full one's."""
+    split = [p.split() for p in prompts]
+    words = _word_hashes(list(itertools.chain.from_iterable(split)))
+    owners, first_word, size = _ngram_positions(np.array([len(w) for w in split], dtype=np.int64), n)
+    hashes = np.full(len(owners), 0x9E3779B97F4A7C15, dtype=np.uint64)
+    for k in range(n):
+        if k < size.min(initial=n):
+            hashes = mix64(hashes ^ words[first_word + k])
+        else:  # past the last word of a short prompt's n-gram
+            within = k < size
+            hashes[within] = mix64(hashes[within] ^ words[first_word[within] + k])
+    return owners, mix64(hashes ^ size.astype(np.uint64))
+
+
+def _chunked_ngram_hashes(prompts: list[str], n: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """ngram_hashes() a chunk of prompts at a time, so only one chunk's words are Python strings at once."""
+    owners, hashes = [np.empty(0, dtype=np.int64)], [np.empty(0, dtype=np.uint64)]
+    for lo in range(0, len(prompts), chunk):
+        chunk_owners, chunk_hashes = ngram_hashes(prompts[lo : lo + chunk], n)
+        owners.append(chunk_owners + lo)
+        hashes.append(chunk_hashes)
+    return np.concatenate(owners), np.concatenate(hashes)
 
 
 def contamination(train_prompts: list[str], test_prompts: list[str], n: int, threshold: float) -> list[tuple[int, float]]:
     """(index of a test prompt, fraction of its word n-grams found among the train prompts' n-grams) for
     every test prompt at or above the threshold. Prompts shorter than n words count as one n-gram."""
-    seen: set[tuple[str, ...]] = set()
-    for p in train_prompts:
-        seen |= ngrams(p, n)
-    flagged = []
-    for i, p in enumerate(test_prompts):
-        grams = ngrams(p, n)
-        if grams:
-            overlap = len(grams & seen) / len(grams)
-            if overlap >= threshold:
-                flagged.append((i, overlap))
-    return flagged
-
-
-class ContaminationIndex:
-    """contamination() with the train side streamed: built from the test prompts, fed train prompts chunk by chunk."""
-
-    def __init__(self, test_prompts: list[str], n: int) -> None:
-        self.n, self.grams = n, [ngrams(p, n) for p in test_prompts]
-        self.seen: set[tuple[str, ...]] = set()
-        self.wanted = set().union(*self.grams) if self.grams else set()
-
-    def add_train(self, prompts: list[str]) -> None:
-        for p in prompts:
-            self.seen |= ngrams(p, self.n) & self.wanted
-
-    def flagged(self, threshold: float) -> list[tuple[int, float]]:
-        out = []
-        for i, grams in enumerate(self.grams):
-            if grams:
-                overlap = len(grams & self.seen) / len(grams)
-                if overlap >= threshold:
-                    out.append((i, overlap))
-        return out
+    index = ContaminationIndex(test_prompts, n)
+    for lo in range(0, len(train_prompts), PROMPT_CHUNK):
+        index.add_train(train_prompts[lo : lo + PROMPT_CHUNK])
+    return index.flagged(threshold)
