@@ -3,7 +3,10 @@ and save/load fine-tuned models (LoRA adapter or full weights) as safetensors.""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +119,39 @@ def _refusing_unsafe_code(what: str, load: Any, *args: Any, **kwargs: Any) -> An
         raise
 
 
+def tokenizer_cache() -> Path:
+    """Where tokenizers read out of GGUF files are kept (SFTOPS_CACHE, default ~/.cache/sftops)."""
+    return Path(os.environ.get("SFTOPS_CACHE") or Path.home() / ".cache" / "sftops") / "tokenizers"
+
+
+def _gguf_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """A local GGUF file's tokenizer, read out of it once (seconds: the whole file's metadata is parsed) and then
+    from a saved copy (a fraction of a second), keyed by the file's path, size and mtime and the transformers
+    version. The copy is what every stage loads, the first one too, so all see the same tokenizer."""
+    import transformers
+
+    gguf = (Path(resolve_base(cfg.base)) / cfg.gguf_file).resolve()
+    info = gguf.stat()
+    key = hashlib.sha256(json.dumps([str(gguf), info.st_size, info.st_mtime_ns, transformers.__version__]).encode())
+    folder = tokenizer_cache() / key.hexdigest()[:24]
+    if not (folder / "tokenizer_config.json").is_file():
+        tok = _refusing_unsafe_code(cfg.base, AutoTokenizer.from_pretrained, str(gguf.parent), gguf_file=gguf.name)
+        partial = folder.with_name(f".{folder.name}.{os.getpid()}")
+        tok.save_pretrained(partial)
+        try:
+            partial.rename(folder)  # another process may have saved it meanwhile: either copy is the same
+        except OSError:
+            shutil.rmtree(partial, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    tok = _refusing_unsafe_code(cfg.base, AutoTokenizer.from_pretrained, resolve_base(cfg.base), gguf_file=cfg.gguf_file,
-                                revision=_hub_revision(cfg), trust_remote_code=cfg.trust_remote_code)
+    if cfg.gguf_file and Path(resolve_base(cfg.base)).is_dir():
+        tok = _gguf_tokenizer(cfg)
+    else:
+        tok = _refusing_unsafe_code(cfg.base, AutoTokenizer.from_pretrained, resolve_base(cfg.base),
+                                    gguf_file=cfg.gguf_file, revision=_hub_revision(cfg),
+                                    trust_remote_code=cfg.trust_remote_code)
     if not tok.chat_template:
         tok.chat_template = FALLBACK_CHAT_TEMPLATE
     if tok.eos_token is None:
