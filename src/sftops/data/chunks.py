@@ -141,7 +141,7 @@ class ChunkMapper:
             ids=np.array([int(r["id"], 16) for r in rows], dtype=np.uint64),
             origins=pa.array([r["origin"] for r in rows], pa.string()),
             text_keys=np.array([_key128(t) for t in texts], dtype=np.uint64).reshape(n, 2),
-            signatures=minhash_signatures(texts, seed=d.split_seed) if d.near_duplicate_threshold is not None else None,
+            signatures=minhash_signatures(texts, seed=d.split_seed, normalised=True) if d.near_duplicate_threshold is not None else None,
             prompt_keys=np.array([_key64(p) for p in prompts], dtype=np.uint64),
             auto_split=auto, split_as=np.full(n, fixed_as, dtype=np.int8),
             # the prompts a test row can have (contamination): auto test rows', and a test source's (rows sharing

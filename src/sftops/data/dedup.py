@@ -6,22 +6,14 @@ from __future__ import annotations
 
 import re
 import unicodedata
-import zlib
 from collections.abc import Sequence
 
 import numpy as np
 
+from sftops.data.ngrams import mix64, ngram_hashes
 from sftops.errors import DataError
 
 _WORD = re.compile(r"\w+")
-
-
-def mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a salted copy of it per permutation is a good independent hash family
-    (uint64 multiplication wraps modulo 2^64, as intended)."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
 
 
 def normalise(text: str) -> str:
@@ -58,37 +50,50 @@ def _lsh_shape(num_perm: int, threshold: float) -> tuple[int, int]:
     return best
 
 
-SIGNATURE_CHUNK = 10_000  # texts whose shingle hashes are held as Python ints at once: ~15 MB at 30 words
+SIGNATURE_CHUNK = 10_000  # texts whose words are Python strings at once
+_EMPTY_TEXT = np.uint64(0x2545F4914F6CDD1D)  # the one shingle of a text without words
 
 
-def minhash_signatures(texts: Sequence[str], num_perm: int = 64, seed: int = 0, n: int = 3) -> np.ndarray:
-    """(rows, num_perm) uint32 MinHash signatures of each text's shingle set. A row's signature depends only on
-    its own text, the seed and num_perm, so chunks computed apart (worker processes) concatenate into the
-    signatures of the whole. Each permutation is the low 32 bits of a salted 64-bit mix: half the memory of
-    uint64 (256 MB at a million rows), and two different shingles collide with probability 2^-32, far below
-    the 1/num_perm resolution of the similarity estimate."""
+def minhash_signatures(texts: Sequence[str], num_perm: int = 64, seed: int = 0, n: int = 3,
+                       normalised: bool = False) -> np.ndarray:
+    """(rows, num_perm) uint32 MinHash signatures of each text's set of word n-grams (a text of n words or fewer
+    is one shingle of all its words). A row's signature depends only on its own text, the seed and num_perm,
+    so chunks computed apart (worker processes) concatenate into the signatures of the whole.
+
+    Shingles are hashed to uint64 on word hashes (data/ngrams.py, no string per shingle); permutation p is
+    h -> (a_p h + b_p) mod 2^64 with a random odd a_p, of which the minimum's high 32 bits are kept (taking the
+    high bits after the minimum equals the minimum of the high bits). Two different shingles collide in a
+    permutation with probability about 2^-32, far below the 1/num_perm resolution of the estimate.
+    normalised: the texts already went through normalise() (the format stage's conversation texts)."""
     rng = np.random.default_rng(seed)
-    salts = rng.integers(0, np.iinfo(np.uint64).max, size=num_perm, dtype=np.uint64, endpoint=True)
+    a = rng.integers(0, np.iinfo(np.uint64).max, size=num_perm, dtype=np.uint64, endpoint=True) | np.uint64(1)
+    b = rng.integers(0, np.iinfo(np.uint64).max, size=num_perm, dtype=np.uint64, endpoint=True)
     out = np.empty((len(texts), num_perm), dtype=np.uint32)
     for lo in range(0, len(texts), SIGNATURE_CHUNK):
-        out[lo : lo + SIGNATURE_CHUNK] = _signature_block(texts[lo : lo + SIGNATURE_CHUNK], salts, n)
+        block = texts[lo : lo + SIGNATURE_CHUNK]
+        out[lo : lo + SIGNATURE_CHUNK] = _signature_block(block if normalised else [normalise(t) for t in block], a, b, n)
     return out
 
 
-def _signature_block(texts: Sequence[str], salts: np.ndarray, n: int) -> np.ndarray:
-    per_row = [sorted({zlib.crc32(s.encode()) for s in shingles(t, n)}) for t in texts]
-    counts = np.array([len(h) for h in per_row], dtype=np.int64)
-    hashes = np.fromiter((h for row in per_row for h in row), dtype=np.uint64, count=int(counts.sum()))
+def _signature_block(texts: Sequence[str], a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    owners, hashes = ngram_hashes(list(texts), n)
+    empty = np.flatnonzero(np.bincount(owners, minlength=len(texts)) == 0)
+    if len(empty):  # shingles() gives a text without words one empty shingle; so does this
+        order = np.argsort(np.concatenate([owners, empty]), kind="stable")
+        owners = np.concatenate([owners, empty])[order]
+        hashes = np.concatenate([hashes, np.full(len(empty), _EMPTY_TEXT, dtype=np.uint64)])[order]
+    counts = np.bincount(owners, minlength=len(texts))
     starts = np.cumsum(counts) - counts
-    out = np.empty((len(texts), len(salts)), dtype=np.uint32)
-    chunk = max(1, 2_000_000 // len(salts))  # bound the (shingles, perms) intermediate to ~16 MB
+    out = np.empty((len(texts), len(a)), dtype=np.uint32)
+    budget = max(1, 4_000_000 // len(a))  # shingles per step: a (shingles, perms) uint64 block of ~32 MB
+    ends = np.cumsum(counts)
     row = 0
     while row < len(texts):
-        end = int(np.searchsorted(np.cumsum(counts[row:]), chunk, side="right")) + row
-        end = max(end, row + 1)
-        lo, hi = starts[row], starts[end - 1] + counts[end - 1]
-        perm = (mix64(hashes[lo:hi, None] ^ salts) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-        out[row:end] = np.minimum.reduceat(perm, starts[row:end] - lo, axis=0)
+        end = max(int(np.searchsorted(ends, starts[row] + budget, side="right")), row + 1)
+        lo, hi = starts[row], ends[end - 1]
+        permuted = np.multiply(a[:, None], hashes[None, lo:hi])  # (perms, shingles): each row's run is contiguous
+        permuted += b[:, None]
+        out[row:end] = (np.minimum.reduceat(permuted, starts[row:end] - lo, axis=1) >> np.uint64(32)).T
         row = end
     return out
 

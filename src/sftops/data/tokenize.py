@@ -40,6 +40,15 @@ def response_spans(render: Renderer, conv: Conversation) -> tuple[str, list[tupl
     return target_spans(conv["messages"], lambda prefix, gen: render(prefix, tools, generation_prompt=gen))
 
 
+def _ids_and_offsets(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[tuple[list[int], list]]:
+    """Token ids and character offsets of each text, no special tokens added. A fast tokenizer's Rust backend
+    is asked directly: the same encodings as tokenizer(...), without the per-row conversion to Python dicts."""
+    if getattr(tokenizer, "is_fast", False):
+        return [(e.ids, e.offsets) for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(enc["input_ids"], enc["offset_mapping"]))
+
+
 def encode_batch(tokenizer: PreTrainedTokenizerBase, convs: list[Conversation], render: Renderer | None = None,
                  batch_size: int = 1024) -> list[Encoded]:
     """Every conversation's ids and labels (target: a token starting inside a target turn's span)."""
@@ -47,8 +56,7 @@ def encode_batch(tokenizer: PreTrainedTokenizerBase, convs: list[Conversation], 
     out: list[Encoded] = []
     for start in range(0, len(convs), batch_size):
         rendered = [response_spans(render, c) for c in convs[start : start + batch_size]]
-        enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-        for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+        for (_, spans), (ids, offsets) in zip(rendered, _ids_and_offsets(tokenizer, [t for t, _ in rendered])):
             ids_arr = np.asarray(ids, dtype=np.int64)
             starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
             target = np.zeros(len(ids_arr), dtype=bool)
