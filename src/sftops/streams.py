@@ -73,10 +73,12 @@ def require_content(path: Path) -> None:
 
 
 def bounded_lines(fh: BinaryIO, max_line_bytes: int) -> Iterator[tuple[bytes, int]]:
-    """(line, its length in bytes) for each b"\\n"-ended line (the last may lack it), a leading BOM dropped, never
-    holding more than max_line_bytes + 1 bytes of a line: a longer line comes as its first HEAD_BYTES bytes with
-    its full length, and a longer line of only whitespace as (b"", 0), a blank line like any other."""
-    line = fh.readline(max_line_bytes + 1 + len(BOM))
+    """(line, its length in bytes) for each b"\n"-ended line (the last may lack it), a leading BOM dropped,
+    never holding more than max(max_line_bytes, HEAD_BYTES) + 1 bytes of a line: a longer line comes as its
+    first HEAD_BYTES bytes with its full length, and a longer line of only whitespace as (b"", 0), a blank line
+    like any other."""
+    limit = max(max_line_bytes, HEAD_BYTES) + 1  # enough to tell a line too long, and to keep its head
+    line = fh.readline(limit + len(BOM))
     if line.startswith(BOM):
         line = line[len(BOM):]
         if not line:  # the file is only the mark
@@ -86,7 +88,7 @@ def bounded_lines(fh: BinaryIO, max_line_bytes: int) -> Iterator[tuple[bytes, in
             yield line, len(line)
         else:
             yield _overlong(fh, line)
-        line = fh.readline(max_line_bytes + 1)
+        line = fh.readline(limit)
 
 
 def _overlong(fh: BinaryIO, start: bytes) -> tuple[bytes, int]:
