@@ -221,3 +221,29 @@ def test_the_reason_tally_words_top_reasons_as_the_full_list_does():
     first = {k: next(r for r in reasons if ingest_kind(r) == k) for k in by_count}
     expected = "; ".join(f"{kinds.count(k)} x {first[k]}" for k in by_count)
     assert top_reasons(ReasonTally.of(reasons)) == top_reasons(reasons) == expected
+
+
+def ingest_cfg(tmp_path: Path, sources: list[dict]):
+    from sftops.config import Config
+
+    return Config.model_validate({"data": {"sources": sources}, "model": {"base": "unused", "max_length": 128},
+                                  "paths": {"raw": str(tmp_path / "raw"), "curated": str(tmp_path / "curated")}})
+
+
+def test_ingest_writes_every_rejected_row_in_order_and_refuses_an_all_rejected_source_with_its_top_reasons(tmp_path):
+    from sftops.ingest import run_ingest
+    from sftops.jsonio import read_jsonl as read_rows
+
+    lines = [b'{"prompt": "p", "completion": "c"}', b"[1]", b"{bad", b'"s"', b'{"prompt": "q", "completion": "d"}'] * 40
+    (tmp_path / "mixed.jsonl").write_bytes(b"\n".join(lines))
+    (tmp_path / "bad.jsonl").write_bytes(b"\n".join(line for line in lines if not line.startswith(b'{"')))
+    mixed, bad = ({"name": name, "path": str(tmp_path / f"{name}.jsonl")} for name in ("mixed", "bad"))
+    report = run_ingest(ingest_cfg(tmp_path, [mixed]))
+    expected = [r for r in whole_jsonl(b"\n".join(lines), tmp_path, str(tmp_path / "mixed.jsonl"), 4_000_000) if r.error]
+    written = list(read_rows(tmp_path / "raw" / "rejected.jsonl"))
+    assert [(w["origin"], w["row"], w["reason"], w["raw"]) for w in written] == [(r.origin, r.row, r.error, r.raw) for r in expected]
+    assert report["sources"]["mixed"] == {"read": 200, "kept": 80, "rejected": 120}
+    with pytest.raises(DataError) as refused:
+        run_ingest(ingest_cfg(tmp_path, [bad]))
+    reasons = [r.error for r in whole_jsonl((tmp_path / "bad.jsonl").read_bytes(), tmp_path, "bad", 4_000_000)]
+    assert str(refused.value) == f"source 'bad': none of its 120 rows was kept at ingest: {top_reasons(reasons)}"
