@@ -289,7 +289,10 @@ def read_parquet(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> 
 
     require_content(path)
     try:
-        parquet = pq.ParquetFile(io.BytesIO(read_bytes(path)) if compression(path) else path)
+        # without pre-buffering, and through a small buffer, pyarrow holds one row group at a time (pre-buffered,
+        # a 1,000,000-row file of 520 MB held 640 MB)
+        parquet = pq.ParquetFile(io.BytesIO(read_bytes(path)) if compression(path) else path,
+                                 pre_buffer=False, buffer_size=1 << 20)
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     yield from batch_records(_parquet_batches(parquet, path), label, max_row_bytes)
