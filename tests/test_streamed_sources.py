@@ -247,3 +247,15 @@ def test_ingest_writes_every_rejected_row_in_order_and_refuses_an_all_rejected_s
         run_ingest(ingest_cfg(tmp_path, [bad]))
     reasons = [r.error for r in whole_jsonl((tmp_path / "bad.jsonl").read_bytes(), tmp_path, "bad", 4_000_000)]
     assert str(refused.value) == f"source 'bad': none of its 120 rows was kept at ingest: {top_reasons(reasons)}"
+
+
+def test_hub_batches_give_the_dataset_rows_from_cache_files_through_an_indices_mapping_and_in_memory(tmp_path):
+    import datasets
+
+    from sftops.sources import _hub_batches
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "n": i}) + "\n" for i in range(3000)))
+    loaded = datasets.load_dataset(str(tmp_path), split="train", cache_dir=str(tmp_path / "cache"))
+    assert loaded.cache_files  # the fast path: its Arrow files read as streams
+    for ds in (loaded, loaded.shuffle(seed=0), loaded.select(range(10, 2000, 7)), datasets.Dataset.from_list(list(loaded)[:50])):
+        assert [row for batch in _hub_batches(ds) for row in batch.to_pylist()] == list(ds)

@@ -254,10 +254,14 @@ def read_csv(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> Iter
         reader = csv.reader(text, strict=True)  # a stray or unclosed quote is an error
         try:
             yield from _csv_rows(reader, label, max_row_bytes)
-        except csv.Error as exc:  # e.g. a quote left open until the end of the file
-            raise DataError(f"{path} line {reader.line_num}: unreadable CSV ({exc})") from None
-        except UnicodeDecodeError:  # the stream's message counts from its chunk: say where it is in the file
-            raise DataError(f"{path}: not valid UTF-8 ({utf8_error(path)})") from None
+        except (csv.Error, DataError, UnicodeDecodeError) as exc:
+            # a UTF-8 error anywhere in the file is the one reported, as when the file was decoded whole first
+            # (and the stream's own message counts from its chunk: utf8_error places it in the file)
+            if broken := utf8_error(path):
+                raise DataError(f"{path}: not valid UTF-8 ({broken})") from None
+            if isinstance(exc, csv.Error):  # e.g. a quote left open until the end of the file
+                raise DataError(f"{path} line {reader.line_num}: unreadable CSV ({exc})") from None
+            raise
 
 
 def _csv_rows(reader: Any, label: str, max_row_bytes: int) -> Iterator[Record]:
@@ -397,10 +401,34 @@ def read_hub(source: SourceConfig, max_row_bytes: int = MAX_ROW_BYTES) -> Iterat
 
 
 def _hub_batches(ds: Any) -> Iterator[Any]:
-    """The dataset's rows as Arrow record batches, straight from its memory-mapped Arrow files (through its
-    indices mapping, if it has one), not converted to Python a row at a time."""
+    """The dataset's rows as Arrow record batches, without converting them to Python a row at a time: read from
+    its Arrow cache files as streams when the dataset is exactly those files (as load_dataset leaves it), so that
+    only a batch is in memory (memory-mapped, every page read would stay in the process's RSS); otherwise
+    through its memory-mapped table and indices mapping."""
+    import pyarrow as pa
+
+    files = [f["filename"] for f in ds.cache_files]
+    if ds._indices is None and files and _stream_rows(files) == ds.num_rows:  # no public "is it exactly these files"
+        for name in files:
+            with pa.OSFile(name) as fh:
+                yield from pa.ipc.open_stream(fh)
+        return
     for table in ds.with_format("arrow").iter(batch_size=BATCH_ROWS):
         yield from table.to_batches()
+
+
+def _stream_rows(files: list[str]) -> int:
+    """Rows of Arrow IPC stream files, from their batches' headers (the data is skipped, not read)."""
+    import pyarrow as pa
+
+    rows = 0
+    for name in files:
+        with pa.memory_map(name) as fh:  # mapped, and only the batch headers touched
+            try:
+                rows += sum(batch.num_rows for batch in pa.ipc.open_stream(fh))
+            except pa.ArrowInvalid:  # not a stream file (a later datasets may write another layout)
+                return -1
+    return rows
 
 
 def read_source(source: SourceConfig, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[Record]:

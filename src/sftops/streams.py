@@ -103,24 +103,32 @@ def _overlong(fh: BinaryIO, start: bytes) -> tuple[bytes, int]:
     return (b"", 0) if blank else (head, size)
 
 
-def utf8_error(path: Path) -> str:
+def utf8_error(path: Path) -> str | None:
     """Where the (decompressed) file first breaks UTF-8, worded as bytes.decode('utf-8-sig') words it for the
-    whole content; read in chunks, for the error message of a streamed reader."""
+    whole content, or None where it does not; read in chunks to the end (a decompression error, which reading
+    the file whole meets first, is raised)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0  # bytes handed to the decoder before this chunk, after the BOM
+    offset, error = 0, None  # offset: bytes handed to the decoder before this chunk, after the BOM
     with open_bytes(path) as fh:
         chunk = fh.read(CHUNK_BYTES)
         chunk = chunk[len(BOM):] if chunk.startswith(BOM) else chunk
-        while True:
+        while error is None:
             pending = len(decoder.getstate()[0])
             try:
                 decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as exc:
-                start, end = offset - pending + exc.start, offset - pending + exc.end
-                if end - start == 1:
-                    return f"'{exc.encoding}' codec can't decode byte 0x{exc.object[exc.start]:02x} in position {start}: {exc.reason}"
-                return f"'{exc.encoding}' codec can't decode bytes in position {start}-{end - 1}: {exc.reason}"
+                error = _decode_message(exc, offset - pending)
             if not chunk:
-                return "valid UTF-8"  # not reached for a file that failed to decode
+                return error
             offset += len(chunk)
             chunk = fh.read(CHUNK_BYTES)
+        while fh.read(CHUNK_BYTES):
+            pass
+    return error
+
+
+def _decode_message(exc: UnicodeDecodeError, shift: int) -> str:
+    start, end = shift + exc.start, shift + exc.end
+    if end - start == 1:
+        return f"'{exc.encoding}' codec can't decode byte 0x{exc.object[exc.start]:02x} in position {start}: {exc.reason}"
+    return f"'{exc.encoding}' codec can't decode bytes in position {start}-{end - 1}: {exc.reason}"
