@@ -408,7 +408,7 @@ def _hub_batches(ds: Any) -> Iterator[Any]:
     import pyarrow as pa
 
     files = [f["filename"] for f in ds.cache_files]
-    if ds._indices is None and files and _stream_rows(files) == ds.num_rows:  # no public "is it exactly these files"
+    if ds._indices is None and files and _stream_rows(files, ds.data.schema) == ds.num_rows:  # no public "is it exactly these files"
         for name in files:
             with pa.OSFile(name) as fh:
                 yield from pa.ipc.open_stream(fh)
@@ -417,17 +417,21 @@ def _hub_batches(ds: Any) -> Iterator[Any]:
         yield from table.to_batches()
 
 
-def _stream_rows(files: list[str]) -> int:
-    """Rows of Arrow IPC stream files, from their batches' headers (the data is skipped, not read)."""
+def _stream_rows(files: list[str], schema: Any) -> int:
+    """Rows of Arrow IPC stream files, from their batches' headers (the data is skipped, not read); -1 when one
+    is not a stream file or holds other columns than `schema`."""
     import pyarrow as pa
 
     rows = 0
     for name in files:
         with pa.memory_map(name) as fh:  # mapped, and only the batch headers touched
             try:
-                rows += sum(batch.num_rows for batch in pa.ipc.open_stream(fh))
+                reader = pa.ipc.open_stream(fh)
             except pa.ArrowInvalid:  # not a stream file (a later datasets may write another layout)
                 return -1
+            if not reader.schema.remove_metadata().equals(schema.remove_metadata()):
+                return -1
+            rows += sum(batch.num_rows for batch in reader)
     return rows
 
 
