@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
 from sftops.config import Config, SourceConfig
 from sftops.errors import DataError
-from sftops.jsonio import write_json, write_jsonl
+from sftops.jsonio import jsonl_line, write_json, write_jsonl
 from sftops.outputs import replaced_whole
 from sftops.sources import pinned_source, read_source
 
@@ -29,16 +31,34 @@ def ingest_kind(reason: str) -> str:
     return reason.split(" (")[0].split(":")[0]
 
 
-def top_reasons(reasons: list[str], n: int = 3) -> str:
+@dataclass
+class ReasonTally:
+    """How many rejections of each kind, and the first reason of each: all top_reasons needs, held in the room
+    of a few reasons however many rows were rejected."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    first: dict[str, str] = field(default_factory=dict)
+
+    def add(self, reason: str) -> None:
+        kind = ingest_kind(reason)
+        self.counts[kind] += 1
+        self.first.setdefault(kind, reason[:400])
+
+    @classmethod
+    def of(cls, reasons: Iterable[str]) -> ReasonTally:
+        tally = cls()
+        for reason in reasons:
+            tally.add(reason)
+        return tally
+
+
+def top_reasons(reasons: Iterable[str] | ReasonTally, n: int = 3) -> str:
     """'40 no known schema (first: ...), 2 empty message': the commonest kinds with counts and one example."""
-    counts = Counter(ingest_kind(r) for r in reasons)
-    first = {}
-    for r in reasons:
-        first.setdefault(ingest_kind(r), r)
-    return "; ".join(f"{c} x {first[k][:400]}" for k, c in counts.most_common(n))
+    tally = reasons if isinstance(reasons, ReasonTally) else ReasonTally.of(reasons)
+    return "; ".join(f"{c} x {tally.first[k]}" for k, c in tally.counts.most_common(n))
 
 
-def refuse_empty(source: SourceConfig, read: int, reasons: list[str], stage: str) -> None:
+def refuse_empty(source: SourceConfig, read: int, reasons: Iterable[str] | ReasonTally, stage: str) -> None:
     """A source none of whose rows survive is a user error, not an empty success."""
     if read == 0:
         raise DataError(f"source {source.name!r}: no rows were read from {source.path or source.hub}; "
@@ -52,7 +72,18 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
 
 
 def _ingest(cfg: Config, out: Path) -> dict[str, Any]:
-    rejected: list[dict[str, Any]] = []
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / REJECTED).open("w", encoding="utf-8") as rejected_file:  # written as rows come: never held
+        per_source, revisions = _ingest_sources(cfg, out, rejected_file)
+    totals = {k: sum(c[k] for c in per_source.values()) for k in ("read", "kept", "rejected")}
+    # the hub sources' commits: train records them (manifest, MLflow) from the copy format carries along
+    report = {"totals": totals, "sources": per_source, "revisions": revisions}
+    write_json(out / REPORT, report)
+    return report
+
+
+def _ingest_sources(cfg: Config, out: Path, rejected_file: TextIO) -> tuple[dict[str, dict[str, int]], dict[str, Any]]:
+    """Each source's kept rows into its own file and its rejected rows onto rejected_file: (counts, revisions)."""
     per_source: dict[str, dict[str, int]] = {}
     revisions: dict[str, dict[str, str | None]] = {}
     for requested in cfg.data.sources:
@@ -60,6 +91,7 @@ def _ingest(cfg: Config, out: Path) -> dict[str, Any]:
         if source.hub is not None:
             revisions[source.name] = {"hub": source.hub, "requested": requested.revision, "commit": source.revision}
         counts = {"read": 0, "kept": 0, "rejected": 0}
+        reasons = ReasonTally()
 
         def kept_rows():
             for rec in tqdm(read_source(source, cfg.data.max_row_bytes), desc=f"ingest {source.name}", unit=" rows", leave=False):
@@ -69,19 +101,14 @@ def _ingest(cfg: Config, out: Path) -> dict[str, Any]:
                     yield {"source": source.name, "origin": rec.origin, "fields": rec.fields}
                 else:
                     counts["rejected"] += 1
-                    rejected.append(
-                        {"source": source.name, "origin": rec.origin, "row": rec.row, "reason": rec.error, "raw": rec.raw}
-                    )
+                    reasons.add(rec.error)
+                    rejected_file.write(jsonl_line(
+                        {"source": source.name, "origin": rec.origin, "row": rec.row, "reason": rec.error, "raw": rec.raw}))
 
         with contextlib.closing(kept_rows()) as rows:  # closed on a failed write too: the progress bar ends its line
             write_jsonl(out / f"{source.name}.jsonl", rows)
         assert counts["read"] == counts["kept"] + counts["rejected"]
         if counts["kept"] == 0 and cfg.data.stop_on_empty_source:
-            refuse_empty(source, counts["read"], [r["reason"] for r in rejected if r["source"] == source.name], "ingest")
+            refuse_empty(source, counts["read"], reasons, "ingest")
         per_source[source.name] = counts
-    write_jsonl(out / REJECTED, rejected)
-    totals = {k: sum(c[k] for c in per_source.values()) for k in ("read", "kept", "rejected")}
-    # the hub sources' commits: train records them (manifest, MLflow) from the copy format carries along
-    report = {"totals": totals, "sources": per_source, "revisions": revisions}
-    write_json(out / REPORT, report)
-    return report
+    return per_source, revisions

@@ -18,12 +18,17 @@ def require(path: Path, producer: str) -> Path:
     return Path(path)
 
 
+def jsonl_line(row: dict[str, Any]) -> str:
+    """One row as a JSON Lines line (UTF-8 text as it is, not escaped)."""
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with path.open("w", encoding="utf-8") as fh:
         for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.write(jsonl_line(row))
             n += 1
     return n
 
