@@ -40,7 +40,8 @@ def test_data_scale_benchmark_dry_run_prints_both_sizes_ratios_and_startup(tmp_p
            "--startup"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "train start-up from the 600-row formatted cache" in done.stdout and "to the first optimizer step" in done.stdout
+    assert "train start-up from the 600-row formatted cache" in done.stdout and "s to the start of the held-out NLL before step 1" in done.stdout
+    assert "val rows as TokenRows" in done.stdout  # read from the cache format wrote, not tokenised afresh
     table = done.stdout.split("data preparation, sftops ingest + format vs TRL")[-1].split("details per size")[0]
     rows = [line.split() for line in table.splitlines() if line.strip().split(" ")[0] in ("300", "600")]
     assert [r[0] for r in rows] == ["300", "600"], done.stdout[-3000:]
