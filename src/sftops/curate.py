@@ -23,6 +23,7 @@ from sftops.data.split import contamination, prompt_text, split_of
 from sftops.data.store import SPLITS, cache_key, split_file, write_cache, write_rows
 from sftops.data.tokenize import Renderer, encode_batch, fit, length_summary, token_lengths
 from sftops.errors import DataError
+from sftops.fingerprints import remember_digests
 from sftops.ingest import REJECTED as RAW_REJECTED
 from sftops.ingest import REPORT as RAW_REPORT
 from sftops.ingest import ingest_kind, refuse_empty
@@ -316,4 +317,5 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, ingest: dict[str,
     write_json(out / STATS, stats)
     write_json(out / RAW_REPORT, ingest)  # carried along: train logs it without reading data/raw, which it does not depend on
     write_card(out, stats, lengths, cfg.model.max_length)
+    remember_digests(out)  # hashed once here, so train and evaluate read the digests, not the gigabytes
     return stats
