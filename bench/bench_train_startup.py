@@ -6,13 +6,14 @@ for a small and a large cached train split.
 
 For each size the script writes, in a temp folder, a curated dataset as the format stage leaves it: train/val/test
 Parquet splits with the canonical schema (synthetic conversations, ~20-word prompts, 20-160-word responses) and the
-tokenised cache through sftops' TokenCacheWriter (per row 30-150 prompt and 60-450 response tokens, random ids
-from the model's vocabulary: ~340 tokens a row), keyed for the model's tokenizer so train takes it as valid. The val
-and test splits have a fixed --val-rows rows on every side: the held-out NLL before the first step scales with
-the validation rows, which is model compute, not start-up. Then a fresh process runs `sftops train`'s own
-function (sftops.finetune.run_train: LoRA on the model, MLflow tracking into a temp SQLite store) and is stopped
-at the log line of its first optimizer step; the script prints that time and the child's peak RSS per size, and
-their differences.
+tokenised cache through sftops' TokenCacheWriter (per row 30-150 prompt and 60-450 response tokens, random ids from
+the model's vocabulary: ~340 tokens a row), keyed for the model's tokenizer so train takes it as valid; the files'
+digests are recorded as the format stage records them (sftops.fingerprints.remember_digests, into $SFTOPS_CACHE_DIR,
+here the dataset's own cache/ folder). The val and test splits have a fixed --val-rows rows on every side: the
+held-out NLL before the first step scales with the validation rows, which is model compute, not start-up. Then a
+fresh process runs `sftops train`'s own function (sftops.finetune.run_train: LoRA on the model, MLflow tracking into
+a temp SQLite store) and is stopped at the log line of its first optimizer step; the script prints that time and the
+child's peak RSS per size, and their differences.
 """
 
 from __future__ import annotations
@@ -103,11 +104,17 @@ def config(model: Path) -> dict:
     }
 
 
+def use_cache_folder(folder: Path) -> None:
+    """The dataset's own cache folder (the recorded digests), as a project's .sftops-cache/: build and child alike."""
+    os.environ["SFTOPS_CACHE_DIR"] = str(folder / "cache")
+
+
 def build(folder: Path, rows: int, val_rows: int, model: Path) -> dict:
     from sftops.config import Config
     from sftops.data.store import TokenCacheWriter, cache_key, split_file
     from sftops.modeling import load_tokenizer
 
+    use_cache_folder(folder)
     cfg = Config.model_validate(config(model))
     curated = folder / cfg.paths.curated
     curated.mkdir(parents=True)
@@ -123,6 +130,9 @@ def build(folder: Path, rows: int, val_rows: int, model: Path) -> dict:
 
     for name in (STATS, REPORT):  # the reports train logs with the run, as the format stage leaves them
         (curated / name).write_text(json.dumps({"bench": "synthetic rows from bench_train_startup.py"}) + "\n")
+    from sftops.fingerprints import remember_digests
+
+    remember_digests(curated)  # as the format stage ends: the files' digests recorded for train to find
     size = sum(f.stat().st_size for f in curated.rglob("*") if f.is_file())
     return {"tokens": tokens, "curated_bytes": size}
 
@@ -159,6 +169,7 @@ def child(folder: Path, model: Path, spawned: float) -> None:
     from sftops.finetune import run_train
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+    use_cache_folder(folder)
     logger = logging.getLogger("sftops.finetune")
     logger.setLevel(logging.INFO)
     logger.addHandler(FirstStep(spawned))

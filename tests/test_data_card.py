@@ -1,12 +1,15 @@
 """The data card (markdown + PNG histograms) next to the curated data, and the curated data logged to a real
 MLflow store as the run's dataset input with DVC's hash as its digest, with the card as artifacts."""
 
+import hashlib
 import json
 from pathlib import Path
 
 import matplotlib.image
+import pyarrow.parquet as pq
 from mlflow import MlflowClient
 
+import sftops.fingerprints as fingerprints
 from sftops import tracking
 from sftops.config import Config
 from sftops.curate import run_format
@@ -17,6 +20,8 @@ from sftops.ingest import run_ingest
 def test_card_and_mlflow_dataset_input(tmp_path, stories_model, gsm8k, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("SFTOPS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(fingerprints, "REMEMBER_FROM_BYTES", 0)  # record every file's digests, not only large ones
     lines = (gsm8k / "train.jsonl").read_text().splitlines()[:300]
     Path("gsm.jsonl").write_text("\n".join(lines + lines[:10]) + "\n")  # 10 exact duplicates
     cfg = Config.model_validate({
@@ -34,6 +39,13 @@ def test_card_and_mlflow_dataset_input(tmp_path, stories_model, gsm8k, monkeypat
     image = matplotlib.image.imread(curated / HISTOGRAM)
     assert image.ndim == 3 and image.shape[0] > 100
     assert json.loads((curated / "stats.json").read_text())["self_check"]["rows"] == 64
+    # The format stage recorded each file's digests (outside the folder) for train and evaluate to reuse.
+    record = json.loads((tmp_path / "cache" / fingerprints.DIGESTS_FILE).read_text())
+    for path in (p for p in curated.rglob("*") if p.is_file()):
+        stat, data = path.stat(), path.read_bytes()
+        entry = record[f"{stat.st_dev}:{stat.st_ino}"]
+        assert entry["signature"] == [stat.st_size, stat.st_mtime_ns], path
+        assert (entry["md5"], entry["sha256"]) == (hashlib.md5(data).hexdigest(), hashlib.sha256(data).hexdigest())
 
     with tracking.pipeline_run(cfg, [curated / "stats.json"]) as run:
         pass
@@ -42,5 +54,9 @@ def test_card_and_mlflow_dataset_input(tmp_path, stories_model, gsm8k, monkeypat
     [dataset_input] = logged.inputs.dataset_inputs
     assert dataset_input.dataset.name == "curated"
     assert dataset_input.dataset.digest == tracking.dvc_md5(curated) == logged.data.tags["data.curated_dvc_md5"]
+    splits = {split: len(pq.read_table(curated / f"{split}.parquet")) for split in ("train", "val", "test")}
+    assert json.loads(dataset_input.dataset.profile) == {"num_rows": sum(splits.values()),
+                                                         **{f"{s}_rows": n for s, n in splits.items()}}
+    assert splits == stats["splits"] and json.loads(dataset_input.dataset.source)["uri"] == str(curated.resolve())
     artifacts = {a.path for a in client.list_artifacts(run["run_id"], "data")}
     assert {f"data/{CARD}", f"data/{HISTOGRAM}", "data/stats.json"} <= artifacts

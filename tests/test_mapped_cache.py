@@ -135,20 +135,69 @@ def test_chunked_writes_equal_one_write_and_an_interrupted_write_is_no_cache(tmp
     assert read_cache(tmp_path / "one", "train", {"k": 1}) is None
 
 
-def test_streamed_digests_equal_whole_file_hashes_and_see_a_changed_file(tmp_path, monkeypatch):
+def _fresh(path: Path) -> dict[str, str]:
     import hashlib
 
-    import sftops.fingerprints as fingerprints
-    from sftops.manifest import dvc_md5
+    return {name: hashlib.new(name, path.read_bytes()).hexdigest() for name in ("md5", "sha256")}
 
-    monkeypatch.setattr(fingerprints, "REMEMBER_FROM_BYTES", 0)  # remember every file, so a stale memo would show
-    data = tmp_path / "d"
-    data.mkdir()
-    (data / "a.bin").write_bytes(bytes(range(256)) * 9000)  # more than one 1 MiB block
-    (data / "b.txt").write_text("b")
-    listing = [{"md5": hashlib.md5((data / n).read_bytes()).hexdigest(), "relpath": n} for n in ("a.bin", "b.txt")]
-    assert dvc_md5(data) == hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
-    assert fingerprints.stream_digest([data / "a.bin", tmp_path / "missing", data / "b.txt"], "sha256") == hashlib.sha256(
-        (data / "a.bin").read_bytes() + b"-" + b"b").hexdigest()
-    (data / "b.txt").write_text("bb")
-    assert fingerprints.file_sha256(data / "b.txt") == hashlib.sha256(b"bb").hexdigest()
+
+def test_recorded_digests_equal_fresh_hashes_and_a_changed_file_is_hashed_again(tmp_path, monkeypatch):
+    """What the format stage records (remember_digests) the train stage reuses, in another process, from the cache
+    folder, across the rename of the folder, and only while each file keeps its size and mtime."""
+    import hashlib
+    import os
+
+    import sftops.fingerprints as fingerprints
+    from sftops.manifest import dvc_md5, folder_hashes
+
+    monkeypatch.setenv("SFTOPS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(fingerprints, "REMEMBER_FROM_BYTES", 1 << 20)
+    monkeypatch.setattr(fingerprints, "_REMEMBERED", {})
+    written = tmp_path / ".curated.tmp"  # the format stage writes here, then renames it (outputs.replaced_whole)
+    written.mkdir()
+    big, small = written / "train.bin", written / "stats.json"
+    big.write_bytes(bytes(range(256)) * 9000)  # 2.3 MB, over more than one 1 MiB block: remembered
+    small.write_text('{"a": 1}')  # under REMEMBER_FROM_BYTES: hashed every time
+    fingerprints.remember_digests(written)
+    assert sorted(p.name for p in written.iterdir()) == ["stats.json", "train.bin"]  # the record is not in the folder
+    before = _fresh(big)
+    # A same-size change whose old mtime is put back (touch -r) is the one change the record cannot see (nor can
+    # DVC's): here it proves that the digest below comes from the record, not from reading the bytes.
+    stat = big.stat()
+    with big.open("r+b") as fh:
+        fh.write(b"\xff" * 16)
+    os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    curated = tmp_path / "curated"
+    written.rename(curated)
+    big, small = curated / "train.bin", curated / "stats.json"
+    monkeypatch.setattr(fingerprints, "_REMEMBERED", {})  # another process: only the cache folder's record
+    assert fingerprints.file_digests(big) == before != _fresh(big)
+
+    os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # same size, new mtime: hashed again
+    after = _fresh(big)
+    assert fingerprints.file_digests(big) == after and fingerprints.file_sha256(big) == after["sha256"]
+    small_stat = small.stat()
+    small.write_text('{"a": 2}')
+    os.utime(small, ns=(small_stat.st_atime_ns, small_stat.st_mtime_ns))
+    assert fingerprints.file_md5(small) == hashlib.md5(b'{"a": 2}').hexdigest()  # small files: never remembered
+
+    monkeypatch.setattr(fingerprints, "_REMEMBERED", {})
+    listing = [{"md5": _fresh(curated / n)["md5"], "relpath": n} for n in ("stats.json", "train.bin")]
+    assert dvc_md5(curated) == hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
+    assert folder_hashes(curated) == {n: _fresh(curated / n)["sha256"] for n in ("stats.json", "train.bin")}
+
+
+def test_an_unreadable_digest_record_only_costs_a_hash(tmp_path, monkeypatch):
+    import sftops.fingerprints as fingerprints
+
+    monkeypatch.setenv("SFTOPS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(fingerprints, "REMEMBER_FROM_BYTES", 0)
+    monkeypatch.setattr(fingerprints, "_REMEMBERED", {})
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / fingerprints.DIGESTS_FILE).write_text("{not json")  # e.g. a disk that filled mid-write
+    data = tmp_path / "a.bin"
+    data.write_bytes(b"abc" * 1000)
+    assert fingerprints.file_digests(data) == _fresh(data)
+    monkeypatch.setattr(fingerprints, "_REMEMBERED", {})
+    record = json.loads((tmp_path / "cache" / fingerprints.DIGESTS_FILE).read_text())
+    assert [entry["sha256"] for entry in record.values()] == [_fresh(data)["sha256"]]

@@ -36,6 +36,7 @@ from sftops.data.split import ContaminationIndex, prompt_text, split_of
 from sftops.data.store import SPLITS, SplitWriter, TokenCacheWriter, cache_key, split_file
 from sftops.data.tokenize import encode_batch, length_summary
 from sftops.errors import DataError
+from sftops.fingerprints import remember_digests
 from sftops.ingest import REJECTED as RAW_REJECTED
 from sftops.ingest import REPORT as RAW_REPORT
 from sftops.ingest import ingest_kind, refuse_empty
@@ -450,4 +451,5 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, chunks: Path, ing
     write_json(out / STATS, stats)
     write_json(out / RAW_REPORT, ingest)  # carried along: train logs it without reading data/raw, which it does not depend on
     write_card(out, stats, {k: v.tolist() for k, v in lengths.items()}, cfg.model.max_length)
+    remember_digests(out)  # hashed once here, so train and evaluate read the digests, not the gigabytes
     return stats

@@ -7,7 +7,6 @@ base-eval/<sha256>.json. Deleting the folder is always safe."""
 from __future__ import annotations
 
 import json
-import os
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -15,14 +14,7 @@ from typing import Any
 from sftops.fingerprints import file_sha256, json_sha256
 from sftops.config import ModelConfig
 from sftops.modeling import check_base, resolve_base
-from sftops.workspace import project_root
-
-DEFAULT_CACHE_DIR = ".sftops-cache"
-
-
-def cache_root() -> Path:
-    """$SFTOPS_CACHE_DIR, else .sftops-cache/ in the project folder (shared by the runs of DVC experiments)."""
-    return Path(os.environ.get("SFTOPS_CACHE_DIR") or project_root() / DEFAULT_CACHE_DIR)
+from sftops.workspace import cache_root
 
 
 def cache_dir() -> Path:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
+
+from sftops.workspace import cache_root
 
 
 def text_sha256(text: str) -> str:
@@ -19,40 +22,98 @@ def json_sha256(value: Any) -> str:
     return text_sha256(json.dumps(value, sort_keys=True, separators=(",", ":"), default=str))
 
 
-# Digests of large files, computed once per process while a file keeps its size, mtime and inode (as DVC's
-# state keys them): train start-up hashes the same gigabytes of curated data for several records otherwise.
-# Small files are re-hashed every time: cheap, and a same-size rewrite within the clock's granularity stays seen.
-_REMEMBERED: dict[tuple, str] = {}
+# Digests of large files, remembered while a file keeps its inode, size and mtime (the signature DVC's own state
+# database trusts): train start-up needs the md5 (DVC's directory hash) and the sha256 (the run manifest, the
+# tokenised cache's key) of gigabytes of curated data, which the format stage has just hashed. Remembered in this
+# process and in a small JSON file in the cache folder (DIGESTS_FILE), outside every DVC output: a record inside
+# data/curated would be part of the folder's DVC hash, and the mtimes it must hold differ between two runs that
+# write the same bytes, so the same data would get a new DVC version and miss DVC's run-cache. Keyed by (device,
+# inode), not path: the format stage writes into a temporary folder that it then renames to data/curated, which
+# keeps inodes and mtimes. A DVC checkout writes new files (new inodes, mtimes): they are hashed again, as they
+# must be. Small files are hashed every time: cheap, and no same-size rewrite within the clock's granularity can
+# be missed; a file of REMEMBER_FROM_BYTES or more takes longer to write than a clock tick. Only a writer that
+# puts the old mtime back by hand (touch -r) on a same-size change fools it, as it fools DVC.
+_REMEMBERED: dict[str, dict[str, Any]] = {}
 REMEMBER_FROM_BYTES = 16 << 20
+DIGESTS_FILE = "digests.json"
+KEEP_DIGESTS = 4096  # the most recently hashed files the JSON file keeps (about 200 bytes each)
+ALGORITHMS = ("md5", "sha256")
 
 
-def _stat_key(paths: list[Path], name: str) -> tuple | None:
-    stats = [p.stat() if p.exists() else None for p in paths]
-    if sum(s.st_size for s in stats if s) < REMEMBER_FROM_BYTES:
-        return None
-    return (name, *((str(p.resolve()), s and (s.st_size, s.st_mtime_ns, s.st_ino)) for p, s in zip(paths, stats)))
+def _digest_store() -> Path:
+    return cache_root() / DIGESTS_FILE
 
 
-def stream_digest(paths: list[Path], algorithm: str) -> str:
-    """One digest of the files' bytes end to end (a missing file adds b"-"), read in 1 MiB blocks."""
-    key = _stat_key(paths, algorithm)
-    if key is not None and key in _REMEMBERED:
-        return _REMEMBERED[key]
-    digest = hashlib.new(algorithm)
-    for path in paths:
-        if not path.exists():
-            digest.update(b"-")
-            continue
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
+def _signature(stat: os.stat_result) -> list[int]:
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _stored() -> dict[str, dict[str, Any]]:
+    """The digests other processes recorded ({} when there is no readable file: it is only a shortcut)."""
+    try:
+        stored = json.loads(_digest_store().read_text())
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _record(key: str, entry: dict[str, Any]) -> None:
+    """Add one entry to the JSON file: written aside and renamed, so a concurrent reader (another torchrun
+    process) sees the old or the new file; two writers at once may lose an entry, which only costs a re-hash."""
+    _REMEMBERED[key] = entry
+    store = _digest_store()
+    entries = {k: v for k, v in _stored().items() if k != key}
+    entries[key] = entry
+    kept = dict(list(entries.items())[-KEEP_DIGESTS:])  # insertion order: the oldest go first
+    tmp = store.parent / f".{store.name}.{os.getpid()}.tmp"
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(kept) + "\n")
+        os.replace(tmp, store)
+    except OSError:  # a read-only cache folder: the digests stay remembered in this process only
+        tmp.unlink(missing_ok=True)
+
+
+def _hash_file(path: Path) -> dict[str, str]:
+    """md5 and sha256 of a file in one read, in 1 MiB blocks (bounded memory)."""
+    digests = {name: hashlib.new(name) for name in ALGORITHMS}
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            for digest in digests.values():
                 digest.update(block)
-    if key is not None:
-        _REMEMBERED[key] = digest.hexdigest()
-    return digest.hexdigest()
+    return {name: digest.hexdigest() for name, digest in digests.items()}
+
+
+def file_digests(path: str | Path) -> dict[str, str]:
+    """{"md5", "sha256"} of a file's bytes: remembered ones while the file keeps its inode, size and mtime."""
+    path = Path(path)
+    stat = path.stat()
+    if stat.st_size < REMEMBER_FROM_BYTES:
+        return _hash_file(path)
+    key, signature = f"{stat.st_dev}:{stat.st_ino}", _signature(stat)
+    for entry in (_REMEMBERED.get(key), _stored().get(key)):
+        if entry and entry.get("signature") == signature and all(name in entry for name in ALGORITHMS):
+            _REMEMBERED[key] = entry
+            return {name: entry[name] for name in ALGORITHMS}
+    digests = _hash_file(path)
+    _record(key, {"signature": signature, "path": str(path.resolve()), **digests})
+    return digests
+
+
+def remember_digests(folder: str | Path) -> None:
+    """Hash every large file under `folder` now (the stage that wrote them), so that the stages reading them
+    find the digests recorded and do not read the bytes again."""
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            file_digests(path)
 
 
 def file_sha256(path: str | Path) -> str:
-    return stream_digest([Path(path)], "sha256")
+    return file_digests(path)["sha256"]
+
+
+def file_md5(path: str | Path) -> str:
+    return file_digests(path)["md5"]
 
 
 def chat_template_sha256(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sftops.config import Config
-from sftops.fingerprints import chat_template_sha256, file_sha256, json_sha256, stream_digest, tokenizer_sha256
+from sftops.fingerprints import chat_template_sha256, file_md5, file_sha256, json_sha256, tokenizer_sha256
 from sftops.redact import redact
 
 LIBRARIES = ("sftops", "torch", "transformers", "peft", "tokenizers", "accelerate", "datasets", "mlflow", "dvc", "prefect", "numpy")
@@ -43,7 +43,7 @@ def dvc_md5(path: Path, skip: tuple[str, ...] = ()) -> str:
     [{"md5", "relpath"}] listing of the folder's files, plus '.dir'. Files under a folder named in `skip`
     (e.g. __pycache__) are left out."""
     entries = [
-        {"md5": stream_digest([f], "md5"), "relpath": f.relative_to(path).as_posix()}
+        {"md5": file_md5(f), "relpath": f.relative_to(path).as_posix()}
         for f in sorted(p for p in Path(path).rglob("*") if p.is_file() and not set(p.relative_to(path).parts) & set(skip))
     ]
     entries.sort(key=lambda e: e["relpath"])

@@ -16,6 +16,9 @@ from typing import Any
 import mlflow
 import yaml
 from mlflow import MlflowClient
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.types import ColSpec, DataType, Schema
 
 from sftops.config import Config
 from sftops.errors import ConfigError, SftopsError, TrackingError
@@ -70,18 +73,47 @@ def data_lineage(cfg: Config) -> dict[str, str]:
     return tags
 
 
+def split_rows(curated: Path) -> dict[str, int]:
+    """Rows per split, from the Parquet footers (no row is read)."""
+    import pyarrow.parquet as pq
+
+    from sftops.data.store import SPLITS, split_file
+
+    return {s: pq.ParquetFile(split_file(curated, s)).metadata.num_rows for s in SPLITS}
+
+
+class MetadataDataset(MetaDataset):
+    """A dataset made of metadata only, with a profile (MLflow's MetaDataset has none to show)."""
+
+    def __init__(self, source: DatasetSource, name: str, digest: str, schema: Schema, profile: dict[str, Any]) -> None:
+        self._profile = profile
+        super().__init__(source, name=name, digest=digest, schema=schema)
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def curated_dataset(curated: Path, digest: str) -> MetadataDataset:
+    """The curated data as the MLflow UI shows it: name, digest (the DVC hash), source (the folder), schema and
+    profile (rows in all and per split), from the Parquet footers: no data frame of a million rows to say so."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    rows = split_rows(curated)
+    profile = {"num_rows": sum(rows.values()), **{f"{split}_rows": n for split, n in rows.items()}}
+    schema = Schema([ColSpec(DataType.string, column) for column in ("id", "source", "split")])
+    return MetadataDataset(resolve_dataset_source(str(curated.resolve())), "curated", digest, schema, profile)
+
+
 def log_curated_data(curated: Path, digest: str) -> None:
     """The curated data as the run's dataset input (digest: its DVC hash, so the run names the exact data
     version), and its data card with the token-length histograms as artifacts."""
-    import pandas as pd
-
     from sftops.data.card import CARD, HISTOGRAM
-    from sftops.data.store import SPLITS, split_file
 
-    frames = [pd.read_parquet(split_file(curated, s), columns=["id", "source", "split"]) for s in SPLITS]
-    dataset = mlflow.data.from_pandas(pd.concat(frames, ignore_index=True), source=str(curated.resolve()),
-                                      name="curated", digest=digest)
-    mlflow.log_input(dataset, context="training")
+    mlflow.log_input(curated_dataset(curated, digest), context="training")
     for name in (CARD, HISTOGRAM):
         if (curated / name).exists():
             mlflow.log_artifact(str(curated / name), artifact_path="data")

@@ -13,3 +13,12 @@ from pathlib import Path
 
 def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
+DEFAULT_CACHE_DIR = ".sftops-cache"
+
+
+def cache_root() -> Path:
+    """$SFTOPS_CACHE_DIR, else .sftops-cache/ in the project folder (shared by the runs of DVC experiments): caches
+    that are never a stage's output (the base model's evaluations, recorded file digests); deleting it is safe."""
+    return Path(os.environ.get("SFTOPS_CACHE_DIR") or project_root() / DEFAULT_CACHE_DIR)

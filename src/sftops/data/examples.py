@@ -26,10 +26,15 @@ def _counts(rows: int) -> dict[str, Any]:
             "response_tokens_lost": 0, "from_cache": False}
 
 
+def split_cache(cfg: Config, tokenizer: PreTrainedTokenizerBase, split: str) -> TokenRows | None:
+    """The split's whole cache, when its key matches the current data, tokenizer, template, max_length, overflow."""
+    curated = Path(cfg.paths.curated)
+    return read_cache(curated, split, cache_key(curated, tokenizer, cfg.model.max_length, cfg.data.overflow))
+
+
 def cached_rows(cfg: Config, tokenizer: PreTrainedTokenizerBase, split: str, row_ids: pa.ChunkedArray) -> TokenRows | None:
     """The cached encodings of `row_ids`, in that order, or None when the cache is stale or lacks one of them."""
-    curated = Path(cfg.paths.curated)
-    cached = read_cache(curated, split, cache_key(curated, tokenizer, cfg.model.max_length, cfg.data.overflow))
+    cached = split_cache(cfg, tokenizer, split)
     if cached is None:
         return None
     if cached.ids.equals(row_ids):  # the usual case: the split as the format stage wrote it
@@ -103,14 +108,17 @@ def source_codes(sources: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
 
 def split_examples(cfg: Config, tokenizer: PreTrainedTokenizerBase, split: str, max_rows: int | None = None,
                    seed: int = 0) -> SplitExamples:
-    """The train stage's reader: with a valid cache only the id and source columns of the curated split are read
-    (never the conversations) and the tokens stay memory-mapped; otherwise the split is read and tokenised."""
-    columns = read_columns(cfg.paths.curated, split, ["id", "source"])
-    chosen = sampled(columns.num_rows, max_rows, seed)
-    columns = columns.take(pa.array(chosen)) if len(chosen) != columns.num_rows else columns
-    cached = cached_rows(cfg, tokenizer, split, columns.column("id"))
-    if cached is not None:
-        codes, names = source_codes(columns.column("source"))
+    """The train stage's reader: with a valid cache only the source column of the curated split is read (neither
+    the conversations nor the row ids: the cache's key holds the split files' hash, so its row i is the split's
+    row i; decoding a million ids from Parquet costs hundreds of MB) and the tokens stay memory-mapped;
+    otherwise the split is read and tokenised."""
+    sources = read_columns(cfg.paths.curated, split, ["source"]).column("source")
+    chosen = sampled(len(sources), max_rows, seed)
+    cached = split_cache(cfg, tokenizer, split)
+    if cached is not None and len(cached) == len(sources):
+        if len(chosen) != len(sources):
+            cached, sources = cached.select(chosen), sources.take(pa.array(chosen))
+        codes, names = source_codes(sources)
         return SplitExamples(cached, codes, names, cache_counts(cached))
     rows = read_split(cfg.paths.curated, split)
     rows = [rows[i] for i in chosen.tolist()]

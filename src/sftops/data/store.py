@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sftops.chat import IGNORE, Encoded
 from sftops.errors import DataError
-from sftops.fingerprints import stream_digest
+from sftops.fingerprints import file_sha256, json_sha256
 
 SPLITS = ("train", "val", "test")
 TOKENIZED = "tokenized"
@@ -172,8 +172,10 @@ def _sha(text: str | bytes) -> str:
 
 
 def data_hash(curated: Path) -> str:
-    """Of the curated split files' bytes: any change to the data changes it (streamed: bounded memory)."""
-    return stream_digest([split_file(curated, split) for split in SPLITS], "sha256")
+    """Of the curated split files' bytes (each file's sha256, the one the run manifest records, so train
+    start-up reads the format stage's recorded digests rather than the files): any change to the data changes it."""
+    files = {split: split_file(curated, split) for split in SPLITS}
+    return json_sha256({split: file_sha256(path) if path.exists() else None for split, path in files.items()})
 
 
 def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
