@@ -41,10 +41,9 @@ def response_spans(render: Renderer, conv: Conversation) -> tuple[str, list[tupl
 
 
 def _ids_and_offsets(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[tuple[list[int], list]]:
-    """Token ids and character offsets of each text, no special tokens added. A fast tokenizer's Rust backend
-    is asked directly: the same encodings as tokenizer(...), without the per-row conversion to Python dicts."""
-    if getattr(tokenizer, "is_fast", False):
-        return [(e.ids, e.offsets) for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    """Token ids and character offsets of each text, no special tokens added. Through the tokenizer's own call,
+    not its Rust backend directly: the backend keeps the padding a previous padded call set (generation pads
+    batches), and would pad these rows too."""
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
