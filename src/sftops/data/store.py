@@ -95,11 +95,6 @@ def _from_record(rec: dict[str, Any]) -> dict[str, Any]:
     return {**rec, "messages": messages, "tools": json.loads(rec["tools"]) if rec["tools"] else None}
 
 
-def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist([record_of(r) for r in rows], schema=SCHEMA), path)
-
-
 ROW_GROUP = 10_000  # rows per Parquet row group / Arrow record batch: fixed, so the files' bytes depend on the rows only
 
 
