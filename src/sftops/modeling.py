@@ -8,15 +8,18 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from sftops.config import ModelConfig
 from sftops import hub
 from sftops.errors import ModelError
 from sftops.sources import package_dir
+
+if TYPE_CHECKING:  # the model classes cost 2 s to import: the data stages, which need only the tokenizer, skip it
+    from transformers import PreTrainedModel
 
 MANIFEST = "sftops_model.json"
 
@@ -185,6 +188,8 @@ def require_hardware(method: str, attn_implementation: str = "sdpa") -> None:
 def load_base_model(cfg: ModelConfig, quantize_4bit: bool = False) -> PreTrainedModel:
     """The pre-trained model in float32 (the optimizer's master weights), or with 4-bit NF4 linear layers
     (bf16 compute) for QLoRA."""
+    from transformers import AutoModelForCausalLM
+
     extra: dict[str, Any] = {"attn_implementation": cfg.attn_implementation, "revision": _hub_revision(cfg)}
     if quantize_4bit:
         from transformers import BitsAndBytesConfig
@@ -241,6 +246,8 @@ def is_adapter(info: dict[str, Any]) -> bool:
 
 
 def load_finetuned(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM
+
     model_dir = Path(model_dir)
     info = read_manifest(model_dir)
     base_cfg = ModelConfig.model_validate(info["base"])
