@@ -49,9 +49,9 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sftops import checkpoint
-    from sftops.distributed import join, leave
-    from sftops.training import shard
+    from sftops.train import checkpoint
+    from sftops.train.distributed import join, leave
+    from sftops.train.loop import shard
 
     world = join()
     torch.manual_seed(0)

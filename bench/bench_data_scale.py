@@ -308,7 +308,7 @@ def startup_child(project: Path, overrides: list[str], spawned: float) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_train_startup import FirstStep
 
-    import sftops.finetune as finetune
+    import sftops.stages.train as finetune
     from sftops.config import load_config
 
     def ready(_model, val_rows, *_args, **_kwargs):
@@ -321,7 +321,7 @@ def startup_child(project: Path, overrides: list[str], spawned: float) -> None:
 
     finetune.score_rows = ready  # the measurement point, outside the library; held_out_nll looks the name up here
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
-    logger = logging.getLogger("sftops.finetune")
+    logger = logging.getLogger("sftops.stages.train")
     logger.setLevel(logging.INFO)
     logger.addHandler(FirstStep(spawned))
     finetune.run_train(load_config(project / "params.yaml", [*overrides, *STARTUP_OVERRIDES]))

@@ -5,7 +5,7 @@
     python bench/bench_engine_vs_trl.py --gpu-mfu-only --peak-flops 989e12
 
 Both sides fully fine-tune the same small Llama-architecture model (random init, saved once) on the same GSM8K
-rows, tokenised once by sftops.chat.encode_rows and handed to TRL as `input_ids` + `labels`; same AdamW, warmup +
+rows, tokenised once by sftops.data.examples.encode_rows and handed to TRL as `input_ids` + `labels`; same AdamW, warmup +
 cosine schedule, clipping, micro-batch x accumulation, float32. "Matched" runs give TRL's sampler sftops' own
 micro-batch order (no length grouping, padded), so their first-step losses must agree. "Best" lets each side use
 its fastest option: TRL padding_free or packing (BFD), sftops group_by_length or packing. Each run is a fresh
@@ -50,8 +50,8 @@ def peak_rss_mb() -> float:
 
 def run_sftops(spec: dict, examples: list, pad_id: int, model: torch.nn.Module) -> dict:
     from sftops.config import TrainConfig
-    from sftops.distributed import World
-    from sftops.training import train_loop
+    from sftops.train.distributed import World
+    from sftops.train.loop import train_loop
 
     cfg = TrainConfig(method="full", max_steps=spec["steps"], micro_batch_size=spec["micro_batch"], grad_accum_steps=spec["accum"],
                       learning_rate=spec["lr"], weight_decay=spec["weight_decay"], warmup_ratio=spec["warmup_ratio"],
@@ -75,7 +75,7 @@ def run_trl(spec: dict, examples: list, workdir: Path, model: torch.nn.Module) -
     from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from sftops.batching import micro_batches
+    from sftops.data.batching import micro_batches
 
     options, micro, out = spec["options"], spec["micro_batch"], {"losses": [], "tokens": [], "times": []}
     step_loss, step_tokens = [0.0], [0]
@@ -144,7 +144,7 @@ def prepare(workdir: Path, rows: int, seed: int) -> dict:
     """Tokenise the rows once and save the tokenizer and a seeded random-init model, for every run to load."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sftops.chat import encode_rows
+    from sftops.data.examples import encode_rows
     from sftops.config import ModelConfig
     from sftops.modeling import load_tokenizer
 
@@ -235,7 +235,7 @@ def synthetic_examples(n: int, vocab: int, seed: int) -> list:
 def gpu_mfu(args: argparse.Namespace) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sftops.batching import micro_batches
+    from sftops.data.batching import micro_batches
 
     torch.manual_seed(args.seed)
     config = LlamaConfig(**GPU_LLAMA, vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=False)

@@ -111,7 +111,7 @@ def fresh_model(weights: dict, config, method: str, options: dict, seed: int, de
     """The saved random weights in a new model, with the adapter (seeded: the same on both sides) and dtype asked."""
     from transformers import LlamaForCausalLM
 
-    from sftops.adapters import apply_method
+    from sftops.train.lora import apply_method
     from sftops.config import TrainConfig
 
     with torch.device(device):
@@ -143,9 +143,9 @@ class StopRun(Exception):
 
 
 def run_sftops(run: Run, model: torch.nn.Module, examples: list, spec: dict, options: dict, device: torch.device) -> None:
-    from sftops.batching import micro_batches
-    from sftops.distributed import World
-    from sftops.training import train_loop
+    from sftops.data.batching import micro_batches
+    from sftops.train.distributed import World
+    from sftops.train.loop import train_loop
 
     cfg = train_config(spec, run.method, options)
     stream = micro_batches([len(e.input_ids) for e in examples], cfg.micro_batch_size, cfg.seed, cfg.group_by_length)
@@ -171,7 +171,7 @@ def run_trl(run: Run, model: torch.nn.Module, examples: list, spec: dict, option
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from sftops.batching import micro_batches
+    from sftops.data.batching import micro_batches
 
     micro, packed = spec["micro_batch"], options.get("packing", False)
     step = {"loss": 0.0, "supervised": 0, "tokens": 0}

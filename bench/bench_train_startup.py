@@ -8,10 +8,10 @@ For each size the script writes, in a temp folder, a curated dataset as the form
 Parquet splits with the canonical schema (synthetic conversations, ~20-word prompts, 20-160-word responses) and the
 tokenised cache through sftops' TokenCacheWriter (per row 30-150 prompt and 60-450 response tokens, random ids from
 the model's vocabulary: ~340 tokens a row), keyed for the model's tokenizer so train takes it as valid; the files'
-digests are recorded as the format stage records them (sftops.fingerprints.remember_digests, into $SFTOPS_CACHE_DIR,
+digests are recorded as the format stage records them (sftops.provenance.fingerprints.remember_digests, into $SFTOPS_CACHE_DIR,
 here the dataset's own cache/ folder). The val and test splits have a fixed --val-rows rows on every side: the
 held-out NLL before the first step scales with the validation rows, which is model compute, not start-up. Then a
-fresh process runs `sftops train`'s own function (sftops.finetune.run_train: LoRA on the model, MLflow tracking into
+fresh process runs `sftops train`'s own function (sftops.stages.train.run_train: LoRA on the model, MLflow tracking into
 a temp SQLite store) and is stopped at the log line of its first optimizer step; the script prints that time and the
 child's peak RSS per size, and their differences.
 """
@@ -125,12 +125,11 @@ def build(folder: Path, rows: int, val_rows: int, model: Path) -> dict:
     with TokenCacheWriter(curated, cache_key(curated, tokenizer, cfg.model.max_length, cfg.data.overflow)) as writer:
         for split, split_ids in ids.items():
             tokens += write_tokens(writer, split, split_ids, rng, len(tokenizer))
-    from sftops.curate import STATS
-    from sftops.ingest import REPORT
+    from sftops.layout import INGEST_REPORT, STATS
 
-    for name in (STATS, REPORT):  # the reports train logs with the run, as the format stage leaves them
+    for name in (STATS, INGEST_REPORT):  # the reports train logs with the run, as the format stage leaves them
         (curated / name).write_text(json.dumps({"bench": "synthetic rows from bench_train_startup.py"}) + "\n")
-    from sftops.fingerprints import remember_digests
+    from sftops.provenance.fingerprints import remember_digests
 
     remember_digests(curated)  # as the format stage ends: the files' digests recorded for train to find
     size = sum(f.stat().st_size for f in curated.rglob("*") if f.is_file())
@@ -166,11 +165,11 @@ class FirstStep(logging.Handler):
 
 def child(folder: Path, model: Path, spawned: float) -> None:
     from sftops.config import Config
-    from sftops.finetune import run_train
+    from sftops.stages.train import run_train
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
     use_cache_folder(folder)
-    logger = logging.getLogger("sftops.finetune")
+    logger = logging.getLogger("sftops.stages.train")
     logger.setLevel(logging.INFO)
     logger.addHandler(FirstStep(spawned))
     run_train(Config.model_validate(config(model)))

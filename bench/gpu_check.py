@@ -3,7 +3,7 @@
     python bench/gpu_check.py
 
 On a small Llama built from a config with random weights and synthetic conversations, each check trains a
-few steps with the real engine (sftops.training.train_loop) and prints one line:
+few steps with the real engine (sftops.train.loop.train_loop) and prints one line:
 - bf16 autocast, LoRA and full: the loss falls; fused AdamW is in use;
 - packing: the start-up self-check's packed-vs-padded gap under bf16 autocast with SDPA;
 - torch.compile: the first-step loss equals the eager one (bf16 tolerance);
@@ -26,14 +26,15 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sftops.adapters import apply_method
-from sftops.chat import Encoded, encode
+from sftops.train.lora import apply_method
+from sftops.chat import Encoded
+from sftops.data.tokenize import encode_conversation
 from sftops.config import ModelConfig, TrainConfig
-from sftops.distributed import World
+from sftops.train.distributed import World
 from sftops.errors import GpuMemoryError
 from sftops.modeling import load_base_model, load_tokenizer
-from sftops.packing_check import packing_self_check
-from sftops.training import build_optimizer, train_loop
+from sftops.train.packing_check import packing_self_check
+from sftops.train.loop import build_optimizer, train_loop
 
 WORDS = "the cat sat on the mat and the dog ran in the park what is two plus four hello how are you today".split()
 
@@ -103,7 +104,7 @@ def main() -> None:
         folder = Path(tmp)
         build(folder)
         tok = load_tokenizer(ModelConfig(base=str(folder)))
-        examples = [encode(tok, c) for c in conversations(480)]
+        examples = [encode_conversation(tok, c) for c in conversations(480)]
         pad = tok.pad_token_id
         if sys.argv[1:] == ["--only", "oom"]:
             out_of_memory(folder, examples, pad)

@@ -52,7 +52,7 @@ from prefect.tasks import Task, exponential_backoff  # noqa: E402
 
 from sftops import tracking  # noqa: E402
 from sftops.config import Config, load_config  # noqa: E402
-from sftops.data.card import CARD  # noqa: E402
+from sftops.layout import CARD, RUN_FILE  # noqa: E402
 from sftops.errors import SftopsError, TransientError  # noqa: E402
 from sftops.pipeline import STAGES, where  # noqa: E402
 
@@ -101,7 +101,7 @@ def dvc_experiment(name: str, overrides: list[str]) -> State:
 
 def _run_files(cfg: Config, rev: str | None, cwd: Path) -> tuple[dict, dict]:
     """The run.json of the model and metrics.json, from the workspace or as revision `rev` recorded them."""
-    run_file, metrics_file = f"{cfg.paths.model}/{tracking.RUN_FILE}", cfg.paths.metrics
+    run_file, metrics_file = f"{cfg.paths.model}/{RUN_FILE}", cfg.paths.metrics
     if rev is None:
         return json.loads((cwd / run_file).read_text()), json.loads((cwd / metrics_file).read_text())
     return json.loads(dvc_steps.read_output(run_file, rev, cwd)), json.loads(dvc_steps.show(rev, metrics_file, cwd))
@@ -155,7 +155,7 @@ def record(name: str, cfg: Config, in_workspace: bool, upstream: dict | None = N
 def promote(recorded: dict, cfg: Config) -> State:
     """The promotion gate, one flow at a time per registry: two variants deciding at once would both see the old
     champion."""
-    from sftops.evaluation import champion_measurer
+    from sftops.stages.evaluate import champion_measurer
 
     with concurrency(REGISTRY_LOCK, occupy=1, strict=False):
         # A champion with no result on this run's test split is measured on it first, with this run's settings.

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from sftops.chat import IGNORE, Encoded, target_spans
+
 # The real processes (servers, temp repositories) live in realstack; tests also import these names from here.
 from realstack import MlflowServer, free_port, sh, tool_env  # noqa: F401
 
@@ -151,8 +153,8 @@ def project(tmp_path, tiny_model, monkeypatch):
     import yaml
 
     from sftops.config import load_config
-    from sftops.curate import run_format
-    from sftops.ingest import run_ingest
+    from sftops.stages.format import run_format
+    from sftops.stages.ingest import run_ingest
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -176,3 +178,17 @@ def project(tmp_path, tiny_model, monkeypatch):
     run_ingest(cfg)
     run_format(cfg)
     return tmp_path, write
+
+
+def reference_encode(tokenizer, messages: list[dict]) -> Encoded:
+    """An independent encoding to check the production encoder against: the chat template through transformers'
+    apply_chat_template (not sftops' compiled renderer), one tokenizer call per conversation, and a per-token
+    test of whether each token starts inside a target turn's span (not the encoder's bisection)."""
+    def render(prefix, generation):
+        return tokenizer.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation)
+
+    text, spans = target_spans(messages, render)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [t if any(lo <= start < hi for lo, hi in spans) else IGNORE
+              for t, (start, _) in zip(enc["input_ids"], enc["offset_mapping"])]
+    return Encoded(list(enc["input_ids"]), labels)

@@ -11,18 +11,18 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).parent))
 from test_accumulation import conversations  # noqa: E402
 
-from sftops.batching import make_batch, micro_batches, step_batches  # noqa: E402
-from sftops.chat import encode  # noqa: E402
+from sftops.data.batching import make_batch, micro_batches, step_batches  # noqa: E402
+from sftops.data.tokenize import encode_conversation  # noqa: E402
 from sftops.config import ModelConfig, TrainConfig  # noqa: E402
-from sftops.distributed import join, leave  # noqa: E402
+from sftops.train.distributed import join, leave  # noqa: E402
 from sftops.modeling import load_tokenizer  # noqa: E402
-from sftops.training import accumulate_gradients, wrap_objective  # noqa: E402
+from sftops.train.loop import accumulate_gradients, wrap_objective  # noqa: E402
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
 world = join()
 tok = load_tokenizer(ModelConfig(base=model_dir))
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-examples = [encode(tok, c) for c in conversations(8)]
+examples = [encode_conversation(tok, c) for c in conversations(8)]
 objective = wrap_objective(model, TrainConfig(), world)
 stream = micro_batches([len(e.input_ids) for e in examples], 4, seed=3)
 shares = step_batches(stream, accum=1, world=world.size, rank=world.rank)

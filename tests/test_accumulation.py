@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from sftops.batching import make_batch, micro_batches, step_batches
-from sftops.chat import encode
+from sftops.data.batching import make_batch, micro_batches, step_batches
+from sftops.data.tokenize import encode_conversation
 from sftops.config import ModelConfig
 from sftops.modeling import load_tokenizer
-from sftops.objective import SupervisedNLL, collate, row_nll
-from sftops.training import accumulate_gradients
+from sftops.data.batching import collate
+from sftops.train.loss import SupervisedNLL, row_nll
+from sftops.train.loop import accumulate_gradients
 
 HERE = Path(__file__).parent
 WORDS = "the cat sat on the mat and the dog ran in the park hello how are you today".split()
@@ -53,7 +54,7 @@ def assert_same_step(a, b):
 def test_accumulation_matches_one_big_batch(tiny_model):
     tok = load_tokenizer(ModelConfig(base=str(tiny_model)))
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    examples = [encode(tok, c) for c in conversations(8)]
+    examples = [encode_conversation(tok, c) for c in conversations(8)]
     big = one_step(model, examples, tok.pad_token_id, micro=8, accum=1)
     assert_same_step(big, one_step(model, examples, tok.pad_token_id, micro=2, accum=4))
     assert_same_step(big, one_step(model, examples, tok.pad_token_id, micro=2, accum=4, packed=True))
@@ -77,7 +78,7 @@ def test_two_ddp_processes_match_one_process(tiny_model, tmp_path):
     """torchrun, 2 processes x micro-batch 4 with gloo on CPU, against micro-batch 8 in this process."""
     tok = load_tokenizer(ModelConfig(base=str(tiny_model)))
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    examples = [encode(tok, c) for c in conversations(8)]
+    examples = [encode_conversation(tok, c) for c in conversations(8)]
     loss, grads = one_step(model, examples, tok.pad_token_id, micro=8, accum=1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "ddp_step.py"), str(tiny_model), str(tmp_path)]
@@ -103,11 +104,11 @@ def test_length_grouping_covers_every_row_once_per_epoch_with_less_padding():
 
 
 def test_gradient_checkpointing_changes_memory_not_the_step(tiny_model):
-    from sftops.adapters import apply_method
+    from sftops.train.lora import apply_method
     from sftops.config import TrainConfig
 
     tok = load_tokenizer(ModelConfig(base=str(tiny_model)))
-    examples = [encode(tok, c) for c in conversations(8)]
+    examples = [encode_conversation(tok, c) for c in conversations(8)]
     steps = []
     for checkpointing in (False, True):
         torch.manual_seed(0)

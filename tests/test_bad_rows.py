@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 from sftops.config import Config
-from sftops.curate import run_format
-from sftops.ingest import run_ingest
+from sftops.stages.format import run_format
+from sftops.stages.ingest import run_ingest
 from sftops.jsonio import read_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "what is two plus two?"}, {"role": "assistant", "content": "four."}]}

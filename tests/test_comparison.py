@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from sftops.comparison import bootstrap_difference_ci, compare_by_group, nll_difference, win_rate
+from sftops.evaluate.comparison import bootstrap_difference_ci, compare_by_group, nll_difference, win_rate
 
 # (summed NLL, response tokens) per row
 BASE = [(10.0, 5), (6.0, 2), (9.0, 3), (4.0, 4)]

@@ -101,7 +101,7 @@ def test_impossible_and_unsafe_settings_are_refused_at_load_time_with_the_fix(fi
 @CPU_ONLY
 def test_gpu_settings_are_checked_by_the_stages_that_need_a_gpu_not_by_data_preparation():
     from sftops.errors import ModelError
-    from sftops.modeling import require_hardware
+    from sftops.machine import require_hardware
 
     for overrides, phrase in ((["train.method=qlora"], "use train.method=lora"),
                               (["model.attn_implementation=flash_attention_2"], "use model.attn_implementation=sdpa"),

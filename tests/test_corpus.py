@@ -15,10 +15,10 @@ import yaml
 
 from conftest import error_lines
 from sftops.config import Config
-from sftops.curate import run_format
+from sftops.stages.format import run_format
 from sftops.data.store import read_split
 from sftops.errors import DataError
-from sftops.ingest import run_ingest
+from sftops.stages.ingest import run_ingest
 
 CORPUS = Path(__file__).parent / "corpus"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

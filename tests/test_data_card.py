@@ -9,12 +9,12 @@ import matplotlib.image
 import pyarrow.parquet as pq
 from mlflow import MlflowClient
 
-import sftops.fingerprints as fingerprints
+import sftops.provenance.fingerprints as fingerprints
 from sftops import tracking
 from sftops.config import Config
-from sftops.curate import run_format
-from sftops.data.card import CARD, HISTOGRAM
-from sftops.ingest import run_ingest
+from sftops.stages.format import run_format
+from sftops.layout import CARD, HISTOGRAM
+from sftops.stages.ingest import run_ingest
 
 
 def test_card_and_mlflow_dataset_input(tmp_path, stories_model, gsm8k, monkeypatch):

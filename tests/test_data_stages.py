@@ -8,9 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from sftops.config import Config
-from sftops.curate import RowError, assign_split, run_format, to_messages
+from sftops.data.curate import RowError, assign_split, to_messages
+from sftops.stages.format import run_format
 from sftops.data.store import read_split
-from sftops.ingest import run_ingest
+from sftops.stages.ingest import run_ingest
 from sftops.jsonio import read_jsonl
 
 

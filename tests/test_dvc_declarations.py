@@ -20,7 +20,7 @@ from sftops.config import _flatten, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("ingest", "format", "train", "evaluate")
-STAGE_MODULE = {"ingest": "ingest", "format": "curate", "train": "finetune", "evaluate": "evaluation"}
+STAGE_MODULE = {stage: f"stages/{stage}" for stage in STAGES}
 
 
 def declared(stage: str) -> tuple[list[str], list[str]]:
@@ -105,7 +105,7 @@ def test_each_stage_opens_only_files_its_dvc_entry_declares(reads, stage):
 
 
 def test_the_recorder_sees_the_reads_that_dvc_yaml_once_missed(reads):
-    """The check can fail: ingest reads data.max_row_bytes (once undeclared), evaluate imports evalcache.py."""
+    """The check can fail: ingest reads data.max_row_bytes (once undeclared), evaluate imports evaluate/base_cache.py."""
     assert "data.max_row_bytes" in reads["ingest"]["params"] and not covered("data.max_row_bytes", ["data.sources"], ".")
-    assert "src/sftops/evalcache.py" in reads["evaluate"]["modules"]
+    assert "src/sftops/evaluate/base_cache.py" in reads["evaluate"]["modules"]
     assert "data/curated/ingest_report.json" in reads["train"]["opened"]  # not data/raw's, which train does not depend on

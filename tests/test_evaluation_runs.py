@@ -18,11 +18,12 @@ from realstack import evaluation_runs
 from sftops import evalruns, tracking
 from sftops.chat import IGNORE
 from sftops.config import Config
-from sftops.curate import run_format
+from sftops.stages.format import run_format
 from sftops.data.examples import training_examples
-from sftops.evaluation import champion_measurer, comparable_settings, run_evaluate
-from sftops.finetune import load_split, run_train
-from sftops.ingest import run_ingest
+from sftops.stages.evaluate import champion_measurer, comparable_settings, run_evaluate
+from sftops.stages.train import run_train
+from sftops.data.store import load_split
+from sftops.stages.ingest import run_ingest
 from sftops.modeling import load_finetuned
 
 GOOD = {"method": "full", "max_steps": 20, "micro_batch_size": 8, "learning_rate": 0.01}

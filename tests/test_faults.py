@@ -19,14 +19,14 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from sftops import checkpoint
+from sftops.train import checkpoint
 from sftops.config import load_config
-from sftops.curate import run_format
+from sftops.stages.format import run_format
 from sftops.errors import TRANSIENT_EXIT, GpuMemoryError, StorageError
-from sftops.evaluation import run_evaluate
-from sftops.finetune import checkpoint_folder, run_train
+from sftops.stages.evaluate import run_evaluate
+from sftops.stages.train import checkpoint_folder, run_train
 from sftops.data.store import read_split
-from sftops.ingest import run_ingest
+from sftops.stages.ingest import run_ingest
 
 from conftest import error_lines, free_port, sh, tool_env, write_qa_project
 
@@ -130,6 +130,36 @@ def test_a_killed_mlflow_server_loses_no_training(project, mlflow_server_process
     assert resumed["resumed_from_step"] == 10
     assert losses(resumed) == pytest.approx(losses(first), rel=1e-6)
     figures["runs resumed with matching losses"] += 1
+
+
+def test_evaluate_writes_its_files_before_mlflow_hears_of_them(project, mlflow_server_process, tmp_path, figures):
+    """The tracking server dies between the evaluate stage's files and its MLflow record: the new report and
+    metrics.json are in place, and the registry has no evaluation of the version (so no promotion can act on
+    results the files do not show); with the server back, a re-run records it."""
+    server, cfg = mlflow_server_process, project
+    pauses = tmp_path / "pauses"
+    pauses.mkdir()
+    env = {"MLFLOW_TRACKING_URI": server.url, "SFTOPS_PAUSE_DIR": str(pauses), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    proc = sftops("train", env=env)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    run = json.loads(Path(cfg.paths.model, "run.json").read_text())
+    proc = sftops("evaluate", env={**env, "SFTOPS_PAUSE": "evaluate_logging"})
+    wait_for(pauses / "evaluate_logging.reached", proc)
+    server.stop(signal.SIGKILL)
+    (pauses / "evaluate_logging.go").touch()
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode != 0 and "Traceback" not in err, err[-3000:]
+    metrics = json.loads(Path(cfg.paths.metrics).read_text())
+    assert metrics["test_rows"] > 0 and Path(cfg.paths.reports, "report.html").is_file()
+    server.start()
+    client = MlflowClient(server.url)
+    assert not client.search_runs([run["experiment_id"]], f"tags.`sftops.evaluation.of_run` = '{run['run_id']}'")
+    proc = sftops("evaluate", env=env)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    assert len(client.search_runs([run["experiment_id"]], f"tags.`sftops.evaluation.of_run` = '{run['run_id']}'")) == 1
+    figures["faults injected"] += 1
+    figures["faults survived"] += 1
 
 
 def files_of(folder: str) -> dict[Path, bytes]:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from sftops.config import Config
-from sftops.curate import run_format
+from sftops.stages.format import run_format
 from sftops.data.store import read_split
-from sftops.ingest import run_ingest
+from sftops.stages.ingest import run_ingest
 from sftops.jsonio import read_jsonl
 
 WORDS = ("alpha beta gamma delta river stone cloud paper green seven quiet table window orange music garden "

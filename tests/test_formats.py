@@ -11,13 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from sftops.chat import IGNORE, encode
+from conftest import reference_encode
+from sftops.chat import IGNORE
 from sftops.config import Config, ModelConfig
-from sftops.curate import run_format
+from sftops.stages.format import run_format
 from sftops.data.examples import training_examples
 from sftops.data.store import read_split
 from sftops.errors import DataError
-from sftops.ingest import run_ingest
+from sftops.stages.ingest import run_ingest
 from sftops.modeling import load_tokenizer
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -130,7 +131,7 @@ def test_openai_weight_zero_turns_are_context_not_targets(tmp_path, tiny_model):
     for row, ex in zip(read_split(cfg.paths.curated, "train"), examples):
         supervised = tok.decode([t for t in ex.labels if t != IGNORE])
         assert supervised == row["messages"][-1]["content"] + tok.eos_token + "\n"
-        assert encode(tok, row["messages"]).labels == ex.labels  # sftops.chat agrees
+        assert reference_encode(tok, row["messages"]).labels == ex.labels  # the independent encoding agrees
     assert all(r["messages"][2]["weight"] == 0 for r in curated)
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from sftops.data.schemas import ROLES, SCHEMAS, RowError, to_conversation
 from sftops.errors import DataError
-from sftops.sources import BOM, read_csv, read_jsonl
+from sftops.data.sources import BOM, read_csv, read_jsonl
 
 pytestmark = pytest.mark.reliability
 BUDGET = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

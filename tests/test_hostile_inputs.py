@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from sftops.config import load_config
-from sftops.curate import run_format
+from sftops.stages.format import run_format
 from sftops.errors import ConfigError, DataError
-from sftops.ingest import run_ingest
+from sftops.stages.ingest import run_ingest
 
 from conftest import error_lines
 from sftops.jsonio import read_jsonl

@@ -67,7 +67,7 @@ LOADER = """
 import hashlib, json, sys
 from sftops.config import ModelConfig, SourceConfig
 from sftops.modeling import load_base_model, load_tokenizer, pinned
-from sftops.sources import pinned_source, read_source
+from sftops.data.sources import pinned_source, read_source
 out = {"models": {}, "data": {}}
 for revision in json.loads(sys.argv[1]):
     cfg = pinned(ModelConfig(base="%s", revision=revision))

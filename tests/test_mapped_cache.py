@@ -12,15 +12,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sftops.data.examples as examples_module
-from sftops.batching import micro_batches, step_batches, step_micro_batches
+from sftops.data.batching import micro_batches, step_batches, step_micro_batches
 from sftops.chat import IGNORE, Encoded, example_lengths
 from sftops.config import Config, TrainConfig
-from sftops.curate import run_format
+from sftops.stages.format import run_format
 from sftops.data.examples import split_examples
 from sftops.data.store import CACHE_KEY, TOKENIZED, TokenCacheWriter, TokenRows, read_cache, read_split, write_cache
-from sftops.ingest import run_ingest
+from sftops.stages.ingest import run_ingest
 from sftops.modeling import load_tokenizer
-from sftops.training import train_loop
+from sftops.train.loop import train_loop
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +147,8 @@ def test_recorded_digests_equal_fresh_hashes_and_a_changed_file_is_hashed_again(
     import hashlib
     import os
 
-    import sftops.fingerprints as fingerprints
-    from sftops.manifest import dvc_md5, folder_hashes
+    import sftops.provenance.fingerprints as fingerprints
+    from sftops.provenance.manifest import dvc_md5, folder_hashes
 
     monkeypatch.setenv("SFTOPS_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(fingerprints, "REMEMBER_FROM_BYTES", 1 << 20)
@@ -188,7 +188,7 @@ def test_recorded_digests_equal_fresh_hashes_and_a_changed_file_is_hashed_again(
 
 
 def test_an_unreadable_digest_record_only_costs_a_hash(tmp_path, monkeypatch):
-    import sftops.fingerprints as fingerprints
+    import sftops.provenance.fingerprints as fingerprints
 
     monkeypatch.setenv("SFTOPS_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(fingerprints, "REMEMBER_FROM_BYTES", 0)

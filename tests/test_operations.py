@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 
 import realstack
 from realstack import background, git_commit, http_json, make_repo, poll, prefect_env, sh
-from sftops.manifest import dvc_md5
+from sftops.provenance.manifest import dvc_md5
 
 MODEL_NAME = "ops-sft"
 RUN_TIMEOUT = 900  # seconds for one flow run on a busy 2-core machine (about 1-2 min when idle)

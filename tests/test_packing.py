@@ -8,13 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import sftops.packing_check as packing_check
-from sftops.batching import pack
-from sftops.chat import IGNORE, Encoded, encode
+import sftops.train.packing_check as packing_check
+from sftops.data.packing import pack
+from sftops.chat import IGNORE, Encoded
+from sftops.data.tokenize import encode_conversation
 from sftops.config import ModelConfig
 from sftops.errors import TrainingError
 from sftops.modeling import load_tokenizer
-from sftops.packing_check import packing_self_check, per_example_nll
+from sftops.train.packing_check import packing_self_check, per_example_nll
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def stories(stories_model, gsm8k):
     tok = load_tokenizer(ModelConfig(base=str(stories_model)))
     model = AutoModelForCausalLM.from_pretrained(stories_model, dtype=torch.float32, attn_implementation="sdpa").eval()
     rows = [json.loads(line) for line in (gsm8k / "test.jsonl").read_text().splitlines()[:5]]
-    examples = [encode(tok, [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]) for r in rows]
+    examples = [encode_conversation(tok, [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]) for r in rows]
     return model, tok, examples
 
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sftops.adapters import apply_method
+from sftops.train.lora import apply_method
 from sftops.chat import IGNORE, Encoded
 from sftops.config import TrainConfig
-from sftops.training import train_loop
+from sftops.train.loop import train_loop
 
 
 def examples(n: int, vocab: int) -> list[Encoded]:

@@ -14,7 +14,7 @@ import yaml
 from sftops import tracking
 from sftops.cli import main
 from sftops.errors import ConfigError
-from sftops.reproduce import REQUIRED, reproduce
+from sftops.provenance.reproduce import REQUIRED, reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,10 +14,10 @@ from realstack import evaluation_runs
 from sftops import tracking
 from sftops.cli import main
 from sftops.config import Config
-from sftops.curate import run_format
-from sftops.evaluation import run_evaluate
-from sftops.finetune import run_train
-from sftops.ingest import run_ingest
+from sftops.stages.format import run_format
+from sftops.stages.evaluate import run_evaluate
+from sftops.stages.train import run_train
+from sftops.stages.ingest import run_ingest
 
 QA = [("what is two plus two?", "two plus two is four."), ("hello, how are you today?", "i am fine, thank you.")]
 GOOD = {"method": "full", "max_steps": 20, "micro_batch_size": 8, "learning_rate": 0.01}

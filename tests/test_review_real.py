@@ -11,18 +11,18 @@ from mlflow import MlflowClient
 from realstack import evaluation_runs
 
 from sftops import tracking
-from sftops.chat import encode_rows
+from sftops.data.examples import encode_rows
 from sftops.cli import main
-from sftops.comparison import compare
+from sftops.evaluate.comparison import compare
 from sftops.config import Config, ModelConfig, TrainConfig
-from sftops.curate import run_format
-from sftops.evaluation import run_evaluate
-from sftops.adapters import apply_method
-from sftops.finetune import run_train
-from sftops.ingest import run_ingest
+from sftops.stages.format import run_format
+from sftops.stages.evaluate import run_evaluate
+from sftops.train.lora import apply_method
+from sftops.stages.train import run_train
+from sftops.stages.ingest import run_ingest
 from sftops.modeling import load_base_model, load_tokenizer
-from sftops.objective import score_rows
-from sftops.training import seed_everything, train_loop
+from sftops.train.loss import score_rows
+from sftops.train.loop import seed_everything, train_loop
 
 
 def gsm8k_conversations(path: Path, n: int) -> list[dict]:

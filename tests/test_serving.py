@@ -27,9 +27,9 @@ from conftest import build_tiny_model
 from realstack import background, free_port, mlflow_server
 from sftops.cli import main
 from sftops.config import Config
-from sftops.curate import run_format
-from sftops.finetune import run_train
-from sftops.ingest import run_ingest
+from sftops.stages.format import run_format
+from sftops.stages.train import run_train
+from sftops.stages.ingest import run_ingest
 from sftops.modeling import FALLBACK_CHAT_TEMPLATE
 
 PROMPT = "what is two plus two?"

@@ -22,10 +22,10 @@ import yaml
 from mlflow import MlflowClient
 from test_training_engine import losses
 
-from sftops import checkpoint, launch
+from sftops.train import checkpoint, launch
 from sftops.config import load_config
 from sftops.errors import TrainingError
-from sftops.finetune import checkpoint_folder, run_train
+from sftops.stages.train import checkpoint_folder, run_train
 
 # The same 8 rows per step: one process of micro-batch 8, or two nodes of one process of micro-batch 4.
 COMMON = {"method": "full", "group_by_length": False, "distributed": "fsdp"}

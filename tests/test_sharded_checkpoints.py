@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from test_training_engine import losses, train_cli
 
-from sftops import checkpoint
+from sftops.train import checkpoint
 from sftops.config import load_config
 from sftops.errors import TrainingError
-from sftops.finetune import checkpoint_folder, run_train
+from sftops.stages.train import checkpoint_folder, run_train
 
 # One global batch of 8 rows per step, however it is split: 1 process x 2 accumulation steps x 4 rows, or 2 x 1 x 4.
 COMMON = {"method": "full", "max_steps": 5, "group_by_length": False, "checkpoint_every": 2, "distributed": "fsdp",

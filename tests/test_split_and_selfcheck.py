@@ -11,12 +11,13 @@ from hypothesis import strategies as st
 
 from sftops.chat import IGNORE, Encoded
 from sftops.config import Config, ModelConfig
-from sftops.curate import assign_split, run_format
+from sftops.data.curate import assign_split
+from sftops.stages.format import run_format
 from sftops.data.selfcheck import MaskError, self_check
 from sftops.data.split import ContaminationIndex, contamination, split_of
 from sftops.data.store import read_split
 from sftops.data.tokenize import encode_batch
-from sftops.ingest import run_ingest
+from sftops.stages.ingest import run_ingest
 from sftops.modeling import load_tokenizer
 
 WORDS = st.text(alphabet="abcdefghij klmnop,.?!", min_size=1, max_size=30).filter(lambda s: s.strip())

@@ -17,11 +17,12 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sftops.arrowrows import row_bytes
+from sftops.data.arrowrows import row_bytes
 from sftops.config import SourceConfig
 from sftops.errors import DataError
-from sftops.ingest import ReasonTally, ingest_kind, top_reasons
-from sftops.sources import BOM, Record, as_row, parse_json, read_csv, read_hub, read_jsonl, read_parquet
+from sftops.data.rejections import ReasonTally, ingest_kind, top_reasons
+from sftops.data.records import Record, as_row
+from sftops.data.sources import BOM, parse_json, read_csv, read_hub, read_jsonl, read_parquet
 
 TESTS = Path(__file__).parent
 FILES = sorted(p for folder in (TESTS / "corpus", TESTS / "hostile" / "files") for p in folder.iterdir()
@@ -231,7 +232,7 @@ def ingest_cfg(tmp_path: Path, sources: list[dict]):
 
 
 def test_ingest_writes_every_rejected_row_in_order_and_refuses_an_all_rejected_source_with_its_top_reasons(tmp_path):
-    from sftops.ingest import run_ingest
+    from sftops.stages.ingest import run_ingest
     from sftops.jsonio import read_jsonl as read_rows
 
     lines = [b'{"prompt": "p", "completion": "c"}', b"[1]", b"{bad", b'"s"', b'{"prompt": "q", "completion": "d"}'] * 40
@@ -252,7 +253,7 @@ def test_ingest_writes_every_rejected_row_in_order_and_refuses_an_all_rejected_s
 def test_hub_batches_give_the_dataset_rows_from_cache_files_through_an_indices_mapping_and_in_memory(tmp_path):
     import datasets
 
-    from sftops.sources import _hub_batches
+    from sftops.data.sources import _hub_batches
 
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "n": i}) + "\n" for i in range(3000)))
     loaded = datasets.load_dataset(str(tmp_path), split="train", cache_dir=str(tmp_path / "cache"))

@@ -12,10 +12,10 @@ import pytest
 
 from conftest import error_lines, write_qa_project
 from sftops.cli import main
-from sftops.comparison import mean_delta_ci, perplexity_delta_ci
+from sftops.evaluate.comparison import mean_delta_ci, perplexity_delta_ci
 from sftops.config import Config, DataConfig, SuiteConfig
-from sftops.promotion import CHALLENGER, CHAMPION, Champion, SuiteResult, decide
-from sftops.suites import generation_sample, prepare_suite, suite_margin, suite_metric
+from sftops.evaluate.promotion import CHALLENGER, CHAMPION, Champion, SuiteResult, decide
+from sftops.evaluate.suites import generation_sample, prepare_suite, suite_margin, suite_metric
 
 
 def suite_result(low: float, high: float, metric: str = "nll", margin: float = 0.0, informational: bool = False) -> SuiteResult:

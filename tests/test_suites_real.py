@@ -15,10 +15,10 @@ from conftest import SHARED
 from realstack import evaluation_runs
 from sftops import tracking
 from sftops.config import Config
-from sftops.curate import run_format
-from sftops.evaluation import run_evaluate
-from sftops.finetune import run_train
-from sftops.ingest import run_ingest
+from sftops.stages.format import run_format
+from sftops.stages.evaluate import run_evaluate
+from sftops.stages.train import run_train
+from sftops.stages.ingest import run_ingest
 
 SELF_INSTRUCT = SHARED / "data" / "self-instruct-seed" / "seed_tasks.jsonl"
 # The seed tasks' first instance as the alpaca instruction/input/output.

@@ -1,7 +1,7 @@
 import pytest
 
-from sftops.evaluation import best, generation_sample
-from sftops.textmetrics import exact_match, normalize, rouge_l
+from sftops.evaluate.scoring import best, generation_sample
+from sftops.evaluate.textmetrics import exact_match, normalize, rouge_l
 
 
 def test_normalize_and_exact_match():
@@ -45,7 +45,7 @@ def test_rouge_l_agrees_with_the_rouge_score_package():
 
 
 def test_answer_extraction_rules():
-    from sftops.textmetrics import extract_answer, extracted_match
+    from sftops.evaluate.textmetrics import extract_answer, extracted_match
 
     gsm = "Natalia sold 48/2 = 24 clips in May.\n#### 1,072"
     assert extract_answer(gsm, "gsm8k") == "1072"
@@ -61,7 +61,7 @@ def test_answer_extraction_rules():
 def test_chrf_hand_computed_and_as_sacrebleu():
     from sacrebleu.metrics import CHRF
 
-    from sftops.textmetrics import chrf
+    from sftops.evaluate.textmetrics import chrf
 
     # 'abcdefg' vs 'abcdefh': n-gram precision = recall = 6/7, 5/6, 4/5, 3/4, 2/3, 1/2 for n = 1..6.
     assert chrf("abcdefg", "abcdefh") == pytest.approx(100 * (6 / 7 + 5 / 6 + 4 / 5 + 3 / 4 + 2 / 3 + 1 / 2) / 6)
@@ -74,7 +74,7 @@ def test_chrf_hand_computed_and_as_sacrebleu():
 
 
 def test_length_stats_hand_computed():
-    from sftops.textmetrics import length_stats
+    from sftops.evaluate.textmetrics import length_stats
 
     stats = length_stats(["a b", "a b c d", "a", "a b c"], "response")
     assert stats == {"response_words_mean": 2.5, "response_words_median": 2.5, "response_words_max": 4.0}

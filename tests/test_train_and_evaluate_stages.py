@@ -11,10 +11,10 @@ from realstack import evaluation_runs
 from safetensors.torch import load_file
 
 from sftops.config import Config, ModelConfig
-from sftops.curate import run_format
-from sftops.evaluation import run_evaluate
-from sftops.finetune import run_train
-from sftops.ingest import run_ingest
+from sftops.stages.format import run_format
+from sftops.stages.evaluate import run_evaluate
+from sftops.stages.train import run_train
+from sftops.stages.ingest import run_ingest
 from sftops.modeling import load_base_model, load_finetuned, load_tokenizer, save_finetuned
 
 QA = [("what is two plus two?", "two plus two is four."), ("hello, how are you today?", "i am fine, thank you.")]

@@ -12,13 +12,14 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from sftops import checkpoint
+from sftops.train import checkpoint
 from sftops.config import load_config
 from sftops.errors import TrainingError
-from sftops.finetune import checkpoint_folder, load_split, run_train
+from sftops.stages.train import checkpoint_folder, run_train
+from sftops.data.store import load_split
 from sftops.modeling import load_finetuned
-from sftops.chat import encode_rows
-from sftops.objective import mean_nll, score_rows
+from sftops.data.examples import encode_rows
+from sftops.train.loss import mean_nll, score_rows
 
 def train_cli(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "SFTOPS_FAULT"}

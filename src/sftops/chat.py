@@ -1,5 +1,6 @@
-"""Turn a conversation into token ids and loss labels: every assistant turn (including the end-of-turn
-token the template puts after it) is a target; everything else is masked with IGNORE."""
+"""Conversations and the chat template: the loss label of a masked token, an encoded row, where each target
+assistant turn lies in the rendered text (every assistant turn, with the end-of-turn token the template puts
+after it, unless its weight is 0), the generation prompt and the stop tokens. Tokenising is sftops.data.tokenize."""
 
 from __future__ import annotations
 
@@ -66,20 +67,6 @@ def target_spans(messages: list[dict], render_prefix: Callable[[list[dict], bool
     return text, spans
 
 
-def response_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    return target_spans(messages, lambda prefix, gen: render(tokenizer, prefix, generation_prompt=gen))
-
-
-def encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> Encoded:
-    text, spans = response_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = []
-    for token_id, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"]):
-        target = any(lo <= start < hi for lo, hi in spans)
-        labels.append(token_id if target else IGNORE)
-    return Encoded(list(enc["input_ids"]), labels)
-
-
 def generation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
     """The prompt for the final assistant turn, as the model sees it at inference."""
     return render(tokenizer, messages[:-1], generation_prompt=True)
@@ -93,24 +80,3 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     special = set(tokenizer.all_special_ids)
     ids = [tokenizer.eos_token_id] + [t for t in tokenizer(tail, add_special_tokens=False)["input_ids"] if t in special]
     return list(dict.fromkeys(ids))
-
-
-def encode_rows(
-    tokenizer: PreTrainedTokenizerBase, rows: list[dict], max_length: int
-) -> tuple[list[Encoded], list[int], dict[str, int]]:
-    """Encode curated rows; returns the examples, the indices of the rows they came from, and counts.
-
-    A row longer than max_length is dropped, and so is a row with no target token: neither may enter
-    training as a silently truncated response or a zero loss. Both are counted."""
-    examples, kept, counts = [], [], {"rows": len(rows), "kept": 0, "dropped_too_long": 0, "dropped_no_target": 0}
-    for i, row in enumerate(rows):
-        enc = encode(tokenizer, row["messages"])
-        if len(enc.input_ids) > max_length:
-            counts["dropped_too_long"] += 1
-        elif enc.n_targets == 0:
-            counts["dropped_no_target"] += 1
-        else:
-            examples.append(enc)
-            kept.append(i)
-    counts["kept"] = len(examples)
-    return examples, kept, counts

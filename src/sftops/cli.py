@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sftops.config import isolate_outputs, load_config
-from sftops.errors import TRANSIENT_EXIT, USER_ERROR_EXIT, DataError, SftopsError, TransientError
+from sftops.config import explain, isolate_outputs, load_config
+from sftops.errors import TRANSIENT_EXIT, USER_ERROR_EXIT, ConfigError, DataError, SftopsError, TransientError
 
 
 def _print(title: str, value: Any) -> None:
@@ -51,7 +51,7 @@ def _fail(message: str, code: int) -> int:
 def _generate(args: argparse.Namespace) -> None:
     """From a local model folder, or from MLflow: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model or a run id."""
     if Path(args.model).is_dir():
-        from sftops.generation import answer
+        from sftops.evaluate.generation import answer
         from sftops.modeling import load_finetuned
 
         model, tokenizer = load_finetuned(Path(args.model))
@@ -66,7 +66,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _reproduce(args: argparse.Namespace) -> None:
     from sftops import tracking
-    from sftops.reproduce import reproduce
+    from sftops.provenance.reproduce import reproduce
 
     run_id = tracking.resolve_run_id(args.target, args.tracking_uri)
     manifest = tracking.load_manifest(run_id, args.tracking_uri)
@@ -84,8 +84,8 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 def _launch(args: argparse.Namespace) -> None:
     """Write the job for launch.target (and submit it and wait, unless --write-only), or run one node here."""
-    from sftops import launch
-    from sftops.finetune import run_train
+    from sftops.train import launch
+    from sftops.stages.train import run_train
 
     cfg = load_config(args.params, args.overrides)
     if args.node_rank is not None:
@@ -96,6 +96,14 @@ def _launch(args: argparse.Namespace) -> None:
         print(f"{job} (params: {params}):\n{job.read_text()}")
     else:
         _print("train", run_train(cfg))
+
+
+def _explain(args: argparse.Namespace) -> None:
+    try:
+        cfg, origin = load_config(args.params, args.overrides), args.params + (" with --set" if args.overrides else "")
+    except ConfigError as exc:  # a broken params file is when the keys' meaning is wanted most: still explain them
+        cfg, origin = None, f"{args.params} not loaded: {str(exc).splitlines()[-1].strip()}"
+    print(explain(args.explain, cfg, origin))
 
 
 def _where(cfg: Any) -> None:
@@ -134,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     lau.add_argument("--write-only", action="store_true", help="write launch/<name>.* (script or manifest) and print it; submit nothing")
     lau.add_argument("--node-rank", type=int, default=None, help="run node K's torchrun agent here (a cluster without Slurm or Kubernetes)")
     lau.add_argument("--head", default="127.0.0.1", help="with --node-rank: the rendezvous host (node 0's address)")
+    con = sub.add_parser("config", help="explain a config key or section: type, default, value in params.yaml, meaning")
+    con.add_argument("--explain", required=True, metavar="KEY",
+                     help="a key (train.learning_rate) or a section (train, data.sources)")
+    con.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    con.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a parameter (repeatable)")
     gen = sub.add_parser("generate", help="answer prompts with a fine-tuned model")
     gen.add_argument("--model", required=True, help="a model folder (models/model), models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a run id")
     gen.add_argument("--prompt", action="append", required=True, help="a question (repeatable)")
@@ -154,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             _launch(args)
         elif args.command == "reproduce":
             _reproduce(args)
+        elif args.command == "config":
+            _explain(args)
         elif args.command in ("where", "run"):
             cfg = isolate_outputs(load_config(args.params, args.overrides), args.overrides)
             if args.command == "run":

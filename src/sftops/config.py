@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
+import textwrap
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from sftops.errors import ConfigError
 from sftops.redact import redact
 
-
-# The default of data.max_row_bytes (also the readers' default in sftops.sources).
+# The default of data.max_row_bytes (also the readers' default in sftops.data.sources).
 MAX_ROW_BYTES = 4_000_000
 
 
@@ -27,32 +32,45 @@ class SourceConfig(_Strict):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, serialize_by_alias=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    path: str | None = None
-    package: str | None = None
-    hub: str | None = None
-    hub_config: str | None = None
-    # A hub dataset's branch, tag or commit (null: the default branch). Either way ingest records the commit it read.
-    revision: str | None = None
-    split: str = "train"
-    format: Literal["auto", "jsonl", "json", "csv", "parquet", "yaml"] = "auto"
-    # How rows map to conversations: detected per row, or declared (see sftops.data.schemas.SCHEMAS).
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description=(
+        "The source's (or suite's) name, unique among them: reports name its rows by it, and a source's raw file is "
+        "data/raw/<name>.jsonl."))
+    path: str | None = Field(None, description=(
+        "A file, folder or glob (JSONL, JSON, CSV, Parquet or YAML; .gz or .zst compressed too): relative to the "
+        "project folder, or with package to that package's folder. Give path or hub."))
+    package: str | None = Field(None, description=(
+        "An installed Python package whose folder path is read from (e.g. chatterbot_corpus); "
+        "null: the project folder."))
+    hub: str | None = Field(None, description=(
+        "A Hugging Face dataset id (e.g. tatsu-lab/alpaca), read instead of path."))
+    hub_config: str | None = Field(None, description=(
+        "The hub dataset's configuration (subset) name; null: its default."))
+    revision: str | None = Field(None, description=(
+        "A hub dataset's branch, tag or commit (null: the default branch). Either way ingest records the commit it "
+        "read, and offline (HF_HUB_OFFLINE=1) reads that commit from the local Hugging Face cache."))
+    split: str = Field("train", description="The hub dataset's split that is read (e.g. train).")
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "yaml"] = Field("auto", description=(
+        "The files' format; auto: told by each file's suffix (.jsonl, .csv, ..., optionally followed by .gz or .zst)."))
     row_schema: Literal[
         "auto", "messages", "openai", "sharegpt", "alpaca", "dolly", "prompt_completion", "prompt_response",
         "question_answer", "conversation",
-    ] = Field("auto", alias="schema")
-    # Schema key -> where it is in the row: a dotted path with list indices, e.g. {output: "instances[0].output"}.
-    fields: dict[str, str] = {}
-    # "val"/"test"/"train": every row of this source goes to that split (a separate validation file);
-    # "auto": the seeded hash of the prompt decides.
-    split_as: Literal["auto", "train", "val", "test"] = "auto"
-    # Mixing: the source's train rows are repeated weight times (fractions: a seeded sample), and
-    # max_rows caps its curated rows (a seeded sample, stable when rows are added).
-    weight: float = Field(1.0, gt=0)
-    max_rows: int | None = Field(None, ge=1)
-    # Row fields left out of the conversation on purpose (e.g. [id, category]): not reported as unused.
-    # A multimodal field named here (images) is dropped, and "<image>" lets placeholders through as text.
-    ignore: list[str] = []
+    ] = Field("auto", alias="schema", description=(
+        "How rows map to conversations: auto (detected per row) or one declared schema "
+        "(see sftops.data.schemas.SCHEMAS)."))
+    fields: dict[str, str] = Field({}, description=(
+        'Schema key -> where it is in the row: a dotted path with list indices, e.g. {output: "instances[0].output"}.'))
+    split_as: Literal["auto", "train", "val", "test"] = Field("auto", description=(
+        "val, test or train: every row of this source goes to that split (e.g. a separate validation file); "
+        "auto: the seeded hash of the prompt decides. A suite takes none."))
+    weight: float = Field(1.0, gt=0, description=(
+        "Mixing: the source's train rows are repeated this many times (e.g. 2; fractions such as 0.5: a seeded "
+        "sample). A suite takes none."))
+    max_rows: int | None = Field(None, ge=1, description=(
+        "A cap on the source's curated rows (a seeded sample, stable when rows are added); null: all of them."))
+    ignore: list[str] = Field([], description=(
+        "Row fields left out of the conversation on purpose (e.g. [id, category]); format reports any other field that "
+        "reaches neither the conversation nor `fields` as unused. A multimodal field named here (images) is dropped, "
+        'and "<image>" lets placeholders through as text.'))
 
     @model_validator(mode="after")
     def _one_location(self) -> SourceConfig:
@@ -85,29 +103,37 @@ def stays_inside(path: str, what: str) -> str:
 
 class DataConfig(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
-    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    split_seed: int = 0
-    # Rows longer than model.max_length tokens: drop them, cut the oldest prompt turns / the start of the
-    # prompt (truncate_prompt, keeping the response whole where it fits), or stop the stage (error).
-    overflow: Literal["drop", "truncate_prompt", "error"] = "drop"
-    # Near-duplicates: estimated Jaccard similarity of word 3-gram sets (MinHash) at or above this; null: off.
-    near_duplicate_threshold: float | None = Field(0.85, gt=0.0, le=1.0)
-    # Contamination report: test prompts sharing at least this fraction of their word n-grams with train prompts.
-    contamination_ngram: int = Field(8, ge=1)
-    contamination_threshold: float = Field(0.5, gt=0.0, le=1.0)
-    # Rows whose loss mask and prompt rendering are re-derived independently on every format run.
-    self_check_rows: int = Field(64, ge=1)
-    # A raw row (a JSONL line, a CSV row) larger than this many bytes is rejected at ingest.
-    max_row_bytes: int = Field(MAX_ROW_BYTES, ge=1024)
-    # The format stage stops when fewer test rows are kept (evaluation needs them); 0: prepare data without one.
-    min_test_rows: int = Field(1, ge=0)
-    # A source none of whose rows is kept stops ingest/format, naming its top reasons; false: counted and go on.
-    stop_on_empty_source: bool = True
-    # The format stage maps and tokenises rows in chunks of this many, in this many worker processes (1: in
-    # the stage's own process); any values give the same curated data, bytes for bytes.
-    chunk_rows: int = Field(5000, ge=1)
-    workers: int = Field(2, ge=1)
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="The fraction of rows in the validation split.")
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0, description=(
+        "The fraction of rows in the test split; val_fraction + test_fraction must be below 1 (the rest is train)."))
+    split_seed: int = Field(0, description=(
+        "The seed of the split, a seeded hash of the normalised prompt: a row keeps its split when rows are added."))
+    overflow: Literal["drop", "truncate_prompt", "error"] = Field("drop", description=(
+        "Rows longer than model.max_length tokens: drop them, cut the oldest prompt turns / the start of the prompt "
+        "(truncate_prompt, keeping the response whole where it fits), or stop the stage (error)."))
+    near_duplicate_threshold: float | None = Field(0.85, gt=0.0, le=1.0, description=(
+        "Rows whose word 3-gram sets have an estimated (MinHash) Jaccard similarity at or above this are "
+        "near-duplicates; null: no near-duplicate check."))
+    contamination_ngram: int = Field(8, ge=1, description=(
+        "The n of the word n-grams the contamination report compares (see contamination_threshold)."))
+    contamination_threshold: float = Field(0.5, gt=0.0, le=1.0, description=(
+        "The contamination report (stats.json, the data card) lists test prompts sharing at least this fraction of "
+        "their word n-grams with train prompts."))
+    self_check_rows: int = Field(64, ge=1, description=(
+        "Rows whose loss mask and prompt rendering are re-derived independently on every format run."))
+    max_row_bytes: int = Field(MAX_ROW_BYTES, ge=1024, description=(
+        "A raw row (a JSONL line, a CSV record) larger than this many bytes is rejected at ingest, naming its file "
+        "and row."))
+    min_test_rows: int = Field(1, ge=0, description=(
+        "The format stage stops when fewer test rows are kept (evaluation needs them); 0: prepare data without one."))
+    stop_on_empty_source: bool = Field(True, description=(
+        "A source none of whose rows is kept stops ingest/format, naming its top reasons and the fix; "
+        "false: counted, and go on."))
+    chunk_rows: int = Field(5000, ge=1, description=(
+        "The format stage maps and tokenises rows in chunks of this many; any value gives the same curated data, "
+        "byte for byte."))
+    workers: int = Field(2, ge=1, description=(
+        "Worker processes of the format stage (1: its own process); more: faster, more memory, the same curated data."))
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -120,23 +146,32 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    # A hub id, a local folder, or 'pkg:<python package>' for a model shipped inside an installed package.
-    base: str
-    # Hub id: a branch, tag or commit (null: the default branch); the commit it names when the run starts is what
-    # is loaded and recorded (manifest, MLflow, the model's base). pkg: the package version it must be (null: the
-    # installed one, recorded). A local folder: null.
-    revision: str | None = None
-    gguf_file: str | None = None
-    max_length: int = Field(1024, ge=8)
-    # sdpa (default) and eager build block-diagonal masks for packed rows (memory grows with the square of
-    # the packed length); flex_attention (torch's FlexAttention, compiled) masks packed documents by block,
-    # without that matrix; flash_attention_2 needs the flash-attn package and a CUDA GPU.
-    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
-    # Run Python code shipped with a hub model (its own modelling files)? Only when set here, never by default.
-    trust_remote_code: bool = False
-    # Load pickle-based weights (pytorch_model.bin, *.pt)? Unpickling can run arbitrary code: by default only
-    # safetensors (and GGUF, which is parsed) are loaded.
-    allow_pickle: bool = False
+    base: str = Field(description=(
+        "The base model: a hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct), a local folder, or pkg:<package> for a "
+        "model shipped inside an installed Python package."))
+    revision: str | None = Field(None, description=(
+        "A hub id's branch, tag or commit (null: the default branch): the commit it names when train starts is loaded "
+        "and recorded (run manifest, MLflow param model.revision_resolved and tag model.revision, the model folder's "
+        "base, the base-eval cache key), so later runs and reloads use those exact weights. For pkg: the package "
+        "version it must be (null: the installed one, recorded); a local folder: null (its files are hashed instead)."))
+    gguf_file: str | None = Field(None, description=(
+        "A GGUF file inside model.base to load the weights from; null: the model's own (safetensors) weights."))
+    max_length: int = Field(1024, ge=8, description=(
+        "Tokens per row (longer rows: see data.overflow); format tokenises with this model's tokenizer, and the data "
+        "card says how many rows 256/512/1024/2048/4096/8192 would keep. Memory follows the tokens of a micro-batch "
+        "(group_by_length pads only to a batch's longest row): measured on CPU on 2026-12-02 (SmolLM2-135M shape, "
+        "LoRA-like backward), 8 rows x 256 tokens and 2 x 1024 both peak at 4.75 GiB RSS, so 8 x 1024 needs about 4x "
+        "the activations. Lower train.micro_batch_size (raising train.grad_accum_steps) if rows are long and memory "
+        "short."))
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = Field("sdpa", description=(
+        "sdpa and eager build block-diagonal masks for packed rows (memory grows with the square of the packed "
+        "length); flex_attention (torch's FlexAttention, compiled; CUDA) masks packed documents by block, without "
+        "that matrix; flash_attention_2 needs the flash-attn package and a CUDA GPU."))
+    trust_remote_code: bool = Field(False, description=(
+        "Run Python code shipped with a hub model (its own modelling files): only for a base you trust."))
+    allow_pickle: bool = Field(False, description=(
+        "Load pickle-based weights (pytorch_model.bin, *.pt), which can run arbitrary code; otherwise only "
+        "safetensors (and GGUF, which is parsed) are loaded."))
 
     @model_validator(mode="after")
     def _gguf_name(self) -> ModelConfig:
@@ -146,50 +181,61 @@ class ModelConfig(_Strict):
 
 
 class LoraConfig(_Strict):
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    # "all-linear" or an explicit list of module names.
-    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    r: int = Field(16, ge=1, description="The rank of each adapter's low-rank update.")
+    alpha: float = Field(32, gt=0, description="The adapter's scaling: its update is multiplied by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapters' input while training.")
+    target_modules: Literal["all-linear"] | list[str] = Field("all-linear", description=(
+        "The modules that get adapters: all-linear (the model's linear layers) or an explicit list of module names."))
 
 
 class TrainConfig(_Strict):
-    # lora, dora (LoRA with weight decomposition), qlora (LoRA on a 4-bit base; CUDA + bitsandbytes) or full.
-    method: Literal["lora", "dora", "qlora", "full"] = "lora"
+    method: Literal["lora", "dora", "qlora", "full"] = Field("lora", description=(
+        "lora, dora (LoRA with weight decomposition), qlora (LoRA on a 4-bit base; CUDA GPU + bitsandbytes) or "
+        "full (every weight is trained)."))
     lora: LoraConfig = LoraConfig()
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    micro_batch_size: int = Field(8, ge=1)
-    grad_accum_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    seed: int = 42
-    # Batch rows of similar length together (less padding, same objective).
-    group_by_length: bool = True
-    # Padding-free: each micro-batch is one row of concatenated conversations (checked at start-up).
-    packing: bool = False
-    gradient_checkpointing: bool = False
-    # The trained weights' dtype: float32 master weights under bf16 autocast (default), or pure bfloat16
-    # weights (full fine-tuning: half the memory of weights, gradients and AdamW moments, but rounded updates).
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    compile: bool = False
-    max_train_rows: int | None = Field(None, ge=1)
-    # Checkpoint every N optimizer steps (null: never); a re-run with the same config resumes from the last.
-    checkpoint_every: int | None = Field(None, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    # Validation NLL every N steps (null: only before and after training); the best weights are exported.
-    eval_every: int | None = Field(None, ge=1)
-    early_stopping_patience: int | None = Field(None, ge=1)
-    # Processes on this node (GPUs, or CPU processes with gloo); above 1 the train stage launches torchrun.
-    num_processes: int = Field(1, ge=1)
-    # ddp: a full replica per process; fsdp: parameters, gradients and optimizer state sharded across processes
-    # (for models that do not fit one GPU).
-    distributed: Literal["ddp", "fsdp"] = "ddp"
-    # Export a LoRA/DoRA model merged into its base (full weights), after checking its held-out NLL.
-    merge_adapter: bool = False
-    merge_tolerance: float = Field(1e-3, gt=0)
+    epochs: int = Field(1, ge=1, description="Passes over the train split (unless max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train for; null: epochs decide.")
+    micro_batch_size: int = Field(8, ge=1, description="Rows per forward and backward pass (in each process).")
+    grad_accum_steps: int = Field(2, ge=1, description=(
+        "Micro-batches whose gradients are accumulated into one optimizer step."))
+    learning_rate: float = Field(3e-4, gt=0, description=(
+        "The peak learning rate, reached after warmup (a cosine schedule follows)."))
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description=(
+        "The fraction of the optimizer steps over which the learning rate warms up to learning_rate."))
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this global norm.")
+    seed: int = Field(42, description="The seed of training (row order, adapter initialisation, dropout).")
+    group_by_length: bool = Field(True, description=(
+        "Batch rows of similar length together: less padding, same objective."))
+    packing: bool = Field(False, description=(
+        "Padding-free: each micro-batch is one row of concatenated conversations (checked against padded at "
+        "start-up)."))
+    gradient_checkpointing: bool = Field(False, description=(
+        "Recompute activations in the backward pass: less memory, more time."))
+    param_dtype: Literal["float32", "bfloat16"] = Field("float32", description=(
+        "The trained weights' dtype: float32 master weights under bf16 autocast, or pure bfloat16 weights (full "
+        "fine-tuning: half the memory of weights, gradients and AdamW moments, but rounded updates)."))
+    compile: bool = Field(False, description="torch.compile the model.")
+    max_train_rows: int | None = Field(None, ge=1, description=(
+        "Train on a seeded sample of this many rows of the train split, to bound training time; null: all of them."))
+    checkpoint_every: int | None = Field(20, ge=1, description=(
+        "Checkpoint every N optimizer steps (null: never); a re-run of a killed job with the same config resumes "
+        "from the last checkpoint."))
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints are kept.")
+    eval_every: int | None = Field(None, ge=1, description=(
+        "Validation NLL every N steps (null: only before and after training); the best weights are the ones exported."))
+    early_stopping_patience: int | None = Field(None, ge=1, description=(
+        "Stop after this many validations without improvement (needs eval_every); null: never."))
+    num_processes: int = Field(1, ge=1, description=(
+        "Processes on each node (one per GPU, or CPU processes with gloo); above 1 the train stage launches torchrun."))
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description=(
+        "ddp: a full replica per process; fsdp: parameters, gradients and optimizer state sharded across the "
+        "processes (for models that do not fit one GPU)."))
+    merge_adapter: bool = Field(False, description=(
+        "Export a LoRA/DoRA/QLoRA model merged into its base (full weights), after checking its held-out NLL."))
+    merge_tolerance: float = Field(1e-3, gt=0, description=(
+        "With merge_adapter: the largest relative difference of the merged model's held-out NLL from the adapter "
+        "model's; above it the export fails."))
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
@@ -209,16 +255,15 @@ class SuiteConfig(SourceConfig):
     """A regression suite: a named evaluation set besides the test split (a file, folder, glob, package folder
     or hub dataset in any schema a source takes), never trained on, scored base against tuned."""
 
-    # A seeded sample of the suite's rows (evaluation time); null: all of them.
-    max_rows: int | None = Field(None, ge=1)
-    # Prompts answered by both models (null: evaluate.num_generations); a seeded sample.
-    num_generations: int | None = Field(None, ge=0)
-    # The metric that decides a regression (null: evaluate.primary_metric), and its margin (null:
-    # evaluate.regression_margin).
-    primary_metric: Metric | None = None
-    regression_margin: float | None = Field(None, ge=0)
-    # Reported, never blocking promotion.
-    informational: bool = False
+    max_rows: int | None = Field(None, ge=1, description=(
+        "A seeded sample of the suite's rows (evaluation time); null: all of them."))
+    num_generations: int | None = Field(None, ge=0, description=(
+        "Prompts of the suite answered by both models (a seeded sample); null: evaluate.num_generations."))
+    primary_metric: Metric | None = Field(None, description=(
+        "The metric that decides whether the suite regresses; null: evaluate.primary_metric."))
+    regression_margin: float | None = Field(None, ge=0, description=(
+        "The suite's regression margin (see evaluate.regression_margin); null: evaluate.regression_margin."))
+    informational: bool = Field(False, description="Reported, never blocking promotion.")
 
     @model_validator(mode="after")
     def _not_training_data(self) -> SuiteConfig:
@@ -228,31 +273,34 @@ class SuiteConfig(SourceConfig):
 
 
 class EvaluateConfig(_Strict):
-    # Rows per forward pass when scoring and prompts per generate() call: lower it if evaluation runs out of memory.
-    batch_size: int = Field(16, ge=1)
-    num_generations: int = Field(16, ge=0)
-    max_new_tokens: int = Field(64, ge=1)
-    # Decoding: greedy unless do_sample; temperature/top_p apply only when sampling (seeded by sample_seed).
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    sample_seed: int = 0
-    # How a generated answer and a reference are compared for exact match: 'normalized' text, 'gsm8k' (the
-    # number after '####'), or 'last_number' (the last number in the text).
-    answer_extraction: Literal["normalized", "gsm8k", "last_number"] = "normalized"
-    # Paired bootstrap of the base - tuned NLL difference over test rows.
-    bootstrap_resamples: int = Field(1000, ge=10)
-    bootstrap_seed: int = 0
-    confidence: float = Field(0.95, gt=0.5, lt=1)
-    # Promotion gate: the new version becomes the 'champion' only if this test metric beats the champion's on
-    # the same test set by promotion_margin (nll and perplexity: lower is better; the others: higher).
-    primary_metric: Metric = "nll"
-    promotion_margin: float = Field(0.0, ge=0)
-    # Regression suites (see SuiteConfig): promotion also needs that no suite regresses, i.e. that the whole
-    # confidence interval of (tuned - base) on the suite's primary metric lies on the worse side of
-    # regression_margin (in the metric's units: nats/token for nll).
+    batch_size: int = Field(16, ge=1, description=(
+        "Rows per scoring pass and prompts per generate() call: lower it if evaluation runs out of memory."))
+    num_generations: int = Field(16, ge=0, description=(
+        "Distinct test prompts answered by the base and the tuned model (0: NLL only)."))
+    max_new_tokens: int = Field(48, ge=1, description="The most tokens generated per answer.")
+    do_sample: bool = Field(False, description=(
+        "Sample answers with temperature and top_p, seeded by sample_seed; false: greedy decoding."))
+    temperature: float = Field(1.0, gt=0, description="The sampling temperature (only with do_sample).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling's probability mass (only with do_sample).")
+    sample_seed: int = Field(0, description="The seed of sampling (only with do_sample).")
+    answer_extraction: Literal["normalized", "gsm8k", "last_number"] = Field("normalized", description=(
+        "How a generated answer and its reference are compared for exact match: normalized text, gsm8k (the number "
+        "after '####'), or last_number (the last number in the text)."))
+    bootstrap_resamples: int = Field(1000, ge=10, description=(
+        "Resamples of the paired bootstrap of the base - tuned NLL difference over test rows."))
+    bootstrap_seed: int = Field(0, description="The seed of the bootstrap.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="The confidence level of the bootstrap intervals.")
+    primary_metric: Metric = Field("nll", description=(
+        "Promotion gate: the new model version gets the `champion` alias only if this test metric beats the current "
+        "champion's (same test set and eval settings) by more than promotion_margin, the data checks passed and no "
+        "suite regressed; otherwise `challenger`. nll and perplexity: lower is better; the others: higher."))
+    promotion_margin: float = Field(0.0, ge=0, description=(
+        "How much primary_metric must beat the champion's by, in the metric's units."))
     suites: list[SuiteConfig] = []
-    regression_margin: float = Field(0.0, ge=0)
+    regression_margin: float = Field(0.0, ge=0, description=(
+        "A suite regresses when the whole confidence interval of (tuned - base) on its primary metric lies on the "
+        "worse side of this margin (metric units: nats/token for nll, 0-100 for chrf); a regression keeps the new "
+        "version from becoming champion unless the suite is informational."))
 
     @model_validator(mode="after")
     def _suite_names(self) -> EvaluateConfig:
@@ -263,18 +311,21 @@ class EvaluateConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    # Where the tracking server is, is not config: MLFLOW_TRACKING_URI (default sqlite:///mlflow.db).
-    experiment: str = "sftops"
-    registered_model_name: str = "sftops-model"
+    experiment: str = Field("sftops", description=(
+        "The MLflow experiment runs are logged to. The tracking server is not config: MLFLOW_TRACKING_URI "
+        "(default sqlite:///mlflow.db in the project folder)."))
+    registered_model_name: str = Field("sftops-model", description=(
+        "The MLflow registered model that each trained version is registered under."))
 
 
 class PathsConfig(_Strict):
-    raw: str = "data/raw"
-    curated: str = "data/curated"
-    model: str = "models"
-    checkpoints: str = "checkpoints"
-    reports: str = "reports"
-    metrics: str = "metrics.json"
+    raw: str = Field("data/raw", description="Where ingest writes the raw rows of each source.")
+    curated: str = Field("data/curated", description=(
+        "Where format writes the curated, tokenised splits and their stats."))
+    model: str = Field("models", description="Where train writes the fine-tuned model and its run record.")
+    checkpoints: str = Field("checkpoints", description="Where train keeps its checkpoints.")
+    reports: str = Field("reports", description="Where evaluate writes its reports.")
+    metrics: str = Field("metrics.json", description="The metrics file evaluate writes.")
 
     @model_validator(mode="after")
     def _inside_project(self) -> PathsConfig:
@@ -284,24 +335,29 @@ class PathsConfig(_Strict):
 
 
 class LaunchConfig(_Strict):
-    # Where the train stage runs: local (this node; torchrun --standalone when train.num_processes > 1), slurm
-    # (an sbatch script, submitted and waited for), kubernetes (a Kubeflow PyTorchJob, applied and waited for)
-    # or loopback (launch.nodes torchrun agents on this machine: the stand-in the tests use).
-    target: Literal["local", "slurm", "kubernetes", "loopback"] = "local"
-    name: str = Field("sftops-train", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # the job's name (and rendezvous id)
-    nodes: int = Field(1, ge=1)  # train.num_processes processes run on each
-    gpus_per_node: int = Field(0, ge=0)
-    cpus_per_node: int = Field(8, ge=1)
-    image: str = "sftops:latest"  # kubernetes: the container image (the Dockerfile's)
-    # kubernetes: the PersistentVolumeClaim holding the project folder, mounted at shared_folder on every pod.
-    volume_claim: str = "sftops-shared"
-    shared_folder: str = "/shared/sftops"
-    rdzv_port: int = Field(29500, ge=1, le=65535)
-    join_timeout_s: int = Field(600, ge=1)  # how long the nodes wait for each other at the rendezvous
-    # slurm --time, in minutes: a "24:00:00" string would not survive `dvc exp run -S`, which rewrites params.yaml
+    target: Literal["local", "slurm", "kubernetes", "loopback"] = Field("local", description=(
+        "Where the train stage runs: local (this node; torchrun --standalone when train.num_processes > 1), slurm "
+        "(an sbatch script, submitted and waited for), kubernetes (a Kubeflow PyTorchJob, applied and waited for) or "
+        "loopback (launch.nodes torchrun agents on this machine). `sftops launch --write-only` writes "
+        "launch/<name>.sbatch or .yaml and prints it. The project folder must be shared by every node."))
+    name: str = Field("sftops-train", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                      description="The job's name and rendezvous id.")
+    nodes: int = Field(1, ge=1, description="Nodes the train stage runs on; train.num_processes processes run on each.")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs the job asks for on each node (slurm, kubernetes).")
+    cpus_per_node: int = Field(8, ge=1, description="CPUs the job asks for on each node (slurm, kubernetes).")
+    image: str = Field("sftops:latest", description="kubernetes: the container image (the Dockerfile's).")
+    volume_claim: str = Field("sftops-shared", description=(
+        "kubernetes: the PersistentVolumeClaim holding the project folder, mounted at shared_folder on every pod."))
+    shared_folder: str = Field("/shared/sftops", description="kubernetes: where volume_claim is mounted on every pod.")
+    rdzv_port: int = Field(29500, ge=1, le=65535, description=(
+        "The port of the torchrun rendezvous on the head node (node 0)."))
+    join_timeout_s: int = Field(600, ge=1, description=(
+        "How long the nodes wait for each other at the rendezvous (seconds)."))
+    # Minutes, not a "24:00:00" string: that would not survive `dvc exp run -S`, which rewrites params.yaml
     # unquoted, and YAML 1.1 then reads 24:00:00 as the integer 86400.
-    time_limit_minutes: int = Field(1440, ge=1)
-    wait_timeout_s: int = Field(86400, ge=1)  # kubernetes: how long `kubectl wait` waits for the job
+    time_limit_minutes: int = Field(1440, ge=1, description="slurm: the job's time limit (--time), in minutes.")
+    wait_timeout_s: int = Field(86400, ge=1, description=(
+        "kubernetes: how long `kubectl wait` waits for the job (seconds)."))
 
 
 class Config(_Strict):
@@ -371,6 +427,64 @@ def _closest_key(loc: tuple, model: type[BaseModel]) -> str | None:
     names += [f.alias for f in getattr(node, "model_fields", {}).values() if f.alias]
     match = difflib.get_close_matches(str(loc[-1]), names, n=1)
     return match[0] if match else None
+
+
+def leaf_fields(model: type[BaseModel] | None = None, prefix: str = "") -> dict[str, FieldInfo]:
+    """Dotted key -> pydantic field, for every leaf of the config; in a list of sections: `data.sources[].weight`."""
+    out: dict[str, FieldInfo] = {}
+    for name, field in (model or Config).model_fields.items():
+        key, node = prefix + (field.alias or name), field.annotation
+        many = typing.get_origin(node) is list
+        node = typing.get_args(node)[0] if many else node
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            out.update(leaf_fields(node, key + ("[]." if many else ".")))
+        else:
+            out[key] = field
+    return out
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    return str(annotation).replace("typing.", "") if origin else annotation.__name__
+
+
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "min_length": "at least", "pattern": "matching"}
+
+
+def explain(key: str, cfg: Config | None, origin: str = "params.yaml") -> str:
+    """What `sftops config --explain KEY` prints: for each leaf at or under KEY, its type and constraints, its code
+    default, its value in cfg (per list item for `data.sources[].x`) and its description."""
+    plain = re.sub(r"\[\d*\]", "", key.strip()).strip(".")
+    leaves = {k: f for k, f in leaf_fields().items()
+              if k.replace("[]", "") == plain or k.replace("[]", "").startswith(plain + ".")}
+    if not leaves:
+        parts = plain.split(".")
+        near = _closest_key(tuple(parts), Config)
+        hint = (f"did you mean {'.'.join(parts[:-1] + [near])!r}?" if near
+                else "check the spelling (`--explain train` lists a section)")
+        raise ConfigError(f"unknown config key {key!r}: {hint}")
+    flat = cfg.flat() if cfg else {}
+    blocks = []
+    for name, field in leaves.items():
+        kind = [_type_name(field.annotation)]
+        kind += [f"{sym} {getattr(m, attr)}" for m in field.metadata for attr, sym in _BOUNDS.items()
+                 if getattr(m, attr, None) is not None]
+        default = "(required)" if field.is_required() else json.dumps(field.get_default(call_default_factory=True))
+        section, _, leaf = name.partition("[].")
+        if cfg is None:
+            value = "-"
+        elif leaf:  # one value per list item: per source, per suite
+            value = ", ".join(f"{item['name']}: {json.dumps(item.get(leaf))}" for item in flat[section])
+            value = value or "(none listed)"
+        else:
+            value = json.dumps(flat[name])
+        blocks.append(f"{name}\n  type:     {', '.join(kind)}\n  default:  {default}\n"
+                      f"  value:    {value}   ({origin})\n" + textwrap.fill(field.description or "", 100, initial_indent="  ", subsequent_indent="  "))
+    return "\n\n".join(blocks)
 
 
 def _describe(err: ValidationError, origin: str) -> str:

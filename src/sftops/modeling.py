@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from sftops.config import ModelConfig
 from sftops import hub
 from sftops.errors import ModelError
-from sftops.sources import package_dir
+from sftops.machine import package_dir
 
 if TYPE_CHECKING:  # the model classes cost 2 s to import: the data stages, which need only the tokenizer, skip it
     from transformers import PreTrainedModel
@@ -163,26 +163,6 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         # Padding positions are masked out of the loss and attention, so any id will do.
         tok.pad_token = tok.eos_token
     return tok
-
-
-def require_hardware(method: str, attn_implementation: str = "sdpa") -> None:
-    """QLoRA's 4-bit kernels (bitsandbytes), FlashAttention and FlexAttention's backward exist for CUDA GPUs only:
-    refuse early (before the train or evaluate stage loads a model), naming the fix."""
-    if attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
-        raise ModelError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and none is visible; "
-                         "use model.attn_implementation=sdpa")
-    if attn_implementation == "flex_attention" and not torch.cuda.is_available():
-        # FlexAttention's forward runs on the CPU, but its backward does not: training would stop at step 1.
-        raise ModelError("model.attn_implementation=flex_attention trains only on a CUDA GPU (FlexAttention has no CPU "
-                         "backward) and none is visible; use model.attn_implementation=sdpa")
-    if method != "qlora":
-        return
-    if not torch.cuda.is_available():
-        raise ModelError("train.method=qlora needs a CUDA GPU (4-bit bitsandbytes kernels) and none is visible; use train.method=lora")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ModelError("train.method=qlora needs the bitsandbytes package: pip install bitsandbytes") from None
 
 
 def load_base_model(cfg: ModelConfig, quantize_4bit: bool = False) -> PreTrainedModel:

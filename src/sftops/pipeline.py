@@ -7,10 +7,11 @@ from importlib import import_module
 from typing import Any
 
 from sftops.config import Config
+from sftops.layout import GENERATIONS_FILE, MODEL_DIR, REPORT_FILE
 
 # Imported when called: `sftops ingest` loads the ingest stage's code, not torch and the train stage's.
-STAGES = {"ingest": "sftops.ingest:run_ingest", "format": "sftops.curate:run_format",
-          "train": "sftops.finetune:run_train", "evaluate": "sftops.evaluation:run_evaluate"}
+STAGES = {"ingest": "sftops.stages.ingest:run_ingest", "format": "sftops.stages.format:run_format",
+          "train": "sftops.stages.train:run_train", "evaluate": "sftops.stages.evaluate:run_evaluate"}
 
 
 def stage_function(name: str) -> Callable[[Config], Any]:
@@ -27,10 +28,10 @@ def where(cfg: Config) -> dict[str, str]:
     return {
         "raw data": cfg.paths.raw,
         "curated data": cfg.paths.curated,
-        "model": f"{cfg.paths.model}/model",
+        "model": f"{cfg.paths.model}/{MODEL_DIR}",
         "metrics": cfg.paths.metrics,
-        "generations": f"{cfg.paths.reports}/generations.csv",
-        "report": f"{cfg.paths.reports}/report.html",
+        "generations": f"{cfg.paths.reports}/{GENERATIONS_FILE}",
+        "report": f"{cfg.paths.reports}/{REPORT_FILE}",
         "mlflow": f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri,
     }
 

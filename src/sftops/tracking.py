@@ -22,12 +22,11 @@ from mlflow.types import ColSpec, DataType, Schema
 
 from sftops.config import Config
 from sftops.errors import ConfigError, SftopsError, TrackingError
-from sftops.manifest import build_manifest, dvc_md5, git_commit, model_section, params_sha256, revision_tags
-from sftops.promotion import CHALLENGER, CHAMPION, Champion, Decision, decide, metric_family, suite_results
+from sftops.provenance.manifest import build_manifest, dvc_md5, git_commit, model_section, params_sha256, revision_tags
+from sftops.evaluate.promotion import CHALLENGER, CHAMPION, Champion, Decision, decide, metric_family, suite_results
 from sftops.redact import redact, tracking_credentials
 from sftops.workspace import project_root
 
-RUN_FILE = "run.json"
 MANIFEST_ARTIFACT = "reproduce/manifest.json"
 # Run tags copied onto the registered version: what made it.
 LINEAGE_TAGS = ("base_model", "method", "data.curated_dvc_md5", "git.commit", "params.sha256")
@@ -111,7 +110,7 @@ def curated_dataset(curated: Path, digest: str) -> MetadataDataset:
 def log_curated_data(curated: Path, digest: str) -> None:
     """The curated data as the run's dataset input (digest: its DVC hash, so the run names the exact data
     version), and its data card with the token-length histograms as artifacts."""
-    from sftops.data.card import CARD, HISTOGRAM
+    from sftops.layout import CARD, HISTOGRAM
 
     mlflow.log_input(curated_dataset(curated, digest), context="training")
     for name in (CARD, HISTOGRAM):
@@ -483,7 +482,7 @@ def local_model_dir(uri: str, tracking: str | None = None) -> Path:
 
 def predict(uri: str, prompts: list[str], max_new_tokens: int, tracking: str | None = None) -> list[str]:
     """Answers from a logged or registered model, generated as from a local model folder (sftops generate)."""
-    from sftops.generation import answer
+    from sftops.evaluate.generation import answer
     from sftops.modeling import load_finetuned
 
     model, tokenizer = load_finetuned(local_model_dir(uri, tracking))

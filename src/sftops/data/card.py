@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-CARD = "data_card.md"
-HISTOGRAM = "token_lengths.png"
+from sftops.layout import CARD, HISTOGRAM
+
 
 
 def write_histograms(path: Path, lengths: dict[str, list[int]], max_length: int) -> None:

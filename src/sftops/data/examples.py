@@ -51,25 +51,28 @@ def cache_counts(rows: TokenRows) -> dict[str, Any]:
 def training_examples(
     cfg: Config, tokenizer: PreTrainedTokenizerBase, split: str, rows: list[dict[str, Any]]
 ) -> tuple[Sequence[Encoded], list[int], dict[str, Any]]:
-    """(examples, indices of the rows they came from, counts), as sftops.chat.encode_rows returns, with
+    """(examples, indices of the rows they came from, counts), as encode_rows returns them, with
     data.overflow applied and rows left with no target token dropped and counted. From the cache, the examples
     are a TokenRows (array-backed, indexable like a list of Encoded)."""
     cached = cached_rows(cfg, tokenizer, split, pa.chunked_array([pa.array([r["id"] for r in rows], pa.string())]))
     if cached is not None:
         return cached, list(range(len(rows))), cache_counts(cached)
-    return encode_afresh(cfg, tokenizer, rows)
+    return encode_rows(tokenizer, rows, cfg.model.max_length, cfg.data.overflow)
 
 
-def encode_afresh(
-    cfg: Config, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]]
+def encode_rows(
+    tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], max_length: int, overflow: str = "drop"
 ) -> tuple[list[Encoded], list[int], dict[str, Any]]:
-    """Tokenise rows as the format stage does (the path without a valid cache)."""
+    """Tokenise curated rows as the format stage does (the path without a valid cache): the examples, the indices
+    of the rows they came from, and counts. A row that does not fit max_length is handled by the overflow policy
+    and one with no target token is dropped: neither may enter training as a silently truncated response or a
+    zero loss. Both are counted."""
     counts = _counts(len(rows))
     examples, kept = [], []
     render = Renderer(tokenizer)
     convs = [{"messages": r["messages"], "tools": r.get("tools")} for r in rows]
     for i, (row, conv, enc) in enumerate(zip(rows, convs, encode_batch(tokenizer, convs, render))):
-        fitted = fit(tokenizer, render, conv, enc, cfg.model.max_length, cfg.data.overflow, row.get("origin", f"row {i}"))
+        fitted = fit(tokenizer, render, conv, enc, max_length, overflow, row.get("origin", f"row {i}"))
         if fitted.encoded is None:
             counts["dropped_too_long" if fitted.kind == "too long" else "dropped_no_target"] += 1
             continue
@@ -122,6 +125,6 @@ def split_examples(cfg: Config, tokenizer: PreTrainedTokenizerBase, split: str, 
         return SplitExamples(cached, codes, names, cache_counts(cached))
     rows = read_split(cfg.paths.curated, split)
     rows = [rows[i] for i in chosen.tolist()]
-    examples, kept, counts = encode_afresh(cfg, tokenizer, rows)
+    examples, kept, counts = encode_rows(tokenizer, rows, cfg.model.max_length, cfg.data.overflow)
     codes, names = source_codes(pa.chunked_array([pa.array([rows[i].get("source") for i in kept], pa.string())]))
     return SplitExamples(examples, codes, names, counts)

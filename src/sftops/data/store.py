@@ -19,8 +19,9 @@ import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
 from sftops.chat import IGNORE, Encoded
+from sftops.config import Config
 from sftops.errors import DataError
-from sftops.fingerprints import file_sha256, json_sha256
+from sftops.provenance.fingerprints import file_sha256, json_sha256
 
 SPLITS = ("train", "val", "test")
 TOKENIZED = "tokenized"
@@ -359,3 +360,7 @@ def read_cache(curated: Path, split: str, key: dict[str, Any]) -> TokenRows | No
         return None
     return TokenRows(ids, arrays["input_ids"], arrays["labels"], offsets[:-1], offsets[1:], arrays["truncated"],
                      arrays["lost"])
+
+
+def load_split(cfg: Config, split: str) -> list[dict[str, Any]]:
+    return read_split(cfg.paths.curated, split)

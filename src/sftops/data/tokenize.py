@@ -1,7 +1,8 @@
 """Conversations -> token ids and loss labels, fast: every conversation is rendered with the tokenizer's chat
 template (compiled once), then all texts are tokenised in one batched call with character offsets, and the
-labels come from the character spans of the assistant turns. Same result as sftops.chat.encode (tested),
-plus the weight-0 turns and tool definitions of the OpenAI format, and the max_length overflow policy."""
+labels come from the character spans of the assistant turns (weight-0 turns and tool definitions of the OpenAI
+format included); then the max_length overflow policy. The only tokeniser: the format stage, train and evaluate
+without a cache, the tests and the benchmarks all encode here."""
 
 from __future__ import annotations
 
@@ -90,6 +91,12 @@ def encode_batch(tokenizer: PreTrainedTokenizerBase, convs: list[Conversation], 
     return out
 
 
+def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list | None = None,
+                        render: Renderer | None = None) -> Encoded:
+    """One conversation's ids and labels, through the batched encoder."""
+    return encode_batch(tokenizer, [{"messages": messages, "tools": tools}], render)[0]
+
+
 # ---- max_length: drop, truncate_prompt or error ------------------------------------------------------------
 
 
@@ -165,7 +172,7 @@ def fit(tokenizer: PreTrainedTokenizerBase, render: Renderer, conv: Conversation
         prompt_before = len(enc.input_ids) - targets
         while len(enc.input_ids) > max_length and (shorter := _drop_oldest_exchange(messages)) is not None:
             messages = shorter
-            enc = encode_batch(tokenizer, [{**conv, "messages": messages}], render)[0]
+            enc = encode_conversation(tokenizer, messages, conv.get("tools"), render)
         for attempt in range(4):  # the marker and re-merged tokens at the cut: cut a little more each try
             excess = len(enc.input_ids) - max_length
             if excess <= 0:
@@ -174,7 +181,7 @@ def fit(tokenizer: PreTrainedTokenizerBase, render: Renderer, conv: Conversation
             if cut is None:
                 break
             messages = cut
-            enc = encode_batch(tokenizer, [{**conv, "messages": messages}], render)[0]
+            enc = encode_conversation(tokenizer, messages, conv.get("tools"), render)
         if len(enc.input_ids) > max_length:  # the response itself does not fit: its end is lost
             enc = Encoded(enc.input_ids[:max_length], enc.labels[:max_length])
         lost = targets - enc.n_targets

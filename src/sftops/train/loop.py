@@ -17,13 +17,15 @@ import torch
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from sftops import checkpoint, faults
-from sftops.batching import Batch, micro_batches, step_batches, step_micro_batches
+from sftops import faults
+
+from sftops.train import checkpoint
+from sftops.data.batching import Batch, micro_batches, step_batches, step_micro_batches
 from sftops.chat import Encoded, example_lengths
 from sftops.config import TrainConfig
-from sftops.distributed import World
+from sftops.train.distributed import World
 from sftops.errors import GpuMemoryError, TrainingError
-from sftops.objective import SupervisedNLL, autocast, n_targets
+from sftops.train.loss import SupervisedNLL, autocast, n_targets
 
 StepCallback = Callable[[int, dict[str, float]], None]
 MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids")

@@ -4,67 +4,17 @@ data/raw/rejected.jsonl with its origin and reason. For each source, read = kept
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from sftops.config import Config, SourceConfig
-from sftops.errors import DataError
+from sftops.config import Config
+from sftops.data.rejections import ReasonTally, refuse_empty
 from sftops.jsonio import jsonl_line, write_json, write_jsonl
+from sftops.layout import INGEST_REPORT, RAW_REJECTED
 from sftops.outputs import replaced_whole
-from sftops.sources import pinned_source, read_source
-
-REPORT = "ingest_report.json"
-REJECTED = "rejected.jsonl"
-
-
-def ingest_kind(reason: str) -> str:
-    """The counted category of an ingest rejection reason."""
-    if reason.startswith("row is a"):
-        return "row not an object"
-    if reason.startswith("row has"):
-        return "wrong number of CSV fields"
-    return reason.split(" (")[0].split(":")[0]
-
-
-@dataclass
-class ReasonTally:
-    """How many rejections of each kind, and the first reason of each: all top_reasons needs, held in the room
-    of a few reasons however many rows were rejected."""
-
-    counts: Counter[str] = field(default_factory=Counter)
-    first: dict[str, str] = field(default_factory=dict)
-
-    def add(self, reason: str) -> None:
-        kind = ingest_kind(reason)
-        self.counts[kind] += 1
-        self.first.setdefault(kind, reason[:400])
-
-    @classmethod
-    def of(cls, reasons: Iterable[str]) -> ReasonTally:
-        tally = cls()
-        for reason in reasons:
-            tally.add(reason)
-        return tally
-
-
-def top_reasons(reasons: Iterable[str] | ReasonTally, n: int = 3) -> str:
-    """'40 no known schema (first: ...), 2 empty message': the commonest kinds with counts and one example."""
-    tally = reasons if isinstance(reasons, ReasonTally) else ReasonTally.of(reasons)
-    return "; ".join(f"{c} x {tally.first[k]}" for k, c in tally.counts.most_common(n))
-
-
-def refuse_empty(source: SourceConfig, read: int, reasons: Iterable[str] | ReasonTally, stage: str) -> None:
-    """A source none of whose rows survive is a user error, not an empty success."""
-    if read == 0:
-        raise DataError(f"source {source.name!r}: no rows were read from {source.path or source.hub}; "
-                        "check the path (an empty file or folder) and data.sources in params.yaml")
-    raise DataError(f"source {source.name!r}: none of its {read} rows was kept at {stage}: {top_reasons(reasons)}")
-
+from sftops.data.sources import pinned_source, read_source
 
 def run_ingest(cfg: Config) -> dict[str, Any]:
     with replaced_whole(cfg.paths.raw) as out:
@@ -73,12 +23,12 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
 
 def _ingest(cfg: Config, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    with (out / REJECTED).open("w", encoding="utf-8") as rejected_file:  # written as rows come: never held
+    with (out / RAW_REJECTED).open("w", encoding="utf-8") as rejected_file:  # written as rows come: never held
         per_source, revisions = _ingest_sources(cfg, out, rejected_file)
     totals = {k: sum(c[k] for c in per_source.values()) for k in ("read", "kept", "rejected")}
     # the hub sources' commits: train records them (manifest, MLflow) from the copy format carries along
     report = {"totals": totals, "sources": per_source, "revisions": revisions}
-    write_json(out / REPORT, report)
+    write_json(out / INGEST_REPORT, report)
     return report
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sftops.sources import Record, as_row
+from sftops.data.records import Record, as_row
 
 
 def value_bytes(array: pa.Array) -> np.ndarray:

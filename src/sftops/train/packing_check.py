@@ -9,10 +9,10 @@ from collections.abc import Sequence
 
 import torch
 
-from sftops.batching import make_batch
+from sftops.data.batching import make_batch
 from sftops.chat import Encoded
 from sftops.errors import TrainingError
-from sftops.objective import SupervisedNLL, autocast
+from sftops.train.loss import SupervisedNLL, autocast
 
 
 def per_example_nll(model: torch.nn.Module, examples: Sequence[Encoded], pad_id: int, device: torch.device, packed: bool) -> list[float]:

@@ -14,21 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from sftops.chat import IGNORE, Encoded, example_lengths
-
-
-def collate(examples: Sequence[Encoded], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
-    """Pad a batch; padding is masked from attention and from the loss."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        cols = slice(width - n, width) if left else slice(0, n)
-        ids[row, cols] = torch.tensor(e.input_ids)
-        labels[row, cols] = torch.tensor(e.labels)
-        mask[row, cols] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+from sftops.data.batching import collate
 
 
 def n_targets(labels: torch.Tensor) -> int:

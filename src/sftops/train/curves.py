@@ -7,8 +7,8 @@ import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-TRAIN_CURVE = "train_curve.csv"
-VAL_CURVE = "val_curve.csv"
+from sftops.layout import TRAIN_CURVE, VAL_CURVE
+
 
 
 def write_curves(folder: Path, history: Sequence[Mapping[str, float]], val_nll_by_step: Mapping[int, float | None]) -> None:

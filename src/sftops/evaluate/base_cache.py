@@ -11,7 +11,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from sftops.fingerprints import file_sha256, json_sha256
+from sftops.provenance.fingerprints import file_sha256, json_sha256
 from sftops.config import ModelConfig
 from sftops.modeling import check_base, resolve_base
 from sftops.workspace import cache_root

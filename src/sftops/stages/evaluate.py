@@ -1,15 +1,14 @@
 """Stage 4, evaluate: the base and the fine-tuned model side by side on the held-out test split — response
 NLL and perplexity on every test row with a paired bootstrap CI of the difference and the win rate (overall
 and per source), generations scored against the references — and the same on each regression suite
-(evaluate.suites, see sftops.suites); then the HTML report, MLflow, and the promotion gate. The base model's
-results are cached (see evalcache)."""
+(evaluate.suites, see sftops.evaluate.suites); then the HTML report, MLflow, and the promotion gate. The base model's
+results are cached (sftops.evaluate.base_cache)."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 import json
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,76 +16,31 @@ from typing import Any
 
 import torch
 
-from sftops import evalcache, faults, report, tracking
+from sftops import faults, tracking
+
+from sftops.evaluate import base_cache, report
 from sftops.chat import IGNORE, Encoded, generation_prompt
-from sftops.comparison import compare, compare_by_group, mean_delta_ci, perplexity_delta_ci
+from sftops.evaluate.comparison import compare, compare_by_group, mean_delta_ci, perplexity_delta_ci
 from sftops.config import Config, EvaluateConfig, ModelConfig, SuiteConfig
-from sftops.curate import STATS, prompt_key
-from sftops.curves import TRAIN_CURVE, VAL_CURVE, read_curve
+from sftops.layout import GENERATIONS_FILE, REPORT_FILE, ROWS_FILE, RUN_FILE, STATS, SUITES_DIR, TRAIN_CURVE, VAL_CURVE
+from sftops.train.curves import read_curve
 from sftops.data.examples import training_examples
 from sftops.data.store import TokenRows
 from sftops.errors import ConfigError, DataError, GpuMemoryError
-from sftops.fingerprints import file_sha256, json_sha256, tokenizer_sha256
-from sftops.finetune import device, load_split
-from sftops.generation import Completion, Decoding, complete
+from sftops.provenance.fingerprints import file_sha256, json_sha256, tokenizer_sha256
+from sftops.data.store import load_split
+from sftops.machine import device, package_dir, require_hardware
+from sftops.evaluate.generation import Completion, Decoding, complete
 from sftops.jsonio import read_json, require, write_json
-from sftops.modeling import is_adapter, load_base_model, load_finetuned, read_manifest, require_hardware
-from sftops.objective import mean_nll, score_rows
+from sftops.modeling import is_adapter, load_base_model, load_finetuned, read_manifest
+from sftops.train.loss import score_rows
 from sftops.outputs import replaced_whole
-from sftops.promotion import (GENERATION_FAMILY, NLL_FAMILY, SuiteResult, data_checks, decide, metric_family,
+from sftops.evaluate.promotion import (GENERATION_FAMILY, NLL_FAMILY, SuiteResult, data_checks, decide, metric_family,
                               suite_results)
-from sftops.suites import SuiteRows, generation_sample as suite_sample, prepare_suite, suite_margin, suite_metric
-from sftops.textmetrics import chrf, extracted_match, length_stats, rouge_l
+from sftops.evaluate.suites import SuiteRows, generation_sample as suite_sample, prepare_suite, suite_margin, suite_metric
+from sftops.evaluate.scoring import generation_sample, row_scores, summarise
+from sftops.evaluate.textmetrics import length_stats
 
-REPORT_FILE = "report.html"
-GENERATIONS_FILE = "generations.csv"
-ROWS_FILE = "nll_by_row.csv"
-SUITES_DIR = "suites"  # in reports/: one CSV per suite, its sampled generations
-
-
-def generation_sample(rows: list[dict[str, Any]], n: int) -> tuple[list[dict[str, Any]], list[list[str]]]:
-    """Up to n rows with distinct prompts, in a stable order spread over the test split (sorted by row id),
-    each with every reference answer the test split has for its prompt."""
-    refs: dict[str, list[str]] = {}
-    first: dict[str, dict[str, Any]] = {}
-    for row in sorted(rows, key=lambda r: r["id"]):
-        key = prompt_key(row["messages"])
-        refs.setdefault(key, []).append(row["messages"][-1]["content"])
-        first.setdefault(key, row)
-    keys = list(first)[:n]
-    return [first[k] for k in keys], [refs[k] for k in keys]
-
-
-def best(score: Callable[[str, str], float], output: str, references: list[str]) -> float:
-    """A prompt with several valid answers is scored against the closest one."""
-    return max(score(output, r) for r in references)
-
-
-def row_scores(outputs: list[str], refs: list[list[str]], extraction: str = "normalized") -> dict[str, list[float]]:
-    """Per generated answer: exact match (of the answers extracted by the rule), ROUGE-L F1 and chrF against
-    its closest reference."""
-
-    def em(o: str, r: str) -> float:
-        return extracted_match(o, r, extraction)
-
-    return {
-        "exact_match": [best(em, o, r) for o, r in zip(outputs, refs)],
-        "rouge_l": [best(rouge_l, o, r) for o, r in zip(outputs, refs)],
-        "chrf": [best(chrf, o, r) for o, r in zip(outputs, refs)],
-    }
-
-
-def _summary(scores: list[tuple[float, int]], per_row: dict[str, list[float]], completions: list[Completion]) -> dict[str, float]:
-    nll = mean_nll(scores)
-    out = {"nll": nll, "perplexity": math.exp(nll)}
-    for name, values in per_row.items():
-        if values:
-            out[name] = sum(values) / len(values)
-    if completions:
-        out.update(length_stats([c.text for c in completions], "response"))
-        out["response_tokens_mean"] = sum(c.new_tokens for c in completions) / len(completions)
-        out["stopped_rate"] = sum(c.stopped for c in completions) / len(completions)
-    return out
 
 
 def decoding(cfg: EvaluateConfig) -> Decoding:
@@ -160,7 +114,7 @@ class BaseModel:
 
 
 def _base_results(cfg, base: BaseModel, tokenizer, examples, prompts, dev, key: str, on: str = "test split") -> tuple[list, list[Completion], bool]:
-    cached = evalcache.load(key)
+    cached = base_cache.load(key)
     # The key covers the data and settings; checking the token counts as well costs nothing.
     expected = (examples.target_counts().tolist() if isinstance(examples, TokenRows)  # from the arrays, not per token
                 else [sum(label != IGNORE for label in e.labels[1:]) for e in examples])
@@ -168,7 +122,7 @@ def _base_results(cfg, base: BaseModel, tokenizer, examples, prompts, dev, key: 
         return [tuple(s) for s in cached["scores"]], [Completion(**c) for c in cached["completions"]], True
     with base.active() as model:
         scores, completions = _score_and_generate(model, tokenizer, examples, prompts, cfg, dev, "base", on)
-    evalcache.store(key, {"scores": scores, "completions": [asdict(c) for c in completions]})
+    base_cache.store(key, {"scores": scores, "completions": [asdict(c) for c in completions]})
     return scores, completions, False
 
 
@@ -208,7 +162,7 @@ def measure_model(cfg: Config, model_dir: Path, curated: Path) -> tuple[dict[str
     scores, completions = _score_and_generate(model, tokenizer, examples, prompts, local, dev, "champion")
     generated = row_scores([c.text for c in completions], refs, cfg.evaluate.answer_extraction)
     metrics = {"test_rows": len(examples), "test_target_tokens": sum(c for _, c in scores),
-               "generations": len(sample), "tuned": _summary(scores, generated, completions),
+               "generations": len(sample), "tuned": summarise(scores, generated, completions),
                "evaluation": evaluation_identity(local, curated / "test.parquet", tokenizer)}
     table = {"id": [r["id"] for r in sample], "prompt": [_prompt_text(r["messages"]) for r in sample],
              "reference": [r[0] for r in refs], "tuned_output": [c.text for c in completions],
@@ -228,7 +182,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     train_rows = load_split(cfg, "train") if cfg.evaluate.suites else []
     prepared = [prepare_suite(s, train_rows, cfg.data, cfg.evaluate.sample_seed) for s in cfg.evaluate.suites]
     model_dir = Path(cfg.paths.model) / "model"
-    run_info = read_json(require(Path(cfg.paths.model) / tracking.RUN_FILE, "train"))
+    run_info = read_json(require(Path(cfg.paths.model) / RUN_FILE, "train"))
     dev = device()
     tuned, tokenizer = load_finetuned(model_dir)
     tuned.to(dev)
@@ -238,7 +192,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     examples, kept_rows, sample, refs, prompts = _test_inputs(cfg, tokenizer)
 
     base = BaseModel(manifest, tuned, dev)
-    key = evalcache.cache_key(manifest["base"], file_sha256(test_file), tokenizer_sha256(tokenizer), base_eval_params(cfg), dev.type)
+    key = base_cache.cache_key(manifest["base"], file_sha256(test_file), tokenizer_sha256(tokenizer), base_eval_params(cfg), dev.type)
     base_scores, base_out, base_cached = _base_results(cfg, base, tokenizer, examples, prompts, dev, key)
     tuned_scores, tuned_out = _score_and_generate(tuned, tokenizer, examples, prompts, cfg, dev, "tuned")
 
@@ -253,8 +207,8 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         "test_rows": len(examples),
         "test_target_tokens": sum(c for _, c in tuned_scores),
         "generations": len(sample),
-        "base": _summary(base_scores, base_gen, base_out),
-        "tuned": _summary(tuned_scores, tuned_gen, tuned_out),
+        "base": summarise(base_scores, base_gen, base_out),
+        "tuned": summarise(tuned_scores, tuned_gen, tuned_out),
         "nll_improvement": overall["nll_improvement"],
         "nll_improvement_ci_low": overall["nll_improvement_ci_low"],
         "nll_improvement_ci_high": overall["nll_improvement_ci_high"],
@@ -321,10 +275,13 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         html = report.render(title, metrics, curves, review_rows, table, decision, worst)
         (reports / REPORT_FILE).write_text(html, encoding="utf-8")
         write_json(Path(cfg.paths.metrics), metrics)  # with the reports: a failure before here leaves both as they were
-
-        files = [Path(cfg.paths.metrics), reports / REPORT_FILE, reports / ROWS_FILE]
-        files += [reports / SUITES_DIR / f"{run.name}.csv" for run in suite_runs]
-        tracking.log_evaluation(run_info, metrics, table, files, [run.dataset for run in suite_runs], test_file)
+    # The files are in place before MLflow hears of them: the registry's alias moves last, so a failure in
+    # between leaves files newer than the registry (a re-run logs again), never a champion without its report.
+    reports = Path(cfg.paths.reports)
+    files = [Path(cfg.paths.metrics), reports / REPORT_FILE, reports / ROWS_FILE]
+    files += [reports / SUITES_DIR / f"{run.name}.csv" for run in suite_runs]
+    faults.pause("evaluate_logging")
+    tracking.log_evaluation(run_info, metrics, table, files, [run.dataset for run in suite_runs], test_file)
     return {**metrics, "base_eval_cached": base_cached, "suites_base_eval_cached": {run.name: run.base_cached for run in suite_runs},
             "report": str(Path(cfg.paths.reports) / REPORT_FILE)}
 
@@ -370,14 +327,14 @@ def evaluate_suite(cfg: Config, suite: SuiteConfig, prepared: SuiteRows, tuned, 
     n = e.num_generations if suite.num_generations is None else suite.num_generations
     sample, refs = suite_sample(rows, n, e.sample_seed)
     prompts = [generation_prompt(tokenizer, r["messages"]) for r in sample]
-    key = evalcache.cache_key(base.manifest["base"], prepared.sha256, tokenizer_sha256(tokenizer),
+    key = base_cache.cache_key(base.manifest["base"], prepared.sha256, tokenizer_sha256(tokenizer),
                               {**base_eval_params(cfg), "num_generations": n, "suite": True}, dev.type)
     base_scores, base_out, cached = _base_results(cfg, base, tokenizer, examples, prompts, dev, key, on)
     tuned_scores, tuned_out = _score_and_generate(tuned, tokenizer, examples, prompts, cfg, dev, "tuned", on)
     base_gen = row_scores([c.text for c in base_out], refs, e.answer_extraction)
     tuned_gen = row_scores([c.text for c in tuned_out], refs, e.answer_extraction)
     overall = compare(base_scores, tuned_scores, e.bootstrap_resamples, e.bootstrap_seed, e.confidence)
-    summary = {"base": _summary(base_scores, base_gen, base_out), "tuned": _summary(tuned_scores, tuned_gen, tuned_out)}
+    summary = {"base": summarise(base_scores, base_gen, base_out), "tuned": summarise(tuned_scores, tuned_gen, tuned_out)}
     metric = suite_metric(suite, e.primary_metric)
     if metric not in summary["tuned"]:
         raise ConfigError(f"evaluate.suites {suite.name!r}: primary metric {metric!r} needs generations (set its num_generations > 0)")
@@ -412,7 +369,6 @@ def evaluate_suite(cfg: Config, suite: SuiteConfig, prepared: SuiteRows, tuned, 
 def _suite_source(suite: SuiteConfig) -> str:
     if suite.hub is not None:
         return f"https://huggingface.co/datasets/{suite.hub}"
-    from sftops.sources import package_dir
 
     return str(((package_dir(suite.package) if suite.package else Path(".")) / suite.path).resolve())
 

@@ -1,5 +1,5 @@
 """From encoded examples to the micro-batches of each optimizer step: seeded order, optional length grouping,
-padded or padding-free (packed) rows, and the share of each process under torchrun."""
+padded rows (or packed ones: sftops.data.packing), and the share of each process under torchrun."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from sftops.chat import IGNORE, Encoded
-from sftops.objective import collate
+from sftops.data.packing import pack
 
 Batch = dict[str, torch.Tensor]
 
@@ -49,21 +49,19 @@ def step_batches(stream: Iterator[list[int]], accum: int, world: int, rank: int)
     return taken[rank::world]
 
 
-def pack(examples: Sequence[Encoded], pad_id: int) -> Batch:
-    """Padding-free: the examples concatenated into one row, position ids restarting at 0 for each, and no
-    attention mask, from which the model builds a block-diagonal causal mask (attention never crosses an
-    example boundary; see packing_self_check). Each example's first token predicts nothing of the previous
-    example: its label is masked, exactly as position 0 of an unpacked row never enters the loss."""
-    ids, labels, positions = [], [], []
-    for e in examples:
-        ids += e.input_ids
-        labels += [IGNORE] + e.labels[1:]
-        positions += range(len(e.input_ids))
-    return {
-        "input_ids": torch.tensor([ids]),
-        "labels": torch.tensor([labels]),
-        "position_ids": torch.tensor([positions]),
-    }
+def collate(examples: Sequence[Encoded], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """Pad a batch; padding is masked from attention and from the loss."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        cols = slice(width - n, width) if left else slice(0, n)
+        ids[row, cols] = torch.tensor(e.input_ids)
+        labels[row, cols] = torch.tensor(e.labels)
+        mask[row, cols] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def make_batch(examples: Sequence[Encoded], pad_id: int, packed: bool, source_ids: Sequence[int] | None = None) -> Batch:

@@ -1,23 +1,14 @@
-"""Stage 2, format: map raw rows to canonical conversations (rejecting, with a reason per row, what cannot be
-trained on), remove exact and near duplicates, sample and weight the sources, split by a seeded hash of the
-prompt, tokenise with the real tokenizer (length statistics, the max_length policy, the mask self-check),
-and write the curated Parquet splits, the tokenised cache, the rejected rows, stats.json and the data card.
-For every source: read = rejected at ingest + rejected here + duplicates + sampled out + dropped for length
-or no target + kept.
-
-Bounded memory at any size: pass 1 maps and tokenises the raw rows chunk by chunk in worker processes
-(sftops.data.chunks), each chunk's rows and tokens going to files of its own; the decisions that need the whole
-set (duplicates, source caps, splits, weights) are taken here on small per-row arrays; pass 2 streams the chunks
-again into the curated files."""
+"""The format stage's decisions over the whole set, taken on pass 1's small per-row arrays: exact and near
+duplicates, source caps and weights, the splits, the mask self-check and the length policy; then pass 2, which
+streams the chunks into the curated split files and the tokenised cache. The stage itself is
+sftops.stages.format."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import random
-import shutil
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +17,6 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from sftops.config import Config, SourceConfig
-from sftops.data.card import write_card
 from sftops.data.chunks import (AUTO, KEPT, OVERFLOW_ERROR, SPLIT_CODES, TOO_LONG, ChunkMapper, ChunkResult,
                                 conversation_text, map_chunks, progress_total, read_chunk, read_jobs, row_id)
 from sftops.data.dedup import near_duplicates_of
@@ -34,20 +24,12 @@ from sftops.data.schemas import RowError, to_conversation
 from sftops.data.selfcheck import self_check
 from sftops.data.split import ContaminationIndex, prompt_text, split_of
 from sftops.data.store import SPLITS, SplitWriter, TokenCacheWriter, cache_key, split_file
-from sftops.data.tokenize import encode_batch, length_summary
+from sftops.data.tokenize import encode_batch
 from sftops.errors import DataError
-from sftops.fingerprints import remember_digests
-from sftops.ingest import REJECTED as RAW_REJECTED
-from sftops.ingest import REPORT as RAW_REPORT
-from sftops.ingest import ingest_kind, refuse_empty
-from sftops.jsonio import read_json, read_jsonl, require, write_json, write_jsonl
-from sftops.outputs import replaced_whole
+from sftops.data.rejections import ingest_kind, refuse_empty
 
-__all__ = ["RowError", "to_messages", "assign_split", "prompt_key", "row_id", "conversation_text", "run_format", "SPLITS",
-           "STATS"]
+__all__ = ["RowError", "to_messages", "assign_split", "prompt_key", "row_id", "conversation_text", "SPLITS"]
 
-STATS = "stats.json"
-REJECTED = "rejected.jsonl"
 COUNTS = ("read", "rejected_ingest", "rejected_format", "duplicates", "sampled_out", "dropped_tokens", "kept", "train_rows")
 
 Message = dict[str, Any]
@@ -127,29 +109,6 @@ def rows_within(totals: np.ndarray, max_length: int) -> dict[str, int]:
     """How many rows each candidate model.max_length would keep whole: the numbers to choose it by."""
     candidates = sorted({*CANDIDATE_MAX_LENGTHS, max_length})
     return {str(n): int((np.asarray(totals) <= n).sum()) for n in candidates}
-
-
-def run_format(cfg: Config) -> dict[str, Any]:
-    from sftops.modeling import load_tokenizer
-
-    raw = Path(cfg.paths.raw)
-    for source in cfg.data.sources:
-        require(raw / f"{source.name}.jsonl", "ingest")
-    ingest = read_json(require(raw / RAW_REPORT, "ingest"))
-    with replaced_whole(cfg.paths.curated) as out, chunk_folder(Path(cfg.paths.curated)) as chunks:
-        return _curate(cfg, load_tokenizer(cfg.model), raw, out, chunks, ingest)
-
-
-@contextmanager
-def chunk_folder(curated: Path):
-    """Pass 1's files, beside the curated folder (on its disk), removed when the stage ends however it ends."""
-    folder = curated.parent / f".{curated.name}.chunks"
-    shutil.rmtree(folder, ignore_errors=True)  # left by a killed run
-    folder.mkdir(parents=True)
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 class Rows:
@@ -398,58 +357,3 @@ def write_outputs(cfg: Config, tokenizer: Any, rows: Rows, kept: np.ndarray, spl
     return {"splits": {split: writer.counts[split] for split in SPLITS}, "train_rows": train_rows}
 
 
-def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, chunks: Path, ingest: dict[str, Any]) -> dict[str, Any]:
-    d = cfg.data
-    ledger = Ledger(d.sources, ingest)
-    ledger.add_ingest_rejections(list(read_jsonl(raw / RAW_REJECTED)))
-    rows = map_all(cfg, tokenizer, raw, chunks, ingest, ledger)
-    alive = remove_duplicates(rows, d.near_duplicate_threshold, d.sources, ledger)
-    alive = cap_sources(rows, alive, d.sources, d.split_seed, ledger)
-    split_of_alive = assign_splits(rows, alive)
-    lengths = {part: rows.lengths[alive, k] for k, part in enumerate(("prompt", "response", "total"))}
-    checked = check_masks(cfg, tokenizer, rows, alive, chunks)
-    kept, overflow = apply_length_policy(cfg, rows, alive, ledger)
-    split_code = np.full(len(rows), -1, dtype=np.int8)
-    split_code[alive] = split_of_alive
-    counts = {name: int((split_code[kept] == code).sum()) for name, code in SPLIT_CODES.items()}
-    refuse_too_few(counts, cfg)
-    plan = train_copies(rows, kept[split_code[kept] == SPLIT_CODES["train"]], d.sources, d.split_seed)
-
-    test = kept[split_code[kept] == SPLIT_CODES["test"]]
-    follow = {int(rows.prompt_keys[i]): p for i, p in rows.test_prompts.items()}
-    contamination = ContaminationIndex([follow[int(rows.prompt_keys[i])] for i in test], d.contamination_ngram)
-    written = write_outputs(cfg, tokenizer, rows, kept, split_code, plan, chunks, out, contamination)
-    for index, source in enumerate(d.sources):
-        ledger.counts[source.name]["train_rows"] = written["train_rows"][index]
-    flagged = contamination.flagged(d.contamination_threshold)
-
-    write_jsonl(out / REJECTED, ledger.rejected)
-    sources = ledger.per_source()
-    stats = {
-        "read": sum(s["read"] for s in sources.values()),
-        "rejected": sum(s["rejected_ingest"] + s["rejected_format"] for s in sources.values()),
-        "duplicates": sum(s["duplicates"] for s in sources.values()),
-        "kept": sum(s["kept"] for s in sources.values()),
-        "rejected_by_reason": dict(ledger.reasons.most_common()),
-        "sources": sources,
-        "unused_fields": {name: dict(c.most_common()) for name, c in ledger.unused.items() if c},
-        "splits": written["splits"],
-        "token_lengths": {part: length_summary(v) for part, v in lengths.items()},
-        "rows_before_length": len(alive),
-        "rows_kept_at_max_length": rows_within(lengths["total"], cfg.model.max_length),
-        "overflow": overflow,
-        "contamination": {
-            "ngram": d.contamination_ngram, "threshold": d.contamination_threshold, "test_prompts": len(test),
-            "flagged": len(flagged),
-            "examples": [{"origin": rows.origin(test[i]), "overlap": round(o, 4)} for i, o in flagged[:20]],
-        },
-        "self_check": {"rows": checked},
-        # The stage stops on a failed check, so written stats mean passed, if any row was checked; the promotion gate reads this.
-        "checks": {"mask_self_check": {"passed": checked > 0, "rows": checked}},
-        "ingest": ingest,
-    }
-    write_json(out / STATS, stats)
-    write_json(out / RAW_REPORT, ingest)  # carried along: train logs it without reading data/raw, which it does not depend on
-    write_card(out, stats, {k: v.tolist() for k, v in lengths.items()}, cfg.model.max_length)
-    remember_digests(out)  # hashed once here, so train and evaluate read the digests, not the gigabytes
-    return stats

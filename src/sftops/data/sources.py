@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import csv
 import glob
-import importlib.util
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +14,13 @@ import yaml
 
 from sftops import hub
 from sftops.config import MAX_ROW_BYTES, SourceConfig, SuiteConfig
+from sftops.data.arrowrows import batch_records
+from sftops.data.records import Record, as_row
+from sftops.machine import package_dir
 from sftops.errors import DataError
 from sftops.redact import redact
-from sftops.streams import BOM as BOM  # noqa: F401  (re-exported: tests write it)
-from sftops.streams import bounded_lines, compression, open_bytes, require_content, utf8_error
+from sftops.data.streams import BOM as BOM  # noqa: F401  (re-exported: tests write it)
+from sftops.data.streams import bounded_lines, compression, open_bytes, require_content, utf8_error
 
 # Objects and arrays nested deeper than this are refused: no chat row needs it, and deeper values reach
 # Python's recursion limit in the JSON encoder and the schema mapping.
@@ -101,22 +102,6 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-@dataclass
-class Record:
-    origin: str  # "file#row", enough for a user to find the row
-    row: int  # 1-based record number within its file
-    fields: dict[str, Any] | None = None
-    error: str | None = None
-    raw: str | None = None  # the unreadable text, kept (shortened) for the rejected file
-
-
-def package_dir(package: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"package {package!r} is not installed (pip install it, or fix data.sources)")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def resolve_files(source: SourceConfig) -> list[tuple[Path, str]]:
     """The files a path/folder/glob source names, sorted so that ingest is deterministic, each with the label
     its rows' origins use: '<package>:<path in package>' for package data, so that the raw data (and its DVC
@@ -166,12 +151,6 @@ def file_format(path: Path, declared: str) -> str:
             f"{path}: cannot tell the format from the suffix {suffix!r} (optionally followed by .gz or .zst); "
             f"set 'format' on the source to one of {sorted(set(SUFFIX_FORMATS.values()))}"
         ) from None
-
-
-def as_row(value: Any, origin: str, row: int) -> Record:
-    if isinstance(value, dict):
-        return Record(origin, row, fields=value)
-    return Record(origin, row, error=f"row is a {type(value).__name__}, expected an object (e.g. {{\"prompt\": ..., \"completion\": ...}} or {{\"messages\": [...]}})", raw=repr(value)[:500])
 
 
 def _encodable(value: Any) -> bool:
@@ -289,7 +268,6 @@ def read_parquet(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> 
     Parquet needs to seek)."""
     import pyarrow.parquet as pq
 
-    from sftops.arrowrows import batch_records
 
     require_content(path)
     try:
@@ -385,7 +363,6 @@ def read_hub(source: SourceConfig, max_row_bytes: int = MAX_ROW_BYTES) -> Iterat
     max_row_bytes like a local file's."""
     import datasets
 
-    from sftops.arrowrows import batch_records
 
     commit = hub_commit(source)  # a commit already cached is taken as it is, without asking the hub
     where, revision = source.hub, commit

@@ -28,9 +28,9 @@ from typing import Any
 import yaml
 
 from sftops.errors import ConfigError
-from sftops.fingerprints import file_sha256, json_sha256
+from sftops.provenance.fingerprints import file_sha256, json_sha256
 from sftops.jsonio import write_json
-from sftops.manifest import dvc_md5, folder_hashes, library_versions, model_section
+from sftops.provenance.manifest import dvc_md5, folder_hashes, library_versions, model_section
 
 
 def _git(*args: str, cwd: Path) -> str:

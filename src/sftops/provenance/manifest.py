@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sftops.config import Config
-from sftops.fingerprints import chat_template_sha256, file_md5, file_sha256, json_sha256, tokenizer_sha256
+from sftops.provenance.fingerprints import chat_template_sha256, file_md5, file_sha256, json_sha256, tokenizer_sha256
 from sftops.redact import redact
 
 LIBRARIES = ("sftops", "torch", "transformers", "peft", "tokenizers", "accelerate", "datasets", "mlflow", "dvc", "prefect", "numpy")
@@ -84,9 +84,9 @@ def resolved_revisions(cfg: Config, base_revision: str | None) -> dict[str, Any]
     """What the run's hub model and datasets were at: model.revision as configured and as resolved when the run
     started (a hub commit, a pkg: package's version, None for a local folder), and each hub source's commit as the
     ingest stage recorded it (in its report, which format carries into the curated folder)."""
-    from sftops.ingest import REPORT
+    from sftops.layout import INGEST_REPORT
 
-    report = Path(cfg.paths.curated) / REPORT
+    report = Path(cfg.paths.curated) / INGEST_REPORT
     data = json.loads(report.read_text()).get("revisions", {}) if report.exists() else {}
     return {"model": {"base": redact(cfg.model.base), "requested": cfg.model.revision, "resolved": base_revision},
             "data": data}

@@ -14,35 +14,27 @@ from typing import Any
 import torch
 import yaml
 
-from sftops import distributed, faults, hub, launch, tracking
-from sftops.adapters import apply_method, merge_checked
+from sftops import faults, hub, tracking
+
+from sftops.train import distributed, launch
+from sftops.train.lora import apply_method, merge_checked
 from sftops.config import Config, ModelConfig
-from sftops.curate import STATS
-from sftops.curves import write_curves
+from sftops.train.curves import write_curves
 from sftops.data.examples import split_examples
-from sftops.data.store import read_split
-from sftops.distributed import World, agree, join, leave, under_torchrun
+from sftops.train.distributed import World, agree, join, leave, under_torchrun
 from sftops.errors import TrainingError
-from sftops.ingest import REPORT
+from sftops.layout import INGEST_REPORT, RUN_FILE, STATS
 from sftops.jsonio import read_json, write_json
-from sftops.manifest import resolved_revisions
-from sftops.modeling import load_base_model, load_tokenizer, pinned, require_hardware, save_finetuned
-from sftops.objective import mean_nll, score_rows
+from sftops.provenance.manifest import resolved_revisions
+from sftops.machine import require_hardware
+from sftops.modeling import load_base_model, load_tokenizer, pinned, save_finetuned
+from sftops.train.loss import mean_nll, score_rows
 from sftops.outputs import replaced_whole
-from sftops.packing_check import packing_self_check
-from sftops.training import seed_everything, train_loop
+from sftops.train.packing_check import packing_self_check
+from sftops.train.loop import seed_everything, train_loop
 
 # One line per optimizer step: what an orchestrator's log view (Prefect's) shows of training progress.
 log = logging.getLogger(__name__)
-
-
-def device() -> torch.device:
-    """The GPU when there is one (detected, not configured), else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_split(cfg: Config, split: str) -> list[dict[str, Any]]:
-    return read_split(cfg.paths.curated, split)
 
 
 def checkpoint_folder(cfg: Config, base_revision: str | None = None) -> Path:
@@ -77,13 +69,13 @@ def run_train(cfg: Config) -> dict[str, Any]:
     require_hardware(cfg.train.method, cfg.model.attn_implementation)
     if cfg.launch.target != "local" and not under_torchrun():  # a cluster (or loopback) runs it; wait for its result
         launch.submit(cfg)
-        return read_json(Path(cfg.paths.model) / tracking.RUN_FILE)
+        return read_json(Path(cfg.paths.model) / RUN_FILE)
     if cfg.train.num_processes > 1 and not under_torchrun():
         with tempfile.TemporaryDirectory() as tmp:
             params = Path(tmp) / "params.yaml"
             params.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
             distributed.launch(cfg.train.num_processes, params)
-        return read_json(Path(cfg.paths.model) / tracking.RUN_FILE)
+        return read_json(Path(cfg.paths.model) / RUN_FILE)
     world = join()
     try:
         base = pinned(cfg.model)  # each process resolves model.revision; agree() checks they found the same commit
@@ -124,7 +116,7 @@ def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> dict[str, Any]:
     def held_out_nll(m: torch.nn.Module) -> float:
         return mean_nll(score_rows(m, val_ex, cfg.train.micro_batch_size, pad, dev))
 
-    reports = [Path(cfg.paths.curated) / REPORT, Path(cfg.paths.curated) / STATS]  # the ingest report, as format copied it
+    reports = [Path(cfg.paths.curated) / INGEST_REPORT, Path(cfg.paths.curated) / STATS]  # the ingest report, as format copied it
     revisions = resolved_revisions(cfg, base_cfg.revision)
     run_context = tracking.pipeline_run(cfg, reports, revisions) if world.is_main else contextlib.nullcontext({})
     with run_context as run:
@@ -194,6 +186,6 @@ def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> dict[str, Any]:
                 "device": str(dev),
                 "processes": world.size,
             }
-            write_json(out / tracking.RUN_FILE, report)
+            write_json(out / RUN_FILE, report)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the job is done and exported
     return report

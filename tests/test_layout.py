@@ -1,0 +1,89 @@
+"""The shape of the house, checked on the source: no stage module imports another stage (they share file names
+through sftops.layout), no import circle anywhere (lazy imports inside functions count too), and the data layer
+never reaches up into training, evaluation or the stages."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "sftops"
+
+
+def module_name(path: Path) -> str:
+    return ".".join(("sftops", *path.relative_to(SRC).with_suffix("").parts)).removesuffix(".__init__")
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each module of sftops -> the sftops modules it imports, at the top or inside a function."""
+    modules = {module_name(p): p for p in SRC.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sftops"):
+                # `from sftops.train import checkpoint` imports the module sftops.train.checkpoint
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                          for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("sftops")}
+        graph[name] = {m for m in found if m in modules and m not in (name, "sftops")}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles: the strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while (w := stack.pop()) != v:
+                component.append(w)
+            if component:
+                found.append(sorted([v, *component]))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_graph_sees_imports_inside_functions():
+    graph = import_graph()
+    assert "sftops.stages.train" in graph["sftops.pipeline"] or "sftops.stages.train" in graph["sftops.cli"]
+    assert "sftops.train.launch" in graph["sftops.cli"]  # imported inside the launch command's function
+
+
+def test_the_circle_finder_finds_a_circle():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_stage_imports_another_stage():
+    graph = import_graph()
+    stages = {m for m in graph if m.startswith("sftops.stages.")}
+    assert stages == {f"sftops.stages.{s}" for s in ("ingest", "format", "train", "evaluate")}
+    crossing = sorted((a, b) for a in stages for b in graph[a] if b in stages)
+    assert not crossing, f"stage modules import each other (share names through sftops.layout): {crossing}"
+
+
+def test_no_import_circle():
+    assert circles(import_graph()) == []
+
+
+def test_the_data_layer_does_not_reach_up():
+    graph = import_graph()
+    upward = sorted((a, b) for a in graph if a.startswith("sftops.data.") for b in graph[a]
+                    if b.startswith(("sftops.stages.", "sftops.train.", "sftops.evaluate.", "sftops.tracking")))
+    assert not upward, f"data modules import training, evaluation or stage code: {upward}"
