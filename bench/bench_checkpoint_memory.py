@@ -55,8 +55,15 @@ def worker(args: argparse.Namespace) -> None:
 
     world = join()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=args.layers,
-                         num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=args.layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     shard(model)
@@ -81,7 +88,9 @@ def worker(args: argparse.Namespace) -> None:
     def full_gather() -> None:  # what it did before
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        weights, optim = get_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         if world.is_main:
             checkpoint.save(folder, "step-000001", weights, {**state, "optimizer": optim})
         del weights, optim
@@ -99,8 +108,20 @@ def worker(args: argparse.Namespace) -> None:
 
 def run(way: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as folder:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.processes}",
-               __file__, "--worker", way, "--folder", folder, "--layers", str(args.layers)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={args.processes}",
+            __file__,
+            "--worker",
+            way,
+            "--folder",
+            folder,
+            "--layers",
+            str(args.layers),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if out.returncode != 0:
             sys.exit(out.stderr[-3000:])
@@ -118,18 +139,24 @@ def main() -> None:
         args.way = args.worker
         return worker(args)
     results = {way: run(way, args) for way in ("full", "sharded")}
-    print(f"FSDP checkpoint of a {results['full']['params'] / 1e6:.0f}M-parameter Llama (fp32 weights + AdamW state, "
-          f"{results['sharded']['checkpoint_gib']:.2f} GiB on disk), {args.processes} CPU processes (gloo):")
+    print(
+        f"FSDP checkpoint of a {results['full']['params'] / 1e6:.0f}M-parameter Llama (fp32 weights + AdamW state, "
+        f"{results['sharded']['checkpoint_gib']:.2f} GiB on disk), {args.processes} CPU processes (gloo):"
+    )
     rise = {}
     for way, result in results.items():
         for p in result["processes"]:
-            print(f"  {way:>8}  rank {p['rank']}: RSS {p['before_gib']:.2f} GiB before, peak {p['peak_gib']:.2f} GiB "
-                  f"while checkpointing (+{p['peak_gib'] - p['before_gib']:.2f})")
+            print(
+                f"  {way:>8}  rank {p['rank']}: RSS {p['before_gib']:.2f} GiB before, peak {p['peak_gib']:.2f} GiB "
+                f"while checkpointing (+{p['peak_gib'] - p['before_gib']:.2f})"
+            )
         main_process = result["processes"][0]
         rise[way] = main_process["peak_gib"] - main_process["before_gib"]
     peaks = {way: result["processes"][0]["peak_gib"] for way, result in results.items()}
-    print(f"main process's peak RSS while checkpointing, full gather / sharded: {peaks['full'] / peaks['sharded']:.2f}x "
-          f"({peaks['full']:.2f} vs {peaks['sharded']:.2f} GiB; rise +{rise['full']:.2f} vs +{rise['sharded']:.2f} GiB)")
+    print(
+        f"main process's peak RSS while checkpointing, full gather / sharded: {peaks['full'] / peaks['sharded']:.2f}x "
+        f"({peaks['full']:.2f} vs {peaks['sharded']:.2f} GiB; rise +{rise['full']:.2f} vs +{rise['sharded']:.2f} GiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ GB = 1e9
 
 # ---------------------------------------------------------------- the rows
 
+
 def corpus_words() -> list[str]:
     """Word occurrences of a real text (so the draw keeps their frequencies): ../shared/data's JSONL string
     values, else the standard library's docstrings. Tokenising cost depends on the words; a 40-word list would
@@ -143,8 +144,12 @@ def bad_line(rng: np.random.Generator, row: dict) -> str:
 def trl_line(row: dict) -> str:
     """The row as TRL's conversational prompt/completion, the user turn built as sftops' alpaca schema builds it."""
     prompt = "\n\n".join([row["instruction"], *([row["input"]] if row["input"].strip() else [])])
-    return json.dumps({"prompt": [{"role": "user", "content": prompt}],
-                       "completion": [{"role": "assistant", "content": row["output"]}]})
+    return json.dumps(
+        {
+            "prompt": [{"role": "user", "content": prompt}],
+            "completion": [{"role": "assistant", "content": row["output"]}],
+        }
+    )
 
 
 def write_rows(rows_path: Path, trl_path: Path, rows: int, vocab: Vocabulary) -> dict:
@@ -179,6 +184,7 @@ def write_rows(rows_path: Path, trl_path: Path, rows: int, vocab: Vocabulary) ->
 
 
 # ---------------------------------------------------------------- measuring a process tree
+
 
 def tree_memory(pid: int) -> tuple[int, int]:
     """RSS and PSS summed over the process and its descendants. The RSS sum counts pages that forked workers
@@ -218,11 +224,18 @@ def run_measured(cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}) in {cwd}:\n{log.read_text()[-4000:]}")
-    return {"wall_s": wall, "peak_tree_gb": peak / GB, "peak_tree_pss_gb": peak_pss / GB, "max_process_gb": usage.ru_maxrss * 1024 / GB,
-            "cpu_s": usage.ru_utime + usage.ru_stime, "stdout": log.with_suffix(".out").read_text()}
+    return {
+        "wall_s": wall,
+        "peak_tree_gb": peak / GB,
+        "peak_tree_pss_gb": peak_pss / GB,
+        "max_process_gb": usage.ru_maxrss * 1024 / GB,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "stdout": log.with_suffix(".out").read_text(),
+    }
 
 
 # ---------------------------------------------------------------- the two sides
+
 
 def default_model() -> tuple[str, str | None]:
     """The product's default base: params.yaml's model.base and model.gguf_file."""
@@ -231,9 +244,11 @@ def default_model() -> tuple[str, str | None]:
 
 
 def write_params(project: Path, args: argparse.Namespace) -> None:
-    params = {"data": {"sources": [{"name": "synthetic", "path": "rows.jsonl", "schema": "alpaca"}]},
-              "model": {"base": args.model, "gguf_file": args.gguf_file, "max_length": args.max_length},
-              "tracking": {"registered_model_name": "data-scale-bench"}}
+    params = {
+        "data": {"sources": [{"name": "synthetic", "path": "rows.jsonl", "schema": "alpaca"}]},
+        "model": {"base": args.model, "gguf_file": args.gguf_file, "max_length": args.max_length},
+        "tracking": {"registered_model_name": "data-scale-bench"},
+    }
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -252,14 +267,26 @@ def run_sftops(size_dir: Path, args: argparse.Namespace) -> dict:
         cmd = [sys.executable, "-m", "sftops", stage, "--params", "params.yaml", *overrides]
         result[stage] = run_measured(cmd, project, child_env(size_dir), size_dir / f"{stage}.log")
     stats = json.loads((project / "data" / "curated" / "stats.json").read_text())
-    result["stats"] = {**{k: stats[k] for k in ("read", "rejected", "duplicates", "kept")},
-                       "dropped_too_long": stats["overflow"]["dropped_too_long"]}
+    result["stats"] = {
+        **{k: stats[k] for k in ("read", "rejected", "duplicates", "kept")},
+        "dropped_too_long": stats["overflow"]["dropped_too_long"],
+    }
     return result
 
 
 def run_trl(size_dir: Path, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--trl-child", str(size_dir / "rows.trl.jsonl"), "--model", args.model,
-           "--gguf-file", args.gguf_file or "", "--max-length", str(args.max_length)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--trl-child",
+        str(size_dir / "rows.trl.jsonl"),
+        "--model",
+        args.model,
+        "--gguf-file",
+        args.gguf_file or "",
+        "--max-length",
+        str(args.max_length),
+    ]
     result = run_measured(cmd, size_dir, child_env(size_dir), size_dir / "trl.log")
     result["inner"] = json.loads([ln for ln in result["stdout"].splitlines() if ln.startswith("{")][-1])
     return result
@@ -276,14 +303,31 @@ def trl_child(data_file: Path, args: argparse.Namespace) -> None:
     from sftops.modeling import load_tokenizer
 
     datasets.disable_progress_bars()
-    tokenizer = load_tokenizer(ModelConfig(base=args.model, gguf_file=args.gguf_file or None, max_length=args.max_length))
-    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
-    sft_args = SFTConfig(output_dir=str(data_file.parent / "trl-out"), max_length=args.max_length,
-                         completion_only_loss=True, report_to=[], use_cpu=True, bf16=False,
-                         dataset_num_proc=TRL_NUM_PROC)
-    one = Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}],
-                              "completion": [{"role": "assistant", "content": "yo"}]}])
+    tokenizer = load_tokenizer(
+        ModelConfig(base=args.model, gguf_file=args.gguf_file or None, max_length=args.max_length)
+    )
+    tiny = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    sft_args = SFTConfig(
+        output_dir=str(data_file.parent / "trl-out"),
+        max_length=args.max_length,
+        completion_only_loss=True,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        dataset_num_proc=TRL_NUM_PROC,
+    )
+    one = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}]
+    )
     trainer = SFTTrainer(model=tiny, args=sft_args, train_dataset=one, processing_class=tokenizer)
     started = time.perf_counter()
     data = load_dataset("json", data_files=str(data_file), split="train")
@@ -314,9 +358,18 @@ def startup_child(project: Path, overrides: list[str], spawned: float) -> None:
     def ready(_model, val_rows, *_args, **_kwargs):
         usage = resource.getrusage(resource.RUSAGE_SELF)
         # TokenRows: the val split came memory-mapped from format's cache (a list: it was tokenised afresh)
-        print(json.dumps({"event": "start of the held-out NLL before step 1", "seconds": time.time() - spawned,
-                          "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
-                          "val_rows": type(val_rows).__name__}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "event": "start of the held-out NLL before step 1",
+                    "seconds": time.time() - spawned,
+                    "cpu_s": usage.ru_utime + usage.ru_stime,
+                    "peak_rss_mb": usage.ru_maxrss / 1024,
+                    "val_rows": type(val_rows).__name__,
+                }
+            ),
+            flush=True,
+        )
         os._exit(0)
 
     finetune.score_rows = ready  # the measurement point, outside the library; held_out_nll looks the name up here
@@ -330,14 +383,22 @@ def startup_child(project: Path, overrides: list[str], spawned: float) -> None:
 
 def run_startup(size_dir: Path, args: argparse.Namespace) -> dict:
     project = size_dir / "project"
-    cmd = [sys.executable, __file__, "--startup-child", str(project), "--spawned", repr(time.time()),
-           *[a for kv in args.set for a in ("--set", kv)]]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--startup-child",
+        str(project),
+        "--spawned",
+        repr(time.time()),
+        *[a for kv in args.set for a in ("--set", kv)],
+    ]
     result = run_measured(cmd, project, child_env(size_dir), size_dir / "startup.log")
     result["inner"] = json.loads([ln for ln in result["stdout"].splitlines() if ln.startswith("{")][-1])
     return result
 
 
 # ---------------------------------------------------------------- report
+
 
 def workers_setting(overrides: list[str]) -> str:
     given = [kv.split("=", 1)[1] for kv in overrides if kv.startswith("data.workers=")]
@@ -358,12 +419,17 @@ def print_settings(args: argparse.Namespace, load: tuple[float, ...]) -> None:
             versions.append(f"{name} {__import__(name).__version__}")
         except ImportError:
             versions.append(f"{name} absent")
-    print(f"date {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; machine {platform.node()}: "
-          f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / GB:.1f} GB RAM; load average before start "
-          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"model {args.model}{' ' + args.gguf_file if args.gguf_file else ''}, max_length {args.max_length}, rows {args.rows}, "
-          f"sftops data.workers {workers_setting(args.set)}, --set {args.set or 'none'}, TRL dataset_num_proc "
-          f"{TRL_NUM_PROC}; {', '.join(versions)}", flush=True)
+    print(
+        f"date {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; machine {platform.node()}: "
+        f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / GB:.1f} GB RAM; load average before start "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    print(
+        f"model {args.model}{' ' + args.gguf_file if args.gguf_file else ''}, max_length {args.max_length}, rows {args.rows}, "
+        f"sftops data.workers {workers_setting(args.set)}, --set {args.set or 'none'}, TRL dataset_num_proc "
+        f"{TRL_NUM_PROC}; {', '.join(versions)}",
+        flush=True,
+    )
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -375,56 +441,76 @@ def number(value: float | None, fmt: str) -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    print("\ndata preparation, sftops ingest + format vs TRL 1.16 load_dataset + _prepare_dataset "
-          "(whole fresh processes; peak GB: RSS summed over the process tree):")
-    head = (f"{'rows':>10} {'ingest s':>9} {'format s':>9} {'format peak GB':>15} {'TRL s':>8} {'TRL peak GB':>12} "
-            f"{'format/TRL time':>16} {'format/TRL RSS':>15} {'format us/row':>14} {'TRL us/row':>11}")
+    print(
+        "\ndata preparation, sftops ingest + format vs TRL 1.16 load_dataset + _prepare_dataset "
+        "(whole fresh processes; peak GB: RSS summed over the process tree):"
+    )
+    head = (
+        f"{'rows':>10} {'ingest s':>9} {'format s':>9} {'format peak GB':>15} {'TRL s':>8} {'TRL peak GB':>12} "
+        f"{'format/TRL time':>16} {'format/TRL RSS':>15} {'format us/row':>14} {'TRL us/row':>11}"
+    )
     print(head)
     for r in results:
         ing, fmt, trl = r.get("ingest"), r.get("format"), r.get("trl")
         fmt_s, trl_s = fmt and fmt["wall_s"], trl and trl["wall_s"]
         fmt_gb, trl_gb = fmt and fmt["peak_tree_gb"], trl and trl["peak_tree_gb"]
-        print(f"{r['rows']:>10,} {number(ing and ing['wall_s'], '.1f'):>9} {number(fmt_s, '.1f'):>9} "
-              f"{number(fmt_gb, '.2f'):>15} {number(trl_s, '.1f'):>8} {number(trl_gb, '.2f'):>12} "
-              f"{ratio(fmt_s, trl_s):>16} {ratio(fmt_gb, trl_gb):>15} "
-              f"{number(fmt_s and fmt_s / r['rows'] * 1e6, '.0f'):>14} {number(trl_s and trl_s / r['rows'] * 1e6, '.0f'):>11}")
-    print("targets: format/TRL time <= 0.5 at every size, format/TRL RSS <= 1, format us/row at the largest size "
-          "<= at the smallest")
+        print(
+            f"{r['rows']:>10,} {number(ing and ing['wall_s'], '.1f'):>9} {number(fmt_s, '.1f'):>9} "
+            f"{number(fmt_gb, '.2f'):>15} {number(trl_s, '.1f'):>8} {number(trl_gb, '.2f'):>12} "
+            f"{ratio(fmt_s, trl_s):>16} {ratio(fmt_gb, trl_gb):>15} "
+            f"{number(fmt_s and fmt_s / r['rows'] * 1e6, '.0f'):>14} {number(trl_s and trl_s / r['rows'] * 1e6, '.0f'):>11}"
+        )
+    print(
+        "targets: format/TRL time <= 0.5 at every size, format/TRL RSS <= 1, format us/row at the largest size "
+        "<= at the smallest"
+    )
     if len(results) > 1:
         first, last = results[0], results[-1]
         for side in ("format", "trl"):
             if side in first and side in last:
                 per_row = [x[side]["wall_s"] / x["rows"] for x in (first, last)]
-                print(f"{side} time per row, {last['rows']:,} vs {first['rows']:,} rows: {per_row[1] / per_row[0]:.2f}x")
+                print(
+                    f"{side} time per row, {last['rows']:,} vs {first['rows']:,} rows: {per_row[1] / per_row[0]:.2f}x"
+                )
     print("\ndetails per size:")
     for r in results:
         parts = [f"rows {r['rows']:,} (generated: {r['generated']})", f"load average at start {r['load']}"]
         for side in ("ingest", "format", "trl"):
             if side in r:
                 m = r[side]
-                parts.append(f"{side}: CPU {m['cpu_s']:.1f} s, tree peak PSS {m['peak_tree_pss_gb']:.2f} GB, largest process "
-                             f"{m['max_process_gb']:.2f} GB")
+                parts.append(
+                    f"{side}: CPU {m['cpu_s']:.1f} s, tree peak PSS {m['peak_tree_pss_gb']:.2f} GB, largest process "
+                    f"{m['max_process_gb']:.2f} GB"
+                )
         if "format" in r and "trl" in r:
             # CPU seconds count the workers too; on a machine shared with other jobs they move less than wall time
-            parts.append(f"format/TRL peak PSS {ratio(r['format']['peak_tree_pss_gb'], r['trl']['peak_tree_pss_gb'])}, "
-                         f"format/TRL CPU {ratio(r['format']['cpu_s'], r['trl']['cpu_s'])}")
+            parts.append(
+                f"format/TRL peak PSS {ratio(r['format']['peak_tree_pss_gb'], r['trl']['peak_tree_pss_gb'])}, "
+                f"format/TRL CPU {ratio(r['format']['cpu_s'], r['trl']['cpu_s'])}"
+            )
         if "stats" in r:
             parts.append(f"format stats {r['stats']}")
         if "trl" in r:
-            parts.append(f"TRL inside its process: load_dataset {r['trl']['inner']['load_s']:.1f} s, _prepare_dataset "
-                         f"{r['trl']['inner']['prepare_s']:.1f} s, {r['trl']['inner']['rows_out']:,} rows")
+            parts.append(
+                f"TRL inside its process: load_dataset {r['trl']['inner']['load_s']:.1f} s, _prepare_dataset "
+                f"{r['trl']['inner']['prepare_s']:.1f} s, {r['trl']['inner']['rows_out']:,} rows"
+            )
         print("  " + "; ".join(parts))
 
 
 # ---------------------------------------------------------------- main
+
 
 def parse_args() -> argparse.Namespace:
     base, gguf = default_model()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     ap.add_argument("--model", default=None, help=f"model.base (default: params.yaml's, {base})")
-    ap.add_argument("--gguf-file", default=None, help=f"model.gguf_file (default: params.yaml's with the default "
-                    f"model, {gguf}; none with --model)")
+    ap.add_argument(
+        "--gguf-file",
+        default=None,
+        help=f"model.gguf_file (default: params.yaml's with the default model, {gguf}; none with --model)",
+    )
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--workdir", type=Path, default=None, help="kept afterwards (default: a temp folder, removed)")
     ap.add_argument("--sides", nargs="+", choices=("sftops", "trl"), default=["sftops", "trl"])
@@ -454,8 +540,13 @@ def measure_size(rows: int, folder: Path, vocab: Vocabulary, args: argparse.Name
         result["trl"] = run_trl(size_dir, args)
     if not keep:
         shutil.rmtree(size_dir)
-    print(json.dumps({k: v for k, v in result.items() if k in ("rows", "generated", "stats")} | {
-        side: round(result[side]["wall_s"], 1) for side in ("ingest", "format", "trl") if side in result}), flush=True)
+    print(
+        json.dumps(
+            {k: v for k, v in result.items() if k in ("rows", "generated", "stats")}
+            | {side: round(result[side]["wall_s"], 1) for side in ("ingest", "format", "trl") if side in result}
+        ),
+        flush=True,
+    )
     return result
 
 
@@ -471,8 +562,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sftops-data-scale-") as tmp:
         folder = args.workdir or Path(tmp)
         largest = max(args.rows) if args.startup and "sftops" in args.sides else None
-        results = [measure_size(rows, folder, vocab, args, keep=args.workdir is not None or rows == largest)
-                   for rows in args.rows]
+        results = [
+            measure_size(rows, folder, vocab, args, keep=args.workdir is not None or rows == largest)
+            for rows in args.rows
+        ]
         print_table(results)
         if largest is not None:
             print_startup(run_startup(folder / f"rows-{largest}", args), largest)
@@ -481,9 +574,11 @@ def main() -> None:
 def print_startup(startup: dict, rows: int) -> None:
     inner = startup["inner"]
     seconds, event = inner.get("seconds", inner.get("first_step_s")), inner.get("event", "first optimizer step")
-    print(f"\ntrain start-up from the {rows:,}-row formatted cache (LoRA, {', '.join(STARTUP_OVERRIDES)}): "
-          f"{seconds:.1f} s to the {event}, {inner['cpu_s']:.1f} CPU s, peak RSS {inner['peak_rss_mb']:.0f} MB "
-          f"(tree peak sampled {startup['peak_tree_gb']:.2f} GB); val rows as {inner.get('val_rows', '?')}")
+    print(
+        f"\ntrain start-up from the {rows:,}-row formatted cache (LoRA, {', '.join(STARTUP_OVERRIDES)}): "
+        f"{seconds:.1f} s to the {event}, {inner['cpu_s']:.1f} CPU s, peak RSS {inner['peak_rss_mb']:.0f} MB "
+        f"(tree peak sampled {startup['peak_tree_gb']:.2f} GB); val rows as {inner.get('val_rows', '?')}"
+    )
 
 
 if __name__ == "__main__":

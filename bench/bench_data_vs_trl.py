@@ -36,8 +36,13 @@ def trl_prepare(trainer, tokenizer, rows: list[dict]):
     from datasets import Dataset
 
     data = Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": r["question"]}], "completion": [{"role": "assistant", "content": r["answer"]}]}
-         for r in rows]
+        [
+            {
+                "prompt": [{"role": "user", "content": r["question"]}],
+                "completion": [{"role": "assistant", "content": r["answer"]}],
+            }
+            for r in rows
+        ]
     )
     return trainer._prepare_dataset(data, tokenizer, trainer.args, False, None, "bench")
 
@@ -62,12 +67,23 @@ def main() -> None:
     rows = [json.loads(line) for line in GSM8K.read_text().splitlines()][: args.rows]
     model_cfg = ModelConfig(base=args.base, gguf_file=args.gguf_file or None, max_length=args.max_length)
     tokenizer = load_tokenizer(model_cfg)
-    sft_args = SFTConfig(output_dir="/tmp/sftops-bench-data", max_length=args.max_length, completion_only_loss=True,
-                         report_to=[], use_cpu=True, bf16=False, dataset_num_proc=None)
+    sft_args = SFTConfig(
+        output_dir="/tmp/sftops-bench-data",
+        max_length=args.max_length,
+        completion_only_loss=True,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        dataset_num_proc=None,
+    )
     from datasets import Dataset
 
-    tiny = Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}])
-    trainer = SFTTrainer(model=load_base_model(model_cfg), args=sft_args, train_dataset=tiny, processing_class=tokenizer)
+    tiny = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}]
+    )
+    trainer = SFTTrainer(
+        model=load_base_model(model_cfg), args=sft_args, train_dataset=tiny, processing_class=tokenizer
+    )
 
     sftops_prepare(tokenizer, rows[:200], args.max_length)  # warm-up: template compilation, imports
     trl_prepare(trainer, tokenizer, rows[:200])
@@ -87,8 +103,10 @@ def main() -> None:
         compared += 1
         trl_labels = ex["labels"]
         same += enc.input_ids == ex["input_ids"] and enc.labels == trl_labels
-    print(f"\n{len(rows)} GSM8K rows, tokenizer {args.base} {args.gguf_file or ''}, max_length {args.max_length}, "
-          f"{os.cpu_count()} CPU cores")
+    print(
+        f"\n{len(rows)} GSM8K rows, tokenizer {args.base} {args.gguf_file or ''}, max_length {args.max_length}, "
+        f"{os.cpu_count()} CPU cores"
+    )
     print(f"{'':26s}{'seconds':>10s}{'rows/s':>10s}{'TRL time / this time':>24s}")
     print(f"{'TRL 1.16 _prepare_dataset':26s}{trl_s:>10.2f}{len(rows) / trl_s:>10.0f}{1.0:>24.2f}")
     print(f"{'sftops data layer':26s}{sftops_s:>10.2f}{len(rows) / sftops_s:>10.0f}{trl_s / sftops_s:>24.2f}")

@@ -84,6 +84,7 @@ def peer_near_duplicates(sig: np.ndarray, threshold: float) -> dict[int, tuple[i
 
 def peer_contamination(train: list[str], test: list[str], n: int, threshold: float) -> list[tuple[int, float]]:
     """The set-based check contamination() ran before ContaminationIndex."""
+
     def grams(text: str) -> set[tuple[str, ...]]:
         words = text.split()
         if len(words) < n:
@@ -108,18 +109,24 @@ def as_dict(result) -> dict[int, tuple[int, float]]:
 def bench_near_duplicates(args: argparse.Namespace) -> None:
     texts = synthetic_texts(args.rows, 0.03, random.Random(0))
     sig, sig_s, sig_gib = measured(lambda: minhash_signatures(texts))
-    print(f"minhash_signatures: {args.rows:,} rows in {sig_s}, peak +{sig_gib:.2f} GiB "
-          f"(signatures {sig.nbytes / 2**30:.2f} GiB, {sig.dtype})")
+    print(
+        f"minhash_signatures: {args.rows:,} rows in {sig_s}, peak +{sig_gib:.2f} GiB "
+        f"(signatures {sig.nbytes / 2**30:.2f} GiB, {sig.dtype})"
+    )
     texts.clear()  # the stage holds signatures, not texts, while it builds the index
     found, index_s, index_gib = measured(lambda: near_duplicates_of(sig, args.threshold))
-    print(f"near_duplicates_of: {args.rows:,} rows in {index_s}, peak +{index_gib:.2f} GiB above the "
-          f"signatures, {len(found[0]):,} near-duplicates (planted {int(args.rows * 0.03):,}), threshold {args.threshold}")
+    print(
+        f"near_duplicates_of: {args.rows:,} rows in {index_s}, peak +{index_gib:.2f} GiB above the "
+        f"signatures, {len(found[0]):,} near-duplicates (planted {int(args.rows * 0.03):,}), threshold {args.threshold}"
+    )
     head = sig[: args.peer_rows]
     new, new_s, new_gib = measured(lambda: as_dict(near_duplicates_of(head, args.threshold)))
     old, old_s, old_gib = measured(lambda: peer_near_duplicates(head, args.threshold))
     assert new == old, "near_duplicates_of disagrees with the per-row loop"
-    print(f"  vs per-row loop on {len(head):,} rows: {new_s} / {old_s}; "
-          f"peak +{new_gib:.2f} / +{old_gib:.2f} GiB; same {len(new):,} pairs")
+    print(
+        f"  vs per-row loop on {len(head):,} rows: {new_s} / {old_s}; "
+        f"peak +{new_gib:.2f} / +{old_gib:.2f} GiB; same {len(new):,} pairs"
+    )
 
 
 def bench_contamination(args: argparse.Namespace) -> None:
@@ -142,14 +149,18 @@ def bench_contamination(args: argparse.Namespace) -> None:
         return index.flagged(0.5)
 
     flagged, new_s, new_gib = measured(lambda: streamed(train))
-    print(f"ContaminationIndex: {len(train):,} train x {len(test):,} test prompts, {args.ngram}-grams, in "
-          f"{new_s}, peak +{new_gib:.2f} GiB, {len(flagged):,} flagged at 0.5")
+    print(
+        f"ContaminationIndex: {len(train):,} train x {len(test):,} test prompts, {args.ngram}-grams, in "
+        f"{new_s}, peak +{new_gib:.2f} GiB, {len(flagged):,} flagged at 0.5"
+    )
     head = train[: args.peer_rows]
     new, new_s, new_gib = measured(lambda: streamed(head))
     old, old_s, old_gib = measured(lambda: peer_contamination(head, test, args.ngram, 0.5))
     assert new == old, "ContaminationIndex disagrees with the set-based check"
-    print(f"  vs set-based on {len(head):,} train prompts: {new_s} / {old_s}; "
-          f"peak +{new_gib:.2f} / +{old_gib:.2f} GiB; same {len(new):,} flagged")
+    print(
+        f"  vs set-based on {len(head):,} train prompts: {new_s} / {old_s}; "
+        f"peak +{new_gib:.2f} / +{old_gib:.2f} GiB; same {len(new):,} flagged"
+    )
 
 
 def main() -> None:

@@ -37,10 +37,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-GPU_LLAMA = dict(hidden_size=1280, intermediate_size=3456, num_hidden_layers=24, num_attention_heads=20, num_key_value_heads=4,
-                 vocab_size=49152)
-TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  vocab_size=512)
+GPU_LLAMA = dict(
+    hidden_size=1280,
+    intermediate_size=3456,
+    num_hidden_layers=24,
+    num_attention_heads=20,
+    num_key_value_heads=4,
+    vocab_size=49152,
+)
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+)
 # (side, name, options), in priority order: the matched pair first, then each side's candidates for its best.
 CANDIDATES = [
     ("trl", "matched", {}),
@@ -52,7 +64,11 @@ CANDIDATES = [
     ("trl", "packing_bfd+flex", {"packing": True, "attn": "flex_attention"}),
     ("sftops", "group_by_length", {"group_by_length": True}),
 ]
-PURE_BF16 = ("sftops", "packing+flex+bf16 weights", {"packing": True, "attn": "flex_attention", "param_dtype": "bfloat16"})
+PURE_BF16 = (
+    "sftops",
+    "packing+flex+bf16 weights",
+    {"packing": True, "attn": "flex_attention", "param_dtype": "bfloat16"},
+)
 
 
 @dataclass
@@ -111,8 +127,8 @@ def fresh_model(weights: dict, config, method: str, options: dict, seed: int, de
     """The saved random weights in a new model, with the adapter (seeded: the same on both sides) and dtype asked."""
     from transformers import LlamaForCausalLM
 
-    from sftops.train.lora import apply_method
     from sftops.config import TrainConfig
+    from sftops.train.lora import apply_method
 
     with torch.device(device):
         model = LlamaForCausalLM(config)
@@ -120,18 +136,31 @@ def fresh_model(weights: dict, config, method: str, options: dict, seed: int, de
     # FlexAttention has no backward on the CPU: the dry run trains those candidates with SDPA (same code path otherwise).
     model.set_attn_implementation(options.get("attn", "sdpa") if device.type == "cuda" else "sdpa")
     torch.manual_seed(seed)
-    cfg = TrainConfig(method=method, lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-                      param_dtype=options.get("param_dtype", "float32"))
+    cfg = TrainConfig(
+        method=method,
+        lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        param_dtype=options.get("param_dtype", "float32"),
+    )
     return apply_method(model, cfg).to(device)
 
 
 def train_config(spec: dict, method: str, options: dict):
     from sftops.config import TrainConfig
 
-    return TrainConfig(method=method, max_steps=spec["steps"], micro_batch_size=spec["micro_batch"], grad_accum_steps=spec["accum"],
-                       learning_rate=spec["lr"], warmup_ratio=0.1, max_grad_norm=1.0, seed=spec["seed"],
-                       lora={"r": 16, "alpha": 32, "dropout": 0.0}, group_by_length=options.get("group_by_length", False),
-                       packing=options.get("packing", False), param_dtype=options.get("param_dtype", "float32"))
+    return TrainConfig(
+        method=method,
+        max_steps=spec["steps"],
+        micro_batch_size=spec["micro_batch"],
+        grad_accum_steps=spec["accum"],
+        learning_rate=spec["lr"],
+        warmup_ratio=0.1,
+        max_grad_norm=1.0,
+        seed=spec["seed"],
+        lora={"r": 16, "alpha": 32, "dropout": 0.0},
+        group_by_length=options.get("group_by_length", False),
+        packing=options.get("packing", False),
+        param_dtype=options.get("param_dtype", "float32"),
+    )
 
 
 class OutOfTime(BaseException):
@@ -142,7 +171,9 @@ class StopRun(Exception):
     """Raised from the step callback when a run has used its share of the budget (after its timed steps)."""
 
 
-def run_sftops(run: Run, model: torch.nn.Module, examples: list, spec: dict, options: dict, device: torch.device) -> None:
+def run_sftops(
+    run: Run, model: torch.nn.Module, examples: list, spec: dict, options: dict, device: torch.device
+) -> None:
     from sftops.data.batching import micro_batches
     from sftops.train.distributed import World
     from sftops.train.loop import train_loop
@@ -156,7 +187,12 @@ def run_sftops(run: Run, model: torch.nn.Module, examples: list, spec: dict, opt
         run.losses.append(record["train_loss"])
         run.supervised.append(int(record["supervised_tokens"]))
         # The same seeded stream the loop drew from: every token of the step's rows (neither side pads packed rows).
-        run.tokens.append(sum(len(examples[i].input_ids) for i in itertools.chain(*(next(stream) for _ in range(cfg.grad_accum_steps)))))
+        run.tokens.append(
+            sum(
+                len(examples[i].input_ids)
+                for i in itertools.chain(*(next(stream) for _ in range(cfg.grad_accum_steps)))
+            )
+        )
         if time.perf_counter() > spec["deadline"] and step > spec["warmup"] + 1:
             raise StopRun
 
@@ -166,7 +202,9 @@ def run_sftops(run: Run, model: torch.nn.Module, examples: list, spec: dict, opt
         pass
 
 
-def run_trl(run: Run, model: torch.nn.Module, examples: list, spec: dict, options: dict, device: torch.device, workdir: str) -> None:
+def run_trl(
+    run: Run, model: torch.nn.Module, examples: list, spec: dict, options: dict, device: torch.device, workdir: str
+) -> None:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -208,17 +246,37 @@ def run_trl(run: Run, model: torch.nn.Module, examples: list, spec: dict, option
     data = Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
     cuda = device.type == "cuda"
     args = SFTConfig(
-        output_dir=f"{workdir}/trl-out", max_steps=spec["steps"], gradient_accumulation_steps=spec["accum"],
+        output_dir=f"{workdir}/trl-out",
+        max_steps=spec["steps"],
+        gradient_accumulation_steps=spec["accum"],
         # Packed: sequences of about a micro-batch's worth of tokens, the same work per step.
-        per_device_train_batch_size=1 if packed else micro, max_length=round(micro * mean_length) if packed else None,
-        packing=packed, padding_free=options.get("padding_free", False),
-        learning_rate=spec["lr"], weight_decay=0.0, optim="adamw_torch_fused", lr_scheduler_type="cosine",
-        warmup_steps=round(0.1 * spec["steps"]), max_grad_norm=1.0, seed=spec["seed"],
-        use_cpu=not cuda, bf16=cuda, gradient_checkpointing=False,  # SFTConfig's default is True
-        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+        per_device_train_batch_size=1 if packed else micro,
+        max_length=round(micro * mean_length) if packed else None,
+        packing=packed,
+        padding_free=options.get("padding_free", False),
+        learning_rate=spec["lr"],
+        weight_decay=0.0,
+        optim="adamw_torch_fused",
+        lr_scheduler_type="cosine",
+        warmup_steps=round(0.1 * spec["steps"]),
+        max_grad_norm=1.0,
+        seed=spec["seed"],
+        use_cpu=not cuda,
+        bf16=cuda,
+        gradient_checkpointing=False,  # SFTConfig's default is True
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
-    trainer = MatchedOrderSFTTrainer(model=model, args=args, train_dataset=data, processing_class=id_tokenizer(model.config.vocab_size),
-                                     callbacks=[StepClock()])
+    trainer = MatchedOrderSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=id_tokenizer(model.config.vocab_size),
+        callbacks=[StepClock()],
+    )
     trainer.train()
 
 
@@ -231,8 +289,18 @@ def id_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="t0", bos_token="t1", eos_token="t2")
 
 
-def one_run(side: str, name: str, method: str, options: dict, weights: dict, config, examples: list, spec: dict,
-            device: torch.device, workdir: str) -> Run:
+def one_run(
+    side: str,
+    name: str,
+    method: str,
+    options: dict,
+    weights: dict,
+    config,
+    examples: list,
+    spec: dict,
+    device: torch.device,
+    workdir: str,
+) -> Run:
     run = Run(side, name, method)
     gc.collect()
     if device.type == "cuda":
@@ -272,18 +340,24 @@ def _installed(name: str) -> bool:
 
 def report(runs: list[Run], skipped: list[str], spec: dict, n_params: dict, peak: float, ceiling: float) -> None:
     warmup = spec["warmup"]
-    print(f"\n{'method':7s}{'side':8s}{'setting':28s}{'sup. tok/s':>12s}{'all tok/s':>12s}{'MFU':>7s}{'of ceiling':>11s}"
-          f"{'peak GiB':>10s}{'first loss':>12s}")
+    print(
+        f"\n{'method':7s}{'side':8s}{'setting':28s}{'sup. tok/s':>12s}{'all tok/s':>12s}{'MFU':>7s}{'of ceiling':>11s}"
+        f"{'peak GiB':>10s}{'first loss':>12s}"
+    )
     speed: dict[tuple[str, str, str], float] = {}
     for r in runs:
         if r.error or len(r.times) <= warmup:
-            print(f"{r.method:7s}{r.side:8s}{r.name:28s}  failed: {r.error or 'too few steps in its share of the budget'}")
+            print(
+                f"{r.method:7s}{r.side:8s}{r.name:28s}  failed: {r.error or 'too few steps in its share of the budget'}"
+            )
             continue
         sup, every = r.rate(warmup, r.supervised), r.rate(warmup, r.tokens)
         speed[r.method, r.side, r.name] = sup
         flops = 6 * n_params[r.method] * every
-        print(f"{r.method:7s}{r.side:8s}{r.name:28s}{sup:>12.0f}{every:>12.0f}{flops / peak:>7.1%}{flops / ceiling:>11.1%}"
-              f"{r.peak_gib:>10.2f}{r.losses[0]:>12.6f}")
+        print(
+            f"{r.method:7s}{r.side:8s}{r.name:28s}{sup:>12.0f}{every:>12.0f}{flops / peak:>7.1%}{flops / ceiling:>11.1%}"
+            f"{r.peak_gib:>10.2f}{r.losses[0]:>12.6f}"
+        )
     for name in skipped:
         print(f"{'':15s}{name:28s}  skipped: --budget-s spent")
     print()
@@ -294,26 +368,40 @@ def report(runs: list[Run], skipped: list[str], spec: dict, n_params: dict, peak
             a, b = pair[0].losses[0], pair[1].losses[0]
             tolerance = 1e-3 if spec["device"] == "cuda" else 1e-5
             gap = abs(a - b) / abs(a)
-            print(f"{method}: matched first-step loss TRL {a:.6f}, sftops {b:.6f}, relative gap {gap:.1e} "
-                  f"({'within' if gap <= tolerance else 'ABOVE'} {tolerance:g})")
+            print(
+                f"{method}: matched first-step loss TRL {a:.6f}, sftops {b:.6f}, relative gap {gap:.1e} "
+                f"({'within' if gap <= tolerance else 'ABOVE'} {tolerance:g})"
+            )
         best = {side: max((k for k in done if k[1] == side), key=done.get, default=None) for side in ("trl", "sftops")}
         if best["trl"] and best["sftops"]:
             peaks = {r.side: r.peak_gib for r in runs if (r.method, r.side, r.name) in (best["trl"], best["sftops"])}
-            print(f"{method}: supervised tokens/s, sftops best ({best['sftops'][2]}) / TRL best ({best['trl'][2]}): "
-                  f"{done[best['sftops']] / done[best['trl']]:.2f}x; peak memory {peaks['sftops']:.2f} / {peaks['trl']:.2f} GiB")
+            print(
+                f"{method}: supervised tokens/s, sftops best ({best['sftops'][2]}) / TRL best ({best['trl'][2]}): "
+                f"{done[best['sftops']] / done[best['trl']]:.2f}x; peak memory {peaks['sftops']:.2f} / {peaks['trl']:.2f} GiB"
+            )
         if (method, "sftops", "matched") in done and (method, "trl", "matched") in done:
-            print(f"{method}: supervised tokens/s, matched batching, sftops / TRL: "
-                  f"{done[method, 'sftops', 'matched'] / done[method, 'trl', 'matched']:.2f}x")
+            print(
+                f"{method}: supervised tokens/s, matched batching, sftops / TRL: "
+                f"{done[method, 'sftops', 'matched'] / done[method, 'trl', 'matched']:.2f}x"
+            )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--tiny", action="store_true", help="a tiny model and short rows: the CPU dry run of the same code path")
-    p.add_argument("--budget-s", type=float, default=220, help="wall time for all runs; runs left when it is spent are skipped")
-    p.add_argument("--steps", type=int, default=7, help="optimizer steps per run (fewer if its share of the budget ends)")
+    p.add_argument(
+        "--tiny", action="store_true", help="a tiny model and short rows: the CPU dry run of the same code path"
+    )
+    p.add_argument(
+        "--budget-s", type=float, default=220, help="wall time for all runs; runs left when it is spent are skipped"
+    )
+    p.add_argument(
+        "--steps", type=int, default=7, help="optimizer steps per run (fewer if its share of the budget ends)"
+    )
     p.add_argument("--warmup", type=int, default=3, help="steps not timed (compilation happens here)")
-    p.add_argument("--step-tokens", type=int, default=None, help="tokens per optimizer step, on average (65,536; tiny: 2,048)")
+    p.add_argument(
+        "--step-tokens", type=int, default=None, help="tokens per optimizer step, on average (65,536; tiny: 2,048)"
+    )
     p.add_argument("--accum", type=int, default=4)
     p.add_argument("--methods", default="full,lora")
     p.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak FLOP/s (H100/H200 SXM: 989e12)")
@@ -337,8 +425,15 @@ def run_all(args: argparse.Namespace, device: torch.device) -> None:
     mean, cap = (70, 200) if args.tiny else (700, 2048)
     step_tokens = args.step_tokens or (2048 if args.tiny else 65536)
     micro = max(1, round(step_tokens / args.accum / mean))
-    config = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False, attention_dropout=0.0,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        **shape,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(args.seed)
     with torch.device(device):  # initialised where it is fast; kept on the CPU: every run starts from these weights
         weights = {k: v.cpu() for k, v in LlamaForCausalLM(config).state_dict().items()}
@@ -355,19 +450,33 @@ def run_all(args: argparse.Namespace, device: torch.device) -> None:
     gc.collect()
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {name}; {versions()}")
-    print(f"model: Llama {shape}, {n_full / 1e6:.3g}M parameters (LoRA r 16 all linear: {n_lora / 1e6:.3g}M trained); "
-          f"{'bf16 autocast over float32 weights' if device.type == 'cuda' else 'float32; +flex runs use SDPA on the CPU'}; "
-          f"MFU counts 6 x all parameters for LoRA too (its true cost is nearer 4 x)")
-    print(f"rows: log-normal lengths, mean {sum(lengths) / len(lengths):.0f} (target {mean}), max {max(lengths)} (cap {cap}), "
-          f"{supervised:.0%} supervised; {micro} rows per micro-batch x {args.accum} = ~{micro * args.accum * mean} tokens per step; "
-          f"{args.steps} steps per run, first {args.warmup} not timed")
-    print(f"matmul ceiling: {ceiling / 1e12:.3g} TFLOP/s ({'bf16 8192^3' if not args.tiny else 'tiny'}); peak used for MFU "
-          f"{args.peak_flops / 1e12:.0f} TFLOP/s; budget {args.budget_s:.0f} s", flush=True)
+    print(
+        f"model: Llama {shape}, {n_full / 1e6:.3g}M parameters (LoRA r 16 all linear: {n_lora / 1e6:.3g}M trained); "
+        f"{'bf16 autocast over float32 weights' if device.type == 'cuda' else 'float32; +flex runs use SDPA on the CPU'}; "
+        f"MFU counts 6 x all parameters for LoRA too (its true cost is nearer 4 x)"
+    )
+    print(
+        f"rows: log-normal lengths, mean {sum(lengths) / len(lengths):.0f} (target {mean}), max {max(lengths)} (cap {cap}), "
+        f"{supervised:.0%} supervised; {micro} rows per micro-batch x {args.accum} = ~{micro * args.accum * mean} tokens per step; "
+        f"{args.steps} steps per run, first {args.warmup} not timed"
+    )
+    print(
+        f"matmul ceiling: {ceiling / 1e12:.3g} TFLOP/s ({'bf16 8192^3' if not args.tiny else 'tiny'}); peak used for MFU "
+        f"{args.peak_flops / 1e12:.0f} TFLOP/s; budget {args.budget_s:.0f} s",
+        flush=True,
+    )
     plan = [(side, name, method, options) for side, name, options in CANDIDATES for method in methods]
     if "full" in methods:
         plan.append((*PURE_BF16[:2], "full", PURE_BF16[2]))
-    spec = {"steps": args.steps, "warmup": args.warmup, "micro_batch": micro, "accum": args.accum, "lr": 1e-5, "seed": args.seed,
-            "device": device.type}
+    spec = {
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "micro_batch": micro,
+        "accum": args.accum,
+        "lr": 1e-5,
+        "seed": args.seed,
+        "device": device.type,
+    }
     runs, skipped = [], []
 
     def out_of_time(signum, frame):  # the outer `timeout` ends the command: print what was measured so far
@@ -385,15 +494,22 @@ def run_all(args: argparse.Namespace, device: torch.device) -> None:
                 spec["deadline"] = time.perf_counter() + left / (len(plan) - i)
                 run = one_run(side, name, method, options, weights, config, examples, spec, device, workdir)
                 runs.append(run)
-                status = run.error or (f"{len(run.times)} steps, first loss {run.losses[0]:.6f}" if run.losses else "no steps")
-                print(f"  {method:5s} {side:6s} {name:28s} {time.perf_counter() - started:6.0f} s  {status}; "
-                      f"GPU memory left over from earlier runs {run.left_over_gib:.2f} GiB", flush=True)
+                status = run.error or (
+                    f"{len(run.times)} steps, first loss {run.losses[0]:.6f}" if run.losses else "no steps"
+                )
+                print(
+                    f"  {method:5s} {side:6s} {name:28s} {time.perf_counter() - started:6.0f} s  {status}; "
+                    f"GPU memory left over from earlier runs {run.left_over_gib:.2f} GiB",
+                    flush=True,
+                )
                 print("RUN " + json.dumps(run.__dict__), flush=True)
     except OutOfTime as stopped:
         print(f"stopped by {stopped} during a run; the table holds the runs that finished", flush=True)
     report(runs, skipped, spec, n_params, args.peak_flops, ceiling)
     if device.type == "cpu":
-        print(f"peak RSS of the whole process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (GPU runs report each run's peak)")
+        print(
+            f"peak RSS of the whole process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (GPU runs report each run's peak)"
+        )
     print(f"wall time {time.perf_counter() - started:.0f} s", flush=True)
 
 

@@ -35,8 +35,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 STORIES = ROOT.parent / "shared" / "models" / "stories260K" / "hf"
 CHUNK = 20_000
-WORDS = np.array("the a cat dog sat ran on in park mat what is how why explain list two plus four number answer "
-                 "question model data train step loss token write short story about sun rain tree river".split())
+WORDS = np.array(
+    "the a cat dog sat ran on in park mat what is how why explain list two plus four number answer "
+    "question model data train step loss token write short story about sun rain tree river".split()
+)
 
 
 def synthetic_text(rng: np.random.Generator, n: int, low: int, high: int) -> list[str]:
@@ -59,14 +61,41 @@ def write_split(path: Path, split: str, n: int, rng: np.random.Generator) -> lis
             size = min(CHUNK, n - start)
             chunk_ids = [hashlib.sha256(f"{split}{i}".encode()).hexdigest() for i in range(start, start + size)]
             prompts, answers = synthetic_text(rng, size, 10, 30), synthetic_text(rng, size, 20, 160)
-            messages = [[{"role": "user", "content": p, "weight": None, "tool_calls": None, "tool_call_id": None, "name": None},
-                         {"role": "assistant", "content": a, "weight": None, "tool_calls": None, "tool_call_id": None,
-                          "name": None}] for p, a in zip(prompts, answers)]
-            table = pa.table({"id": chunk_ids, "source": ["synthetic"] * size,
-                              "origin": [f"synthetic.jsonl#{i}" for i in range(start, start + size)],
-                              "split": [split] * size, "messages": messages, "tools": [None] * size,
-                              "messages_as_trained": [None] * size, "prompt_tokens_cut": [0] * size,
-                              "response_tokens_lost": [0] * size}, schema=SCHEMA)
+            messages = [
+                [
+                    {
+                        "role": "user",
+                        "content": p,
+                        "weight": None,
+                        "tool_calls": None,
+                        "tool_call_id": None,
+                        "name": None,
+                    },
+                    {
+                        "role": "assistant",
+                        "content": a,
+                        "weight": None,
+                        "tool_calls": None,
+                        "tool_call_id": None,
+                        "name": None,
+                    },
+                ]
+                for p, a in zip(prompts, answers)
+            ]
+            table = pa.table(
+                {
+                    "id": chunk_ids,
+                    "source": ["synthetic"] * size,
+                    "origin": [f"synthetic.jsonl#{i}" for i in range(start, start + size)],
+                    "split": [split] * size,
+                    "messages": messages,
+                    "tools": [None] * size,
+                    "messages_as_trained": [None] * size,
+                    "prompt_tokens_cut": [0] * size,
+                    "response_tokens_lost": [0] * size,
+                },
+                schema=SCHEMA,
+            )
             writer.write_table(table)
             ids += chunk_ids
     return ids
@@ -119,7 +148,10 @@ def build(folder: Path, rows: int, val_rows: int, model: Path) -> dict:
     curated = folder / cfg.paths.curated
     curated.mkdir(parents=True)
     rng = np.random.default_rng(rows)
-    ids = {s: write_split(split_file(curated, s), s, n, rng) for s, n in (("train", rows), ("val", val_rows), ("test", val_rows))}
+    ids = {
+        s: write_split(split_file(curated, s), s, n, rng)
+        for s, n in (("train", rows), ("val", val_rows), ("test", val_rows))
+    }
     tokenizer = load_tokenizer(cfg.model)
     tokens = 0
     with TokenCacheWriter(curated, cache_key(curated, tokenizer, cfg.model.max_length, cfg.data.overflow)) as writer:
@@ -158,8 +190,16 @@ class FirstStep(logging.Handler):
         if record.getMessage().startswith("train step 1:"):
             usage = resource.getrusage(resource.RUSAGE_SELF)
             # CPU seconds too: on a machine shared with other jobs, wall time also counts the others' work
-            print(json.dumps({"first_step_s": time.time() - self.spawned, "cpu_s": usage.ru_utime + usage.ru_stime,
-                              "peak_rss_mb": usage.ru_maxrss / 1024}), flush=True)  # Linux reports KiB
+            print(
+                json.dumps(
+                    {
+                        "first_step_s": time.time() - self.spawned,
+                        "cpu_s": usage.ru_utime + usage.ru_stime,
+                        "peak_rss_mb": usage.ru_maxrss / 1024,
+                    }
+                ),
+                flush=True,
+            )  # Linux reports KiB
             os._exit(0)
 
 
@@ -191,8 +231,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[10_000, 1_000_000], help="train rows of each side")
     ap.add_argument("--val-rows", type=int, default=1000, help="val (and test) rows, the same on every side")
     ap.add_argument("--model", type=Path, default=STORIES)
-    ap.add_argument("--work", type=Path, default=None,
-                    help="where to build the datasets and keep them for the next run (default: a temp folder)")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="where to build the datasets and keep them for the next run (default: a temp folder)",
+    )
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--spawned", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -204,16 +248,24 @@ def main() -> None:
         results = []
         for rows in args.rows:
             folder = (args.work or Path(tmp)) / f"rows-{rows}-val-{args.val_rows}"
-            results.append({"rows": rows, **built_once(folder, rows, args.val_rows, args.model), **measure(folder, args.model)})
+            results.append(
+                {"rows": rows, **built_once(folder, rows, args.val_rows, args.model), **measure(folder, args.model)}
+            )
             print(json.dumps(results[-1]), flush=True)
     print(f"\ntrain start-up from the tokenised cache ({args.model.name}, LoRA, val/test {args.val_rows} rows each):")
-    print(f"{'train rows':>12} {'tokens':>13} {'curated GB':>11} {'to 1st step s':>14} {'CPU s':>7} {'peak RSS MB':>12}")
+    print(
+        f"{'train rows':>12} {'tokens':>13} {'curated GB':>11} {'to 1st step s':>14} {'CPU s':>7} {'peak RSS MB':>12}"
+    )
     for r in results:
-        print(f"{r['rows']:>12,} {r['tokens']:>13,} {r['curated_bytes'] / 1e9:>11.2f} {r['first_step_s']:>14.1f} "
-              f"{r['cpu_s']:>7.1f} {r['peak_rss_mb']:>12.0f}")
+        print(
+            f"{r['rows']:>12,} {r['tokens']:>13,} {r['curated_bytes'] / 1e9:>11.2f} {r['first_step_s']:>14.1f} "
+            f"{r['cpu_s']:>7.1f} {r['peak_rss_mb']:>12.0f}"
+        )
     first, last = results[0], results[-1]
-    print(f"largest - smallest: {last['first_step_s'] - first['first_step_s']:+.1f} s wall, "
-          f"{last['cpu_s'] - first['cpu_s']:+.1f} s CPU, {last['peak_rss_mb'] - first['peak_rss_mb']:+.0f} MB peak RSS")
+    print(
+        f"largest - smallest: {last['first_step_s'] - first['first_step_s']:+.1f} s wall, "
+        f"{last['cpu_s'] - first['cpu_s']:+.1f} s CPU, {last['peak_rss_mb'] - first['peak_rss_mb']:+.0f} MB peak RSS"
+    )
 
 
 if __name__ == "__main__":

@@ -26,15 +26,15 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sftops.train.lora import apply_method
 from sftops.chat import Encoded
-from sftops.data.tokenize import encode_conversation
 from sftops.config import ModelConfig, TrainConfig
-from sftops.train.distributed import World
+from sftops.data.tokenize import encode_conversation
 from sftops.errors import GpuMemoryError
 from sftops.modeling import load_base_model, load_tokenizer
-from sftops.train.packing_check import packing_self_check
+from sftops.train.distributed import World
 from sftops.train.loop import build_optimizer, train_loop
+from sftops.train.lora import apply_method
+from sftops.train.packing_check import packing_self_check
 
 WORDS = "the cat sat on the mat and the dog ran in the park what is two plus four hello how are you today".split()
 
@@ -45,13 +45,28 @@ def build(folder: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
-                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
-                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=512,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     fast.save_pretrained(folder)
 
@@ -77,15 +92,19 @@ def train(folder: Path, examples, pad: int, **train) -> dict:
     result = train_loop(model, examples, cfg, pad, world)
     result["seconds"] = time.perf_counter() - started
     result["model"] = model
-    result["optimizer_fused"] = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg, world.device).defaults.get("fused")
+    result["optimizer_fused"] = build_optimizer(
+        [p for p in model.parameters() if p.requires_grad], cfg, world.device
+    ).defaults.get("fused")
     return result
 
 
 def out_of_memory(folder: Path, examples, pad: int) -> None:
     """A real CUDA out-of-memory (no injection): one micro-batch of 48,000 rows of ~250 tokens (12M tokens) through
     a 512-wide model, far more activations than any GPU holds. (48,000 rows: a CUDA grid dimension stops at 65,535.)"""
-    long_rows = [Encoded(sum((e.input_ids for e in examples[i:i + 6]), []), sum((e.labels for e in examples[i:i + 6]), []))
-                 for i in range(0, len(examples) - 5, 6)]
+    long_rows = [
+        Encoded(sum((e.input_ids for e in examples[i : i + 6]), []), sum((e.labels for e in examples[i : i + 6]), []))
+        for i in range(0, len(examples) - 5, 6)
+    ]
     many = long_rows * 600
     try:
         train(folder, many, pad, method="full", micro_batch_size=len(many), max_steps=1, grad_accum_steps=1)
@@ -112,8 +131,10 @@ def main() -> None:
         for method in ("lora", "full"):
             r = train(folder, examples, pad, method=method)
             h = r["history"]
-            print(f"bf16 {method:5s}: loss {h[0]['train_loss']:.3f} -> {h[-1]['train_loss']:.3f} in {r['steps']} steps, "
-                  f"{r['seconds']:.1f} s, fused AdamW: {r['optimizer_fused']}")
+            print(
+                f"bf16 {method:5s}: loss {h[0]['train_loss']:.3f} -> {h[-1]['train_loss']:.3f} in {r['steps']} steps, "
+                f"{r['seconds']:.1f} s, fused AdamW: {r['optimizer_fused']}"
+            )
         r = train(folder, examples, pad, method="full", packing=True, max_steps=2)
         gap = packing_self_check(r["model"], examples, pad, torch.device("cuda"), "sdpa", n=8)
         print(f"packing self-check (bf16 autocast, sdpa): largest per-example relative gap {gap:.2e}")
@@ -128,7 +149,9 @@ def main() -> None:
         else:
             h = r["history"]
             four_bit = sum(type(m).__name__ == "Linear4bit" for m in r["model"].modules())
-            print(f"qlora: {four_bit} Linear4bit layers, loss {h[0]['train_loss']:.3f} -> {h[-1]['train_loss']:.3f} in {r['steps']} steps")
+            print(
+                f"qlora: {four_bit} Linear4bit layers, loss {h[0]['train_loss']:.3f} -> {h[-1]['train_loss']:.3f} in {r['steps']} steps"
+            )
         out_of_memory(folder, examples, pad)
 
 

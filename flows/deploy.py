@@ -50,7 +50,9 @@ def pin() -> str | None:
         return f"commit {os.environ['SFTOPS_COMMIT'][:12]} is not on remote 'origin' ({repo}): git push first"
     folder = Path(os.environ.setdefault("SFTOPS_DEPLOY_DIR", str(Path.home() / "sftops-deployments")))
     folder.mkdir(parents=True, exist_ok=True)  # the process worker's working_dir
-    print(f"deploying commit {os.environ['SFTOPS_COMMIT'][:12]} of {os.environ['SFTOPS_REPO']}, runs in {folder}/sftops")
+    print(
+        f"deploying commit {os.environ['SFTOPS_COMMIT'][:12]} of {os.environ['SFTOPS_REPO']}, runs in {folder}/sftops"
+    )
     return None
 
 

@@ -45,8 +45,15 @@ def run_dvc(args: list[str], cwd: Path, log: Callable[[str], None]) -> list[str]
     returns the lines, or raises DvcFailed naming what failed and how to recover."""
     # Progress bars redraw with \r many times a second: one line every 30 s is enough in a log.
     env = {**os.environ, "TQDM_MININTERVAL": "30", "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.Popen([*dvc_command(), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        [*dvc_command(), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
     lines = []
     for raw in proc.stdout:
         for line in raw.replace("\r", "\n").splitlines():
@@ -89,13 +96,17 @@ def repro(stage: str, cwd: Path, log: Callable[[str], None]) -> str:
         lines = run_dvc(["repro", "--single-item", stage], cwd, log)
     except DvcFailed as exc:
         if exc.stage_exit is not None:
-            exc.args = (f"{exc.args[0]}. Nothing was recorded for stage {stage!r}; `dvc checkout {stage}` restores "
-                        "its last recorded outputs",)
+            exc.args = (
+                f"{exc.args[0]}. Nothing was recorded for stage {stage!r}; `dvc checkout {stage}` restores "
+                "its last recorded outputs",
+            )
         raise
     outcome = outcomes(lines).get(stage)
     if outcome is None:
-        raise RuntimeError(f"dvc repro {stage}: could not tell from DVC's output whether it ran, restored or skipped "
-                           f"the stage (DVC's messages changed?):\n" + "\n".join(lines[-20:]))
+        raise RuntimeError(
+            f"dvc repro {stage}: could not tell from DVC's output whether it ran, restored or skipped "
+            f"the stage (DVC's messages changed?):\n" + "\n".join(lines[-20:])
+        )
     return outcome
 
 
@@ -166,5 +177,8 @@ def read_output(path: str, rev: str, cwd: Path) -> str:
 def locked_outputs(lock_text: str) -> dict[str, dict[str, Any]]:
     """dvc.lock's outputs: path -> {stage, md5}."""
     lock = yaml.safe_load(lock_text) or {}
-    return {out["path"]: {"stage": stage, "md5": out.get("md5")}
-            for stage, entry in lock.get("stages", {}).items() for out in entry.get("outs", [])}
+    return {
+        out["path"]: {"stage": stage, "md5": out.get("md5")}
+        for stage, entry in lock.get("stages", {}).items()
+        for out in entry.get("outs", [])
+    }

@@ -22,7 +22,7 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -52,8 +52,8 @@ from prefect.tasks import Task, exponential_backoff  # noqa: E402
 
 from sftops import tracking  # noqa: E402
 from sftops.config import Config, load_config  # noqa: E402
-from sftops.layout import CARD, RUN_FILE  # noqa: E402
 from sftops.errors import SftopsError, TransientError  # noqa: E402
+from sftops.layout import CARD, RUN_FILE  # noqa: E402
 from sftops.pipeline import STAGES, where  # noqa: E402
 
 REGISTRY_LOCK = "sftops-registry"  # a Prefect global concurrency limit of 1 (make deploy creates it)
@@ -75,8 +75,11 @@ def retry_only_outages(task: Task, task_run: TaskRun, state: State) -> bool:
 
 # Retries wait 10, 20, 40 s (jittered). A retried train stage resumes from its last checkpoint.
 ON_OUTAGE: dict[str, Any] = dict(
-    retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
-    retry_condition_fn=retry_only_outages, cache_policy=NO_CACHE,  # DVC is the cache: every run asks it
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=10),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_only_outages,
+    cache_policy=NO_CACHE,  # DVC is the cache: every run asks it
 )
 
 
@@ -122,25 +125,35 @@ def record(name: str, cfg: Config, in_workspace: bool, upstream: dict | None = N
         tags.update({"dvc.curated_md5": outs[cfg.paths.curated]["md5"], "dvc.model_md5": outs[cfg.paths.model]["md5"]})
         versioned, why = True, f"{ref} in this repository; outputs in its DVC cache"
     except dvc_steps.DvcFailed as exc:
-        versioned, why = False, f"{exc}; fix: run the flow in a git repository with `dvc init` done and its files committed"
+        versioned, why = (
+            False,
+            f"{exc}; fix: run the flow in a git repository with `dvc init` done and its files committed",
+        )
     run_info, metrics = _run_files(cfg, rev, cwd)
     if versioned and tags["dvc.curated_md5"] != tracking.version_tags(run_info).get("data.curated_dvc_md5"):
         versioned, why = False, "the curated data in dvc.lock is not the data the model was trained on"
     git_remote, dvc_remote = dvc_steps.git_remote(cwd), dvc_steps.dvc_remote(cwd)
     if versioned and git_remote:
         if dvc_remote is None:
-            logger.warning("no default DVC remote: the experiment's git ref is pushed, its data stays in this machine's "
-                           "DVC cache (fix: dvc remote add -d <name> <url>, and commit .dvc/config)")
+            logger.warning(
+                "no default DVC remote: the experiment's git ref is pushed, its data stays in this machine's "
+                "DVC cache (fix: dvc remote add -d <name> <url>, and commit .dvc/config)"
+            )
         try:
             dvc_steps.exp_push(name, git_remote, cwd, _log)
             why = f"{tags['git.ref']} pushed to git remote {git_remote!r}" + (
-                f", outputs to DVC remote {dvc_remote!r}" if dvc_remote else ", outputs in this machine's DVC cache only")
+                f", outputs to DVC remote {dvc_remote!r}"
+                if dvc_remote
+                else ", outputs in this machine's DVC cache only"
+            )
             tags["restore"] = f"dvc exp pull {git_remote} {name} && dvc exp apply {name}"
         except dvc_steps.DvcFailed as exc:
             versioned, why = False, f"{exc}; fix: make the remote reachable, then `dvc exp push {git_remote} {name}`"
     tags.update({tracking.VERSIONED: str(versioned).lower(), tracking.VERSIONED_REASON: why[:5000]})
     if not versioned:
-        logger.warning(f"sftops: model {run_info['registered_model']} v{run_info['version']}: data not versioned: {why}")
+        logger.warning(
+            f"sftops: model {run_info['registered_model']} v{run_info['version']}: data not versioned: {why}"
+        )
     tracking.record_version(run_info, tags)
     if in_workspace and runtime.deployment.id:
         # A deployment's clone must stay clean for the next run's `git checkout` of the pinned commit; the
@@ -159,8 +172,13 @@ def promote(recorded: dict, cfg: Config) -> State:
 
     with concurrency(REGISTRY_LOCK, occupy=1, strict=False):
         # A champion with no result on this run's test split is measured on it first, with this run's settings.
-        decision = tracking.promote(recorded["run"], recorded["metrics"], cfg.evaluate.primary_metric,
-                                    cfg.evaluate.promotion_margin, champion_measurer(cfg))
+        decision = tracking.promote(
+            recorded["run"],
+            recorded["metrics"],
+            cfg.evaluate.primary_metric,
+            cfg.evaluate.promotion_margin,
+            champion_measurer(cfg),
+        )
     return Completed(name=decision.alias.capitalize(), message=decision.reason, data=decision.as_dict())
 
 
@@ -189,15 +207,22 @@ def metrics_markdown(metrics: dict, cfg: Config) -> str:
 
 
 def metrics_table(metrics: dict) -> list[dict[str, Any]]:
-    return [{"metric": key, "base": metrics["base"][key], "tuned": metrics["tuned"][key]}
-            for key in metrics["tuned"] if key in metrics["base"]]
+    return [
+        {"metric": key, "base": metrics["base"][key], "tuned": metrics["tuned"][key]}
+        for key in metrics["tuned"]
+        if key in metrics["base"]
+    ]
 
 
 def record_markdown(outcomes: dict[str, str], recorded: dict) -> str:
     rows = "\n".join(f"| {stage} | {outcome} |" for stage, outcome in outcomes.items())
     tags = recorded["tags"]
-    versioned = (f"Recorded as DVC experiment `{tags['dvc.experiment']}` (`{tags['git.ref']}`, commit `{tags['git.commit'][:12]}`): "
-                 f"{tags[tracking.VERSIONED_REASON]}" if recorded["versioned"] else f"**Not versioned**: {tags[tracking.VERSIONED_REASON]}")
+    versioned = (
+        f"Recorded as DVC experiment `{tags['dvc.experiment']}` (`{tags['git.ref']}`, commit `{tags['git.commit'][:12]}`): "
+        f"{tags[tracking.VERSIONED_REASON]}"
+        if recorded["versioned"]
+        else f"**Not versioned**: {tags[tracking.VERSIONED_REASON]}"
+    )
     restore = f"\n\nRestore its data and model on a fresh clone: `{tags['restore']}`" if "restore" in tags else ""
     return f"## What DVC did\n\n| stage | DVC |\n|---|---|\n{rows}\n\n{versioned}{restore}\n"
 
@@ -213,19 +238,33 @@ def report_link(run: dict, metrics: dict, cfg: Config) -> str:
 
 
 def publish(outcomes: dict[str, str], recorded: dict, decision: dict, cfg: Config) -> None:
-    run, metrics = recorded["run"], {**recorded["metrics"], "promotion": decision,
-                                     "report": str(Path(cfg.paths.reports) / "report.html")}
-    create_markdown_artifact(markdown=record_markdown(outcomes, recorded), key="sft-dvc", description="what DVC did, where the run is recorded")
-    create_markdown_artifact(markdown=data_card(cfg, recorded["rev"]), key="sft-data-card", description="what the format stage did")
+    run, metrics = (
+        recorded["run"],
+        {**recorded["metrics"], "promotion": decision, "report": str(Path(cfg.paths.reports) / "report.html")},
+    )
+    create_markdown_artifact(
+        markdown=record_markdown(outcomes, recorded),
+        key="sft-dvc",
+        description="what DVC did, where the run is recorded",
+    )
+    create_markdown_artifact(
+        markdown=data_card(cfg, recorded["rev"]), key="sft-data-card", description="what the format stage did"
+    )
     create_markdown_artifact(markdown=metrics_markdown(metrics, cfg), key="sft-metrics", description="base vs tuned")
-    create_table_artifact(table=metrics_table(metrics), key="sft-metrics-table", description="test metrics, base vs tuned")
-    create_link_artifact(link=report_link(run, recorded["metrics"], cfg), link_text="report.html", key="sft-report",
-                         description=f"the review of MLflow run {run['run_id']}")
+    create_table_artifact(
+        table=metrics_table(metrics), key="sft-metrics-table", description="test metrics, base vs tuned"
+    )
+    create_link_artifact(
+        link=report_link(run, recorded["metrics"], cfg),
+        link_text="report.html",
+        key="sft-report",
+        description=f"the review of MLflow run {run['run_id']}",
+    )
 
 
 def experiment_name() -> str:
     """A name DVC accepts and a reader can place: the flow run's own name and the time."""
-    when = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    when = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return f"{runtime.flow_run.name or 'run'}-{when}"
 
 
@@ -252,16 +291,40 @@ def sft_pipeline(overrides: list[str] | None = None, experiment: str | None = No
     publish(outcomes, recorded, decision, cfg)
     update_progress_artifact(progress, 100.0)
     run = recorded["run"]
-    print(json.dumps({"mlflow_run_id": run["run_id"], "model_version": run["version"], "registry": decision["alias"],
-                      "dvc_experiment": name, "dvc": outcomes}, indent=2))
-    return {"run_id": run["run_id"], "version": run["version"], "experiment": name, "outcomes": outcomes,
-            "decision": decision, "versioned": recorded["versioned"]}
+    print(
+        json.dumps(
+            {
+                "mlflow_run_id": run["run_id"],
+                "model_version": run["version"],
+                "registry": decision["alias"],
+                "dvc_experiment": name,
+                "dvc": outcomes,
+            },
+            indent=2,
+        )
+    )
+    return {
+        "run_id": run["run_id"],
+        "version": run["version"],
+        "experiment": name,
+        "outcomes": outcomes,
+        "decision": decision,
+        "versioned": recorded["versioned"],
+    }
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Run the SFT pipeline as a Prefect flow (DVC runs the stages).")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="run as a DVC experiment with this param changed (repeatable)")
-    parser.add_argument("--name", default=None, help="the DVC experiment's name (default: the flow run's name and time)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run as a DVC experiment with this param changed (repeatable)",
+    )
+    parser.add_argument(
+        "--name", default=None, help="the DVC experiment's name (default: the flow run's name and time)"
+    )
     args = parser.parse_args()
     sft_pipeline(args.overrides, args.name)

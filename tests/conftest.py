@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sftops.chat import IGNORE, Encoded, target_spans
-
 # The real processes (servers, temp repositories) live in realstack; tests also import these names from here.
 from realstack import MlflowServer, free_port, sh, tool_env  # noqa: F401
+from sftops.chat import IGNORE, Encoded, target_spans
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -38,15 +37,25 @@ def build_tiny_model(path: Path, vocab_size: int = 300) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, tie_word_embeddings=False,
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).save_pretrained(path)
     fast.save_pretrained(path)
@@ -65,8 +74,12 @@ def write_qa_project(tiny_model: Path, rows: int, name: str, **sections: dict) -
 
     import yaml
 
-    Path("qa.jsonl").write_text("".join(
-        json.dumps({"prompt": f"what is {i} plus two?", "completion": f"{i} plus two is {i + 2}."}) + "\n" for i in range(rows)))
+    Path("qa.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": f"what is {i} plus two?", "completion": f"{i} plus two is {i + 2}."}) + "\n"
+            for i in range(rows)
+        )
+    )
     params = {
         "data": {"sources": [{"name": "qa", "path": "qa.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
         "model": {"base": str(tiny_model), "max_length": 64},
@@ -164,8 +177,11 @@ def project(tmp_path, tiny_model, monkeypatch):
 
     def write(train: dict) -> Path:
         params = {
-            "data": {"sources": [{"name": "maths", "path": "maths.jsonl"}, {"name": "chat", "path": "chat.jsonl"}],
-                     "test_fraction": 0.2, "val_fraction": 0.1},
+            "data": {
+                "sources": [{"name": "maths", "path": "maths.jsonl"}, {"name": "chat", "path": "chat.jsonl"}],
+                "test_fraction": 0.2,
+                "val_fraction": 0.1,
+            },
             "model": {"base": str(tiny_model), "max_length": 64},
             "train": {"micro_batch_size": 4, "learning_rate": 0.01, **train},
             "tracking": {"registered_model_name": "tiny"},
@@ -184,11 +200,14 @@ def reference_encode(tokenizer, messages: list[dict]) -> Encoded:
     """An independent encoding to check the production encoder against: the chat template through transformers'
     apply_chat_template (not sftops' compiled renderer), one tokenizer call per conversation, and a per-token
     test of whether each token starts inside a target turn's span (not the encoder's bisection)."""
+
     def render(prefix, generation):
         return tokenizer.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation)
 
     text, spans = target_spans(messages, render)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [t if any(lo <= start < hi for lo, hi in spans) else IGNORE
-              for t, (start, _) in zip(enc["input_ids"], enc["offset_mapping"])]
+    labels = [
+        t if any(lo <= start < hi for lo, hi in spans) else IGNORE
+        for t, (start, _) in zip(enc["input_ids"], enc["offset_mapping"])
+    ]
     return Encoded(list(enc["input_ids"]), labels)

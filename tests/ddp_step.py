@@ -9,14 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_accumulation import conversations  # noqa: E402
-
+from sftops.config import ModelConfig, TrainConfig  # noqa: E402
 from sftops.data.batching import make_batch, micro_batches, step_batches  # noqa: E402
 from sftops.data.tokenize import encode_conversation  # noqa: E402
-from sftops.config import ModelConfig, TrainConfig  # noqa: E402
-from sftops.train.distributed import join, leave  # noqa: E402
 from sftops.modeling import load_tokenizer  # noqa: E402
+from sftops.train.distributed import join, leave  # noqa: E402
 from sftops.train.loop import accumulate_gradients, wrap_objective  # noqa: E402
+from test_accumulation import conversations  # noqa: E402
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
 world = join()

@@ -22,8 +22,9 @@ def _contents(files: Path | dict[str, bytes]) -> dict[str, bytes]:
     return {p.relative_to(files).as_posix(): p.read_bytes() for p in sorted(files.rglob("*")) if p.is_file()}
 
 
-def add_revision(cache: Path, repo_id: str, files: Path | dict[str, bytes], refs: tuple[str, ...] = (),
-                 repo_type: str = "model") -> str:
+def add_revision(
+    cache: Path, repo_id: str, files: Path | dict[str, bytes], refs: tuple[str, ...] = (), repo_type: str = "model"
+) -> str:
     """One commit of `repo_id` holding `files` (a folder's files, or path -> bytes), with each ref (branch or tag)
     pointing at it; returns the commit (a sha1 of the repository and its files, so equal content, equal commit)."""
     contents = _contents(files)

@@ -44,9 +44,13 @@ def small_params(model: Path, data: Path, registered_model: str) -> dict:
     """params.yaml with a small model, source and budget. Sections are updated, not replaced: DVC refuses a stage
     whose declared params keys are missing from params.yaml."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update({"sources": [{"name": "gsm8k", "path": str(data)}], "val_fraction": 0.1, "test_fraction": 0.15, "split_seed": 0})
+    params["data"].update(
+        {"sources": [{"name": "gsm8k", "path": str(data)}], "val_fraction": 0.1, "test_fraction": 0.15, "split_seed": 0}
+    )
     params["model"].update({"base": str(model), "gguf_file": None, "max_length": 512})
-    params["train"].update({"max_steps": 12, "micro_batch_size": 8, "grad_accum_steps": 1, "learning_rate": 0.003, "warmup_ratio": 0.1})
+    params["train"].update(
+        {"max_steps": 12, "micro_batch_size": 8, "grad_accum_steps": 1, "learning_rate": 0.003, "warmup_ratio": 0.1}
+    )
     params["evaluate"].update({"batch_size": 16, "num_generations": 3, "max_new_tokens": 12})
     params["tracking"]["registered_model_name"] = registered_model
     return params
@@ -56,15 +60,23 @@ def git_commit(repo: Path, message: str) -> None:
     sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", message, cwd=repo)
 
 
-def make_repo(path: Path, model: Path, gsm8k: Path, rows: int = 160, registered_model: str = "tiny-sft",
-              extra: tuple[str, ...] = ()) -> Path:
+def make_repo(
+    path: Path,
+    model: Path,
+    gsm8k: Path,
+    rows: int = 160,
+    registered_model: str = "tiny-sft",
+    extra: tuple[str, ...] = (),
+) -> Path:
     """A git + DVC repository with the pipeline (dvc.yaml, the code, and `extra` files such as prefect.yaml) and
     `rows` GSM8K rows as its source, committed in the order git init, dvc init, sources."""
     path.mkdir()
     for item in ("dvc.yaml", "src", "data/sources/README.md", ".gitignore", *extra):
         src, dst = ROOT / item, path / item
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")) if src.is_dir() else shutil.copy(src, dst)
+        shutil.copytree(
+            src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        ) if src.is_dir() else shutil.copy(src, dst)
     lines = (gsm8k / "train.jsonl").read_text().splitlines()[:rows]
     (path / "data/sources/gsm8k.jsonl").write_text("\n".join(lines) + "\n")
     params = small_params(model, Path("data/sources/gsm8k.jsonl"), registered_model)
@@ -124,13 +136,20 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def background(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None,
-               health: str | None = None, timeout: float = 300) -> Iterator[subprocess.Popen]:
+def background(
+    cmd: list[str],
+    log: Path,
+    env: dict | None = None,
+    cwd: Path | None = None,
+    health: str | None = None,
+    timeout: float = 300,
+) -> Iterator[subprocess.Popen]:
     """A long-running process, its output in `log`; with `health`, yields once that URL answers 200."""
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
     try:
         if health:
+
             def up() -> bool:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{cmd[:4]} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
@@ -151,9 +170,22 @@ class MlflowServer:
         folder.mkdir(parents=True, exist_ok=True)
         self.store, self.port = folder, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                    "--backend-store-uri", backend or f"sqlite:///{folder / 'mlflow.db'}",
-                    "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            backend or f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--workers",
+            "1",
+        ]
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 300) -> None:
@@ -195,8 +227,13 @@ def mlflow_server(folder: Path, backend: str | None = None) -> Iterator[str]:
 def prefect_env(home: Path, api_url: str | None = None, database: str | None = None) -> dict[str, str]:
     """The environment of a Prefect CLI, server or worker of one test: its own PREFECT_HOME, no prompts."""
     env = tool_env()
-    env.update(PREFECT_HOME=str(home), PREFECT_CLI_PROMPT="false", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="5")
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_CLI_PROMPT="false",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="2",
+        PREFECT_WORKER_PREFETCH_SECONDS="5",
+    )
     env.pop("PREFECT_API_URL", None)
     if api_url:
         env["PREFECT_API_URL"] = api_url
@@ -263,6 +300,7 @@ def evaluation_runs(client, training_run_id: str) -> list:
     from sftops.evalruns import OF_RUN
 
     experiment = client.get_run(training_run_id).info.experiment_id
-    found = client.search_runs([experiment], f"tags.`{OF_RUN}` = '{training_run_id}'",
-                               order_by=["attributes.start_time ASC"])
+    found = client.search_runs(
+        [experiment], f"tags.`{OF_RUN}` = '{training_run_id}'", order_by=["attributes.start_time ASC"]
+    )
     return [client.get_run(r.info.run_id) for r in found]

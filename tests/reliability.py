@@ -55,8 +55,22 @@ def main(argv: list[str]) -> int:
         report = Path(tmp) / "figures.json"
         env = {**os.environ, "SFTOPS_RELIABILITY_JSON": str(report)}
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "pytest", "-m", "reliability", "-q", "-p", "no:cacheprovider", "--durations=10", *argv],
-                              cwd=ROOT, env=env)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-m",
+                "reliability",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "--durations=10",
+                *argv,
+            ],
+            cwd=ROOT,
+            env=env,
+        )
         seconds = time.monotonic() - started
         if not report.exists():
             print("the reliability tests did not run (see pytest's output above)", file=sys.stderr)

@@ -49,6 +49,7 @@ def _recording_dump(original):
         if place:  # a section, not the whole config
             READ.add(place.rstrip("."))
         return original(self, *args, **kwargs)
+
     return dump
 
 
@@ -63,16 +64,22 @@ def main() -> None:
     stage, params = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "params.yaml"
     cfg = load_config(params)
     _index(cfg, "")
-    sections = [c for c in vars(config_module).values() if isinstance(c, type) and issubclass(c, BaseModel) and c is not BaseModel]
+    sections = [
+        c
+        for c in vars(config_module).values()
+        if isinstance(c, type) and issubclass(c, BaseModel) and c is not BaseModel
+    ]
     for cls in sections:
         cls.__getattribute__ = _recording_getattribute
         cls.model_dump = _recording_dump(cls.model_dump)
     sys.addaudithook(_record_open)
     stage_function(stage)(cfg)
     src = Path(config_module.__file__).resolve().parents[1]
-    modules = sorted(Path(m.__file__).resolve().relative_to(src.parent).as_posix()
-                     for name, m in list(sys.modules.items())
-                     if (name == "sftops" or name.startswith("sftops.")) and getattr(m, "__file__", None))
+    modules = sorted(
+        Path(m.__file__).resolve().relative_to(src.parent).as_posix()
+        for name, m in list(sys.modules.items())
+        if (name == "sftops" or name.startswith("sftops.")) and getattr(m, "__file__", None)
+    )
     keys = sorted(k for k in READ if not k.startswith("paths."))
     # A path relative to a directory descriptor (os.open(name, dir_fd=...), as MLflow's artifact store does) is not
     # relative to the working folder: only paths that are there count.

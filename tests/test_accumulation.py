@@ -11,13 +11,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from sftops.data.batching import make_batch, micro_batches, step_batches
-from sftops.data.tokenize import encode_conversation
 from sftops.config import ModelConfig
+from sftops.data.batching import collate, make_batch, micro_batches, step_batches
+from sftops.data.tokenize import encode_conversation
 from sftops.modeling import load_tokenizer
-from sftops.data.batching import collate
-from sftops.train.loss import SupervisedNLL, row_nll
 from sftops.train.loop import accumulate_gradients
+from sftops.train.loss import SupervisedNLL, row_nll
 
 HERE = Path(__file__).parent
 WORDS = "the cat sat on the mat and the dog ran in the park hello how are you today".split()
@@ -29,12 +28,16 @@ def conversations(n: int) -> list[list[dict[str, str]]]:
     for _ in range(n):
         # Very different response lengths, so a mean of micro-batch means would differ from the token mean.
         q = " ".join(WORDS[i] for i in torch.randint(len(WORDS), (3,), generator=g))
-        a = " ".join(WORDS[i] for i in torch.randint(len(WORDS), (int(torch.randint(1, 25, (1,), generator=g)),), generator=g))
+        a = " ".join(
+            WORDS[i] for i in torch.randint(len(WORDS), (int(torch.randint(1, 25, (1,), generator=g)),), generator=g)
+        )
         out.append([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
     return out
 
 
-def one_step(model, examples, pad_id, micro: int, accum: int, packed: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+def one_step(
+    model, examples, pad_id, micro: int, accum: int, packed: bool = False
+) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     stream = micro_batches([len(e.input_ids) for e in examples], micro, seed=3)
     shares = step_batches(stream, accum, world=1, rank=0)
@@ -61,7 +64,9 @@ def test_accumulation_matches_one_big_batch(tiny_model):
     # The loss is also what an independent computation from the model's own full logits gives.
     batch = collate(examples, tok.pad_token_id)
     with torch.no_grad():
-        sums, counts = row_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+        sums, counts = row_nll(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+        )
     assert abs(sums.sum().item() / counts.sum().item() - big[0]) <= 1e-5 * big[0]
     # And the check has teeth: weighting by micro-batch means instead gives a different loss.
     per_micro = []
@@ -69,7 +74,9 @@ def test_accumulation_matches_one_big_batch(tiny_model):
     for _ in range(4):
         batch = collate([examples[i] for i in next(stream)], tok.pad_token_id)
         with torch.no_grad():
-            sums, counts = row_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+            sums, counts = row_nll(
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+            )
         per_micro.append((sums.sum() / counts.sum()).item())
     assert abs(sum(per_micro) / 4 - big[0]) > 1e-3
 
@@ -80,8 +87,16 @@ def test_two_ddp_processes_match_one_process(tiny_model, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     examples = [encode_conversation(tok, c) for c in conversations(8)]
     loss, grads = one_step(model, examples, tok.pad_token_id, micro=8, accum=1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "ddp_step.py"), str(tiny_model), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(HERE / "ddp_step.py"),
+        str(tiny_model),
+        str(tmp_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -104,8 +119,8 @@ def test_length_grouping_covers_every_row_once_per_epoch_with_less_padding():
 
 
 def test_gradient_checkpointing_changes_memory_not_the_step(tiny_model):
-    from sftops.train.lora import apply_method
     from sftops.config import TrainConfig
+    from sftops.train.lora import apply_method
 
     tok = load_tokenizer(ModelConfig(base=str(tiny_model)))
     examples = [encode_conversation(tok, c) for c in conversations(8)]
@@ -113,7 +128,9 @@ def test_gradient_checkpointing_changes_memory_not_the_step(tiny_model):
     for checkpointing in (False, True):
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-        model = apply_method(base, TrainConfig(method="lora", gradient_checkpointing=checkpointing, lora={"dropout": 0.0}))
+        model = apply_method(
+            base, TrainConfig(method="lora", gradient_checkpointing=checkpointing, lora={"dropout": 0.0})
+        )
         model.train()
         steps.append(one_step(model, examples, tok.pad_token_id, micro=4, accum=2))
     assert steps[0][1] and steps[0][1].keys() == steps[1][1].keys()

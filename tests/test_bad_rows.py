@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 
 from sftops.config import Config
+from sftops.jsonio import read_jsonl
 from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
-from sftops.jsonio import read_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "what is two plus two?"}, {"role": "assistant", "content": "four."}]}
 
@@ -26,32 +26,98 @@ BAD_LINES = [
     (json.dumps({"messages": [{"role": "user"}]}).encode(), "missing field", "message 0 lacks 'content'"),
     (json.dumps({"messages": ["hi", "there"]}).encode(), "message not an object", "message 0 is a str"),
     (json.dumps(msgs(("robot", "x"), ("assistant", "y"))).encode(), "unknown role", "role 'robot'"),
-    (json.dumps(msgs(("user", "hi"), ("assistant", " \n\t "))).encode(), "empty message", "message 1 (assistant) is empty"),
+    (
+        json.dumps(msgs(("user", "hi"), ("assistant", " \n\t "))).encode(),
+        "empty message",
+        "message 1 (assistant) is empty",
+    ),
     (json.dumps({"messages": []}).encode(), "empty conversation", "empty conversation"),
-    (json.dumps(msgs(("user", "hi"), ("assistant", "yo"), ("user", "and?"))).encode(), "no final assistant turn", "ends with a non-assistant turn"),
+    (
+        json.dumps(msgs(("user", "hi"), ("assistant", "yo"), ("user", "and?"))).encode(),
+        "no final assistant turn",
+        "ends with a non-assistant turn",
+    ),
     (json.dumps(msgs(("system", "be nice"), ("assistant", "hello"))).encode(), "no user turn", "no user turn"),
-    (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 2}]}).encode(),
-     "invalid weight", "weight 2, expected 0 or 1"),
-    (json.dumps({"messages": [{"role": "user", "content": "a", "weight": 1}, {"role": "assistant", "content": "b"}]}).encode(),
-     "weight on a non-assistant turn", "message 0 (user) has a weight"),
-    (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]}).encode(),
-     "no trainable turn", "every assistant turn has weight 0"),
-    (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": "x"}]}).encode(),
-     "invalid tool call", "'tool_calls' is not a non-empty list"),
-    (json.dumps(msgs(("user", "a"), ("tool", "42"), ("assistant", "b"))).encode(), "tool result without a call", "does not follow an assistant tool call"),
-    (json.dumps(msgs(("user", "a"), ("system", "late"), ("assistant", "b"))).encode(), "system turn not first", "message 1 is a system turn"),
-    (json.dumps(msgs(("user", "a\u0000b"), ("assistant", "c"))).encode(), "invalid characters", "control character U+0000"),
+    (
+        json.dumps(
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 2}]}
+        ).encode(),
+        "invalid weight",
+        "weight 2, expected 0 or 1",
+    ),
+    (
+        json.dumps(
+            {"messages": [{"role": "user", "content": "a", "weight": 1}, {"role": "assistant", "content": "b"}]}
+        ).encode(),
+        "weight on a non-assistant turn",
+        "message 0 (user) has a weight",
+    ),
+    (
+        json.dumps(
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]}
+        ).encode(),
+        "no trainable turn",
+        "every assistant turn has weight 0",
+    ),
+    (
+        json.dumps(
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": "x"}]}
+        ).encode(),
+        "invalid tool call",
+        "'tool_calls' is not a non-empty list",
+    ),
+    (
+        json.dumps(msgs(("user", "a"), ("tool", "42"), ("assistant", "b"))).encode(),
+        "tool result without a call",
+        "does not follow an assistant tool call",
+    ),
+    (
+        json.dumps(msgs(("user", "a"), ("system", "late"), ("assistant", "b"))).encode(),
+        "system turn not first",
+        "message 1 is a system turn",
+    ),
+    (
+        json.dumps(msgs(("user", "a\u0000b"), ("assistant", "c"))).encode(),
+        "invalid characters",
+        "control character U+0000",
+    ),
     (b'{"prompt": "lone \\ud800 surrogate", "completion": "x"}', "invalid Unicode", "lone surrogate"),
-    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},
-                              {"role": "assistant", "content": "b"}]}).encode(), "multimodal row", "parts of type ['image_url']"),
+    (
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},
+                    {"role": "assistant", "content": "b"},
+                ]
+            }
+        ).encode(),
+        "multimodal row",
+        "parts of type ['image_url']",
+    ),
     (json.dumps({**GOOD, "tools": "get_weather"}).encode(), "invalid tools", "'tools' is not a list"),
-    (json.dumps({"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]}).encode(), "unknown role", "from 'alien'"),
-    (json.dumps({"conversations": [{"from": "human"}, {"from": "gpt", "value": "y"}]}).encode(), "missing field", "turn 0 lacks 'from' or 'value'"),
+    (
+        json.dumps({"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]}).encode(),
+        "unknown role",
+        "from 'alien'",
+    ),
+    (
+        json.dumps({"conversations": [{"from": "human"}, {"from": "gpt", "value": "y"}]}).encode(),
+        "missing field",
+        "turn 0 lacks 'from' or 'value'",
+    ),
     (json.dumps({"prompt": 3, "completion": "x"}).encode(), "wrong type", "'prompt' is a int, expected text"),
     (json.dumps({"instruction": ["a"], "output": "x"}).encode(), "wrong type", "'instruction' is a list"),
     (json.dumps(GOOD).encode(), "exact duplicate", "exact duplicate of"),
-    (json.dumps(msgs(("user", "What is two plus two"), ("assistant", "Four"))).encode(), "exact duplicate", "exact duplicate of"),
-    (json.dumps(msgs(("user", "hello " + "word " * 300), ("assistant", "long"))).encode(), "too long", "tokens > model.max_length 64"),
+    (
+        json.dumps(msgs(("user", "What is two plus two"), ("assistant", "Four"))).encode(),
+        "exact duplicate",
+        "exact duplicate of",
+    ),
+    (
+        json.dumps(msgs(("user", "hello " + "word " * 300), ("assistant", "long"))).encode(),
+        "too long",
+        "tokens > model.max_length 64",
+    ),
 ]
 
 
@@ -59,17 +125,28 @@ def test_every_malformed_row_is_rejected_with_its_reason_and_counts_are_conserve
     lines = [json.dumps(GOOD).encode()] + [line for line, _, _ in BAD_LINES]
     (tmp_path / "bad.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (tmp_path / "bad.csv").write_text("prompt,completion\nfine prompt,fine answer\nthree,fields,here\n")
-    (tmp_path / "mapped.jsonl").write_text(json.dumps({"q": "x", "instances": []}) + "\n" + json.dumps({"q": "y", "instances": [{"out": "z"}]}) + "\n")
-    cfg = Config.model_validate({
-        "data": {"sources": [
-            {"name": "bad", "path": str(tmp_path / "bad.jsonl")},
-            {"name": "csv", "path": str(tmp_path / "bad.csv")},
-            {"name": "mapped", "path": str(tmp_path / "mapped.jsonl"), "schema": "prompt_completion",
-             "fields": {"prompt": "q", "completion": "instances[0].out"}},
-        ], "min_test_rows": 0},
-        "model": {"base": str(tiny_model), "max_length": 64},
-        "paths": {"raw": str(tmp_path / "raw"), "curated": str(tmp_path / "curated")},
-    })
+    (tmp_path / "mapped.jsonl").write_text(
+        json.dumps({"q": "x", "instances": []}) + "\n" + json.dumps({"q": "y", "instances": [{"out": "z"}]}) + "\n"
+    )
+    cfg = Config.model_validate(
+        {
+            "data": {
+                "sources": [
+                    {"name": "bad", "path": str(tmp_path / "bad.jsonl")},
+                    {"name": "csv", "path": str(tmp_path / "bad.csv")},
+                    {
+                        "name": "mapped",
+                        "path": str(tmp_path / "mapped.jsonl"),
+                        "schema": "prompt_completion",
+                        "fields": {"prompt": "q", "completion": "instances[0].out"},
+                    },
+                ],
+                "min_test_rows": 0,
+            },
+            "model": {"base": str(tiny_model), "max_length": 64},
+            "paths": {"raw": str(tmp_path / "raw"), "curated": str(tmp_path / "curated")},
+        }
+    )
     run_ingest(cfg)
     stats = run_format(cfg)
     rejected = list(read_jsonl(Path(cfg.paths.curated) / "rejected.jsonl"))
@@ -78,7 +155,9 @@ def test_every_malformed_row_is_rejected_with_its_reason_and_counts_are_conserve
         assert by_line[str(n)]["kind"] == kind, (n, by_line[str(n)])
         assert phrase in by_line[str(n)]["reason"], (n, by_line[str(n)]["reason"])
     csv_rej = [r for r in rejected if r["source"] == "csv"]
-    assert [(r["kind"], r["origin"].endswith("bad.csv#line3")) for r in csv_rej] == [("wrong number of CSV fields", True)]
+    assert [(r["kind"], r["origin"].endswith("bad.csv#line3")) for r in csv_rej] == [
+        ("wrong number of CSV fields", True)
+    ]
     mapped = [r for r in rejected if r["source"] == "mapped"]
     assert [r["kind"] for r in mapped] == ["mapped field missing"] and "'instances[0].out'" in mapped[0]["reason"]
     duplicates = [r for r in rejected if r["kind"] == "exact duplicate"]
@@ -86,10 +165,20 @@ def test_every_malformed_row_is_rejected_with_its_reason_and_counts_are_conserve
 
     kinds = {kind for _, kind, _ in BAD_LINES} | {"wrong number of CSV fields", "mapped field missing"}
     assert len(kinds - {"exact duplicate", "too long"}) >= 20
-    assert stats["rejected_by_reason"] == {k: sum(r["kind"] == k for r in rejected) for k in stats["rejected_by_reason"]}
+    assert stats["rejected_by_reason"] == {
+        k: sum(r["kind"] == k for r in rejected) for k in stats["rejected_by_reason"]
+    }
     expected = {"bad": (len(lines), 1), "csv": (2, 1), "mapped": (2, 1)}
     for name, (read, kept) in expected.items():
         s = stats["sources"][name]
         assert (s["read"], s["kept"]) == (read, kept)
-        assert s["read"] == s["rejected_ingest"] + s["rejected_format"] + s["duplicates"] + s["sampled_out"] + s["dropped_tokens"] + s["kept"]
+        assert (
+            s["read"]
+            == s["rejected_ingest"]
+            + s["rejected_format"]
+            + s["duplicates"]
+            + s["sampled_out"]
+            + s["dropped_tokens"]
+            + s["kept"]
+        )
         assert s["read"] - s["kept"] == sum(r["source"] == name for r in rejected)

@@ -15,8 +15,21 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_benchmark_dry_run_prints_the_table_and_matched_losses_agree():
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
-    cmd = [sys.executable, str(ROOT / "bench" / "bench_gpu_vs_trl.py"), "--device", "cpu", "--tiny", "--methods", "full",
-           "--steps", "4", "--warmup", "1", "--budget-s", "60"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "bench_gpu_vs_trl.py"),
+        "--device",
+        "cpu",
+        "--tiny",
+        "--methods",
+        "full",
+        "--steps",
+        "4",
+        "--warmup",
+        "1",
+        "--budget-s",
+        "60",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
@@ -35,12 +48,24 @@ def test_train_startup_benchmark_dry_run_prints_both_sizes():
 def test_data_scale_benchmark_dry_run_prints_both_sizes_ratios_and_startup(tmp_path):
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
-    cmd = [sys.executable, str(ROOT / "bench" / "bench_data_scale.py"), "--rows", "300", "600",
-           "--model", str(ROOT.parent / "shared" / "models" / "stories260K" / "hf"), "--workdir", str(tmp_path),
-           "--startup"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "bench_data_scale.py"),
+        "--rows",
+        "300",
+        "600",
+        "--model",
+        str(ROOT.parent / "shared" / "models" / "stories260K" / "hf"),
+        "--workdir",
+        str(tmp_path),
+        "--startup",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "train start-up from the 600-row formatted cache" in done.stdout and "s to the start of the held-out NLL before step 1" in done.stdout
+    assert (
+        "train start-up from the 600-row formatted cache" in done.stdout
+        and "s to the start of the held-out NLL before step 1" in done.stdout
+    )
     assert "val rows as TokenRows" in done.stdout  # read from the cache format wrote, not tokenised afresh
     table = done.stdout.split("data preparation, sftops ingest + format vs TRL")[-1].split("details per size")[0]
     rows = [line.split() for line in table.splitlines() if line.strip().split(" ")[0] in ("300", "600")]

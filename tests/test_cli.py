@@ -26,5 +26,12 @@ def test_stage_without_its_input_says_which_stage_to_run(tmp_path):
 
 
 def test_missing_source_file_is_named(tmp_path):
-    proc = sftops("ingest", "--params", str(ROOT / "params.yaml"), "--set", "data.sources=[{name: x, path: nope.jsonl}]", cwd=tmp_path)
+    proc = sftops(
+        "ingest",
+        "--params",
+        str(ROOT / "params.yaml"),
+        "--set",
+        "data.sources=[{name: x, path: nope.jsonl}]",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "source 'x': nothing matches 'nope.jsonl'" in proc.stderr

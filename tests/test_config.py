@@ -66,7 +66,9 @@ def test_impossible_engine_combinations_are_refused_at_load_time():
         load_config(ROOT / "params.yaml", ["train.method=full", "train.merge_adapter=true"])
 
 
-CPU_ONLY = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusals on a machine without a CUDA GPU")
+CPU_ONLY = pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks the refusals on a machine without a CUDA GPU"
+)
 # (overrides, what the message must say: the key and the fix)
 REFUSED = [
     (["train.learning_rat=0.1"], "train.learning_rat: unknown key"),
@@ -103,9 +105,11 @@ def test_gpu_settings_are_checked_by_the_stages_that_need_a_gpu_not_by_data_prep
     from sftops.errors import ModelError
     from sftops.machine import require_hardware
 
-    for overrides, phrase in ((["train.method=qlora"], "use train.method=lora"),
-                              (["model.attn_implementation=flash_attention_2"], "use model.attn_implementation=sdpa"),
-                              (["model.attn_implementation=flex_attention"], "flex_attention trains only on a CUDA GPU")):
+    for overrides, phrase in (
+        (["train.method=qlora"], "use train.method=lora"),
+        (["model.attn_implementation=flash_attention_2"], "use model.attn_implementation=sdpa"),
+        (["model.attn_implementation=flex_attention"], "flex_attention trains only on a CUDA GPU"),
+    ):
         cfg = load_config(ROOT / "params.yaml", overrides)  # ingest and format load this and go on
         with pytest.raises(ModelError, match=phrase):
             require_hardware(cfg.train.method, cfg.model.attn_implementation)  # what train and evaluate call first
@@ -120,7 +124,9 @@ def test_a_misspelt_key_names_the_nearest_allowed_one_first_and_no_dict_dump():
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "params.yaml", ["data.sources=[{name: x, path: a.jsonl, feilds: {output: response}}]"])
     lines = str(err.value).splitlines()
-    assert lines[1] == "  data.sources.0.feilds: unknown key: did you mean 'fields'? (params.yaml lists the allowed keys)"
+    assert (
+        lines[1] == "  data.sources.0.feilds: unknown key: did you mean 'fields'? (params.yaml lists the allowed keys)"
+    )
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "params.yaml", ["data.sources=[{name: x, hub: a/b, path: c}]"])
     assert "{" not in str(err.value)  # the message, not the section's dict cut at 200 characters

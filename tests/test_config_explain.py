@@ -33,8 +33,9 @@ def project(tmp_path: Path) -> Path:
 def test_code_defaults_agree_with_params_yaml():
     tree = yaml.safe_load((ROOT / "params.yaml").read_text())
     in_file = Config.model_validate(tree).flat()
-    defaults = Config.model_validate({"data": {"sources": tree["data"]["sources"]},
-                                      "model": {"base": tree["model"]["base"]}}).flat()
+    defaults = Config.model_validate(
+        {"data": {"sources": tree["data"]["sources"]}, "model": {"base": tree["model"]["base"]}}
+    ).flat()
     assert set(defaults) == set(in_file)
     differ = {k: (defaults[k], in_file[k]) for k in in_file if defaults[k] != in_file[k] and k not in REQUIRED}
     assert set(differ) <= set(PROJECT_SPECIFIC), f"code default (left) differs from params.yaml (right): {differ}"
@@ -48,8 +49,9 @@ def test_every_leaf_field_has_a_description():
 
 
 def test_explain_a_key_prints_its_type_default_value_and_meaning(tmp_path):
-    proc = sftops("config", "--explain", "train.learning_rate", "--set", "train.learning_rate=1e-4",
-                  cwd=project(tmp_path))
+    proc = sftops(
+        "config", "--explain", "train.learning_rate", "--set", "train.learning_rate=1e-4", cwd=project(tmp_path)
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "train.learning_rate"
@@ -78,4 +80,5 @@ def test_explain_an_unknown_key_is_one_line_with_the_nearest_key(tmp_path):
     proc = sftops("config", "--explain", "train.learning_rat", cwd=project(tmp_path))
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
-        "sftops: unknown config key 'train.learning_rat': did you mean 'train.learning_rate'?"]
+        "sftops: unknown config key 'train.learning_rat': did you mean 'train.learning_rate'?"
+    ]

@@ -15,9 +15,9 @@ import yaml
 
 from conftest import error_lines
 from sftops.config import Config
-from sftops.stages.format import run_format
 from sftops.data.store import read_split
 from sftops.errors import DataError
+from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
 
 CORPUS = Path(__file__).parent / "corpus"
@@ -31,8 +31,15 @@ KEPT = {
     "csv": ({"path": "prompt_response.csv"}, 3),
     "variants": ({"path": "value_parts_developer_role.jsonl"}, 3),
     "gsm8k": ({"path": str(SHARED / "gsm8k" / "train.jsonl"), "max_rows": 30}, 30),
-    "selfinstruct": ({"path": str(SHARED / "self-instruct-seed" / "seed_tasks.jsonl"), "schema": "alpaca", "max_rows": 20,
-                      "fields": {"input": "instances[0].input", "output": "instances[0].output"}}, 20),
+    "selfinstruct": (
+        {
+            "path": str(SHARED / "self-instruct-seed" / "seed_tasks.jsonl"),
+            "schema": "alpaca",
+            "max_rows": 20,
+            "fields": {"input": "instances[0].input", "output": "instances[0].output"},
+        },
+        20,
+    ),
 }
 REFUSED = {
     "mllm": ({"path": "llamafactory_mllm_demo.json"}, "multimodal row"),
@@ -54,8 +61,19 @@ def corpus(tmp_path: Path) -> Path:
         (d / f.name).write_bytes(f.read_bytes())
     # a Hugging Face Parquet export of a multimodal chat set: nested content parts, an image part in each user turn
     mllm = json.loads((CORPUS / "llamafactory_mllm_demo.json").read_text())
-    rows = [{"messages": [{"role": m["role"], "content": ([{"type": "image", "text": None}] if m["role"] == "user" else [])
-                           + [{"type": "text", "text": m["content"]}]} for m in r["messages"]]} for r in mllm]
+    rows = [
+        {
+            "messages": [
+                {
+                    "role": m["role"],
+                    "content": ([{"type": "image", "text": None}] if m["role"] == "user" else [])
+                    + [{"type": "text", "text": m["content"]}],
+                }
+                for m in r["messages"]
+            ]
+        }
+        for r in mllm
+    ]
     pq.write_table(pa.Table.from_pylist(rows), d / "image_parts.parquet")
     alpaca = json.loads((CORPUS / "llamafactory_alpaca_en_demo.json").read_text())[:3]
     (d / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in alpaca))
@@ -64,11 +82,18 @@ def corpus(tmp_path: Path) -> Path:
 
 def make_cfg(tmp_path: Path, model: Path, name: str, source: dict, corpus: Path, **data) -> Config:
     path = source["path"] if Path(source["path"]).is_absolute() else str(corpus / source["path"])
-    return Config.model_validate({
-        "data": {"sources": [{"name": name, **source, "path": path}], "val_fraction": 0.0, "test_fraction": 0.2, **data},
-        "model": {"base": str(model), "max_length": 16384},  # the tiny tokenizer: ~1 token a character
-        "paths": {"raw": str(tmp_path / name / "raw"), "curated": str(tmp_path / name / "curated")},
-    })
+    return Config.model_validate(
+        {
+            "data": {
+                "sources": [{"name": name, **source, "path": path}],
+                "val_fraction": 0.0,
+                "test_fraction": 0.2,
+                **data,
+            },
+            "model": {"base": str(model), "max_length": 16384},  # the tiny tokenizer: ~1 token a character
+            "paths": {"raw": str(tmp_path / name / "raw"), "curated": str(tmp_path / name / "curated")},
+        }
+    )
 
 
 def curated(cfg: Config) -> list[dict]:
@@ -89,34 +114,49 @@ def test_every_kept_sample_becomes_conversations_that_keep_their_meaning(tmp_pat
         figures["data samples tried"] += 1
         figures["data samples right"] += 1
     stats, rows = found["dolly"]
-    closed_book = rows["Virgin Australia commenced services on 31 August 2000 as Virgin Blue, with two aircraft on a single route."]
-    assert closed_book[0]["content"].startswith("When did Virgin Australia start operating?\n\nVirgin Australia, the trading name")
+    closed_book = rows[
+        "Virgin Australia commenced services on 31 August 2000 as Virgin Blue, with two aircraft on a single route."
+    ]
+    assert closed_book[0]["content"].startswith(
+        "When did Virgin Australia start operating?\n\nVirgin Australia, the trading name"
+    )
     assert stats["unused_fields"] == {"dolly": {"category": 4}}  # reported, not dropped unseen
     stats, rows = found["openai"]
     assert stats["rejected_by_reason"] == {"no user turn": 1}
-    assert rows["It's easy to learn!"][0] == {"role": "system", "content": "You are a happy assistant that puts a positive spin on everything."}
+    assert rows["It's easy to learn!"][0] == {
+        "role": "system",
+        "content": "You are a happy assistant that puts a positive spin on everything.",
+    }
     _, rows = found["variants"]
     assert rows["On 31 August 2000, as Virgin Blue."][:2] == [
         {"role": "system", "content": "Answer in one short sentence."},
-        {"role": "user", "content": "When did Virgin Australia start operating?"}]
+        {"role": "user", "content": "When did Virgin Australia start operating?"},
+    ]
     _, rows = found["csv"]
     assert rows["Tope"][0] == {"role": "user", "content": "Which is a species of fish? Tope or Rope"}
     _, rows = found["alpaca"]
     assert rows["The thought of her displaying such courage brought a smile to my face."][0]["content"] == (
-        "Reword this sentence to increase clarity\n\nThe idea of her being so brave made me smile")
+        "Reword this sentence to increase clarity\n\nThe idea of her being so brave made me smile"
+    )
     if "selfinstruct" in found:
-        assert found["selfinstruct"][0]["unused_fields"] == {"selfinstruct": {"id": 175, "is_classification": 175, "name": 175}}  # over the rows read
+        assert found["selfinstruct"][0]["unused_fields"] == {
+            "selfinstruct": {"id": 175, "is_classification": 175, "name": 175}
+        }  # over the rows read
 
 
 def test_a_declared_ignore_silences_the_unused_field_report(tmp_path, tiny_model, corpus):
-    cfg = make_cfg(tmp_path, tiny_model, "dolly", {"path": "dolly_15k_head.jsonl", "ignore": ["category"]}, corpus, min_test_rows=0)
+    cfg = make_cfg(
+        tmp_path, tiny_model, "dolly", {"path": "dolly_15k_head.jsonl", "ignore": ["category"]}, corpus, min_test_rows=0
+    )
     run_ingest(cfg)
     assert run_format(cfg)["unused_fields"] == {}
     assert "## Fields not used" not in (Path(cfg.paths.curated) / "data_card.md").read_text()
 
 
 @pytest.mark.reliability
-def test_every_refused_sample_stops_the_stage_with_one_line_naming_the_source_reason_and_fix(tmp_path, tiny_model, corpus, figures):
+def test_every_refused_sample_stops_the_stage_with_one_line_naming_the_source_reason_and_fix(
+    tmp_path, tiny_model, corpus, figures
+):
     for name, (source, phrase) in REFUSED.items():
         cfg = make_cfg(tmp_path, tiny_model, name, source, corpus)
         with pytest.raises(DataError) as err:
@@ -138,8 +178,10 @@ def sftops(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("name", ["strings", "mllm", "dpo", "tiny"])
 def test_the_cli_ends_a_refused_sample_with_exit_code_2_and_one_line(tmp_path, tiny_model, corpus, name, figures):
     source, phrase = REFUSED[name]
-    params = {"data": {"sources": [{"name": name, "path": str(corpus / source["path"])}]},
-              "model": {"base": str(tiny_model), "max_length": 4096}}
+    params = {
+        "data": {"sources": [{"name": name, "path": str(corpus / source["path"])}]},
+        "model": {"base": str(tiny_model), "max_length": 4096},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     done = sftops("ingest", cwd=tmp_path)
     if done.returncode == 0:

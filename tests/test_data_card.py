@@ -12,8 +12,8 @@ from mlflow import MlflowClient
 import sftops.provenance.fingerprints as fingerprints
 from sftops import tracking
 from sftops.config import Config
-from sftops.stages.format import run_format
 from sftops.layout import CARD, HISTOGRAM
+from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
 
 
@@ -24,11 +24,13 @@ def test_card_and_mlflow_dataset_input(tmp_path, stories_model, gsm8k, monkeypat
     monkeypatch.setattr(fingerprints, "REMEMBER_FROM_BYTES", 0)  # record every file's digests, not only large ones
     lines = (gsm8k / "train.jsonl").read_text().splitlines()[:300]
     Path("gsm.jsonl").write_text("\n".join(lines + lines[:10]) + "\n")  # 10 exact duplicates
-    cfg = Config.model_validate({
-        "data": {"sources": [{"name": "gsm8k", "path": "gsm.jsonl"}]},
-        "model": {"base": str(stories_model), "max_length": 300},
-        "tracking": {"experiment": "card-test"},
-    })
+    cfg = Config.model_validate(
+        {
+            "data": {"sources": [{"name": "gsm8k", "path": "gsm.jsonl"}]},
+            "model": {"base": str(stories_model), "max_length": 300},
+            "tracking": {"experiment": "card-test"},
+        }
+    )
     run_ingest(cfg)
     stats = run_format(cfg)
     curated = Path(cfg.paths.curated)
@@ -55,8 +57,10 @@ def test_card_and_mlflow_dataset_input(tmp_path, stories_model, gsm8k, monkeypat
     assert dataset_input.dataset.name == "curated"
     assert dataset_input.dataset.digest == tracking.dvc_md5(curated) == logged.data.tags["data.curated_dvc_md5"]
     splits = {split: len(pq.read_table(curated / f"{split}.parquet")) for split in ("train", "val", "test")}
-    assert json.loads(dataset_input.dataset.profile) == {"num_rows": sum(splits.values()),
-                                                         **{f"{s}_rows": n for s, n in splits.items()}}
+    assert json.loads(dataset_input.dataset.profile) == {
+        "num_rows": sum(splits.values()),
+        **{f"{s}_rows": n for s, n in splits.items()},
+    }
     assert splits == stats["splits"] and json.loads(dataset_input.dataset.source)["uri"] == str(curated.resolve())
     artifacts = {a.path for a in client.list_artifacts(run["run_id"], "data")}
     assert {f"data/{CARD}", f"data/{HISTOGRAM}", "data/stats.json"} <= artifacts

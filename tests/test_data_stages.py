@@ -9,10 +9,10 @@ import pytest
 
 from sftops.config import Config
 from sftops.data.curate import RowError, assign_split, to_messages
-from sftops.stages.format import run_format
 from sftops.data.store import read_split
-from sftops.stages.ingest import run_ingest
 from sftops.jsonio import read_jsonl
+from sftops.stages.format import run_format
+from sftops.stages.ingest import run_ingest
 
 
 def make_cfg(tmp_path: Path, sources: list[dict], model: Path | str = "unused", **data) -> Config:
@@ -37,8 +37,10 @@ def files(tmp_path: Path) -> Path:
         b'{"prompt": "p2", "completion": "\xff\xfe"}\n'
         b'{"instruction": "i1", "input": "x", "output": "o1"}\n'
     )
-    (d / "b.csv").write_text("question,answer\nq1,a1\nq2,a2,extra\n\"q3\",\"\"\n")
-    (d / "c.json").write_text(json.dumps([{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "v"}]}, 5]))
+    (d / "b.csv").write_text('question,answer\nq1,a1\nq2,a2,extra\n"q3",""\n')
+    (d / "c.json").write_text(
+        json.dumps([{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "v"}]}, 5])
+    )
     pq.write_table(pa.table({"prompt": ["pp", "p1"], "completion": ["cc", "c1"]}), d / "d.parquet")
     (d / "e.yml").write_text("categories: [x]\nconversations:\n- - hi\n  - Yes\n- - only a user turn\n- not a list\n")
     return d
@@ -70,7 +72,11 @@ def test_format_maps_dedupes_drops_and_splits(tmp_path, files, tiny_model):
     stats = run_format(cfg)
     assert stats["read"] == 15 and stats["kept"] + stats["duplicates"] + stats["rejected"] == 15
     # p1/c1 appears in a.jsonl and d.parquet; q3 has an empty answer; one YAML conversation has no response.
-    format_reasons = {k: v for k, v in stats["rejected_by_reason"].items() if k in ("exact duplicate", "empty message", "no final assistant turn")}
+    format_reasons = {
+        k: v
+        for k, v in stats["rejected_by_reason"].items()
+        if k in ("exact duplicate", "empty message", "no final assistant turn")
+    }
     assert format_reasons == {"exact duplicate": 1, "empty message": 1, "no final assistant turn": 1}
     assert sum(stats["rejected_by_reason"].values()) == 15 - stats["kept"]
     rows = [r for s in ("train", "val", "test") for r in read_split(cfg.paths.curated, s)]
@@ -139,7 +145,9 @@ def test_a_json_file_of_one_object_is_one_row_and_a_trailing_comma_is_named_on_i
     (tmp_path / "one.json").write_text(json.dumps({"prompt": "p", "completion": "c"}, indent=2))
     cfg = make_cfg(tmp_path, [{"name": "one", "path": str(tmp_path / "one.json")}])
     assert run_ingest(cfg)["sources"]["one"] == {"read": 1, "kept": 1, "rejected": 0}
-    (tmp_path / "comma.json").write_text('[\n  {"prompt": "p", "completion": "c"},\n  {"prompt": "q", "completion": "d"},\n]\n')
+    (tmp_path / "comma.json").write_text(
+        '[\n  {"prompt": "p", "completion": "c"},\n  {"prompt": "q", "completion": "d"},\n]\n'
+    )
     cfg = make_cfg(tmp_path, [{"name": "comma", "path": str(tmp_path / "comma.json")}])
     with pytest.raises(DataError, match="a trailing comma at line 3 .*remove it"):
         run_ingest(cfg)

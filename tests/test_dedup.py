@@ -91,7 +91,9 @@ def as_dict(result: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[int, tupl
     return {int(r): (int(k), float(s)) for r, k, s in zip(rows, kept, sims)}
 
 
-@pytest.mark.parametrize(("num_perm", "threshold", "alphabet"), [(64, 0.85, 2), (64, 0.8, 1000), (64, 0.6, 3), (16, 0.5, 2), (32, 0.95, 4)])
+@pytest.mark.parametrize(
+    ("num_perm", "threshold", "alphabet"), [(64, 0.85, 2), (64, 0.8, 1000), (64, 0.6, 3), (16, 0.5, 2), (32, 0.95, 4)]
+)
 def test_vectorised_index_matches_the_per_row_loop(num_perm, threshold, alphabet):
     rng = np.random.default_rng(num_perm + alphabet)
     for rows in (1, 2, 50, 600):
@@ -109,7 +111,11 @@ def test_a_chain_keeps_the_row_whose_nearest_earlier_copy_was_removed():
     c = b.copy()
     c[6:12] += 2000  # c ~ b at 58/64, c ~ a at 52/64
     sig = np.stack([a, b, c])
-    assert as_dict(near_duplicates_of(sig, 0.8)) == old_near_duplicates_loop(sig, 0.8) == {1: (0, 58 / 64), 2: (0, 52 / 64)}
+    assert (
+        as_dict(near_duplicates_of(sig, 0.8))
+        == old_near_duplicates_loop(sig, 0.8)
+        == {1: (0, 58 / 64), 2: (0, 52 / 64)}
+    )
     assert as_dict(near_duplicates_of(sig, 0.85)) == old_near_duplicates_loop(sig, 0.85) == {1: (0, 58 / 64)}
 
 

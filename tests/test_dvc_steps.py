@@ -15,15 +15,19 @@ from realstack import git_commit, sh, tool_env
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "flows"))
 import dvc_steps  # noqa: E402
 
-STAGE = ("python -c \"import sys, yaml; p = yaml.safe_load(open('params.yaml')); open('out.txt', 'w').write(str(p['a'])); "
-         "sys.exit(p['exit'])\"")
+STAGE = (
+    "python -c \"import sys, yaml; p = yaml.safe_load(open('params.yaml')); open('out.txt', 'w').write(str(p['a'])); "
+    "sys.exit(p['exit'])\""
+)
 
 
 @pytest.fixture
 def repo(tmp_path) -> Path:
     sh("git", "init", "-q", cwd=tmp_path)
     sh(sys.executable, "-m", "dvc", "init", "-q", cwd=tmp_path, env=tool_env())
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": {"cmd": STAGE, "params": ["a", "exit"], "outs": ["out.txt"]}}}))
+    (tmp_path / "dvc.yaml").write_text(
+        yaml.safe_dump({"stages": {"s": {"cmd": STAGE, "params": ["a", "exit"], "outs": ["out.txt"]}}})
+    )
     set_params(tmp_path, a=1)
     sh("git", "add", "-A", cwd=tmp_path)
     git_commit(tmp_path, "stage")

@@ -13,18 +13,18 @@ import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
-from realstack import evaluation_runs
 
+from realstack import evaluation_runs
 from sftops import evalruns, tracking
 from sftops.chat import IGNORE
 from sftops.config import Config
-from sftops.stages.format import run_format
 from sftops.data.examples import training_examples
-from sftops.stages.evaluate import champion_measurer, comparable_settings, run_evaluate
-from sftops.stages.train import run_train
 from sftops.data.store import load_split
-from sftops.stages.ingest import run_ingest
 from sftops.modeling import load_finetuned
+from sftops.stages.evaluate import champion_measurer, comparable_settings, run_evaluate
+from sftops.stages.format import run_format
+from sftops.stages.ingest import run_ingest
+from sftops.stages.train import run_train
 
 GOOD = {"method": "full", "max_steps": 20, "micro_batch_size": 8, "learning_rate": 0.01}
 BAD = {"method": "full", "max_steps": 1, "micro_batch_size": 8, "learning_rate": 0.0001}
@@ -83,8 +83,13 @@ def digest_of(path: Path) -> str:
 
 def test_nll_settings_leave_out_what_only_generations_depend_on():
     def settings(tokenizer: str = "tokenizer-sha", max_length: int = 64, **evaluate) -> dict:
-        cfg = Config.model_validate({"data": {"sources": [{"name": "qa", "path": "qa.jsonl"}]},
-                                     "model": {"base": "x", "max_length": max_length}, "evaluate": evaluate})
+        cfg = Config.model_validate(
+            {
+                "data": {"sources": [{"name": "qa", "path": "qa.jsonl"}]},
+                "model": {"base": "x", "max_length": max_length},
+                "evaluate": evaluate,
+            }
+        )
         return comparable_settings(cfg, tokenizer)
 
     base = settings()

@@ -19,16 +19,15 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from sftops.train import checkpoint
+from conftest import error_lines, free_port, sh, tool_env, write_qa_project
 from sftops.config import load_config
-from sftops.stages.format import run_format
+from sftops.data.store import read_split
 from sftops.errors import TRANSIENT_EXIT, GpuMemoryError, StorageError
 from sftops.stages.evaluate import run_evaluate
-from sftops.stages.train import checkpoint_folder, run_train
-from sftops.data.store import read_split
+from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
-
-from conftest import error_lines, free_port, sh, tool_env, write_qa_project
+from sftops.stages.train import checkpoint_folder, run_train
+from sftops.train import checkpoint
 
 pytestmark = pytest.mark.reliability
 SRC = str(Path(__file__).parents[1] / "src")
@@ -39,7 +38,12 @@ def project(tmp_path, tiny_model, monkeypatch):
     """A folder with a source ingested and formatted and params.yaml (LoRA, checkpoints every 2 steps)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    write_qa_project(tiny_model, 80, "tiny", train={"max_steps": 12, "micro_batch_size": 4, "learning_rate": 0.01, "checkpoint_every": 2})
+    write_qa_project(
+        tiny_model,
+        80,
+        "tiny",
+        train={"max_steps": 12, "micro_batch_size": 4, "learning_rate": 0.01, "checkpoint_every": 2},
+    )
     cfg = load_config("params.yaml")
     run_ingest(cfg)
     run_format(cfg)
@@ -52,8 +56,14 @@ def sftops(*args: str, env: dict[str, str] | None = None, limit_bytes: int | Non
     def limit() -> None:  # a disk that fills up after limit_bytes per file: writes fail with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
-    return subprocess.Popen([sys.executable, "-m", "sftops", *args], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=limit if limit_bytes else None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sftops", *args],
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=limit if limit_bytes else None,
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -77,8 +87,13 @@ def test_a_killed_mlflow_server_loses_no_training(project, mlflow_server_process
     pauses = tmp_path / "pauses"
     pauses.mkdir()
     # MLflow's own retry settings, short for the test (the defaults retry for minutes).
-    env = {"MLFLOW_TRACKING_URI": server.url, "SFTOPS_PAUSE_DIR": str(pauses), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    env = {
+        "MLFLOW_TRACKING_URI": server.url,
+        "SFTOPS_PAUSE_DIR": str(pauses),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    }
 
     # 1. The server dies at step 3 and comes back before the end of training.
     proc = sftops("train", env={**env, "SFTOPS_PAUSE": "after_step:3,tracking_flush"})
@@ -139,8 +154,12 @@ def test_evaluate_writes_its_files_before_mlflow_hears_of_them(project, mlflow_s
     server, cfg = mlflow_server_process, project
     pauses = tmp_path / "pauses"
     pauses.mkdir()
-    env = {"MLFLOW_TRACKING_URI": server.url, "SFTOPS_PAUSE_DIR": str(pauses), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-           "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    env = {
+        "MLFLOW_TRACKING_URI": server.url,
+        "SFTOPS_PAUSE_DIR": str(pauses),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    }
     proc = sftops("train", env=env)
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
     run = json.loads(Path(cfg.paths.model, "run.json").read_text())
@@ -171,8 +190,13 @@ def test_a_full_disk_stops_the_stage_with_one_line_and_keeps_the_previous_output
     exit code 2, and the previous data/raw or data/curated is still there, byte for byte, and usable."""
     cfg = project
     words = "the cat sat on a mat dog ran in the park what is two plus four hello how are you".split()
-    big = [{"prompt": f"row {i}: " + " ".join(words[(i * 7 + k * 3) % len(words)] for k in range(12)), "completion": f"answer {i}."}
-           for i in range(4000)]  # ~400 KB of raw rows, each short enough to be kept
+    big = [
+        {
+            "prompt": f"row {i}: " + " ".join(words[(i * 7 + k * 3) % len(words)] for k in range(12)),
+            "completion": f"answer {i}.",
+        }
+        for i in range(4000)
+    ]  # ~400 KB of raw rows, each short enough to be kept
     Path("qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in big))
     for stage, output in (("ingest", cfg.paths.raw), ("format", cfg.paths.curated)):
         before = files_of(output)
@@ -180,7 +204,9 @@ def test_a_full_disk_stops_the_stage_with_one_line_and_keeps_the_previous_output
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
         line = error_lines(err)
-        assert len(line) == 1 and "File too large" in line[0] and f"the previous {output} is unchanged" in line[0], err[-3000:]
+        assert len(line) == 1 and "File too large" in line[0] and f"the previous {output} is unchanged" in line[0], err[
+            -3000:
+        ]
         assert files_of(output) == before
         assert not [p for p in Path(".").rglob("*.tmp") if p.is_dir()]  # no half-written output left behind
         figures["faults injected"] += 1
@@ -195,7 +221,9 @@ def test_a_full_disk_while_saving_the_model_keeps_the_previous_model(project, mo
     cfg = project.model_copy(update={"train": project.train.model_copy(update={"max_steps": 2})})
     first = run_train(cfg)
     monkeypatch.setenv("SFTOPS_FAULT", "disk_full:output:models")
-    with pytest.raises(StorageError, match=r"cannot write models: No space left on device .* the previous models is unchanged"):
+    with pytest.raises(
+        StorageError, match=r"cannot write models: No space left on device .* the previous models is unchanged"
+    ):
         run_train(cfg)
     assert json.loads(Path("models/run.json").read_text())["run_id"] == first["run_id"]
     assert Path("models/model/adapter_model.safetensors").exists()
@@ -209,19 +237,27 @@ def test_out_of_gpu_memory_names_the_settings_to_change(project, monkeypatch, fi
         run_train(project)
     message = str(err.value)
     assert message.startswith("step 3: out of GPU memory")
-    for fix in ("train.micro_batch_size=2 with train.grad_accum_steps=2", "train.gradient_checkpointing=true", "model.max_length"):
+    for fix in (
+        "train.micro_batch_size=2 with train.grad_accum_steps=2",
+        "train.gradient_checkpointing=true",
+        "model.max_length",
+    ):
         assert fix in message, message
     assert "the last good checkpoint is" in message and "step-000002" in message
     monkeypatch.delenv("SFTOPS_FAULT")
     run_train(project.model_copy(update={"train": project.train.model_copy(update={"max_steps": 1})}))
     monkeypatch.setenv("SFTOPS_FAULT", "cuda_oom:evaluate:tuned")
-    with pytest.raises(GpuMemoryError, match=r"evaluating the tuned model ran out of GPU memory. Try evaluate.batch_size=8"):
+    with pytest.raises(
+        GpuMemoryError, match=r"evaluating the tuned model ran out of GPU memory. Try evaluate.batch_size=8"
+    ):
         run_evaluate(project)
     figures["faults injected"] += 2
     figures["faults survived"] += 2
 
 
-@pytest.mark.parametrize("store", ["http://127.0.0.1:{port}", "postgresql+psycopg2://sft:planted-pw-7@127.0.0.1:{port}/mlflow"])
+@pytest.mark.parametrize(
+    "store", ["http://127.0.0.1:{port}", "postgresql+psycopg2://sft:planted-pw-7@127.0.0.1:{port}/mlflow"]
+)
 def test_no_tracking_server_at_all_is_one_line_not_a_traceback(project, monkeypatch, capsys, figures, store):
     from sftops.cli import main
 
@@ -245,8 +281,9 @@ def test_a_failed_dvc_stage_records_nothing_and_names_the_one_command_that_resto
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(root / name, repo / name)
     (repo / "data/sources").mkdir(parents=True)
-    (repo / "data/sources/qa.jsonl").write_text("".join(
-        json.dumps({"prompt": f"q{i}?", "completion": f"a{i}."}) + "\n" for i in range(20)))
+    (repo / "data/sources/qa.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"q{i}?", "completion": f"a{i}."}) + "\n" for i in range(20))
+    )
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"]["sources"] = [{"name": "qa", "path": "data/sources/qa.jsonl"}]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -257,13 +294,16 @@ def test_a_failed_dvc_stage_records_nothing_and_names_the_one_command_that_resto
     recorded, lock = raw(), (repo / "dvc.lock").read_text()
     assert recorded
     (repo / "data/sources/qa.jsonl").write_text("")  # a failed export: the stage must stop on it
-    done = subprocess.run([sys.executable, "-m", "dvc", "repro", "ingest"], cwd=repo, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "ingest"], cwd=repo, env=env, capture_output=True, text=True
+    )
     said = done.stdout + done.stderr
     assert done.returncode != 0 and "sftops: data/sources/qa.jsonl: the file is empty" in said
     assert "`dvc checkout ingest` restores them" in said
     assert (repo / "dvc.lock").read_text() == lock
-    (repo / "data/sources/qa.jsonl").write_text("".join(
-        json.dumps({"prompt": f"q{i}?", "completion": f"a{i}."}) + "\n" for i in range(20)))  # the source is fixed
+    (repo / "data/sources/qa.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"q{i}?", "completion": f"a{i}."}) + "\n" for i in range(20))
+    )  # the source is fixed
     sh(sys.executable, "-m", "dvc", "checkout", "ingest", cwd=repo, env=env)
     assert raw() == recorded
     assert json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", "ingest", cwd=repo, env=env)) == {}

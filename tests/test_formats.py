@@ -14,12 +14,13 @@ import zstandard
 from conftest import reference_encode
 from sftops.chat import IGNORE
 from sftops.config import Config, ModelConfig
-from sftops.stages.format import run_format
 from sftops.data.examples import training_examples
 from sftops.data.store import read_split
 from sftops.errors import DataError
-from sftops.stages.ingest import run_ingest
 from sftops.modeling import load_tokenizer
+from sftops.stages.format import run_format
+from sftops.stages.ingest import run_ingest
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 TOOLS_TEMPLATE = (
@@ -70,11 +71,16 @@ def corpus(tmp_path: Path) -> Path:
         for i in range(4)
     ]
     (d / "chat.json").write_text(json.dumps(chats))
-    sharegpt = [[{"from": "human", "value": f"sg question {i}"}, {"from": "gpt", "value": f"sg answer {i}"}] for i in range(4)]
+    sharegpt = [
+        [{"from": "human", "value": f"sg question {i}"}, {"from": "gpt", "value": f"sg answer {i}"}] for i in range(4)
+    ]
     pq.write_table(pa.table({"conversations": sharegpt}), d / "sharegpt.parquet")
     for i in range(3):
         (d / "folder" / f"part{i}.jsonl").write_text(json.dumps({"question": f"folder q{i}", "answer": f"a{i}"}) + "\n")
-    trl = [{"prompt": conv(f"trl prompt {i}"), "completion": [{"role": "assistant", "content": f"trl answer {i}"}]} for i in range(3)]
+    trl = [
+        {"prompt": conv(f"trl prompt {i}"), "completion": [{"role": "assistant", "content": f"trl answer {i}"}]}
+        for i in range(3)
+    ]
     (d / "trl.jsonl").write_text("\n".join(json.dumps(r) for r in trl) + "\n")
     return d
 
@@ -96,7 +102,14 @@ def test_every_format_and_schema_reaches_the_curated_splits(tmp_path, tiny_model
     for r in rows:
         by_source.setdefault(r["source"], []).append(r)
     # the glob's two files are exact duplicates of the folder's first two: the first copy (folder) is kept
-    assert {k: len(v) for k, v in by_source.items()} == {"alpaca": 6, "pc": 5, "chat": 4, "sharegpt": 4, "folder": 3, "trl": 3}
+    assert {k: len(v) for k, v in by_source.items()} == {
+        "alpaca": 6,
+        "pc": 5,
+        "chat": 4,
+        "sharegpt": 4,
+        "folder": 3,
+        "trl": 3,
+    }
     assert stats["sources"]["glob"]["duplicates"] == 2
     texts = {r["messages"][-2]["content"]: r["messages"] for r in rows}
     assert texts["say 1\n\nloudly"][-1] == {"role": "assistant", "content": "1!"}
@@ -106,23 +119,39 @@ def test_every_format_and_schema_reaches_the_curated_splits(tmp_path, tiny_model
     multi = texts["how are you"]
     assert [m["role"] for m in multi] == ["system", "user", "assistant", "user", "assistant"]
     for name, s in stats["sources"].items():
-        assert s["read"] == s["rejected_ingest"] + s["rejected_format"] + s["duplicates"] + s["sampled_out"] + s["dropped_tokens"] + s["kept"]
+        assert (
+            s["read"]
+            == s["rejected_ingest"]
+            + s["rejected_format"]
+            + s["duplicates"]
+            + s["sampled_out"]
+            + s["dropped_tokens"]
+            + s["kept"]
+        )
 
 
 def test_openai_weight_zero_turns_are_context_not_targets(tmp_path, tiny_model):
     rows = [
-        {"messages": [
-            {"role": "system", "content": "be brief"},
-            {"role": "user", "content": f"hello {i}"},
-            {"role": "assistant", "content": "the cat sat", "weight": 0},
-            {"role": "user", "content": "and then"},
-            {"role": "assistant", "content": f"the dog ran {i}", "weight": 1},
-        ]}
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": f"hello {i}"},
+                {"role": "assistant", "content": "the cat sat", "weight": 0},
+                {"role": "user", "content": "and then"},
+                {"role": "assistant", "content": f"the dog ran {i}", "weight": 1},
+            ]
+        }
         for i in range(5)
     ]
     (tmp_path / "ft.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    cfg = make_cfg(tmp_path, tiny_model, [{"name": "ft", "path": str(tmp_path / "ft.jsonl"), "schema": "openai"}],
-                   test_fraction=0.01, val_fraction=0.0, min_test_rows=0)
+    cfg = make_cfg(
+        tmp_path,
+        tiny_model,
+        [{"name": "ft", "path": str(tmp_path / "ft.jsonl"), "schema": "openai"}],
+        test_fraction=0.01,
+        val_fraction=0.0,
+        min_test_rows=0,
+    )
     run(cfg)
     tok = load_tokenizer(cfg.model)
     curated = curated_rows(cfg)
@@ -137,12 +166,22 @@ def test_openai_weight_zero_turns_are_context_not_targets(tmp_path, tiny_model):
 
 def test_tools_render_where_the_template_can_and_fail_clearly_where_it_cannot(tmp_path, tiny_model):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
-    rows = [{"tools": tools, "messages": [
-        {"role": "user", "content": f"weather in town {i}?"},
-        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
-        {"role": "tool", "content": "sunny", "tool_call_id": "1"},
-        {"role": "assistant", "content": f"it is sunny in town {i}"},
-    ]} for i in range(4)]
+    rows = [
+        {
+            "tools": tools,
+            "messages": [
+                {"role": "user", "content": f"weather in town {i}?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": "{}"}}],
+                },
+                {"role": "tool", "content": "sunny", "tool_call_id": "1"},
+                {"role": "assistant", "content": f"it is sunny in town {i}"},
+            ],
+        }
+        for i in range(4)
+    ]
     (tmp_path / "tools.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     sources = [{"name": "tools", "path": str(tmp_path / "tools.jsonl")}]
     cfg = make_cfg(tmp_path, tiny_model, sources)
@@ -173,18 +212,30 @@ def test_a_validation_file_is_the_val_split_and_pulls_its_prompts_along(tmp_path
     val = [{"prompt": f"question {i}", "completion": f"another answer {i}"} for i in range(5)]
     (tmp_path / "main.jsonl").write_text("\n".join(json.dumps(r) for r in main) + "\n")
     (tmp_path / "val.jsonl").write_text("\n".join(json.dumps(r) for r in val) + "\n")
-    cfg = make_cfg(tmp_path, tiny_model, [
-        {"name": "main", "path": str(tmp_path / "main.jsonl")},
-        {"name": "myval", "path": str(tmp_path / "val.jsonl"), "split_as": "val"},
-    ], val_fraction=0.0, near_duplicate_threshold=None)
+    cfg = make_cfg(
+        tmp_path,
+        tiny_model,
+        [
+            {"name": "main", "path": str(tmp_path / "main.jsonl")},
+            {"name": "myval", "path": str(tmp_path / "val.jsonl"), "split_as": "val"},
+        ],
+        val_fraction=0.0,
+        near_duplicate_threshold=None,
+    )
     run(cfg)
     val_rows = read_split(cfg.paths.curated, "val")
     assert {r["source"] for r in val_rows} == {"main", "myval"}
     assert sum(r["source"] == "myval" for r in val_rows) == 5
     # the main file's rows with a validation prompt follow it, so no prompt is in two splits
     assert {r["messages"][0]["content"] for r in val_rows} == {f"question {i}" for i in range(5)}
-    prompts = {s: {r["messages"][0]["content"] for r in read_split(cfg.paths.curated, s)} for s in ("train", "val", "test")}
-    assert not (prompts["train"] & prompts["val"]) and not (prompts["train"] & prompts["test"]) and not (prompts["val"] & prompts["test"])
+    prompts = {
+        s: {r["messages"][0]["content"] for r in read_split(cfg.paths.curated, s)} for s in ("train", "val", "test")
+    }
+    assert (
+        not (prompts["train"] & prompts["val"])
+        and not (prompts["train"] & prompts["test"])
+        and not (prompts["val"] & prompts["test"])
+    )
 
 
 def test_field_mapping_reads_self_instruct_nested_instances(tmp_path, tiny_model):
@@ -192,8 +243,12 @@ def test_field_mapping_reads_self_instruct_nested_instances(tmp_path, tiny_model
     if not seed.exists():
         pytest.skip(f"self-instruct data not found at {seed} (../shared is absent)")
     fields = {"instruction": "instruction", "input": "instances[0].input", "output": "instances[0].output"}
-    cfg = make_cfg(tmp_path, tiny_model, [{"name": "si", "path": str(seed), "schema": "alpaca", "fields": fields}],
-                   near_duplicate_threshold=None)
+    cfg = make_cfg(
+        tmp_path,
+        tiny_model,
+        [{"name": "si", "path": str(seed), "schema": "alpaca", "fields": fields}],
+        near_duplicate_threshold=None,
+    )
     cfg.model.max_length = 4096
     stats = run(cfg)
     raw = [json.loads(line) for line in seed.read_text().splitlines()]
@@ -212,16 +267,23 @@ def test_mixing_weights_and_caps_keep_each_rows_source(tmp_path, tiny_model):
     for name in ("a", "b", "c"):
         rows = [{"prompt": f"source {name} prompt {i}", "completion": f"reply {i}"} for i in range(50)]
         (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    cfg = make_cfg(tmp_path, tiny_model, [
-        {"name": "a", "path": str(tmp_path / "a.jsonl"), "weight": 2},
-        {"name": "b", "path": str(tmp_path / "b.jsonl"), "weight": 0.5},
-        {"name": "c", "path": str(tmp_path / "c.jsonl"), "max_rows": 20},
-    ], near_duplicate_threshold=None)
+    cfg = make_cfg(
+        tmp_path,
+        tiny_model,
+        [
+            {"name": "a", "path": str(tmp_path / "a.jsonl"), "weight": 2},
+            {"name": "b", "path": str(tmp_path / "b.jsonl"), "weight": 0.5},
+            {"name": "c", "path": str(tmp_path / "c.jsonl"), "max_rows": 20},
+        ],
+        near_duplicate_threshold=None,
+    )
     stats = run(cfg)
     train = read_split(cfg.paths.curated, "train")
     unique_a = len({r["id"] for r in train if r["source"] == "a"})
     held_out_b = sum(r["source"] == "b" for s in ("val", "test") for r in read_split(cfg.paths.curated, s))
     assert sum(r["source"] == "a" for r in train) == 2 * unique_a == stats["sources"]["a"]["train_rows"]
-    assert stats["sources"]["b"]["train_rows"] == sum(r["source"] == "b" for r in train) == round(0.5 * (50 - held_out_b))
+    assert (
+        stats["sources"]["b"]["train_rows"] == sum(r["source"] == "b" for r in train) == round(0.5 * (50 - held_out_b))
+    )
     assert stats["sources"]["c"]["kept"] == 20 and stats["sources"]["c"]["sampled_out"] == 30
     assert {r["source"] for r in train} == {"a", "b", "c"}

@@ -14,23 +14,67 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sftops.data.schemas import ROLES, SCHEMAS, RowError, to_conversation
-from sftops.errors import DataError
 from sftops.data.sources import BOM, read_csv, read_jsonl
+from sftops.errors import DataError
 
 pytestmark = pytest.mark.reliability
 BUDGET = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-KEYS = ["messages", "role", "content", "prompt", "completion", "conversations", "from", "value", "instruction", "input",
-        "output", "question", "answer", "conversation", "tools", "tool_calls", "weight", "system", "name", "type", "text",
-        "function", "arguments", "tool_call_id", "user", "assistant", "gpt", "human"]
-scalars = st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=True) | st.text(max_size=12) | st.sampled_from(KEYS + list(ROLES))
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=5), inner, max_size=5),
-                           max_leaves=25)
+KEYS = [
+    "messages",
+    "role",
+    "content",
+    "prompt",
+    "completion",
+    "conversations",
+    "from",
+    "value",
+    "instruction",
+    "input",
+    "output",
+    "question",
+    "answer",
+    "conversation",
+    "tools",
+    "tool_calls",
+    "weight",
+    "system",
+    "name",
+    "type",
+    "text",
+    "function",
+    "arguments",
+    "tool_call_id",
+    "user",
+    "assistant",
+    "gpt",
+    "human",
+]
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 3)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=12)
+    | st.sampled_from(KEYS + list(ROLES))
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=5), inner, max_size=5)
+    ),
+    max_leaves=25,
+)
 rows = st.dictionaries(st.sampled_from(KEYS), json_values, max_size=6)
 paths = st.lists(st.sampled_from(KEYS) | st.integers(0, 2).map(lambda i: f"[{i}]"), min_size=1, max_size=3).map(
-    lambda parts: ".".join(parts).replace(".[", "["))
-lines = st.lists(st.binary(max_size=80) | json_values.map(lambda v: json.dumps(v).encode()) | rows.map(lambda r: json.dumps(r).encode()),
-                 max_size=12)
+    lambda parts: ".".join(parts).replace(".[", "[")
+)
+lines = st.lists(
+    st.binary(max_size=80)
+    | json_values.map(lambda v: json.dumps(v).encode())
+    | rows.map(lambda r: json.dumps(r).encode()),
+    max_size=12,
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +100,7 @@ def test_the_jsonl_reader_accounts_for_every_line_of_any_bytes(chunks, folder, f
         assert not data.strip() and "fuzz.jsonl" in str(exc)
         figures["fuzz examples: row parser"] += 1
         return
-    body = data[len(BOM):] if data.startswith(BOM) else data
+    body = data[len(BOM) :] if data.startswith(BOM) else data
     assert len(records) == sum(1 for line in io.BytesIO(body) if line.strip())
     for rec in records:
         assert (rec.fields is None) != (rec.error is None)
@@ -81,7 +125,11 @@ def test_the_csv_reader_reads_or_refuses_any_text(text, folder, figures):
 
 
 @BUDGET
-@given(fields=rows, schema=st.sampled_from(["auto", *SCHEMAS]), mapping=st.dictionaries(st.sampled_from(KEYS), paths, max_size=2))
+@given(
+    fields=rows,
+    schema=st.sampled_from(["auto", *SCHEMAS]),
+    mapping=st.dictionaries(st.sampled_from(KEYS), paths, max_size=2),
+)
 def test_the_schema_mapping_gives_a_valid_conversation_or_a_reason(fields, schema, mapping, figures):
     try:
         conv = to_conversation(fields, schema, mapping)

@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftops.config import load_config
-from sftops.stages.format import run_format
-from sftops.errors import ConfigError, DataError
-from sftops.stages.ingest import run_ingest
-
 from conftest import error_lines
+from sftops.config import load_config
+from sftops.errors import ConfigError, DataError
 from sftops.jsonio import read_jsonl
+from sftops.stages.format import run_format
+from sftops.stages.ingest import run_ingest
 
 HOSTILE = Path(__file__).parent / "hostile"
 EXPECTED = yaml.safe_load((HOSTILE / "expected.yaml").read_text())
@@ -53,8 +52,13 @@ def hostile_project(tmp_path, tiny_model, monkeypatch):
     def params(sources: list[dict], name: str = "params.yaml") -> Path:
         tree = {
             # many hostile sources keep no row: counted here, not stopped (stop_on_empty_source has its own tests)
-            "data": {"sources": sources, "near_duplicate_threshold": None, "test_fraction": 0.2, "val_fraction": 0.1,
-                     "stop_on_empty_source": False},
+            "data": {
+                "sources": sources,
+                "near_duplicate_threshold": None,
+                "test_fraction": 0.2,
+                "val_fraction": 0.1,
+                "stop_on_empty_source": False,
+            },
             "model": {"base": str(tiny_model), "max_length": 128},
         }
         Path(name).write_text(yaml.safe_dump(tree))
@@ -90,7 +94,8 @@ def test_every_hostile_row_is_rejected_with_file_row_and_reason_and_counts_are_c
     for counts in stats["sources"].values():
         figures["rows read"] += counts["read"]
         figures["rows accounted for (kept + rejected with a record)"] += counts["kept"] + sum(
-            counts[k] for k in ("rejected_ingest", "rejected_format", "duplicates", "sampled_out", "dropped_tokens"))
+            counts[k] for k in ("rejected_ingest", "rejected_format", "duplicates", "sampled_out", "dropped_tokens")
+        )
     assert stats["sources"]["good"]["kept"] == GOOD_ROWS
 
 
@@ -123,16 +128,29 @@ def test_a_source_path_leaving_the_project_is_refused_at_load_time(hostile_proje
 
 def test_the_cli_reports_hostile_files_and_paths_in_one_line_without_a_traceback(hostile_project, figures):
     _, params = hostile_project
-    cases = [("yaml_alias_bomb.yaml", ERROR_FILES["yaml_alias_bomb.yaml"]), ("link_outside.jsonl", "outside"),
-             ("truncated.jsonl.gz", "cannot decompress"), ("../outside.jsonl", CONFIG_ERRORS["../outside.jsonl"])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    cases = [
+        ("yaml_alias_bomb.yaml", ERROR_FILES["yaml_alias_bomb.yaml"]),
+        ("link_outside.jsonl", "outside"),
+        ("truncated.jsonl.gz", "cannot decompress"),
+        ("../outside.jsonl", CONFIG_ERRORS["../outside.jsonl"]),
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
     for n, (path, phrase) in enumerate(cases):
         file = params([{"name": "hostile", "path": path if path.startswith("..") else f"{DATA}/{path}"}], f"p{n}.yaml")
-        done = subprocess.run([sys.executable, "-m", "sftops", "ingest", "--params", str(file)],
-                              capture_output=True, text=True, env=env, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "sftops", "ingest", "--params", str(file)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert done.returncode == 2, done.stderr[-2000:]
         assert "Traceback" not in done.stderr and phrase in done.stderr, done.stderr[-2000:]
         if not path.startswith(".."):
             assert error_lines(done.stderr) == [
-                f"sftops: {DATA}/{path}: " + done.stderr.split(f"{DATA}/{path}: ", 1)[1].strip()], done.stderr
+                f"sftops: {DATA}/{path}: " + done.stderr.split(f"{DATA}/{path}: ", 1)[1].strip()
+            ], done.stderr
         figures["CLI runs on bad input ending without a traceback"] += 1

@@ -85,8 +85,13 @@ def test_each_revision_loads_its_own_weights_and_rows_offline(hub):
     commits = hub["commits"]
     model_revisions = [None, "v2", commits["B"], commits["A"]]
     data_revisions = [None, "v1", commits["one"]]
-    done = subprocess.run([sys.executable, "-c", LOADER, json.dumps(model_revisions), json.dumps(data_revisions)],
-                          capture_output=True, text=True, env=hub["env"], timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", LOADER, json.dumps(model_revisions), json.dumps(data_revisions)],
+        capture_output=True,
+        text=True,
+        env=hub["env"],
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     expected_model = {None: "A", "v2": "B", commits["B"]: "B", commits["A"]: "A"}
@@ -103,8 +108,9 @@ def test_each_revision_loads_its_own_weights_and_rows_offline(hub):
 
 
 def _sftops(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sftops", *args], cwd=cwd, capture_output=True, text=True, env=env,
-                          timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "sftops", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=900
+    )
 
 
 def _params(folder: Path, source: dict, model_revision: str | None) -> None:
@@ -126,8 +132,14 @@ def test_a_revision_that_does_not_exist_is_one_line_naming_it_offline(hub, tmp_p
     assert ingest.returncode == 2 and "Traceback" not in ingest.stderr, ingest.stderr[-2000:]
     lines = error_lines(ingest.stderr)
     assert len(lines) == 1, lines
-    for part in ("data.sources 'qa'", f"hub {DATA!r}", "'no-such-tag'", "HF_HUB_OFFLINE is set", "cached: main, v1",
-                 f"hf download {DATA} --repo-type dataset --revision no-such-tag"):
+    for part in (
+        "data.sources 'qa'",
+        f"hub {DATA!r}",
+        "'no-such-tag'",
+        "HF_HUB_OFFLINE is set",
+        "cached: main, v1",
+        f"hf download {DATA} --repo-type dataset --revision no-such-tag",
+    ):
         assert part in lines[0], (part, lines[0])
 
     _params(tmp_path, {"name": "qa", "path": "qa.jsonl"}, "no-such-branch")
@@ -136,8 +148,13 @@ def test_a_revision_that_does_not_exist_is_one_line_naming_it_offline(hub, tmp_p
     assert fmt.returncode == 2 and "Traceback" not in fmt.stderr, fmt.stderr[-2000:]
     lines = error_lines(fmt.stderr)
     assert len(lines) == 1, lines
-    for part in (f"model.base {MODEL!r}", "'no-such-branch'", "(model.revision)", "cached: main, v2",
-                 "fix model.revision in params.yaml"):
+    for part in (
+        f"model.base {MODEL!r}",
+        "'no-such-branch'",
+        "(model.revision)",
+        "cached: main, v2",
+        "fix model.revision in params.yaml",
+    ):
         assert part in lines[0], (part, lines[0])
     figures["bad inputs tried"] += 2
     figures["bad inputs ending in one line"] += 2
@@ -157,7 +174,10 @@ def _recorded(folder: Path, paths_prefix: str = "") -> dict:
     return {
         "base": json.loads((folder / paths_prefix / "models/model/sftops_model.json").read_text())["base"],
         "ingest": json.loads((folder / paths_prefix / "data/curated/ingest_report.json").read_text()),
-        "raw": [json.loads(line)["fields"] for line in (folder / paths_prefix / "data/raw/qa.jsonl").read_text().splitlines()],
+        "raw": [
+            json.loads(line)["fields"]
+            for line in (folder / paths_prefix / "data/raw/qa.jsonl").read_text().splitlines()
+        ],
         "metrics": json.loads((folder / paths_prefix / "metrics.json").read_text()),
         "params": run.data.params,
         "tags": run.data.tags,
@@ -180,7 +200,8 @@ def test_a_pipeline_run_records_the_commits_it_loaded_and_a_moved_branch_is_a_ne
     assert got["base"]["base"] == MODEL and got["base"]["revision"] == commits["A"]  # main, as a commit
     assert got["manifest"]["revisions"] == {
         "model": {"base": MODEL, "requested": None, "resolved": commits["A"]},
-        "data": {"qa": {"hub": DATA, "requested": "v1", "commit": commits["one"]}}}
+        "data": {"qa": {"hub": DATA, "requested": "v1", "commit": commits["one"]}},
+    }
     # params: model.revision as params.yaml has it, the resolved commits beside it
     assert got["params"]["model.revision"] == "null"
     assert got["params"]["model.revision_resolved"] == commits["A"]
@@ -267,11 +288,13 @@ def test_online_the_hub_names_the_commit_and_a_revision_it_lacks_is_one_line(hub
         with pytest.raises(ModelError) as missing:
             hubs.resolve(MODEL, "no-such-tag", "model", f"model.base {MODEL!r}", "model.revision", ModelError)
         message = str(missing.value)
-        assert "\n" not in message and message.startswith("model.revision='no-such-tag': model.base 'sftops-test/tiny' "
-                                                          "has no such branch, tag or commit on the hub"), message
+        assert "\n" not in message and message.startswith(
+            "model.revision='no-such-tag': model.base 'sftops-test/tiny' has no such branch, tag or commit on the hub"
+        ), message
         with pytest.raises(DataError, match=r"\(hub 'sftops-test/none'\) is not a repository on the hub"):
-            hubs.resolve("sftops-test/none", None, "dataset", "source 'x' (hub 'sftops-test/none')", "its revision",
-                         DataError)
+            hubs.resolve(
+                "sftops-test/none", None, "dataset", "source 'x' (hub 'sftops-test/none')", "its revision", DataError
+            )
     finally:
         server.stop()
     # the hub gone (nothing listens there now): the cache's refs decide

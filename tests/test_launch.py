@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftops.train import launch
 from sftops.cli import main
 from sftops.config import load_config
 from sftops.errors import TrainingError
+from sftops.train import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ["launch.nodes=4", "train.num_processes=8", "launch.gpus_per_node=8", "train.distributed=fsdp"]
@@ -28,11 +28,18 @@ def test_the_slurm_script_parses_and_runs_the_loopback_command_line_on_each_node
     script = launch.slurm_script(config("slurm"), Path("launch/job.params.yaml"), Path("/shared/project"))
     (tmp_path / "job.sbatch").write_text(script)
     assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0
-    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8", "#SBATCH --chdir=/shared/project"):
+    for line in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --chdir=/shared/project",
+    ):
         assert line in script.splitlines()
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     per_node = shlex.split(srun)[-1]  # what bash -c runs in each task
-    loopback = launch.render(launch.node_command(config("loopback"), Path("launch/job.params.yaml"), "$SLURM_NODEID", "$head"))
+    loopback = launch.render(
+        launch.node_command(config("loopback"), Path("launch/job.params.yaml"), "$SLURM_NODEID", "$head")
+    )
     assert per_node == loopback
     assert "--nnodes=4" in per_node and "--nproc-per-node=8" in per_node and "--rdzv-endpoint=$head:29500" in per_node
 
@@ -64,8 +71,11 @@ def test_a_tracking_password_goes_to_a_secret_not_into_the_manifest(monkeypatch)
     assert "hunter2" not in launch.slurm_script(config("slurm"), Path("p.yaml"), Path("/p"))
 
 
-@pytest.mark.skipif(not os.environ.get("PYTORCHJOB_CRD"), reason="set PYTORCHJOB_CRD to the training operator's "
-                    "manifests/base/crds/kubeflow.org_pytorchjobs.yaml to validate against its schema")
+@pytest.mark.skipif(
+    not os.environ.get("PYTORCHJOB_CRD"),
+    reason="set PYTORCHJOB_CRD to the training operator's "
+    "manifests/base/crds/kubeflow.org_pytorchjobs.yaml to validate against its schema",
+)
 def test_the_pytorchjob_is_valid_for_the_operators_crd_schema():
     import jsonschema
 
@@ -81,10 +91,14 @@ def test_the_pytorchjob_is_valid_for_the_operators_crd_schema():
 @pytest.mark.skipif(shutil.which("sbatch") is not None, reason="sbatch is installed: it would submit")
 def test_submitting_without_the_cluster_tool_says_which_tool_and_where_the_job_file_is(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(TrainingError, match=r"launch.target=slurm needs `sbatch` .* the job file is launch/sftops-train.sbatch"):
+    with pytest.raises(
+        TrainingError, match=r"launch.target=slurm needs `sbatch` .* the job file is launch/sftops-train.sbatch"
+    ):
         launch.submit(config("slurm"))
     assert (tmp_path / "launch/sftops-train.params.yaml").exists()
-    assert load_config(tmp_path / "launch/sftops-train.params.yaml").launch.target == "local"  # a node trains, never relaunches
+    assert (
+        load_config(tmp_path / "launch/sftops-train.params.yaml").launch.target == "local"
+    )  # a node trains, never relaunches
 
 
 def test_sftops_launch_write_only_prints_the_job(tmp_path, monkeypatch, capsys):
@@ -103,5 +117,8 @@ def config_overrides(target: str) -> list[str]:
 def test_kubernetes_without_a_reachable_cluster_is_one_line_naming_the_job_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-cluster"))
-    with pytest.raises(TrainingError, match=r"`kubectl delete pytorchjob/sftops-train --ignore-not-found` failed \(exit 1\); the job file is launch/sftops-train.yaml"):
+    with pytest.raises(
+        TrainingError,
+        match=r"`kubectl delete pytorchjob/sftops-train --ignore-not-found` failed \(exit 1\); the job file is launch/sftops-train.yaml",
+    ):
         launch.submit(config("kubernetes"))

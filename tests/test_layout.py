@@ -23,8 +23,10 @@ def import_graph() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sftops"):
                 # `from sftops.train import checkpoint` imports the module sftops.train.checkpoint
-                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
-                          for a in node.names}
+                found |= {
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                    for a in node.names
+                }
             elif isinstance(node, ast.Import):
                 found |= {a.name for a in node.names if a.name.startswith("sftops")}
         graph[name] = {m for m in found if m in modules and m not in (name, "sftops")}
@@ -84,6 +86,11 @@ def test_no_import_circle():
 
 def test_the_data_layer_does_not_reach_up():
     graph = import_graph()
-    upward = sorted((a, b) for a in graph if a.startswith("sftops.data.") for b in graph[a]
-                    if b.startswith(("sftops.stages.", "sftops.train.", "sftops.evaluate.", "sftops.tracking")))
+    upward = sorted(
+        (a, b)
+        for a in graph
+        if a.startswith("sftops.data.")
+        for b in graph[a]
+        if b.startswith(("sftops.stages.", "sftops.train.", "sftops.evaluate.", "sftops.tracking"))
+    )
     assert not upward, f"data modules import training, evaluation or stage code: {upward}"

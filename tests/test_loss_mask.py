@@ -4,11 +4,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sftops.chat import IGNORE, generation_prompt, stop_token_ids
+from sftops.config import ModelConfig
+from sftops.data.batching import collate
 from sftops.data.examples import encode_rows
 from sftops.data.tokenize import encode_conversation
-from sftops.config import ModelConfig
 from sftops.modeling import FALLBACK_CHAT_TEMPLATE, load_tokenizer
-from sftops.data.batching import collate
 from sftops.train.loss import row_nll
 
 CONV = [
@@ -54,7 +54,10 @@ def test_multi_turn_supervises_every_assistant_turn_only(tiny_model):
 def test_loss_equals_hand_computed_response_nll(tiny_model):
     tok = load_tokenizer(ModelConfig(base=str(tiny_model)))
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    convs = [CONV, [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "i am fine, thank you today."}]]
+    convs = [
+        CONV,
+        [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "i am fine, thank you today."}],
+    ]
     examples, _, _ = encode_rows(tok, [{"messages": c} for c in convs], max_length=128)
     batch = collate(examples, tok.pad_token_id)
     with torch.no_grad():
@@ -79,11 +82,18 @@ def test_loss_equals_hand_computed_response_nll(tiny_model):
 
 def test_rows_too_long_or_without_targets_are_dropped_and_counted(tiny_model):
     tok = load_tokenizer(ModelConfig(base=str(tiny_model)))
-    rows = [{"messages": CONV}, {"messages": [{"role": "user", "content": "x " * 300}, {"role": "assistant", "content": "y"}]}]
+    rows = [
+        {"messages": CONV},
+        {"messages": [{"role": "user", "content": "x " * 300}, {"role": "assistant", "content": "y"}]},
+    ]
     examples, kept, counts = encode_rows(tok, rows, max_length=64)
     assert kept == [0] and len(examples) == 1
     assert {k: counts[k] for k in ("rows", "kept", "dropped_too_long", "dropped_no_target")} == {
-        "rows": 2, "kept": 1, "dropped_too_long": 1, "dropped_no_target": 0}
+        "rows": 2,
+        "kept": 1,
+        "dropped_too_long": 1,
+        "dropped_no_target": 0,
+    }
 
 
 def test_smollm2_template_marks_im_end_as_end_of_turn():

@@ -12,14 +12,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sftops.data.examples as examples_module
-from sftops.data.batching import micro_batches, step_batches, step_micro_batches
 from sftops.chat import IGNORE, Encoded, example_lengths
 from sftops.config import Config, TrainConfig
-from sftops.stages.format import run_format
+from sftops.data.batching import micro_batches, step_batches, step_micro_batches
 from sftops.data.examples import split_examples
 from sftops.data.store import CACHE_KEY, TOKENIZED, TokenCacheWriter, TokenRows, read_cache, read_split, write_cache
-from sftops.stages.ingest import run_ingest
 from sftops.modeling import load_tokenizer
+from sftops.stages.format import run_format
+from sftops.stages.ingest import run_ingest
 from sftops.train.loop import train_loop
 
 
@@ -28,15 +28,25 @@ def formatted(tmp_path_factory, tiny_model):
     """A curated project with two sources of varied lengths, through the real ingest and format stages."""
     tmp = tmp_path_factory.mktemp("mapped")
     for name, pad in (("short", 1), ("long", 5)):
-        rows = [{"prompt": f"what is {i} plus two?" + " more" * (i % 7) * pad, "completion": f"{i + 2}, the cat sat." * (1 + i % 3)}
-                for i in range(40)]
+        rows = [
+            {
+                "prompt": f"what is {i} plus two?" + " more" * (i % 7) * pad,
+                "completion": f"{i + 2}, the cat sat." * (1 + i % 3),
+            }
+            for i in range(40)
+        ]
         (tmp / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    cfg = Config.model_validate({
-        "data": {"sources": [{"name": n, "path": str(tmp / f"{n}.jsonl")} for n in ("short", "long")],
-                 "overflow": "truncate_prompt", "val_fraction": 0.1},
-        "model": {"base": str(tiny_model), "max_length": 64},
-        "paths": {"raw": str(tmp / "raw"), "curated": str(tmp / "curated")},
-    })
+    cfg = Config.model_validate(
+        {
+            "data": {
+                "sources": [{"name": n, "path": str(tmp / f"{n}.jsonl")} for n in ("short", "long")],
+                "overflow": "truncate_prompt",
+                "val_fraction": 0.1,
+            },
+            "model": {"base": str(tiny_model), "max_length": 64},
+            "paths": {"raw": str(tmp / "raw"), "curated": str(tmp / "curated")},
+        }
+    )
     run_ingest(cfg)
     run_format(cfg)
     return cfg, load_tokenizer(cfg.model)
@@ -108,9 +118,12 @@ def test_training_on_the_mapped_cache_gives_the_same_losses(both_paths, formatte
     for path in both_paths:
         model = AutoModelForCausalLM.from_pretrained(cfg.model.base, dtype=torch.float32)
         train = TrainConfig(method="full", max_steps=3, micro_batch_size=4, grad_accum_steps=2, packing=packed, seed=5)
-        result = train_loop(model, path.examples, train, tok.pad_token_id, sources=path.sources,
-                            source_names=path.source_names)
-        losses.append([(h["train_loss"], h.get("train_loss/long"), h.get("train_loss/short")) for h in result["history"]])
+        result = train_loop(
+            model, path.examples, train, tok.pad_token_id, sources=path.sources, source_names=path.source_names
+        )
+        losses.append(
+            [(h["train_loss"], h.get("train_loss/long"), h.get("train_loss/short")) for h in result["history"]]
+        )
     assert losses[0] == losses[1] and len(losses[0]) == 3
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+
 import pytest
 import yaml
 
@@ -17,7 +18,10 @@ UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, the con
 
 
 def test_a_gguf_file_left_over_from_another_base_is_named(tiny_model):
-    with pytest.raises(ModelError, match=r"model.gguf_file 'SmolLM2-135M-Instruct.Q4_1.gguf' is not in model.base .*set model.gguf_file"):
+    with pytest.raises(
+        ModelError,
+        match=r"model.gguf_file 'SmolLM2-135M-Instruct.Q4_1.gguf' is not in model.base .*set model.gguf_file",
+    ):
         check_base(ModelConfig(base=str(tiny_model), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
     check_base(ModelConfig(base=str(tiny_model)))  # the folder's own weights: fine
 
@@ -29,16 +33,27 @@ def test_a_path_that_is_no_folder_and_no_hub_id_is_named(tmp_path):
 
 @pytest.mark.reliability
 def test_an_uncached_hub_model_offline_is_one_line_with_exit_code_2(tmp_path, tiny_model, figures):
-    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}?", "completion": f"a{i}"}) + "\n" for i in range(20)))
-    params = {"data": {"sources": [{"name": "qa", "path": "qa.jsonl"}]},
-              "model": {"base": "sftops-tests/not-a-cached-model", "gguf_file": None}}
+    (tmp_path / "qa.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"q{i}?", "completion": f"a{i}"}) + "\n" for i in range(20))
+    )
+    params = {
+        "data": {"sources": [{"name": "qa", "path": "qa.jsonl"}]},
+        "model": {"base": "sftops-tests/not-a-cached-model", "gguf_file": None},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "HF_ENDPOINT": UNREACHABLE, "HF_HOME": str(tmp_path / "hf")}  # an empty cache
-    ingest = subprocess.run([sys.executable, "-m", "sftops", "ingest"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    ingest = subprocess.run(
+        [sys.executable, "-m", "sftops", "ingest"], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
     assert ingest.returncode == 0, ingest.stderr[-2000:]
     for offline in ("0", "1"):  # no network, and HF_HUB_OFFLINE set
-        done = subprocess.run([sys.executable, "-m", "sftops", "format"], cwd=tmp_path, capture_output=True, text=True,
-                              env={**env, "HF_HUB_OFFLINE": offline})
+        done = subprocess.run(
+            [sys.executable, "-m", "sftops", "format"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={**env, "HF_HUB_OFFLINE": offline},
+        )
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
         lines = error_lines(done.stderr)
         assert len(lines) == 1 and "model.base 'sftops-tests/not-a-cached-model'" in lines[0], lines

@@ -113,8 +113,14 @@ def mlflow_runs(mlflow: str) -> list:
 def stack(tmp_path_factory, stories_model, gsm8k):
     """Origin, DVC remote, servers, the deployments pinned to the pushed HEAD, a worker, one nightly run done."""
     tmp = tmp_path_factory.mktemp("ops")
-    repo = make_repo(tmp / "repo", stories_model, gsm8k, rows=80, registered_model=MODEL_NAME,
-                     extra=("flows", "prefect.yaml", ".dvcignore"))
+    repo = make_repo(
+        tmp / "repo",
+        stories_model,
+        gsm8k,
+        rows=80,
+        registered_model=MODEL_NAME,
+        extra=("flows", "prefect.yaml", ".dvcignore"),
+    )
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"].update(max_steps=3, checkpoint_every=None)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -206,7 +212,17 @@ def test_sftops_reproduce_restores_the_recorded_data_through_dvc_and_retrains_th
     the version's ref, the curated data pulled from the DVC remote, train and evaluate re-run; nothing re-ingests."""
     env = {**realstack.tool_env(), "MLFLOW_TRACKING_URI": stack.mlflow}
     again = tmp_path / "again"
-    sh(sys.executable, "-m", "sftops", "reproduce", f"models:/{MODEL_NAME}@champion", "--into", str(again), cwd=stack.repo, env=env)
+    sh(
+        sys.executable,
+        "-m",
+        "sftops",
+        "reproduce",
+        f"models:/{MODEL_NAME}@champion",
+        "--into",
+        str(again),
+        cwd=stack.repo,
+        env=env,
+    )
     result = json.loads((again / "reproduction.json").read_text())
     assert result["data_restored_by_dvc"] and result["reproduced"], result["failed"]
     assert result["checks"]["curated_files"]["match"] and result["checks"]["model_files"]["match"]
@@ -279,12 +295,20 @@ def test_dvc_repro_the_flow_by_hand_and_the_deployment_write_the_same_dvc_lock(s
         if door == "dvc repro":
             dvc({**env, "MLFLOW_TRACKING_URI": stack.mlflow}, folder, "repro")
         else:
-            sh(sys.executable, "flows/sft_pipeline.py", cwd=folder, env={**stack.env, "SFTOPS_DEPLOY_DIR": str(tmp_path)})
+            sh(
+                sys.executable,
+                "flows/sft_pipeline.py",
+                cwd=folder,
+                env={**stack.env, "SFTOPS_DEPLOY_DIR": str(tmp_path)},
+            )
         by_door[door] = (folder, yaml.safe_load((folder / "dvc.lock").read_text())["stages"])
     completed(stack.api, trigger(stack.env, stack.repo, "sft-pipeline/nightly"))
     recorded = json.loads((stack.clone / "models/run.json").read_text())["version"]  # the version this run recorded
     ref = MlflowClient(stack.mlflow).get_model_version(MODEL_NAME, recorded).tags["git.ref"]
-    by_door["deployment"] = (stack.clone, yaml.safe_load(sh("git", "show", f"{ref}:dvc.lock", cwd=stack.clone))["stages"])
+    by_door["deployment"] = (
+        stack.clone,
+        yaml.safe_load(sh("git", "show", f"{ref}:dvc.lock", cwd=stack.clone))["stages"],
+    )
 
     def comparable(folder: Path, stages: dict) -> dict:
         out = {}

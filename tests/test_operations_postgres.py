@@ -36,12 +36,20 @@ def test_mlflow_and_prefect_servers_on_postgresql_serve_a_pipeline_run(postgres,
         # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3: name the drivers that are installed.
         prefect_db_async = prefect_db.replace("postgresql://", "postgresql+asyncpg://", 1)
         mlflow_store = mlflow_db.replace("postgresql://", "postgresql+psycopg2://", 1)
-        with realstack.mlflow_server(tmp_path / "mlflow", backend=mlflow_store) as mlflow_url, \
-                realstack.prefect_server(tmp_path / "prefect", database=prefect_db_async) as api:
+        with (
+            realstack.mlflow_server(tmp_path / "mlflow", backend=mlflow_store) as mlflow_url,
+            realstack.prefect_server(tmp_path / "prefect", database=prefect_db_async) as api,
+        ):
             env = prefect_env(tmp_path / "prefect", api_url=api)
             env["MLFLOW_TRACKING_URI"] = mlflow_url
-            proc = subprocess.run([sys.executable, str(ROOT / "flows/sft_pipeline.py"), "--set", "train.max_steps=2"],
-                                  cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+            proc = subprocess.run(
+                [sys.executable, str(ROOT / "flows/sft_pipeline.py"), "--set", "train.max_steps=2"],
+                cwd=repo,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
             assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
             [flow_run] = http_json("POST", f"{api}/flow_runs/filter", {})

@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sftops.train.packing_check as packing_check
-from sftops.data.packing import pack
 from sftops.chat import IGNORE, Encoded
-from sftops.data.tokenize import encode_conversation
 from sftops.config import ModelConfig
+from sftops.data.packing import pack
+from sftops.data.tokenize import encode_conversation
 from sftops.errors import TrainingError
 from sftops.modeling import load_tokenizer
 from sftops.train.packing_check import packing_self_check, per_example_nll
@@ -23,7 +23,12 @@ def stories(stories_model, gsm8k):
     tok = load_tokenizer(ModelConfig(base=str(stories_model)))
     model = AutoModelForCausalLM.from_pretrained(stories_model, dtype=torch.float32, attn_implementation="sdpa").eval()
     rows = [json.loads(line) for line in (gsm8k / "test.jsonl").read_text().splitlines()[:5]]
-    examples = [encode_conversation(tok, [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]) for r in rows]
+    examples = [
+        encode_conversation(
+            tok, [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
+        )
+        for r in rows
+    ]
     return model, tok, examples
 
 
@@ -71,8 +76,6 @@ def test_a_leaking_packed_mask_is_caught_by_the_self_check(stories, monkeypatch)
         packing_self_check(model, examples, tok.pad_token_id, torch.device("cpu"), "sdpa")
 
 
-
-
 def test_flex_attention_packed_losses_match_padded_sdpa():
     """FlexAttention masks packed documents by block (no mask growing with the square of the packed length),
     and must give each packed example exactly the loss it has padded with SDPA (float32 on CPU). The packed
@@ -81,8 +84,15 @@ def test_flex_attention_packed_losses_match_padded_sdpa():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     model = LlamaForCausalLM(config).eval()
     g = torch.Generator().manual_seed(1)
     examples = []

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sftops.train.lora import apply_method
 from sftops.chat import IGNORE, Encoded
 from sftops.config import TrainConfig
 from sftops.train.loop import train_loop
+from sftops.train.lora import apply_method
 
 
 def examples(n: int, vocab: int) -> list[Encoded]:
@@ -21,8 +21,16 @@ def examples(n: int, vocab: int) -> list[Encoded]:
 
 
 def losses(tiny_model, method: str, param_dtype: str) -> tuple[list[float], set[torch.dtype]]:
-    cfg = TrainConfig(method=method, param_dtype=param_dtype, max_steps=4, micro_batch_size=4, learning_rate=1e-3,
-                      warmup_ratio=0.0, lora={"dropout": 0.0}, packing=True)
+    cfg = TrainConfig(
+        method=method,
+        param_dtype=param_dtype,
+        max_steps=4,
+        micro_batch_size=4,
+        learning_rate=1e-3,
+        warmup_ratio=0.0,
+        lora={"dropout": 0.0},
+        packing=True,
+    )
     torch.manual_seed(0)
     model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), cfg)
     dtypes = {p.dtype for p in model.parameters() if p.requires_grad}

@@ -111,7 +111,11 @@ def test_a_flow_run_with_overrides_is_a_dvc_experiment_logging_to_the_project_st
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "flows/sft_pipeline.py"), "--set", "train.max_steps=3", "--name", "three-steps"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=900,
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
@@ -125,7 +129,9 @@ def test_a_flow_run_with_overrides_is_a_dvc_experiment_logging_to_the_project_st
     assert version.tags["dvc.experiment"] == "three-steps" and version.tags["data.versioned"] == "true"
     assert version.tags["dvc.curated_md5"] == runs[0].data.tags["data.curated_dvc_md5"]
     shown = json.loads(sh(sys.executable, "-m", "dvc", "exp", "show", "--json", cwd=repo, env=env))
-    [exp] = [rev for b in shown for e in b.get("experiments") or [] for rev in e["revs"] if rev["name"] == "three-steps"]
+    [exp] = [
+        rev for b in shown for e in b.get("experiments") or [] for rev in e["revs"] if rev["name"] == "three-steps"
+    ]
     assert exp["data"]["params"]["params.yaml"]["data"]["train"]["max_steps"] == 3
     assert exp["data"]["metrics"]["metrics.json"]["data"]["test_rows"] > 0
     assert not (repo / "metrics.json").exists() and not (repo / "models").exists()

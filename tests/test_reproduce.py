@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def git(*args: str, cwd: Path) -> None:
-    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd, check=True, capture_output=True
+    )
 
 
 def test_reproduce_reruns_the_recorded_commit_and_config_with_identical_results(tmp_path, tiny_model, monkeypatch):
@@ -31,7 +33,11 @@ def test_reproduce_reruns_the_recorded_commit_and_config_with_identical_results(
     rows = [{"prompt": f"what is two plus two? ({i})", "completion": "two plus two is four."} for i in range(40)]
     (repo / "data/sources/qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     params = {
-        "data": {"sources": [{"name": "qa", "path": "data/sources/qa.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
+        "data": {
+            "sources": [{"name": "qa", "path": "data/sources/qa.jsonl"}],
+            "test_fraction": 0.2,
+            "val_fraction": 0.1,
+        },
         "model": {"base": str(tiny_model), "max_length": 64},
         "train": {"method": "full", "max_steps": 3, "micro_batch_size": 8, "learning_rate": 0.001},
         "evaluate": {"num_generations": 1, "max_new_tokens": 2, "bootstrap_resamples": 100},

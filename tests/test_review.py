@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from realstack import evaluation_runs
 
+from realstack import evaluation_runs
 from sftops import tracking
 from sftops.cli import main
 from sftops.config import Config
-from sftops.stages.format import run_format
 from sftops.stages.evaluate import run_evaluate
-from sftops.stages.train import run_train
+from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
+from sftops.stages.train import run_train
 
 QA = [("what is two plus two?", "two plus two is four."), ("hello, how are you today?", "i am fine, thank you.")]
 GOOD = {"method": "full", "max_steps": 20, "micro_batch_size": 8, "learning_rate": 0.01}
@@ -31,13 +31,18 @@ def workdir(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("SFTOPS_CACHE_DIR", str(tmp_path / "cache"))
     for name, (q, a) in zip(("math", "chat"), QA):
-        Path(f"{name}.jsonl").write_text("".join(json.dumps({"prompt": f"{q} ({i})", "completion": a}) + "\n" for i in range(60)))
+        Path(f"{name}.jsonl").write_text(
+            "".join(json.dumps({"prompt": f"{q} ({i})", "completion": a}) + "\n" for i in range(60))
+        )
 
     def make(train: dict, evaluate: dict | None = None) -> Config:
         cfg = Config.model_validate(
             {
-                "data": {"sources": [{"name": "math", "path": "math.jsonl"}, {"name": "chat", "path": "chat.jsonl"}],
-                         "test_fraction": 0.2, "val_fraction": 0.1},
+                "data": {
+                    "sources": [{"name": "math", "path": "math.jsonl"}, {"name": "chat", "path": "chat.jsonl"}],
+                    "test_fraction": 0.2,
+                    "val_fraction": 0.1,
+                },
                 "model": {"base": str(tiny_model), "max_length": 64},
                 "train": train,
                 "evaluate": {"num_generations": 4, "max_new_tokens": 6, "bootstrap_resamples": 300, **(evaluate or {})},
@@ -64,7 +69,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_evaluation_reports_the_paired_difference_per_source_with_table_report_curves_and_caches_the_base(tmp_path, workdir):
+def test_evaluation_reports_the_paired_difference_per_source_with_table_report_curves_and_caches_the_base(
+    tmp_path, workdir
+):
     cfg = workdir(GOOD)
     run = run_train(cfg)
     m = run_evaluate(cfg)
@@ -85,7 +92,9 @@ def test_evaluation_reports_the_paired_difference_per_source_with_table_report_c
 
     table = read_csv(Path("reports/generations.csv"))
     assert len(table) == m["generations"] == 4
-    assert {"prompt", "reference", "base_output", "tuned_output", "tuned_chrf", "base_exact_match", "source"} <= set(table[0])
+    assert {"prompt", "reference", "base_output", "tuned_output", "tuned_chrf", "base_exact_match", "source"} <= set(
+        table[0]
+    )
     html = Path("reports/report.html").read_text()
     assert f"{m['nll_improvement_ci_low']:+.4f}" in html and "<svg" in html and "champion (preview)" in html
     curve = read_csv(Path("models/train_curve.csv"))
@@ -101,12 +110,17 @@ def test_evaluation_reports_the_paired_difference_per_source_with_table_report_c
     assert {"eval/report.html", "eval/nll_by_row.csv", "eval/generations.json"} <= artifacts
     assert "promotion.decision" not in logged.data.tags  # evaluation never moves an alias: the promote step does
     first_decision = promote(run, m, cfg)
-    assert first_decision["alias"] == "champion" and client.get_run(run["run_id"]).data.tags["promotion.decision"] == "champion"
+    assert (
+        first_decision["alias"] == "champion"
+        and client.get_run(run["run_id"]).data.tags["promotion.decision"] == "champion"
+    )
     version = client.get_model_version("tiny", run["version"])
     for tag in ("base_model", "method", "data.curated_dvc_md5", "git.commit", "params.sha256"):
         assert tag in version.tags or (tag == "git.commit" and "git.commit" not in logged.data.tags), tag
     assert f"{m['nll_improvement_ci_low']:+.4f}" in version.description and "champion" in version.description
-    manifest = json.loads(Path(client.download_artifacts(run["run_id"], "reproduce/manifest.json", str(tmp_path))).read_text())
+    manifest = json.loads(
+        Path(client.download_artifacts(run["run_id"], "reproduce/manifest.json", str(tmp_path))).read_text()
+    )
     assert manifest["params"]["train"]["max_steps"] == 20 and manifest["model"]["version"] == run["version"]
     assert manifest["data"]["curated_dvc_md5"] == version.tags["data.curated_dvc_md5"]
     assert {"tokenizer_sha256", "chat_template_sha256", "files"} <= set(manifest["model"])
@@ -123,8 +137,12 @@ def test_evaluation_reports_the_paired_difference_per_source_with_table_report_c
     second = run_evaluate(cfg)
     assert second["base_eval_cached"] and second["base"]["nll"] == first["base"]["nll"]
     assert {r["base_output"] for r in read_csv(Path("reports/generations.csv"))} == {"FROM-CACHE"}
-    assert promote(run, second, cfg) == {**first_decision, "reason": "already the champion (re-evaluated)",
-                                         "champion_version": run["version"], "champion_value": first["tuned"]["nll"]}
+    assert promote(run, second, cfg) == {
+        **first_decision,
+        "reason": "already the champion (re-evaluated)",
+        "champion_version": run["version"],
+        "champion_value": first["tuned"]["nll"],
+    }
     # Another eval setting the base outputs depend on is another key: computed afresh.
     third = run_evaluate(workdir(GOOD, {"max_new_tokens": 5}))
     assert not third["base_eval_cached"] and len(list((tmp_path / "cache" / "base-eval").glob("*.json"))) == 2

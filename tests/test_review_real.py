@@ -8,26 +8,29 @@ import json
 from pathlib import Path
 
 from mlflow import MlflowClient
-from realstack import evaluation_runs
 
+from realstack import evaluation_runs
 from sftops import tracking
-from sftops.data.examples import encode_rows
 from sftops.cli import main
-from sftops.evaluate.comparison import compare
 from sftops.config import Config, ModelConfig, TrainConfig
-from sftops.stages.format import run_format
-from sftops.stages.evaluate import run_evaluate
-from sftops.train.lora import apply_method
-from sftops.stages.train import run_train
-from sftops.stages.ingest import run_ingest
+from sftops.data.examples import encode_rows
+from sftops.evaluate.comparison import compare
 from sftops.modeling import load_base_model, load_tokenizer
-from sftops.train.loss import score_rows
+from sftops.stages.evaluate import run_evaluate
+from sftops.stages.format import run_format
+from sftops.stages.ingest import run_ingest
+from sftops.stages.train import run_train
 from sftops.train.loop import seed_everything, train_loop
+from sftops.train.lora import apply_method
+from sftops.train.loss import score_rows
 
 
 def gsm8k_conversations(path: Path, n: int) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
-    return [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]} for r in rows]
+    return [
+        {"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}
+        for r in rows
+    ]
 
 
 def test_sft_lowers_held_out_gsm8k_response_nll_beyond_the_bootstrap_interval(stories_model, gsm8k):
@@ -47,25 +50,31 @@ def test_sft_lowers_held_out_gsm8k_response_nll_beyond_the_bootstrap_interval(st
     train_loop(model, train, train_cfg, tokenizer.pad_token_id)  # a world of one process, on the CPU
     tuned = score_rows(model, test, 16, tokenizer.pad_token_id, cpu)
     result = compare(base, tuned, resamples=2000, seed=0, confidence=0.95)
-    print(f"GSM8K test response NLL {result['base_nll']:.2f} -> {result['tuned_nll']:.2f} nats/token, "
-          f"95% CI of the gain [{result['nll_improvement_ci_low']:.2f}, {result['nll_improvement_ci_high']:.2f}], "
-          f"win rate {result['win_rate']:.2f} over {result['rows']} rows")
+    print(
+        f"GSM8K test response NLL {result['base_nll']:.2f} -> {result['tuned_nll']:.2f} nats/token, "
+        f"95% CI of the gain [{result['nll_improvement_ci_low']:.2f}, {result['nll_improvement_ci_high']:.2f}], "
+        f"win rate {result['win_rate']:.2f} over {result['rows']} rows"
+    )
     assert result["nll_improvement_ci_low"] > 0
 
 
-def test_a_real_mlflow_server_holds_the_review_and_the_champion_answers_from_it(tmp_path, tiny_model, monkeypatch, mlflow_server, capsys):
+def test_a_real_mlflow_server_holds_the_review_and_the_champion_answers_from_it(
+    tmp_path, tiny_model, monkeypatch, mlflow_server, capsys
+):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("SFTOPS_CACHE_DIR", str(tmp_path / "cache"))
     rows = [{"prompt": f"what is two plus two? ({i})", "completion": "two plus two is four."} for i in range(60)]
     Path("in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = Config.model_validate({
-        "data": {"sources": [{"name": "qa", "path": "in.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
-        "model": {"base": str(tiny_model), "max_length": 64},
-        "train": {"method": "lora", "max_steps": 2, "micro_batch_size": 8, "learning_rate": 0.01},
-        "evaluate": {"num_generations": 0, "bootstrap_resamples": 200},  # NLL only: the server is what is tested
-        "tracking": {"registered_model_name": "served"},
-    })
+    cfg = Config.model_validate(
+        {
+            "data": {"sources": [{"name": "qa", "path": "in.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
+            "model": {"base": str(tiny_model), "max_length": 64},
+            "train": {"method": "lora", "max_steps": 2, "micro_batch_size": 8, "learning_rate": 0.01},
+            "evaluate": {"num_generations": 0, "bootstrap_resamples": 200},  # NLL only: the server is what is tested
+            "tracking": {"registered_model_name": "served"},
+        }
+    )
     run_ingest(cfg)
     run_format(cfg)
     run = run_train(cfg)
@@ -80,5 +89,18 @@ def test_a_real_mlflow_server_holds_the_review_and_the_champion_answers_from_it(
     assert "eval/promotion.json" in {a.path for a in client.list_artifacts(run["run_id"], "eval")}
     assert evaluated.data.metrics["test_win_rate"] == metrics["win_rate"]
     capsys.readouterr()
-    assert main(["generate", "--model", "models:/served@champion", "--prompt", "what is two plus two?", "--max-new-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "models:/served@champion",
+                "--prompt",
+                "what is two plus two?",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("> what is two plus two?\n")

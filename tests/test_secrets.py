@@ -17,11 +17,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from conftest import write_qa_project
 from sftops import tracking
 from sftops.config import load_config
 from sftops.errors import ConfigError
-
-from conftest import write_qa_project
 
 pytestmark = pytest.mark.reliability
 ROOT = Path(__file__).parents[1]
@@ -36,9 +35,16 @@ ENV_SECRETS = {
 }
 URI_PASSWORD = "UriFakePassw0rd-sftops"
 CONFIG_SECRET = "hf_FAKEsftopsCONFIG0123456789abcdef"
-PLANTED = ["hf_FAKEsftopsTOKEN0123456789abcdefXYZ", "hf_FAKEsftopsHUBTOKEN0123456789abcdef", "AKIAFAKESFTOPS000001",
-           "fakeSftopsAwsSecretKey/0123456789abcdefXYZ", "pnu_FAKEsftopsPrefectKey0123456789", "PgFakePassw0rd-sftops",
-           URI_PASSWORD, CONFIG_SECRET]
+PLANTED = [
+    "hf_FAKEsftopsTOKEN0123456789abcdefXYZ",
+    "hf_FAKEsftopsHUBTOKEN0123456789abcdef",
+    "AKIAFAKESFTOPS000001",
+    "fakeSftopsAwsSecretKey/0123456789abcdefXYZ",
+    "pnu_FAKEsftopsPrefectKey0123456789",
+    "PgFakePassw0rd-sftops",
+    URI_PASSWORD,
+    CONFIG_SECRET,
+]
 
 
 def flow_module():
@@ -52,12 +58,21 @@ def test_planted_secrets_reach_no_output(tmp_path, tiny_model, mlflow_server_pro
     project = tmp_path / "project"
     project.mkdir()
     monkeypatch.chdir(project)
-    params = write_qa_project(tiny_model, 60, "secretive",
-                              train={"max_steps": 2, "micro_batch_size": 8, "checkpoint_every": 1, "keep_checkpoints": 1},
-                              evaluate={"num_generations": 2, "max_new_tokens": 4, "bootstrap_resamples": 50})
+    params = write_qa_project(
+        tiny_model,
+        60,
+        "secretive",
+        train={"max_steps": 2, "micro_batch_size": 8, "checkpoint_every": 1, "keep_checkpoints": 1},
+        evaluate={"num_generations": 2, "max_new_tokens": 4, "bootstrap_resamples": 50},
+    )
     host = mlflow_server_process.url.removeprefix("http://")
-    env = {**os.environ, **ENV_SECRETS, "PYTHONPATH": str(ROOT / "src"), "SFTOPS_CACHE_DIR": str(project / ".cache"),
-           "MLFLOW_TRACKING_URI": f"http://sftops:{URI_PASSWORD}@{host}"}
+    env = {
+        **os.environ,
+        **ENV_SECRETS,
+        "PYTHONPATH": str(ROOT / "src"),
+        "SFTOPS_CACHE_DIR": str(project / ".cache"),
+        "MLFLOW_TRACKING_URI": f"http://sftops:{URI_PASSWORD}@{host}",
+    }
     done = subprocess.run([sys.executable, "-m", "sftops", "run"], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     texts = {"stdout of sftops run": done.stdout, "stderr of sftops run": done.stderr}
@@ -65,8 +80,11 @@ def test_planted_secrets_reach_no_output(tmp_path, tiny_model, mlflow_server_pro
     # In the config: a secret under a key that does not exist, and one given to a key of another type.
     tree = {**params, "model": {**params["model"], "hub_token": CONFIG_SECRET}}
     (tmp_path / "secret-params.yaml").write_text(yaml.safe_dump(tree))  # the user's input, outside the outputs
-    for path, overrides in ((tmp_path / "secret-params.yaml", []), ("params.yaml", [f"train.seed={CONFIG_SECRET}"]),
-                            ("params.yaml", [f"model.base=https://user:{URI_PASSWORD}@hub.invalid/model"])):
+    for path, overrides in (
+        (tmp_path / "secret-params.yaml", []),
+        ("params.yaml", [f"train.seed={CONFIG_SECRET}"]),
+        ("params.yaml", [f"model.base=https://user:{URI_PASSWORD}@hub.invalid/model"]),
+    ):
         with pytest.raises(ConfigError) as err:
             load_config(path, [*overrides, "train.max_steps=nope"])
         texts[f"config error {Path(path).name} {overrides[:1]}"] = str(err.value)
@@ -86,7 +104,9 @@ def test_planted_secrets_reach_no_output(tmp_path, tiny_model, mlflow_server_pro
 
     files = [p for root in (project, mlflow_server_process.store) for p in root.rglob("*") if p.is_file()]
     assert any(p.name == "mlflow.db" for p in files) and any("artifacts" in p.parts for p in files)
-    assert {"data", "models", "reports", "metrics.json"} <= {p.relative_to(project).parts[0] for p in files if project in p.parents}
+    assert {"data", "models", "reports", "metrics.json"} <= {
+        p.relative_to(project).parts[0] for p in files if project in p.parents
+    }
     found = [(str(p), s) for p in files for s in PLANTED if s.encode() in p.read_bytes()]
     found += [(where, s) for where, text in texts.items() for s in PLANTED if s in text]
     assert found == []

@@ -33,7 +33,9 @@ def test_a_model_shipping_its_own_code_is_refused_and_its_code_never_runs(tiny_m
     shutil.copytree(tiny_model, folder)
     (folder / "evil.py").write_text(EVIL.format(marker=str(marker)))
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
+    config.update(
+        model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    )
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="set model.trust_remote_code: true"):
         load_base_model(ModelConfig(base=str(folder)))
@@ -58,7 +60,9 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_model, tmp_path, figures
 def test_a_fine_tuned_adapter_without_safetensors_is_refused(tiny_model, tmp_path, figures):
     folder = tmp_path / "model"
     folder.mkdir()
-    (folder / "sftops_model.json").write_text(json.dumps({"method": "lora", "weights": "adapter", "base": {"base": str(tiny_model)}}))
+    (folder / "sftops_model.json").write_text(
+        json.dumps({"method": "lora", "weights": "adapter", "base": {"base": str(tiny_model)}})
+    )
     shutil.copy(Path(tiny_model) / "tokenizer.json", folder)
     shutil.copy(Path(tiny_model) / "tokenizer_config.json", folder)
     (folder / "adapter_config.json").write_text("{}")

@@ -27,10 +27,10 @@ from conftest import build_tiny_model
 from realstack import background, free_port, mlflow_server
 from sftops.cli import main
 from sftops.config import Config
-from sftops.stages.format import run_format
-from sftops.stages.train import run_train
-from sftops.stages.ingest import run_ingest
 from sftops.modeling import FALLBACK_CHAT_TEMPLATE
+from sftops.stages.format import run_format
+from sftops.stages.ingest import run_ingest
+from sftops.stages.train import run_train
 
 PROMPT = "what is two plus two?"
 MAX_TOKENS = 12
@@ -63,12 +63,14 @@ def train_champion(folder: Path, base: str, name: str, registry: str, monkeypatc
     monkeypatch.setenv("SFTOPS_CACHE_DIR", str(folder / "cache"))
     rows = [{"prompt": f"{PROMPT} ({i})", "completion": "two plus two is four."} for i in range(40)]
     Path("in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = Config.model_validate({
-        "data": {"sources": [{"name": "qa", "path": "in.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
-        "model": {"base": base, "max_length": 64},
-        "train": {"method": "lora", "max_steps": 3, "micro_batch_size": 8, "learning_rate": 0.05},
-        "tracking": {"registered_model_name": name},
-    })
+    cfg = Config.model_validate(
+        {
+            "data": {"sources": [{"name": "qa", "path": "in.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
+            "model": {"base": base, "max_length": 64},
+            "train": {"method": "lora", "max_steps": 3, "micro_batch_size": 8, "learning_rate": 0.05},
+            "tracking": {"registered_model_name": name},
+        }
+    )
     run_ingest(cfg)
     run_format(cfg)
     run = run_train(cfg)
@@ -107,8 +109,9 @@ def venv_env(venv: Path, registry: str, extra: dict[str, str] | None = None) -> 
 
 
 def post(url: str, body: object) -> tuple[int, str]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=300) as response:
             return response.status, response.read().decode()
@@ -125,25 +128,45 @@ def sftops_generate(uri: str, capsys) -> str:
     assert main(["generate", "--model", uri, "--prompt", PROMPT, "--max-new-tokens", str(MAX_TOKENS)]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"> {PROMPT}\n")
-    return out[len(f"> {PROMPT}\n"):].strip()
+    return out[len(f"> {PROMPT}\n") :].strip()
 
 
 def transformers_answer(uri: str) -> str:
     """mlflow.transformers.load_model's pipeline, given the chat prompt and the decoding the pyfunc applies."""
     pipeline = mlflow.transformers.load_model(uri)
     decoding = mlflow.pyfunc.load_model(uri).model_config
-    prompt = pipeline.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
-                                                    add_generation_prompt=True)
+    prompt = pipeline.tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
+    )
     out = pipeline(prompt, return_full_text=False, **{**decoding, "max_new_tokens": MAX_TOKENS})
     return out[0]["generated_text"].strip()
 
 
 def served_answers_and_refusals(venv: Path, registry: str, uri: str, folder: Path, env_extra: dict | None) -> tuple:
     port = free_port()
-    cmd = [str(venv / "bin" / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
-    with background(cmd, folder / "serve.log", env=venv_env(venv, registry, env_extra), cwd=folder,
-                    health=f"http://127.0.0.1:{port}/ping", timeout=600):
+    cmd = [
+        str(venv / "bin" / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        uri,
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    with background(
+        cmd,
+        folder / "serve.log",
+        env=venv_env(venv, registry, env_extra),
+        cwd=folder,
+        health=f"http://127.0.0.1:{port}/ping",
+        timeout=600,
+    ):
         url = f"http://127.0.0.1:{port}/invocations"
         status, body = post(url, chat([{"role": "user", "content": PROMPT}]))
         assert status == 200, body
@@ -184,8 +207,9 @@ def requirement_names(requirements: str) -> set[str]:
     return {line.split("==")[0] for line in requirements.split() if line and not line.startswith("#")}
 
 
-def test_merged_champion_is_served_from_its_own_record(tmp_path, registry, fresh_venv, stories_model, monkeypatch,
-                                                        capsys):
+def test_merged_champion_is_served_from_its_own_record(
+    tmp_path, registry, fresh_venv, stories_model, monkeypatch, capsys
+):
     """A local-folder base (as GGUF and pkg: bases): the adapter is merged into self-contained safetensors."""
     uri = train_champion(tmp_path, str(stories_model), "served-merged", registry, monkeypatch)
     requirements = logged_file(registry, uri, "requirements.txt")
@@ -200,7 +224,8 @@ def test_merged_champion_is_served_from_its_own_record(tmp_path, registry, fresh
 
 
 def test_adapter_champion_on_a_named_hub_base_is_served_from_its_own_record(
-        tmp_path, registry, fresh_venv, hub_cache, monkeypatch, capsys):
+    tmp_path, registry, fresh_venv, hub_cache, monkeypatch, capsys
+):
     """A hub base: the adapter alone, on the base named at its commit; the serving env fetches the base from
     the (offline) hub cache at that commit."""
     monkeypatch.setenv("HF_HOME", str(hub_cache))
@@ -215,8 +240,7 @@ def test_adapter_champion_on_a_named_hub_base_is_served_from_its_own_record(
     flavor = yaml.safe_load(logged_file(registry, uri, "MLmodel"))["flavors"]["transformers"]
     assert (flavor["source_model_name"], flavor["source_model_revision"]) == (HUB_ID, HUB_REVISION)
     assert flavor["peft_adaptor"] == "peft" and "model_binary" not in flavor
-    check_one_model(uri, registry, fresh_venv, tmp_path, capsys,
-                    {"HF_HOME": str(hub_cache), "HF_HUB_OFFLINE": "1"})
+    check_one_model(uri, registry, fresh_venv, tmp_path, capsys, {"HF_HOME": str(hub_cache), "HF_HUB_OFFLINE": "1"})
 
 
 def test_a_registry_uri_naming_no_model_or_alias_is_one_line_exit_2(tmp_path, registry, monkeypatch, capsys):

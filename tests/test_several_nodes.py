@@ -20,12 +20,12 @@ import psutil
 import pytest
 import yaml
 from mlflow import MlflowClient
-from test_training_engine import losses
 
-from sftops.train import checkpoint, launch
 from sftops.config import load_config
 from sftops.errors import TrainingError
 from sftops.stages.train import checkpoint_folder, run_train
+from sftops.train import checkpoint, launch
+from test_training_engine import losses
 
 # The same 8 rows per step: one process of micro-batch 8, or two nodes of one process of micro-batch 4.
 COMMON = {"method": "full", "group_by_length": False, "distributed": "fsdp"}
@@ -67,14 +67,25 @@ def test_two_nodes_train_what_one_process_trains_with_one_run_and_one_model(proj
     assert sum(h["rows"] for h in two["history"]) == train_rows  # one epoch: every row once, across both nodes
     assert len(client.search_model_versions("name='tiny'")) == 1
     gap = max(abs(a - b) for a, b in zip(losses(two), losses(one)))
-    print(f"two nodes vs one process, {len(two['history'])} steps of 8 rows ({int(train_rows)} rows, one epoch): "
-          f"largest loss gap {gap:.2e}, losses {[round(x, 5) for x in losses(two)]}")
+    print(
+        f"two nodes vs one process, {len(two['history'])} steps of 8 rows ({int(train_rows)} rows, one epoch): "
+        f"largest loss gap {gap:.2e}, losses {[round(x, 5) for x in losses(two)]}"
+    )
 
 
 def agents(commands: list[str], env: dict[str, str]) -> list[subprocess.Popen]:
     """Start each node's command line (as written for launch.target=loopback) in its own process group."""
-    return [subprocess.Popen([sys.executable, *shlex.split(line)[1:]], env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for line in commands]
+    return [
+        subprocess.Popen(
+            [sys.executable, *shlex.split(line)[1:]],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for line in commands
+    ]
 
 
 def kill_node(agent: subprocess.Popen) -> None:
@@ -101,7 +112,9 @@ def test_a_killed_node_resumes_to_the_same_losses_after_both_are_relaunched(proj
     nodes = agents(commands, env)
     deadline = time.monotonic() + 300
     while not (pauses / "after_step:3.reached").exists():
-        assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), [n.stderr.read()[-2000:] for n in nodes]
+        assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), [
+            n.stderr.read()[-2000:] for n in nodes
+        ]
         time.sleep(0.2)
     kill_node(nodes[1])
     (pauses / "after_step:3.go").touch()
@@ -149,5 +162,8 @@ def test_nodes_that_disagree_or_do_not_come_stop_with_one_line(project, monkeypa
     errors = run_nodes([load_config("params.yaml", [f"launch.rdzv_port={other_data.launch.rdzv_port}"]), other_data])
     assert all("has curated data hash" in e for e in errors), errors
     alone = load_config("params.yaml", [f"launch.rdzv_port={free_port()}", "launch.join_timeout_s=5"])
-    with pytest.raises(TrainingError, match=r"node 0: not all 2 nodes reached the rendezvous at 127.0.0.1:\d+ within launch.join_timeout_s=5"):
+    with pytest.raises(
+        TrainingError,
+        match=r"node 0: not all 2 nodes reached the rendezvous at 127.0.0.1:\d+ within launch.join_timeout_s=5",
+    ):
         launch.run_node(alone, launch.write_params(alone, Path("launch/alone.params.yaml")), 0, "127.0.0.1")

@@ -5,16 +5,22 @@ import json
 from pathlib import Path
 
 import pytest
-from test_training_engine import losses, train_cli
 
-from sftops.train import checkpoint
 from sftops.config import load_config
 from sftops.errors import TrainingError
 from sftops.stages.train import checkpoint_folder, run_train
+from sftops.train import checkpoint
+from test_training_engine import losses, train_cli
 
 # One global batch of 8 rows per step, however it is split: 1 process x 2 accumulation steps x 4 rows, or 2 x 1 x 4.
-COMMON = {"method": "full", "max_steps": 5, "group_by_length": False, "checkpoint_every": 2, "distributed": "fsdp",
-          "micro_batch_size": 4}
+COMMON = {
+    "method": "full",
+    "max_steps": 5,
+    "group_by_length": False,
+    "checkpoint_every": 2,
+    "distributed": "fsdp",
+    "micro_batch_size": 4,
+}
 ONE = {**COMMON, "num_processes": 1, "grad_accum_steps": 2}
 TWO = {**COMMON, "num_processes": 2, "grad_accum_steps": 1}
 
@@ -37,12 +43,19 @@ def test_sharded_checkpoints_resume_on_another_number_of_processes_to_the_same_l
         assert len(list(newest.glob("*.distcp"))) == saved_by["num_processes"]  # one file of shards per process
         write(resumed_by)
         done = train_cli()
-        assert done.returncode == 0, "\n".join(line for line in done.stderr.splitlines() if "Error" in line or "sftops:" in line)[-3000:]
+        assert done.returncode == 0, "\n".join(
+            line for line in done.stderr.splitlines() if "Error" in line or "sftops:" in line
+        )[-3000:]
         report = json.loads(Path("models/run.json").read_text())
         assert report["resumed_from_step"] == 2 and report["processes"] == resumed_by["num_processes"]
-        assert losses(report) == pytest.approx(reference, rel=1e-5), (saved_by["num_processes"], resumed_by["num_processes"])
-        print(f"sharded resume {saved_by['num_processes']} -> {resumed_by['num_processes']} processes: losses "
-              f"{[round(x, 6) for x in losses(report)]} vs uninterrupted {[round(x, 6) for x in reference]}")
+        assert losses(report) == pytest.approx(reference, rel=1e-5), (
+            saved_by["num_processes"],
+            resumed_by["num_processes"],
+        )
+        print(
+            f"sharded resume {saved_by['num_processes']} -> {resumed_by['num_processes']} processes: losses "
+            f"{[round(x, 6) for x in losses(report)]} vs uninterrupted {[round(x, 6) for x in reference]}"
+        )
     figures["runs resumed with matching losses"] += 2
 
 
@@ -50,7 +63,10 @@ def test_resuming_with_another_batch_per_step_is_refused_with_the_fix(project):
     _, write = project
     killed_at_step_3(write, ONE)
     write({**ONE, "grad_accum_steps": 1})  # 4 rows per step instead of 8: another objective, another data position
-    with pytest.raises(TrainingError, match=r"2 micro-batches of 4 rows per step, this run takes 1 of 4 .*grad_accum_steps x processes = 2"):
+    with pytest.raises(
+        TrainingError,
+        match=r"2 micro-batches of 4 rows per step, this run takes 1 of 4 .*grad_accum_steps x processes = 2",
+    ):
         run_train(load_config("params.yaml"))
 
 
@@ -70,8 +86,19 @@ def test_fsdp_eval_every_exports_the_best_validated_weights(project):
     # A learning rate too high on purpose, reached by a long warm-up: validation improves while the rate is small,
     # then blows up by nats and the cosine decay never brings it back, so the best is early, never the last (a
     # plain high rate ends on a near-tie decided by float noise: it failed CI once).
-    write({"method": "full", "max_steps": 20, "learning_rate": 1.0, "warmup_ratio": 0.5, "eval_every": 2, "group_by_length": False,
-           "micro_batch_size": 2, "num_processes": 2, "distributed": "fsdp"})
+    write(
+        {
+            "method": "full",
+            "max_steps": 20,
+            "learning_rate": 1.0,
+            "warmup_ratio": 0.5,
+            "eval_every": 2,
+            "group_by_length": False,
+            "micro_batch_size": 2,
+            "num_processes": 2,
+            "distributed": "fsdp",
+        }
+    )
     two = run_train(load_config("params.yaml"))
     best = min(two["validations"], key=lambda v: v["val_nll"])
     last = two["validations"][-1]

@@ -12,13 +12,13 @@ from hypothesis import strategies as st
 from sftops.chat import IGNORE, Encoded
 from sftops.config import Config, ModelConfig
 from sftops.data.curate import assign_split
-from sftops.stages.format import run_format
 from sftops.data.selfcheck import MaskError, self_check
 from sftops.data.split import ContaminationIndex, contamination, split_of
 from sftops.data.store import read_split
 from sftops.data.tokenize import encode_batch
-from sftops.stages.ingest import run_ingest
 from sftops.modeling import load_tokenizer
+from sftops.stages.format import run_format
+from sftops.stages.ingest import run_ingest
 
 WORDS = st.text(alphabet="abcdefghij klmnop,.?!", min_size=1, max_size=30).filter(lambda s: s.strip())
 PROMPTS = st.lists(WORDS, min_size=1, max_size=40, unique=True)
@@ -48,14 +48,21 @@ def test_existing_rows_keep_their_split_through_the_stage_when_rows_are_added(tm
     def stage(n: int, folder: str) -> dict[str, str]:
         rows = [{"prompt": f"question number {i}", "completion": f"answer {i}"} for i in range(n)]
         (tmp_path / f"{folder}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-        cfg = Config.model_validate({
-            "data": {"sources": [{"name": "qa", "path": str(tmp_path / f"{folder}.jsonl")}], "near_duplicate_threshold": None},
-            "model": {"base": str(tiny_model), "max_length": 64},
-            "paths": {"raw": str(tmp_path / folder / "raw"), "curated": str(tmp_path / folder / "curated")},
-        })
+        cfg = Config.model_validate(
+            {
+                "data": {
+                    "sources": [{"name": "qa", "path": str(tmp_path / f"{folder}.jsonl")}],
+                    "near_duplicate_threshold": None,
+                },
+                "model": {"base": str(tiny_model), "max_length": 64},
+                "paths": {"raw": str(tmp_path / folder / "raw"), "curated": str(tmp_path / folder / "curated")},
+            }
+        )
         run_ingest(cfg)
         run_format(cfg)
-        return {r["messages"][0]["content"]: s for s in ("train", "val", "test") for r in read_split(cfg.paths.curated, s)}
+        return {
+            r["messages"][0]["content"]: s for s in ("train", "val", "test") for r in read_split(cfg.paths.curated, s)
+        }
 
     small, large = stage(60, "small"), stage(150, "large")
     assert len(small) == 60 and len(large) == 150
@@ -64,7 +71,11 @@ def test_existing_rows_keep_their_split_through_the_stage_when_rows_are_added(tm
 
 def test_contamination_flags_test_prompts_by_ngram_overlap():
     train = ["the cat sat on the mat and looked at the dog", "what is two plus two"]
-    test = ["the cat sat on the mat and looked at the bird", "a completely different question about cars", "what is two plus two"]
+    test = [
+        "the cat sat on the mat and looked at the bird",
+        "a completely different question about cars",
+        "what is two plus two",
+    ]
     flagged = dict(contamination(train, test, n=3, threshold=0.5))
     # counted by hand: the first test prompt has 11 words, 9 3-grams, all but "at the bird" in train
     assert flagged == {0: 8 / 9, 2: 1.0}
@@ -72,6 +83,7 @@ def test_contamination_flags_test_prompts_by_ngram_overlap():
 
 def set_based_contamination(train, test, n, threshold):
     """The reference: every train n-gram tuple in one set, each test prompt's distinct tuples against it."""
+
     def grams(text):
         words = text.split()
         if len(words) < n:
@@ -115,7 +127,12 @@ def test_streaming_contamination_index_matches_the_set_based_check(n):
             index.add_train(train[lo:hi])
         assert index.flagged(threshold) == expected
     assert any(0 < overlap < 1 for _, overlap in set_based_contamination(train, test, n, 0.1))
-    assert contamination(train, [], n, 0.5) == contamination(train, ["", " "], n, 0.5) == contamination([], test, n, 0.5) == []
+    assert (
+        contamination(train, [], n, 0.5)
+        == contamination(train, ["", " "], n, 0.5)
+        == contamination([], test, n, 0.5)
+        == []
+    )
 
 
 @pytest.fixture(scope="module")
@@ -159,19 +176,29 @@ def test_mask_self_check_catches_a_token_straddling_the_prompt_and_the_response(
     # A generation prompt that ends with a space: the tokenizer merges it with the first word ("Ġthe"),
     # a token that starts in the prompt, so the first word of the response would never be learned.
     tiny_tok = load_tokenizer(ModelConfig(base=tiny_tok.name_or_path))
-    tiny_tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'A: ' + m['content'] + eos_token }}"
-                              "{% else %}{{ 'Q: ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
-                              "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}")
-    conv = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the cat sat"}], "tools": None}
+    tiny_tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'A: ' + m['content'] + eos_token }}"
+        "{% else %}{{ 'Q: ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}"
+    )
+    conv = {
+        "messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the cat sat"}],
+        "tools": None,
+    }
     [enc] = encode_batch(tiny_tok, [conv])
-    with pytest.raises(MaskError, match="row 3: supervised run 0 decodes to ' cat sat</s>', expected 'the cat sat</s>'"):
+    with pytest.raises(
+        MaskError, match="row 3: supervised run 0 decodes to ' cat sat</s>', expected 'the cat sat</s>'"
+    ):
         self_check(tiny_tok, [("row 3", conv, enc)])
 
 
 def test_mask_self_check_catches_a_doubled_bos(tiny_tok):
     tiny_tok = load_tokenizer(ModelConfig(base=tiny_tok.name_or_path))
     tiny_tok.chat_template = "{{ bos_token }}" + tiny_tok.chat_template  # the fallback already starts with BOS
-    conv = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the cat sat"}], "tools": None}
+    conv = {
+        "messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the cat sat"}],
+        "tools": None,
+    }
     [enc] = encode_batch(tiny_tok, [conv])
     with pytest.raises(MaskError, match="two BOS tokens"):
         self_check(tiny_tok, [("row 4", conv, enc)])

@@ -17,16 +17,20 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sftops.data.arrowrows import row_bytes
 from sftops.config import SourceConfig
-from sftops.errors import DataError
-from sftops.data.rejections import ReasonTally, ingest_kind, top_reasons
+from sftops.data.arrowrows import row_bytes
 from sftops.data.records import Record, as_row
+from sftops.data.rejections import ReasonTally, ingest_kind, top_reasons
 from sftops.data.sources import BOM, parse_json, read_csv, read_hub, read_jsonl, read_parquet
+from sftops.errors import DataError
 
 TESTS = Path(__file__).parent
-FILES = sorted(p for folder in (TESTS / "corpus", TESTS / "hostile" / "files") for p in folder.iterdir()
-               if p.suffix in (".jsonl", ".csv"))
+FILES = sorted(
+    p
+    for folder in (TESTS / "corpus", TESTS / "hostile" / "files")
+    for p in folder.iterdir()
+    if p.suffix in (".jsonl", ".csv")
+)
 
 
 def whole_bytes(data: bytes, path: Path) -> bytes:
@@ -40,24 +44,34 @@ def whole_bytes(data: bytes, path: Path) -> bytes:
 def whole_jsonl(data: bytes, path: Path, label: str, max_row_bytes: int) -> list[Record]:
     data = whole_bytes(data, path)
     records, row = [], 0
-    for line_no, line in enumerate(io.BytesIO(data[len(BOM):] if data.startswith(BOM) else data), start=1):
+    for line_no, line in enumerate(io.BytesIO(data[len(BOM) :] if data.startswith(BOM) else data), start=1):
         if not line.strip():
             continue
         row += 1
         origin = f"{label}#line{line_no}"
         if len(line) > max_row_bytes:
-            records.append(Record(origin, row, error=f"row too large: {len(line):,} bytes, over data.max_row_bytes="
-                                  f"{max_row_bytes:,}", raw=repr(line[:200])))
+            records.append(
+                Record(
+                    origin,
+                    row,
+                    error=f"row too large: {len(line):,} bytes, over data.max_row_bytes={max_row_bytes:,}",
+                    raw=repr(line[:200]),
+                )
+            )
             continue
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            records.append(Record(origin, row, error=f"not valid UTF-8 ({exc.reason} at byte {exc.start})", raw=repr(line[:500])))
+            records.append(
+                Record(origin, row, error=f"not valid UTF-8 ({exc.reason} at byte {exc.start})", raw=repr(line[:500]))
+            )
             continue
         try:
             value = parse_json(text)
         except json.JSONDecodeError as exc:
-            records.append(Record(origin, row, error=f"malformed JSON: {exc.msg} at column {exc.colno}", raw=text[:500]))
+            records.append(
+                Record(origin, row, error=f"malformed JSON: {exc.msg} at column {exc.colno}", raw=text[:500])
+            )
             continue
         except ValueError as exc:
             records.append(Record(origin, row, error=f"malformed JSON: {exc}", raw=text[:500]))
@@ -65,7 +79,14 @@ def whole_jsonl(data: bytes, path: Path, label: str, max_row_bytes: int) -> list
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            records.append(Record(origin, row, error="invalid Unicode: a lone surrogate escape (\\udXXX) is not a character", raw=text[:500]))
+            records.append(
+                Record(
+                    origin,
+                    row,
+                    error="invalid Unicode: a lone surrogate escape (\\udXXX) is not a character",
+                    raw=text[:500],
+                )
+            )
             continue
         records.append(as_row(value, origin, row))
     return records
@@ -89,11 +110,23 @@ def whole_csv(data: bytes, path: Path, label: str, max_row_bytes: int) -> list[R
             row += 1
             size = sum(len(v) for v in values)
             if size > max_row_bytes:
-                records.append(Record(origin, row, error=f"row too large: {size:,} characters, over data.max_row_bytes="
-                                      f"{max_row_bytes:,}", raw=",".join(values)[:200]))
+                records.append(
+                    Record(
+                        origin,
+                        row,
+                        error=f"row too large: {size:,} characters, over data.max_row_bytes={max_row_bytes:,}",
+                        raw=",".join(values)[:200],
+                    )
+                )
             elif len(values) != len(header):
-                records.append(Record(origin, row, error=f"row has {len(values)} fields, header has {len(header)}",
-                                      raw=",".join(values)[:500]))
+                records.append(
+                    Record(
+                        origin,
+                        row,
+                        error=f"row has {len(values)} fields, header has {len(header)}",
+                        raw=",".join(values)[:500],
+                    )
+                )
             else:
                 records.append(Record(origin, row, fields=dict(zip(header, values))))
     except csv.Error as exc:
@@ -123,13 +156,38 @@ def test_streamed_readers_match_whole_file_reading_on_the_corpus(tmp_path, comp,
         path = tmp_path / (original.name + comp)
         path.write_bytes(compressed(data, comp))
         stream, whole = (read_jsonl, whole_jsonl) if original.suffix == ".jsonl" else (read_csv, whole_csv)
-        assert outcome(stream, path, "f", max_row_bytes) == outcome(whole, data, path, "f", max_row_bytes), original.name
+        assert outcome(stream, path, "f", max_row_bytes) == outcome(whole, data, path, "f", max_row_bytes), (
+            original.name
+        )
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(pieces=st.lists(st.sampled_from([b"\n", b"\r\n", b"\r", b" ", b"\t", BOM, b"\xff", b"\xc3", b"\xa9", b'{"a": 1}',
-                                        b'{"a": "\\ud800"}', b"[1]", b"x,y", b'"q', b"\x00"]), max_size=30),
-       max_row_bytes=st.integers(1, 40), comp=st.sampled_from(["", ".gz", ".zst"]))
+@given(
+    pieces=st.lists(
+        st.sampled_from(
+            [
+                b"\n",
+                b"\r\n",
+                b"\r",
+                b" ",
+                b"\t",
+                BOM,
+                b"\xff",
+                b"\xc3",
+                b"\xa9",
+                b'{"a": 1}',
+                b'{"a": "\\ud800"}',
+                b"[1]",
+                b"x,y",
+                b'"q',
+                b"\x00",
+            ]
+        ),
+        max_size=30,
+    ),
+    max_row_bytes=st.integers(1, 40),
+    comp=st.sampled_from(["", ".gz", ".zst"]),
+)
 def test_streamed_readers_match_whole_file_reading_on_any_bytes(tmp_path, pieces, max_row_bytes, comp):
     data = b"".join(pieces)
     for suffix, stream, whole in ((".jsonl", read_jsonl, whole_jsonl), (".csv", read_csv, whole_csv)):
@@ -179,12 +237,23 @@ def python_bytes(value) -> int:
 
 
 def test_arrow_row_bytes_match_the_python_count_on_nested_and_sliced_batches():
-    rows = [{"messages": [{"role": "user", "content": "héllo"}, {"role": "assistant", "content": None}],
-             "id": 7, "tags": ["a", "bb"], "ok": True, "blob": b"\x00\x01"},
-            {"messages": None, "id": None, "tags": [], "ok": None, "blob": None},
-            {"messages": [{"role": "user", "content": "ü" * 50}], "id": 2, "tags": None, "ok": False, "blob": b""}]
+    rows = [
+        {
+            "messages": [{"role": "user", "content": "héllo"}, {"role": "assistant", "content": None}],
+            "id": 7,
+            "tags": ["a", "bb"],
+            "ok": True,
+            "blob": b"\x00\x01",
+        },
+        {"messages": None, "id": None, "tags": [], "ok": None, "blob": None},
+        {"messages": [{"role": "user", "content": "ü" * 50}], "id": 2, "tags": None, "ok": False, "blob": b""},
+    ]
     table = pa.Table.from_pylist(rows * 3)
-    for batch in [*table.to_batches(), table.slice(2, 5).combine_chunks().to_batches()[0], table.to_batches()[0].slice(4, 4)]:
+    for batch in [
+        *table.to_batches(),
+        table.slice(2, 5).combine_chunks().to_batches()[0],
+        table.to_batches()[0].slice(4, 4),
+    ]:
         assert row_bytes(batch).tolist() == [python_bytes(r) for r in batch.to_pylist()]
 
 
@@ -215,8 +284,15 @@ def test_hub_rows_are_checked_against_the_row_limit_like_local_files(tmp_path):
 
 
 def test_the_reason_tally_words_top_reasons_as_the_full_list_does():
-    reasons = ["row too large: 5 bytes", "malformed JSON: x", "row is a list", "malformed JSON: y",
-               "not valid UTF-8 (z)", "malformed JSON: w", "row too large: 9 bytes"] * 3
+    reasons = [
+        "row too large: 5 bytes",
+        "malformed JSON: x",
+        "row is a list",
+        "malformed JSON: y",
+        "not valid UTF-8 (z)",
+        "malformed JSON: w",
+        "row too large: 9 bytes",
+    ] * 3
     kinds = [ingest_kind(r) for r in reasons]
     by_count = sorted(dict.fromkeys(kinds), key=lambda k: -kinds.count(k))[:3]  # stable: first seen wins a tie
     first = {k: next(r for r in reasons if ingest_kind(r) == k) for k in by_count}
@@ -227,22 +303,31 @@ def test_the_reason_tally_words_top_reasons_as_the_full_list_does():
 def ingest_cfg(tmp_path: Path, sources: list[dict]):
     from sftops.config import Config
 
-    return Config.model_validate({"data": {"sources": sources}, "model": {"base": "unused", "max_length": 128},
-                                  "paths": {"raw": str(tmp_path / "raw"), "curated": str(tmp_path / "curated")}})
+    return Config.model_validate(
+        {
+            "data": {"sources": sources},
+            "model": {"base": "unused", "max_length": 128},
+            "paths": {"raw": str(tmp_path / "raw"), "curated": str(tmp_path / "curated")},
+        }
+    )
 
 
 def test_ingest_writes_every_rejected_row_in_order_and_refuses_an_all_rejected_source_with_its_top_reasons(tmp_path):
-    from sftops.stages.ingest import run_ingest
     from sftops.jsonio import read_jsonl as read_rows
+    from sftops.stages.ingest import run_ingest
 
     lines = [b'{"prompt": "p", "completion": "c"}', b"[1]", b"{bad", b'"s"', b'{"prompt": "q", "completion": "d"}'] * 40
     (tmp_path / "mixed.jsonl").write_bytes(b"\n".join(lines))
     (tmp_path / "bad.jsonl").write_bytes(b"\n".join(line for line in lines if not line.startswith(b'{"')))
     mixed, bad = ({"name": name, "path": str(tmp_path / f"{name}.jsonl")} for name in ("mixed", "bad"))
     report = run_ingest(ingest_cfg(tmp_path, [mixed]))
-    expected = [r for r in whole_jsonl(b"\n".join(lines), tmp_path, str(tmp_path / "mixed.jsonl"), 4_000_000) if r.error]
+    expected = [
+        r for r in whole_jsonl(b"\n".join(lines), tmp_path, str(tmp_path / "mixed.jsonl"), 4_000_000) if r.error
+    ]
     written = list(read_rows(tmp_path / "raw" / "rejected.jsonl"))
-    assert [(w["origin"], w["row"], w["reason"], w["raw"]) for w in written] == [(r.origin, r.row, r.error, r.raw) for r in expected]
+    assert [(w["origin"], w["row"], w["reason"], w["raw"]) for w in written] == [
+        (r.origin, r.row, r.error, r.raw) for r in expected
+    ]
     assert report["sources"]["mixed"] == {"read": 200, "kept": 80, "rejected": 120}
     with pytest.raises(DataError) as refused:
         run_ingest(ingest_cfg(tmp_path, [bad]))
@@ -258,5 +343,11 @@ def test_hub_batches_give_the_dataset_rows_from_cache_files_through_an_indices_m
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "n": i}) + "\n" for i in range(3000)))
     loaded = datasets.load_dataset(str(tmp_path), split="train", cache_dir=str(tmp_path / "cache"))
     assert loaded.cache_files  # the fast path: its Arrow files read as streams
-    for ds in (loaded, loaded.shuffle(seed=0), loaded.select(range(10, 2000, 7)), loaded.remove_columns("n"), datasets.Dataset.from_list(list(loaded)[:50])):
+    for ds in (
+        loaded,
+        loaded.shuffle(seed=0),
+        loaded.select(range(10, 2000, 7)),
+        loaded.remove_columns("n"),
+        datasets.Dataset.from_list(list(loaded)[:50]),
+    ):
         assert [row for batch in _hub_batches(ds) for row in batch.to_pylist()] == list(ds)

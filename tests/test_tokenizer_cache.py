@@ -27,7 +27,10 @@ def test_the_cached_gguf_tokenizer_is_the_files_own_and_a_changed_file_gets_its_
     assert len(copies) == 1
     again = load_tokenizer(cfg)
     assert list(tokenizer_cache().iterdir()) == copies  # the second load used the copy
-    chat = [{"role": "user", "content": "What is 2 + 2? Ünïcode, tabs\tand emoji 🙂"}, {"role": "assistant", "content": "4."}]
+    chat = [
+        {"role": "user", "content": "What is 2 + 2? Ünïcode, tabs\tand emoji 🙂"},
+        {"role": "assistant", "content": "4."},
+    ]
     for tok in (first, again):
         assert tokenizer_hash(tok) == tokenizer_hash(direct) and tok.chat_template == direct.chat_template
         assert tok.apply_chat_template(chat, tokenize=False) == direct.apply_chat_template(chat, tokenize=False)

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
-from realstack import evaluation_runs
 from safetensors.torch import load_file
 
+from realstack import evaluation_runs
 from sftops.config import Config, ModelConfig
-from sftops.stages.format import run_format
-from sftops.stages.evaluate import run_evaluate
-from sftops.stages.train import run_train
-from sftops.stages.ingest import run_ingest
 from sftops.modeling import load_base_model, load_finetuned, load_tokenizer, save_finetuned
+from sftops.stages.evaluate import run_evaluate
+from sftops.stages.format import run_format
+from sftops.stages.ingest import run_ingest
+from sftops.stages.train import run_train
 
 QA = [("what is two plus two?", "two plus two is four."), ("hello, how are you today?", "i am fine, thank you.")]
 

@@ -12,20 +12,23 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from sftops.train import checkpoint
 from sftops.config import load_config
-from sftops.errors import TrainingError
-from sftops.stages.train import checkpoint_folder, run_train
-from sftops.data.store import load_split
-from sftops.modeling import load_finetuned
 from sftops.data.examples import encode_rows
+from sftops.data.store import load_split
+from sftops.errors import TrainingError
+from sftops.modeling import load_finetuned
+from sftops.stages.train import checkpoint_folder, run_train
+from sftops.train import checkpoint
 from sftops.train.loss import mean_nll, score_rows
+
 
 def train_cli(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "SFTOPS_FAULT"}
     if fault:
         env["SFTOPS_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "sftops", "train", *args], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "sftops", "train", *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def losses(report: dict) -> list[float]:
@@ -111,12 +114,24 @@ def test_step_metrics_audit_the_normalisation_and_split_by_source(project):
     report = run_train(load_config("params.yaml"))
     client = MlflowClient(report["tracking_uri"])
     metrics = client.get_run(report["run_id"]).data.metrics
-    for name in ("train_loss", "response_nll_sum", "supervised_tokens", "token_accuracy", "learning_rate", "grad_norm",
-                 "supervised_tokens_per_s", "cumulative_supervised_tokens", "train_loss/maths", "train_loss/chat"):
+    for name in (
+        "train_loss",
+        "response_nll_sum",
+        "supervised_tokens",
+        "token_accuracy",
+        "learning_rate",
+        "grad_norm",
+        "supervised_tokens_per_s",
+        "cumulative_supervised_tokens",
+        "train_loss/maths",
+        "train_loss/chat",
+    ):
         assert name in metrics, name
     for h in report["history"]:
         assert h["train_loss"] == pytest.approx(h["response_nll_sum"] / h["supervised_tokens"])
-    assert report["history"][-1]["cumulative_supervised_tokens"] == sum(h["supervised_tokens"] for h in report["history"])
+    assert report["history"][-1]["cumulative_supervised_tokens"] == sum(
+        h["supervised_tokens"] for h in report["history"]
+    )
     # The two sources' losses average, weighted by their tokens, to the step's loss: nothing is counted twice.
     history = client.get_metric_history(report["run_id"], "train_loss")
     assert [m.step for m in history] == [1, 2, 3]

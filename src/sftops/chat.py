@@ -45,7 +45,9 @@ def is_target(message: dict) -> bool:
     return message["role"] == "assistant" and message.get("weight", 1) != 0
 
 
-def target_spans(messages: list[dict], render_prefix: Callable[[list[dict], bool], str]) -> tuple[str, list[tuple[int, int]]]:
+def target_spans(
+    messages: list[dict], render_prefix: Callable[[list[dict], bool], str]
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span of each target assistant turn in it.
 
     A turn's span starts where the rendering of the conversation before it, plus the generation prompt, ends,

@@ -71,10 +71,15 @@ def _reproduce(args: argparse.Namespace) -> None:
     run_id = tracking.resolve_run_id(args.target, args.tracking_uri)
     manifest = tracking.load_manifest(run_id, args.tracking_uri)
     tags = tracking.run_version_tags(run_id, args.tracking_uri)
-    result = reproduce(manifest, run_id, Path(args.into) if args.into else None, allow_dirty=args.allow_dirty, tags=tags)
-    print("data: restored through DVC from the version's record" if result["data_restored_by_dvc"] else
-          "data: the version has no DVC record (made outside the pipeline flow): re-ingested from the sources, "
-          "which may have changed since")
+    result = reproduce(
+        manifest, run_id, Path(args.into) if args.into else None, allow_dirty=args.allow_dirty, tags=tags
+    )
+    print(
+        "data: restored through DVC from the version's record"
+        if result["data_restored_by_dvc"]
+        else "data: the version has no DVC record (made outside the pipeline flow): re-ingested from the sources, "
+        "which may have changed since"
+    )
     for name, check in result["checks"].items():
         print(f"{'same' if check['match'] else 'DIFFERENT':>9}  {name}")
     print(f"reproduction of run {run_id} in {result['folder']} (details: reproduction.json)")
@@ -84,8 +89,8 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 def _launch(args: argparse.Namespace) -> None:
     """Write the job for launch.target (and submit it and wait, unless --write-only), or run one node here."""
-    from sftops.train import launch
     from sftops.stages.train import run_train
+    from sftops.train import launch
 
     cfg = load_config(args.params, args.overrides)
     if args.node_rank is not None:
@@ -112,11 +117,15 @@ def _where(cfg: Any) -> None:
     metrics = Path(cfg.paths.metrics)
     if metrics.exists():
         m = json.loads(metrics.read_text())
-        print(f"held-out response NLL: base {m['base']['nll']:.3f} -> tuned {m['tuned']['nll']:.3f} nats/token "
-              f"({m['test_rows']} test rows)")
+        print(
+            f"held-out response NLL: base {m['base']['nll']:.3f} -> tuned {m['tuned']['nll']:.3f} nats/token "
+            f"({m['test_rows']} test rows)"
+        )
         if "nll_improvement_ci_low" in m:
-            print(f"improvement {m['nll_improvement']:+.3f}, {round(100 * m['confidence'])}% CI "
-                  f"[{m['nll_improvement_ci_low']:+.3f}, {m['nll_improvement_ci_high']:+.3f}], win rate {m['win_rate']:.2f}")
+            print(
+                f"improvement {m['nll_improvement']:+.3f}, {round(100 * m['confidence'])}% CI "
+                f"[{m['nll_improvement_ci_low']:+.3f}, {m['nll_improvement_ci_high']:+.3f}], win rate {m['win_rate']:.2f}"
+            )
     for what, place in where(cfg).items():
         print(f"{what:>13}: {place}")
 
@@ -134,30 +143,75 @@ def main(argv: list[str] | None = None) -> int:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a parameter, e.g. --set train.learning_rate=1e-4 (repeatable)")
-    lau = sub.add_parser("launch", help="run the train stage on launch.nodes nodes (slurm, kubernetes, loopback), or one node of it")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a parameter, e.g. --set train.learning_rate=1e-4 (repeatable)",
+        )
+    lau = sub.add_parser(
+        "launch", help="run the train stage on launch.nodes nodes (slurm, kubernetes, loopback), or one node of it"
+    )
     lau.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    lau.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a parameter (repeatable)")
-    lau.add_argument("--write-only", action="store_true", help="write launch/<name>.* (script or manifest) and print it; submit nothing")
-    lau.add_argument("--node-rank", type=int, default=None, help="run node K's torchrun agent here (a cluster without Slurm or Kubernetes)")
+    lau.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter (repeatable)",
+    )
+    lau.add_argument(
+        "--write-only",
+        action="store_true",
+        help="write launch/<name>.* (script or manifest) and print it; submit nothing",
+    )
+    lau.add_argument(
+        "--node-rank",
+        type=int,
+        default=None,
+        help="run node K's torchrun agent here (a cluster without Slurm or Kubernetes)",
+    )
     lau.add_argument("--head", default="127.0.0.1", help="with --node-rank: the rendezvous host (node 0's address)")
     con = sub.add_parser("config", help="explain a config key or section: type, default, value in params.yaml, meaning")
-    con.add_argument("--explain", required=True, metavar="KEY",
-                     help="a key (train.learning_rate) or a section (train, data.sources)")
+    con.add_argument(
+        "--explain", required=True, metavar="KEY", help="a key (train.learning_rate) or a section (train, data.sources)"
+    )
     con.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    con.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a parameter (repeatable)")
+    con.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter (repeatable)",
+    )
     gen = sub.add_parser("generate", help="answer prompts with a fine-tuned model")
-    gen.add_argument("--model", required=True, help="a model folder (models/model), models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a run id")
+    gen.add_argument(
+        "--model",
+        required=True,
+        help="a model folder (models/model), models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a run id",
+    )
     gen.add_argument("--prompt", action="append", required=True, help="a question (repeatable)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    gen.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
     rep = sub.add_parser("reproduce", help="re-run the pipeline that made a model, from its manifest, and compare")
     rep.add_argument("target", help="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID or a run id")
     rep.add_argument("--into", default=None, help="folder for the reproduction (default: reproductions/<run id>)")
-    rep.add_argument("--allow-dirty", action="store_true", help="re-run the recorded commit even if the run had uncommitted changes")
-    rep.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    rep.add_argument(
+        "--allow-dirty", action="store_true", help="re-run the recorded commit even if the run had uncommitted changes"
+    )
+    rep.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
     args = parser.parse_args(argv)
     if args.command in ("ingest", "format", "train", "evaluate", "run"):
         show_progress()
@@ -188,15 +242,20 @@ def main(argv: list[str] | None = None) -> int:
 
         if not no_space(exc):
             raise
-        return _fail(f"out of disk space ({exc}); free some, or point paths.* at a larger disk, and run again", USER_ERROR_EXIT)
+        return _fail(
+            f"out of disk space ({exc}); free some, or point paths.* at a larger disk, and run again", USER_ERROR_EXIT
+        )
     except Exception as exc:
         from sftops.redact import redact
         from sftops.tracking import unreachable
 
         if not unreachable(exc):
             raise
-        return _fail(f"the MLflow tracking server or store did not answer ({redact(str(exc)).splitlines()[0][:300]}); "
-                     "start it (or fix MLFLOW_TRACKING_URI) and run again", TRANSIENT_EXIT)
+        return _fail(
+            f"the MLflow tracking server or store did not answer ({redact(str(exc)).splitlines()[0][:300]}); "
+            "start it (or fix MLFLOW_TRACKING_URI) and run again",
+            TRANSIENT_EXIT,
+        )
     return 0
 
 

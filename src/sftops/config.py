@@ -32,45 +32,102 @@ class SourceConfig(_Strict):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, serialize_by_alias=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description=(
-        "The source's (or suite's) name, unique among them: reports name its rows by it, and a source's raw file is "
-        "data/raw/<name>.jsonl."))
-    path: str | None = Field(None, description=(
-        "A file, folder or glob (JSONL, JSON, CSV, Parquet or YAML; .gz or .zst compressed too): relative to the "
-        "project folder, or with package to that package's folder. Give path or hub."))
-    package: str | None = Field(None, description=(
-        "An installed Python package whose folder path is read from (e.g. chatterbot_corpus); "
-        "null: the project folder."))
-    hub: str | None = Field(None, description=(
-        "A Hugging Face dataset id (e.g. tatsu-lab/alpaca), read instead of path."))
-    hub_config: str | None = Field(None, description=(
-        "The hub dataset's configuration (subset) name; null: its default."))
-    revision: str | None = Field(None, description=(
-        "A hub dataset's branch, tag or commit (null: the default branch). Either way ingest records the commit it "
-        "read, and offline (HF_HUB_OFFLINE=1) reads that commit from the local Hugging Face cache."))
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description=(
+            "The source's (or suite's) name, unique among them: reports name its rows by it, and a source's raw file is "
+            "data/raw/<name>.jsonl."
+        ),
+    )
+    path: str | None = Field(
+        None,
+        description=(
+            "A file, folder or glob (JSONL, JSON, CSV, Parquet or YAML; .gz or .zst compressed too): relative to the "
+            "project folder, or with package to that package's folder. Give path or hub."
+        ),
+    )
+    package: str | None = Field(
+        None,
+        description=(
+            "An installed Python package whose folder path is read from (e.g. chatterbot_corpus); "
+            "null: the project folder."
+        ),
+    )
+    hub: str | None = Field(
+        None, description=("A Hugging Face dataset id (e.g. tatsu-lab/alpaca), read instead of path.")
+    )
+    hub_config: str | None = Field(
+        None, description=("The hub dataset's configuration (subset) name; null: its default.")
+    )
+    revision: str | None = Field(
+        None,
+        description=(
+            "A hub dataset's branch, tag or commit (null: the default branch). Either way ingest records the commit it "
+            "read, and offline (HF_HUB_OFFLINE=1) reads that commit from the local Hugging Face cache."
+        ),
+    )
     split: str = Field("train", description="The hub dataset's split that is read (e.g. train).")
-    format: Literal["auto", "jsonl", "json", "csv", "parquet", "yaml"] = Field("auto", description=(
-        "The files' format; auto: told by each file's suffix (.jsonl, .csv, ..., optionally followed by .gz or .zst)."))
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "yaml"] = Field(
+        "auto",
+        description=(
+            "The files' format; auto: told by each file's suffix (.jsonl, .csv, ..., optionally followed by .gz or .zst)."
+        ),
+    )
     row_schema: Literal[
-        "auto", "messages", "openai", "sharegpt", "alpaca", "dolly", "prompt_completion", "prompt_response",
-        "question_answer", "conversation",
-    ] = Field("auto", alias="schema", description=(
-        "How rows map to conversations: auto (detected per row) or one declared schema "
-        "(see sftops.data.schemas.SCHEMAS)."))
-    fields: dict[str, str] = Field({}, description=(
-        'Schema key -> where it is in the row: a dotted path with list indices, e.g. {output: "instances[0].output"}.'))
-    split_as: Literal["auto", "train", "val", "test"] = Field("auto", description=(
-        "val, test or train: every row of this source goes to that split (e.g. a separate validation file); "
-        "auto: the seeded hash of the prompt decides. A suite takes none."))
-    weight: float = Field(1.0, gt=0, description=(
-        "Mixing: the source's train rows are repeated this many times (e.g. 2; fractions such as 0.5: a seeded "
-        "sample). A suite takes none."))
-    max_rows: int | None = Field(None, ge=1, description=(
-        "A cap on the source's curated rows (a seeded sample, stable when rows are added); null: all of them."))
-    ignore: list[str] = Field([], description=(
-        "Row fields left out of the conversation on purpose (e.g. [id, category]); format reports any other field that "
-        "reaches neither the conversation nor `fields` as unused. A multimodal field named here (images) is dropped, "
-        'and "<image>" lets placeholders through as text.'))
+        "auto",
+        "messages",
+        "openai",
+        "sharegpt",
+        "alpaca",
+        "dolly",
+        "prompt_completion",
+        "prompt_response",
+        "question_answer",
+        "conversation",
+    ] = Field(
+        "auto",
+        alias="schema",
+        description=(
+            "How rows map to conversations: auto (detected per row) or one declared schema "
+            "(see sftops.data.schemas.SCHEMAS)."
+        ),
+    )
+    fields: dict[str, str] = Field(
+        {},
+        description=(
+            'Schema key -> where it is in the row: a dotted path with list indices, e.g. {output: "instances[0].output"}.'
+        ),
+    )
+    split_as: Literal["auto", "train", "val", "test"] = Field(
+        "auto",
+        description=(
+            "val, test or train: every row of this source goes to that split (e.g. a separate validation file); "
+            "auto: the seeded hash of the prompt decides. A suite takes none."
+        ),
+    )
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description=(
+            "Mixing: the source's train rows are repeated this many times (e.g. 2; fractions such as 0.5: a seeded "
+            "sample). A suite takes none."
+        ),
+    )
+    max_rows: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "A cap on the source's curated rows (a seeded sample, stable when rows are added); null: all of them."
+        ),
+    )
+    ignore: list[str] = Field(
+        [],
+        description=(
+            "Row fields left out of the conversation on purpose (e.g. [id, category]); format reports any other field that "
+            "reaches neither the conversation nor `fields` as unused. A multimodal field named here (images) is dropped, "
+            'and "<image>" lets placeholders through as text.'
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_location(self) -> SourceConfig:
@@ -78,7 +135,9 @@ class SourceConfig(_Strict):
             if self.path is not None or self.package is not None:
                 raise ValueError("a hub source takes no 'path' or 'package'")
         elif self.revision is not None:
-            raise ValueError("'revision' applies to a hub dataset ('hub'); a file source has none (its files are hashed)")
+            raise ValueError(
+                "'revision' applies to a hub dataset ('hub'); a file source has none (its files are hashed)"
+            )
         elif self.path is None:
             raise ValueError("give 'path' (a file, folder or glob; inside 'package' if set) or 'hub'")
         else:
@@ -93,8 +152,10 @@ def stays_inside(path: str, what: str) -> str:
         for part in Path(path).parts:
             if part == "..":
                 if not parts:
-                    raise ValueError(f"{path!r} leads out of {what} through '..'; "
-                                     f"write it as an absolute path if that file is really meant")
+                    raise ValueError(
+                        f"{path!r} leads out of {what} through '..'; "
+                        f"write it as an absolute path if that file is really meant"
+                    )
                 parts.pop()
             elif part != ".":
                 parts.append(part)
@@ -104,36 +165,92 @@ def stays_inside(path: str, what: str) -> str:
 class DataConfig(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="The fraction of rows in the validation split.")
-    test_fraction: float = Field(0.1, gt=0.0, lt=1.0, description=(
-        "The fraction of rows in the test split; val_fraction + test_fraction must be below 1 (the rest is train)."))
-    split_seed: int = Field(0, description=(
-        "The seed of the split, a seeded hash of the normalised prompt: a row keeps its split when rows are added."))
-    overflow: Literal["drop", "truncate_prompt", "error"] = Field("drop", description=(
-        "Rows longer than model.max_length tokens: drop them, cut the oldest prompt turns / the start of the prompt "
-        "(truncate_prompt, keeping the response whole where it fits), or stop the stage (error)."))
-    near_duplicate_threshold: float | None = Field(0.85, gt=0.0, le=1.0, description=(
-        "Rows whose word 3-gram sets have an estimated (MinHash) Jaccard similarity at or above this are "
-        "near-duplicates; null: no near-duplicate check."))
-    contamination_ngram: int = Field(8, ge=1, description=(
-        "The n of the word n-grams the contamination report compares (see contamination_threshold)."))
-    contamination_threshold: float = Field(0.5, gt=0.0, le=1.0, description=(
-        "The contamination report (stats.json, the data card) lists test prompts sharing at least this fraction of "
-        "their word n-grams with train prompts."))
-    self_check_rows: int = Field(64, ge=1, description=(
-        "Rows whose loss mask and prompt rendering are re-derived independently on every format run."))
-    max_row_bytes: int = Field(MAX_ROW_BYTES, ge=1024, description=(
-        "A raw row (a JSONL line, a CSV record) larger than this many bytes is rejected at ingest, naming its file "
-        "and row."))
-    min_test_rows: int = Field(1, ge=0, description=(
-        "The format stage stops when fewer test rows are kept (evaluation needs them); 0: prepare data without one."))
-    stop_on_empty_source: bool = Field(True, description=(
-        "A source none of whose rows is kept stops ingest/format, naming its top reasons and the fix; "
-        "false: counted, and go on."))
-    chunk_rows: int = Field(5000, ge=1, description=(
-        "The format stage maps and tokenises rows in chunks of this many; any value gives the same curated data, "
-        "byte for byte."))
-    workers: int = Field(2, ge=1, description=(
-        "Worker processes of the format stage (1: its own process); more: faster, more memory, the same curated data."))
+    test_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description=(
+            "The fraction of rows in the test split; val_fraction + test_fraction must be below 1 (the rest is train)."
+        ),
+    )
+    split_seed: int = Field(
+        0,
+        description=(
+            "The seed of the split, a seeded hash of the normalised prompt: a row keeps its split when rows are added."
+        ),
+    )
+    overflow: Literal["drop", "truncate_prompt", "error"] = Field(
+        "drop",
+        description=(
+            "Rows longer than model.max_length tokens: drop them, cut the oldest prompt turns / the start of the prompt "
+            "(truncate_prompt, keeping the response whole where it fits), or stop the stage (error)."
+        ),
+    )
+    near_duplicate_threshold: float | None = Field(
+        0.85,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "Rows whose word 3-gram sets have an estimated (MinHash) Jaccard similarity at or above this are "
+            "near-duplicates; null: no near-duplicate check."
+        ),
+    )
+    contamination_ngram: int = Field(
+        8,
+        ge=1,
+        description=("The n of the word n-grams the contamination report compares (see contamination_threshold)."),
+    )
+    contamination_threshold: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "The contamination report (stats.json, the data card) lists test prompts sharing at least this fraction of "
+            "their word n-grams with train prompts."
+        ),
+    )
+    self_check_rows: int = Field(
+        64,
+        ge=1,
+        description=("Rows whose loss mask and prompt rendering are re-derived independently on every format run."),
+    )
+    max_row_bytes: int = Field(
+        MAX_ROW_BYTES,
+        ge=1024,
+        description=(
+            "A raw row (a JSONL line, a CSV record) larger than this many bytes is rejected at ingest, naming its file "
+            "and row."
+        ),
+    )
+    min_test_rows: int = Field(
+        1,
+        ge=0,
+        description=(
+            "The format stage stops when fewer test rows are kept (evaluation needs them); 0: prepare data without one."
+        ),
+    )
+    stop_on_empty_source: bool = Field(
+        True,
+        description=(
+            "A source none of whose rows is kept stops ingest/format, naming its top reasons and the fix; "
+            "false: counted, and go on."
+        ),
+    )
+    chunk_rows: int = Field(
+        5000,
+        ge=1,
+        description=(
+            "The format stage maps and tokenises rows in chunks of this many; any value gives the same curated data, "
+            "byte for byte."
+        ),
+    )
+    workers: int = Field(
+        2,
+        ge=1,
+        description=(
+            "Worker processes of the format stage (1: its own process); more: faster, more memory, the same curated data."
+        ),
+    )
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -146,32 +263,58 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    base: str = Field(description=(
-        "The base model: a hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct), a local folder, or pkg:<package> for a "
-        "model shipped inside an installed Python package."))
-    revision: str | None = Field(None, description=(
-        "A hub id's branch, tag or commit (null: the default branch): the commit it names when train starts is loaded "
-        "and recorded (run manifest, MLflow param model.revision_resolved and tag model.revision, the model folder's "
-        "base, the base-eval cache key), so later runs and reloads use those exact weights. For pkg: the package "
-        "version it must be (null: the installed one, recorded); a local folder: null (its files are hashed instead)."))
-    gguf_file: str | None = Field(None, description=(
-        "A GGUF file inside model.base to load the weights from; null: the model's own (safetensors) weights."))
-    max_length: int = Field(1024, ge=8, description=(
-        "Tokens per row (longer rows: see data.overflow); format tokenises with this model's tokenizer, and the data "
-        "card says how many rows 256/512/1024/2048/4096/8192 would keep. Memory follows the tokens of a micro-batch "
-        "(group_by_length pads only to a batch's longest row): measured on CPU on 2026-12-02 (SmolLM2-135M shape, "
-        "LoRA-like backward), 8 rows x 256 tokens and 2 x 1024 both peak at 4.75 GiB RSS, so 8 x 1024 needs about 4x "
-        "the activations. Lower train.micro_batch_size (raising train.grad_accum_steps) if rows are long and memory "
-        "short."))
-    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = Field("sdpa", description=(
-        "sdpa and eager build block-diagonal masks for packed rows (memory grows with the square of the packed "
-        "length); flex_attention (torch's FlexAttention, compiled; CUDA) masks packed documents by block, without "
-        "that matrix; flash_attention_2 needs the flash-attn package and a CUDA GPU."))
-    trust_remote_code: bool = Field(False, description=(
-        "Run Python code shipped with a hub model (its own modelling files): only for a base you trust."))
-    allow_pickle: bool = Field(False, description=(
-        "Load pickle-based weights (pytorch_model.bin, *.pt), which can run arbitrary code; otherwise only "
-        "safetensors (and GGUF, which is parsed) are loaded."))
+    base: str = Field(
+        description=(
+            "The base model: a hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct), a local folder, or pkg:<package> for a "
+            "model shipped inside an installed Python package."
+        )
+    )
+    revision: str | None = Field(
+        None,
+        description=(
+            "A hub id's branch, tag or commit (null: the default branch): the commit it names when train starts is loaded "
+            "and recorded (run manifest, MLflow param model.revision_resolved and tag model.revision, the model folder's "
+            "base, the base-eval cache key), so later runs and reloads use those exact weights. For pkg: the package "
+            "version it must be (null: the installed one, recorded); a local folder: null (its files are hashed instead)."
+        ),
+    )
+    gguf_file: str | None = Field(
+        None,
+        description=(
+            "A GGUF file inside model.base to load the weights from; null: the model's own (safetensors) weights."
+        ),
+    )
+    max_length: int = Field(
+        1024,
+        ge=8,
+        description=(
+            "Tokens per row (longer rows: see data.overflow); format tokenises with this model's tokenizer, and the data "
+            "card says how many rows 256/512/1024/2048/4096/8192 would keep. Memory follows the tokens of a micro-batch "
+            "(group_by_length pads only to a batch's longest row): measured on CPU on 2026-12-02 (SmolLM2-135M shape, "
+            "LoRA-like backward), 8 rows x 256 tokens and 2 x 1024 both peak at 4.75 GiB RSS, so 8 x 1024 needs about 4x "
+            "the activations. Lower train.micro_batch_size (raising train.grad_accum_steps) if rows are long and memory "
+            "short."
+        ),
+    )
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
+        "sdpa",
+        description=(
+            "sdpa and eager build block-diagonal masks for packed rows (memory grows with the square of the packed "
+            "length); flex_attention (torch's FlexAttention, compiled; CUDA) masks packed documents by block, without "
+            "that matrix; flash_attention_2 needs the flash-attn package and a CUDA GPU."
+        ),
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description=("Run Python code shipped with a hub model (its own modelling files): only for a base you trust."),
+    )
+    allow_pickle: bool = Field(
+        False,
+        description=(
+            "Load pickle-based weights (pytorch_model.bin, *.pt), which can run arbitrary code; otherwise only "
+            "safetensors (and GGUF, which is parsed) are loaded."
+        ),
+    )
 
     @model_validator(mode="after")
     def _gguf_name(self) -> ModelConfig:
@@ -184,58 +327,118 @@ class LoraConfig(_Strict):
     r: int = Field(16, ge=1, description="The rank of each adapter's low-rank update.")
     alpha: float = Field(32, gt=0, description="The adapter's scaling: its update is multiplied by alpha / r.")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapters' input while training.")
-    target_modules: Literal["all-linear"] | list[str] = Field("all-linear", description=(
-        "The modules that get adapters: all-linear (the model's linear layers) or an explicit list of module names."))
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description=(
+            "The modules that get adapters: all-linear (the model's linear layers) or an explicit list of module names."
+        ),
+    )
 
 
 class TrainConfig(_Strict):
-    method: Literal["lora", "dora", "qlora", "full"] = Field("lora", description=(
-        "lora, dora (LoRA with weight decomposition), qlora (LoRA on a 4-bit base; CUDA GPU + bitsandbytes) or "
-        "full (every weight is trained)."))
+    method: Literal["lora", "dora", "qlora", "full"] = Field(
+        "lora",
+        description=(
+            "lora, dora (LoRA with weight decomposition), qlora (LoRA on a 4-bit base; CUDA GPU + bitsandbytes) or "
+            "full (every weight is trained)."
+        ),
+    )
     lora: LoraConfig = LoraConfig()
     epochs: int = Field(1, ge=1, description="Passes over the train split (unless max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train for; null: epochs decide.")
     micro_batch_size: int = Field(8, ge=1, description="Rows per forward and backward pass (in each process).")
-    grad_accum_steps: int = Field(2, ge=1, description=(
-        "Micro-batches whose gradients are accumulated into one optimizer step."))
-    learning_rate: float = Field(3e-4, gt=0, description=(
-        "The peak learning rate, reached after warmup (a cosine schedule follows)."))
+    grad_accum_steps: int = Field(
+        2, ge=1, description=("Micro-batches whose gradients are accumulated into one optimizer step.")
+    )
+    learning_rate: float = Field(
+        3e-4, gt=0, description=("The peak learning rate, reached after warmup (a cosine schedule follows).")
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW's weight decay.")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description=(
-        "The fraction of the optimizer steps over which the learning rate warms up to learning_rate."))
+    warmup_ratio: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description=("The fraction of the optimizer steps over which the learning rate warms up to learning_rate."),
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this global norm.")
     seed: int = Field(42, description="The seed of training (row order, adapter initialisation, dropout).")
-    group_by_length: bool = Field(True, description=(
-        "Batch rows of similar length together: less padding, same objective."))
-    packing: bool = Field(False, description=(
-        "Padding-free: each micro-batch is one row of concatenated conversations (checked against padded at "
-        "start-up)."))
-    gradient_checkpointing: bool = Field(False, description=(
-        "Recompute activations in the backward pass: less memory, more time."))
-    param_dtype: Literal["float32", "bfloat16"] = Field("float32", description=(
-        "The trained weights' dtype: float32 master weights under bf16 autocast, or pure bfloat16 weights (full "
-        "fine-tuning: half the memory of weights, gradients and AdamW moments, but rounded updates)."))
+    group_by_length: bool = Field(
+        True, description=("Batch rows of similar length together: less padding, same objective.")
+    )
+    packing: bool = Field(
+        False,
+        description=(
+            "Padding-free: each micro-batch is one row of concatenated conversations (checked against padded at "
+            "start-up)."
+        ),
+    )
+    gradient_checkpointing: bool = Field(
+        False, description=("Recompute activations in the backward pass: less memory, more time.")
+    )
+    param_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description=(
+            "The trained weights' dtype: float32 master weights under bf16 autocast, or pure bfloat16 weights (full "
+            "fine-tuning: half the memory of weights, gradients and AdamW moments, but rounded updates)."
+        ),
+    )
     compile: bool = Field(False, description="torch.compile the model.")
-    max_train_rows: int | None = Field(None, ge=1, description=(
-        "Train on a seeded sample of this many rows of the train split, to bound training time; null: all of them."))
-    checkpoint_every: int | None = Field(20, ge=1, description=(
-        "Checkpoint every N optimizer steps (null: never); a re-run of a killed job with the same config resumes "
-        "from the last checkpoint."))
+    max_train_rows: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Train on a seeded sample of this many rows of the train split, to bound training time; null: all of them."
+        ),
+    )
+    checkpoint_every: int | None = Field(
+        20,
+        ge=1,
+        description=(
+            "Checkpoint every N optimizer steps (null: never); a re-run of a killed job with the same config resumes "
+            "from the last checkpoint."
+        ),
+    )
     keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints are kept.")
-    eval_every: int | None = Field(None, ge=1, description=(
-        "Validation NLL every N steps (null: only before and after training); the best weights are the ones exported."))
-    early_stopping_patience: int | None = Field(None, ge=1, description=(
-        "Stop after this many validations without improvement (needs eval_every); null: never."))
-    num_processes: int = Field(1, ge=1, description=(
-        "Processes on each node (one per GPU, or CPU processes with gloo); above 1 the train stage launches torchrun."))
-    distributed: Literal["ddp", "fsdp"] = Field("ddp", description=(
-        "ddp: a full replica per process; fsdp: parameters, gradients and optimizer state sharded across the "
-        "processes (for models that do not fit one GPU)."))
-    merge_adapter: bool = Field(False, description=(
-        "Export a LoRA/DoRA/QLoRA model merged into its base (full weights), after checking its held-out NLL."))
-    merge_tolerance: float = Field(1e-3, gt=0, description=(
-        "With merge_adapter: the largest relative difference of the merged model's held-out NLL from the adapter "
-        "model's; above it the export fails."))
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Validation NLL every N steps (null: only before and after training); the best weights are the ones exported."
+        ),
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description=("Stop after this many validations without improvement (needs eval_every); null: never."),
+    )
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Processes on each node (one per GPU, or CPU processes with gloo); above 1 the train stage launches torchrun."
+        ),
+    )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description=(
+            "ddp: a full replica per process; fsdp: parameters, gradients and optimizer state sharded across the "
+            "processes (for models that do not fit one GPU)."
+        ),
+    )
+    merge_adapter: bool = Field(
+        False,
+        description=(
+            "Export a LoRA/DoRA/QLoRA model merged into its base (full weights), after checking its held-out NLL."
+        ),
+    )
+    merge_tolerance: float = Field(
+        1e-3,
+        gt=0,
+        description=(
+            "With merge_adapter: the largest relative difference of the merged model's held-out NLL from the adapter "
+            "model's; above it the export fails."
+        ),
+    )
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
@@ -255,14 +458,24 @@ class SuiteConfig(SourceConfig):
     """A regression suite: a named evaluation set besides the test split (a file, folder, glob, package folder
     or hub dataset in any schema a source takes), never trained on, scored base against tuned."""
 
-    max_rows: int | None = Field(None, ge=1, description=(
-        "A seeded sample of the suite's rows (evaluation time); null: all of them."))
-    num_generations: int | None = Field(None, ge=0, description=(
-        "Prompts of the suite answered by both models (a seeded sample); null: evaluate.num_generations."))
-    primary_metric: Metric | None = Field(None, description=(
-        "The metric that decides whether the suite regresses; null: evaluate.primary_metric."))
-    regression_margin: float | None = Field(None, ge=0, description=(
-        "The suite's regression margin (see evaluate.regression_margin); null: evaluate.regression_margin."))
+    max_rows: int | None = Field(
+        None, ge=1, description=("A seeded sample of the suite's rows (evaluation time); null: all of them.")
+    )
+    num_generations: int | None = Field(
+        None,
+        ge=0,
+        description=("Prompts of the suite answered by both models (a seeded sample); null: evaluate.num_generations."),
+    )
+    primary_metric: Metric | None = Field(
+        None, description=("The metric that decides whether the suite regresses; null: evaluate.primary_metric.")
+    )
+    regression_margin: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "The suite's regression margin (see evaluate.regression_margin); null: evaluate.regression_margin."
+        ),
+    )
     informational: bool = Field(False, description="Reported, never blocking promotion.")
 
     @model_validator(mode="after")
@@ -273,34 +486,58 @@ class SuiteConfig(SourceConfig):
 
 
 class EvaluateConfig(_Strict):
-    batch_size: int = Field(16, ge=1, description=(
-        "Rows per scoring pass and prompts per generate() call: lower it if evaluation runs out of memory."))
-    num_generations: int = Field(16, ge=0, description=(
-        "Distinct test prompts answered by the base and the tuned model (0: NLL only)."))
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description=(
+            "Rows per scoring pass and prompts per generate() call: lower it if evaluation runs out of memory."
+        ),
+    )
+    num_generations: int = Field(
+        16, ge=0, description=("Distinct test prompts answered by the base and the tuned model (0: NLL only).")
+    )
     max_new_tokens: int = Field(48, ge=1, description="The most tokens generated per answer.")
-    do_sample: bool = Field(False, description=(
-        "Sample answers with temperature and top_p, seeded by sample_seed; false: greedy decoding."))
+    do_sample: bool = Field(
+        False, description=("Sample answers with temperature and top_p, seeded by sample_seed; false: greedy decoding.")
+    )
     temperature: float = Field(1.0, gt=0, description="The sampling temperature (only with do_sample).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling's probability mass (only with do_sample).")
     sample_seed: int = Field(0, description="The seed of sampling (only with do_sample).")
-    answer_extraction: Literal["normalized", "gsm8k", "last_number"] = Field("normalized", description=(
-        "How a generated answer and its reference are compared for exact match: normalized text, gsm8k (the number "
-        "after '####'), or last_number (the last number in the text)."))
-    bootstrap_resamples: int = Field(1000, ge=10, description=(
-        "Resamples of the paired bootstrap of the base - tuned NLL difference over test rows."))
+    answer_extraction: Literal["normalized", "gsm8k", "last_number"] = Field(
+        "normalized",
+        description=(
+            "How a generated answer and its reference are compared for exact match: normalized text, gsm8k (the number "
+            "after '####'), or last_number (the last number in the text)."
+        ),
+    )
+    bootstrap_resamples: int = Field(
+        1000,
+        ge=10,
+        description=("Resamples of the paired bootstrap of the base - tuned NLL difference over test rows."),
+    )
     bootstrap_seed: int = Field(0, description="The seed of the bootstrap.")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="The confidence level of the bootstrap intervals.")
-    primary_metric: Metric = Field("nll", description=(
-        "Promotion gate: the new model version gets the `champion` alias only if this test metric beats the current "
-        "champion's (same test set and eval settings) by more than promotion_margin, the data checks passed and no "
-        "suite regressed; otherwise `challenger`. nll and perplexity: lower is better; the others: higher."))
-    promotion_margin: float = Field(0.0, ge=0, description=(
-        "How much primary_metric must beat the champion's by, in the metric's units."))
+    primary_metric: Metric = Field(
+        "nll",
+        description=(
+            "Promotion gate: the new model version gets the `champion` alias only if this test metric beats the current "
+            "champion's (same test set and eval settings) by more than promotion_margin, the data checks passed and no "
+            "suite regressed; otherwise `challenger`. nll and perplexity: lower is better; the others: higher."
+        ),
+    )
+    promotion_margin: float = Field(
+        0.0, ge=0, description=("How much primary_metric must beat the champion's by, in the metric's units.")
+    )
     suites: list[SuiteConfig] = []
-    regression_margin: float = Field(0.0, ge=0, description=(
-        "A suite regresses when the whole confidence interval of (tuned - base) on its primary metric lies on the "
-        "worse side of this margin (metric units: nats/token for nll, 0-100 for chrf); a regression keeps the new "
-        "version from becoming champion unless the suite is informational."))
+    regression_margin: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "A suite regresses when the whole confidence interval of (tuned - base) on its primary metric lies on the "
+            "worse side of this margin (metric units: nats/token for nll, 0-100 for chrf); a regression keeps the new "
+            "version from becoming champion unless the suite is informational."
+        ),
+    )
 
     @model_validator(mode="after")
     def _suite_names(self) -> EvaluateConfig:
@@ -311,17 +548,23 @@ class EvaluateConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    experiment: str = Field("sftops", description=(
-        "The MLflow experiment runs are logged to. The tracking server is not config: MLFLOW_TRACKING_URI "
-        "(default sqlite:///mlflow.db in the project folder)."))
-    registered_model_name: str = Field("sftops-model", description=(
-        "The MLflow registered model that each trained version is registered under."))
+    experiment: str = Field(
+        "sftops",
+        description=(
+            "The MLflow experiment runs are logged to. The tracking server is not config: MLFLOW_TRACKING_URI "
+            "(default sqlite:///mlflow.db in the project folder)."
+        ),
+    )
+    registered_model_name: str = Field(
+        "sftops-model", description=("The MLflow registered model that each trained version is registered under.")
+    )
 
 
 class PathsConfig(_Strict):
     raw: str = Field("data/raw", description="Where ingest writes the raw rows of each source.")
-    curated: str = Field("data/curated", description=(
-        "Where format writes the curated, tokenised splits and their stats."))
+    curated: str = Field(
+        "data/curated", description=("Where format writes the curated, tokenised splits and their stats.")
+    )
     model: str = Field("models", description="Where train writes the fine-tuned model and its run record.")
     checkpoints: str = Field("checkpoints", description="Where train keeps its checkpoints.")
     reports: str = Field("reports", description="Where evaluate writes its reports.")
@@ -335,29 +578,41 @@ class PathsConfig(_Strict):
 
 
 class LaunchConfig(_Strict):
-    target: Literal["local", "slurm", "kubernetes", "loopback"] = Field("local", description=(
-        "Where the train stage runs: local (this node; torchrun --standalone when train.num_processes > 1), slurm "
-        "(an sbatch script, submitted and waited for), kubernetes (a Kubeflow PyTorchJob, applied and waited for) or "
-        "loopback (launch.nodes torchrun agents on this machine). `sftops launch --write-only` writes "
-        "launch/<name>.sbatch or .yaml and prints it. The project folder must be shared by every node."))
-    name: str = Field("sftops-train", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
-                      description="The job's name and rendezvous id.")
+    target: Literal["local", "slurm", "kubernetes", "loopback"] = Field(
+        "local",
+        description=(
+            "Where the train stage runs: local (this node; torchrun --standalone when train.num_processes > 1), slurm "
+            "(an sbatch script, submitted and waited for), kubernetes (a Kubeflow PyTorchJob, applied and waited for) or "
+            "loopback (launch.nodes torchrun agents on this machine). `sftops launch --write-only` writes "
+            "launch/<name>.sbatch or .yaml and prints it. The project folder must be shared by every node."
+        ),
+    )
+    name: str = Field(
+        "sftops-train", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", description="The job's name and rendezvous id."
+    )
     nodes: int = Field(1, ge=1, description="Nodes the train stage runs on; train.num_processes processes run on each.")
     gpus_per_node: int = Field(0, ge=0, description="GPUs the job asks for on each node (slurm, kubernetes).")
     cpus_per_node: int = Field(8, ge=1, description="CPUs the job asks for on each node (slurm, kubernetes).")
     image: str = Field("sftops:latest", description="kubernetes: the container image (the Dockerfile's).")
-    volume_claim: str = Field("sftops-shared", description=(
-        "kubernetes: the PersistentVolumeClaim holding the project folder, mounted at shared_folder on every pod."))
+    volume_claim: str = Field(
+        "sftops-shared",
+        description=(
+            "kubernetes: the PersistentVolumeClaim holding the project folder, mounted at shared_folder on every pod."
+        ),
+    )
     shared_folder: str = Field("/shared/sftops", description="kubernetes: where volume_claim is mounted on every pod.")
-    rdzv_port: int = Field(29500, ge=1, le=65535, description=(
-        "The port of the torchrun rendezvous on the head node (node 0)."))
-    join_timeout_s: int = Field(600, ge=1, description=(
-        "How long the nodes wait for each other at the rendezvous (seconds)."))
+    rdzv_port: int = Field(
+        29500, ge=1, le=65535, description=("The port of the torchrun rendezvous on the head node (node 0).")
+    )
+    join_timeout_s: int = Field(
+        600, ge=1, description=("How long the nodes wait for each other at the rendezvous (seconds).")
+    )
     # Minutes, not a "24:00:00" string: that would not survive `dvc exp run -S`, which rewrites params.yaml
     # unquoted, and YAML 1.1 then reads 24:00:00 as the integer 86400.
     time_limit_minutes: int = Field(1440, ge=1, description="slurm: the job's time limit (--time), in minutes.")
-    wait_timeout_s: int = Field(86400, ge=1, description=(
-        "kubernetes: how long `kubectl wait` waits for the job (seconds)."))
+    wait_timeout_s: int = Field(
+        86400, ge=1, description=("kubernetes: how long `kubectl wait` waits for the job (seconds).")
+    )
 
 
 class Config(_Strict):
@@ -459,20 +714,30 @@ def explain(key: str, cfg: Config | None, origin: str = "params.yaml") -> str:
     """What `sftops config --explain KEY` prints: for each leaf at or under KEY, its type and constraints, its code
     default, its value in cfg (per list item for `data.sources[].x`) and its description."""
     plain = re.sub(r"\[\d*\]", "", key.strip()).strip(".")
-    leaves = {k: f for k, f in leaf_fields().items()
-              if k.replace("[]", "") == plain or k.replace("[]", "").startswith(plain + ".")}
+    leaves = {
+        k: f
+        for k, f in leaf_fields().items()
+        if k.replace("[]", "") == plain or k.replace("[]", "").startswith(plain + ".")
+    }
     if not leaves:
         parts = plain.split(".")
         near = _closest_key(tuple(parts), Config)
-        hint = (f"did you mean {'.'.join(parts[:-1] + [near])!r}?" if near
-                else "check the spelling (`--explain train` lists a section)")
+        hint = (
+            f"did you mean {'.'.join(parts[:-1] + [near])!r}?"
+            if near
+            else "check the spelling (`--explain train` lists a section)"
+        )
         raise ConfigError(f"unknown config key {key!r}: {hint}")
     flat = cfg.flat() if cfg else {}
     blocks = []
     for name, field in leaves.items():
         kind = [_type_name(field.annotation)]
-        kind += [f"{sym} {getattr(m, attr)}" for m in field.metadata for attr, sym in _BOUNDS.items()
-                 if getattr(m, attr, None) is not None]
+        kind += [
+            f"{sym} {getattr(m, attr)}"
+            for m in field.metadata
+            for attr, sym in _BOUNDS.items()
+            if getattr(m, attr, None) is not None
+        ]
         default = "(required)" if field.is_required() else json.dumps(field.get_default(call_default_factory=True))
         section, _, leaf = name.partition("[].")
         if cfg is None:
@@ -482,8 +747,11 @@ def explain(key: str, cfg: Config | None, origin: str = "params.yaml") -> str:
             value = value or "(none listed)"
         else:
             value = json.dumps(flat[name])
-        blocks.append(f"{name}\n  type:     {', '.join(kind)}\n  default:  {default}\n"
-                      f"  value:    {value}   ({origin})\n" + textwrap.fill(field.description or "", 100, initial_indent="  ", subsequent_indent="  "))
+        blocks.append(
+            f"{name}\n  type:     {', '.join(kind)}\n  default:  {default}\n"
+            f"  value:    {value}   ({origin})\n"
+            + textwrap.fill(field.description or "", 100, initial_indent="  ", subsequent_indent="  ")
+        )
     return "\n\n".join(blocks)
 
 

@@ -71,13 +71,16 @@ def resolve(repo: str, revision: str | None, repo_type: str, subject: str, key: 
         return found.name
     why = "HF_HUB_OFFLINE is set" if offline() else f"{_endpoint()} cannot be reached (offline?)"
     download = f"hf download {repo}{' --repo-type dataset' if repo_type == 'dataset' else ''} --revision {named}"
-    raise error(f"{subject} at revision {named!r} ({key}) is not in the local Hugging Face cache "
-                f"({_cached_revisions(repo, repo_type)}) and {why}; download it once with network ({download}), "
-                f"or fix {key} in params.yaml")
+    raise error(
+        f"{subject} at revision {named!r} ({key}) is not in the local Hugging Face cache "
+        f"({_cached_revisions(repo, repo_type)}) and {why}; download it once with network ({download}), "
+        f"or fix {key} in params.yaml"
+    )
 
 
-def _ask_hub(repo: str, revision: str | None, repo_type: str, subject: str, key: str,
-             error: type[SftopsError]) -> str | None:
+def _ask_hub(
+    repo: str, revision: str | None, repo_type: str, subject: str, key: str, error: type[SftopsError]
+) -> str | None:
     """The hub's answer: the commit, an error for a revision or repository it does not have, None when it fails
     to answer (then the cache decides)."""
     import httpx2
@@ -88,14 +91,21 @@ def _ask_hub(repo: str, revision: str | None, repo_type: str, subject: str, key:
     try:
         return HfApi().repo_info(repo, repo_type=repo_type, revision=revision, timeout=10).sha
     except RevisionNotFoundError:
-        raise error(f"{key}={named!r}: {subject} has no such branch, tag or commit on the hub; set {key} to an "
-                    "existing one (null: the default branch)") from None
+        raise error(
+            f"{key}={named!r}: {subject} has no such branch, tag or commit on the hub; set {key} to an "
+            "existing one (null: the default branch)"
+        ) from None
     except GatedRepoError:
         raise error(f"{subject} is gated on the hub; log in (hf auth login) with an account that has access") from None
     except RepositoryNotFoundError:
-        raise error(f"{subject} is not a repository on the hub (or it is private); check the id, or log in "
-                    "(hf auth login)") from None
-    except (HfHubHTTPError, httpx2.TransportError, OSError):  # the hub down, a proxy, a timeout: the cache may still have it
+        raise error(
+            f"{subject} is not a repository on the hub (or it is private); check the id, or log in (hf auth login)"
+        ) from None
+    except (
+        HfHubHTTPError,
+        httpx2.TransportError,
+        OSError,
+    ):  # the hub down, a proxy, a timeout: the cache may still have it
         return None
 
 

@@ -30,16 +30,22 @@ def require_hardware(method: str, attn_implementation: str = "sdpa") -> None:
     """QLoRA's 4-bit kernels (bitsandbytes), FlashAttention and FlexAttention's backward exist for CUDA GPUs only:
     refuse early (before the train or evaluate stage loads a model), naming the fix."""
     if attn_implementation == "flash_attention_2" and not cuda_available():
-        raise ModelError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and none is visible; "
-                         "use model.attn_implementation=sdpa")
+        raise ModelError(
+            "model.attn_implementation=flash_attention_2 needs a CUDA GPU and none is visible; "
+            "use model.attn_implementation=sdpa"
+        )
     if attn_implementation == "flex_attention" and not cuda_available():
         # FlexAttention's forward runs on the CPU, but its backward does not: training would stop at step 1.
-        raise ModelError("model.attn_implementation=flex_attention trains only on a CUDA GPU (FlexAttention has no CPU "
-                         "backward) and none is visible; use model.attn_implementation=sdpa")
+        raise ModelError(
+            "model.attn_implementation=flex_attention trains only on a CUDA GPU (FlexAttention has no CPU "
+            "backward) and none is visible; use model.attn_implementation=sdpa"
+        )
     if method != "qlora":
         return
     if not cuda_available():
-        raise ModelError("train.method=qlora needs a CUDA GPU (4-bit bitsandbytes kernels) and none is visible; use train.method=lora")
+        raise ModelError(
+            "train.method=qlora needs a CUDA GPU (4-bit bitsandbytes kernels) and none is visible; use train.method=lora"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from sftops.config import ModelConfig
 from sftops import hub
+from sftops.config import ModelConfig
 from sftops.errors import ModelError
 from sftops.machine import package_dir
 
@@ -52,17 +52,23 @@ def check_base(cfg: ModelConfig) -> str | None:
     if folder.is_dir():
         if cfg.gguf_file and not (folder / cfg.gguf_file).is_file():
             found = sorted(p.name for p in folder.glob("*.gguf"))
-            raise ModelError(f"model.gguf_file {cfg.gguf_file!r} is not in model.base {cfg.base!r} (GGUF files there: "
-                             f"{found or 'none'}); set model.gguf_file to one of them, or to null for the folder's safetensors")
+            raise ModelError(
+                f"model.gguf_file {cfg.gguf_file!r} is not in model.base {cfg.base!r} (GGUF files there: "
+                f"{found or 'none'}); set model.gguf_file to one of them, or to null for the folder's safetensors"
+            )
         return _package_version(cfg) if cfg.base.startswith("pkg:") else _no_revision(cfg)
     if folder.is_absolute() or cfg.base.startswith((".", "~")) or cfg.base.count("/") > 1:
-        raise ModelError(f"model.base {cfg.base!r} is not a folder here, nor a hub id (owner/name); fix model.base in params.yaml")
+        raise ModelError(
+            f"model.base {cfg.base!r} is not a folder here, nor a hub id (owner/name); fix model.base in params.yaml"
+        )
     commit = hub.resolve(cfg.base, cfg.revision, "model", f"model.base {cfg.base!r}", "model.revision", ModelError)
     snapshot = hub.cached_snapshot(cfg.base, commit, "model")
     wanted = cfg.gguf_file or "config.json"
     if snapshot is not None and not (snapshot / wanted).is_file() and (hub.offline() or not hub.reachable()):
-        raise ModelError(f"model.base {cfg.base!r} at commit {commit} has no {wanted} in the local Hugging Face cache and "
-                         "the hub is not at hand; download it once with network, or fix model.gguf_file")
+        raise ModelError(
+            f"model.base {cfg.base!r} at commit {commit} has no {wanted} in the local Hugging Face cache and "
+            "the hub is not at hand; download it once with network, or fix model.gguf_file"
+        )
     return commit
 
 
@@ -74,8 +80,10 @@ def pinned(cfg: ModelConfig) -> ModelConfig:
 
 def _no_revision(cfg: ModelConfig) -> None:
     if cfg.revision is not None:
-        raise ModelError(f"model.revision {cfg.revision!r} applies to a hub id, but model.base {cfg.base!r} is a local "
-                         "folder (its files are hashed instead); set model.revision to null")
+        raise ModelError(
+            f"model.revision {cfg.revision!r} applies to a hub id, but model.base {cfg.base!r} is a local "
+            "folder (its files are hashed instead); set model.revision to null"
+        )
     return None
 
 
@@ -83,16 +91,18 @@ def _package_version(cfg: ModelConfig) -> str | None:
     """The installed version of the distribution holding pkg:<package>; model.revision, when set, must be it."""
     from importlib.metadata import PackageNotFoundError, packages_distributions, version
 
-    package = cfg.base[len("pkg:"):]
+    package = cfg.base[len("pkg:") :]
     dist = (packages_distributions().get(package) or [package])[0]
     try:
         installed = version(dist)
     except PackageNotFoundError:
         installed = None
     if cfg.revision is not None and cfg.revision != installed:
-        raise ModelError(f"model.revision {cfg.revision!r} is the version of {dist} that model.base {cfg.base!r} must come "
-                         f"from, but {installed!r} is installed; pip install '{dist}=={cfg.revision}', or set "
-                         "model.revision to null (the installed version is recorded)")
+        raise ModelError(
+            f"model.revision {cfg.revision!r} is the version of {dist} that model.base {cfg.base!r} must come "
+            f"from, but {installed!r} is installed; pip install '{dist}=={cfg.revision}', or set "
+            "model.revision to null (the installed version is recorded)"
+        )
     return installed
 
 
@@ -110,15 +120,21 @@ def _refusing_unsafe_code(what: str, load: Any, *args: Any, **kwargs: Any) -> An
     except (ValueError, OSError) as exc:
         text = str(exc)
         if "trust_remote_code" in text:
-            raise ModelError(f"{what} ships its own Python code, which sftops does not run unless you set "
-                             f"model.trust_remote_code: true (only for a model you trust)") from None
+            raise ModelError(
+                f"{what} ships its own Python code, which sftops does not run unless you set "
+                f"model.trust_remote_code: true (only for a model you trust)"
+            ) from None
         if "safetensors" in text and not kwargs.get("gguf_file"):
-            raise ModelError(f"{what} has no safetensors weights; pickle-based weights (.bin/.pt) can run code "
-                             f"when loaded and are refused unless you set model.allow_pickle: true") from None
+            raise ModelError(
+                f"{what} has no safetensors weights; pickle-based weights (.bin/.pt) can run code "
+                f"when loaded and are refused unless you set model.allow_pickle: true"
+            ) from None
         if isinstance(exc, OSError) and not Path(str(args[0])).is_dir():  # a hub id that does not resolve
             first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
-            raise ModelError(f"model.base {what!r} could not be loaded from the hub ({first}); check the id, "
-                             "or log in (huggingface-cli login) for a gated model") from None
+            raise ModelError(
+                f"model.base {what!r} could not be loaded from the hub ({first}); check the id, "
+                "or log in (huggingface-cli login) for a gated model"
+            ) from None
         raise
 
 
@@ -152,9 +168,14 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     if cfg.gguf_file and Path(resolve_base(cfg.base)).is_dir():
         tok = _gguf_tokenizer(cfg)
     else:
-        tok = _refusing_unsafe_code(cfg.base, AutoTokenizer.from_pretrained, resolve_base(cfg.base),
-                                    gguf_file=cfg.gguf_file, revision=_hub_revision(cfg),
-                                    trust_remote_code=cfg.trust_remote_code)
+        tok = _refusing_unsafe_code(
+            cfg.base,
+            AutoTokenizer.from_pretrained,
+            resolve_base(cfg.base),
+            gguf_file=cfg.gguf_file,
+            revision=_hub_revision(cfg),
+            trust_remote_code=cfg.trust_remote_code,
+        )
     if not tok.chat_template:
         tok.chat_template = FALLBACK_CHAT_TEMPLATE
     if tok.eos_token is None:
@@ -175,27 +196,43 @@ def load_base_model(cfg: ModelConfig, quantize_4bit: bool = False) -> PreTrained
         from transformers import BitsAndBytesConfig
 
         extra["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
         )
         extra["device_map"] = {"": torch.cuda.current_device()}
     if cfg.gguf_file:
         # A GGUF-loaded model is dequantised to float but still flagged as GGUF, and save_pretrained refuses it:
         # move its weights into a plain model of the same config (from there on it is an ordinary checkpoint).
         # GGUF is a data format: its tensors and metadata are parsed (gguf package), no code is run.
-        gguf = _refusing_unsafe_code(cfg.base, AutoModelForCausalLM.from_pretrained, resolve_base(cfg.base),
-                                     gguf_file=cfg.gguf_file, dtype=torch.float32, revision=extra["revision"],
-                                     trust_remote_code=cfg.trust_remote_code)
+        gguf = _refusing_unsafe_code(
+            cfg.base,
+            AutoModelForCausalLM.from_pretrained,
+            resolve_base(cfg.base),
+            gguf_file=cfg.gguf_file,
+            dtype=torch.float32,
+            revision=extra["revision"],
+            trust_remote_code=cfg.trust_remote_code,
+        )
         config = gguf.config
         del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+        plain = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, attn_implementation=cfg.attn_implementation
+        )
         plain.load_state_dict(gguf.state_dict())
         plain.generation_config = gguf.generation_config
         if not quantize_4bit:
             return plain
         raise ModelError("train.method=qlora on a GGUF base is not supported: point model.base at safetensors weights")
     return _refusing_unsafe_code(
-        cfg.base, AutoModelForCausalLM.from_pretrained, resolve_base(cfg.base), dtype=torch.float32,
-        trust_remote_code=cfg.trust_remote_code, use_safetensors=None if cfg.allow_pickle else True, **extra
+        cfg.base,
+        AutoModelForCausalLM.from_pretrained,
+        resolve_base(cfg.base),
+        dtype=torch.float32,
+        trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=None if cfg.allow_pickle else True,
+        **extra,
     )
 
 
@@ -233,14 +270,22 @@ def load_finetuned(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTo
     base_cfg = ModelConfig.model_validate(info["base"])
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     if not is_adapter(info):
-        model = _refusing_unsafe_code(str(model_dir), AutoModelForCausalLM.from_pretrained, model_dir, dtype=torch.float32,
-                                      trust_remote_code=False, use_safetensors=None if base_cfg.allow_pickle else True)
+        model = _refusing_unsafe_code(
+            str(model_dir),
+            AutoModelForCausalLM.from_pretrained,
+            model_dir,
+            dtype=torch.float32,
+            trust_remote_code=False,
+            use_safetensors=None if base_cfg.allow_pickle else True,
+        )
     else:
         from peft import PeftModel
 
         if not (model_dir / "adapter_model.safetensors").exists() and not base_cfg.allow_pickle:
-            raise ModelError(f"{model_dir} has no adapter_model.safetensors; pickle-based adapters are refused "
-                             f"unless model.allow_pickle: true")
+            raise ModelError(
+                f"{model_dir} has no adapter_model.safetensors; pickle-based adapters are refused "
+                f"unless model.allow_pickle: true"
+            )
         base = load_base_model(base_cfg, quantize_4bit=info["method"] == "qlora")
         model = PeftModel.from_pretrained(base, model_dir)
     model.eval()

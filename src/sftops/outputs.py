@@ -23,8 +23,10 @@ def no_space(exc: BaseException) -> bool:
 
 
 def storage_error(exc: OSError, target: Path) -> StorageError:
-    return StorageError(f"cannot write {target}: {exc.strerror or exc} (free disk space, or point paths.* at a "
-                        f"larger disk); the previous {target} is unchanged")
+    return StorageError(
+        f"cannot write {target}: {exc.strerror or exc} (free disk space, or point paths.* at a "
+        f"larger disk); the previous {target} is unchanged"
+    )
 
 
 @contextmanager

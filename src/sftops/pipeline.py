@@ -10,8 +10,12 @@ from sftops.config import Config
 from sftops.layout import GENERATIONS_FILE, MODEL_DIR, REPORT_FILE
 
 # Imported when called: `sftops ingest` loads the ingest stage's code, not torch and the train stage's.
-STAGES = {"ingest": "sftops.stages.ingest:run_ingest", "format": "sftops.stages.format:run_format",
-          "train": "sftops.stages.train:run_train", "evaluate": "sftops.stages.evaluate:run_evaluate"}
+STAGES = {
+    "ingest": "sftops.stages.ingest:run_ingest",
+    "format": "sftops.stages.format:run_format",
+    "train": "sftops.stages.train:run_train",
+    "evaluate": "sftops.stages.evaluate:run_evaluate",
+}
 
 
 def stage_function(name: str) -> Callable[[Config], Any]:

@@ -10,9 +10,13 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 MASK = "***"
 _USERINFO = re.compile(r"(?<=://)([^/@:\s]+):([^/@\s]+)@")
-_QUERY = re.compile(r"(?i)([?&](?:token|access_token|api_key|apikey|key|password|sig|signature|x-amz-signature|x-amz-credential)=)[^&#\s]+")
+_QUERY = re.compile(
+    r"(?i)([?&](?:token|access_token|api_key|apikey|key|password|sig|signature|x-amz-signature|x-amz-credential)=)[^&#\s]+"
+)
 # Hugging Face, AWS access key ids, GitHub, OpenAI-style and Slack tokens.
-_TOKENS = re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|xox[abp]-[A-Za-z0-9-]{10,})\b")
+_TOKENS = re.compile(
+    r"\b(?:hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|xox[abp]-[A-Za-z0-9-]{10,})\b"
+)
 
 
 def redact(text: str) -> str:

@@ -71,8 +71,12 @@ def logs_adapter(info: dict[str, Any], tokenizer: Any) -> bool:
 
 def decoding(tokenizer: Any) -> dict[str, Any]:
     """Greedy, stopping where sftops generate stops (EOS or end of turn), as many new tokens by default."""
-    return {"do_sample": False, "eos_token_id": stop_token_ids(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-            "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
+    return {
+        "do_sample": False,
+        "eos_token_id": stop_token_ids(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
+    }
 
 
 def set_decoding(model: Any, tokenizer: Any) -> None:
@@ -89,8 +93,10 @@ def model_card(info: dict[str, Any], shape: str) -> Any:
 
     base = info["base"]
     at = f" at {base['revision']}" if base.get("revision") else ""
-    return ModelCard(f"---\nlibrary_name: transformers\n---\nsftops {info['method']} fine-tune of {base['base']}{at}: "
-                     f"{shape}. Served with the MLflow transformers flavor, task {CHAT_TASK}.\n")
+    return ModelCard(
+        f"---\nlibrary_name: transformers\n---\nsftops {info['method']} fine-tune of {base['base']}{at}: "
+        f"{shape}. Served with the MLflow transformers flavor, task {CHAT_TASK}.\n"
+    )
 
 
 class _ChatFlavor:
@@ -116,9 +122,14 @@ def _name_hub_base(path: Path, flavor: dict[str, Any], repo: str, revision: str)
     from mlflow.transformers.flavor_config import FlavorKey
 
     flavor.pop(FlavorKey.MODEL_LOCAL_BASE)
-    flavor.update({FlavorKey.MODEL_NAME: repo, FlavorKey.MODEL_REVISION: revision,
-                   FlavorKey.COMPONENT_NAME.format("tokenizer"): repo,
-                   FlavorKey.COMPONENT_REVISION.format("tokenizer"): revision})
+    flavor.update(
+        {
+            FlavorKey.MODEL_NAME: repo,
+            FlavorKey.MODEL_REVISION: revision,
+            FlavorKey.COMPONENT_NAME.format("tokenizer"): repo,
+            FlavorKey.COMPONENT_REVISION.format("tokenizer"): revision,
+        }
+    )
     shutil.rmtree(path / "components" / "tokenizer")
 
 
@@ -150,10 +161,18 @@ def log_chat_model(model_dir: Path, registered_model_name: str) -> Any:
         info = {**info, "weights": "full"}
     set_decoding(model, tokenizer)
     return mlflow.models.Model.log(
-        artifact_path=None, name="model", flavor=_ChatFlavor, registered_model_name=registered_model_name,
-        transformers_model={"model": model, "tokenizer": tokenizer}, task=CHAT_TASK, input_example=INPUT_EXAMPLE,
-        model_config=decoding(tokenizer), pip_requirements=served_requirements(adapter), metadata=_metadata(info),
-        model_card=model_card(info, shape), **extra,
+        artifact_path=None,
+        name="model",
+        flavor=_ChatFlavor,
+        registered_model_name=registered_model_name,
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        task=CHAT_TASK,
+        input_example=INPUT_EXAMPLE,
+        model_config=decoding(tokenizer),
+        pip_requirements=served_requirements(adapter),
+        metadata=_metadata(info),
+        model_card=model_card(info, shape),
+        **extra,
     )
 
 
@@ -164,9 +183,9 @@ def local_model_dir(uri: str) -> Path:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="sftops-")))
     except mlflow.exceptions.MlflowException as exc:
-
-        raise ConfigError(f"cannot load {uri} from {redact(mlflow.get_tracking_uri())}: "
-                          f"{redact(exc.message.splitlines()[0][:300])}") from None
+        raise ConfigError(
+            f"cannot load {uri} from {redact(mlflow.get_tracking_uri())}: {redact(exc.message.splitlines()[0][:300])}"
+        ) from None
     mlmodel = yaml.safe_load((local / "MLmodel").read_text()) if (local / "MLmodel").exists() else {}
     info = (mlmodel.get("metadata") or {}).get("sftops")
     if info is None:

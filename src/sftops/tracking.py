@@ -22,8 +22,8 @@ from mlflow.types import ColSpec, DataType, Schema
 
 from sftops.config import Config
 from sftops.errors import ConfigError, SftopsError, TrackingError
-from sftops.provenance.manifest import build_manifest, dvc_md5, git_commit, model_section, params_sha256, revision_tags
 from sftops.evaluate.promotion import CHALLENGER, CHAMPION, Champion, Decision, decide, metric_family, suite_results
+from sftops.provenance.manifest import build_manifest, dvc_md5, git_commit, model_section, params_sha256, revision_tags
 from sftops.redact import redact, tracking_credentials
 from sftops.workspace import project_root
 
@@ -33,8 +33,10 @@ LINEAGE_TAGS = ("base_model", "method", "data.curated_dvc_md5", "git.commit", "p
 REVISION_TAG = re.compile(r"^(model|data\.[A-Za-z0-9_.-]+)\.revision$")  # and the revisions it was made from
 # Whether the version's data and code are recorded in git and DVC (the pipeline flow's record step sets them).
 VERSIONED, VERSIONED_REASON = "data.versioned", "data.versioned_reason"
-UNRECORDED = ("registered by a stage run outside the pipeline flow (dvc repro, sftops run): no git ref records "
-              "its params and dvc.lock; run the flow (make pipeline) to record and promote")
+UNRECORDED = (
+    "registered by a stage run outside the pipeline flow (dvc repro, sftops run): no git ref records "
+    "its params and dvc.lock; run the flow (make pipeline) to record and promote"
+)
 # How the promotion gate measures a champion: (model folder, curated folder) -> (metrics, generations table).
 Measure = Callable[[Path, Path], tuple[dict, dict]]
 
@@ -183,7 +185,11 @@ class MetricBuffer:
             self.flush()
 
     def flush(self, full_retries: bool = False) -> bool:
-        light = {} if full_retries or "MLFLOW_HTTP_REQUEST_MAX_RETRIES" in os.environ else {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+        light = (
+            {}
+            if full_retries or "MLFLOW_HTTP_REQUEST_MAX_RETRIES" in os.environ
+            else {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+        )
         try:
             with _environment(light):
                 while self.pending:
@@ -195,8 +201,12 @@ class MetricBuffer:
                 raise
             self.failed_at, self.error = time.monotonic(), exc
             self.spool.parent.mkdir(parents=True, exist_ok=True)
-            self.spool.write_text("".join(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n"
-                                          for m in self.pending))
+            self.spool.write_text(
+                "".join(
+                    json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n"
+                    for m in self.pending
+                )
+            )
             return False
         self.failed_at = None
         self.spool.unlink(missing_ok=True)
@@ -205,7 +215,8 @@ class MetricBuffer:
     def unreachable(self) -> TrackingError:
         return TrackingError(
             f"the MLflow tracking server at {redact(self.uri)} stopped answering ({type(self.error).__name__}); "
-            f"{len(self.pending)} metric values of run {self.run_id} were not sent and are saved in {self.spool}")
+            f"{len(self.pending)} metric values of run {self.run_id} were not sent and are saved in {self.spool}"
+        )
 
 
 @contextmanager
@@ -245,14 +256,23 @@ def pipeline_run(cfg: Config, reports: list[Path], revisions: dict[str, Any] | N
     try:
         log_params(cfg)
         lineage = data_lineage(cfg)
-        mlflow.set_tags({**lineage, "base_model": redact(cfg.model.base), "method": cfg.train.method, "params.sha256": params_sha256(cfg)})
+        mlflow.set_tags(
+            {
+                **lineage,
+                "base_model": redact(cfg.model.base),
+                "method": cfg.train.method,
+                "params.sha256": params_sha256(cfg),
+            }
+        )
         manifest = build_manifest(cfg, revisions=revisions)
         log_revisions(manifest["revisions"])
         mlflow.log_dict(manifest, MANIFEST_ARTIFACT)
         for path in reports:
             mlflow.log_artifact(str(path), artifact_path="data")
         log_curated_data(Path(cfg.paths.curated), lineage["data.curated_dvc_md5"])
-        _buffer = MetricBuffer(run.info.run_id, uri, Path(cfg.paths.checkpoints) / f"unsent-metrics-{run.info.run_id}.jsonl")
+        _buffer = MetricBuffer(
+            run.info.run_id, uri, Path(cfg.paths.checkpoints) / f"unsent-metrics-{run.info.run_id}.jsonl"
+        )
         yield {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": redact(uri)}
         flush()
     except BaseException as exc:
@@ -260,9 +280,15 @@ def pipeline_run(cfg: Config, reports: list[Path], revisions: dict[str, Any] | N
             mlflow.end_run("FAILED")
         if not (isinstance(exc, TrackingError) or unreachable(exc)):
             raise
-        cause = exc if isinstance(exc, TrackingError) else f"the MLflow tracking server at {redact(uri)} stopped answering ({type(exc).__name__})"
-        raise TrackingError(f"{cause}; the model was not registered and {cfg.paths.model} is unchanged; checkpoints in "
-                            f"{cfg.paths.checkpoints} are kept: re-run once the server is back to resume") from None
+        cause = (
+            exc
+            if isinstance(exc, TrackingError)
+            else f"the MLflow tracking server at {redact(uri)} stopped answering ({type(exc).__name__})"
+        )
+        raise TrackingError(
+            f"{cause}; the model was not registered and {cfg.paths.model} is unchanged; checkpoints in "
+            f"{cfg.paths.checkpoints} are kept: re-run once the server is back to resume"
+        ) from None
     finally:
         _buffer = None
     mlflow.end_run()
@@ -316,8 +342,13 @@ def record_version(run_info: dict[str, Any], tags: dict[str, str]) -> None:
         client.set_tag(run_info["run_id"], key, value)
 
 
-def promote(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: str, margin: float,
-            measure: Measure | None = None) -> Decision:
+def promote(
+    run_info: dict[str, Any],
+    metrics: dict[str, Any],
+    primary_metric: str,
+    margin: float,
+    measure: Measure | None = None,
+) -> Decision:
     """The promotion gate on the registry: decide (promotion.decide) from the version's test metrics, its data
     checks and versioning tags and the champion's linked result on the same evaluation; where the champion has
     none, measure it there first (`measure`: evaluation.champion_measurer, its result is then linked too). Then
@@ -326,7 +357,9 @@ def promote(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: s
     from sftops.evalruns import evaluation_run
 
     if primary_metric not in metrics["tuned"]:
-        raise ConfigError(f"evaluate.primary_metric={primary_metric!r} was not measured (set evaluate.num_generations > 0 for generation metrics)")
+        raise ConfigError(
+            f"evaluate.primary_metric={primary_metric!r} was not measured (set evaluate.num_generations > 0 for generation metrics)"
+        )
     store = store_of(run_info)
     client = MlflowClient(store)
     name, version = run_info["registered_model"], str(run_info["version"])
@@ -343,9 +376,18 @@ def promote(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: s
             unmeasured = f" (measuring champion v{champion.version} on this test set failed: {exc})"
         champion = current_champion(name, primary_metric, store, metrics["evaluation"])
     checks = metrics.get("data_checks", {"passed": True, "note": "no data checks recorded"})
-    decision = decide(primary_metric, metrics["tuned"][primary_metric], key, version, champion, margin,
-                      (checks["passed"], checks["note"]), versioned, suite_results(metrics),
-                      base_value=metrics["base"].get(primary_metric))
+    decision = decide(
+        primary_metric,
+        metrics["tuned"][primary_metric],
+        key,
+        version,
+        champion,
+        margin,
+        (checks["passed"], checks["note"]),
+        versioned,
+        suite_results(metrics),
+        base_value=metrics["base"].get(primary_metric),
+    )
     decision = replace(decision, reason=decision.reason + unmeasured)
     _record_decision(client, run_info, decision)
     describe(run_info, metrics, decision, evaluated)
@@ -406,7 +448,8 @@ def describe(run_info: dict[str, Any], metrics: dict[str, Any], decision: Decisi
 
 def report_link(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: str) -> str | None:
     """Where a reviewer opens the report of this evaluation (see evalruns.report_link); None without one."""
-    from sftops.evalruns import evaluation_run, report_link as link
+    from sftops.evalruns import evaluation_run
+    from sftops.evalruns import report_link as link
 
     family = metric_family(primary_metric)
     store = store_of(run_info)
@@ -455,7 +498,9 @@ def resolve_run_id(target: str, tracking: str | None = None) -> str:
         if _RUN_ID.match(target):
             return client.get_run(target).info.run_id
     except mlflow.exceptions.MlflowException as exc:
-        raise ConfigError(f"{target}: not found in the MLflow store {tracking or tracking_uri()} ({exc.error_code})") from None
+        raise ConfigError(
+            f"{target}: not found in the MLflow store {tracking or tracking_uri()} ({exc.error_code})"
+        ) from None
     raise ConfigError(f"{target!r} is not models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/... or a run id")
 
 
@@ -469,7 +514,9 @@ def load_manifest(run_id: str, tracking: str | None = None) -> dict[str, Any]:
     try:
         return mlflow.artifacts.load_dict(f"runs:/{run_id}/{MANIFEST_ARTIFACT}")
     except (mlflow.exceptions.MlflowException, OSError):
-        raise ConfigError(f"run {run_id} has no {MANIFEST_ARTIFACT}: it was made before manifests were recorded") from None
+        raise ConfigError(
+            f"run {run_id} has no {MANIFEST_ARTIFACT}: it was made before manifests were recorded"
+        ) from None
 
 
 def local_model_dir(uri: str, tracking: str | None = None) -> Path:

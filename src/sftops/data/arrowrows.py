@@ -18,7 +18,12 @@ def value_bytes(array: pa.Array) -> np.ndarray:
     kind = array.type
     if pa.types.is_dictionary(kind):
         return value_bytes(array.dictionary_decode())
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+    if (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+    ):
         return pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     if pa.types.is_map(kind):
         return _members_bytes(array, [array.keys, array.items])
@@ -61,7 +66,11 @@ def batch_records(batches: Iterable[pa.RecordBatch], origin: str, max_row_bytes:
         for index, item in enumerate(batch.to_pylist()):
             row += 1
             if sizes[index] > max_row_bytes:
-                yield Record(f"{origin}#{row}", row, error=f"row too large: {sizes[index]:,} bytes of values, over "
-                             f"data.max_row_bytes={max_row_bytes:,}", raw=repr(item)[:200])
+                yield Record(
+                    f"{origin}#{row}",
+                    row,
+                    error=f"row too large: {sizes[index]:,} bytes of values, over data.max_row_bytes={max_row_bytes:,}",
+                    raw=repr(item)[:200],
+                )
             else:
                 yield as_row(item, f"{origin}#{row}", row)

@@ -14,7 +14,9 @@ from sftops.data.packing import pack
 Batch = dict[str, torch.Tensor]
 
 
-def micro_batches(lengths: Sequence[int] | np.ndarray, size: int, seed: int, group_by_length: bool = False) -> Iterator[list[int]]:
+def micro_batches(
+    lengths: Sequence[int] | np.ndarray, size: int, seed: int, group_by_length: bool = False
+) -> Iterator[list[int]]:
     """Index lists, one per micro-batch, epoch after epoch; each epoch is a fresh seeded shuffle.
 
     With group_by_length, each window of 64 micro-batches is sorted by length (stably) before it is cut, and the
@@ -64,7 +66,9 @@ def collate(examples: Sequence[Encoded], pad_id: int, left: bool = False) -> dic
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def make_batch(examples: Sequence[Encoded], pad_id: int, packed: bool, source_ids: Sequence[int] | None = None) -> Batch:
+def make_batch(
+    examples: Sequence[Encoded], pad_id: int, packed: bool, source_ids: Sequence[int] | None = None
+) -> Batch:
     """A padded or packed micro-batch; with source_ids (one per example), also the source of each supervised
     token in the order the objective returns them (row-major), for the per-source loss."""
     batch = pack(examples, pad_id) if packed else collate(examples, pad_id)
@@ -78,8 +82,9 @@ def make_batch(examples: Sequence[Encoded], pad_id: int, packed: bool, source_id
     return batch
 
 
-def step_micro_batches(examples: Sequence[Encoded], shares: list[list[int]], pad_id: int, packed: bool,
-                       source_of: np.ndarray) -> list[Batch]:
+def step_micro_batches(
+    examples: Sequence[Encoded], shares: list[list[int]], pad_id: int, packed: bool, source_of: np.ndarray
+) -> list[Batch]:
     """This process's micro-batches for one step: only the rows in `shares` are taken from the examples (from
     an array-backed TokenRows, sliced out of its memory-mapped tokens), with each row's source index."""
     return [make_batch([examples[i] for i in idx], pad_id, packed, source_of[idx].tolist()) for idx in shares]

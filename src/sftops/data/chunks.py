@@ -126,38 +126,58 @@ class ChunkMapper:
                 continue
             unused.update(conv.pop("unused"))
             check_tools_render(self.render, conv, raw["origin"])
-            rows.append({"id": row_id(conv["messages"], conv["tools"]), "source": source.name, "origin": raw["origin"],
-                         "split": "", **conv})
+            rows.append(
+                {
+                    "id": row_id(conv["messages"], conv["tools"]),
+                    "source": source.name,
+                    "origin": raw["origin"],
+                    "split": "",
+                    **conv,
+                }
+            )
             convs.append(conv)
         encoded = encode_batch(self.tokenizer, convs, self.render)
         n = len(rows)
         texts = [conversation_text(r["messages"]) for r in rows]
         prompts = [prompt_text(r["messages"]) for r in rows]
-        auto = np.array([SPLIT_CODES[split_of(p, d.split_seed, d.val_fraction, d.test_fraction)] for p in prompts],
-                        dtype=np.int8)
+        auto = np.array(
+            [SPLIT_CODES[split_of(p, d.split_seed, d.val_fraction, d.test_fraction)] for p in prompts], dtype=np.int8
+        )
         fixed_as = AUTO if source.split_as == "auto" else SPLIT_CODES[source.split_as]
         result = ChunkResult(
-            number=job.number, source=job.source, rejected=rejected, unused=unused,
+            number=job.number,
+            source=job.source,
+            rejected=rejected,
+            unused=unused,
             ids=np.array([int(r["id"], 16) for r in rows], dtype=np.uint64),
             origins=pa.array([r["origin"] for r in rows], pa.string()),
             text_keys=np.array([_key128(t) for t in texts], dtype=np.uint64).reshape(n, 2),
-            signatures=minhash_signatures(texts, seed=d.split_seed, normalised=True) if d.near_duplicate_threshold is not None else None,
+            signatures=minhash_signatures(texts, seed=d.split_seed, normalised=True)
+            if d.near_duplicate_threshold is not None
+            else None,
             prompt_keys=np.array([_key64(p) for p in prompts], dtype=np.uint64),
-            auto_split=auto, split_as=np.full(n, fixed_as, dtype=np.int8),
+            auto_split=auto,
+            split_as=np.full(n, fixed_as, dtype=np.int8),
             # the prompts a test row can have (contamination): auto test rows', and a test source's (rows sharing
             # its prompts follow it into test)
-            fixed_prompts={i: p for i, p in enumerate(prompts)
-                           if (auto[i] if fixed_as == AUTO else fixed_as) == SPLIT_CODES["test"]},
-            lengths=np.zeros((n, 3), dtype=np.int32), verdict=np.zeros(n, dtype=np.int8),
-            truncated=np.zeros(n, dtype=bool), prompt_tokens_cut=np.zeros(n, dtype=np.int32),
+            fixed_prompts={
+                i: p
+                for i, p in enumerate(prompts)
+                if (auto[i] if fixed_as == AUTO else fixed_as) == SPLIT_CODES["test"]
+            },
+            lengths=np.zeros((n, 3), dtype=np.int32),
+            verdict=np.zeros(n, dtype=np.int8),
+            truncated=np.zeros(n, dtype=bool),
+            prompt_tokens_cut=np.zeros(n, dtype=np.int32),
             response_tokens_lost=np.zeros(n, dtype=np.int32),
         )
         tokens = self._fit_all(result, rows, convs, encoded, prompts)
         self._write(job.number, rows, tokens)
         return result
 
-    def _fit_all(self, result: ChunkResult, rows: list[dict], convs: list[dict], encoded: list, prompts: list[str]
-                 ) -> list[tuple[list[int], list[int]]]:
+    def _fit_all(
+        self, result: ChunkResult, rows: list[dict], convs: list[dict], encoded: list, prompts: list[str]
+    ) -> list[tuple[list[int], list[int]]]:
         """The length policy on each row (its verdict and counts into result); the tokens as trained."""
         max_length, policy = self.cfg.model.max_length, self.cfg.data.overflow
         tokens = []
@@ -180,8 +200,12 @@ class ChunkMapper:
             else:
                 result.truncated[i], result.prompt_tokens_cut[i] = fitted.truncated, fitted.prompt_tokens_cut
                 tokens.append((fitted.encoded.input_ids, fitted.encoded.labels))
-            row.update(messages_as_trained=fitted.messages, prompt_tokens_cut=fitted.prompt_tokens_cut,
-                       response_tokens_lost=fitted.response_tokens_lost, prompt=prompts[i])
+            row.update(
+                messages_as_trained=fitted.messages,
+                prompt_tokens_cut=fitted.prompt_tokens_cut,
+                response_tokens_lost=fitted.response_tokens_lost,
+                prompt=prompts[i],
+            )
         return tokens
 
     def _write(self, number: int, rows: list[dict], tokens: list[tuple[list[int], list[int]]]) -> None:
@@ -190,8 +214,12 @@ class ChunkMapper:
         pq.write_table(pa.Table.from_pylist(records, schema=CHUNK_SCHEMA), table_path)
         lengths = np.fromiter((len(ids) for ids, _ in tokens), dtype=np.int64, count=len(tokens))
         flat = [t for ids, _ in tokens for t in ids], [t for _, labels in tokens for t in labels]
-        np.savez(tokens_path, input_ids=np.asarray(flat[0], dtype=np.int32), labels=np.asarray(flat[1], dtype=np.int32),
-                 offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        np.savez(
+            tokens_path,
+            input_ids=np.asarray(flat[0], dtype=np.int32),
+            labels=np.asarray(flat[1], dtype=np.int32),
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        )
 
 
 def read_jobs(raw: Path, sources: Iterable[Any], chunk_rows: int) -> Iterator[Job]:
@@ -253,6 +281,23 @@ def progress_total(ingest: dict[str, Any], sources: Iterable[Any]) -> int:
     return sum(ingest["sources"][s.name]["kept"] for s in sources)
 
 
-__all__ = ["AUTO", "CHUNK_SCHEMA", "ChunkMapper", "ChunkResult", "Job", "KEPT", "NO_TARGET", "OVERFLOW_ERROR",
-           "SPLIT_CODES", "TOO_LONG", "VERDICT_KINDS", "check_tools_render", "conversation_text", "map_chunks",
-           "progress_total", "read_chunk", "read_jobs", "row_id"]
+__all__ = [
+    "AUTO",
+    "CHUNK_SCHEMA",
+    "ChunkMapper",
+    "ChunkResult",
+    "Job",
+    "KEPT",
+    "NO_TARGET",
+    "OVERFLOW_ERROR",
+    "SPLIT_CODES",
+    "TOO_LONG",
+    "VERDICT_KINDS",
+    "check_tools_render",
+    "conversation_text",
+    "map_chunks",
+    "progress_total",
+    "read_chunk",
+    "read_jobs",
+    "row_id",
+]

@@ -17,20 +17,42 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from sftops.config import Config, SourceConfig
-from sftops.data.chunks import (AUTO, KEPT, OVERFLOW_ERROR, SPLIT_CODES, TOO_LONG, ChunkMapper, ChunkResult,
-                                conversation_text, map_chunks, progress_total, read_chunk, read_jobs, row_id)
+from sftops.data.chunks import (
+    AUTO,
+    KEPT,
+    OVERFLOW_ERROR,
+    SPLIT_CODES,
+    TOO_LONG,
+    ChunkMapper,
+    ChunkResult,
+    conversation_text,
+    map_chunks,
+    progress_total,
+    read_chunk,
+    read_jobs,
+    row_id,
+)
 from sftops.data.dedup import near_duplicates_of
+from sftops.data.rejections import ingest_kind, refuse_empty
 from sftops.data.schemas import RowError, to_conversation
 from sftops.data.selfcheck import self_check
 from sftops.data.split import ContaminationIndex, prompt_text, split_of
 from sftops.data.store import SPLITS, SplitWriter, TokenCacheWriter, cache_key, split_file
 from sftops.data.tokenize import encode_batch
 from sftops.errors import DataError
-from sftops.data.rejections import ingest_kind, refuse_empty
 
 __all__ = ["RowError", "to_messages", "assign_split", "prompt_key", "row_id", "conversation_text", "SPLITS"]
 
-COUNTS = ("read", "rejected_ingest", "rejected_format", "duplicates", "sampled_out", "dropped_tokens", "kept", "train_rows")
+COUNTS = (
+    "read",
+    "rejected_ingest",
+    "rejected_format",
+    "duplicates",
+    "sampled_out",
+    "dropped_tokens",
+    "kept",
+    "train_rows",
+)
 
 Message = dict[str, Any]
 SPLIT_NAMES = {code: name for name, code in SPLIT_CODES.items()}
@@ -73,7 +95,9 @@ class Ledger:
             self.reasons[kind] += 1
 
     def reject(self, source: str, origin: str, kind: str, reason: str, counter: str, **extra: Any) -> None:
-        self.rejected.append({"stage": "format", "source": source, "origin": origin, "kind": kind, "reason": reason, **extra})
+        self.rejected.append(
+            {"stage": "format", "source": source, "origin": origin, "kind": kind, "reason": reason, **extra}
+        )
         self.reasons[kind] += 1
         self.counts[source][counter] += 1
 
@@ -90,10 +114,14 @@ class Ledger:
 def refuse_too_few(counts: dict[str, int], cfg: Config) -> None:
     """Training needs train rows and evaluation test rows: say so now, not after a model was trained."""
     d = cfg.data
-    split = f"{sum(counts.values())} rows kept, split train/val/test = {counts['train']}/{counts['val']}/{counts['test']}"
+    split = (
+        f"{sum(counts.values())} rows kept, split train/val/test = {counts['train']}/{counts['val']}/{counts['test']}"
+    )
     if counts["train"] == 0:
-        raise DataError(f"{split}: no train rows; add data, lower data.val_fraction/test_fraction or raise model.max_length "
-                        f"(now {cfg.model.max_length})")
+        raise DataError(
+            f"{split}: no train rows; add data, lower data.val_fraction/test_fraction or raise model.max_length "
+            f"(now {cfg.model.max_length})"
+        )
     if counts["test"] < d.min_test_rows:
         raise DataError(
             f"{split}: evaluation needs at least data.min_test_rows={d.min_test_rows} test rows; add data, raise "
@@ -118,7 +146,9 @@ class Rows:
         self.chunks = [(r.number, r.source, len(r)) for r in results]
         starts = np.cumsum([0] + [len(r) for r in results])
         self.chunk_start = starts[:-1]
-        self.source = np.concatenate([np.full(len(r), r.source, dtype=np.int16) for r in results] or [np.zeros(0, np.int16)])
+        self.source = np.concatenate(
+            [np.full(len(r), r.source, dtype=np.int16) for r in results] or [np.zeros(0, np.int16)]
+        )
 
         def joined(name: str, dtype: Any, shape: tuple = ()) -> np.ndarray:
             parts = [getattr(r, name) for r in results]
@@ -132,8 +162,9 @@ class Rows:
         self.verdict, self.truncated = joined("verdict", np.int8), joined("truncated", bool)
         self.prompt_tokens_cut = joined("prompt_tokens_cut", np.int32)
         self.response_tokens_lost = joined("response_tokens_lost", np.int32)
-        self.signatures = (np.concatenate([r.signatures for r in results])
-                           if results and results[0].signatures is not None else None)
+        self.signatures = (
+            np.concatenate([r.signatures for r in results]) if results and results[0].signatures is not None else None
+        )
         self.origins = pa.chunked_array([r.origins for r in results], pa.string())
         self.reasons = {int(starts[k]) + i: why for k, r in enumerate(results) for i, why in r.reasons.items()}
         self.test_prompts = {int(starts[k]) + i: p for k, r in enumerate(results) for i, p in r.fixed_prompts.items()}
@@ -191,8 +222,14 @@ def remove_duplicates(rows: Rows, threshold: float | None, sources: list[SourceC
         unique = np.delete(unique, dups)
     for i, copy, what in removed:
         copy_origin = rows.origin(copy)
-        ledger.reject(sources[rows.source[i]].name, rows.origin(i), what.split(" (")[0], f"{what} of {copy_origin}",
-                      "duplicates", kept_copy=copy_origin)
+        ledger.reject(
+            sources[rows.source[i]].name,
+            rows.origin(i),
+            what.split(" (")[0],
+            f"{what} of {copy_origin}",
+            "duplicates",
+            kept_copy=copy_origin,
+        )
     return unique
 
 
@@ -253,7 +290,8 @@ def apply_length_policy(cfg: Config, rows: Rows, alive: np.ndarray, ledger: Ledg
         if ledger.counts[source.name]["kept"] == 0 and dropped and cfg.data.stop_on_empty_source:
             refuse_empty(source, ledger.counts[source.name]["read"], dropped, "format")
     overflow = {
-        "policy": cfg.data.overflow, "max_length": max_length,
+        "policy": cfg.data.overflow,
+        "max_length": max_length,
         "rows_over": int((rows.lengths[alive, 2] > max_length).sum()),
         "dropped_too_long": int((verdict == TOO_LONG).sum()),
         "truncated": int(rows.truncated[alive[kept]].sum()),
@@ -264,7 +302,9 @@ def apply_length_policy(cfg: Config, rows: Rows, alive: np.ndarray, ledger: Ledg
     return alive[kept], overflow
 
 
-def train_copies(rows: Rows, train: np.ndarray, sources: list[SourceConfig], seed: int) -> dict[int, tuple[int, np.ndarray]]:
+def train_copies(
+    rows: Rows, train: np.ndarray, sources: list[SourceConfig], seed: int
+) -> dict[int, tuple[int, np.ndarray]]:
     """Per source, its train rows' `weight`: (whole repeats, the rows of the fractional part: a seeded sample of
     round(frac x rows), in input order). Weight 0.5: half of them once; 2.5: all twice plus half once more."""
     plan = {}
@@ -295,14 +335,21 @@ class OutputWriter:
         if not len(local):
             return
         picked = table.take(pa.array(local))
-        picked = picked.set_column(picked.schema.get_field_index("split"), "split",
-                                   pa.array([split] * len(local), pa.string()))
+        picked = picked.set_column(
+            picked.schema.get_field_index("split"), "split", pa.array([split] * len(local), pa.string())
+        )
         self.splits[split].add(picked)
         spans, lengths = _token_spans(tokens["offsets"], local)
         where = first + local
-        self.cache.add_arrays(split, picked.column("id").combine_chunks(), tokens["input_ids"][spans],
-                              tokens["labels"][spans], lengths, self.rows.truncated[where],
-                              self.rows.response_tokens_lost[where])
+        self.cache.add_arrays(
+            split,
+            picked.column("id").combine_chunks(),
+            tokens["input_ids"][spans],
+            tokens["labels"][spans],
+            lengths,
+            self.rows.truncated[where],
+            self.rows.response_tokens_lost[where],
+        )
         self.counts[split] += len(local)
         self.bar.update(len(local))
 
@@ -311,9 +358,17 @@ class OutputWriter:
             writer.close()
 
 
-def write_outputs(cfg: Config, tokenizer: Any, rows: Rows, kept: np.ndarray, split_code: np.ndarray,
-                  plan: dict[int, tuple[int, np.ndarray]], chunks: Path, out: Path,
-                  contamination: ContaminationIndex) -> dict[str, Any]:
+def write_outputs(
+    cfg: Config,
+    tokenizer: Any,
+    rows: Rows,
+    kept: np.ndarray,
+    split_code: np.ndarray,
+    plan: dict[int, tuple[int, np.ndarray]],
+    chunks: Path,
+    out: Path,
+    contamination: ContaminationIndex,
+) -> dict[str, Any]:
     """Pass 2: the kept rows of each chunk into their split files and the tokenised cache, in input order, source
     by source: its val and test rows, its train rows `whole` times, then the fractional sample. Train prompts
     go to the contamination index as they pass (once per row)."""
@@ -321,8 +376,9 @@ def write_outputs(cfg: Config, tokenizer: Any, rows: Rows, kept: np.ndarray, spl
     is_kept[kept] = True
     train_code = SPLIT_CODES["train"]
     train = is_kept & (split_code == train_code)
-    total = int((is_kept & ~train).sum()) + sum(whole * int((train & (rows.source == index)).sum()) + len(part)
-                                                for index, (whole, part) in plan.items())
+    total = int((is_kept & ~train).sum()) + sum(
+        whole * int((train & (rows.source == index)).sum()) + len(part) for index, (whole, part) in plan.items()
+    )
     train_rows = Counter()
     with TokenCacheWriter(out, {}) as cache, tqdm(total=total, desc="format: write", unit=" rows", leave=False) as bar:
         writer = OutputWriter(out, cache, rows, bar)
@@ -330,8 +386,11 @@ def write_outputs(cfg: Config, tokenizer: Any, rows: Rows, kept: np.ndarray, spl
             whole, part = plan[index]
             in_part = np.zeros(len(rows), dtype=bool)
             in_part[part] = True
-            mine = [(number, int(rows.chunk_start[k]), n) for k, (number, source, n) in enumerate(rows.chunks)
-                    if source == index]
+            mine = [
+                (number, int(rows.chunk_start[k]), n)
+                for k, (number, source, n) in enumerate(rows.chunks)
+                if source == index
+            ]
             for repeat in range(max(whole, 1)):
                 for number, first, n in mine:
                     table, tokens = read_chunk(chunks, number)
@@ -353,7 +412,7 @@ def write_outputs(cfg: Config, tokenizer: Any, rows: Rows, kept: np.ndarray, spl
                 if whole == 0:
                     contamination.add_train(table.column("prompt").take(pa.array(local)).to_pylist())
         writer.close()
-        cache.key = cache_key(out, tokenizer, cfg.model.max_length, cfg.data.overflow)  # of the split files just written
+        cache.key = cache_key(
+            out, tokenizer, cfg.model.max_length, cfg.data.overflow
+        )  # of the split files just written
     return {"splits": {split: writer.counts[split] for split in SPLITS}, "train_rows": train_rows}
-
-

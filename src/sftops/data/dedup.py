@@ -54,8 +54,9 @@ SIGNATURE_CHUNK = 10_000  # texts whose words are Python strings at once
 _EMPTY_TEXT = np.uint64(0x2545F4914F6CDD1D)  # the one shingle of a text without words
 
 
-def minhash_signatures(texts: Sequence[str], num_perm: int = 64, seed: int = 0, n: int = 3,
-                       normalised: bool = False) -> np.ndarray:
+def minhash_signatures(
+    texts: Sequence[str], num_perm: int = 64, seed: int = 0, n: int = 3, normalised: bool = False
+) -> np.ndarray:
     """(rows, num_perm) uint32 MinHash signatures of each text's set of word n-grams (a text of n words or fewer
     is one shingle of all its words). A row's signature depends only on its own text, the seed and num_perm,
     so chunks computed apart (worker processes) concatenate into the signatures of the whole.
@@ -71,7 +72,9 @@ def minhash_signatures(texts: Sequence[str], num_perm: int = 64, seed: int = 0, 
     out = np.empty((len(texts), num_perm), dtype=np.uint32)
     for lo in range(0, len(texts), SIGNATURE_CHUNK):
         block = texts[lo : lo + SIGNATURE_CHUNK]
-        out[lo : lo + SIGNATURE_CHUNK] = _signature_block(block if normalised else [normalise(t) for t in block], a, b, n)
+        out[lo : lo + SIGNATURE_CHUNK] = _signature_block(
+            block if normalised else [normalise(t) for t in block], a, b, n
+        )
     return out
 
 
@@ -179,8 +182,13 @@ def _near_pairs(
             # count / num_perm in float64 is exactly float(np.mean(agree)) as the per-row loop compared it
             near = in_band & ~seen_before & (agreeing / num_perm >= threshold)
             if near.any():
-                found.append((later[near].astype(index_dtype), earlier[near].astype(index_dtype),
-                              agreeing[near].astype(np.uint16)))
+                found.append(
+                    (
+                        later[near].astype(index_dtype),
+                        earlier[near].astype(index_dtype),
+                        agreeing[near].astype(np.uint16),
+                    )
+                )
                 held += int(near.sum())
                 if held > max_near_pairs:
                     _refuse_large_index(f"pairs at or above the threshold {threshold}", held, max_near_pairs, largest)

@@ -22,8 +22,15 @@ from sftops.data.tokenize import Renderer, encode_batch, fit
 
 
 def _counts(rows: int) -> dict[str, Any]:
-    return {"rows": rows, "kept": 0, "dropped_too_long": 0, "dropped_no_target": 0, "truncated": 0,
-            "response_tokens_lost": 0, "from_cache": False}
+    return {
+        "rows": rows,
+        "kept": 0,
+        "dropped_too_long": 0,
+        "dropped_no_target": 0,
+        "truncated": 0,
+        "response_tokens_lost": 0,
+        "from_cache": False,
+    }
 
 
 def split_cache(cfg: Config, tokenizer: PreTrainedTokenizerBase, split: str) -> TokenRows | None:
@@ -32,7 +39,9 @@ def split_cache(cfg: Config, tokenizer: PreTrainedTokenizerBase, split: str) -> 
     return read_cache(curated, split, cache_key(curated, tokenizer, cfg.model.max_length, cfg.data.overflow))
 
 
-def cached_rows(cfg: Config, tokenizer: PreTrainedTokenizerBase, split: str, row_ids: pa.ChunkedArray) -> TokenRows | None:
+def cached_rows(
+    cfg: Config, tokenizer: PreTrainedTokenizerBase, split: str, row_ids: pa.ChunkedArray
+) -> TokenRows | None:
     """The cached encodings of `row_ids`, in that order, or None when the cache is stale or lacks one of them."""
     cached = split_cache(cfg, tokenizer, split)
     if cached is None:
@@ -44,8 +53,13 @@ def cached_rows(cfg: Config, tokenizer: PreTrainedTokenizerBase, split: str, row
 
 
 def cache_counts(rows: TokenRows) -> dict[str, Any]:
-    return {**_counts(len(rows)), "kept": len(rows), "truncated": int(rows.truncated.sum()),
-            "response_tokens_lost": int(rows.lost.sum()), "from_cache": True}
+    return {
+        **_counts(len(rows)),
+        "kept": len(rows),
+        "truncated": int(rows.truncated.sum()),
+        "response_tokens_lost": int(rows.lost.sum()),
+        "from_cache": True,
+    }
 
 
 def training_examples(
@@ -109,8 +123,9 @@ def source_codes(sources: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
     return codes.to_numpy().astype(np.int64), names
 
 
-def split_examples(cfg: Config, tokenizer: PreTrainedTokenizerBase, split: str, max_rows: int | None = None,
-                   seed: int = 0) -> SplitExamples:
+def split_examples(
+    cfg: Config, tokenizer: PreTrainedTokenizerBase, split: str, max_rows: int | None = None, seed: int = 0
+) -> SplitExamples:
     """The train stage's reader: with a valid cache only the source column of the curated split is read (neither
     the conversations nor the row ids: the cache's key holds the split files' hash, so its row i is the split's
     row i; decoding a million ids from Parquet costs hundreds of MB) and the tokens stay memory-mapped;

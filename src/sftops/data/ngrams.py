@@ -59,5 +59,3 @@ def ngram_hashes(prompts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
             within = k < size
             hashes[within] = mix64(hashes[within] ^ words[first_word[within] + k])
     return owners, mix64(hashes ^ size.astype(np.uint64))
-
-

@@ -18,4 +18,9 @@ class Record:
 def as_row(value: Any, origin: str, row: int) -> Record:
     if isinstance(value, dict):
         return Record(origin, row, fields=value)
-    return Record(origin, row, error=f"row is a {type(value).__name__}, expected an object (e.g. {{\"prompt\": ..., \"completion\": ...}} or {{\"messages\": [...]}})", raw=repr(value)[:500])
+    return Record(
+        origin,
+        row,
+        error=f'row is a {type(value).__name__}, expected an object (e.g. {{"prompt": ..., "completion": ...}} or {{"messages": [...]}})',
+        raw=repr(value)[:500],
+    )

@@ -50,6 +50,8 @@ def top_reasons(reasons: Iterable[str] | ReasonTally, n: int = 3) -> str:
 def refuse_empty(source: SourceConfig, read: int, reasons: Iterable[str] | ReasonTally, stage: str) -> None:
     """A source none of whose rows survive is a user error, not an empty success."""
     if read == 0:
-        raise DataError(f"source {source.name!r}: no rows were read from {source.path or source.hub}; "
-                        "check the path (an empty file or folder) and data.sources in params.yaml")
+        raise DataError(
+            f"source {source.name!r}: no rows were read from {source.path or source.hub}; "
+            "check the path (an empty file or folder) and data.sources in params.yaml"
+        )
     raise DataError(f"source {source.name!r}: none of its {read} rows was kept at {stage}: {top_reasons(reasons)}")

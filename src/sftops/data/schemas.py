@@ -57,10 +57,14 @@ def apply_mapping(fields: dict[str, Any], mapping: dict[str, str]) -> dict[str, 
 
 
 MULTIMODAL = "multimodal row"
-MULTIMODAL_FIX = ("a text model cannot see images or audio: remove these rows, or list the field in data.sources[].ignore "
-                  "to train on the text alone")
-PLACEHOLDER_FIX = ("a text model cannot see the image it stands for: remove these rows, or add the placeholder to "
-                   "data.sources[].ignore to train on it as plain text")
+MULTIMODAL_FIX = (
+    "a text model cannot see images or audio: remove these rows, or list the field in data.sources[].ignore "
+    "to train on the text alone"
+)
+PLACEHOLDER_FIX = (
+    "a text model cannot see the image it stands for: remove these rows, or add the placeholder to "
+    "data.sources[].ignore to train on it as plain text"
+)
 IMAGE_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "video"}
 IMAGE_FIELDS = ("images", "image", "image_url", "audios", "audio", "videos", "video")
 IMAGE_PLACEHOLDERS = ("<image>", "<|image|>", "<audio>", "<video>")
@@ -78,7 +82,10 @@ def _text(value: Any, what: str) -> str:
         if kinds & IMAGE_PARTS:
             raise RowError(MULTIMODAL, f"{what} has parts of type {sorted(kinds & IMAGE_PARTS)}; {MULTIMODAL_FIX}")
         if kinds - {"text"}:
-            raise RowError("unsupported content", f"{what} has parts of type {sorted(kinds - {'text'})}; only text parts are trained")
+            raise RowError(
+                "unsupported content",
+                f"{what} has parts of type {sorted(kinds - {'text'})}; only text parts are trained",
+            )
         value = "".join(_part_text(p) for p in value)
     if not isinstance(value, str):
         raise RowError("wrong type", f"{what} is a {type(value).__name__}, expected text")
@@ -89,7 +96,9 @@ def _weight(value: Any, i: int, role: str) -> int:
     if isinstance(value, bool) or value not in (0, 1):
         raise RowError("invalid weight", f"message {i} has weight {value!r}, expected 0 or 1")
     if role != "assistant":
-        raise RowError("weight on a non-assistant turn", f"message {i} ({role}) has a weight; only assistant turns take one")
+        raise RowError(
+            "weight on a non-assistant turn", f"message {i} ({role}) has a weight; only assistant turns take one"
+        )
     return int(value)
 
 
@@ -190,15 +199,32 @@ SCHEMAS = {
     "conversation": (("conversation",), lambda f: from_turns(f["conversation"])),
     "alpaca": (("instruction", "output"), from_alpaca),
     "dolly": (("instruction", "response"), from_alpaca),
-    "prompt_completion": (("prompt", "completion"), lambda f: _pair(f, f["prompt"], f["completion"], ("prompt", "completion"))),
+    "prompt_completion": (
+        ("prompt", "completion"),
+        lambda f: _pair(f, f["prompt"], f["completion"], ("prompt", "completion")),
+    ),
     "prompt_response": (("prompt", "response"), lambda f: _pair(f, f["prompt"], f["response"], ("prompt", "response"))),
     "question_answer": (("question", "answer"), lambda f: _pair(f, f["question"], f["answer"], ("question", "answer"))),
 }
-AUTO_ORDER = ("messages", "sharegpt", "conversation", "alpaca", "dolly", "prompt_completion", "prompt_response", "question_answer")
+AUTO_ORDER = (
+    "messages",
+    "sharegpt",
+    "conversation",
+    "alpaca",
+    "dolly",
+    "prompt_completion",
+    "prompt_response",
+    "question_answer",
+)
 # The row keys each schema reads besides its identifying keys: any other key is reported as unused.
 _SYSTEM = ("system", "system_prompt")
-OPTIONAL_KEYS = {"alpaca": ("input", "context", *_SYSTEM), "dolly": ("input", "context", *_SYSTEM),
-                 "prompt_completion": _SYSTEM, "prompt_response": _SYSTEM, "question_answer": _SYSTEM}
+OPTIONAL_KEYS = {
+    "alpaca": ("input", "context", *_SYSTEM),
+    "dolly": ("input", "context", *_SYSTEM),
+    "prompt_completion": _SYSTEM,
+    "prompt_response": _SYSTEM,
+    "question_answer": _SYSTEM,
+}
 PROMPT_LIKE = ("instruction", "prompt", "question", "query", "input", "text", "problem")
 RESPONSE_LIKE = ("output", "response", "answer", "completion", "target", "solution", "chosen")
 
@@ -277,7 +303,9 @@ def validate(messages: list[Message]) -> None:
         if m["role"] == "tool" and not (i > 0 and messages[i - 1]["role"] in ("assistant", "tool")):
             raise RowError("tool result without a call", f"message {i} (tool) does not follow an assistant tool call")
     if messages[-1]["role"] != "assistant":
-        raise RowError("no final assistant turn", "the conversation ends with a non-assistant turn: no response to learn")
+        raise RowError(
+            "no final assistant turn", "the conversation ends with a non-assistant turn: no response to learn"
+        )
     if not any(m["role"] == "user" for m in messages):
         raise RowError("no user turn")
     if all(m.get("weight", 1) == 0 for m in messages if m["role"] == "assistant"):
@@ -291,18 +319,25 @@ def unused_keys(raw: dict[str, Any], schema: str, mapping: dict[str, str], ignor
     return sorted(k for k in raw if k not in used)
 
 
-def to_conversation(fields: dict[str, Any], schema: str = "auto", mapping: dict[str, str] | None = None,
-                    ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+def to_conversation(
+    fields: dict[str, Any], schema: str = "auto", mapping: dict[str, str] | None = None, ignore: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """{"messages": [...], "tools": [...] or None, "unused": [keys]} for a raw row; RowError with the reason when
     it fits no schema or carries images."""
     raw = fields if isinstance(fields, dict) else {}
     refuse_multimodal(raw, ignore)
     if schema == "auto" and not mapping and "chosen" in raw and "chosen" not in ignore:
         keys = sorted(raw)
-        fix = (f"write {suggest_mapping(keys)}" if any(k.lower() in PROMPT_LIKE for k in keys)
-               else "export them as conversations that end with the chosen response")
-        raise RowError("preference data", f"found keys {keys}: SFT trains on one response per prompt and 'chosen' "
-                                          f"holds it; {fix}, or train them with a preference method (DPO)")
+        fix = (
+            f"write {suggest_mapping(keys)}"
+            if any(k.lower() in PROMPT_LIKE for k in keys)
+            else "export them as conversations that end with the chosen response"
+        )
+        raise RowError(
+            "preference data",
+            f"found keys {keys}: SFT trains on one response per prompt and 'chosen' "
+            f"holds it; {fix}, or train them with a preference method (DPO)",
+        )
     fields = apply_mapping(fields, mapping or {})
     name = detect_schema(fields) if schema == "auto" else schema
     keys, convert = SCHEMAS[name]

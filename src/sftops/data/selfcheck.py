@@ -38,8 +38,9 @@ def _runs(labels: list[int]) -> list[list[int]]:
     return runs
 
 
-def check_row(tokenizer: PreTrainedTokenizerBase, conv: Conversation, enc: Encoded, eot: str,
-              stops: set[int]) -> str | None:
+def check_row(
+    tokenizer: PreTrainedTokenizerBase, conv: Conversation, enc: Encoded, eot: str, stops: set[int]
+) -> str | None:
     """Why this row's encoding is wrong, or None when it passes."""
     messages, tools = conv["messages"], conv.get("tools")
     bos = tokenizer.bos_token_id
@@ -62,9 +63,13 @@ def check_row(tokenizer: PreTrainedTokenizerBase, conv: Conversation, enc: Encod
         prompt = tokenizer.apply_chat_template(messages[:-1], tools=tools, tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         # where the final supervised run starts
-        first_final = max(i for i, label in enumerate(enc.labels) if label != IGNORE and (i == 0 or enc.labels[i - 1] == IGNORE))
+        first_final = max(
+            i for i, label in enumerate(enc.labels) if label != IGNORE and (i == 0 or enc.labels[i - 1] == IGNORE)
+        )
         if enc.input_ids[:first_final] != prompt_ids:
-            return "the training prompt differs from the inference prompt (apply_chat_template with the generation prompt)"
+            return (
+                "the training prompt differs from the inference prompt (apply_chat_template with the generation prompt)"
+            )
     return None
 
 

@@ -16,11 +16,11 @@ from sftops import hub
 from sftops.config import MAX_ROW_BYTES, SourceConfig, SuiteConfig
 from sftops.data.arrowrows import batch_records
 from sftops.data.records import Record, as_row
-from sftops.machine import package_dir
-from sftops.errors import DataError
-from sftops.redact import redact
 from sftops.data.streams import BOM as BOM  # noqa: F401  (re-exported: tests write it)
 from sftops.data.streams import bounded_lines, compression, open_bytes, require_content, utf8_error
+from sftops.errors import DataError
+from sftops.machine import package_dir
+from sftops.redact import redact
 
 # Objects and arrays nested deeper than this are refused: no chat row needs it, and deeper values reach
 # Python's recursion limit in the JSON encoder and the schema mapping.
@@ -135,8 +135,10 @@ def contained(path: Path, boundary: Path) -> Path:
     real, root = path.resolve(), boundary.resolve()
     if not real.is_relative_to(root):
         how = f"a link to {real}" if path.is_symlink() or real != path.absolute() else "outside it"
-        raise DataError(f"{path}: {how}, outside {root}; data files must stay inside the project's data folders "
-                        f"(write the absolute path in data.sources to read a file elsewhere)")
+        raise DataError(
+            f"{path}: {how}, outside {root}; data files must stay inside the project's data folders "
+            f"(write the absolute path in data.sources to read a file elsewhere)"
+        )
     return real
 
 
@@ -173,13 +175,19 @@ def read_jsonl(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> It
             row += 1
             origin = f"{label}#line{line_no}"
             if size > max_row_bytes:
-                yield Record(origin, row, error=f"row too large: {size:,} bytes, over data.max_row_bytes={max_row_bytes:,}",
-                             raw=repr(line[:200]))
+                yield Record(
+                    origin,
+                    row,
+                    error=f"row too large: {size:,} bytes, over data.max_row_bytes={max_row_bytes:,}",
+                    raw=repr(line[:200]),
+                )
                 continue
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield Record(origin, row, error=f"not valid UTF-8 ({exc.reason} at byte {exc.start})", raw=repr(line[:500]))
+                yield Record(
+                    origin, row, error=f"not valid UTF-8 ({exc.reason} at byte {exc.start})", raw=repr(line[:500])
+                )
                 continue
             try:
                 value = parse_json(text)
@@ -190,7 +198,12 @@ def read_jsonl(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> It
                 yield Record(origin, row, error=f"malformed JSON: {exc}", raw=text[:500])
                 continue
             if "\\ud" in text.lower() and not _encodable(value):
-                yield Record(origin, row, error="invalid Unicode: a lone surrogate escape (\\udXXX) is not a character", raw=text[:500])
+                yield Record(
+                    origin,
+                    row,
+                    error="invalid Unicode: a lone surrogate escape (\\udXXX) is not a character",
+                    raw=text[:500],
+                )
                 continue
             yield as_row(value, origin, row)
 
@@ -200,8 +213,9 @@ def _json_error(path: Path, text: str, exc: json.JSONDecodeError) -> DataError:
     before = text[: exc.pos].rstrip()
     if before.endswith(",") and text[exc.pos : exc.pos + 1] in ("]", "}"):
         line = text.count("\n", 0, len(before)) + 1
-        return DataError(f"{path}: not valid JSON: a trailing comma at line {line} (before a closing "
-                         f"{text[exc.pos]!r}); remove it")
+        return DataError(
+            f"{path}: not valid JSON: a trailing comma at line {line} (before a closing {text[exc.pos]!r}); remove it"
+        )
     return DataError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}")
 
 
@@ -219,7 +233,9 @@ def read_json(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> Ite
     if isinstance(value, dict):  # one pretty-printed example: a source of one row
         value = [value]
     if not isinstance(value, list):
-        raise DataError(f"{path}: a .json source must hold an array of objects or one object, not a {type(value).__name__}")
+        raise DataError(
+            f"{path}: a .json source must hold an array of objects or one object, not a {type(value).__name__}"
+        )
     for row, item in enumerate(value, start=1):
         yield as_row(item, f"{label}#{row}", row)
 
@@ -255,10 +271,16 @@ def _csv_rows(reader: Any, label: str, max_row_bytes: int) -> Iterator[Record]:
         row += 1
         size = sum(len(v) for v in values)
         if size > max_row_bytes:
-            yield Record(origin, row, error=f"row too large: {size:,} characters, over data.max_row_bytes={max_row_bytes:,}",
-                         raw=",".join(values)[:200])
+            yield Record(
+                origin,
+                row,
+                error=f"row too large: {size:,} characters, over data.max_row_bytes={max_row_bytes:,}",
+                raw=",".join(values)[:200],
+            )
         elif len(values) != len(header):
-            yield Record(origin, row, error=f"row has {len(values)} fields, header has {len(header)}", raw=",".join(values)[:500])
+            yield Record(
+                origin, row, error=f"row has {len(values)} fields, header has {len(header)}", raw=",".join(values)[:500]
+            )
         else:
             yield Record(origin, row, fields=dict(zip(header, values)))
 
@@ -268,13 +290,13 @@ def read_parquet(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> 
     Parquet needs to seek)."""
     import pyarrow.parquet as pq
 
-
     require_content(path)
     try:
         # without pre-buffering, and through a small buffer, pyarrow holds one row group at a time (pre-buffered,
         # a 1,000,000-row file of 520 MB held 640 MB)
-        parquet = pq.ParquetFile(io.BytesIO(read_bytes(path)) if compression(path) else path,
-                                 pre_buffer=False, buffer_size=1 << 20)
+        parquet = pq.ParquetFile(
+            io.BytesIO(read_bytes(path)) if compression(path) else path, pre_buffer=False, buffer_size=1 << 20
+        )
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     yield from batch_records(_parquet_batches(parquet, path), label, max_row_bytes)
@@ -297,8 +319,9 @@ class _DataLoader(yaml.BaseLoader):
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.events.AliasEvent):
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted in data files",
-                                              self.peek_event().start_mark)
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not accepted in data files", self.peek_event().start_mark
+            )
         return super().compose_node(parent, index)
 
 
@@ -342,11 +365,19 @@ def hub_commit(source: SourceConfig) -> str | None:
     where = "evaluate.suites" if isinstance(source, SuiteConfig) else "data.sources"
     if Path(source.hub).is_dir():
         if source.revision is not None:
-            raise DataError(f"{where} {source.name!r}: revision {source.revision!r} applies to a hub dataset id, but "
-                            f"hub {source.hub!r} is a local folder; set its revision to null")
+            raise DataError(
+                f"{where} {source.name!r}: revision {source.revision!r} applies to a hub dataset id, but "
+                f"hub {source.hub!r} is a local folder; set its revision to null"
+            )
         return None
-    return hub.resolve(source.hub, source.revision, "dataset", f"{where} {source.name!r} (hub {source.hub!r})",
-                       f"the revision of {where} {source.name!r}", DataError)
+    return hub.resolve(
+        source.hub,
+        source.revision,
+        "dataset",
+        f"{where} {source.name!r} (hub {source.hub!r})",
+        f"the revision of {where} {source.name!r}",
+        DataError,
+    )
 
 
 def pinned_source(source: SourceConfig) -> SourceConfig:
@@ -362,7 +393,6 @@ def read_hub(source: SourceConfig, max_row_bytes: int = MAX_ROW_BYTES) -> Iterat
     snapshot of that commit), or any path `datasets.load_dataset` accepts; its rows checked against
     max_row_bytes like a local file's."""
     import datasets
-
 
     commit = hub_commit(source)  # a commit already cached is taken as it is, without asking the hub
     where, revision = source.hub, commit
@@ -385,7 +415,9 @@ def _hub_batches(ds: Any) -> Iterator[Any]:
     import pyarrow as pa
 
     files = [f["filename"] for f in ds.cache_files]
-    if ds._indices is None and files and _stream_rows(files, ds.data.schema) == ds.num_rows:  # no public "is it exactly these files"
+    if (
+        ds._indices is None and files and _stream_rows(files, ds.data.schema) == ds.num_rows
+    ):  # no public "is it exactly these files"
         for name in files:
             with pa.OSFile(name) as fh:
                 yield from pa.ipc.open_stream(fh)

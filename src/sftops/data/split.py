@@ -72,7 +72,9 @@ def _chunked_ngram_hashes(prompts: list[str], n: int, chunk: int) -> tuple[np.nd
     return np.concatenate(owners), np.concatenate(hashes)
 
 
-def contamination(train_prompts: list[str], test_prompts: list[str], n: int, threshold: float) -> list[tuple[int, float]]:
+def contamination(
+    train_prompts: list[str], test_prompts: list[str], n: int, threshold: float
+) -> list[tuple[int, float]]:
     """(index of a test prompt, fraction of its word n-grams found among the train prompts' n-grams) for
     every test prompt at or above the threshold. Prompts shorter than n words count as one n-gram."""
     index = ContaminationIndex(test_prompts, n)

@@ -74,11 +74,19 @@ def record_of(row: dict[str, Any]) -> dict[str, Any]:
         for m in row["messages"]
     ]
     tools = json.dumps(row["tools"], ensure_ascii=False) if row.get("tools") else None
-    return {"id": row["id"], "source": row["source"], "origin": row["origin"], "split": row["split"],
-            "messages": messages, "tools": tools,
-            "messages_as_trained": json.dumps(row["messages_as_trained"], ensure_ascii=False) if row.get("messages_as_trained") else None,
-            "prompt_tokens_cut": row.get("prompt_tokens_cut", 0),
-            "response_tokens_lost": row.get("response_tokens_lost", 0)}
+    return {
+        "id": row["id"],
+        "source": row["source"],
+        "origin": row["origin"],
+        "split": row["split"],
+        "messages": messages,
+        "tools": tools,
+        "messages_as_trained": json.dumps(row["messages_as_trained"], ensure_ascii=False)
+        if row.get("messages_as_trained")
+        else None,
+        "prompt_tokens_cut": row.get("prompt_tokens_cut", 0),
+        "response_tokens_lost": row.get("response_tokens_lost", 0),
+    }
 
 
 def _from_record(rec: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +104,9 @@ def _from_record(rec: dict[str, Any]) -> dict[str, Any]:
     return {**rec, "messages": messages, "tools": json.loads(rec["tools"]) if rec["tools"] else None}
 
 
-ROW_GROUP = 10_000  # rows per Parquet row group / Arrow record batch: fixed, so the files' bytes depend on the rows only
+ROW_GROUP = (
+    10_000  # rows per Parquet row group / Arrow record batch: fixed, so the files' bytes depend on the rows only
+)
 
 
 class RowBatcher:
@@ -218,7 +228,9 @@ class TokenCacheWriter:
         self._ids[split] = pa.ipc.new_file(str(folder / IDS), ID_SCHEMA)
         self._id_batches[split] = RowBatcher(self._ids[split].write_table)
 
-    def add(self, split: str, row_ids: list[str], encodings: list[Encoded], truncated: list[bool], lost: list[int]) -> None:
+    def add(
+        self, split: str, row_ids: list[str], encodings: list[Encoded], truncated: list[bool], lost: list[int]
+    ) -> None:
         if not len(row_ids) == len(encodings) == len(truncated) == len(lost):
             raise ValueError("row_ids, encodings, truncated and lost must have one entry per row")
         if split not in self._files:
@@ -234,8 +246,16 @@ class TokenCacheWriter:
         self._tokens[split] += total
         self._id_batches[split].add(pa.table({"id": pa.array(row_ids, pa.string())}, schema=ID_SCHEMA))
 
-    def add_arrays(self, split: str, row_ids: pa.Array, input_ids: np.ndarray, labels: np.ndarray,
-                   lengths: np.ndarray, truncated: np.ndarray, lost: np.ndarray) -> None:
+    def add_arrays(
+        self,
+        split: str,
+        row_ids: pa.Array,
+        input_ids: np.ndarray,
+        labels: np.ndarray,
+        lengths: np.ndarray,
+        truncated: np.ndarray,
+        lost: np.ndarray,
+    ) -> None:
         """As add(), for rows already flat: input_ids and labels end to end, each row's length."""
         if not len(row_ids) == len(lengths) == len(truncated) == len(lost) or len(input_ids) != int(lengths.sum()):
             raise ValueError("one id, length, truncated and lost per row; as many tokens as the lengths sum to")
@@ -327,8 +347,15 @@ class TokenRows:
     def select(self, indices: Any) -> TokenRows:
         """The rows at `indices` (in that order); the flat token arrays are shared, not copied."""
         idx = np.asarray(indices, dtype=np.int64)
-        return TokenRows(self.ids.take(pa.array(idx)), self.input_ids, self.labels, self.starts[idx], self.ends[idx],
-                         self.truncated[idx], self.lost[idx])
+        return TokenRows(
+            self.ids.take(pa.array(idx)),
+            self.input_ids,
+            self.labels,
+            self.starts[idx],
+            self.ends[idx],
+            self.truncated[idx],
+            self.lost[idx],
+        )
 
     def target_counts(self) -> np.ndarray:
         """Per row, the labels that enter the loss (those after its first position that are not IGNORE)."""
@@ -355,11 +382,14 @@ def read_cache(curated: Path, split: str, key: dict[str, Any]) -> TokenRows | No
     arrays = {name: _mapped(folder / split / f"{name}.bin", dtype) for name, dtype in ARRAYS.items()}
     ids = pa.ipc.open_file(pa.memory_map(str(folder / split / IDS))).read_all().column("id")
     offsets, n = arrays["offsets"], len(ids)
-    if not (len(offsets) == n + 1 == len(arrays["truncated"]) + 1 == len(arrays["lost"]) + 1
-            and offsets[-1] == len(arrays["input_ids"]) == len(arrays["labels"])):
+    if not (
+        len(offsets) == n + 1 == len(arrays["truncated"]) + 1 == len(arrays["lost"]) + 1
+        and offsets[-1] == len(arrays["input_ids"]) == len(arrays["labels"])
+    ):
         return None
-    return TokenRows(ids, arrays["input_ids"], arrays["labels"], offsets[:-1], offsets[1:], arrays["truncated"],
-                     arrays["lost"])
+    return TokenRows(
+        ids, arrays["input_ids"], arrays["labels"], offsets[:-1], offsets[1:], arrays["truncated"], arrays["lost"]
+    )
 
 
 def load_split(cfg: Config, split: str) -> list[dict[str, Any]]:

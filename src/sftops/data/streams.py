@@ -80,7 +80,7 @@ def bounded_lines(fh: BinaryIO, max_line_bytes: int) -> Iterator[tuple[bytes, in
     limit = max(max_line_bytes, HEAD_BYTES) + 1  # enough to tell a line too long, and to keep its head
     line = fh.readline(limit + len(BOM))
     if line.startswith(BOM):
-        line = line[len(BOM):]
+        line = line[len(BOM) :]
         if not line:  # the file is only the mark
             return
     while line:
@@ -111,7 +111,7 @@ def utf8_error(path: Path) -> str | None:
     offset, error = 0, None  # offset: bytes handed to the decoder before this chunk, after the BOM
     with open_bytes(path) as fh:
         chunk = fh.read(CHUNK_BYTES)
-        chunk = chunk[len(BOM):] if chunk.startswith(BOM) else chunk
+        chunk = chunk[len(BOM) :] if chunk.startswith(BOM) else chunk
         while error is None:
             pending = len(decoder.getstate()[0])
             try:
@@ -130,5 +130,7 @@ def utf8_error(path: Path) -> str | None:
 def _decode_message(exc: UnicodeDecodeError, shift: int) -> str:
     start, end = shift + exc.start, shift + exc.end
     if end - start == 1:
-        return f"'{exc.encoding}' codec can't decode byte 0x{exc.object[exc.start]:02x} in position {start}: {exc.reason}"
+        return (
+            f"'{exc.encoding}' codec can't decode byte 0x{exc.object[exc.start]:02x} in position {start}: {exc.reason}"
+        )
     return f"'{exc.encoding}' codec can't decode bytes in position {start}-{end - 1}: {exc.reason}"

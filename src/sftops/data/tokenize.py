@@ -58,8 +58,9 @@ def _own_backend(tokenizer: PreTrainedTokenizerBase) -> Any:
     return own
 
 
-def _ids_and_offsets(render: Renderer, tokenizer: PreTrainedTokenizerBase, texts: list[str]
-                     ) -> list[tuple[list[int], list[tuple[int, int]]]]:
+def _ids_and_offsets(
+    render: Renderer, tokenizer: PreTrainedTokenizerBase, texts: list[str]
+) -> list[tuple[list[int], list[tuple[int, int]]]]:
     """Token ids and character offsets of each text, no special tokens added."""
     if render.backend is not None:
         return [(e.ids, e.offsets) for e in render.backend.encode_batch(texts, add_special_tokens=False)]
@@ -79,20 +80,27 @@ def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[in
     return labels + [IGNORE] * (len(ids) - done)
 
 
-def encode_batch(tokenizer: PreTrainedTokenizerBase, convs: list[Conversation], render: Renderer | None = None,
-                 batch_size: int = 1024) -> list[Encoded]:
+def encode_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    convs: list[Conversation],
+    render: Renderer | None = None,
+    batch_size: int = 1024,
+) -> list[Encoded]:
     """Every conversation's ids and labels (target: a token starting inside a target turn's span)."""
     render = render or Renderer(tokenizer)
     out: list[Encoded] = []
     for start in range(0, len(convs), batch_size):
         rendered = [response_spans(render, c) for c in convs[start : start + batch_size]]
         encodings = _ids_and_offsets(render, tokenizer, [text for text, _ in rendered])
-        out += [Encoded(list(ids), _labels(ids, offsets, spans)) for (_, spans), (ids, offsets) in zip(rendered, encodings)]
+        out += [
+            Encoded(list(ids), _labels(ids, offsets, spans)) for (_, spans), (ids, offsets) in zip(rendered, encodings)
+        ]
     return out
 
 
-def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list | None = None,
-                        render: Renderer | None = None) -> Encoded:
+def encode_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list | None = None, render: Renderer | None = None
+) -> Encoded:
     """One conversation's ids and labels, through the batched encoder."""
     return encode_batch(tokenizer, [{"messages": messages, "tools": tools}], render)[0]
 
@@ -134,7 +142,9 @@ def _cut_middle(tokenizer: PreTrainedTokenizerBase, text: str, n_tokens: int) ->
     if keep < 2 * KEEP_EACH_END:
         return None
     head, tail = ids[: keep // 2], ids[len(ids) - (keep - keep // 2) :]
-    return tokenizer.decode(head, skip_special_tokens=False) + ELISION + tokenizer.decode(tail, skip_special_tokens=False)
+    return (
+        tokenizer.decode(head, skip_special_tokens=False) + ELISION + tokenizer.decode(tail, skip_special_tokens=False)
+    )
 
 
 def _cut_prompt_middle(tokenizer: PreTrainedTokenizerBase, messages: list[dict], n_tokens: int) -> list[dict] | None:
@@ -153,8 +163,15 @@ def _cut_prompt_middle(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
     return messages[:i] + [dict(messages[i], content=content)] + messages[i + 1 :]
 
 
-def fit(tokenizer: PreTrainedTokenizerBase, render: Renderer, conv: Conversation, enc: Encoded, max_length: int,
-        policy: str, where: str) -> Fitted:
+def fit(
+    tokenizer: PreTrainedTokenizerBase,
+    render: Renderer,
+    conv: Conversation,
+    enc: Encoded,
+    max_length: int,
+    policy: str,
+    where: str,
+) -> Fitted:
     """Apply the overflow policy to one encoded conversation. truncate_prompt cuts the oldest exchanges, then
     the middle of the longest user turn (never its start or its end, where the question is), and only when the
     response alone cannot fit, the end of the response (counted in response_tokens_lost). A row left with no
@@ -167,7 +184,11 @@ def fit(tokenizer: PreTrainedTokenizerBase, render: Renderer, conv: Conversation
                 "(set data.overflow to drop or truncate_prompt, or raise model.max_length)"
             )
         if policy == "drop":
-            return Fitted(None, f"{len(enc.input_ids)} tokens > model.max_length {max_length} (raise it, or set data.overflow: truncate_prompt)", kind="too long")
+            return Fitted(
+                None,
+                f"{len(enc.input_ids)} tokens > model.max_length {max_length} (raise it, or set data.overflow: truncate_prompt)",
+                kind="too long",
+            )
         messages = conv["messages"]
         prompt_before = len(enc.input_ids) - targets
         while len(enc.input_ids) > max_length and (shorter := _drop_oldest_exchange(messages)) is not None:
@@ -177,7 +198,11 @@ def fit(tokenizer: PreTrainedTokenizerBase, render: Renderer, conv: Conversation
             excess = len(enc.input_ids) - max_length
             if excess <= 0:
                 break
-            cut = _cut_prompt_middle(tokenizer, messages, excess + len(tokenizer(ELISION, add_special_tokens=False)["input_ids"]) + attempt * 2)
+            cut = _cut_prompt_middle(
+                tokenizer,
+                messages,
+                excess + len(tokenizer(ELISION, add_special_tokens=False)["input_ids"]) + attempt * 2,
+            )
             if cut is None:
                 break
             messages = cut
@@ -186,10 +211,21 @@ def fit(tokenizer: PreTrainedTokenizerBase, render: Renderer, conv: Conversation
             enc = Encoded(enc.input_ids[:max_length], enc.labels[:max_length])
         lost = targets - enc.n_targets
         if enc.n_targets == 0:
-            return Fitted(None, "no supervised token left after truncation", kind="no supervised tokens",
-                          truncated=True, response_tokens_lost=targets)
+            return Fitted(
+                None,
+                "no supervised token left after truncation",
+                kind="no supervised tokens",
+                truncated=True,
+                response_tokens_lost=targets,
+            )
         cut_tokens = max(prompt_before - (len(enc.input_ids) - enc.n_targets), 0)
-        return Fitted(enc, truncated=True, response_tokens_lost=lost, messages=messages if messages is not conv["messages"] else None, prompt_tokens_cut=cut_tokens)
+        return Fitted(
+            enc,
+            truncated=True,
+            response_tokens_lost=lost,
+            messages=messages if messages is not conv["messages"] else None,
+            prompt_tokens_cut=cut_tokens,
+        )
     if targets == 0:
         return Fitted(None, "no supervised token (the template renders no assistant text)", kind="no supervised tokens")
     return Fitted(enc)

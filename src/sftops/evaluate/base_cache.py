@@ -11,9 +11,9 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from sftops.provenance.fingerprints import file_sha256, json_sha256
 from sftops.config import ModelConfig
 from sftops.modeling import check_base, resolve_base
+from sftops.provenance.fingerprints import file_sha256, json_sha256
 from sftops.workspace import cache_root
 
 
@@ -28,13 +28,19 @@ def model_fingerprint(model: dict[str, Any]) -> dict[str, Any]:
     place = Path(resolve_base(model["base"]))
     files = {}
     if place.is_dir():
-        chosen = [place / model["gguf_file"]] if model.get("gguf_file") else sorted(p for p in place.iterdir() if p.is_file())
+        chosen = (
+            [place / model["gguf_file"]]
+            if model.get("gguf_file")
+            else sorted(p for p in place.iterdir() if p.is_file())
+        )
         files = {p.name: file_sha256(p) for p in chosen if p.exists()}
         return {"config": model, "files": files}
     return {"config": model, "commit": check_base(ModelConfig.model_validate(model)), "files": files}
 
 
-def cache_key(model: dict[str, Any], data_sha256: str, tokenizer_sha256: str, eval_params: dict[str, Any], device: str) -> str:
+def cache_key(
+    model: dict[str, Any], data_sha256: str, tokenizer_sha256: str, eval_params: dict[str, Any], device: str
+) -> str:
     """sha256 of everything the base model's scores and outputs depend on; data_sha256: the test split file's
     sha256, or a regression suite's (its rows as evaluated)."""
     key = {

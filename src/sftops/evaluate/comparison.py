@@ -35,7 +35,9 @@ def bootstrap_difference_ci(
     resample keeps the pairing (a row's base and tuned scores move together) and its own token weights."""
     base_sum, tuned_sum, tokens = _check_paired(base, tuned)
     gap = base_sum - tuned_sum
-    return _percentiles([(c @ gap) / np.maximum(c @ tokens, 1.0) for c in _resample_counts(len(tokens), resamples, seed)], confidence)
+    return _percentiles(
+        [(c @ gap) / np.maximum(c @ tokens, 1.0) for c in _resample_counts(len(tokens), resamples, seed)], confidence
+    )
 
 
 def _resample_counts(n: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
@@ -52,7 +54,9 @@ def _percentiles(blocks: list[np.ndarray], confidence: float) -> tuple[float, fl
     return float(low), float(high)
 
 
-def perplexity_delta_ci(base: Scores, tuned: Scores, resamples: int, seed: int, confidence: float) -> tuple[float, float, float]:
+def perplexity_delta_ci(
+    base: Scores, tuned: Scores, resamples: int, seed: int, confidence: float
+) -> tuple[float, float, float]:
     """Tuned minus base perplexity (of the token-weighted mean NLL) and its paired-bootstrap interval."""
     base_sum, tuned_sum, tokens = _check_paired(base, tuned)
     delta = float(np.exp(tuned_sum.sum() / tokens.sum()) - np.exp(base_sum.sum() / tokens.sum()))
@@ -63,12 +67,17 @@ def perplexity_delta_ci(base: Scores, tuned: Scores, resamples: int, seed: int, 
     return (delta, *_percentiles(blocks, confidence))
 
 
-def mean_delta_ci(base: Sequence[float], tuned: Sequence[float], resamples: int, seed: int, confidence: float) -> tuple[float, float, float]:
+def mean_delta_ci(
+    base: Sequence[float], tuned: Sequence[float], resamples: int, seed: int, confidence: float
+) -> tuple[float, float, float]:
     """Mean of the per-row tuned minus base values (e.g. chrF of each answer) and its paired-bootstrap interval."""
     if len(base) != len(tuned) or not base:
         raise ValueError(f"paired comparison needs the same non-empty rows (got {len(base)} and {len(tuned)})")
     gap = np.asarray(tuned, dtype=np.float64) - np.asarray(base, dtype=np.float64)
-    return (float(gap.mean()), *_percentiles([(c @ gap) / len(gap) for c in _resample_counts(len(gap), resamples, seed)], confidence))
+    return (
+        float(gap.mean()),
+        *_percentiles([(c @ gap) / len(gap) for c in _resample_counts(len(gap), resamples, seed)], confidence),
+    )
 
 
 def win_rate(base: Scores, tuned: Scores) -> float:

@@ -56,7 +56,9 @@ def complete(
     outputs: list[Completion] = []
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
-            enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(
+                list(prompts[start : start + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False
+            )
             enc = {k: v.to(device) for k, v in enc.items()}
             out = model.generate(**enc, generation_config=config)
             for row in out[:, enc["input_ids"].shape[1] :].tolist():
@@ -80,7 +82,12 @@ def generate(
     return [c.text for c in complete(model, tokenizer, prompts, Decoding(max_new_tokens=max_new_tokens), batch_size)]
 
 
-def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], max_new_tokens: int = 64) -> list[str]:
+def answer(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], max_new_tokens: int = 64
+) -> list[str]:
     """Answers to plain user questions, each rendered as a one-turn conversation with the model's template."""
-    prompts = [generation_prompt(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": ""}]) for q in questions]
+    prompts = [
+        generation_prompt(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": ""}])
+        for q in questions
+    ]
     return generate(model, tokenizer, prompts, max_new_tokens)

@@ -51,8 +51,10 @@ class SuiteResult:
         return self.delta_ci_high < -self.margin
 
     def describe(self) -> str:
-        return (f"suite {self.name!r} {self.metric} {self.base:.4f} (base) -> {self.tuned:.4f} (tuned), "
-                f"CI of the change [{self.delta_ci_low:+.4f}, {self.delta_ci_high:+.4f}], margin {self.margin}")
+        return (
+            f"suite {self.name!r} {self.metric} {self.base:.4f} (base) -> {self.tuned:.4f} (tuned), "
+            f"CI of the change [{self.delta_ci_low:+.4f}, {self.delta_ci_high:+.4f}], margin {self.margin}"
+        )
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,16 @@ class Decision:
 def suite_results(metrics: dict[str, Any]) -> list[SuiteResult]:
     """The regression suites' verdict inputs, from the evaluation's metrics (metrics.json's `suites`)."""
     return [
-        SuiteResult(name, v["primary_metric"], v["base"][v["primary_metric"]], v["tuned"][v["primary_metric"]],
-                    v["delta_ci_low"], v["delta_ci_high"], v["regression_margin"], v["informational"])
+        SuiteResult(
+            name,
+            v["primary_metric"],
+            v["base"][v["primary_metric"]],
+            v["tuned"][v["primary_metric"]],
+            v["delta_ci_low"],
+            v["delta_ci_high"],
+            v["regression_margin"],
+            v["informational"],
+        )
         for name, v in metrics.get("suites", {}).items()
     ]
 
@@ -107,24 +117,40 @@ def decide(
 ) -> Decision:
     is_versioned, version_note = versioned
     if not is_versioned:
-        return Decision(CHALLENGER, f"its data is not versioned ({version_note}): not promoted", metric, value, *_champ(champion))
+        return Decision(
+            CHALLENGER, f"its data is not versioned ({version_note}): not promoted", metric, value, *_champ(champion)
+        )
     passed, check_note = checks
     if not passed:
         return Decision(CHALLENGER, f"{check_note}: not promoted", metric, value, *_champ(champion))
     regressed = [s for s in suites if s.regressed and not s.informational]
     if regressed:
         figures = "; ".join(s.describe() for s in regressed)
-        return Decision(CHALLENGER, f"regressed against the base model on {figures}: not promoted", metric, value,
-                        *_champ(champion), regressed_suites=tuple(s.name for s in regressed))
+        return Decision(
+            CHALLENGER,
+            f"regressed against the base model on {figures}: not promoted",
+            metric,
+            value,
+            *_champ(champion),
+            regressed_suites=tuple(s.name for s in regressed),
+        )
     blocking = [s for s in suites if not s.informational]
     if blocking:
         check_note += f"; no regression on {len(blocking)} suite{'s' if len(blocking) > 1 else ''}"
     noted = [s.name for s in suites if s.informational and s.regressed]
     if noted:
-        check_note += f"; informational suite{'s' if len(noted) > 1 else ''} {', '.join(noted)} regressed (not blocking)"
+        check_note += (
+            f"; informational suite{'s' if len(noted) > 1 else ''} {', '.join(noted)} regressed (not blocking)"
+        )
     if base_value is not None and not _better(metric, value, base_value):
-        return Decision(CHALLENGER, f"test {metric} {value:.4f} does not beat the base model's {base_value:.4f}: "
-                        "fine-tuning did not help on the test split, not promoted", metric, value, *_champ(champion))
+        return Decision(
+            CHALLENGER,
+            f"test {metric} {value:.4f} does not beat the base model's {base_value:.4f}: "
+            "fine-tuning did not help on the test split, not promoted",
+            metric,
+            value,
+            *_champ(champion),
+        )
     if champion is None:
         return Decision(CHAMPION, f"no champion yet; {check_note}", metric, value)
     if champion.version == version:
@@ -136,13 +162,19 @@ def decide(
             "depends on (tokenizer, max_length, overflow; for generation metrics also decoding and generations): "
             "no like-for-like comparison, so not promoted (evaluate the champion on this test set, or move the "
             "alias by hand)",
-            metric, value, *_champ(champion),
+            metric,
+            value,
+            *_champ(champion),
         )
     gain = champion.value - value if metric in LOWER_IS_BETTER else value - champion.value
     compared = f"test {metric} {value:.4f} vs champion v{champion.version}'s {champion.value:.4f} (gain {gain:+.4f}, margin {margin})"
     if gain > margin:
-        return Decision(CHAMPION, f"{compared}: beats it by more than the margin; {check_note}", metric, value, *_champ(champion))
-    return Decision(CHALLENGER, f"{compared}: does not beat it by more than the margin", metric, value, *_champ(champion))
+        return Decision(
+            CHAMPION, f"{compared}: beats it by more than the margin; {check_note}", metric, value, *_champ(champion)
+        )
+    return Decision(
+        CHALLENGER, f"{compared}: does not beat it by more than the margin", metric, value, *_champ(champion)
+    )
 
 
 def _better(metric: str, value: float, than: float) -> bool:

@@ -25,16 +25,26 @@ def svg_curves(series: dict[str, Sequence[tuple[float, float]]], width: int = 64
         return f"{sx:.1f},{sy:.1f}"
 
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
-             f'<rect x="{pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" fill="none" stroke="#ccc"/>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
+        f'<rect x="{pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" fill="none" stroke="#ccc"/>',
+    ]
     for i, (name, pts) in enumerate(series.items()):
         colour = colours[i % len(colours)]
         coords = " ".join(px(x, y) for x, y in pts)
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}"/>')
-        parts += [f'<circle cx="{c.split(",")[0]}" cy="{c.split(",")[1]}" r="3" fill="{colour}"/>' for c in coords.split()[:50] if len(pts) < 50]
-        parts.append(f'<text x="{width - pad - 150}" y="{pad + 16 + 16 * i}" fill="{colour}" font-size="12">{escape(name)}</text>')
+        parts += [
+            f'<circle cx="{c.split(",")[0]}" cy="{c.split(",")[1]}" r="3" fill="{colour}"/>'
+            for c in coords.split()[:50]
+            if len(pts) < 50
+        ]
+        parts.append(
+            f'<text x="{width - pad - 150}" y="{pad + 16 + 16 * i}" fill="{colour}" font-size="12">{escape(name)}</text>'
+        )
     parts.append(f'<text x="{pad}" y="{height - 10}" font-size="11">step {x0:g} … {x1:g}</text>')
-    parts.append(f'<text x="4" y="{pad - 8}" font-size="11">{y1:.3f}</text><text x="4" y="{height - pad}" font-size="11">{y0:.3f}</text>')
+    parts.append(
+        f'<text x="4" y="{pad - 8}" font-size="11">{y1:.3f}</text><text x="4" y="{height - pad}" font-size="11">{y0:.3f}</text>'
+    )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -74,8 +84,19 @@ def render(
     sources = metrics.get("per_source", {})
     per_source = _table(
         ["source", "rows", "base NLL", "tuned NLL", "improvement", "CI low", "CI high", "win rate"],
-        [[s, v["rows"], v["base_nll"], v["tuned_nll"], v["nll_improvement"], v["nll_improvement_ci_low"],
-          v["nll_improvement_ci_high"], v["win_rate"]] for s, v in sources.items()],
+        [
+            [
+                s,
+                v["rows"],
+                v["base_nll"],
+                v["tuned_nll"],
+                v["nll_improvement"],
+                v["nll_improvement_ci_low"],
+                v["nll_improvement_ci_high"],
+                v["win_rate"],
+            ]
+            for s, v in sources.items()
+        ],
     )
     gate = "<p>(no promotion decision)</p>"
     if decision:
@@ -84,7 +105,13 @@ def render(
     cols = ["prompt", "reference", "base NLL", "tuned NLL", "improvement"]
 
     def extreme(rows: Sequence[dict[str, Any]]) -> str:
-        return _table(cols, [[r["prompt"][:300], r["reference"][:300], r["base_nll"], r["tuned_nll"], r["base_nll"] - r["tuned_nll"]] for r in rows])
+        return _table(
+            cols,
+            [
+                [r["prompt"][:300], r["reference"][:300], r["base_nll"], r["tuned_nll"], r["base_nll"] - r["tuned_nll"]]
+                for r in rows
+            ],
+        )
 
     gen_cols = [c for c in generations if c not in ("id",)]
     gen_rows = list(zip(*(generations[c] for c in gen_cols))) if gen_cols else []
@@ -117,20 +144,71 @@ def suites_section(suites: dict[str, dict[str, Any]], worst: dict[str, list[dict
     got most worse with both answers side by side."""
     if not suites:
         return ""
-    header = ["suite", "rows", "excluded (train duplicates)", "contaminated prompts", "metric", "base", "tuned",
-              "change CI low", "change CI high", "margin", "verdict", "base NLL", "tuned NLL", "win rate",
-              "base stop rate", "tuned stop rate", "base words", "tuned words"]
-    rows = [[name, v["rows"], v["train_duplicates"], v["contaminated_prompts"], v["primary_metric"],
-             v["base"][v["primary_metric"]], v["tuned"][v["primary_metric"]], v["delta_ci_low"], v["delta_ci_high"],
-             v["regression_margin"], _verdict(v), v["base"]["nll"], v["tuned"]["nll"], v["win_rate"],
-             v["base"].get("stopped_rate", ""), v["tuned"].get("stopped_rate", ""),
-             v["base"].get("response_words_mean", ""), v["tuned"].get("response_words_mean", "")] for name, v in suites.items()]
-    parts = ["<h2>Regression suites</h2><p>Base against tuned on evaluation sets never trained on; a suite regresses "
-             "when the whole confidence interval of (tuned - base) lies on the worse side of its margin.</p>",
-             _table(header, rows)]
+    header = [
+        "suite",
+        "rows",
+        "excluded (train duplicates)",
+        "contaminated prompts",
+        "metric",
+        "base",
+        "tuned",
+        "change CI low",
+        "change CI high",
+        "margin",
+        "verdict",
+        "base NLL",
+        "tuned NLL",
+        "win rate",
+        "base stop rate",
+        "tuned stop rate",
+        "base words",
+        "tuned words",
+    ]
+    rows = [
+        [
+            name,
+            v["rows"],
+            v["train_duplicates"],
+            v["contaminated_prompts"],
+            v["primary_metric"],
+            v["base"][v["primary_metric"]],
+            v["tuned"][v["primary_metric"]],
+            v["delta_ci_low"],
+            v["delta_ci_high"],
+            v["regression_margin"],
+            _verdict(v),
+            v["base"]["nll"],
+            v["tuned"]["nll"],
+            v["win_rate"],
+            v["base"].get("stopped_rate", ""),
+            v["tuned"].get("stopped_rate", ""),
+            v["base"].get("response_words_mean", ""),
+            v["tuned"].get("response_words_mean", ""),
+        ]
+        for name, v in suites.items()
+    ]
+    parts = [
+        "<h2>Regression suites</h2><p>Base against tuned on evaluation sets never trained on; a suite regresses "
+        "when the whole confidence interval of (tuned - base) lies on the worse side of its margin.</p>",
+        _table(header, rows),
+    ]
     cols = ["prompt", "reference", "base answer", "tuned answer", "base NLL", "tuned NLL"]
     for name, picked in worst.items():
         parts.append(f"<h3>{escape(name)}: rows that got most worse</h3>")
-        parts.append(_table(cols, [[r["prompt"][:300], r["reference"][:300], r["base_output"], r["tuned_output"],
-                                    r["base_nll"], r["tuned_nll"]] for r in picked]))
+        parts.append(
+            _table(
+                cols,
+                [
+                    [
+                        r["prompt"][:300],
+                        r["reference"][:300],
+                        r["base_output"],
+                        r["tuned_output"],
+                        r["base_nll"],
+                        r["tuned_nll"],
+                    ]
+                    for r in picked
+                ],
+            )
+        )
     return "".join(parts)

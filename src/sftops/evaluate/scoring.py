@@ -46,7 +46,9 @@ def row_scores(outputs: list[str], refs: list[list[str]], extraction: str = "nor
     }
 
 
-def summarise(scores: list[tuple[float, int]], per_row: dict[str, list[float]], completions: list[Completion]) -> dict[str, float]:
+def summarise(
+    scores: list[tuple[float, int]], per_row: dict[str, list[float]], completions: list[Completion]
+) -> dict[str, float]:
     nll = mean_nll(scores)
     out = {"nll": nll, "perplexity": math.exp(nll)}
     for name, values in per_row.items():

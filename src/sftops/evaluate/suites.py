@@ -14,10 +14,10 @@ from tqdm import tqdm
 from sftops.config import DataConfig, SuiteConfig
 from sftops.data.curate import conversation_text, prompt_key, row_id
 from sftops.data.schemas import RowError, to_conversation
+from sftops.data.sources import read_source
 from sftops.data.split import contamination, prompt_text
 from sftops.errors import DataError
 from sftops.provenance.fingerprints import json_sha256
-from sftops.data.sources import read_source
 
 Row = dict[str, Any]
 
@@ -52,7 +52,9 @@ def read_suite(suite: SuiteConfig, max_row_bytes: int) -> tuple[list[Row], dict[
             except RowError:
                 counts["rejected"] += 1
                 continue
-            rows.append({"id": row_id(conv["messages"], conv["tools"]), "source": suite.name, "origin": rec.origin, **conv})
+            rows.append(
+                {"id": row_id(conv["messages"], conv["tools"]), "source": suite.name, "origin": rec.origin, **conv}
+            )
     except DataError as exc:  # a missing file, an unreadable whole file: one line naming the suite
         detail = str(exc).removeprefix(f"source {suite.name!r}: ")
         raise DataError(f"evaluate.suites {suite.name!r}: {detail}") from None
@@ -63,13 +65,17 @@ def _seeded_rank(seed: int, rid: str) -> bytes:
     return hashlib.sha256(f"suite\0{seed}\0{rid}".encode()).digest()
 
 
-def check_against_train(rows: list[Row], train_rows: list[Row], d: DataConfig) -> tuple[list[Row], int, list[dict[str, Any]]]:
+def check_against_train(
+    rows: list[Row], train_rows: list[Row], d: DataConfig
+) -> tuple[list[Row], int, list[dict[str, Any]]]:
     """(rows kept, rows dropped as duplicates of a train row, prompts flagged as overlapping the train split's).
     A duplicate is the same normalised conversation, as the format stage's exact deduplication defines it."""
     train_texts = {conversation_text(r["messages"]) for r in train_rows}
     kept = [r for r in rows if conversation_text(r["messages"]) not in train_texts]
     train_prompts = [prompt_text(r["messages"]) for r in train_rows]
-    flagged = contamination(train_prompts, [prompt_text(r["messages"]) for r in kept], d.contamination_ngram, d.contamination_threshold)
+    flagged = contamination(
+        train_prompts, [prompt_text(r["messages"]) for r in kept], d.contamination_ngram, d.contamination_threshold
+    )
     return kept, len(rows) - len(kept), [{"origin": kept[i]["origin"], "overlap": round(o, 4)} for i, o in flagged]
 
 
@@ -88,8 +94,10 @@ def prepare_suite(suite: SuiteConfig, train_rows: list[Row], d: DataConfig, seed
         flagged = [f for f in flagged if any(r["origin"] == f["origin"] for r in kept)]
     counts["kept"] = len(kept)
     if not kept:
-        raise DataError(f"evaluate.suites {suite.name!r}: no rows left to evaluate on ({counts}); check its path, "
-                        f"schema and fields (the rows must map to conversations ending with an assistant answer)")
+        raise DataError(
+            f"evaluate.suites {suite.name!r}: no rows left to evaluate on ({counts}); check its path, "
+            f"schema and fields (the rows must map to conversations ending with an assistant answer)"
+        )
     return SuiteRows(suite.name, kept, counts, flagged)
 
 

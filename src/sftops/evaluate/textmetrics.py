@@ -96,4 +96,8 @@ def length_stats(texts: list[str], prefix: str) -> dict[str, float]:
         return {}
     mid = len(words) // 2
     median = words[mid] if len(words) % 2 else (words[mid - 1] + words[mid]) / 2
-    return {f"{prefix}_words_mean": sum(words) / len(words), f"{prefix}_words_median": float(median), f"{prefix}_words_max": float(words[-1])}
+    return {
+        f"{prefix}_words_mean": sum(words) / len(words),
+        f"{prefix}_words_median": float(median),
+        f"{prefix}_words_max": float(words[-1]),
+    }

@@ -125,4 +125,10 @@ def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
     """The vocabulary and rules (the fast tokenizer's serialisation), the special tokens and the chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return json_sha256({"tokenizer": text_sha256(body), "special": tokenizer.special_tokens_map, "template": chat_template_sha256(tokenizer)})
+    return json_sha256(
+        {
+            "tokenizer": text_sha256(body),
+            "special": tokenizer.special_tokens_map,
+            "template": chat_template_sha256(tokenizer),
+        }
+    )

@@ -10,7 +10,7 @@ import os
 import platform
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,19 @@ from sftops.config import Config
 from sftops.provenance.fingerprints import chat_template_sha256, file_md5, file_sha256, json_sha256, tokenizer_sha256
 from sftops.redact import redact
 
-LIBRARIES = ("sftops", "torch", "transformers", "peft", "tokenizers", "accelerate", "datasets", "mlflow", "dvc", "prefect", "numpy")
+LIBRARIES = (
+    "sftops",
+    "torch",
+    "transformers",
+    "peft",
+    "tokenizers",
+    "accelerate",
+    "datasets",
+    "mlflow",
+    "dvc",
+    "prefect",
+    "numpy",
+)
 
 
 def git_state(cwd: str | Path | None = None) -> tuple[str | None, bool]:
@@ -28,7 +40,9 @@ def git_state(cwd: str | Path | None = None) -> tuple[str | None, bool]:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=cwd)
     except (OSError, subprocess.CalledProcessError):
         return None, False
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=cwd)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=cwd
+    )
     return out.stdout.strip(), bool(dirty.stdout.strip())
 
 
@@ -44,7 +58,9 @@ def dvc_md5(path: Path, skip: tuple[str, ...] = ()) -> str:
     (e.g. __pycache__) are left out."""
     entries = [
         {"md5": file_md5(f), "relpath": f.relative_to(path).as_posix()}
-        for f in sorted(p for p in Path(path).rglob("*") if p.is_file() and not set(p.relative_to(path).parts) & set(skip))
+        for f in sorted(
+            p for p in Path(path).rglob("*") if p.is_file() and not set(p.relative_to(path).parts) & set(skip)
+        )
     ]
     entries.sort(key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
@@ -69,7 +85,12 @@ def hardware() -> dict[str, Any]:
 
     info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count()}
     if torch.cuda.is_available():
-        info.update(device="cuda", gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(), cuda=torch.version.cuda)
+        info.update(
+            device="cuda",
+            gpu=torch.cuda.get_device_name(0),
+            gpu_count=torch.cuda.device_count(),
+            cuda=torch.version.cuda,
+        )
     else:
         info["device"] = "cpu"
     return info
@@ -88,8 +109,10 @@ def resolved_revisions(cfg: Config, base_revision: str | None) -> dict[str, Any]
 
     report = Path(cfg.paths.curated) / INGEST_REPORT
     data = json.loads(report.read_text()).get("revisions", {}) if report.exists() else {}
-    return {"model": {"base": redact(cfg.model.base), "requested": cfg.model.revision, "resolved": base_revision},
-            "data": data}
+    return {
+        "model": {"base": redact(cfg.model.base), "requested": cfg.model.revision, "resolved": base_revision},
+        "data": data,
+    }
 
 
 def revision_tags(revisions: dict[str, Any]) -> dict[str, str]:
@@ -99,14 +122,16 @@ def revision_tags(revisions: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
-def build_manifest(cfg: Config, lock_file: Path = Path("dvc.lock"), revisions: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_manifest(
+    cfg: Config, lock_file: Path = Path("dvc.lock"), revisions: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Everything known when the training run starts (revisions: resolved_revisions')."""
     commit, dirty = git_state()
     curated = Path(cfg.paths.curated)
     params = cfg.model_dump(mode="json")  # the whole configuration, a record of the run (not an input of it)
     return {
         "sftops_manifest": 1,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": redact(" ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])),
         "git": {"commit": commit, "dirty": dirty},
         "dvc_lock_sha256": file_sha256(lock_file) if lock_file.exists() else None,

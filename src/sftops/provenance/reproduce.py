@@ -28,8 +28,8 @@ from typing import Any
 import yaml
 
 from sftops.errors import ConfigError
-from sftops.provenance.fingerprints import file_sha256, json_sha256
 from sftops.jsonio import write_json
+from sftops.provenance.fingerprints import file_sha256, json_sha256
 from sftops.provenance.manifest import dvc_md5, folder_hashes, library_versions, model_section
 
 
@@ -56,8 +56,10 @@ def _run(cmd: list[str], folder: Path, env: dict[str, str], log: list[str]) -> N
     log.append(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
     (folder / "reproduction.log").write_text("\n".join(log), encoding="utf-8")
     if proc.returncode != 0:
-        raise ConfigError(f"the reproduction failed at `{' '.join(cmd[2:] if cmd[1] == '-m' else cmd)}` (exit {proc.returncode}); "
-                          f"see {folder / 'reproduction.log'}")
+        raise ConfigError(
+            f"the reproduction failed at `{' '.join(cmd[2:] if cmd[1] == '-m' else cmd)}` (exit {proc.returncode}); "
+            f"see {folder / 'reproduction.log'}"
+        )
 
 
 def _have_commit(commit: str, ref: str | None, repo: Path) -> None:
@@ -68,7 +70,11 @@ def _have_commit(commit: str, ref: str | None, repo: Path) -> None:
     except ConfigError:
         pass
     for remote in _git("remote", cwd=repo).split():
-        if ref and subprocess.run(["git", "fetch", "-q", remote, f"{ref}:{ref}"], cwd=repo, capture_output=True).returncode == 0:
+        if (
+            ref
+            and subprocess.run(["git", "fetch", "-q", remote, f"{ref}:{ref}"], cwd=repo, capture_output=True).returncode
+            == 0
+        ):
             return
 
 
@@ -102,12 +108,16 @@ def compare_outputs(manifest: dict[str, Any], folder: Path) -> dict[str, dict[st
         return {"recorded": recorded, "reproduced": reproduced, "match": recorded == reproduced}
 
     return {
-        "params_sha256": check(manifest["params_sha256"], json_sha256(yaml.safe_load((folder / "params.yaml").read_text()))),
+        "params_sha256": check(
+            manifest["params_sha256"], json_sha256(yaml.safe_load((folder / "params.yaml").read_text()))
+        ),
         "dvc_lock_sha256": check(manifest.get("dvc_lock_sha256"), file_sha256(lock) if lock.exists() else None),
         "curated_dvc_md5": check(manifest["data"]["curated_dvc_md5"], dvc_md5(curated)),
         "curated_files": check(manifest["data"]["files"], folder_hashes(curated)),
         "tokenizer_sha256": check(recorded_model.get("tokenizer_sha256"), reproduced_model["tokenizer_sha256"]),
-        "chat_template_sha256": check(recorded_model.get("chat_template_sha256"), reproduced_model["chat_template_sha256"]),
+        "chat_template_sha256": check(
+            recorded_model.get("chat_template_sha256"), reproduced_model["chat_template_sha256"]
+        ),
         "model_files": check(recorded_model.get("files"), reproduced_model["files"]),
         "libraries": check(manifest.get("libraries"), library_versions()),
     }
@@ -117,8 +127,14 @@ def compare_outputs(manifest: dict[str, Any], folder: Path) -> dict[str, dict[st
 REQUIRED = ("params_sha256", "curated_dvc_md5", "tokenizer_sha256", "chat_template_sha256")
 
 
-def reproduce(manifest: dict[str, Any], run_id: str, into: Path | None = None, repo: Path = Path("."), allow_dirty: bool = False,
-              tags: dict[str, str] | None = None) -> dict[str, Any]:
+def reproduce(
+    manifest: dict[str, Any],
+    run_id: str,
+    into: Path | None = None,
+    repo: Path = Path("."),
+    allow_dirty: bool = False,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
     tags = tags or {}
     recorded = "dvc.experiment" in tags and "git.commit" in tags
     commit, dirty = (tags["git.commit"], False) if recorded else (manifest["git"]["commit"], manifest["git"]["dirty"])
@@ -144,7 +160,14 @@ def reproduce(manifest: dict[str, Any], run_id: str, into: Path | None = None, r
         _run([sys.executable, "-m", "sftops", "run", "--params", "params.yaml"], folder, env, [])
     checks = compare_outputs(manifest, folder)
     failed = [name for name in REQUIRED if not checks[name]["match"]]
-    result = {"run_id": run_id, "commit": commit, "folder": str(folder), "data_restored_by_dvc": recorded,
-              "checks": checks, "failed": failed, "reproduced": not failed}
+    result = {
+        "run_id": run_id,
+        "commit": commit,
+        "folder": str(folder),
+        "data_restored_by_dvc": recorded,
+        "checks": checks,
+        "failed": failed,
+        "reproduced": not failed,
+    }
     write_json(folder / "reproduction.json", result)
     return result

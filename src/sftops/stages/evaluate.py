@@ -17,30 +17,42 @@ from typing import Any
 import torch
 
 from sftops import faults, tracking
-
-from sftops.evaluate import base_cache, report
 from sftops.chat import IGNORE, Encoded, generation_prompt
-from sftops.evaluate.comparison import compare, compare_by_group, mean_delta_ci, perplexity_delta_ci
 from sftops.config import Config, EvaluateConfig, ModelConfig, SuiteConfig
-from sftops.layout import GENERATIONS_FILE, REPORT_FILE, ROWS_FILE, RUN_FILE, STATS, SUITES_DIR, TRAIN_CURVE, VAL_CURVE
-from sftops.train.curves import read_curve
 from sftops.data.examples import training_examples
-from sftops.data.store import TokenRows
+from sftops.data.store import TokenRows, load_split
 from sftops.errors import ConfigError, DataError, GpuMemoryError
-from sftops.provenance.fingerprints import file_sha256, json_sha256, tokenizer_sha256
-from sftops.data.store import load_split
-from sftops.machine import device, package_dir, require_hardware
+from sftops.evaluate import base_cache, report
+from sftops.evaluate.comparison import compare, compare_by_group, mean_delta_ci, perplexity_delta_ci
 from sftops.evaluate.generation import Completion, Decoding, complete
-from sftops.jsonio import read_json, require, write_json
-from sftops.modeling import is_adapter, load_base_model, load_finetuned, read_manifest
-from sftops.train.loss import score_rows
-from sftops.outputs import replaced_whole
-from sftops.evaluate.promotion import (GENERATION_FAMILY, NLL_FAMILY, SuiteResult, data_checks, decide, metric_family,
-                              suite_results)
-from sftops.evaluate.suites import SuiteRows, generation_sample as suite_sample, prepare_suite, suite_margin, suite_metric
+from sftops.evaluate.promotion import (
+    GENERATION_FAMILY,
+    NLL_FAMILY,
+    SuiteResult,
+    data_checks,
+    decide,
+    metric_family,
+    suite_results,
+)
 from sftops.evaluate.scoring import generation_sample, row_scores, summarise
+from sftops.evaluate.suites import (
+    SuiteRows,
+    prepare_suite,
+    suite_margin,
+    suite_metric,
+)
+from sftops.evaluate.suites import (
+    generation_sample as suite_sample,
+)
 from sftops.evaluate.textmetrics import length_stats
-
+from sftops.jsonio import read_json, require, write_json
+from sftops.layout import GENERATIONS_FILE, REPORT_FILE, ROWS_FILE, RUN_FILE, STATS, SUITES_DIR, TRAIN_CURVE, VAL_CURVE
+from sftops.machine import device, package_dir, require_hardware
+from sftops.modeling import is_adapter, load_base_model, load_finetuned, read_manifest
+from sftops.outputs import replaced_whole
+from sftops.provenance.fingerprints import file_sha256, json_sha256, tokenizer_sha256
+from sftops.train.curves import read_curve
+from sftops.train.loss import score_rows
 
 
 def decoding(cfg: EvaluateConfig) -> Decoding:
@@ -51,7 +63,9 @@ def base_eval_params(cfg: Config) -> dict[str, Any]:
     """The settings the base model's scores and outputs depend on (not the scoring rules or statistics)."""
     e = cfg.evaluate
     return {
-        "max_length": cfg.model.max_length, "batch_size": e.batch_size, "num_generations": e.num_generations,
+        "max_length": cfg.model.max_length,
+        "batch_size": e.batch_size,
+        "num_generations": e.num_generations,
         **asdict(decoding(e)),
     }
 
@@ -66,8 +80,13 @@ def comparable_settings(cfg: Config, tokenizer_sha: str) -> dict[str, dict[str, 
     NLL is per-row (padding is masked)."""
     e = cfg.evaluate
     nll = {"tokenizer_sha256": tokenizer_sha, "max_length": cfg.model.max_length, "overflow": cfg.data.overflow}
-    generation = {**nll, "num_generations": e.num_generations, "answer_extraction": e.answer_extraction,
-                  "batch_size": e.batch_size, **asdict(decoding(e))}
+    generation = {
+        **nll,
+        "num_generations": e.num_generations,
+        "answer_extraction": e.answer_extraction,
+        "batch_size": e.batch_size,
+        **asdict(decoding(e)),
+    }
     return {NLL_FAMILY: nll, GENERATION_FAMILY: generation}
 
 
@@ -81,16 +100,23 @@ def evaluation_identity(cfg: Config, test_file: Path, tokenizer) -> dict[str, An
     return {"dataset": {"name": TEST_DATASET, "digest": digest}, "settings": settings, "keys": keys}
 
 
-def _score_and_generate(model, tokenizer, examples: list[Encoded], prompts: list[str], cfg: Config, dev, who: str,
-                        on: str = "test split"):
+def _score_and_generate(
+    model, tokenizer, examples: list[Encoded], prompts: list[str], cfg: Config, dev, who: str, on: str = "test split"
+):
     try:
         faults.out_of_memory(f"evaluate:{who}")
-        scores = score_rows(model, examples, cfg.evaluate.batch_size, tokenizer.pad_token_id, dev, desc=f"score {who} on {on}")
-        completions = complete(model, tokenizer, prompts, decoding(cfg.evaluate), cfg.evaluate.batch_size, desc=f"generate {who} on {on}")
+        scores = score_rows(
+            model, examples, cfg.evaluate.batch_size, tokenizer.pad_token_id, dev, desc=f"score {who} on {on}"
+        )
+        completions = complete(
+            model, tokenizer, prompts, decoding(cfg.evaluate), cfg.evaluate.batch_size, desc=f"generate {who} on {on}"
+        )
     except torch.OutOfMemoryError:
         smaller = f"evaluate.batch_size={cfg.evaluate.batch_size // 2}, or " if cfg.evaluate.batch_size > 1 else ""
-        raise GpuMemoryError(f"evaluating the {who} model ran out of GPU memory. Try {smaller}a smaller "
-                             f"evaluate.max_new_tokens (now {cfg.evaluate.max_new_tokens}) or model.max_length") from None
+        raise GpuMemoryError(
+            f"evaluating the {who} model ran out of GPU memory. Try {smaller}a smaller "
+            f"evaluate.max_new_tokens (now {cfg.evaluate.max_new_tokens}) or model.max_length"
+        ) from None
     return scores, completions
 
 
@@ -113,11 +139,16 @@ class BaseModel:
         yield self._loaded
 
 
-def _base_results(cfg, base: BaseModel, tokenizer, examples, prompts, dev, key: str, on: str = "test split") -> tuple[list, list[Completion], bool]:
+def _base_results(
+    cfg, base: BaseModel, tokenizer, examples, prompts, dev, key: str, on: str = "test split"
+) -> tuple[list, list[Completion], bool]:
     cached = base_cache.load(key)
     # The key covers the data and settings; checking the token counts as well costs nothing.
-    expected = (examples.target_counts().tolist() if isinstance(examples, TokenRows)  # from the arrays, not per token
-                else [sum(label != IGNORE for label in e.labels[1:]) for e in examples])
+    expected = (
+        examples.target_counts().tolist()
+        if isinstance(examples, TokenRows)  # from the arrays, not per token
+        else [sum(label != IGNORE for label in e.labels[1:]) for e in examples]
+    )
     if cached is not None and [c for _, c in cached["scores"]] == expected:
         return [tuple(s) for s in cached["scores"]], [Completion(**c) for c in cached["completions"]], True
     with base.active() as model:
@@ -161,12 +192,20 @@ def measure_model(cfg: Config, model_dir: Path, curated: Path) -> tuple[dict[str
     examples, _, sample, refs, prompts = _test_inputs(local, tokenizer)
     scores, completions = _score_and_generate(model, tokenizer, examples, prompts, local, dev, "champion")
     generated = row_scores([c.text for c in completions], refs, cfg.evaluate.answer_extraction)
-    metrics = {"test_rows": len(examples), "test_target_tokens": sum(c for _, c in scores),
-               "generations": len(sample), "tuned": summarise(scores, generated, completions),
-               "evaluation": evaluation_identity(local, curated / "test.parquet", tokenizer)}
-    table = {"id": [r["id"] for r in sample], "prompt": [_prompt_text(r["messages"]) for r in sample],
-             "reference": [r[0] for r in refs], "tuned_output": [c.text for c in completions],
-             **{f"tuned_{name}": values for name, values in generated.items()}}
+    metrics = {
+        "test_rows": len(examples),
+        "test_target_tokens": sum(c for _, c in scores),
+        "generations": len(sample),
+        "tuned": summarise(scores, generated, completions),
+        "evaluation": evaluation_identity(local, curated / "test.parquet", tokenizer),
+    }
+    table = {
+        "id": [r["id"] for r in sample],
+        "prompt": [_prompt_text(r["messages"]) for r in sample],
+        "reference": [r[0] for r in refs],
+        "tuned_output": [c.text for c in completions],
+        **{f"tuned_{name}": values for name, values in generated.items()},
+    }
     return metrics, table
 
 
@@ -192,7 +231,9 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     examples, kept_rows, sample, refs, prompts = _test_inputs(cfg, tokenizer)
 
     base = BaseModel(manifest, tuned, dev)
-    key = base_cache.cache_key(manifest["base"], file_sha256(test_file), tokenizer_sha256(tokenizer), base_eval_params(cfg), dev.type)
+    key = base_cache.cache_key(
+        manifest["base"], file_sha256(test_file), tokenizer_sha256(tokenizer), base_eval_params(cfg), dev.type
+    )
     base_scores, base_out, base_cached = _base_results(cfg, base, tokenizer, examples, prompts, dev, key)
     tuned_scores, tuned_out = _score_and_generate(tuned, tokenizer, examples, prompts, cfg, dev, "tuned")
 
@@ -223,7 +264,9 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     for source, values in metrics["per_source"].items():
         picked = [i for i, r in enumerate(sample) if r.get("source", "all") == source]
         for who, gen in (("base", base_gen), ("tuned", tuned_gen)):
-            values.update({f"{who}_{name}": sum(v[i] for i in picked) / len(picked) for name, v in gen.items() if picked})
+            values.update(
+                {f"{who}_{name}": sum(v[i] for i in picked) / len(picked) for name, v in gen.items() if picked}
+            )
 
     # Per test row (all of them): the NLL of each model, for the report's best/worst rows and for review.
     row_of = {r["id"]: i for i, r in enumerate(kept_rows)}
@@ -250,7 +293,10 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         "base_nll": [per_row["base_nll"][i] for i in sampled],
         "tuned_nll": [per_row["tuned_nll"][i] for i in sampled],
     }
-    suite_runs = [evaluate_suite(cfg, suite, rows, tuned, base, tokenizer, dev) for suite, rows in zip(cfg.evaluate.suites, prepared)]
+    suite_runs = [
+        evaluate_suite(cfg, suite, rows, tuned, base, tokenizer, dev)
+        for suite, rows in zip(cfg.evaluate.suites, prepared)
+    ]
     if suite_runs:
         metrics["suites"] = {run.name: run.metrics for run in suite_runs}
     # The previous reports/ and metrics.json stay until the new ones are complete.
@@ -266,11 +312,17 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
             "validation NLL": read_curve(Path(cfg.paths.model) / VAL_CURVE, "val_nll"),
         }
         review_rows = [
-            {"prompt": _prompt_text(r["messages"]), "reference": r["messages"][-1]["content"],
-             "base_nll": per_row["base_nll"][i], "tuned_nll": per_row["tuned_nll"][i]}
+            {
+                "prompt": _prompt_text(r["messages"]),
+                "reference": r["messages"][-1]["content"],
+                "base_nll": per_row["base_nll"][i],
+                "tuned_nll": per_row["tuned_nll"][i],
+            }
             for i, r in enumerate(kept_rows)
         ]
-        title = f"{run_info.get('registered_model', 'model')} v{run_info.get('version', '?')} (run {run_info['run_id']})"
+        title = (
+            f"{run_info.get('registered_model', 'model')} v{run_info.get('version', '?')} (run {run_info['run_id']})"
+        )
         worst = {run.name: run.most_worse() for run in suite_runs}
         html = report.render(title, metrics, curves, review_rows, table, decision, worst)
         (reports / REPORT_FILE).write_text(html, encoding="utf-8")
@@ -282,8 +334,12 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     files += [reports / SUITES_DIR / f"{run.name}.csv" for run in suite_runs]
     faults.pause("evaluate_logging")
     tracking.log_evaluation(run_info, metrics, table, files, [run.dataset for run in suite_runs], test_file)
-    return {**metrics, "base_eval_cached": base_cached, "suites_base_eval_cached": {run.name: run.base_cached for run in suite_runs},
-            "report": str(Path(cfg.paths.reports) / REPORT_FILE)}
+    return {
+        **metrics,
+        "base_eval_cached": base_cached,
+        "suites_base_eval_cached": {run.name: run.base_cached for run in suite_runs},
+        "report": str(Path(cfg.paths.reports) / REPORT_FILE),
+    }
 
 
 @dataclass
@@ -306,7 +362,9 @@ class SuiteRun:
         return [{c: t[c][i] for c in cols} for i in order[:n]]
 
 
-def _delta_ci(metric: str, base_scores, tuned_scores, base_gen, tuned_gen, overall, e: EvaluateConfig) -> tuple[float, float]:
+def _delta_ci(
+    metric: str, base_scores, tuned_scores, base_gen, tuned_gen, overall, e: EvaluateConfig
+) -> tuple[float, float]:
     """The confidence interval of (tuned - base) on a suite's primary metric."""
     stats = (e.bootstrap_resamples, e.bootstrap_seed, e.confidence)
     if metric == "nll":
@@ -316,53 +374,97 @@ def _delta_ci(metric: str, base_scores, tuned_scores, base_gen, tuned_gen, overa
     return mean_delta_ci(base_gen[metric], tuned_gen[metric], *stats)[1:]
 
 
-def evaluate_suite(cfg: Config, suite: SuiteConfig, prepared: SuiteRows, tuned, base: BaseModel, tokenizer, dev) -> SuiteRun:
+def evaluate_suite(
+    cfg: Config, suite: SuiteConfig, prepared: SuiteRows, tuned, base: BaseModel, tokenizer, dev
+) -> SuiteRun:
     """Base against tuned on the suite's rows: response NLL with the paired bootstrap CI and win rate, and on a
     seeded sample of prompts the generations with the text metrics, lengths and stop rate."""
     e, on = cfg.evaluate, f"suite {suite.name}"
     examples, kept, counts = training_examples(cfg, tokenizer, f"suite:{suite.name}", prepared.rows)
     if not examples:
-        raise DataError(f"evaluate.suites {suite.name!r}: no row fits model.max_length={cfg.model.max_length} with a target ({counts})")
+        raise DataError(
+            f"evaluate.suites {suite.name!r}: no row fits model.max_length={cfg.model.max_length} with a target ({counts})"
+        )
     rows = [prepared.rows[i] for i in kept]
     n = e.num_generations if suite.num_generations is None else suite.num_generations
     sample, refs = suite_sample(rows, n, e.sample_seed)
     prompts = [generation_prompt(tokenizer, r["messages"]) for r in sample]
-    key = base_cache.cache_key(base.manifest["base"], prepared.sha256, tokenizer_sha256(tokenizer),
-                              {**base_eval_params(cfg), "num_generations": n, "suite": True}, dev.type)
+    key = base_cache.cache_key(
+        base.manifest["base"],
+        prepared.sha256,
+        tokenizer_sha256(tokenizer),
+        {**base_eval_params(cfg), "num_generations": n, "suite": True},
+        dev.type,
+    )
     base_scores, base_out, cached = _base_results(cfg, base, tokenizer, examples, prompts, dev, key, on)
     tuned_scores, tuned_out = _score_and_generate(tuned, tokenizer, examples, prompts, cfg, dev, "tuned", on)
     base_gen = row_scores([c.text for c in base_out], refs, e.answer_extraction)
     tuned_gen = row_scores([c.text for c in tuned_out], refs, e.answer_extraction)
     overall = compare(base_scores, tuned_scores, e.bootstrap_resamples, e.bootstrap_seed, e.confidence)
-    summary = {"base": summarise(base_scores, base_gen, base_out), "tuned": summarise(tuned_scores, tuned_gen, tuned_out)}
+    summary = {
+        "base": summarise(base_scores, base_gen, base_out),
+        "tuned": summarise(tuned_scores, tuned_gen, tuned_out),
+    }
     metric = suite_metric(suite, e.primary_metric)
     if metric not in summary["tuned"]:
-        raise ConfigError(f"evaluate.suites {suite.name!r}: primary metric {metric!r} needs generations (set its num_generations > 0)")
+        raise ConfigError(
+            f"evaluate.suites {suite.name!r}: primary metric {metric!r} needs generations (set its num_generations > 0)"
+        )
     low, high = _delta_ci(metric, base_scores, tuned_scores, base_gen, tuned_gen, overall, e)
-    result = SuiteResult(suite.name, metric, summary["base"][metric], summary["tuned"][metric], low, high,
-                         suite_margin(suite, e.regression_margin), suite.informational)
-    by_row = {"base_nll": [s / max(c, 1) for s, c in base_scores], "tuned_nll": [s / max(c, 1) for s, c in tuned_scores]}
+    result = SuiteResult(
+        suite.name,
+        metric,
+        summary["base"][metric],
+        summary["tuned"][metric],
+        low,
+        high,
+        suite_margin(suite, e.regression_margin),
+        suite.informational,
+    )
+    by_row = {
+        "base_nll": [s / max(c, 1) for s, c in base_scores],
+        "tuned_nll": [s / max(c, 1) for s, c in tuned_scores],
+    }
     picked = [rows.index(r) for r in sample]
     table = {
-        "id": [r["id"] for r in sample], "prompt": [_prompt_text(r["messages"]) for r in sample], "reference": [r[0] for r in refs],
-        "base_output": [c.text for c in base_out], "tuned_output": [c.text for c in tuned_out],
-        **{f"base_{k}": v for k, v in base_gen.items()}, **{f"tuned_{k}": v for k, v in tuned_gen.items()},
-        "base_new_tokens": [c.new_tokens for c in base_out], "tuned_new_tokens": [c.new_tokens for c in tuned_out],
+        "id": [r["id"] for r in sample],
+        "prompt": [_prompt_text(r["messages"]) for r in sample],
+        "reference": [r[0] for r in refs],
+        "base_output": [c.text for c in base_out],
+        "tuned_output": [c.text for c in tuned_out],
+        **{f"base_{k}": v for k, v in base_gen.items()},
+        **{f"tuned_{k}": v for k, v in tuned_gen.items()},
+        "base_new_tokens": [c.new_tokens for c in base_out],
+        "tuned_new_tokens": [c.new_tokens for c in tuned_out],
         **{k: [v[i] for i in picked] for k, v in by_row.items()},
     }
     metrics = {
         **{k: prepared.counts[k] for k in ("read", "rejected", "duplicates", "train_duplicates", "sampled_out")},
         "dropped_tokens": counts["dropped_too_long"] + counts["dropped_no_target"],
-        "rows": len(examples), "target_tokens": sum(c for _, c in tuned_scores), "generations": len(sample),
-        "contaminated_prompts": len(prepared.contaminated), "contamination_examples": prepared.contaminated[:20],
+        "rows": len(examples),
+        "target_tokens": sum(c for _, c in tuned_scores),
+        "generations": len(sample),
+        "contaminated_prompts": len(prepared.contaminated),
+        "contamination_examples": prepared.contaminated[:20],
         **summary,
         **{k: overall[k] for k in ("nll_improvement", "nll_improvement_ci_low", "nll_improvement_ci_high", "win_rate")},
-        "confidence": e.confidence, "primary_metric": metric, "delta": result.tuned - result.base,
-        "delta_ci_low": low, "delta_ci_high": high, "regression_margin": result.margin,
-        "informational": suite.informational, "regressed": result.regressed, "sha256": prepared.sha256,
+        "confidence": e.confidence,
+        "primary_metric": metric,
+        "delta": result.tuned - result.base,
+        "delta_ci_low": low,
+        "delta_ci_high": high,
+        "regression_margin": result.margin,
+        "informational": suite.informational,
+        "regressed": result.regressed,
+        "sha256": prepared.sha256,
     }
-    dataset = {"name": suite.name, "digest": prepared.sha256, "source": _suite_source(suite), "ids": [r["id"] for r in rows],
-               "origins": [r["origin"] for r in rows]}
+    dataset = {
+        "name": suite.name,
+        "digest": prepared.sha256,
+        "source": _suite_source(suite),
+        "ids": [r["id"] for r in rows],
+        "origins": [r["origin"] for r in rows],
+    }
     return SuiteRun(suite.name, metrics, result, table, dataset, cached)
 
 
@@ -384,17 +486,32 @@ def _promotion_preview(cfg: Config, run_info: dict[str, Any], metrics: dict[str,
     after the run is recorded (tracking.promote): evaluation never moves an alias."""
     metric = cfg.evaluate.primary_metric
     if metric not in metrics["tuned"]:
-        raise ConfigError(f"evaluate.primary_metric={metric!r} was not measured (set evaluate.num_generations > 0 for generation metrics)")
+        raise ConfigError(
+            f"evaluate.primary_metric={metric!r} was not measured (set evaluate.num_generations > 0 for generation metrics)"
+        )
     store = tracking.store_of(run_info)
     champion = tracking.current_champion(run_info["registered_model"], metric, store, metrics["evaluation"])
     checks = metrics["data_checks"]
     key = metrics["evaluation"]["keys"][metric_family(metric)]
-    decision = decide(metric, metrics["tuned"][metric], key, run_info["version"], champion,
-                      cfg.evaluate.promotion_margin, (checks["passed"], checks["note"]), suites=suite_results(metrics),
-                      base_value=metrics["base"].get(metric))
+    decision = decide(
+        metric,
+        metrics["tuned"][metric],
+        key,
+        run_info["version"],
+        champion,
+        cfg.evaluate.promotion_margin,
+        (checks["passed"], checks["note"]),
+        suites=suite_results(metrics),
+        base_value=metrics["base"].get(metric),
+    )
     reason = decision.reason
     if champion and champion.value is None and champion.version != str(run_info["version"]):
-        reason = (f"champion v{champion.version} has no {metric} result on this test split with these settings: the "
-                  "promote step measures it there first, then compares")
-    return {**decision.as_dict(), "alias": f"{decision.alias} (preview)",
-            "reason": f"{reason}; applied once the run's data is versioned (the pipeline flow's promote step)"}
+        reason = (
+            f"champion v{champion.version} has no {metric} result on this test split with these settings: the "
+            "promote step measures it there first, then compares"
+        )
+    return {
+        **decision.as_dict(),
+        "alias": f"{decision.alias} (preview)",
+        "reason": f"{reason}; applied once the run's data is versioned (the pipeline flow's promote step)",
+    }

@@ -22,8 +22,19 @@ import numpy as np
 from sftops.config import Config
 from sftops.data.card import write_card
 from sftops.data.chunks import SPLIT_CODES
-from sftops.data.curate import (Ledger, apply_length_policy, assign_splits, cap_sources, check_masks, map_all,
-                                refuse_too_few, remove_duplicates, rows_within, train_copies, write_outputs)
+from sftops.data.curate import (
+    Ledger,
+    apply_length_policy,
+    assign_splits,
+    cap_sources,
+    check_masks,
+    map_all,
+    refuse_too_few,
+    remove_duplicates,
+    rows_within,
+    train_copies,
+    write_outputs,
+)
 from sftops.data.split import ContaminationIndex
 from sftops.data.tokenize import length_summary
 from sftops.jsonio import read_json, read_jsonl, require, write_json, write_jsonl
@@ -53,8 +64,6 @@ def chunk_folder(curated: Path):
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
 
 
 def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, chunks: Path, ingest: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +107,9 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, chunks: Path, ing
         "rows_kept_at_max_length": rows_within(lengths["total"], cfg.model.max_length),
         "overflow": overflow,
         "contamination": {
-            "ngram": d.contamination_ngram, "threshold": d.contamination_threshold, "test_prompts": len(test),
+            "ngram": d.contamination_ngram,
+            "threshold": d.contamination_threshold,
+            "test_prompts": len(test),
             "flagged": len(flagged),
             "examples": [{"origin": rows.origin(test[i]), "overlap": round(o, 4)} for i, o in flagged[:20]],
         },
@@ -108,7 +119,9 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, chunks: Path, ing
         "ingest": ingest,
     }
     write_json(out / STATS, stats)
-    write_json(out / INGEST_REPORT, ingest)  # carried along: train logs it without reading data/raw, which it does not depend on
+    write_json(
+        out / INGEST_REPORT, ingest
+    )  # carried along: train logs it without reading data/raw, which it does not depend on
     write_card(out, stats, {k: v.tolist() for k, v in lengths.items()}, cfg.model.max_length)
     remember_digests(out)  # hashed once here, so train and evaluate read the digests, not the gigabytes
     return stats

@@ -11,10 +11,11 @@ from tqdm import tqdm
 
 from sftops.config import Config
 from sftops.data.rejections import ReasonTally, refuse_empty
+from sftops.data.sources import pinned_source, read_source
 from sftops.jsonio import jsonl_line, write_json, write_jsonl
 from sftops.layout import INGEST_REPORT, RAW_REJECTED
 from sftops.outputs import replaced_whole
-from sftops.data.sources import pinned_source, read_source
+
 
 def run_ingest(cfg: Config) -> dict[str, Any]:
     with replaced_whole(cfg.paths.raw) as out:
@@ -44,7 +45,9 @@ def _ingest_sources(cfg: Config, out: Path, rejected_file: TextIO) -> tuple[dict
         reasons = ReasonTally()
 
         def kept_rows():
-            for rec in tqdm(read_source(source, cfg.data.max_row_bytes), desc=f"ingest {source.name}", unit=" rows", leave=False):
+            for rec in tqdm(
+                read_source(source, cfg.data.max_row_bytes), desc=f"ingest {source.name}", unit=" rows", leave=False
+            ):
                 counts["read"] += 1
                 if rec.error is None:
                     counts["kept"] += 1
@@ -52,8 +55,17 @@ def _ingest_sources(cfg: Config, out: Path, rejected_file: TextIO) -> tuple[dict
                 else:
                     counts["rejected"] += 1
                     reasons.add(rec.error)
-                    rejected_file.write(jsonl_line(
-                        {"source": source.name, "origin": rec.origin, "row": rec.row, "reason": rec.error, "raw": rec.raw}))
+                    rejected_file.write(
+                        jsonl_line(
+                            {
+                                "source": source.name,
+                                "origin": rec.origin,
+                                "row": rec.row,
+                                "reason": rec.error,
+                                "raw": rec.raw,
+                            }
+                        )
+                    )
 
         with contextlib.closing(kept_rows()) as rows:  # closed on a failed write too: the progress bar ends its line
             write_jsonl(out / f"{source.name}.jsonl", rows)

@@ -15,23 +15,22 @@ import torch
 import yaml
 
 from sftops import faults, hub, tracking
-
-from sftops.train import distributed, launch
-from sftops.train.lora import apply_method, merge_checked
 from sftops.config import Config, ModelConfig
-from sftops.train.curves import write_curves
 from sftops.data.examples import split_examples
-from sftops.train.distributed import World, agree, join, leave, under_torchrun
 from sftops.errors import TrainingError
-from sftops.layout import INGEST_REPORT, RUN_FILE, STATS
 from sftops.jsonio import read_json, write_json
-from sftops.provenance.manifest import resolved_revisions
+from sftops.layout import INGEST_REPORT, RUN_FILE, STATS
 from sftops.machine import require_hardware
 from sftops.modeling import load_base_model, load_tokenizer, pinned, save_finetuned
-from sftops.train.loss import mean_nll, score_rows
 from sftops.outputs import replaced_whole
-from sftops.train.packing_check import packing_self_check
+from sftops.provenance.manifest import resolved_revisions
+from sftops.train import distributed, launch
+from sftops.train.curves import write_curves
+from sftops.train.distributed import World, agree, join, leave, under_torchrun
 from sftops.train.loop import seed_everything, train_loop
+from sftops.train.lora import apply_method, merge_checked
+from sftops.train.loss import mean_nll, score_rows
+from sftops.train.packing_check import packing_self_check
 
 # One line per optimizer step: what an orchestrator's log view (Prefect's) shows of training progress.
 log = logging.getLogger(__name__)
@@ -47,8 +46,7 @@ def checkpoint_folder(cfg: Config, base_revision: str | None = None) -> Path:
     model = cfg.model.model_dump(mode="json")
     if hub.is_commit(base_revision):
         model["revision"] = base_revision
-    job = {"model": model, "train": train,
-           "data": tracking.dvc_md5(Path(cfg.paths.curated))}
+    job = {"model": model, "train": train, "data": tracking.dvc_md5(Path(cfg.paths.curated))}
     digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.paths.checkpoints) / digest
 
@@ -88,8 +86,10 @@ def run_train(cfg: Config) -> dict[str, Any]:
 def same_job(cfg: Config) -> dict[str, str]:
     """What every process of one job must share: the params (where each node keeps its files aside) and the data."""
     params = cfg.model_dump(mode="json", exclude={"paths", "launch"})
-    return {"params digest": hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12],
-            "curated data hash": tracking.dvc_md5(Path(cfg.paths.curated))}
+    return {
+        "params digest": hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12],
+        "curated data hash": tracking.dvc_md5(Path(cfg.paths.curated)),
+    }
 
 
 def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> dict[str, Any]:
@@ -116,12 +116,17 @@ def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> dict[str, Any]:
     def held_out_nll(m: torch.nn.Module) -> float:
         return mean_nll(score_rows(m, val_ex, cfg.train.micro_batch_size, pad, dev))
 
-    reports = [Path(cfg.paths.curated) / INGEST_REPORT, Path(cfg.paths.curated) / STATS]  # the ingest report, as format copied it
+    reports = [
+        Path(cfg.paths.curated) / INGEST_REPORT,
+        Path(cfg.paths.curated) / STATS,
+    ]  # the ingest report, as format copied it
     revisions = resolved_revisions(cfg, base_cfg.revision)
     run_context = tracking.pipeline_run(cfg, reports, revisions) if world.is_main else contextlib.nullcontext({})
     with run_context as run:
         if world.is_main:
-            tracking.log_metrics({"trainable_params": trainable, "total_params": total, "train_examples": len(train_ex)})
+            tracking.log_metrics(
+                {"trainable_params": trainable, "total_params": total, "train_examples": len(train_ex)}
+            )
 
         def validate(step: int) -> float | None:
             if not val_ex:
@@ -138,11 +143,24 @@ def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> dict[str, Any]:
         def on_step(step: int, record: dict[str, float]) -> None:
             step_of["step"] = step
             tracking.log_step(step, record)
-            log.info("train step %d: train_loss %.4f, learning_rate %.3g", step, record["train_loss"], record["learning_rate"])
+            log.info(
+                "train step %d: train_loss %.4f, learning_rate %.3g",
+                step,
+                record["train_loss"],
+                record["learning_rate"],
+            )
 
         result = train_loop(
-            model, train_ex, cfg.train, pad, world, sources=sources, source_names=source_names, checkpoints=checkpoints,
-            validate=(lambda: validate(step_of["step"])) if val_ex else None, on_step=on_step,
+            model,
+            train_ex,
+            cfg.train,
+            pad,
+            world,
+            sources=sources,
+            source_names=source_names,
+            checkpoints=checkpoints,
+            validate=(lambda: validate(step_of["step"])) if val_ex else None,
+            on_step=on_step,
         )
         if world.is_main:
             faults.pause("tracking_flush")
@@ -154,14 +172,23 @@ def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> dict[str, Any]:
         # The previous models/ stays until the new one is complete (a failed export leaves it usable).
         with replaced_whole(cfg.paths.model) as out:
             val_after = held_out_nll(model) if val_ex else None
-            val_points = {0: val_before, **{v["step"]: v["val_nll"] for v in result["validations"]}, result["steps"]: val_after}
+            val_points = {
+                0: val_before,
+                **{v["step"]: v["val_nll"] for v in result["validations"]},
+                result["steps"]: val_after,
+            }
             write_curves(out, result["history"], val_points)  # the DVC plots of dvc.yaml
-            manifest = {"method": cfg.train.method, "weights": "full" if cfg.train.method == "full" else "adapter",
-                        "base": base_cfg.model_dump(mode="json")}  # its revision: the commit (package version) loaded
+            manifest = {
+                "method": cfg.train.method,
+                "weights": "full" if cfg.train.method == "full" else "adapter",
+                "base": base_cfg.model_dump(mode="json"),
+            }  # its revision: the commit (package version) loaded
             merge = None
             if cfg.train.merge_adapter:
                 if not val_ex:
-                    raise TrainingError("train.merge_adapter needs validation rows to check the merge on; raise data.val_fraction")
+                    raise TrainingError(
+                        "train.merge_adapter needs validation rows to check the merge on; raise data.val_fraction"
+                    )
                 model, merge = merge_checked(model, held_out_nll, cfg.train.merge_tolerance)
                 manifest["weights"] = "full"
                 tracking.log_metrics({f"merge_{k}": v for k, v in merge.items()})

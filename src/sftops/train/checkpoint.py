@@ -102,8 +102,11 @@ def commit(folder: Path, name: str, state: dict[str, Any]) -> Path:
     torch.save(state, tmp / STATE)
     shards = sorted(f.name for f in tmp.glob("*.distcp"))
     hashed = [f for f in (WEIGHTS, DCP_METADATA, STATE) if (tmp / f).exists()]
-    manifest = {"name": name, "files": {f: _sha256(tmp / f) for f in hashed},
-                "shards": {f: (tmp / f).stat().st_size for f in shards}}
+    manifest = {
+        "name": name,
+        "files": {f: _sha256(tmp / f) for f in hashed},
+        "shards": {f: (tmp / f).stat().st_size for f in shards},
+    }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     for f in (*hashed, *shards, MANIFEST):
         _fsync(tmp / f)

@@ -10,14 +10,17 @@ from pathlib import Path
 from sftops.layout import TRAIN_CURVE, VAL_CURVE
 
 
-
-def write_curves(folder: Path, history: Sequence[Mapping[str, float]], val_nll_by_step: Mapping[int, float | None]) -> None:
+def write_curves(
+    folder: Path, history: Sequence[Mapping[str, float]], val_nll_by_step: Mapping[int, float | None]
+) -> None:
     """train_curve.csv: step, train_loss, learning_rate (one row per optimizer step); val_curve.csv: step, val_nll."""
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / TRAIN_CURVE).open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["step", "train_loss", "learning_rate"])
-        writer.writerows([step, rec["train_loss"], rec.get("learning_rate", "")] for step, rec in enumerate(history, start=1))
+        writer.writerows(
+            [step, rec["train_loss"], rec.get("learning_rate", "")] for step, rec in enumerate(history, start=1)
+        )
     with (folder / VAL_CURVE).open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["step", "val_nll"])

@@ -55,7 +55,8 @@ def agree(world: World, fingerprints: dict[str, str]) -> None:
                 raise TrainingError(
                     f"rank {rank} (node {theirs['node']}, {theirs['host']}) has {key} {theirs[key]}, rank 0 (node "
                     f"{everyone[0]['node']}) has {everyone[0][key]}: every node must run the same params.yaml on the same "
-                    f"curated data (copy them to every node, or put the project on a shared filesystem)")
+                    f"curated data (copy them to every node, or put the project on a shared filesystem)"
+                )
 
 
 def under_torchrun() -> bool:
@@ -84,9 +85,19 @@ def leave() -> None:
 def launch(num_processes: int, params_file: Path) -> None:
     """Re-run `sftops train` under torchrun on this node, with the already-resolved config."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
-        "-m", "sftops", "train", "--params", str(params_file),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={num_processes}",
+        "-m",
+        "sftops",
+        "train",
+        "--params",
+        str(params_file),
     ]
     done = subprocess.run(cmd)
     if done.returncode != 0:
-        raise TrainingError(f"torchrun with {num_processes} processes failed (exit {done.returncode}); see the log above")
+        raise TrainingError(
+            f"torchrun with {num_processes} processes failed (exit {done.returncode}); see the log above"
+        )

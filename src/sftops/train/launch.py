@@ -53,11 +53,22 @@ def node_command(cfg: Config, params: Path, node_rank: str | None = None, head: 
     """The command one node runs: a torchrun agent for train.num_processes processes of a job of launch.nodes
     nodes. Without node_rank and head, torchrun reads them from PET_NODE_RANK, PET_MASTER_ADDR/PORT."""
     launch = cfg.launch
-    cmd = ["python", "-m", "torch.distributed.run", f"--nnodes={launch.nodes}", f"--nproc-per-node={cfg.train.num_processes}",
-           "--max-restarts=0"]
+    cmd = [
+        "python",
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={launch.nodes}",
+        f"--nproc-per-node={cfg.train.num_processes}",
+        "--max-restarts=0",
+    ]
     if head is not None:
-        cmd += [f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={head}:{launch.rdzv_port}",
-                f"--rdzv-id={launch.name}", f"--rdzv-conf=join_timeout={launch.join_timeout_s}"]
+        cmd += [
+            f"--node-rank={node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={head}:{launch.rdzv_port}",
+            f"--rdzv-id={launch.name}",
+            f"--rdzv-conf=join_timeout={launch.join_timeout_s}",
+        ]
     return [*cmd, "-m", "sftops", "train", "--params", str(params)]
 
 
@@ -68,24 +79,26 @@ def slurm_script(cfg: Config, params: Path, project: Path) -> str:
     launch = cfg.launch
     gpus = [f"#SBATCH --gpus-per-node={launch.gpus_per_node}"] if launch.gpus_per_node else []
     command = node_command(cfg, params, "$SLURM_NODEID", "$head")
-    return "\n".join([
-        "#!/bin/bash",
-        f"#SBATCH --job-name={launch.name}",
-        f"#SBATCH --nodes={launch.nodes}",
-        "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --cpus-per-task={launch.cpus_per_node}",
-        *gpus,
-        f"#SBATCH --time={launch.time_limit_minutes}",
-        f"#SBATCH --chdir={project}",
-        "#SBATCH --export=ALL",
-        f"#SBATCH --output={project / 'launch' / launch.name}-%j.log",
-        "set -euo pipefail",
-        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        "export head",
-        # single quotes: each task expands its own $SLURM_NODEID
-        f"srun --kill-on-bad-exit=1 bash -c '{render(command)}'",
-        "",
-    ])
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            f"#SBATCH --job-name={launch.name}",
+            f"#SBATCH --nodes={launch.nodes}",
+            "#SBATCH --ntasks-per-node=1",
+            f"#SBATCH --cpus-per-task={launch.cpus_per_node}",
+            *gpus,
+            f"#SBATCH --time={launch.time_limit_minutes}",
+            f"#SBATCH --chdir={project}",
+            "#SBATCH --export=ALL",
+            f"#SBATCH --output={project / 'launch' / launch.name}-%j.log",
+            "set -euo pipefail",
+            'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+            "export head",
+            # single quotes: each task expands its own $SLURM_NODEID
+            f"srun --kill-on-bad-exit=1 bash -c '{render(command)}'",
+            "",
+        ]
+    )
 
 
 def tracking_env() -> list[dict[str, Any]]:
@@ -94,7 +107,9 @@ def tracking_env() -> list[dict[str, Any]]:
     if not uri:
         return []
     if urlsplit(uri).password or "password=" in uri:
-        return [{"name": "MLFLOW_TRACKING_URI", "valueFrom": {"secretKeyRef": {"name": "sftops-tracking", "key": "uri"}}}]
+        return [
+            {"name": "MLFLOW_TRACKING_URI", "valueFrom": {"secretKeyRef": {"name": "sftops-tracking", "key": "uri"}}}
+        ]
     return [{"name": "MLFLOW_TRACKING_URI", "value": uri}]
 
 
@@ -112,8 +127,12 @@ def pytorchjob(cfg: Config, params: Path) -> dict[str, Any]:
         "volumeMounts": [{"name": "shared", "mountPath": launch.shared_folder}],
         **({"resources": resources} if resources else {}),
     }
-    pod = {"spec": {"containers": [container],
-                    "volumes": [{"name": "shared", "persistentVolumeClaim": {"claimName": launch.volume_claim}}]}}
+    pod = {
+        "spec": {
+            "containers": [container],
+            "volumes": [{"name": "shared", "persistentVolumeClaim": {"claimName": launch.volume_claim}}],
+        }
+    }
     replicas = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": pod}}
     if launch.nodes > 1:
         replicas["Worker"] = {"replicas": launch.nodes - 1, "restartPolicy": "Never", "template": copy.deepcopy(pod)}
@@ -121,8 +140,11 @@ def pytorchjob(cfg: Config, params: Path) -> dict[str, Any]:
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
         "metadata": {"name": launch.name},
-        "spec": {"nprocPerNode": str(cfg.train.num_processes), "runPolicy": {"backoffLimit": 0},
-                 "pytorchReplicaSpecs": replicas},
+        "spec": {
+            "nprocPerNode": str(cfg.train.num_processes),
+            "runPolicy": {"backoffLimit": 0},
+            "pytorchReplicaSpecs": replicas,
+        },
     }
 
 
@@ -135,7 +157,9 @@ def write_job(cfg: Config) -> tuple[Path, Path]:
     elif cfg.launch.target == "kubernetes":
         job.write_text(yaml.safe_dump(pytorchjob(cfg, params), sort_keys=False))
     else:
-        job.write_text("\n".join(render(node_command(cfg, params, str(k), "127.0.0.1")) for k in range(cfg.launch.nodes)) + "\n")
+        job.write_text(
+            "\n".join(render(node_command(cfg, params, str(k), "127.0.0.1")) for k in range(cfg.launch.nodes)) + "\n"
+        )
     return params, job
 
 
@@ -158,8 +182,10 @@ def run_tool(cfg: Config, cmd: list[str], job: Path, capture: bool = False) -> s
     try:
         done = subprocess.run(cmd, capture_output=capture, text=True)
     except FileNotFoundError:
-        raise TrainingError(f"launch.target={cfg.launch.target} needs `{cmd[0]}` on this machine's PATH; "
-                            f"the job file is {job} (submit it by hand, or set launch.target=local)") from None
+        raise TrainingError(
+            f"launch.target={cfg.launch.target} needs `{cmd[0]}` on this machine's PATH; "
+            f"the job file is {job} (submit it by hand, or set launch.target=local)"
+        ) from None
     if done.returncode != 0:
         raise TrainingError(f"`{render(cmd)}` failed (exit {done.returncode}); the job file is {job}")
     return done.stdout or ""
@@ -170,14 +196,20 @@ def wait_for_pytorchjob(cfg: Config, name: str, job: Path) -> None:
     its timeout on a failed job)."""
     deadline = time.monotonic() + cfg.launch.wait_timeout_s
     while time.monotonic() < deadline:
-        state = run_tool(cfg, ["kubectl", "get", name, "-o", "jsonpath={.status.conditions[-1:].type}"], job, capture=True)
+        state = run_tool(
+            cfg, ["kubectl", "get", name, "-o", "jsonpath={.status.conditions[-1:].type}"], job, capture=True
+        )
         if state.strip() == "Succeeded":
             return
         if state.strip() == "Failed":
-            raise TrainingError(f"{name} failed; its logs: kubectl logs -l training.kubeflow.org/job-name={cfg.launch.name}")
+            raise TrainingError(
+                f"{name} failed; its logs: kubectl logs -l training.kubeflow.org/job-name={cfg.launch.name}"
+            )
         time.sleep(30)
-    raise TrainingError(f"{name} did not finish within launch.wait_timeout_s={cfg.launch.wait_timeout_s}; it is still "
-                        f"running: kubectl get {name}")
+    raise TrainingError(
+        f"{name} did not finish within launch.wait_timeout_s={cfg.launch.wait_timeout_s}; it is still "
+        f"running: kubectl get {name}"
+    )
 
 
 def run_node(cfg: Config, params: Path, node_rank: int, head: str, env: dict[str, str] | None = None) -> None:
@@ -195,9 +227,11 @@ def run_node(cfg: Config, params: Path, node_rank: int, head: str, env: dict[str
     if errors:
         raise TrainingError(f"node {node_rank}: {errors[0].removeprefix('sftops:').strip()}")
     if timed_out:
-        raise TrainingError(f"node {node_rank}: not all {cfg.launch.nodes} nodes reached the rendezvous at {head}:"
-                            f"{cfg.launch.rdzv_port} within launch.join_timeout_s={cfg.launch.join_timeout_s}; start every "
-                            f"node within that time (or raise it) and check that each can reach the head node")
+        raise TrainingError(
+            f"node {node_rank}: not all {cfg.launch.nodes} nodes reached the rendezvous at {head}:"
+            f"{cfg.launch.rdzv_port} within launch.join_timeout_s={cfg.launch.join_timeout_s}; start every "
+            f"node within that time (or raise it) and check that each can reach the head node"
+        )
     raise TrainingError(f"node {node_rank}: torchrun failed (exit {agent.returncode}); see the log above")
 
 

@@ -18,13 +18,12 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from sftops import faults
-
-from sftops.train import checkpoint
-from sftops.data.batching import Batch, micro_batches, step_batches, step_micro_batches
 from sftops.chat import Encoded, example_lengths
 from sftops.config import TrainConfig
-from sftops.train.distributed import World
+from sftops.data.batching import Batch, micro_batches, step_batches, step_micro_batches
 from sftops.errors import GpuMemoryError, TrainingError
+from sftops.train import checkpoint
+from sftops.train.distributed import World
 from sftops.train.loss import SupervisedNLL, autocast, n_targets
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -61,7 +60,11 @@ class StepStats:
 
 
 def accumulate_gradients(
-    objective: torch.nn.Module, batches: Sequence[Batch], device: torch.device, world: World = World(), n_sources: int = 0,
+    objective: torch.nn.Module,
+    batches: Sequence[Batch],
+    device: torch.device,
+    world: World = World(),
+    n_sources: int = 0,
     rows: int = 0,
 ) -> StepStats:
     """Forward/backward over this process's micro-batches of one optimizer step.
@@ -136,14 +139,18 @@ def shard(model: torch.nn.Module) -> None:
     block_names = set(getattr(causal_lm, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
     if not blocks:
-        raise TrainingError(f"distributed=fsdp: no transformer blocks ({block_names or 'unknown'}) found in {type(causal_lm).__name__}")
+        raise TrainingError(
+            f"distributed=fsdp: no transformer blocks ({block_names or 'unknown'}) found in {type(causal_lm).__name__}"
+        )
     for block in blocks:
         fully_shard(block)
     fully_shard(model)
 
 
 def wrap_objective(model: torch.nn.Module, cfg: TrainConfig, world: World) -> torch.nn.Module:
-    sharded = world.size > 1 and cfg.distributed == "fsdp"  # the model itself was sharded before the optimizer was built
+    sharded = (
+        world.size > 1 and cfg.distributed == "fsdp"
+    )  # the model itself was sharded before the optimizer was built
     objective: torch.nn.Module = SupervisedNLL(model, full_forward=sharded)
     if world.size > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel
@@ -181,7 +188,8 @@ def same_batches_per_step(state: LoopState, cfg: TrainConfig, world: World, resu
             f"{state.micro_batch_size} rows per step, this run takes {now[1]} of {now[0]} "
             f"(train.grad_accum_steps {cfg.grad_accum_steps} x {world.size} processes): set train.micro_batch_size="
             f"{state.micro_batch_size} and train.grad_accum_steps so that grad_accum_steps x processes = "
-            f"{state.micro_batches_per_step}")
+            f"{state.micro_batches_per_step}"
+        )
 
 
 def out_of_memory_advice(cfg: TrainConfig, step: int, last: Path | None) -> str:
@@ -189,8 +197,10 @@ def out_of_memory_advice(cfg: TrainConfig, step: int, last: Path | None) -> str:
     tips = []
     if cfg.micro_batch_size > 1:
         half = cfg.micro_batch_size // 2
-        tips.append(f"train.micro_batch_size={half} with train.grad_accum_steps={cfg.grad_accum_steps * cfg.micro_batch_size // half} "
-                    f"(the same effective batch and loss)")
+        tips.append(
+            f"train.micro_batch_size={half} with train.grad_accum_steps={cfg.grad_accum_steps * cfg.micro_batch_size // half} "
+            f"(the same effective batch and loss)"
+        )
     if not cfg.gradient_checkpointing:
         tips.append("train.gradient_checkpointing=true")
     tips.append("a smaller model.max_length (longer rows are dropped or truncated, see data.overflow)")
@@ -216,7 +226,9 @@ def train_loop(
     """Train `model` in place. `sources` gives each example's index into `source_names` (for the per-source
     loss); `checkpoints` is the folder to checkpoint into and resume from; `validate` returns the validation NLL."""
     if not examples:
-        raise TrainingError("no training examples left after encoding (all rows too long or without a response); see models/run.json")
+        raise TrainingError(
+            "no training examples left after encoding (all rows too long or without a response); see models/run.json"
+        )
     device = world.device
     seed_everything(cfg.seed)
     sharded = world.size > 1 and cfg.distributed == "fsdp"
@@ -275,7 +287,14 @@ def train_loop(
         return path
 
     model.train()
-    bar = tqdm(range(state.step + 1, steps + 1), desc="train", unit="step", disable=not world.is_main, initial=state.step, total=steps)
+    bar = tqdm(
+        range(state.step + 1, steps + 1),
+        desc="train",
+        unit="step",
+        disable=not world.is_main,
+        initial=state.step,
+        total=steps,
+    )
     for step in bar:
         started = time.perf_counter()
         shares = step_batches(stream, cfg.grad_accum_steps, world.size, world.rank)
@@ -284,12 +303,18 @@ def train_loop(
             faults.out_of_memory(f"step:{step}")
             stats = accumulate_gradients(objective, batches, device, world, n_sources, rows=sum(map(len, shares)))
         except torch.OutOfMemoryError:
-            raise GpuMemoryError(out_of_memory_advice(cfg, step, checkpoint.latest(checkpoints) if checkpoints else None)) from None
+            raise GpuMemoryError(
+                out_of_memory_advice(cfg, step, checkpoint.latest(checkpoints) if checkpoints else None)
+            ) from None
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a sharded norm
         if not (math.isfinite(stats.loss) and math.isfinite(grad_norm)):
             last = checkpoint.latest(checkpoints) if checkpoints else None
-            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet (set train.checkpoint_every)"
+            kept = (
+                f"the last good checkpoint is {last}"
+                if last
+                else "no checkpoint was written yet (set train.checkpoint_every)"
+            )
             raise TrainingError(
                 f"step {step}: non-finite loss ({stats.loss}) or gradient norm ({grad_norm}); the update was not applied and "
                 f"{kept}; lower train.learning_rate or check the data of this step"

@@ -39,7 +39,9 @@ def apply_method(model: PreTrainedModel, cfg: TrainConfig) -> torch.nn.Module:
     return get_peft_model(model, lora)
 
 
-def merge_checked(model: torch.nn.Module, held_out_nll: Callable[[torch.nn.Module], float], tolerance: float) -> tuple[PreTrainedModel, dict[str, float]]:
+def merge_checked(
+    model: torch.nn.Module, held_out_nll: Callable[[torch.nn.Module], float], tolerance: float
+) -> tuple[PreTrainedModel, dict[str, float]]:
     """Fold the adapter into the base weights and prove it changed nothing: the merged model's held-out NLL
     must equal the adapter model's within `tolerance` (relative), or the export fails."""
     adapter_nll = held_out_nll(model)

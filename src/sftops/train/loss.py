@@ -26,7 +26,9 @@ def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     """Per-row summed NLL of the target tokens and per-row target counts (position t predicts token t+1)."""
     logits = logits[:, :-1].float()
     targets = labels[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="none")
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
+    )
     nll = nll.view(targets.shape)
     return nll.sum(dim=1), (targets != IGNORE).sum(dim=1)
 
@@ -44,17 +46,29 @@ class SupervisedNLL(torch.nn.Module):
         self.model = model
         causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = causal_lm.config
-        special_head = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+        special_head = any(
+            getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+        )
         plain_head = not (full_forward or special_head)
         self.decoder = causal_lm.get_decoder() if plain_head else None
         self.head = causal_lm.get_output_embeddings() if plain_head else None
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(NLL of each supervised token, whether the model's top prediction was that token), in row-major order."""
         # use_cache=False: with a cache, transformers builds a plain causal mask and packed rows would attend
         # across example boundaries.
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "use_cache": False,
+        }
         targets = labels[:, 1:]
         supervised = targets != IGNORE
         if self.decoder is not None:
@@ -76,7 +90,12 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 @torch.no_grad()
 def score_rows(
-    model: torch.nn.Module, examples: Sequence[Encoded], batch_size: int, pad_id: int, device: torch.device, desc: str = "score"
+    model: torch.nn.Module,
+    examples: Sequence[Encoded],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    desc: str = "score",
 ) -> list[tuple[float, int]]:
     """(summed NLL, target count) for each example, in input order. Rows are batched by length to pad less."""
     model.eval()
@@ -87,7 +106,9 @@ def score_rows(
         batch = collate([examples[i] for i in idx], pad_id)
         with autocast(device):
             logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                use_cache=False,
             ).logits
         sums, counts = row_nll(logits, batch["labels"].to(device))
         for i, s, c in zip(idx, sums.tolist(), counts.tolist()):

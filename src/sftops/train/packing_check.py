@@ -9,15 +9,19 @@ from collections.abc import Sequence
 
 import torch
 
-from sftops.data.batching import make_batch
 from sftops.chat import Encoded
+from sftops.data.batching import make_batch
 from sftops.errors import TrainingError
 from sftops.train.loss import SupervisedNLL, autocast
 
 
-def per_example_nll(model: torch.nn.Module, examples: Sequence[Encoded], pad_id: int, device: torch.device, packed: bool) -> list[float]:
+def per_example_nll(
+    model: torch.nn.Module, examples: Sequence[Encoded], pad_id: int, device: torch.device, packed: bool
+) -> list[float]:
     batch = make_batch(examples, pad_id, packed, source_ids=list(range(len(examples))))
-    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")}
+    inputs = {
+        k: v.to(device) for k, v in batch.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")
+    }
     with torch.no_grad(), autocast(device):
         token_nll, _ = SupervisedNLL(model)(**inputs)
     sums = torch.zeros(len(examples), dtype=torch.float64)
@@ -25,7 +29,14 @@ def per_example_nll(model: torch.nn.Module, examples: Sequence[Encoded], pad_id:
     return sums.tolist()
 
 
-def packing_self_check(model: torch.nn.Module, examples: Sequence[Encoded], pad_id: int, device: torch.device, attn_implementation: str, n: int = 4) -> float:
+def packing_self_check(
+    model: torch.nn.Module,
+    examples: Sequence[Encoded],
+    pad_id: int,
+    device: torch.device,
+    attn_implementation: str,
+    n: int = 4,
+) -> float:
     """Raise TrainingError if packed and padded per-example losses differ; returns the largest relative gap."""
     sample = list(examples[:n])
     if len(sample) < 2:
