@@ -2,7 +2,7 @@
 (`load_dataset` + `SFTTrainer._prepare_dataset`, dataset_num_proc=2) on the same generated rows, each side in a
 fresh process, at several sizes; wall time, peak RSS of the whole process tree and their ratios.
 
-    python bench/bench_data_scale.py                         # 100k, 300k, 1M rows, SmolLM2-135M-Instruct, max_length 512
+    python bench/bench_data_scale.py                         # 100k/300k/1M rows, SmolLM2-135M-Instruct, max_length 512
     python bench/bench_data_scale.py --rows 100000 --startup # one size, then train start-up from its cache
     python bench/bench_data_scale.py --rows 300 600 --model ../shared/models/stories260K/hf   # the dry run (tests)
 
@@ -425,7 +425,8 @@ def print_settings(args: argparse.Namespace, load: tuple[float, ...]) -> None:
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
     print(
-        f"model {args.model}{' ' + args.gguf_file if args.gguf_file else ''}, max_length {args.max_length}, rows {args.rows}, "
+        f"model {args.model}{' ' + args.gguf_file if args.gguf_file else ''}, "
+        f"max_length {args.max_length}, rows {args.rows}, "
         f"sftops data.workers {workers_setting(args.set)}, --set {args.set or 'none'}, TRL dataset_num_proc "
         f"{TRL_NUM_PROC}; {', '.join(versions)}",
         flush=True,
@@ -458,7 +459,8 @@ def print_table(results: list[dict]) -> None:
             f"{r['rows']:>10,} {number(ing and ing['wall_s'], '.1f'):>9} {number(fmt_s, '.1f'):>9} "
             f"{number(fmt_gb, '.2f'):>15} {number(trl_s, '.1f'):>8} {number(trl_gb, '.2f'):>12} "
             f"{ratio(fmt_s, trl_s):>16} {ratio(fmt_gb, trl_gb):>15} "
-            f"{number(fmt_s and fmt_s / r['rows'] * 1e6, '.0f'):>14} {number(trl_s and trl_s / r['rows'] * 1e6, '.0f'):>11}"
+            f"{number(fmt_s and fmt_s / r['rows'] * 1e6, '.0f'):>14} "
+            f"{number(trl_s and trl_s / r['rows'] * 1e6, '.0f'):>11}"
         )
     print(
         "targets: format/TRL time <= 0.5 at every size, format/TRL RSS <= 1, format us/row at the largest size "

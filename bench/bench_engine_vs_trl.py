@@ -5,8 +5,8 @@
     python bench/bench_engine_vs_trl.py --gpu-mfu-only --peak-flops 989e12
 
 Both sides fully fine-tune the same small Llama-architecture model (random init, saved once) on the same GSM8K
-rows, tokenised once by sftops.data.examples.encode_rows and handed to TRL as `input_ids` + `labels`; same AdamW, warmup +
-cosine schedule, clipping, micro-batch x accumulation, float32. "Matched" runs give TRL's sampler sftops' own
+rows, tokenised once by sftops.data.examples.encode_rows and handed to TRL as `input_ids` + `labels`; same AdamW,
+warmup + cosine schedule, clipping, micro-batch x accumulation, float32. "Matched" runs give TRL's sampler sftops' own
 micro-batch order (no length grouping, padded), so their first-step losses must agree. "Best" lets each side use
 its fastest option: TRL padding_free or packing (BFD), sftops group_by_length or packing. Each run is a fresh
 subprocess (its own peak RSS); TRL and sftops runs alternate; ratios are medians over repeats (the machine may be
@@ -243,10 +243,13 @@ def cpu_comparison(args: argparse.Namespace) -> None:
             "seed": args.seed,
         }
         print(
-            f"settings: Llama {SMALL_LLAMA}, {data['params_m']:.1f}M params, float32 on CPU ({torch.get_num_threads()} threads), "
+            f"settings: Llama {SMALL_LLAMA}, {data['params_m']:.1f}M params, "
+            f"float32 on CPU ({torch.get_num_threads()} threads), "
             f"full fine-tuning; {data['kept']} GSM8K rows (mean {data['mean_tokens']:.0f} tokens, "
-            f"{data['supervised_fraction']:.0%} supervised); micro-batch {args.micro_batch} x accumulation {args.accum}, "
-            f"{args.steps} steps (first {args.warmup} not timed), {args.repeats} repeats; {json.dumps(base | {'workdir': None})}"
+            f"{data['supervised_fraction']:.0%} supervised); "
+            f"micro-batch {args.micro_batch} x accumulation {args.accum}, "
+            f"{args.steps} steps (first {args.warmup} not timed), {args.repeats} repeats; "
+            f"{json.dumps(base | {'workdir': None})}"
         )
         runs: dict[tuple[str, str], list[dict]] = {}
         for repeat in range(args.repeats):
@@ -254,7 +257,8 @@ def cpu_comparison(args: argparse.Namespace) -> None:
                 run = spawn({**base, "side": side, "options": options})
                 runs.setdefault((name, side), []).append(run)
                 print(
-                    f"  repeat {repeat + 1} {side:6s} {name:15s} {tokens_per_s(run, args.warmup):8.0f} supervised tok/s, "
+                    f"  repeat {repeat + 1} {side:6s} {name:15s} "
+                    f"{tokens_per_s(run, args.warmup):8.0f} supervised tok/s, "
                     f"peak RSS {run['peak_rss_mb']:.0f} MB",
                     flush=True,
                 )
@@ -262,7 +266,8 @@ def cpu_comparison(args: argparse.Namespace) -> None:
     print(f"\n{'side':7s}{'batching':17s}{'tok/s (median)':>15s}{'peak RSS MB':>13s}{'RSS before train':>18s}")
     for (name, side), rs in runs.items():
         print(
-            f"{side:7s}{name:17s}{statistics.median(speed[name, side]):>15.0f}{statistics.median(r['peak_rss_mb'] for r in rs):>13.0f}"
+            f"{side:7s}{name:17s}{statistics.median(speed[name, side]):>15.0f}"
+            f"{statistics.median(r['peak_rss_mb'] for r in rs):>13.0f}"
             f"{statistics.median(r['rss_before_training_mb'] for r in rs):>18.0f}"
         )
     trl, ours = runs["matched", "trl"][0], runs["matched", "sftops"][0]
@@ -283,7 +288,8 @@ def cpu_comparison(args: argparse.Namespace) -> None:
         for side in ("trl", "sftops")
     }
     print(
-        f"supervised tokens/s, sftops / TRL, matched batching: {median_ratio(('matched', 'sftops'), ('matched', 'trl')):.2f}x"
+        "supervised tokens/s, sftops / TRL, matched batching: "
+        f"{median_ratio(('matched', 'sftops'), ('matched', 'trl')):.2f}x"
     )
     print(
         f"supervised tokens/s, sftops best ({best['sftops'][0]}) / TRL best ({best['trl'][0]}): "
@@ -296,7 +302,8 @@ def cpu_comparison(args: argparse.Namespace) -> None:
 
 
 def synthetic_examples(n: int, vocab: int, seed: int) -> list:
-    """GSM8K-shaped rows (prompt ~50-130, response ~40-220 tokens, as the SmolLM2 template gives): speed needs shapes only."""
+    """GSM8K-shaped rows (prompt ~50-130, response ~40-220 tokens, as the SmolLM2 template gives): speed needs
+    shapes only."""
     from sftops.chat import IGNORE, Encoded
 
     g = torch.Generator().manual_seed(seed)
@@ -324,12 +331,14 @@ def gpu_mfu(args: argparse.Namespace) -> None:
     n_embed, n_head = model.get_input_embeddings().weight.numel(), model.get_output_embeddings().weight.numel()
     examples = synthetic_examples(args.gpu_micro_batch * args.steps * 2, config.vocab_size, args.seed)
     print(
-        f"\nGPU MFU: {torch.cuda.get_device_name()}, Llama {GPU_LLAMA}, {n_params / 1e6:.0f}M params, bf16 autocast over float32 "
-        f"weights, micro-batch {args.gpu_micro_batch}, {args.steps} steps (first {args.warmup} not timed), peak {args.peak_flops:.3g} FLOP/s"
+        f"\nGPU MFU: {torch.cuda.get_device_name()}, Llama {GPU_LLAMA}, {n_params / 1e6:.0f}M params, "
+        f"bf16 autocast over float32 weights, micro-batch {args.gpu_micro_batch}, "
+        f"{args.steps} steps (first {args.warmup} not timed), peak {args.peak_flops:.3g} FLOP/s"
     )
     print(
-        "  model FLOPs = 6 x all params x tokens (every non-padding token, prompt included); the second figure counts what the "
-        "engine computes: 6 x (params - embeddings - head) x tokens + 6 x head x supervised tokens (attention scores not counted)"
+        "  model FLOPs = 6 x all params x tokens (every non-padding token, prompt included); "
+        "the second figure counts what the engine computes: "
+        "6 x (params - embeddings - head) x tokens + 6 x head x supervised tokens (attention scores not counted)"
     )
     for options in ({"group_by_length": True, "packing": False}, {"group_by_length": False, "packing": True}):
         spec = {
@@ -356,7 +365,8 @@ def gpu_mfu(args: argparse.Namespace) -> None:
         name = "packing" if options["packing"] else "group_by_length"
         print(
             f"  {name:16s} {tokens:9.0f} tok/s ({supervised:.0f} supervised), MFU {mfu:.1%}, computed-FLOP utilisation "
-            f"{computed:.1%}, peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, last loss {run['losses'][-1]:.3f}"
+            f"{computed:.1%}, peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, "
+            f"last loss {run['losses'][-1]:.3f}"
         )
 
 

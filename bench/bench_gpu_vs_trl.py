@@ -133,7 +133,8 @@ def fresh_model(weights: dict, config, method: str, options: dict, seed: int, de
     with torch.device(device):
         model = LlamaForCausalLM(config)
     model.load_state_dict(weights)  # copies: the saved weights stay untouched for the next run
-    # FlexAttention has no backward on the CPU: the dry run trains those candidates with SDPA (same code path otherwise).
+    # FlexAttention has no backward on the CPU: the dry run trains those candidates with SDPA
+    # (same code path otherwise).
     model.set_attn_implementation(options.get("attn", "sdpa") if device.type == "cuda" else "sdpa")
     torch.manual_seed(seed)
     cfg = TrainConfig(
@@ -281,7 +282,8 @@ def run_trl(
 
 
 def id_tokenizer(vocab: int):
-    """A real tokenizer over the synthetic ids (token i is "t{i}"): the rows are ids already, TRL asks for pad and EOS."""
+    """A real tokenizer over the synthetic ids (token i is "t{i}"): the rows are ids already, TRL asks for pad
+    and EOS."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
@@ -355,7 +357,8 @@ def report(runs: list[Run], skipped: list[str], spec: dict, n_params: dict, peak
         speed[r.method, r.side, r.name] = sup
         flops = 6 * n_params[r.method] * every
         print(
-            f"{r.method:7s}{r.side:8s}{r.name:28s}{sup:>12.0f}{every:>12.0f}{flops / peak:>7.1%}{flops / ceiling:>11.1%}"
+            f"{r.method:7s}{r.side:8s}{r.name:28s}{sup:>12.0f}{every:>12.0f}"
+            f"{flops / peak:>7.1%}{flops / ceiling:>11.1%}"
             f"{r.peak_gib:>10.2f}{r.losses[0]:>12.6f}"
         )
     for name in skipped:
@@ -377,7 +380,8 @@ def report(runs: list[Run], skipped: list[str], spec: dict, n_params: dict, peak
             peaks = {r.side: r.peak_gib for r in runs if (r.method, r.side, r.name) in (best["trl"], best["sftops"])}
             print(
                 f"{method}: supervised tokens/s, sftops best ({best['sftops'][2]}) / TRL best ({best['trl'][2]}): "
-                f"{done[best['sftops']] / done[best['trl']]:.2f}x; peak memory {peaks['sftops']:.2f} / {peaks['trl']:.2f} GiB"
+                f"{done[best['sftops']] / done[best['trl']]:.2f}x; "
+                f"peak memory {peaks['sftops']:.2f} / {peaks['trl']:.2f} GiB"
             )
         if (method, "sftops", "matched") in done and (method, "trl", "matched") in done:
             print(
@@ -450,19 +454,22 @@ def run_all(args: argparse.Namespace, device: torch.device) -> None:
     gc.collect()
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {name}; {versions()}")
+    on_cuda = device.type == "cuda"
+    precision = "bf16 autocast over float32 weights" if on_cuda else "float32; +flex runs use SDPA on the CPU"
     print(
         f"model: Llama {shape}, {n_full / 1e6:.3g}M parameters (LoRA r 16 all linear: {n_lora / 1e6:.3g}M trained); "
-        f"{'bf16 autocast over float32 weights' if device.type == 'cuda' else 'float32; +flex runs use SDPA on the CPU'}; "
+        f"{precision}; "
         f"MFU counts 6 x all parameters for LoRA too (its true cost is nearer 4 x)"
     )
     print(
-        f"rows: log-normal lengths, mean {sum(lengths) / len(lengths):.0f} (target {mean}), max {max(lengths)} (cap {cap}), "
-        f"{supervised:.0%} supervised; {micro} rows per micro-batch x {args.accum} = ~{micro * args.accum * mean} tokens per step; "
+        f"rows: log-normal lengths, mean {sum(lengths) / len(lengths):.0f} (target {mean}), "
+        f"max {max(lengths)} (cap {cap}), {supervised:.0%} supervised; "
+        f"{micro} rows per micro-batch x {args.accum} = ~{micro * args.accum * mean} tokens per step; "
         f"{args.steps} steps per run, first {args.warmup} not timed"
     )
     print(
-        f"matmul ceiling: {ceiling / 1e12:.3g} TFLOP/s ({'bf16 8192^3' if not args.tiny else 'tiny'}); peak used for MFU "
-        f"{args.peak_flops / 1e12:.0f} TFLOP/s; budget {args.budget_s:.0f} s",
+        f"matmul ceiling: {ceiling / 1e12:.3g} TFLOP/s ({'bf16 8192^3' if not args.tiny else 'tiny'}); "
+        f"peak used for MFU {args.peak_flops / 1e12:.0f} TFLOP/s; budget {args.budget_s:.0f} s",
         flush=True,
     )
     plan = [(side, name, method, options) for side, name, options in CANDIDATES for method in methods]
@@ -508,7 +515,8 @@ def run_all(args: argparse.Namespace, device: torch.device) -> None:
     report(runs, skipped, spec, n_params, args.peak_flops, ceiling)
     if device.type == "cpu":
         print(
-            f"peak RSS of the whole process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (GPU runs report each run's peak)"
+            f"peak RSS of the whole process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB "
+            "(GPU runs report each run's peak)"
         )
     print(f"wall time {time.perf_counter() - started:.0f} s", flush=True)
 

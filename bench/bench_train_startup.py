@@ -8,12 +8,12 @@ For each size the script writes, in a temp folder, a curated dataset as the form
 Parquet splits with the canonical schema (synthetic conversations, ~20-word prompts, 20-160-word responses) and the
 tokenised cache through sftops' TokenCacheWriter (per row 30-150 prompt and 60-450 response tokens, random ids from
 the model's vocabulary: ~340 tokens a row), keyed for the model's tokenizer so train takes it as valid; the files'
-digests are recorded as the format stage records them (sftops.provenance.fingerprints.remember_digests, into $SFTOPS_CACHE_DIR,
-here the dataset's own cache/ folder). The val and test splits have a fixed --val-rows rows on every side: the
-held-out NLL before the first step scales with the validation rows, which is model compute, not start-up. Then a
-fresh process runs `sftops train`'s own function (sftops.stages.train.run_train: LoRA on the model, MLflow tracking into
-a temp SQLite store) and is stopped at the log line of its first optimizer step; the script prints that time and the
-child's peak RSS per size, and their differences.
+digests are recorded as the format stage records them (sftops.provenance.fingerprints.remember_digests, into
+$SFTOPS_CACHE_DIR, here the dataset's own cache/ folder). The val and test splits have a fixed --val-rows rows on
+every side: the held-out NLL before the first step scales with the validation rows, which is model compute, not
+start-up. Then a fresh process runs `sftops train`'s own function (sftops.stages.train.run_train: LoRA on the model,
+MLflow tracking into a temp SQLite store) and is stopped at the log line of its first optimizer step; the script
+prints that time and the child's peak RSS per size, and their differences.
 """
 
 from __future__ import annotations

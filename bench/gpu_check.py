@@ -150,7 +150,8 @@ def main() -> None:
             h = r["history"]
             four_bit = sum(type(m).__name__ == "Linear4bit" for m in r["model"].modules())
             print(
-                f"qlora: {four_bit} Linear4bit layers, loss {h[0]['train_loss']:.3f} -> {h[-1]['train_loss']:.3f} in {r['steps']} steps"
+                f"qlora: {four_bit} Linear4bit layers, "
+                f"loss {h[0]['train_loss']:.3f} -> {h[-1]['train_loss']:.3f} in {r['steps']} steps"
             )
         out_of_memory(folder, examples, pad)
 

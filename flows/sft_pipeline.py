@@ -218,8 +218,8 @@ def record_markdown(outcomes: dict[str, str], recorded: dict) -> str:
     rows = "\n".join(f"| {stage} | {outcome} |" for stage, outcome in outcomes.items())
     tags = recorded["tags"]
     versioned = (
-        f"Recorded as DVC experiment `{tags['dvc.experiment']}` (`{tags['git.ref']}`, commit `{tags['git.commit'][:12]}`): "
-        f"{tags[tracking.VERSIONED_REASON]}"
+        f"Recorded as DVC experiment `{tags['dvc.experiment']}` (`{tags['git.ref']}`, commit "
+        f"`{tags['git.commit'][:12]}`): {tags[tracking.VERSIONED_REASON]}"
         if recorded["versioned"]
         else f"**Not versioned**: {tags[tracking.VERSIONED_REASON]}"
     )

@@ -42,7 +42,7 @@ def test_planted_near_duplicates_are_found_among_twenty_thousand_rows():
     words = [f"w{i}" for i in range(5000)]
     texts = [" ".join(rng.choices(words, k=40)) for _ in range(20_000)]
     planted = {}
-    for n in range(20):
+    for _ in range(20):
         src, dst = rng.sample(range(10_000), 1)[0], 10_000 + rng.randrange(10_000)
         if dst in planted or src in planted:
             continue

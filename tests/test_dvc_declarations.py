@@ -1,8 +1,8 @@
 """dvc.yaml says exactly what each stage reads: each stage is run for real (the tiny model, a small source) by
 tests/stage_reads.py, which records the params keys it reads and the project modules it imports, and both must be
 declared in the stage's `params` and `deps`; every file it opens in the project folder must be one of its deps or
-outputs (or the places that are not pipeline data: the MLflow store, the caches, train's checkpoints). params.yaml carries every key of the typed config, so no default that
-lives only in code escapes DVC's params tracking."""
+outputs (or the places that are not pipeline data: the MLflow store, the caches, train's checkpoints). params.yaml
+carries every key of the typed config, so no default that lives only in code escapes DVC's params tracking."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def declared_files(stage: str, paths: dict[str, str]) -> list[str]:
         next(iter(o)) if isinstance(o, dict) else o for o in entry.get("outs", []) + entry.get("metrics", [])
     ]
     for key, value in paths.items():
-        items = [i.replace("${paths.%s}" % key, value) for i in items]
+        items = [i.replace(f"${{paths.{key}}}", value) for i in items]
     return items
 
 
@@ -122,7 +122,8 @@ def test_each_stage_opens_only_files_its_dvc_entry_declares(reads, stage):
 
 
 def test_the_recorder_sees_the_reads_that_dvc_yaml_once_missed(reads):
-    """The check can fail: ingest reads data.max_row_bytes (once undeclared), evaluate imports evaluate/base_cache.py."""
+    """The check can fail: ingest reads data.max_row_bytes (once undeclared), evaluate imports
+    evaluate/base_cache.py."""
     assert "data.max_row_bytes" in reads["ingest"]["params"] and not covered(
         "data.max_row_bytes", ["data.sources"], "."
     )

@@ -42,7 +42,13 @@ def project(tmp_path, tiny_model, monkeypatch):
         tiny_model,
         80,
         "tiny",
-        train={"max_steps": 12, "micro_batch_size": 4, "learning_rate": 0.01, "checkpoint_every": 2},
+        train={
+            "max_steps": 12,
+            "micro_batch_size": 4,
+            "grad_accum_steps": 1,
+            "learning_rate": 0.01,
+            "checkpoint_every": 2,
+        },
     )
     cfg = load_config("params.yaml")
     run_ingest(cfg)

@@ -24,7 +24,8 @@ from sftops.stages.ingest import run_ingest
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 TOOLS_TEMPLATE = (
-    "{% if tools %}{{ 'Tools: ' + (tools | map(attribute='function') | map(attribute='name') | join(',')) + '\n' }}{% endif %}"
+    "{% if tools %}{{ 'Tools: ' + (tools | map(attribute='function') | map(attribute='name') | join(',')) + '\n' }}"
+    "{% endif %}"
     "{% for m in messages %}"
     "{% if m['role'] == 'assistant' %}{{ 'A:\n' + m['content'] }}"
     "{% for c in m.get('tool_calls', []) %}{{ '<call>' + c['function']['name'] + '</call>' }}{% endfor %}"
@@ -127,7 +128,7 @@ def test_every_format_and_schema_reaches_the_curated_splits(tmp_path, tiny_model
             + s["sampled_out"]
             + s["dropped_tokens"]
             + s["kept"]
-        )
+        ), name
 
 
 def test_openai_weight_zero_turns_are_context_not_targets(tmp_path, tiny_model):

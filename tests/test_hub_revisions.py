@@ -70,15 +70,15 @@ from sftops.modeling import load_base_model, load_tokenizer, pinned
 from sftops.data.sources import pinned_source, read_source
 out = {"models": {}, "data": {}}
 for revision in json.loads(sys.argv[1]):
-    cfg = pinned(ModelConfig(base="%s", revision=revision))
+    cfg = pinned(ModelConfig(base=sys.argv[3], revision=revision))
     model, tokenizer = load_base_model(cfg), load_tokenizer(cfg)
     out["models"][str(revision)] = {"commit": cfg.revision, "vocab": len(tokenizer), "tensors": {
         name: hashlib.sha256(t.detach().numpy().tobytes()).hexdigest() for name, t in model.state_dict().items()}}
 for revision in json.loads(sys.argv[2]):
-    source = pinned_source(SourceConfig(name="qa", hub="%s", revision=revision))
+    source = pinned_source(SourceConfig(name="qa", hub=sys.argv[4], revision=revision))
     out["data"][str(revision)] = {"commit": source.revision, "rows": [r.fields for r in read_source(source)]}
 print(json.dumps(out))
-""" % (MODEL, DATA)
+"""
 
 
 def test_each_revision_loads_its_own_weights_and_rows_offline(hub):
@@ -86,7 +86,7 @@ def test_each_revision_loads_its_own_weights_and_rows_offline(hub):
     model_revisions = [None, "v2", commits["B"], commits["A"]]
     data_revisions = [None, "v1", commits["one"]]
     done = subprocess.run(
-        [sys.executable, "-c", LOADER, json.dumps(model_revisions), json.dumps(data_revisions)],
+        [sys.executable, "-c", LOADER, json.dumps(model_revisions), json.dumps(data_revisions), MODEL, DATA],
         capture_output=True,
         text=True,
         env=hub["env"],

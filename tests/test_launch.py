@@ -119,6 +119,7 @@ def test_kubernetes_without_a_reachable_cluster_is_one_line_naming_the_job_file(
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-cluster"))
     with pytest.raises(
         TrainingError,
-        match=r"`kubectl delete pytorchjob/sftops-train --ignore-not-found` failed \(exit 1\); the job file is launch/sftops-train.yaml",
+        match=r"`kubectl delete pytorchjob/sftops-train --ignore-not-found` failed \(exit 1\); "
+        r"the job file is launch/sftops-train.yaml",
     ):
         launch.submit(config("kubernetes"))

@@ -28,7 +28,7 @@ from sftops.train import checkpoint, launch
 from test_training_engine import losses
 
 # The same 8 rows per step: one process of micro-batch 8, or two nodes of one process of micro-batch 4.
-COMMON = {"method": "full", "group_by_length": False, "distributed": "fsdp"}
+COMMON = {"method": "full", "group_by_length": False, "distributed": "fsdp", "grad_accum_steps": 1}
 ONE = {**COMMON, "micro_batch_size": 8}
 TWO_NODES = {**COMMON, "micro_batch_size": 4}
 

@@ -77,7 +77,8 @@ def figures(name: str, m: dict) -> str:
     v = m["suites"][name]
     return (
         f"test NLL {m['base']['nll']:.3f} -> {m['tuned']['nll']:.3f}; suite {name} ({v['rows']} rows): NLL "
-        f"{v['base']['nll']:.3f} -> {v['tuned']['nll']:.3f}, change CI [{v['delta_ci_low']:+.3f}, {v['delta_ci_high']:+.3f}], "
+        f"{v['base']['nll']:.3f} -> {v['tuned']['nll']:.3f}, "
+        f"change CI [{v['delta_ci_low']:+.3f}, {v['delta_ci_high']:+.3f}], "
         f"win rate {v['win_rate']:.2f}, chrF {v['base']['chrf']:.2f} -> {v['tuned']['chrf']:.2f}, words "
         f"{v['base']['response_words_mean']:.1f} -> {v['tuned']['response_words_mean']:.1f}, stop rate "
         f"{v['base']['stopped_rate']:.2f} -> {v['tuned']['stopped_rate']:.2f}; {m['promotion']['alias']}"

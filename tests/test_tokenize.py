@@ -1,5 +1,5 @@
-"""The encoder against an independent encoding (conftest.reference_encode), token-length statistics against an independent count, the
-max_length overflow policies, and the tokenised cache that train reads."""
+"""The encoder against an independent encoding (conftest.reference_encode), token-length statistics against an
+independent count, the max_length overflow policies, and the tokenised cache that train reads."""
 
 import json
 import statistics

@@ -96,7 +96,16 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(pro
 
 def test_early_stopping_exports_the_best_validated_weights(project):
     _, write = project
-    write({"method": "full", "max_steps": 40, "learning_rate": 0.05, "eval_every": 2, "early_stopping_patience": 2})
+    write(
+        {
+            "method": "full",
+            "max_steps": 40,
+            "learning_rate": 0.05,
+            "grad_accum_steps": 1,
+            "eval_every": 2,
+            "early_stopping_patience": 2,
+        }
+    )
     cfg = load_config("params.yaml")
     report = run_train(cfg)
     vals = report["validations"]

@@ -43,13 +43,17 @@ def _fail(message: str, code: int) -> int:
     stage_name = os.environ.get("DVC_STAGE")  # set by DVC for the stage command it runs
     if stage_name:
         # Without persist, DVC removed the stage's outputs before running it; dvc.lock still names the last good ones.
-        message += f" (the last recorded outputs of stage {stage_name!r} are in DVC's cache: `dvc checkout {stage_name}` restores them)"
+        message += (
+            f" (the last recorded outputs of stage {stage_name!r} are in DVC's cache: `dvc checkout {stage_name}` "
+            "restores them)"
+        )
     print(f"sftops: {redact(message)}", file=sys.stderr)  # a message may quote a URI with its password
     return code
 
 
 def _generate(args: argparse.Namespace) -> None:
-    """From a local model folder, or from MLflow: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model or a run id."""
+    """From a local model folder, or from MLflow: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model or a run
+    id."""
     if Path(args.model).is_dir():
         from sftops.evaluate.generation import answer
         from sftops.modeling import load_finetuned
@@ -124,13 +128,14 @@ def _where(cfg: Any) -> None:
         if "nll_improvement_ci_low" in m:
             print(
                 f"improvement {m['nll_improvement']:+.3f}, {round(100 * m['confidence'])}% CI "
-                f"[{m['nll_improvement_ci_low']:+.3f}, {m['nll_improvement_ci_high']:+.3f}], win rate {m['win_rate']:.2f}"
+                f"[{m['nll_improvement_ci_low']:+.3f}, {m['nll_improvement_ci_high']:+.3f}], "
+                f"win rate {m['win_rate']:.2f}"
             )
     for what, place in where(cfg).items():
         print(f"{what:>13}: {place}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
@@ -212,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("ingest", "format", "train", "evaluate", "run"):
         show_progress()

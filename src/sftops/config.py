@@ -35,8 +35,8 @@ class SourceConfig(_Strict):
     name: str = Field(
         pattern=r"^[A-Za-z0-9_.-]+$",
         description=(
-            "The source's (or suite's) name, unique among them: reports name its rows by it, and a source's raw file is "
-            "data/raw/<name>.jsonl."
+            "The source's (or suite's) name, unique among them: reports name its rows by it, and a source's raw file "
+            "is data/raw/<name>.jsonl."
         ),
     )
     path: str | None = Field(
@@ -70,7 +70,8 @@ class SourceConfig(_Strict):
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "yaml"] = Field(
         "auto",
         description=(
-            "The files' format; auto: told by each file's suffix (.jsonl, .csv, ..., optionally followed by .gz or .zst)."
+            "The files' format; auto: told by each file's suffix (.jsonl, .csv, ..., optionally followed by "
+            ".gz or .zst)."
         ),
     )
     row_schema: Literal[
@@ -95,7 +96,8 @@ class SourceConfig(_Strict):
     fields: dict[str, str] = Field(
         {},
         description=(
-            'Schema key -> where it is in the row: a dotted path with list indices, e.g. {output: "instances[0].output"}.'
+            "Schema key -> where it is in the row: a dotted path with list indices, e.g. "
+            '{output: "instances[0].output"}.'
         ),
     )
     split_as: Literal["auto", "train", "val", "test"] = Field(
@@ -123,9 +125,9 @@ class SourceConfig(_Strict):
     ignore: list[str] = Field(
         [],
         description=(
-            "Row fields left out of the conversation on purpose (e.g. [id, category]); format reports any other field that "
-            "reaches neither the conversation nor `fields` as unused. A multimodal field named here (images) is dropped, "
-            'and "<image>" lets placeholders through as text.'
+            "Row fields left out of the conversation on purpose (e.g. [id, category]); format reports any other field "
+            "that reaches neither the conversation nor `fields` as unused. A multimodal field named here (images) is "
+            'dropped, and "<image>" lets placeholders through as text.'
         ),
     )
 
@@ -182,8 +184,8 @@ class DataConfig(_Strict):
     overflow: Literal["drop", "truncate_prompt", "error"] = Field(
         "drop",
         description=(
-            "Rows longer than model.max_length tokens: drop them, cut the oldest prompt turns / the start of the prompt "
-            "(truncate_prompt, keeping the response whole where it fits), or stop the stage (error)."
+            "Rows longer than model.max_length tokens: drop them, cut the oldest prompt turns / the start of the "
+            "prompt (truncate_prompt, keeping the response whole where it fits), or stop the stage (error)."
         ),
     )
     near_duplicate_threshold: float | None = Field(
@@ -248,7 +250,8 @@ class DataConfig(_Strict):
         2,
         ge=1,
         description=(
-            "Worker processes of the format stage (1: its own process); more: faster, more memory, the same curated data."
+            "Worker processes of the format stage (1: its own process); more: faster, more memory, "
+            "the same curated data."
         ),
     )
 
@@ -265,17 +268,18 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     base: str = Field(
         description=(
-            "The base model: a hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct), a local folder, or pkg:<package> for a "
-            "model shipped inside an installed Python package."
+            "The base model: a hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct), a local folder, or pkg:<package> for "
+            "a model shipped inside an installed Python package."
         )
     )
     revision: str | None = Field(
         None,
         description=(
-            "A hub id's branch, tag or commit (null: the default branch): the commit it names when train starts is loaded "
-            "and recorded (run manifest, MLflow param model.revision_resolved and tag model.revision, the model folder's "
-            "base, the base-eval cache key), so later runs and reloads use those exact weights. For pkg: the package "
-            "version it must be (null: the installed one, recorded); a local folder: null (its files are hashed instead)."
+            "A hub id's branch, tag or commit (null: the default branch): the commit it names when train starts is "
+            "loaded and recorded (run manifest, MLflow param model.revision_resolved and tag model.revision, the model "
+            "folder's base, the base-eval cache key), so later runs and reloads use those exact weights. For pkg: the "
+            "package version it must be (null: the installed one, recorded); a local folder: null (its files are "
+            "hashed instead)."
         ),
     )
     gguf_file: str | None = Field(
@@ -288,12 +292,12 @@ class ModelConfig(_Strict):
         1024,
         ge=8,
         description=(
-            "Tokens per row (longer rows: see data.overflow); format tokenises with this model's tokenizer, and the data "
-            "card says how many rows 256/512/1024/2048/4096/8192 would keep. Memory follows the tokens of a micro-batch "
-            "(group_by_length pads only to a batch's longest row): measured on CPU on 2026-12-02 (SmolLM2-135M shape, "
-            "LoRA-like backward), 8 rows x 256 tokens and 2 x 1024 both peak at 4.75 GiB RSS, so 8 x 1024 needs about 4x "
-            "the activations. Lower train.micro_batch_size (raising train.grad_accum_steps) if rows are long and memory "
-            "short."
+            "Tokens per row (longer rows: see data.overflow); format tokenises with this model's tokenizer, and the "
+            "data card says how many rows 256/512/1024/2048/4096/8192 would keep. Memory follows the tokens of a "
+            "micro-batch (group_by_length pads only to a batch's longest row): measured on CPU on 2026-12-02 "
+            "(SmolLM2-135M shape, LoRA-like backward), 8 rows x 256 tokens and 2 x 1024 both peak at 4.75 GiB RSS, so "
+            "8 x 1024 needs about 4x the activations. Lower train.micro_batch_size (raising train.grad_accum_steps) if "
+            "rows are long and memory short."
         ),
     )
     attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
@@ -403,7 +407,8 @@ class TrainConfig(_Strict):
         None,
         ge=1,
         description=(
-            "Validation NLL every N steps (null: only before and after training); the best weights are the ones exported."
+            "Validation NLL every N steps (null: only before and after training); "
+            "the best weights are the ones exported."
         ),
     )
     early_stopping_patience: int | None = Field(
@@ -415,7 +420,8 @@ class TrainConfig(_Strict):
         1,
         ge=1,
         description=(
-            "Processes on each node (one per GPU, or CPU processes with gloo); above 1 the train stage launches torchrun."
+            "Processes on each node (one per GPU, or CPU processes with gloo); "
+            "above 1 the train stage launches torchrun."
         ),
     )
     distributed: Literal["ddp", "fsdp"] = Field(
@@ -520,9 +526,10 @@ class EvaluateConfig(_Strict):
     primary_metric: Metric = Field(
         "nll",
         description=(
-            "Promotion gate: the new model version gets the `champion` alias only if this test metric beats the current "
-            "champion's (same test set and eval settings) by more than promotion_margin, the data checks passed and no "
-            "suite regressed; otherwise `challenger`. nll and perplexity: lower is better; the others: higher."
+            "Promotion gate: the new model version gets the `champion` alias only if this test metric beats the "
+            "current champion's (same test set and eval settings) by more than promotion_margin, the data checks "
+            "passed and no suite regressed; otherwise `challenger`. nll and perplexity: lower is better; the others: "
+            "higher."
         ),
     )
     promotion_margin: float = Field(
@@ -582,8 +589,8 @@ class LaunchConfig(_Strict):
         "local",
         description=(
             "Where the train stage runs: local (this node; torchrun --standalone when train.num_processes > 1), slurm "
-            "(an sbatch script, submitted and waited for), kubernetes (a Kubeflow PyTorchJob, applied and waited for) or "
-            "loopback (launch.nodes torchrun agents on this machine). `sftops launch --write-only` writes "
+            "(an sbatch script, submitted and waited for), kubernetes (a Kubeflow PyTorchJob, applied and waited for) "
+            "or loopback (launch.nodes torchrun agents on this machine). `sftops launch --write-only` writes "
             "launch/<name>.sbatch or .yaml and prints it. The project folder must be shared by every node."
         ),
     )

@@ -44,7 +44,8 @@ def require_hardware(method: str, attn_implementation: str = "sdpa") -> None:
         return
     if not cuda_available():
         raise ModelError(
-            "train.method=qlora needs a CUDA GPU (4-bit bitsandbytes kernels) and none is visible; use train.method=lora"
+            "train.method=qlora needs a CUDA GPU (4-bit bitsandbytes kernels) and none is visible; "
+            "use train.method=lora"
         )
     try:
         import bitsandbytes  # noqa: F401

@@ -358,7 +358,8 @@ def promote(
 
     if primary_metric not in metrics["tuned"]:
         raise ConfigError(
-            f"evaluate.primary_metric={primary_metric!r} was not measured (set evaluate.num_generations > 0 for generation metrics)"
+            f"evaluate.primary_metric={primary_metric!r} was not measured "
+            "(set evaluate.num_generations > 0 for generation metrics)"
         )
     store = store_of(run_info)
     client = MlflowClient(store)

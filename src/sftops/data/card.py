@@ -101,8 +101,9 @@ def render_card(stats: dict[str, Any]) -> str:
     parts.append(
         f"## max_length {o['max_length']}, policy `{o['policy']}`\n\n- rows over max_length: {o['rows_over']}\n"
         f"- dropped: {o['dropped_too_long']}; truncated: {o['truncated']} (prompt tokens cut from the middle of the "
-        f"longest user turn: {o.get('prompt_tokens_cut', 0)}; each curated row holds the text as trained in messages_as_trained); response "
-        f"tokens lost to truncation: {o['response_tokens_lost']}\n- dropped with no supervised token: {o['dropped_no_target']}"
+        f"longest user turn: {o.get('prompt_tokens_cut', 0)}; each curated row holds the text as trained in "
+        f"messages_as_trained); response tokens lost to truncation: {o['response_tokens_lost']}\n- dropped with no "
+        f"supervised token: {o['dropped_no_target']}"
     )
     if stats.get("rows_kept_at_max_length"):
         parts.append(
@@ -127,8 +128,8 @@ def render_card(stats: dict[str, Any]) -> str:
         )
     )
     parts.append(
-        f"## Mask self-check\n\n{stats['self_check']['rows']} rows checked: the supervised tokens decode to exactly the "
-        "assistant text plus the end-of-turn token, and the training prompt equals the inference prompt."
+        f"## Mask self-check\n\n{stats['self_check']['rows']} rows checked: the supervised tokens decode to exactly "
+        "the assistant text plus the end-of-turn token, and the training prompt equals the inference prompt."
     )
     return "\n\n".join(parts) + "\n"
 

@@ -125,8 +125,8 @@ def refuse_too_few(counts: dict[str, int], cfg: Config) -> None:
     if counts["test"] < d.min_test_rows:
         raise DataError(
             f"{split}: evaluation needs at least data.min_test_rows={d.min_test_rows} test rows; add data, raise "
-            f"data.test_fraction (now {d.test_fraction}), give a source with split_as: test, or set data.min_test_rows=0 "
-            "to prepare data without evaluating"
+            f"data.test_fraction (now {d.test_fraction}), give a source with split_as: test, or set "
+            "data.min_test_rows=0 to prepare data without evaluating"
         )
 
 

@@ -21,6 +21,9 @@ def as_row(value: Any, origin: str, row: int) -> Record:
     return Record(
         origin,
         row,
-        error=f'row is a {type(value).__name__}, expected an object (e.g. {{"prompt": ..., "completion": ...}} or {{"messages": [...]}})',
+        error=(
+            f"row is a {type(value).__name__}, expected an object "
+            '(e.g. {"prompt": ..., "completion": ...} or {"messages": [...]})'
+        ),
         raw=repr(value)[:500],
     )

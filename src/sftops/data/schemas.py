@@ -246,7 +246,8 @@ def detect_schema(fields: dict[str, Any]) -> str:
     raise RowError(
         "no known schema",
         "expected 'messages', 'conversations' (ShareGPT), 'conversation', instruction/output, instruction/response, "
-        f"prompt/completion, prompt/response or question/answer; found keys {keys}; in params.yaml write {suggest_mapping(keys)}",
+        f"prompt/completion, prompt/response or question/answer; found keys {keys}; in params.yaml write "
+        f"{suggest_mapping(keys)}",
     )
 
 

@@ -51,7 +51,8 @@ SCHEMA = pa.schema(
         ("response_tokens_lost", pa.int32()),
     ]
 )
-# The tokenised cache, per split: flat arrays (raw .bin files in this machine's byte order, memory-mapped by the reader) and the ids
+# The tokenised cache, per split: flat arrays (raw .bin files in this machine's byte order, memory-mapped by the
+# reader) and the ids
 ARRAYS = {"input_ids": np.int32, "labels": np.int32, "offsets": np.int64, "truncated": np.bool_, "lost": np.int32}
 IDS = "ids.arrow"
 ID_SCHEMA = pa.schema([("id", pa.string())])

@@ -186,7 +186,8 @@ def fit(
         if policy == "drop":
             return Fitted(
                 None,
-                f"{len(enc.input_ids)} tokens > model.max_length {max_length} (raise it, or set data.overflow: truncate_prompt)",
+                f"{len(enc.input_ids)} tokens > model.max_length {max_length} "
+                "(raise it, or set data.overflow: truncate_prompt)",
                 kind="too long",
             )
         messages = conv["messages"]

@@ -1,8 +1,8 @@
 """The base model's evaluation, cached on disk by (model, data, eval params): re-evaluating a new fine-tune of
 the same base on the same test split (or regression suite) does not score and generate with the base model again.
 
-The cache lives in $SFTOPS_CACHE_DIR (default: .sftops-cache/ in the project folder, see workspace.py), one JSON file per key:
-base-eval/<sha256>.json. Deleting the folder is always safe."""
+The cache lives in $SFTOPS_CACHE_DIR (default: .sftops-cache/ in the project folder, see workspace.py), one JSON
+file per key: base-eval/<sha256>.json. Deleting the folder is always safe."""
 
 from __future__ import annotations
 

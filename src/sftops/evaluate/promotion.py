@@ -167,7 +167,10 @@ def decide(
             *_champ(champion),
         )
     gain = champion.value - value if metric in LOWER_IS_BETTER else value - champion.value
-    compared = f"test {metric} {value:.4f} vs champion v{champion.version}'s {champion.value:.4f} (gain {gain:+.4f}, margin {margin})"
+    compared = (
+        f"test {metric} {value:.4f} vs champion v{champion.version}'s {champion.value:.4f} "
+        f"(gain {gain:+.4f}, margin {margin})"
+    )
     if gain > margin:
         return Decision(
             CHAMPION, f"{compared}: beats it by more than the margin; {check_note}", metric, value, *_champ(champion)

@@ -39,11 +39,13 @@ def svg_curves(series: dict[str, Sequence[tuple[float, float]]], width: int = 64
             if len(pts) < 50
         ]
         parts.append(
-            f'<text x="{width - pad - 150}" y="{pad + 16 + 16 * i}" fill="{colour}" font-size="12">{escape(name)}</text>'
+            f'<text x="{width - pad - 150}" y="{pad + 16 + 16 * i}" fill="{colour}" '
+            f'font-size="12">{escape(name)}</text>'
         )
     parts.append(f'<text x="{pad}" y="{height - 10}" font-size="11">step {x0:g} … {x1:g}</text>')
     parts.append(
-        f'<text x="4" y="{pad - 8}" font-size="11">{y1:.3f}</text><text x="4" y="{height - pad}" font-size="11">{y0:.3f}</text>'
+        f'<text x="4" y="{pad - 8}" font-size="11">{y1:.3f}</text><text x="4" y="{height - pad}" '
+        f'font-size="11">{y0:.3f}</text>'
     )
     parts.append("</svg>")
     return "".join(parts)
@@ -73,11 +75,11 @@ def render(
     base, tuned = metrics["base"], metrics["tuned"]
     level = round(100 * metrics.get("confidence", 0.95))
     headline = (
-        f"<p class=big>Held-out response NLL: base <b>{base['nll']:.4f}</b> → tuned <b>{tuned['nll']:.4f}</b> nats/token "
-        f"(perplexity {base['perplexity']:.2f} → {tuned['perplexity']:.2f}) on {metrics['test_rows']} test rows.</p>"
-        f"<p class=big>Improvement {metrics['nll_improvement']:+.4f} nats/token, {level}% paired-bootstrap CI "
-        f"[{metrics['nll_improvement_ci_low']:+.4f}, {metrics['nll_improvement_ci_high']:+.4f}]; the tuned model has the "
-        f"lower NLL on {100 * metrics['win_rate']:.1f}% of rows.</p>"
+        f"<p class=big>Held-out response NLL: base <b>{base['nll']:.4f}</b> → tuned <b>{tuned['nll']:.4f}</b> "
+        f"nats/token (perplexity {base['perplexity']:.2f} → {tuned['perplexity']:.2f}) on {metrics['test_rows']} test "
+        f"rows.</p><p class=big>Improvement {metrics['nll_improvement']:+.4f} nats/token, {level}% paired-bootstrap CI "
+        f"[{metrics['nll_improvement_ci_low']:+.4f}, {metrics['nll_improvement_ci_high']:+.4f}]; the tuned model has "
+        f"the lower NLL on {100 * metrics['win_rate']:.1f}% of rows.</p>"
     )
     keys = [k for k in tuned if k in base]
     summary = _table(["metric", "base", "tuned"], [[k, base[k], tuned[k]] for k in keys])
@@ -118,8 +120,9 @@ def render(
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}}
-table{{border-collapse:collapse;margin:1em 0;font-size:13px}}td,th{{border:1px solid #ccc;padding:4px 6px;vertical-align:top;
-white-space:pre-wrap;max-width:380px}}th{{background:#f4f4f4}}.big{{font-size:16px}}</style></head><body>
+table{{border-collapse:collapse;margin:1em 0;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:4px 6px;vertical-align:top;white-space:pre-wrap;max-width:380px}}
+th{{background:#f4f4f4}}.big{{font-size:16px}}</style></head><body>
 <h1>{escape(title)}</h1>
 <h2>Did fine-tuning help?</h2>{headline}{gate}
 <h2>Test metrics</h2>{summary}

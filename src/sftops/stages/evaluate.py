@@ -383,7 +383,8 @@ def evaluate_suite(
     examples, kept, counts = training_examples(cfg, tokenizer, f"suite:{suite.name}", prepared.rows)
     if not examples:
         raise DataError(
-            f"evaluate.suites {suite.name!r}: no row fits model.max_length={cfg.model.max_length} with a target ({counts})"
+            f"evaluate.suites {suite.name!r}: no row fits model.max_length={cfg.model.max_length} "
+            f"with a target ({counts})"
         )
     rows = [prepared.rows[i] for i in kept]
     n = e.num_generations if suite.num_generations is None else suite.num_generations
@@ -487,7 +488,8 @@ def _promotion_preview(cfg: Config, run_info: dict[str, Any], metrics: dict[str,
     metric = cfg.evaluate.primary_metric
     if metric not in metrics["tuned"]:
         raise ConfigError(
-            f"evaluate.primary_metric={metric!r} was not measured (set evaluate.num_generations > 0 for generation metrics)"
+            f"evaluate.primary_metric={metric!r} was not measured "
+            "(set evaluate.num_generations > 0 for generation metrics)"
         )
     store = tracking.store_of(run_info)
     champion = tracking.current_champion(run_info["registered_model"], metric, store, metrics["evaluation"])

@@ -114,7 +114,8 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, chunks: Path, ing
             "examples": [{"origin": rows.origin(test[i]), "overlap": round(o, 4)} for i, o in flagged[:20]],
         },
         "self_check": {"rows": checked},
-        # The stage stops on a failed check, so written stats mean passed, if any row was checked; the promotion gate reads this.
+        # The stage stops on a failed check, so written stats mean passed, if any row was checked; the promotion gate
+        # reads this.
         "checks": {"mask_self_check": {"passed": checked > 0, "rows": checked}},
         "ingest": ingest,
     }

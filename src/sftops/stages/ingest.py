@@ -4,12 +4,13 @@ data/raw/rejected.jsonl with its origin and reason. For each source, read = kept
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from sftops.config import Config
+from sftops.config import Config, SourceConfig
 from sftops.data.rejections import ReasonTally, refuse_empty
 from sftops.data.sources import pinned_source, read_source
 from sftops.jsonio import jsonl_line, write_json, write_jsonl
@@ -43,34 +44,30 @@ def _ingest_sources(cfg: Config, out: Path, rejected_file: TextIO) -> tuple[dict
             revisions[source.name] = {"hub": source.hub, "requested": requested.revision, "commit": source.revision}
         counts = {"read": 0, "kept": 0, "rejected": 0}
         reasons = ReasonTally()
-
-        def kept_rows():
-            for rec in tqdm(
-                read_source(source, cfg.data.max_row_bytes), desc=f"ingest {source.name}", unit=" rows", leave=False
-            ):
-                counts["read"] += 1
-                if rec.error is None:
-                    counts["kept"] += 1
-                    yield {"source": source.name, "origin": rec.origin, "fields": rec.fields}
-                else:
-                    counts["rejected"] += 1
-                    reasons.add(rec.error)
-                    rejected_file.write(
-                        jsonl_line(
-                            {
-                                "source": source.name,
-                                "origin": rec.origin,
-                                "row": rec.row,
-                                "reason": rec.error,
-                                "raw": rec.raw,
-                            }
-                        )
-                    )
-
-        with contextlib.closing(kept_rows()) as rows:  # closed on a failed write too: the progress bar ends its line
+        rows_of = _kept_rows(source, cfg.data.max_row_bytes, counts, reasons, rejected_file)
+        with contextlib.closing(rows_of) as rows:  # closed on a failed write too: the progress bar ends its line
             write_jsonl(out / f"{source.name}.jsonl", rows)
         assert counts["read"] == counts["kept"] + counts["rejected"]
         if counts["kept"] == 0 and cfg.data.stop_on_empty_source:
             refuse_empty(source, counts["read"], reasons, "ingest")
         per_source[source.name] = counts
     return per_source, revisions
+
+
+def _kept_rows(
+    source: SourceConfig, max_row_bytes: int, counts: dict[str, int], reasons: ReasonTally, rejected_file: TextIO
+) -> Iterator[dict[str, Any]]:
+    """The source's readable rows; each unreadable one goes onto rejected_file, and counts and reasons tally both."""
+    for rec in tqdm(read_source(source, max_row_bytes), desc=f"ingest {source.name}", unit=" rows", leave=False):
+        counts["read"] += 1
+        if rec.error is None:
+            counts["kept"] += 1
+            yield {"source": source.name, "origin": rec.origin, "fields": rec.fields}
+        else:
+            counts["rejected"] += 1
+            reasons.add(rec.error)
+            rejected_file.write(
+                jsonl_line(
+                    {"source": source.name, "origin": rec.origin, "row": rec.row, "reason": rec.error, "raw": rec.raw}
+                )
+            )

@@ -39,6 +39,9 @@ class World:
             dist.barrier()
 
 
+SOLO = World()  # a world of one process on the CPU (frozen, so one instance serves as every default)
+
+
 def agree(world: World, fingerprints: dict[str, str]) -> None:
     """Every process must run the same job: each named fingerprint (the params, the curated data) is compared with
     rank 0's; on a mismatch every process stops with the same one-line error naming the node."""
@@ -50,12 +53,12 @@ def agree(world: World, fingerprints: dict[str, str]) -> None:
     everyone: list[dict[str, str]] = [{} for _ in range(world.size)]
     dist.all_gather_object(everyone, mine)
     for rank, theirs in enumerate(everyone):
-        for key, value in fingerprints.items():
+        for key in fingerprints:
             if theirs[key] != everyone[0][key]:
                 raise TrainingError(
                     f"rank {rank} (node {theirs['node']}, {theirs['host']}) has {key} {theirs[key]}, rank 0 (node "
-                    f"{everyone[0]['node']}) has {everyone[0][key]}: every node must run the same params.yaml on the same "
-                    f"curated data (copy them to every node, or put the project on a shared filesystem)"
+                    f"{everyone[0]['node']}) has {everyone[0][key]}: every node must run the same params.yaml on the "
+                    f"same curated data (copy them to every node, or put the project on a shared filesystem)"
                 )
 
 

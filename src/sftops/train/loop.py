@@ -23,7 +23,7 @@ from sftops.config import TrainConfig
 from sftops.data.batching import Batch, micro_batches, step_batches, step_micro_batches
 from sftops.errors import GpuMemoryError, TrainingError
 from sftops.train import checkpoint
-from sftops.train.distributed import World
+from sftops.train.distributed import SOLO, World
 from sftops.train.loss import SupervisedNLL, autocast, n_targets
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -63,7 +63,7 @@ def accumulate_gradients(
     objective: torch.nn.Module,
     batches: Sequence[Batch],
     device: torch.device,
-    world: World = World(),
+    world: World = SOLO,
     n_sources: int = 0,
     rows: int = 0,
 ) -> StepStats:
@@ -198,8 +198,9 @@ def out_of_memory_advice(cfg: TrainConfig, step: int, last: Path | None) -> str:
     if cfg.micro_batch_size > 1:
         half = cfg.micro_batch_size // 2
         tips.append(
-            f"train.micro_batch_size={half} with train.grad_accum_steps={cfg.grad_accum_steps * cfg.micro_batch_size // half} "
-            f"(the same effective batch and loss)"
+            f"train.micro_batch_size={half} with "
+            f"train.grad_accum_steps={cfg.grad_accum_steps * cfg.micro_batch_size // half} "
+            "(the same effective batch and loss)"
         )
     if not cfg.gradient_checkpointing:
         tips.append("train.gradient_checkpointing=true")
@@ -215,7 +216,7 @@ def train_loop(
     examples: Sequence[Encoded],
     cfg: TrainConfig,
     pad_id: int,
-    world: World = World(),
+    world: World = SOLO,
     *,
     sources: Sequence[int] | None = None,
     source_names: Sequence[str] = (),
@@ -316,8 +317,8 @@ def train_loop(
                 else "no checkpoint was written yet (set train.checkpoint_every)"
             )
             raise TrainingError(
-                f"step {step}: non-finite loss ({stats.loss}) or gradient norm ({grad_norm}); the update was not applied and "
-                f"{kept}; lower train.learning_rate or check the data of this step"
+                f"step {step}: non-finite loss ({stats.loss}) or gradient norm ({grad_norm}); the update was not "
+                f"applied and {kept}; lower train.learning_rate or check the data of this step"
             )
         lr = scheduler.get_last_lr()[0]
         optimizer.step()

@@ -52,6 +52,7 @@ def merge_checked(
     if drift > tolerance:
         raise TrainingError(
             f"merged model's held-out NLL {merged_nll:.6f} differs from the adapter model's {adapter_nll:.6f} by "
-            f"{drift:.2e} (relative), above train.merge_tolerance={tolerance}; export the adapter (train.merge_adapter=false)"
+            f"{drift:.2e} (relative), above train.merge_tolerance={tolerance}; "
+            "export the adapter (train.merge_adapter=false)"
         )
     return merged, check

@@ -50,8 +50,8 @@ def packing_self_check(
     tolerance = 2e-2 if device.type == "cuda" else 1e-4  # bf16 autocast on GPUs, float32 on CPU
     if gap > tolerance:
         raise TrainingError(
-            f"packing self-check failed: per-example losses packed and padded differ by up to {gap:.2e} (relative) with "
-            f"model.attn_implementation={attn_implementation}, so packed examples would attend to each other; "
+            f"packing self-check failed: per-example losses packed and padded differ by up to {gap:.2e} (relative) "
+            f"with model.attn_implementation={attn_implementation}, so packed examples would attend to each other; "
             "set train.packing=false (or model.attn_implementation=sdpa)"
         )
     return gap
