@@ -5,10 +5,10 @@
     python bench/bench_engine_vs_trl.py --gpu-mfu-only --peak-flops 989e12
 
 Both sides fully fine-tune the same small Llama-architecture model (random init, saved once) on the same GSM8K
-rows, tokenised once by sftops.data.examples.encode_rows and handed to TRL as `input_ids` + `labels`; same AdamW,
-warmup + cosine schedule, clipping, micro-batch x accumulation, float32. "Matched" runs give TRL's sampler sftops' own
-micro-batch order (no length grouping, padded), so their first-step losses must agree. "Best" lets each side use
-its fastest option: TRL padding_free or packing (BFD), sftops group_by_length or packing. Each run is a fresh
+rows, tokenised once by sftops.data.examples.encode_curated_rows and handed to TRL as `input_ids` + `labels`; same
+AdamW, warmup + cosine schedule, clipping, micro-batch x accumulation, float32. "Matched" runs give TRL's sampler
+sftops' own micro-batch order (no length grouping, padded), so their first-step losses must agree. "Best" lets each side
+use its fastest option: TRL padding_free or packing (BFD), sftops group_by_length or packing. Each run is a fresh
 subprocess (its own peak RSS); TRL and sftops runs alternate; ratios are medians over repeats (the machine may be
 shared). Throughput = supervised tokens / wall time of the steps after the warm-up steps.
 """
@@ -177,7 +177,7 @@ def prepare(workdir: Path, rows: int, seed: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sftops.config import ModelConfig
-    from sftops.data.examples import encode_rows
+    from sftops.data.examples import encode_curated_rows
     from sftops.modeling import load_tokenizer
 
     if not GSM8K.exists():
@@ -188,7 +188,7 @@ def prepare(workdir: Path, rows: int, seed: int) -> dict:
         {"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}
         for r in records
     ]
-    examples, _, counts = encode_rows(tok, convs, max_length=512)
+    examples, _, counts = encode_curated_rows(tok, convs, max_length=512)
     tok.save_pretrained(workdir / "tokenizer")
     saved = {
         "input_ids": [e.input_ids for e in examples],

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 from sftops.chat import IGNORE, generation_prompt, stop_token_ids
 from sftops.config import ModelConfig
 from sftops.data.batching import collate
-from sftops.data.examples import encode_rows
+from sftops.data.examples import encode_curated_rows
 from sftops.data.tokenize import encode_conversation
 from sftops.modeling import FALLBACK_CHAT_TEMPLATE, load_tokenizer
 from sftops.train.loss import row_nll
@@ -58,7 +58,7 @@ def test_loss_equals_hand_computed_response_nll(tiny_model):
         CONV,
         [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "i am fine, thank you today."}],
     ]
-    examples, _, _ = encode_rows(tok, [{"messages": c} for c in convs], max_length=128)
+    examples, _, _ = encode_curated_rows(tok, [{"messages": c} for c in convs], max_length=128)
     batch = collate(examples, tok.pad_token_id)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -86,7 +86,7 @@ def test_rows_too_long_or_without_targets_are_dropped_and_counted(tiny_model):
         {"messages": CONV},
         {"messages": [{"role": "user", "content": "x " * 300}, {"role": "assistant", "content": "y"}]},
     ]
-    examples, kept, counts = encode_rows(tok, rows, max_length=64)
+    examples, kept, counts = encode_curated_rows(tok, rows, max_length=64)
     assert kept == [0] and len(examples) == 1
     assert {k: counts[k] for k in ("rows", "kept", "dropped_too_long", "dropped_no_target")} == {
         "rows": 2,

@@ -13,7 +13,7 @@ from realstack import evaluation_runs
 from sftops import tracking
 from sftops.cli import main
 from sftops.config import Config, ModelConfig, TrainConfig
-from sftops.data.examples import encode_rows
+from sftops.data.examples import encode_curated_rows
 from sftops.evaluate.comparison import compare
 from sftops.modeling import load_base_model, load_tokenizer
 from sftops.stages.evaluate import run_evaluate
@@ -38,8 +38,8 @@ def test_sft_lowers_held_out_gsm8k_response_nll_beyond_the_bootstrap_interval(st
 
     model_cfg = ModelConfig(base=str(stories_model), max_length=320)
     tokenizer = load_tokenizer(model_cfg)
-    train, _, _ = encode_rows(tokenizer, gsm8k_conversations(gsm8k / "train.jsonl", 160), model_cfg.max_length)
-    test, _, _ = encode_rows(tokenizer, gsm8k_conversations(gsm8k / "test.jsonl", 60), model_cfg.max_length)
+    train, _, _ = encode_curated_rows(tokenizer, gsm8k_conversations(gsm8k / "train.jsonl", 160), model_cfg.max_length)
+    test, _, _ = encode_curated_rows(tokenizer, gsm8k_conversations(gsm8k / "test.jsonl", 60), model_cfg.max_length)
     assert len(train) >= 40 and len(test) >= 15
     cpu = torch.device("cpu")
     seed_everything(0)

@@ -13,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 
 from sftops.config import load_config
-from sftops.data.examples import encode_rows
+from sftops.data.examples import encode_curated_rows
 from sftops.data.store import load_split
 from sftops.errors import TrainingError
 from sftops.modeling import load_finetuned
@@ -154,7 +154,7 @@ def test_merged_adapter_has_the_adapter_models_held_out_loss(project):
     assert report["merge"]["relative_drift"] <= 1e-5
     assert (Path("models/model/model.safetensors")).exists() and not Path("models/model/adapter_config.json").exists()
     merged, tok = load_finetuned("models/model")
-    val, _, _ = encode_rows(tok, load_split(cfg, "val"), cfg.model.max_length)
+    val, _, _ = encode_curated_rows(tok, load_split(cfg, "val"), cfg.model.max_length)
     merged_nll = mean_nll(score_rows(merged, val, 8, tok.pad_token_id, torch.device("cpu")))
     assert merged_nll == pytest.approx(report["merge"]["adapter_nll"], rel=1e-5)
     assert report["merge"]["adapter_nll"] == pytest.approx(report["val_nll_after"], rel=1e-6)

@@ -65,16 +65,16 @@ def cache_counts(rows: TokenRows) -> dict[str, Any]:
 def training_examples(
     cfg: Config, tokenizer: PreTrainedTokenizerBase, split: str, rows: list[dict[str, Any]]
 ) -> tuple[Sequence[Encoded], list[int], dict[str, Any]]:
-    """(examples, indices of the rows they came from, counts), as encode_rows returns them, with
+    """(examples, indices of the rows they came from, counts), as encode_curated_rows returns them, with
     data.overflow applied and rows left with no target token dropped and counted. From the cache, the examples
     are a TokenRows (array-backed, indexable like a list of Encoded)."""
     cached = cached_rows(cfg, tokenizer, split, pa.chunked_array([pa.array([r["id"] for r in rows], pa.string())]))
     if cached is not None:
         return cached, list(range(len(rows))), cache_counts(cached)
-    return encode_rows(tokenizer, rows, cfg.model.max_length, cfg.data.overflow)
+    return encode_curated_rows(tokenizer, rows, cfg.model.max_length, cfg.data.overflow)
 
 
-def encode_rows(
+def encode_curated_rows(
     tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], max_length: int, overflow: str = "drop"
 ) -> tuple[list[Encoded], list[int], dict[str, Any]]:
     """Tokenise curated rows as the format stage does (the path without a valid cache): the examples, the indices
@@ -140,6 +140,6 @@ def split_examples(
         return SplitExamples(cached, codes, names, cache_counts(cached))
     rows = read_split(cfg.paths.curated, split)
     rows = [rows[i] for i in chosen.tolist()]
-    examples, kept, counts = encode_rows(tokenizer, rows, cfg.model.max_length, cfg.data.overflow)
+    examples, kept, counts = encode_curated_rows(tokenizer, rows, cfg.model.max_length, cfg.data.overflow)
     codes, names = source_codes(pa.chunked_array([pa.array([rows[i].get("source") for i in kept], pa.string())]))
     return SplitExamples(examples, codes, names, counts)
