@@ -53,7 +53,7 @@ from prefect.tasks import Task, exponential_backoff  # noqa: E402
 from sftops import tracking  # noqa: E402
 from sftops.config import Config, load_config  # noqa: E402
 from sftops.errors import SftopsError, TransientError  # noqa: E402
-from sftops.layout import CARD, RUN_FILE  # noqa: E402
+from sftops.layout import CARD, REPORT_FILE, RUN_FILE  # noqa: E402
 from sftops.pipeline import STAGES, where  # noqa: E402
 
 REGISTRY_LOCK = "sftops-registry"  # a Prefect global concurrency limit of 1 (make deploy creates it)
@@ -234,13 +234,13 @@ def report_link(run: dict, metrics: dict, cfg: Config) -> str:
         link = tracking.report_link(run, metrics, cfg.evaluate.primary_metric)
         if link:
             return link
-    return (Path(cfg.paths.reports) / "report.html").resolve().as_uri()
+    return (Path(cfg.paths.reports) / REPORT_FILE).resolve().as_uri()
 
 
 def publish(outcomes: dict[str, str], recorded: dict, decision: dict, cfg: Config) -> None:
     run, metrics = (
         recorded["run"],
-        {**recorded["metrics"], "promotion": decision, "report": str(Path(cfg.paths.reports) / "report.html")},
+        {**recorded["metrics"], "promotion": decision, "report": str(Path(cfg.paths.reports) / REPORT_FILE)},
     )
     create_markdown_artifact(
         markdown=record_markdown(outcomes, recorded),
@@ -256,7 +256,7 @@ def publish(outcomes: dict[str, str], recorded: dict, decision: dict, cfg: Confi
     )
     create_link_artifact(
         link=report_link(run, recorded["metrics"], cfg),
-        link_text="report.html",
+        link_text=REPORT_FILE,
         key="sft-report",
         description=f"the review of MLflow run {run['run_id']}",
     )

@@ -29,6 +29,7 @@ import yaml
 
 from sftops.errors import ConfigError
 from sftops.jsonio import write_json
+from sftops.layout import MODEL_DIR
 from sftops.provenance.fingerprints import file_sha256, json_sha256
 from sftops.provenance.manifest import dvc_md5, folder_hashes, library_versions, model_section
 
@@ -99,7 +100,7 @@ def compare_outputs(manifest: dict[str, Any], folder: Path) -> dict[str, dict[st
     """Recorded vs reproduced, one check per item: {"recorded", "reproduced", "match"}."""
     params = manifest["params"]
     curated = folder / params["paths"]["curated"]
-    model_dir = folder / params["paths"]["model"] / "model"
+    model_dir = folder / params["paths"]["model"] / MODEL_DIR
     reproduced_model = model_section(model_dir)
     recorded_model = manifest.get("model", {})
     lock = folder / "dvc.lock"

@@ -46,7 +46,17 @@ from sftops.evaluate.suites import (
 )
 from sftops.evaluate.textmetrics import length_stats
 from sftops.jsonio import read_json, require, write_json
-from sftops.layout import GENERATIONS_FILE, REPORT_FILE, ROWS_FILE, RUN_FILE, STATS, SUITES_DIR, TRAIN_CURVE, VAL_CURVE
+from sftops.layout import (
+    GENERATIONS_FILE,
+    MODEL_DIR,
+    REPORT_FILE,
+    ROWS_FILE,
+    RUN_FILE,
+    STATS,
+    SUITES_DIR,
+    TRAIN_CURVE,
+    VAL_CURVE,
+)
 from sftops.machine import device, package_dir, require_hardware
 from sftops.modeling import is_adapter, load_base_model, load_finetuned, read_manifest
 from sftops.outputs import replaced_whole
@@ -220,7 +230,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     # Suites first: a missing or empty suite stops the stage before any model is loaded.
     train_rows = load_split(cfg, "train") if cfg.evaluate.suites else []
     prepared = [prepare_suite(s, train_rows, cfg.data, cfg.evaluate.sample_seed) for s in cfg.evaluate.suites]
-    model_dir = Path(cfg.paths.model) / "model"
+    model_dir = Path(cfg.paths.model) / MODEL_DIR
     run_info = read_json(require(Path(cfg.paths.model) / RUN_FILE, "train"))
     dev = device()
     tuned, tokenizer = load_finetuned(model_dir)

@@ -19,7 +19,7 @@ from sftops.config import Config, ModelConfig
 from sftops.data.examples import split_examples
 from sftops.errors import TrainingError
 from sftops.jsonio import read_json, write_json
-from sftops.layout import INGEST_REPORT, RUN_FILE, STATS
+from sftops.layout import INGEST_REPORT, MODEL_DIR, RUN_FILE, STATS
 from sftops.machine import require_hardware
 from sftops.modeling import load_base_model, load_tokenizer, pinned, save_finetuned
 from sftops.outputs import replaced_whole
@@ -192,8 +192,8 @@ def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> dict[str, Any]:
                 model, merge = merge_checked(model, held_out_nll, cfg.train.merge_tolerance)
                 manifest["weights"] = "full"
                 tracking.log_metrics({f"merge_{k}": v for k, v in merge.items()})
-            save_finetuned(model, tokenizer, out / "model", manifest)
-            registered = tracking.log_and_register_model(out / "model", cfg.tracking.registered_model_name)
+            save_finetuned(model, tokenizer, out / MODEL_DIR, manifest)
+            registered = tracking.log_and_register_model(out / MODEL_DIR, cfg.tracking.registered_model_name)
             report = {
                 **run,
                 **registered,
