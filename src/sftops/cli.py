@@ -135,6 +135,19 @@ def _where(cfg: Any) -> None:
         print(f"{what:>13}: {place}")
 
 
+def _config_arguments(command: argparse.ArgumentParser) -> None:
+    """--params and --set, as every command that loads the configuration takes them."""
+    command.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    command.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter, e.g. --set train.learning_rate=1e-4 (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,27 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("where", "print where the results of the last run are"),
     ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-        p.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a parameter, e.g. --set train.learning_rate=1e-4 (repeatable)",
-        )
+        _config_arguments(p)
     lau = sub.add_parser(
         "launch", help="run the train stage on launch.nodes nodes (slurm, kubernetes, loopback), or one node of it"
     )
-    lau.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    lau.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a parameter (repeatable)",
-    )
+    _config_arguments(lau)
     lau.add_argument(
         "--write-only",
         action="store_true",
@@ -184,15 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument(
         "--explain", required=True, metavar="KEY", help="a key (train.learning_rate) or a section (train, data.sources)"
     )
-    con.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    con.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a parameter (repeatable)",
-    )
+    _config_arguments(con)
     gen = sub.add_parser("generate", help="answer prompts with a fine-tuned model")
     gen.add_argument(
         "--model",
