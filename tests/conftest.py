@@ -199,7 +199,7 @@ def project(tmp_path, tiny_model, monkeypatch):
 def reference_encode(tokenizer, messages: list[dict]) -> Encoded:
     """An independent encoding to check the production encoder against: the chat template through transformers'
     apply_chat_template (not sftops' compiled renderer), one tokenizer call per conversation, and a per-token
-    test of whether each token starts inside a target turn's span (not the encoder's bisection)."""
+    test of whether each token starts inside a target turn's span (not the encoder's search for span edges)."""
 
     def render(prefix, generation):
         return tokenizer.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation)

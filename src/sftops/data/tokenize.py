@@ -1,6 +1,6 @@
 """Conversations -> token ids and loss labels, fast: every conversation is rendered with the tokenizer's chat
-template (compiled once), then all texts are tokenised in one batched call with character offsets, and the
-labels come from the character spans of the assistant turns (weight-0 turns and tool definitions of the OpenAI
+template (compiled once), then all texts are tokenised in one batched call, and the labels are the tokens that
+start inside the character spans of the assistant turns (weight-0 turns and tool definitions of the OpenAI
 format included); then the max_length overflow policy. The only tokeniser: the format stage, train and evaluate
 without a cache, the tests and the benchmarks all encode here."""
 
@@ -58,23 +58,50 @@ def _own_backend(tokenizer: PreTrainedTokenizerBase) -> Any:
     return own
 
 
-def _ids_and_offsets(
-    render: Renderer, tokenizer: PreTrainedTokenizerBase, texts: list[str]
+def _first_token_from(encoding: Any, pos: int, n_chars: int) -> int:
+    """Index of the first token whose start offset is at or after character pos, asked of the Rust encoding
+    directly (converting every token's offsets to Python tuples cost a tenth of the format stage). A position
+    no token covers (whitespace that trim_offsets leaves out) moves on to the next covered one; a token that
+    starts before pos is not counted; empty-offset tokens at or after pos are."""
+    token = None
+    for char in range(pos, n_chars):
+        token = encoding.char_to_token(char)
+        if token is not None:
+            break
+    if token is None:
+        token = len(encoding.ids)
+    elif encoding.token_to_chars(token)[0] < pos:
+        token += 1
+    while token > 0 and encoding.token_to_chars(token - 1)[0] >= pos:
+        token -= 1
+    return token
+
+
+def _token_runs(
+    render: Renderer, tokenizer: PreTrainedTokenizerBase, rendered: list[tuple[str, list[tuple[int, int]]]]
 ) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """Token ids and character offsets of each text, no special tokens added."""
+    """Each text's token ids (no special tokens added) and, per character span, the run of tokens starting
+    inside it: (first, end) token indices. Token starts never decrease along a text, so a span's tokens are
+    one run (the test against transformers' apply_chat_template checks this per token)."""
+    texts = [text for text, _ in rendered]
     if render.backend is not None:
-        return [(e.ids, e.offsets) for e in render.backend.encode_batch(texts, add_special_tokens=False)]
+        encodings = render.backend.encode_batch(texts, add_special_tokens=False)
+        return [
+            (e.ids, [(_first_token_from(e, lo, len(t)), _first_token_from(e, hi, len(t))) for lo, hi in spans])
+            for e, (t, spans) in zip(encodings, rendered)
+        ]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return [(ids, [tuple(o) for o in offsets]) for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"])]
+    out = []
+    for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered):
+        offsets = [tuple(o) for o in offsets]
+        out.append((ids, [(bisect_left(offsets, (lo, -1)), bisect_left(offsets, (hi, -1))) for lo, hi in spans]))
+    return out
 
 
-def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    """ids where a token starts inside a target span, IGNORE elsewhere. Token starts never decrease along a
-    text, so the tokens of a span are one run, found by bisection (the test against chat.encode checks this
-    per token)."""
+def _labels(ids: list[int], runs: list[tuple[int, int]]) -> list[int]:
+    """ids inside the target runs, IGNORE elsewhere."""
     labels, done = [], 0
-    for lo, hi in spans:
-        first, end = bisect_left(offsets, (lo, -1)), bisect_left(offsets, (hi, -1))
+    for first, end in runs:
         labels += [IGNORE] * (first - done) + ids[first:end]
         done = end
     return labels + [IGNORE] * (len(ids) - done)
@@ -91,10 +118,7 @@ def encode_batch(
     out: list[Encoded] = []
     for start in range(0, len(convs), batch_size):
         rendered = [response_spans(render, c) for c in convs[start : start + batch_size]]
-        encodings = _ids_and_offsets(render, tokenizer, [text for text, _ in rendered])
-        out += [
-            Encoded(list(ids), _labels(ids, offsets, spans)) for (_, spans), (ids, offsets) in zip(rendered, encodings)
-        ]
+        out += [Encoded(ids, _labels(ids, runs)) for ids, runs in _token_runs(render, tokenizer, rendered)]
     return out
 
 
