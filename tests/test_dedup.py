@@ -140,3 +140,18 @@ def test_a_chunks_signatures_do_not_depend_on_the_other_rows():
     whole = minhash_signatures(texts, seed=4)
     chunks = np.concatenate([minhash_signatures(texts[lo : lo + 77], seed=4) for lo in range(0, 500, 77)])
     assert whole.dtype == np.uint32 and np.array_equal(whole, chunks)
+
+
+def test_texts_longer_than_one_signature_step_are_estimated_like_short_ones():
+    """A text of more shingles than one vectorised step holds gets a block of its own: its signature agreement with
+    a variant still estimates the exact Jaccard similarity, and it does not disturb its neighbours' signatures."""
+    rng = random.Random(6)
+    words = [f"w{i}" for i in range(20_000)]
+    long_text = [rng.choice(words) for _ in range(6000)]
+    variant = [w if rng.random() > 0.1 else rng.choice(words) for w in long_text]
+    short = [" ".join(rng.choices(words, k=40)) for _ in range(3)]
+    texts = [short[0], " ".join(long_text), short[1], " ".join(variant), short[2]]
+    sig = minhash_signatures(texts, num_perm=128)
+    estimate = float(np.mean(sig[1] == sig[3]))
+    assert abs(estimate - jaccard(texts[1], texts[3])) < 0.15
+    assert np.array_equal(sig[[0, 2, 4]], minhash_signatures(short, num_perm=128))
