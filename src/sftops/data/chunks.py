@@ -14,6 +14,7 @@ import os
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +89,12 @@ def _key64(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-def chunk_paths(folder: Path, number: int) -> tuple[Path, Path]:
-    return folder / f"{number:06d}.parquet", folder / f"{number:06d}.tokens.npz"
+TOKEN_ARRAYS = ("input_ids", "labels", "offsets")
+
+
+def chunk_paths(folder: Path, number: int) -> tuple[Path, dict[str, Path]]:
+    """A chunk's rows (Parquet) and its token arrays (.npy each: read memory-mapped, with no unzipping)."""
+    return folder / f"{number:06d}.parquet", {k: folder / f"{number:06d}.{k}.npy" for k in TOKEN_ARRAYS}
 
 
 def check_tools_render(render: Renderer, conv: dict[str, Any], origin: str) -> None:
@@ -209,17 +214,18 @@ class ChunkMapper:
         return tokens
 
     def _write(self, number: int, rows: list[dict], tokens: list[tuple[list[int], list[int]]]) -> None:
-        table_path, tokens_path = chunk_paths(self.folder, number)
+        table_path, token_paths = chunk_paths(self.folder, number)
         records = [{**record_of(r), "prompt": r["prompt"]} for r in rows]
         pq.write_table(pa.Table.from_pylist(records, schema=CHUNK_SCHEMA), table_path)
         lengths = np.fromiter((len(ids) for ids, _ in tokens), dtype=np.int64, count=len(tokens))
-        flat = [t for ids, _ in tokens for t in ids], [t for _, labels in tokens for t in labels]
-        np.savez(
-            tokens_path,
-            input_ids=np.asarray(flat[0], dtype=np.int32),
-            labels=np.asarray(flat[1], dtype=np.int32),
-            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        )
+        total = int(lengths.sum())
+        arrays = {
+            "input_ids": np.fromiter(chain.from_iterable(ids for ids, _ in tokens), dtype=np.int32, count=total),
+            "labels": np.fromiter(chain.from_iterable(labels for _, labels in tokens), dtype=np.int32, count=total),
+            "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        }
+        for name, path in token_paths.items():
+            np.save(path, arrays[name])
 
 
 def read_jobs(raw: Path, sources: Iterable[Any], chunk_rows: int) -> Iterator[Job]:
@@ -271,10 +277,12 @@ def map_chunks(mapper: ChunkMapper, jobs: Iterable[Job], workers: int) -> Iterat
         _WORKER = None
 
 
-def read_chunk(folder: Path, number: int) -> tuple[pa.Table, dict[str, np.ndarray]]:
-    table_path, tokens_path = chunk_paths(folder, number)
-    with np.load(tokens_path) as tokens:
-        return pq.read_table(table_path, schema=CHUNK_SCHEMA), {k: tokens[k] for k in tokens.files}
+def read_chunk(folder: Path, number: int, columns: list[str] | None = None) -> tuple[pa.Table, dict[str, np.ndarray]]:
+    """A chunk's rows (these columns, or all) and its token arrays, memory-mapped."""
+    table_path, token_paths = chunk_paths(folder, number)
+    schema = CHUNK_SCHEMA if columns is None else pa.schema([CHUNK_SCHEMA.field(c) for c in columns])
+    tokens = {name: np.load(path, mmap_mode="r") for name, path in token_paths.items()}
+    return pq.read_table(table_path, schema=schema, columns=columns), tokens
 
 
 def progress_total(ingest: dict[str, Any], sources: Iterable[Any]) -> int:

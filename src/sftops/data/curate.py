@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -259,16 +259,22 @@ def assign_splits(rows: Rows, alive: np.ndarray) -> np.ndarray:
 
 
 def check_masks(cfg: Config, tokenizer: Any, rows: Rows, alive: np.ndarray, chunks: Path) -> int:
-    """The mask self-check on a seeded sample of the rows (re-encoded from pass 1's files: the same encoder)."""
+    """The mask self-check on a seeded sample of the rows (re-encoded from pass 1's files: the same encoder).
+    Each chunk holding sampled rows is read once, its message column only."""
     from sftops.data.store import _from_record
 
     sample = random.Random(cfg.data.split_seed).sample(range(len(alive)), min(cfg.data.self_check_rows, len(alive)))
-    picked = []
-    for i in alive[sample]:
-        chunk = int(np.searchsorted(rows.chunk_start, i, side="right") - 1)
-        table, _ = read_chunk(chunks, rows.chunks[chunk][0])
-        rec = _from_record(table.slice(int(i - rows.chunk_start[chunk]), 1).to_pylist()[0])
-        picked.append((f"{rec['source']} {rec['origin']}", {"messages": rec["messages"], "tools": rec["tools"]}))
+    picked = {}
+    by_chunk = defaultdict(list)
+    for i in alive[sample].tolist():
+        by_chunk[int(np.searchsorted(rows.chunk_start, i, side="right") - 1)].append(i)
+    for chunk, members in by_chunk.items():
+        table, _ = read_chunk(chunks, rows.chunks[chunk][0], columns=["source", "origin", "messages", "tools"])
+        local = [i - int(rows.chunk_start[chunk]) for i in members]
+        for i, rec in zip(members, table.take(pa.array(local)).to_pylist()):
+            rec = _from_record(rec)
+            picked[i] = (f"{rec['source']} {rec['origin']}", {"messages": rec["messages"], "tools": rec["tools"]})
+    picked = [picked[i] for i in alive[sample].tolist()]  # in the sample's order, as before
     encoded = encode_batch(tokenizer, [conv for _, conv in picked])
     return self_check(tokenizer, [(where, conv, enc) for (where, conv), enc in zip(picked, encoded)])
 

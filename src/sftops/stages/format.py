@@ -123,6 +123,6 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, chunks: Path, ing
     write_json(
         out / INGEST_REPORT, ingest
     )  # carried along: train logs it without reading data/raw, which it does not depend on
-    write_card(out, stats, {k: v.tolist() for k, v in lengths.items()}, cfg.model.max_length)
+    write_card(out, stats, lengths, cfg.model.max_length)
     remember_digests(out)  # hashed once here, so train and evaluate read the digests, not the gigabytes
     return stats
