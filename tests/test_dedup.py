@@ -155,3 +155,32 @@ def test_texts_longer_than_one_signature_step_are_estimated_like_short_ones():
     estimate = float(np.mean(sig[1] == sig[3]))
     assert abs(estimate - jaccard(texts[1], texts[3])) < 0.15
     assert np.array_equal(sig[[0, 2, 4]], minhash_signatures(short, num_perm=128))
+
+
+def test_normalisation_turn_by_turn_and_the_ascii_path_give_the_words_of_the_whole():
+    """The format stage normalises each turn once (its ASCII text by byte translation) and joins: the result must
+    be the \\w+ words of the NFKC, case-folded whole conversation, as written out here with the regex."""
+    import json as json_
+    import re
+    import unicodedata
+
+    from sftops.data.chunks import conversation_and_prompt, conversation_text
+    from sftops.data.split import prompt_text
+
+    def words(text):
+        return " ".join(re.findall(r"\w+", unicodedata.normalize("NFKC", text).casefold()))
+
+    rng = random.Random(7)
+    pieces = ["Hello,", "WORLD!", "a_b", "x-y", "\t", "\n\n", "  ", "Straße", "ﬁne", "e\u0301", "\u0301", "東京"]
+    pieces += ["x²", "", "ΣΑΣ"] + [chr(i) for i in range(128)]
+    for _ in range(300):
+        turns = [
+            {"role": role, "content": "".join(rng.choices(pieces, k=rng.randrange(0, 12)))}
+            for role in rng.choice([["user", "assistant"], ["system", "user", "assistant", "user", "assistant"]])
+        ]
+        if rng.random() < 0.3:
+            turns[-1]["tool_calls"] = [{"function": {"name": "Get_Weather", "arguments": '{"City": "Köln"}'}}]
+        whole = words("\n".join(f"{m['role']} {m['content']} {json_.dumps(m.get('tool_calls') or '')}" for m in turns))
+        prompt = words("\n".join(f"{m['role']}: {m['content']}" for m in turns[:-1]))
+        assert conversation_and_prompt(turns) == (whole, prompt) == (conversation_text(turns), prompt_text(turns))
+        assert normalise(turns[-1]["content"]) == words(turns[-1]["content"])

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from sftops.config import Config
 from sftops.data.dedup import minhash_signatures, normalise
 from sftops.data.schemas import RowError, to_conversation
-from sftops.data.split import prompt_text, split_of
+from sftops.data.split import joined, message_words, split_of
 from sftops.data.store import SCHEMA, record_of
 from sftops.data.tokenize import Renderer, encode_batch, fit
 from sftops.errors import DataError
@@ -76,8 +76,16 @@ def row_id(messages: list[dict[str, Any]], tools: list | None = None) -> str:
     return hashlib.sha256(json.dumps(body, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def conversation_and_prompt(messages: list[dict[str, Any]]) -> tuple[str, str]:
+    """The normalised conversation (each turn's role, content and tool calls: exact and near duplicates are
+    found on it) and the normalised prompt (prompt_text), from one normalisation of each turn."""
+    words = [message_words(m) for m in messages]
+    calls = [normalise(json.dumps(m["tool_calls"])) if m.get("tool_calls") else "" for m in messages]
+    return joined(part for pair in zip(words, calls) for part in pair), joined(words[:-1])
+
+
 def conversation_text(messages: list[dict[str, Any]]) -> str:
-    return normalise("\n".join(f"{m['role']} {m['content']} {json.dumps(m.get('tool_calls') or '')}" for m in messages))
+    return conversation_and_prompt(messages)[0]
 
 
 def _key128(text: str) -> tuple[int, int]:
@@ -143,8 +151,7 @@ class ChunkMapper:
             convs.append(conv)
         encoded = encode_batch(self.tokenizer, convs, self.render)
         n = len(rows)
-        texts = [conversation_text(r["messages"]) for r in rows]
-        prompts = [prompt_text(r["messages"]) for r in rows]
+        texts, prompts = map(list, zip(*(conversation_and_prompt(r["messages"]) for r in rows))) if rows else ([], [])
         auto = np.array(
             [SPLIT_CODES[split_of(p, d.split_seed, d.val_fraction, d.test_fraction)] for p in prompts], dtype=np.int8
         )

@@ -16,9 +16,18 @@ from sftops.errors import DataError
 _WORD = re.compile(r"\w+")
 
 
+# ASCII bytes that are not word characters (\w: letters, digits, underscore) -> space
+_ASCII_NON_WORD = bytes(b if b < 128 and (chr(b).isalnum() or b == ord("_")) else ord(" ") for b in range(256))
+
+
 def normalise(text: str) -> str:
-    """Case, accents' composition, punctuation and whitespace do not make two texts different."""
-    return " ".join(_WORD.findall(unicodedata.normalize("NFKC", text).casefold()))
+    """Case, accents' composition, punctuation and whitespace do not make two texts different: the \\w+ words of
+    the NFKC, case-folded text, joined by single spaces. ASCII text (most of it) takes a byte translation, half
+    the regex's time, with the same words."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    if text.isascii():
+        return " ".join(text.encode().translate(_ASCII_NON_WORD).decode().split())
+    return " ".join(_WORD.findall(text))
 
 
 def shingles(text: str, n: int = 3) -> list[str]:

@@ -4,6 +4,7 @@ normalised prompt, so adding rows never moves an existing one, and rows sharing 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -14,9 +15,19 @@ from sftops.data.ngrams import _distinct_per_prompt, ngram_hashes
 PROMPT_CHUNK = 20_000  # prompts hashed at once: their words as Python strings dominate, ~40 MB at 20 words
 
 
+def message_words(message: dict[str, Any]) -> str:
+    """A turn's role and content, normalised. Normalising turn by turn and joining gives the words of the
+    normalised whole (NFKC never composes across the line break between turns)."""
+    return normalise(f"{message['role']} {message['content']}")
+
+
+def joined(parts: Iterable[str]) -> str:
+    return " ".join(p for p in parts if p)
+
+
 def prompt_text(messages: list[dict[str, Any]]) -> str:
     """Everything before the final response, normalised (case, punctuation and spacing do not separate prompts)."""
-    return normalise("\n".join(f"{m['role']}: {m['content']}" for m in messages[:-1]))
+    return joined(map(message_words, messages[:-1]))
 
 
 def split_of(prompt: str, seed: int, val_fraction: float, test_fraction: float) -> str:
