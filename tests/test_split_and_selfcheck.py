@@ -5,6 +5,7 @@ the contamination check against an independent count."""
 import json
 import random
 
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -125,6 +126,9 @@ def test_streaming_contamination_index_matches_the_set_based_check(n):
         index = ContaminationIndex(test, n, chunk=37)  # the test side hashed in chunks too
         for lo, hi in ((0, 1), (1, 400), (400, 401), (401, len(train))):  # other chunk sizes, same result
             index.add_train(train[lo:hi])
+        arrow = ContaminationIndex(test, n)  # as pass 2 adds them: Arrow columns, of several chunks
+        arrow.add_train(pa.chunked_array([pa.array(train[:300]), pa.array(train[300:])]))
+        assert arrow.flagged(threshold) == expected
         assert index.flagged(threshold) == expected
     assert any(0 < overlap < 1 for _, overlap in set_based_contamination(train, test, n, 0.1))
     assert (
@@ -207,3 +211,28 @@ def test_mask_self_check_catches_a_doubled_bos(tiny_tok):
 def test_split_fractions_follow_the_config():
     splits = [split_of(f"prompt {i}", 3, 0.1, 0.2) for i in range(4000)]
     assert abs(splits.count("test") / 4000 - 0.2) < 0.03 and abs(splits.count("val") / 4000 - 0.1) < 0.03
+
+
+def test_the_background_thread_of_pass_2_keeps_order_and_raises_its_error_in_the_caller():
+    from sftops.data.curate import InBackground
+
+    seen = []
+    with InBackground(seen.append) as background:
+        for i in range(100):
+            background.put(i)
+    assert seen == list(range(100))
+
+    def fails(item):
+        if item == 3:
+            raise ValueError("item 3 is bad")
+        seen.append(item)
+
+    seen.clear()
+    with pytest.raises(ValueError, match="item 3 is bad"):
+        with InBackground(fails) as background:
+            for i in range(10):
+                background.put(i)
+    assert seen == [0, 1, 2]  # nothing after the error
+    with pytest.raises(KeyError):  # the caller's own error is kept, and the thread does not hang
+        with InBackground(seen.append):
+            raise KeyError("caller")

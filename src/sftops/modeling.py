@@ -10,15 +10,15 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from sftops import hub
 from sftops.config import ModelConfig
 from sftops.errors import ModelError
 from sftops.machine import package_dir
 
-if TYPE_CHECKING:  # the model classes cost 2 s to import: the data stages, which need only the tokenizer, skip it
+if TYPE_CHECKING:  # torch, the model classes and AutoTokenizer (which imports torch) cost seconds to import: the
+    # data stages, which need only a tokenizer, skip them where they can
     from transformers import PreTrainedModel
 
 MANIFEST = "sftops_model.json"
@@ -154,6 +154,8 @@ def _gguf_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     key = hashlib.sha256(json.dumps([str(gguf), info.st_size, info.st_mtime_ns, transformers.__version__]).encode())
     folder = tokenizer_cache() / key.hexdigest()[:24]
     if not (folder / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
         tok = _refusing_unsafe_code(cfg.base, AutoTokenizer.from_pretrained, str(gguf.parent), gguf_file=gguf.name)
         partial = folder.with_name(f".{folder.name}.{os.getpid()}")
         tok.save_pretrained(partial)
@@ -161,6 +163,11 @@ def _gguf_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
             partial.rename(folder)  # another process may have saved it meanwhile: either copy is the same
         except OSError:
             shutil.rmtree(partial, ignore_errors=True)
+    saved_class = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):  # what AutoTokenizer would build, without
+        return PreTrainedTokenizerFast.from_pretrained(folder)  # importing torch (2-3 s of every data stage)
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(folder)
 
 
@@ -168,6 +175,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     if cfg.gguf_file and Path(resolve_base(cfg.base)).is_dir():
         tok = _gguf_tokenizer(cfg)
     else:
+        from transformers import AutoTokenizer
+
         tok = _refusing_unsafe_code(
             cfg.base,
             AutoTokenizer.from_pretrained,
@@ -189,6 +198,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 def load_base_model(cfg: ModelConfig, quantize_4bit: bool = False) -> PreTrainedModel:
     """The pre-trained model in float32 (the optimizer's master weights), or with 4-bit NF4 linear layers
     (bf16 compute) for QLoRA."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     extra: dict[str, Any] = {"attn_implementation": cfg.attn_implementation, "revision": _hub_revision(cfg)}
@@ -263,11 +273,14 @@ def is_adapter(info: dict[str, Any]) -> bool:
 
 
 def load_finetuned(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    import torch
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
     info = read_manifest(model_dir)
     base_cfg = ModelConfig.model_validate(info["base"])
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     if not is_adapter(info):
         model = _refusing_unsafe_code(

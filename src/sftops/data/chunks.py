@@ -123,9 +123,9 @@ def check_tools_render(render: Renderer, conv: dict[str, Any], origin: str) -> N
 class ChunkMapper:
     """Maps one Job to its ChunkResult and files. Built once per process (the tokenizer and template with it)."""
 
-    def __init__(self, cfg: Config, tokenizer: Any, folder: Path) -> None:
+    def __init__(self, cfg: Config, tokenizer: Any, folder: Path, render: Renderer | None = None) -> None:
         self.cfg, self.tokenizer, self.folder = cfg, tokenizer, folder
-        self.render = Renderer(tokenizer)
+        self.render = render or Renderer(tokenizer)
 
     def __call__(self, job: Job) -> ChunkResult:
         d, source = self.cfg.data, self.cfg.data.sources[job.source]

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import random
+import threading
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,7 @@ from sftops.data.schemas import RowError, to_conversation
 from sftops.data.selfcheck import self_check
 from sftops.data.split import ContaminationIndex, prompt_text, split_of
 from sftops.data.store import SPLITS, SplitWriter, TokenCacheWriter, cache_key, split_file
-from sftops.data.tokenize import encode_batch
+from sftops.data.tokenize import Renderer, encode_batch
 from sftops.errors import DataError
 
 __all__ = ["RowError", "to_messages", "assign_split", "prompt_key", "row_id", "conversation_text", "SPLITS"]
@@ -184,10 +187,12 @@ def _seeded_ranks(seed: int, rows: Rows, indices: np.ndarray) -> np.ndarray:
     return indices[np.argsort([_seeded_rank(seed, rows.row_id(i)) for i in indices], kind="stable")]
 
 
-def map_all(cfg: Config, tokenizer: Any, raw: Path, chunks: Path, ingest: dict[str, Any], ledger: Ledger) -> Rows:
+def map_all(
+    cfg: Config, tokenizer: Any, render: Renderer, raw: Path, chunks: Path, ingest: dict[str, Any], ledger: Ledger
+) -> Rows:
     """Pass 1 over every source; the rejections of mapping go to the ledger in input order."""
     d = cfg.data
-    mapper = ChunkMapper(cfg, tokenizer, chunks)
+    mapper = ChunkMapper(cfg, tokenizer, chunks, render)
     results, reasons = [], {s.name: [] for s in d.sources}
     bar = tqdm(total=progress_total(ingest, d.sources), desc="format: map and tokenise", unit=" rows", leave=False)
     with bar:
@@ -258,7 +263,7 @@ def assign_splits(rows: Rows, alive: np.ndarray) -> np.ndarray:
     return split
 
 
-def check_masks(cfg: Config, tokenizer: Any, rows: Rows, alive: np.ndarray, chunks: Path) -> int:
+def check_masks(cfg: Config, tokenizer: Any, render: Renderer, rows: Rows, alive: np.ndarray, chunks: Path) -> int:
     """The mask self-check on a seeded sample of the rows (re-encoded from pass 1's files: the same encoder).
     Each chunk holding sampled rows is read once, its message column only."""
     from sftops.data.store import _from_record
@@ -275,7 +280,7 @@ def check_masks(cfg: Config, tokenizer: Any, rows: Rows, alive: np.ndarray, chun
             rec = _from_record(rec)
             picked[i] = (f"{rec['source']} {rec['origin']}", {"messages": rec["messages"], "tools": rec["tools"]})
     picked = [picked[i] for i in alive[sample].tolist()]  # in the sample's order, as before
-    encoded = encode_batch(tokenizer, [conv for _, conv in picked])
+    encoded = encode_batch(tokenizer, [conv for _, conv in picked], render)
     return self_check(tokenizer, [(where, conv, enc) for (where, conv), enc in zip(picked, encoded)])
 
 
@@ -364,6 +369,48 @@ class OutputWriter:
             writer.close()
 
 
+class InBackground:
+    """Calls fn on each item put, in order, in one background thread; close() waits for the last and raises the
+    first error fn raised. Pass 2 adds the train prompts to the contamination index here: Arrow and numpy do most
+    of that work without the GIL, beside the writing, on the core pass 2 would leave idle."""
+
+    def __init__(self, fn: Callable[[Any], None], depth: int = 4) -> None:
+        self.items: queue.Queue = queue.Queue(maxsize=depth)  # bounded: the items wait in memory
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[Any], None]) -> None:
+        while (item := self.items.get()) is not None:
+            if self.error is None:
+                try:
+                    fn(item)
+                except BaseException as exc:  # raised in the caller's thread, by put() or close()
+                    self.error = exc
+
+    def put(self, item: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self.items.put(item)
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.items.put(None)
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self) -> InBackground:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self.close()
+        elif self.thread.is_alive():  # an error on the way: stop the thread, keep the caller's error
+            self.items.put(None)
+            self.thread.join()
+
+
 def write_outputs(
     cfg: Config,
     tokenizer: Any,
@@ -377,7 +424,7 @@ def write_outputs(
 ) -> dict[str, Any]:
     """Pass 2: the kept rows of each chunk into their split files and the tokenised cache, in input order, source
     by source: its val and test rows, its train rows `whole` times, then the fractional sample. Train prompts
-    go to the contamination index as they pass (once per row)."""
+    go to the contamination index as they pass (once per row), in a background thread."""
     is_kept = np.zeros(len(rows), dtype=bool)
     is_kept[kept] = True
     train_code = SPLIT_CODES["train"]
@@ -386,7 +433,8 @@ def write_outputs(
         whole * int((train & (rows.source == index)).sum()) + len(part) for index, (whole, part) in plan.items()
     )
     train_rows = Counter()
-    with TokenCacheWriter(out, {}) as cache, tqdm(total=total, desc="format: write", unit=" rows", leave=False) as bar:
+    bar = tqdm(total=total, desc="format: write", unit=" rows", leave=False)
+    with TokenCacheWriter(out, {}) as cache, bar, InBackground(contamination.add_train) as background:
         writer = OutputWriter(out, cache, rows, bar)
         for index in range(len(cfg.data.sources)):
             whole, part = plan[index]
@@ -409,14 +457,14 @@ def write_outputs(
                         writer.add("train", table, tokens, first, local)
                         train_rows[index] += len(local)
                         if repeat == 0:
-                            contamination.add_train(table.column("prompt").take(pa.array(local)).to_pylist())
+                            background.put(table.column("prompt").take(pa.array(local)))
             for number, first, n in mine if len(part) else ():
                 table, tokens = read_chunk(chunks, number)
                 local = np.flatnonzero(in_part[first : first + n])
                 writer.add("train", table, tokens, first, local)
                 train_rows[index] += len(local)
                 if whole == 0:
-                    contamination.add_train(table.column("prompt").take(pa.array(local)).to_pylist())
+                    background.put(table.column("prompt").take(pa.array(local)))
         writer.close()
         cache.key = cache_key(
             out, tokenizer, cfg.model.max_length, cfg.data.overflow

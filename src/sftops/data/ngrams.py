@@ -19,12 +19,14 @@ def mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _words(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _words(texts: list[str] | pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """(word count of each text, a stable uint64 hash of each word, text by text in order). Arrow splits the texts
     and finds the distinct words in C++ (a Python string and a dict lookup per word cost three times as much);
     each distinct word is hashed once with blake2b (not hash(): the same in every process). The words are what
     str.split() gives for texts whose only whitespace is spaces, as normalised texts are."""
-    split = pc.split_pattern(pa.array(texts, pa.large_string()), " ")
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()  # one dictionary of distinct words, not one per chunk
+    split = pc.split_pattern(texts if isinstance(texts, pa.Array) else pa.array(texts, pa.large_string()), " ")
     counts = pc.list_value_length(split).to_numpy(zero_copy_only=False).astype(np.int64)
     words = pc.list_flatten(split)
     empty = np.asarray(pc.equal(pc.utf8_length(words), 0))  # around and between repeated spaces
@@ -56,7 +58,7 @@ def _ngram_positions(lengths: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarra
     return owners, first_word, np.minimum(lengths, n)[owners]
 
 
-def ngram_hashes(prompts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
+def ngram_hashes(prompts: list[str] | pa.Array | pa.ChunkedArray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(prompt index, uint64 hash) of each word n-gram of each prompt (words split on spaces). The hash
     mixes the words in order and then the n-gram's length, so a short prompt's n-gram never equals a full one's."""
     lengths, words = _words(prompts)

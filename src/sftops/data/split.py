@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from sftops.data.dedup import normalise
 from sftops.data.ngrams import _distinct_per_prompt, ngram_hashes
@@ -53,8 +54,9 @@ class ContaminationIndex:
         self._owner_of_pair = owners
         self._seen = np.zeros(len(self.grams), dtype=bool)
 
-    def add_train(self, prompts: list[str]) -> None:
-        """Marks the test n-grams these train prompts contain; chunks may come in any size and order."""
+    def add_train(self, prompts: list[str] | pa.Array | pa.ChunkedArray) -> None:
+        """Marks the test n-grams these train prompts (strings, or an Arrow column of them) contain; chunks may
+        come in any size and order."""
         _, hashes = ngram_hashes(prompts, self.n)
         at = np.searchsorted(self.grams, hashes)
         found = at < len(self.grams)

@@ -36,7 +36,7 @@ from sftops.data.curate import (
     write_outputs,
 )
 from sftops.data.split import ContaminationIndex
-from sftops.data.tokenize import length_summary
+from sftops.data.tokenize import Renderer, length_summary
 from sftops.jsonio import read_json, read_jsonl, require, write_json, write_jsonl
 from sftops.layout import CURATED_REJECTED, INGEST_REPORT, RAW_REJECTED, STATS
 from sftops.outputs import replaced_whole
@@ -70,12 +70,13 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, chunks: Path, ing
     d = cfg.data
     ledger = Ledger(d.sources, ingest)
     ledger.add_ingest_rejections(list(read_jsonl(raw / RAW_REJECTED)))
-    rows = map_all(cfg, tokenizer, raw, chunks, ingest, ledger)
+    render = Renderer(tokenizer)  # built once: it copies the tokenizer's Rust backend
+    rows = map_all(cfg, tokenizer, render, raw, chunks, ingest, ledger)
     alive = remove_duplicates(rows, d.near_duplicate_threshold, d.sources, ledger)
     alive = cap_sources(rows, alive, d.sources, d.split_seed, ledger)
     split_of_alive = assign_splits(rows, alive)
     lengths = {part: rows.lengths[alive, k] for k, part in enumerate(("prompt", "response", "total"))}
-    checked = check_masks(cfg, tokenizer, rows, alive, chunks)
+    checked = check_masks(cfg, tokenizer, render, rows, alive, chunks)
     kept, overflow = apply_length_policy(cfg, rows, alive, ledger)
     split_code = np.full(len(rows), -1, dtype=np.int8)
     split_code[alive] = split_of_alive
