@@ -186,6 +186,18 @@ def write_rows(rows_path: Path, trl_path: Path, rows: int, vocab: Vocabulary) ->
 # ---------------------------------------------------------------- measuring a process tree
 
 
+def speed_probe() -> float:
+    """Seconds of a fixed single-thread Python workload (best of three), measured just before each side: this
+    machine's speed drifts by tens of percent over minutes, and two sides measured apart may not have run at
+    the same speed. Printed beside the times, not used to correct them."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        sum(i * i for i in range(2_000_000))
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def tree_memory(pid: int) -> tuple[int, int]:
     """RSS and PSS summed over the process and its descendants. The RSS sum counts pages that forked workers
     share with their parent once per process; PSS splits them, so the two bound the tree's real footprint."""
@@ -490,6 +502,9 @@ def print_table(results: list[dict]) -> None:
                 f"format/TRL peak PSS {ratio(r['format']['peak_tree_pss_gb'], r['trl']['peak_tree_pss_gb'])}, "
                 f"format/TRL CPU {ratio(r['format']['cpu_s'], r['trl']['cpu_s'])}"
             )
+        probes = [f"{side} {r[side]['probe_s']:.3f} s" for side in ("format", "trl") if "probe_s" in r.get(side, {})]
+        if probes:
+            parts.append(f"speed probe just before each side (lower is faster): {', '.join(probes)}")
         if "stats" in r:
             parts.append(f"format stats {r['stats']}")
         if "trl" in r:
@@ -536,10 +551,14 @@ def measure_size(rows: int, folder: Path, vocab: Vocabulary, args: argparse.Name
     write_params(size_dir / "project", args)
     generated = write_rows(size_dir / "project" / "rows.jsonl", size_dir / "rows.trl.jsonl", rows, vocab)
     result = {"rows": rows, "generated": generated, "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
-    if "sftops" in args.sides:
-        result.update(run_sftops(size_dir, args))
-    if "trl" in args.sides:
-        result["trl"] = run_trl(size_dir, args)
+    for side in args.sides:  # in the order given: --sides trl sftops runs TRL first
+        probe = speed_probe()
+        if side == "sftops":
+            result.update(run_sftops(size_dir, args))
+            result["format"]["probe_s"] = probe
+        else:
+            result["trl"] = run_trl(size_dir, args)
+            result["trl"]["probe_s"] = probe
     if not keep:
         shutil.rmtree(size_dir)
     print(

@@ -32,6 +32,7 @@ def test_the_cached_gguf_tokenizer_is_the_files_own_and_a_changed_file_gets_its_
         {"role": "assistant", "content": "4."},
     ]
     for tok in (first, again):
+        assert type(tok) is type(direct)  # loaded without AutoTokenizer, the class AutoTokenizer builds
         assert tokenizer_hash(tok) == tokenizer_hash(direct) and tok.chat_template == direct.chat_template
         assert tok.apply_chat_template(chat, tokenize=False) == direct.apply_chat_template(chat, tokenize=False)
         text = direct.apply_chat_template(chat, tokenize=False)

@@ -151,7 +151,8 @@ class ChunkMapper:
             convs.append(conv)
         encoded = encode_batch(self.tokenizer, convs, self.render)
         n = len(rows)
-        texts, prompts = map(list, zip(*(conversation_and_prompt(r["messages"]) for r in rows))) if rows else ([], [])
+        pairs = [conversation_and_prompt(r["messages"]) for r in rows]
+        texts, prompts = [text for text, _ in pairs], [prompt for _, prompt in pairs]
         auto = np.array(
             [SPLIT_CODES[split_of(p, d.split_seed, d.val_fraction, d.test_fraction)] for p in prompts], dtype=np.int8
         )

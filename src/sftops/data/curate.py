@@ -269,7 +269,7 @@ def check_masks(cfg: Config, tokenizer: Any, render: Renderer, rows: Rows, alive
     from sftops.data.store import _from_record
 
     sample = random.Random(cfg.data.split_seed).sample(range(len(alive)), min(cfg.data.self_check_rows, len(alive)))
-    picked = {}
+    found = {}
     by_chunk = defaultdict(list)
     for i in alive[sample].tolist():
         by_chunk[int(np.searchsorted(rows.chunk_start, i, side="right") - 1)].append(i)
@@ -278,8 +278,8 @@ def check_masks(cfg: Config, tokenizer: Any, render: Renderer, rows: Rows, alive
         local = [i - int(rows.chunk_start[chunk]) for i in members]
         for i, rec in zip(members, table.take(pa.array(local)).to_pylist()):
             rec = _from_record(rec)
-            picked[i] = (f"{rec['source']} {rec['origin']}", {"messages": rec["messages"], "tools": rec["tools"]})
-    picked = [picked[i] for i in alive[sample].tolist()]  # in the sample's order, as before
+            found[i] = (f"{rec['source']} {rec['origin']}", {"messages": rec["messages"], "tools": rec["tools"]})
+    picked = [found[i] for i in alive[sample].tolist()]  # in the sample's order, as before
     encoded = encode_batch(tokenizer, [conv for _, conv in picked], render)
     return self_check(tokenizer, [(where, conv, enc) for (where, conv), enc in zip(picked, encoded)])
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 from sftops.data.dedup import normalise
 from sftops.data.ngrams import _distinct_per_prompt, ngram_hashes
 
-PROMPT_CHUNK = 20_000  # prompts hashed at once: their words as Python strings dominate, ~40 MB at 20 words
+PROMPT_CHUNK = 20_000  # prompts hashed at once: their words and n-gram hashes, ~20 MB at 20 words
 
 
 def message_words(message: dict[str, Any]) -> str:
@@ -76,7 +76,7 @@ class ContaminationIndex:
 
 
 def _chunked_ngram_hashes(prompts: list[str], n: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """ngram_hashes() a chunk of prompts at a time, so only one chunk's words are Python strings at once."""
+    """ngram_hashes() a chunk of prompts at a time, so only one chunk's words and n-grams are held at once."""
     owners, hashes = [np.empty(0, dtype=np.int64)], [np.empty(0, dtype=np.uint64)]
     for lo in range(0, len(prompts), chunk):
         chunk_owners, chunk_hashes = ngram_hashes(prompts[lo : lo + chunk], n)
