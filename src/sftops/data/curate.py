@@ -265,13 +265,14 @@ def assign_splits(rows: Rows, alive: np.ndarray) -> np.ndarray:
 
 def check_masks(cfg: Config, tokenizer: Any, render: Renderer, rows: Rows, alive: np.ndarray, chunks: Path) -> int:
     """The mask self-check on a seeded sample of the rows (re-encoded from pass 1's files: the same encoder).
-    Each chunk holding sampled rows is read once, its message column only."""
+    Each chunk holding sampled rows is read once, the four columns the check needs only."""
     from sftops.data.store import _from_record
 
     sample = random.Random(cfg.data.split_seed).sample(range(len(alive)), min(cfg.data.self_check_rows, len(alive)))
+    sampled = alive[sample].tolist()
     found = {}
     by_chunk = defaultdict(list)
-    for i in alive[sample].tolist():
+    for i in sampled:
         by_chunk[int(np.searchsorted(rows.chunk_start, i, side="right") - 1)].append(i)
     for chunk, members in by_chunk.items():
         table, _ = read_chunk(chunks, rows.chunks[chunk][0], columns=["source", "origin", "messages", "tools"])
@@ -279,7 +280,7 @@ def check_masks(cfg: Config, tokenizer: Any, render: Renderer, rows: Rows, alive
         for i, rec in zip(members, table.take(pa.array(local)).to_pylist()):
             rec = _from_record(rec)
             found[i] = (f"{rec['source']} {rec['origin']}", {"messages": rec["messages"], "tools": rec["tools"]})
-    picked = [found[i] for i in alive[sample].tolist()]  # in the sample's order, as before
+    picked = [found[i] for i in sampled]  # in the sample's order, as before
     encoded = encode_batch(tokenizer, [conv for _, conv in picked], render)
     return self_check(tokenizer, [(where, conv, enc) for (where, conv), enc in zip(picked, encoded)])
 
