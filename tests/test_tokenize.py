@@ -2,8 +2,10 @@
 independent count, the max_length overflow policies, and the tokenised cache that train reads."""
 
 import json
+import random
 import statistics
 
+import numpy as np
 import pytest
 
 from conftest import reference_encode
@@ -11,7 +13,16 @@ from sftops.chat import IGNORE, Encoded, generation_prompt
 from sftops.config import Config, ModelConfig
 from sftops.data.examples import training_examples
 from sftops.data.store import read_split
-from sftops.data.tokenize import Renderer, encode_batch, fit, length_summary, token_lengths
+from sftops.data.tokenize import (
+    Renderer,
+    encode_batch,
+    fit,
+    labels_from_runs,
+    labels_of,
+    length_summary,
+    runs_of,
+    token_lengths,
+)
 from sftops.errors import DataError
 from sftops.modeling import load_tokenizer
 from sftops.stages.format import run_format
@@ -135,6 +146,29 @@ def test_labels_match_the_reference_where_trimmed_offsets_leave_whitespace_uncov
         ref = reference_encode(tok, conv["messages"])
         assert (enc.input_ids, enc.labels) == (ref.input_ids, ref.labels)
         assert enc.n_targets > 0
+
+
+def test_labels_built_as_arrays_from_runs_equal_the_labels_lists():
+    """The format stage writes labels from each row's target runs, a chunk at a time (labels_from_runs); train
+    without a cache and the self-check use labels lists (labels_of). Random rows with empty, adjacent, leading
+    and trailing runs: the flat arrays equal the lists end to end, and runs_of gives a list's runs back."""
+    rng = random.Random(3)
+    rows = []
+    for _ in range(300):
+        n = rng.randint(0, 40)
+        edges = sorted(rng.randint(0, n) for _ in range(2 * rng.randint(0, 4)))
+        rows.append(([rng.randint(0, 50_000) for _ in range(n)], list(zip(edges[::2], edges[1::2]))))
+    lists = [labels_of(ids, runs) for ids, runs in rows]
+    assert any(IGNORE not in labels and labels for labels in lists) and any(set(labels) == {IGNORE} for labels in lists)
+    offsets = np.cumsum([0] + [len(ids) for ids, _ in rows])
+    starts = [offsets[k] + first for k, (_, runs) in enumerate(rows) for first, _ in runs]
+    ends = [offsets[k] + end for k, (_, runs) in enumerate(rows) for _, end in runs]
+    flat = np.array([t for ids, _ in rows for t in ids], dtype=np.int32)
+    got = labels_from_runs(flat, np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64))
+    assert got.dtype == np.int32 and got.tolist() == [label for labels in lists for label in labels]
+    for (ids, _), labels in zip(rows, lists):
+        assert labels_of(ids, runs_of(labels)) == labels
+        assert all(first < end for first, end in runs_of(labels))
 
 
 def test_token_lengths_agree_with_an_independent_count(stories_tok, gsm8k):

@@ -16,18 +16,22 @@ from sftops.errors import DataError
 _WORD = re.compile(r"\w+")
 
 
-# ASCII bytes that are not word characters (\w: letters, digits, underscore) -> space
-_ASCII_NON_WORD = bytes(b if b < 128 and (chr(b).isalnum() or b == ord("_")) else ord(" ") for b in range(256))
+# ASCII bytes: word characters (\w: letters, digits, underscore) lower-cased, the others -> space
+_ASCII_WORDS = bytes(
+    ord(chr(b).lower()) if b < 128 and (chr(b).isalnum() or b == ord("_")) else ord(" ") for b in range(256)
+)
 
 
 def normalise(text: str) -> str:
     """Case, accents' composition, punctuation and whitespace do not make two texts different: the \\w+ words of
-    the NFKC, case-folded text, joined by single spaces. ASCII text (most of it) takes a byte translation, half
-    the regex's time, with the same words."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    if text.isascii():
-        return " ".join(text.encode().translate(_ASCII_NON_WORD).decode().split())
-    return " ".join(_WORD.findall(text))
+    the NFKC, case-folded text, joined by single spaces. ASCII text (most of it) is its own NFKC form and
+    case-folds to its lower case, so it takes one byte translation, a third of the regex's time, with the same
+    words."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text).casefold()
+        if not text.isascii():
+            return " ".join(_WORD.findall(text))
+    return " ".join(text.encode().translate(_ASCII_WORDS).decode().split())
 
 
 def shingles(text: str, n: int = 3) -> list[str]:

@@ -22,7 +22,9 @@ Conversation = dict[str, Any]  # {"messages": [...], "tools": [...] | None}
 
 class Renderer:
     """The tokenizer's chat template, compiled once and rendered with the variables apply_chat_template
-    passes (the special tokens), without its per-call overhead."""
+    passes (the special tokens), without its per-call overhead: jinja's Template.render merges the template's
+    globals (a ChainMap, slow to iterate) into a new dict twice per call; here they are merged once, and each
+    call gets the same context render() would build."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         from transformers.utils.chat_template_utils import _compile_jinja_template
@@ -31,12 +33,21 @@ class Renderer:
             raise ModelError("the tokenizer has no chat template (load it with sftops.modeling.load_tokenizer)")
         self.template = _compile_jinja_template(tokenizer.chat_template)
         self.special = dict(tokenizer.special_tokens_map)
+        self.globals = dict(self.template.globals)
+        self.variables = {**self.globals, "documents": None, **self.special}
         self.backend = _own_backend(tokenizer)
 
     def __call__(self, messages: list[dict], tools: list | None = None, generation_prompt: bool = False) -> str:
-        return self.template.render(
-            messages=messages, tools=tools, documents=None, add_generation_prompt=generation_prompt, **self.special
-        )
+        from jinja2.runtime import new_context
+
+        template = self.template
+        variables = {**self.variables, "messages": messages, "tools": tools, "add_generation_prompt": generation_prompt}
+        context = new_context(template.environment, template.name, template.blocks, variables, True, self.globals)
+        try:
+            return template.environment.concat(template.root_render_func(context))
+        except Exception:
+            template.environment.handle_exception()  # what render() raises: the error, its traceback in the template
+            raise
 
 
 def response_spans(render: Renderer, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
@@ -98,13 +109,28 @@ def _token_runs(
     return out
 
 
-def _labels(ids: list[int], runs: list[tuple[int, int]]) -> list[int]:
+def labels_of(ids: list[int], runs: list[tuple[int, int]]) -> list[int]:
     """ids inside the target runs, IGNORE elsewhere."""
     labels, done = [], 0
     for first, end in runs:
         labels += [IGNORE] * (first - done) + ids[first:end]
         done = end
     return labels + [IGNORE] * (len(ids) - done)
+
+
+def encode_runs(
+    tokenizer: PreTrainedTokenizerBase,
+    convs: list[Conversation],
+    render: Renderer | None = None,
+    batch_size: int = 1024,
+) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Every conversation's ids and its target runs, (first, end) token indices: the labels are the ids inside
+    the runs and IGNORE elsewhere (the format stage builds them as arrays, a chunk at a time)."""
+    render = render or Renderer(tokenizer)
+    out: list[tuple[list[int], list[tuple[int, int]]]] = []
+    for start in range(0, len(convs), batch_size):
+        out += _token_runs(render, tokenizer, [response_spans(render, c) for c in convs[start : start + batch_size]])
+    return out
 
 
 def encode_batch(
@@ -114,12 +140,22 @@ def encode_batch(
     batch_size: int = 1024,
 ) -> list[Encoded]:
     """Every conversation's ids and labels (target: a token starting inside a target turn's span)."""
-    render = render or Renderer(tokenizer)
-    out: list[Encoded] = []
-    for start in range(0, len(convs), batch_size):
-        rendered = [response_spans(render, c) for c in convs[start : start + batch_size]]
-        out += [Encoded(ids, _labels(ids, runs)) for ids, runs in _token_runs(render, tokenizer, rendered)]
-    return out
+    return [Encoded(ids, labels_of(ids, runs)) for ids, runs in encode_runs(tokenizer, convs, render, batch_size)]
+
+
+def runs_of(labels: list[int]) -> list[tuple[int, int]]:
+    """The target runs of a labels list: (first, end) of each stretch of non-IGNORE labels."""
+    mask = np.concatenate([[False], np.asarray(labels) != IGNORE, [False]])
+    edges = np.flatnonzero(mask[1:] != mask[:-1]).tolist()
+    return list(zip(edges[::2], edges[1::2]))
+
+
+def labels_from_runs(ids: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Flat labels of rows laid end to end: ids at the flat positions [starts, ends) of each run, IGNORE
+    elsewhere (runs are disjoint; an empty one marks nothing)."""
+    n = len(ids)
+    inside = np.cumsum(np.bincount(starts, minlength=n + 1)[:n] - np.bincount(ends, minlength=n + 1)[:n]) > 0
+    return np.where(inside, ids, np.int32(IGNORE)).astype(np.int32)
 
 
 def encode_conversation(
