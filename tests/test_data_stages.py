@@ -9,7 +9,7 @@ import pytest
 
 from sftops.config import Config
 from sftops.data.curate import RowError, assign_split, to_messages
-from sftops.data.store import read_split
+from sftops.data.store import SCHEMA, read_rows, read_split, rows_table
 from sftops.jsonio import read_jsonl
 from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
@@ -151,3 +151,70 @@ def test_a_json_file_of_one_object_is_one_row_and_a_trailing_comma_is_named_on_i
     cfg = make_cfg(tmp_path, [{"name": "comma", "path": str(tmp_path / "comma.json")}])
     with pytest.raises(DataError, match="a trailing comma at line 3 .*remove it"):
         run_ingest(cfg)
+
+
+def test_rows_table_holds_what_a_record_per_row_holds_and_reads_back(tmp_path):
+    """The curated rows' table, built column by column, against one record dict per row through from_pylist
+    (tools, tool calls, weights, names and truncated conversations included), and read back as the rows."""
+    calls = [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}]
+    rows = [
+        {
+            "id": "a1",
+            "source": "s",
+            "origin": "f:1",
+            "split": "train",
+            "tools": None,
+            "messages": [{"role": "user", "content": "hi é"}, {"role": "assistant", "content": "yo"}],
+        },
+        {
+            "id": "b2",
+            "source": "t",
+            "origin": "f:2",
+            "split": "test",
+            "tools": [{"type": "function", "function": {"name": "add"}}],
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "1+1"},
+                {"role": "assistant", "content": "", "tool_calls": calls, "weight": 0},
+                {"role": "tool", "content": "2", "tool_call_id": "c1", "name": "add"},
+                {"role": "assistant", "content": "2", "weight": 1},
+            ],
+            "messages_as_trained": [{"role": "user", "content": "1"}],
+            "prompt_tokens_cut": 3,
+            "response_tokens_lost": 1,
+        },
+    ]
+
+    def record(row):
+        return {
+            "id": row["id"],
+            "source": row["source"],
+            "origin": row["origin"],
+            "split": row["split"],
+            "messages": [
+                {
+                    "role": m["role"],
+                    "content": m["content"],
+                    "weight": m.get("weight"),
+                    "tool_calls": json.dumps(m["tool_calls"], ensure_ascii=False) if "tool_calls" in m else None,
+                    "tool_call_id": m.get("tool_call_id"),
+                    "name": m.get("name"),
+                }
+                for m in row["messages"]
+            ],
+            "tools": json.dumps(row["tools"], ensure_ascii=False) if row["tools"] else None,
+            "messages_as_trained": json.dumps(row["messages_as_trained"]) if "messages_as_trained" in row else None,
+            "prompt_tokens_cut": row.get("prompt_tokens_cut", 0),
+            "response_tokens_lost": row.get("response_tokens_lost", 0),
+        }
+
+    table = rows_table(rows)
+    assert table.equals(pa.Table.from_pylist([record(r) for r in rows], schema=SCHEMA))
+    assert rows_table(rows, SCHEMA.append(pa.field("extra", pa.int64())), extra=[7, 8]).column("extra").to_pylist() == [
+        7,
+        8,
+    ]
+    pq.write_table(table, tmp_path / "rows.parquet")
+    back = read_rows(tmp_path / "rows.parquet")
+    assert [r["messages"] for r in back] == [r["messages"] for r in rows]
+    assert [r["tools"] for r in back] == [r["tools"] for r in rows]

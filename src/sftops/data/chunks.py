@@ -28,7 +28,7 @@ from sftops.config import Config
 from sftops.data.dedup import minhash_signatures, normalise
 from sftops.data.schemas import RowError, to_conversation
 from sftops.data.split import joined, message_words, split_of
-from sftops.data.store import SCHEMA, record_of
+from sftops.data.store import SCHEMA, rows_table
 from sftops.data.tokenize import Renderer, encode_runs, fit, labels_from_runs, labels_of, runs_of
 from sftops.errors import DataError
 
@@ -230,8 +230,8 @@ class ChunkMapper:
 
     def _write(self, number: int, rows: list[dict], tokens: list[tuple[list[int], list[tuple[int, int]]]]) -> None:
         table_path, token_paths = chunk_paths(self.folder, number)
-        records = [{**record_of(r), "prompt": r["prompt"]} for r in rows]
-        pq.write_table(pa.Table.from_pylist(records, schema=CHUNK_SCHEMA), table_path)
+        table = rows_table(rows, CHUNK_SCHEMA, prompt=[r["prompt"] for r in rows])
+        pq.write_table(table, table_path, compression="none")  # read once, soon, from the page cache: no codec
         lengths = np.fromiter((len(ids) for ids, _ in tokens), dtype=np.int64, count=len(tokens))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         input_ids = np.fromiter(chain.from_iterable(ids for ids, _ in tokens), dtype=np.int32, count=int(offsets[-1]))

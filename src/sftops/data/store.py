@@ -62,32 +62,40 @@ def split_file(curated: Path, split: str) -> Path:
     return Path(curated) / f"{split}.parquet"
 
 
-def record_of(row: dict[str, Any]) -> dict[str, Any]:
-    messages = [
-        {
-            "role": m["role"],
-            "content": m["content"],
-            "weight": m.get("weight"),
-            "tool_calls": json.dumps(m["tool_calls"], ensure_ascii=False) if m.get("tool_calls") else None,
-            "tool_call_id": m.get("tool_call_id"),
-            "name": m.get("name"),
-        }
-        for m in row["messages"]
-    ]
-    tools = json.dumps(row["tools"], ensure_ascii=False) if row.get("tools") else None
-    return {
-        "id": row["id"],
-        "source": row["source"],
-        "origin": row["origin"],
-        "split": row["split"],
-        "messages": messages,
-        "tools": tools,
-        "messages_as_trained": json.dumps(row["messages_as_trained"], ensure_ascii=False)
-        if row.get("messages_as_trained")
-        else None,
-        "prompt_tokens_cut": row.get("prompt_tokens_cut", 0),
-        "response_tokens_lost": row.get("response_tokens_lost", 0),
+def _json_or_none(value: Any) -> str | None:
+    return json.dumps(value, ensure_ascii=False) if value else None
+
+
+def rows_table(rows: list[dict[str, Any]], schema: pa.Schema = SCHEMA, **extra: list[Any]) -> pa.Table:
+    """Curated rows as a table of `schema` (SCHEMA and the `extra` columns): tool calls, tools and the messages
+    as trained as JSON, null when absent. Built column by column: a record dict per row and from_pylist took
+    18 µs a row, this 13."""
+    messages = [m for row in rows for m in row["messages"]]
+    turns = pa.StructArray.from_arrays(
+        [
+            pa.array([m["role"] for m in messages], pa.string()),
+            pa.array([m["content"] for m in messages], pa.string()),
+            pa.array([m.get("weight") for m in messages], pa.int8()),
+            pa.array([_json_or_none(m.get("tool_calls")) for m in messages], pa.string()),
+            pa.array([m.get("tool_call_id") for m in messages], pa.string()),
+            pa.array([m.get("name") for m in messages], pa.string()),
+        ],
+        fields=list(MESSAGE),
+    )
+    ends = np.cumsum([0] + [len(row["messages"]) for row in rows], dtype=np.int32)
+    columns = {
+        "id": [row["id"] for row in rows],
+        "source": [row["source"] for row in rows],
+        "origin": [row["origin"] for row in rows],
+        "split": [row["split"] for row in rows],
+        "messages": pa.ListArray.from_arrays(pa.array(ends), turns, type=schema.field("messages").type),
+        "tools": [_json_or_none(row.get("tools")) for row in rows],
+        "messages_as_trained": [_json_or_none(row.get("messages_as_trained")) for row in rows],
+        "prompt_tokens_cut": [row.get("prompt_tokens_cut", 0) for row in rows],
+        "response_tokens_lost": [row.get("response_tokens_lost", 0) for row in rows],
+        **extra,
     }
+    return pa.table({name: columns[name] for name in schema.names}, schema=schema)
 
 
 def _from_record(rec: dict[str, Any]) -> dict[str, Any]:
