@@ -73,9 +73,13 @@ class ChunkResult:
         return len(self.ids)
 
 
+# What json.dumps(body, ensure_ascii=False, sort_keys=True) builds on every call, built once (the same text)
+_ID_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True)
+
+
 def row_id(messages: list[dict[str, Any]], tools: list | None = None) -> str:
     body = {"messages": messages, "tools": tools} if tools else messages
-    return hashlib.sha256(json.dumps(body, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(_ID_JSON.encode(body).encode()).hexdigest()[:16]
 
 
 def conversation_and_prompt(messages: list[dict[str, Any]]) -> tuple[str, str]:
