@@ -22,9 +22,9 @@ Conversation = dict[str, Any]  # {"messages": [...], "tools": [...] | None}
 
 class Renderer:
     """The tokenizer's chat template, compiled once and rendered with the variables apply_chat_template
-    passes (the special tokens), without its per-call overhead: jinja's Template.render merges the template's
-    globals (a ChainMap, slow to iterate) into a new dict twice per call; here they are merged once, and each
-    call gets the same context render() would build."""
+    passes (the special tokens), without its per-call overhead: jinja's Template.render walks the template's
+    globals (a ChainMap, slow to iterate) twice per call, copying them into the context's dict and listing
+    their names; here they are copied once, and each call gets the same variables render() would give."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         from transformers.utils.chat_template_utils import _compile_jinja_template

@@ -77,8 +77,8 @@ def _record(key: str, entry: dict[str, Any]) -> None:
 
 def _hash_file(path: Path) -> dict[str, str]:
     """md5 and sha256 of a file in one read, in 1 MiB blocks (bounded memory), each block hashed by both at
-    once: hashlib lets go of the GIL on large blocks, so the second core takes md5 (the format stage hashes
-    gigabytes as it finishes)."""
+    once: hashlib lets go of the GIL on large blocks, so a second thread, on the second core, takes sha256 while
+    this one takes md5 (the format stage hashes gigabytes as it finishes)."""
     first, *others = (hashlib.new(name) for name in ALGORITHMS)
     with path.open("rb") as fh, ThreadPoolExecutor(max_workers=len(others)) as pool:
         for block in iter(lambda: fh.read(1 << 20), b""):
