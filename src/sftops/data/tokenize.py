@@ -27,6 +27,7 @@ class Renderer:
     their names; here they are copied once, and each call gets the same variables render() would give."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        from jinja2.runtime import new_context  # jinja2 comes with transformers' chat templates
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
         if not tokenizer.chat_template:
@@ -35,14 +36,13 @@ class Renderer:
         self.special = dict(tokenizer.special_tokens_map)
         self.globals = dict(self.template.globals)
         self.variables = {**self.globals, "documents": None, **self.special}
+        self.new_context = new_context
         self.backend = _own_backend(tokenizer)
 
     def __call__(self, messages: list[dict], tools: list | None = None, generation_prompt: bool = False) -> str:
-        from jinja2.runtime import new_context
-
         template = self.template
         variables = {**self.variables, "messages": messages, "tools": tools, "add_generation_prompt": generation_prompt}
-        context = new_context(template.environment, template.name, template.blocks, variables, True, self.globals)
+        context = self.new_context(template.environment, template.name, template.blocks, variables, True, self.globals)
         try:
             return template.environment.concat(template.root_render_func(context))
         except Exception:
