@@ -25,6 +25,7 @@ pipeline: setup
 # ruff first (pyproject.toml [tool.ruff]): a style or import error fails in seconds, before the 25-minute suite.
 test: setup
 	ruff check src tests bench flows
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir site  # the docs site: a broken link, anchor or page fails
 	pytest
 
 # The reliability suite: hostile inputs, fuzzing, injected faults, secrets; prints its figures as a table.
