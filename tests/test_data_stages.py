@@ -8,7 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from sftops.config import Config
-from sftops.data.curate import RowError, assign_split, to_messages
+from sftops.data.chunks import conversation_and_prompt
+from sftops.data.schemas import RowError, to_conversation
+from sftops.data.split import split_of
 from sftops.data.store import SCHEMA, read_rows, read_split, rows_table
 from sftops.jsonio import read_jsonl
 from sftops.stages.format import run_format
@@ -111,11 +113,13 @@ def test_missing_source_is_a_clear_error(tmp_path):
 
 def test_split_is_deterministic_and_groups_prompts():
     conv = lambda p, r: [{"role": "user", "content": p}, {"role": "assistant", "content": r}]  # noqa: E731
-    splits = [assign_split(conv(f"q{i}", "r"), 0, 0.1, 0.2) for i in range(2000)]
-    assert splits == [assign_split(conv(f"q{i}", "other answer"), 0, 0.1, 0.2) for i in range(2000)]
+    splits = [split_of(conversation_and_prompt(conv(f"q{i}", "r"))[1], 0, 0.1, 0.2) for i in range(2000)]
+    assert splits == [
+        split_of(conversation_and_prompt(conv(f"q{i}", "other answer"))[1], 0, 0.1, 0.2) for i in range(2000)
+    ]
     share = {s: splits.count(s) / len(splits) for s in ("train", "val", "test")}
     assert abs(share["test"] - 0.2) < 0.03 and abs(share["val"] - 0.1) < 0.03
-    assert splits != [assign_split(conv(f"q{i}", "r"), 1, 0.1, 0.2) for i in range(2000)]
+    assert splits != [split_of(conversation_and_prompt(conv(f"q{i}", "r"))[1], 1, 0.1, 0.2) for i in range(2000)]
 
 
 @pytest.mark.parametrize(
@@ -129,7 +133,7 @@ def test_split_is_deterministic_and_groups_prompts():
 )
 def test_row_errors_say_why(fields, reason):
     with pytest.raises(RowError, match=reason):
-        to_messages(fields)
+        to_conversation(fields)
 
 
 def test_package_rows_are_labelled_independently_of_the_install_location(tmp_path):

@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sftops.chat import IGNORE, Encoded
 from sftops.config import Config, ModelConfig
-from sftops.data.curate import assign_split
+from sftops.data.chunks import conversation_and_prompt
 from sftops.data.selfcheck import MaskError, self_check
 from sftops.data.split import ContaminationIndex, contamination, split_of
 from sftops.data.store import read_split
 from sftops.data.tokenize import encode_batch
+from sftops.encoded import IGNORE, Encoded
 from sftops.modeling import load_tokenizer
 from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
@@ -27,6 +27,10 @@ PROMPTS = st.lists(WORDS, min_size=1, max_size=40, unique=True)
 
 def pair(prompt, response="r"):
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+def assign_split(messages: list[dict], seed: int, val: float, test: float) -> str:
+    return split_of(conversation_and_prompt(messages)[1], seed, val, test)  # as format's pass 1 splits a row
 
 
 @settings(max_examples=60, deadline=None)

@@ -8,8 +8,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from sftops.chat import IGNORE, Encoded
 from sftops.data.packing import pack
+from sftops.encoded import IGNORE, Encoded
 
 Batch = dict[str, torch.Tensor]
 
@@ -51,18 +51,17 @@ def step_batches(stream: Iterator[list[int]], accum: int, world: int, rank: int)
     return taken[rank::world]
 
 
-def collate(examples: Sequence[Encoded], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
-    """Pad a batch; padding is masked from attention and from the loss."""
+def collate(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch on the right; padding is masked from attention and from the loss."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
-        cols = slice(width - n, width) if left else slice(0, n)
-        ids[row, cols] = torch.tensor(e.input_ids)
-        labels[row, cols] = torch.tensor(e.labels)
-        mask[row, cols] = 1
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

@@ -28,23 +28,18 @@ from sftops.data.chunks import (
     TOO_LONG,
     ChunkMapper,
     ChunkResult,
-    conversation_text,
     map_chunks,
     progress_total,
     read_chunk,
     read_jobs,
-    row_id,
 )
 from sftops.data.dedup import near_duplicates_of
 from sftops.data.rejections import ingest_kind, refuse_empty
-from sftops.data.schemas import RowError, to_conversation
 from sftops.data.selfcheck import self_check
-from sftops.data.split import ContaminationIndex, prompt_text, split_of
+from sftops.data.split import ContaminationIndex
 from sftops.data.store import SPLITS, SplitWriter, TokenCacheWriter, cache_key, split_file
 from sftops.data.tokenize import Renderer, encode_batch
 from sftops.errors import DataError
-
-__all__ = ["RowError", "to_messages", "assign_split", "prompt_key", "row_id", "conversation_text", "SPLITS"]
 
 COUNTS = (
     "read",
@@ -61,18 +56,9 @@ Message = dict[str, Any]
 SPLIT_NAMES = {code: name for name, code in SPLIT_CODES.items()}
 
 
-def to_messages(fields: dict[str, Any]) -> list[Message]:
-    """The canonical messages of a raw row (schema detected); RowError with the reason when it fits none."""
-    return to_conversation(fields)["messages"]
-
-
 def prompt_key(messages: list[Message]) -> str:
     """Everything before the final response, exactly: rows with the same prompt share references."""
     return json.dumps(messages[:-1], ensure_ascii=False, sort_keys=True)
-
-
-def assign_split(messages: list[Message], seed: int, val_fraction: float, test_fraction: float) -> str:
-    return split_of(prompt_text(messages), seed, val_fraction, test_fraction)
 
 
 def _seeded_rank(seed: int, rid: str) -> bytes:
