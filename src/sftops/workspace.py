@@ -20,5 +20,6 @@ DEFAULT_CACHE_DIR = ".sftops-cache"
 
 def cache_root() -> Path:
     """$SFTOPS_CACHE_DIR, else .sftops-cache/ in the project folder (shared by the runs of DVC experiments): caches
-    that are never a stage's output (the base model's evaluations, recorded file digests); deleting it is safe."""
+    that are never a stage's output (the base model's evaluations, recorded file digests, tokenizers read out of
+    GGUF files); deleting it is safe."""
     return Path(os.environ.get("SFTOPS_CACHE_DIR") or project_root() / DEFAULT_CACHE_DIR)
