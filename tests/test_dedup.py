@@ -2,12 +2,18 @@
 and keeps the first copy."""
 
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sftops.data.dedup import _lsh_shape, jaccard, minhash_signatures, near_duplicates, near_duplicates_of, normalise
+from sftops.data.dedup import jaccard, minhash_signatures, near_duplicates, near_duplicates_of, normalise
 from sftops.errors import DataError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+# The reference: the per-row loop with per-band dicts that near_duplicates_of replaced, the peer the benchmark times.
+from bench_dedup_at_scale import peer_near_duplicates  # noqa: E402
 
 
 def test_normalisation_ignores_case_punctuation_and_spacing():
@@ -52,27 +58,6 @@ def test_planted_near_duplicates_are_found_among_twenty_thousand_rows():
     assert {i: k for i, (k, _) in found.items()} == planted
 
 
-def old_near_duplicates_loop(sig: np.ndarray, threshold: float) -> dict[int, tuple[int, float]]:
-    """The reference: the per-row loop with per-band dicts that near_duplicates_of replaced, verbatim."""
-    bands, rows = _lsh_shape(sig.shape[1], threshold)
-    buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
-    found: dict[int, tuple[int, float]] = {}
-    for i in range(len(sig)):
-        keys = [sig[i, k * rows : (k + 1) * rows].tobytes() for k in range(bands)]
-        candidates = {j for k, key in enumerate(keys) for j in buckets[k].get(key, ())}
-        best = None
-        for j in sorted(candidates):
-            sim = float(np.mean(sig[i] == sig[j]))
-            if sim >= threshold and (best is None or sim > best[1]):
-                best = (j, sim)
-        if best is not None:
-            found[i] = best
-            continue
-        for k, key in enumerate(keys):
-            buckets[k].setdefault(key, []).append(i)
-    return found
-
-
 def signatures_with_planted_chains(rng: np.random.Generator, rows: int, num_perm: int, alphabet: int) -> np.ndarray:
     """Random signatures over a small alphabet (many shared bands, many tied similarities), then chains
     a ~ b ~ c: each planted row copies an earlier row (often itself planted) with a few values changed."""
@@ -98,7 +83,7 @@ def test_vectorised_index_matches_the_per_row_loop(num_perm, threshold, alphabet
     rng = np.random.default_rng(num_perm + alphabet)
     for rows in (1, 2, 50, 600):
         sig = signatures_with_planted_chains(rng, rows, num_perm, alphabet)
-        expected = old_near_duplicates_loop(sig, threshold)
+        expected = peer_near_duplicates(sig, threshold)
         assert as_dict(near_duplicates_of(sig, threshold)) == expected
         assert as_dict(near_duplicates_of(sig.astype(np.uint64), threshold)) == expected
 
@@ -111,12 +96,8 @@ def test_a_chain_keeps_the_row_whose_nearest_earlier_copy_was_removed():
     c = b.copy()
     c[6:12] += 2000  # c ~ b at 58/64, c ~ a at 52/64
     sig = np.stack([a, b, c])
-    assert (
-        as_dict(near_duplicates_of(sig, 0.8))
-        == old_near_duplicates_loop(sig, 0.8)
-        == {1: (0, 58 / 64), 2: (0, 52 / 64)}
-    )
-    assert as_dict(near_duplicates_of(sig, 0.85)) == old_near_duplicates_loop(sig, 0.85) == {1: (0, 58 / 64)}
+    assert as_dict(near_duplicates_of(sig, 0.8)) == peer_near_duplicates(sig, 0.8) == {1: (0, 58 / 64), 2: (0, 52 / 64)}
+    assert as_dict(near_duplicates_of(sig, 0.85)) == peer_near_duplicates(sig, 0.85) == {1: (0, 58 / 64)}
 
 
 def test_a_large_group_sharing_a_band_is_resolved_in_passes_or_refused():
