@@ -51,7 +51,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from sftops.train import checkpoint
     from sftops.train.distributed import join, leave
-    from sftops.train.loop import shard
+    from sftops.train.setup import shard
 
     world = join()
     torch.manual_seed(0)

@@ -79,7 +79,7 @@ def run_sftops(spec: dict, examples: list, pad_id: int, model: torch.nn.Module) 
         out["tokens"].append(int(record["supervised_tokens"]))
 
     device = torch.device(spec.get("device", "cpu"))
-    train_loop(model.to(device), examples, cfg, pad_id, World(device=device), on_step=on_step)
+    train_loop(model.to(device), examples, cfg, pad_id, World(device=device), on_step=[on_step])
     return out
 
 
@@ -158,7 +158,7 @@ def child(spec: dict) -> None:
     """One run in this (fresh) process; prints its result as one JSON line."""
     from transformers import AutoModelForCausalLM
 
-    from sftops.chat import Encoded
+    from sftops.encoded import Encoded
 
     workdir = Path(spec["workdir"])
     saved = json.loads((workdir / "examples.json").read_text())
@@ -304,7 +304,7 @@ def cpu_comparison(args: argparse.Namespace) -> None:
 def synthetic_examples(n: int, vocab: int, seed: int) -> list:
     """GSM8K-shaped rows (prompt ~50-130, response ~40-220 tokens, as the SmolLM2 template gives): speed needs
     shapes only."""
-    from sftops.chat import IGNORE, Encoded
+    from sftops.encoded import IGNORE, Encoded
 
     g = torch.Generator().manual_seed(seed)
     out = []

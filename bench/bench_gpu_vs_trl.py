@@ -90,7 +90,7 @@ class Run:
 
 def workload(n: int, vocab: int, mean: float, cap: int, seed: int) -> list:
     """Chat-SFT-shaped rows: log-normal lengths (sigma 0.8) of the given mean, capped, a 20-60% prompt share."""
-    from sftops.chat import IGNORE, Encoded
+    from sftops.encoded import IGNORE, Encoded
 
     g = torch.Generator().manual_seed(seed)
     sigma = 0.8
@@ -198,7 +198,7 @@ def run_sftops(
             raise StopRun
 
     try:
-        train_loop(model, examples, cfg, pad_id=0, world=World(device=device), on_step=on_step)
+        train_loop(model, examples, cfg, pad_id=0, world=World(device=device), on_step=[on_step])
     except StopRun:
         pass
 

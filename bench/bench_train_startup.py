@@ -103,7 +103,7 @@ def write_split(path: Path, split: str, n: int, rng: np.random.Generator) -> lis
 
 def write_tokens(writer, split: str, ids: list[str], rng: np.random.Generator, vocab: int) -> int:
     """Synthetic encodings in chunks: prompt tokens masked, response tokens supervised; returns the token count."""
-    from sftops.chat import IGNORE, Encoded
+    from sftops.encoded import IGNORE, Encoded
 
     tokens = 0
     for start in range(0, len(ids), CHUNK):

@@ -20,21 +20,23 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sftops.chat import Encoded
 from sftops.config import ModelConfig, TrainConfig
 from sftops.data.tokenize import encode_conversation
+from sftops.encoded import Encoded
 from sftops.errors import GpuMemoryError
 from sftops.modeling import load_base_model, load_tokenizer
 from sftops.train.distributed import World
-from sftops.train.loop import build_optimizer, train_loop
+from sftops.train.loop import train_loop
 from sftops.train.lora import apply_method
 from sftops.train.packing_check import packing_self_check
+from sftops.train.setup import build_optimizer
 
 WORDS = "the cat sat on the mat and the dog ran in the park what is two plus four hello how are you today".split()
 
@@ -89,12 +91,12 @@ def train(folder: Path, examples, pad: int, **train) -> dict:
         model = model.cuda()
     world = World(device=torch.device("cuda"))
     started = time.perf_counter()
-    result = train_loop(model, examples, cfg, pad, world)
+    result = asdict(train_loop(model, examples, cfg, pad, world))
     result["seconds"] = time.perf_counter() - started
     result["model"] = model
-    result["optimizer_fused"] = build_optimizer(
-        [p for p in model.parameters() if p.requires_grad], cfg, world.device
-    ).defaults.get("fused")
+    result["optimizer_fused"] = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg).defaults.get(
+        "fused"
+    )
     return result
 
 

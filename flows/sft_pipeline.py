@@ -6,7 +6,7 @@
     record                                    `dvc exp save` the workspace as a DVC experiment (params, dvc.lock,
                                               metrics in a git ref), `dvc exp push` it and its outputs; tag the
                                               registered version with the ref (or with why its data is not versioned)
-    promote                                   the promotion gate (sftops.tracking.promote): champion or challenger
+    promote                                   the promotion gate (tracking/registry.py promote): champion or challenger
     publish                                   artifacts: what DVC did, the data card, the review, the report link
 
 With `overrides` the four stages are one task, `dvc exp run --temp -S key=value ...`: a DVC experiment in a
@@ -50,11 +50,12 @@ from prefect.concurrency.sync import concurrency  # noqa: E402
 from prefect.states import Completed, State  # noqa: E402
 from prefect.tasks import Task, exponential_backoff  # noqa: E402
 
-from sftops import tracking  # noqa: E402
 from sftops.config import Config, load_config  # noqa: E402
 from sftops.errors import SftopsError, TransientError  # noqa: E402
 from sftops.layout import CARD, REPORT_FILE, RUN_FILE  # noqa: E402
 from sftops.pipeline import STAGES, where  # noqa: E402
+from sftops.tracking import registry  # noqa: E402
+from sftops.tracking.store import unreachable  # noqa: E402
 
 REGISTRY_LOCK = "sftops-registry"  # a Prefect global concurrency limit of 1 (make deploy creates it)
 
@@ -69,7 +70,7 @@ def retry_only_outages(task: Task, task_run: TaskRun, state: State) -> bool:
     except SftopsError:
         return False
     except Exception as exc:  # noqa: BLE001 - in-process calls to MLflow (record, promote)
-        return isinstance(exc, TransientError) or tracking.unreachable(exc)
+        return isinstance(exc, TransientError) or unreachable(exc)
     return False
 
 
@@ -130,7 +131,7 @@ def record(name: str, cfg: Config, in_workspace: bool, upstream: dict | None = N
             f"{exc}; fix: run the flow in a git repository with `dvc init` done and its files committed",
         )
     run_info, metrics = _run_files(cfg, rev, cwd)
-    if versioned and tags["dvc.curated_md5"] != tracking.version_tags(run_info).get("data.curated_dvc_md5"):
+    if versioned and tags["dvc.curated_md5"] != registry.version_tags(run_info).get("data.curated_dvc_md5"):
         versioned, why = False, "the curated data in dvc.lock is not the data the model was trained on"
     git_remote, dvc_remote = dvc_steps.git_remote(cwd), dvc_steps.dvc_remote(cwd)
     if versioned and git_remote:
@@ -149,12 +150,12 @@ def record(name: str, cfg: Config, in_workspace: bool, upstream: dict | None = N
             tags["restore"] = f"dvc exp pull {git_remote} {name} && dvc exp apply {name}"
         except dvc_steps.DvcFailed as exc:
             versioned, why = False, f"{exc}; fix: make the remote reachable, then `dvc exp push {git_remote} {name}`"
-    tags.update({tracking.VERSIONED: str(versioned).lower(), tracking.VERSIONED_REASON: why[:5000]})
+    tags.update({registry.VERSIONED: str(versioned).lower(), registry.VERSIONED_REASON: why[:5000]})
     if not versioned:
         logger.warning(
             f"sftops: model {run_info['registered_model']} v{run_info['version']}: data not versioned: {why}"
         )
-    tracking.record_version(run_info, tags)
+    registry.record_version(run_info, tags)
     if in_workspace and runtime.deployment.id:
         # A deployment's clone must stay clean for the next run's `git checkout` of the pinned commit; the
         # experiment holds the params, dvc.lock and metrics, the DVC cache the outputs.
@@ -168,16 +169,16 @@ def record(name: str, cfg: Config, in_workspace: bool, upstream: dict | None = N
 def promote(recorded: dict, cfg: Config) -> State:
     """The promotion gate, one flow at a time per registry: two variants deciding at once would both see the old
     champion."""
-    from sftops.stages.evaluate import champion_measurer
+    from sftops.evaluate.champion import measurer
 
     with concurrency(REGISTRY_LOCK, occupy=1, strict=False):
         # A champion with no result on this run's test split is measured on it first, with this run's settings.
-        decision = tracking.promote(
+        decision = registry.promote(
             recorded["run"],
             recorded["metrics"],
             cfg.evaluate.primary_metric,
             cfg.evaluate.promotion_margin,
-            champion_measurer(cfg),
+            measurer(cfg),
         )
     return Completed(name=decision.alias.capitalize(), message=decision.reason, data=decision.as_dict())
 
@@ -219,9 +220,9 @@ def record_markdown(outcomes: dict[str, str], recorded: dict) -> str:
     tags = recorded["tags"]
     versioned = (
         f"Recorded as DVC experiment `{tags['dvc.experiment']}` (`{tags['git.ref']}`, commit "
-        f"`{tags['git.commit'][:12]}`): {tags[tracking.VERSIONED_REASON]}"
+        f"`{tags['git.commit'][:12]}`): {tags[registry.VERSIONED_REASON]}"
         if recorded["versioned"]
-        else f"**Not versioned**: {tags[tracking.VERSIONED_REASON]}"
+        else f"**Not versioned**: {tags[registry.VERSIONED_REASON]}"
     )
     restore = f"\n\nRestore its data and model on a fresh clone: `{tags['restore']}`" if "restore" in tags else ""
     return f"## What DVC did\n\n| stage | DVC |\n|---|---|\n{rows}\n\n{versioned}{restore}\n"
@@ -231,7 +232,7 @@ def report_link(run: dict, metrics: dict, cfg: Config) -> str:
     """The HTML report in the evaluation's MLflow run, on the server where reviewers can open it; the local file
     otherwise."""
     if urlsplit(run.get("tracking_uri", "")).scheme in {"http", "https"}:
-        link = tracking.report_link(run, metrics, cfg.evaluate.primary_metric)
+        link = registry.report_link(run, metrics, cfg.evaluate.primary_metric)
         if link:
             return link
     return (Path(cfg.paths.reports) / REPORT_FILE).resolve().as_uri()

@@ -10,7 +10,8 @@ import pytest
 
 # The real processes (servers, temp repositories) live in realstack; tests also import these names from here.
 from realstack import MlflowServer, free_port, sh, tool_env  # noqa: F401
-from sftops.chat import IGNORE, Encoded, target_spans
+from sftops.chat import target_spans
+from sftops.encoded import IGNORE, Encoded
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -14,7 +14,8 @@ from sftops.data.batching import make_batch, micro_batches, step_batches  # noqa
 from sftops.data.tokenize import encode_conversation  # noqa: E402
 from sftops.modeling import load_tokenizer  # noqa: E402
 from sftops.train.distributed import join, leave  # noqa: E402
-from sftops.train.loop import accumulate_gradients, wrap_objective  # noqa: E402
+from sftops.train.setup import wrap_objective  # noqa: E402
+from sftops.train.step import accumulate_gradients  # noqa: E402
 from test_accumulation import conversations  # noqa: E402
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])

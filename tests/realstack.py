@@ -286,8 +286,8 @@ def postgres_database(prefix: str) -> Iterator[str]:
 
 
 def training_runs(client, experiment_name: str = "sftops") -> list:
-    """The experiment's training runs: every run but the evaluation runs (sftops.evalruns) hung under them."""
-    from sftops.evalruns import OF_RUN
+    """The experiment's training runs: every run but the evaluation runs (tracking.evaluations) hung under them."""
+    from sftops.tracking.evaluations import OF_RUN
 
     experiment = client.get_experiment_by_name(experiment_name)
     runs = client.search_runs([experiment.experiment_id]) if experiment else []
@@ -295,9 +295,9 @@ def training_runs(client, experiment_name: str = "sftops") -> list:
 
 
 def evaluation_runs(client, training_run_id: str) -> list:
-    """The evaluation runs of a training run's model (sftops.evalruns), oldest first, each fetched whole (a
+    """The evaluation runs of a training run's model (sftops.tracking.evaluations), oldest first, each fetched whole (a
     search leaves out a run's model inputs)."""
-    from sftops.evalruns import OF_RUN
+    from sftops.tracking.evaluations import OF_RUN
 
     experiment = client.get_run(training_run_id).info.experiment_id
     found = client.search_runs(

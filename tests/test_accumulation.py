@@ -15,8 +15,8 @@ from sftops.config import ModelConfig
 from sftops.data.batching import collate, make_batch, micro_batches, step_batches
 from sftops.data.tokenize import encode_conversation
 from sftops.modeling import load_tokenizer
-from sftops.train.loop import accumulate_gradients
 from sftops.train.loss import SupervisedNLL, row_nll
+from sftops.train.step import accumulate_gradients
 
 HERE = Path(__file__).parent
 WORDS = "the cat sat on the mat and the dog ran in the park hello how are you today".split()

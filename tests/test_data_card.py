@@ -10,11 +10,12 @@ import pyarrow.parquet as pq
 from mlflow import MlflowClient
 
 import sftops.provenance.fingerprints as fingerprints
-from sftops import tracking
 from sftops.config import Config
 from sftops.layout import CARD, HISTOGRAM
+from sftops.provenance.manifest import dvc_md5
 from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
+from sftops.tracking import runs
 
 
 def test_card_and_mlflow_dataset_input(tmp_path, stories_model, gsm8k, monkeypatch):
@@ -49,18 +50,18 @@ def test_card_and_mlflow_dataset_input(tmp_path, stories_model, gsm8k, monkeypat
         assert entry["signature"] == [stat.st_size, stat.st_mtime_ns], path
         assert (entry["md5"], entry["sha256"]) == (hashlib.md5(data).hexdigest(), hashlib.sha256(data).hexdigest())
 
-    with tracking.pipeline_run(cfg, [curated / "stats.json"]) as run:
+    with runs.pipeline_run(cfg) as run:
         pass
-    client = MlflowClient(run["tracking_uri"])
-    logged = client.get_run(run["run_id"])
+    client = MlflowClient(run.ids["tracking_uri"])
+    logged = client.get_run(run.ids["run_id"])
     [dataset_input] = logged.inputs.dataset_inputs
     assert dataset_input.dataset.name == "curated"
-    assert dataset_input.dataset.digest == tracking.dvc_md5(curated) == logged.data.tags["data.curated_dvc_md5"]
+    assert dataset_input.dataset.digest == dvc_md5(curated) == logged.data.tags["data.curated_dvc_md5"]
     splits = {split: len(pq.read_table(curated / f"{split}.parquet")) for split in ("train", "val", "test")}
     assert json.loads(dataset_input.dataset.profile) == {
         "num_rows": sum(splits.values()),
         **{f"{s}_rows": n for s, n in splits.items()},
     }
     assert splits == stats["splits"] and json.loads(dataset_input.dataset.source)["uri"] == str(curated.resolve())
-    artifacts = {a.path for a in client.list_artifacts(run["run_id"], "data")}
+    artifacts = {a.path for a in client.list_artifacts(run.ids["run_id"], "data")}
     assert {f"data/{CARD}", f"data/{HISTOGRAM}", "data/stats.json"} <= artifacts

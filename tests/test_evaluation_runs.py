@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -15,16 +16,18 @@ import torch
 from mlflow import MlflowClient
 
 from realstack import evaluation_runs
-from sftops import evalruns, tracking
-from sftops.chat import IGNORE
 from sftops.config import Config
 from sftops.data.examples import training_examples
 from sftops.data.store import load_split
+from sftops.encoded import IGNORE
+from sftops.evaluate.champion import measurer
+from sftops.evaluate.identity import comparable_settings
 from sftops.modeling import load_finetuned
-from sftops.stages.evaluate import champion_measurer, comparable_settings, run_evaluate
+from sftops.stages.evaluate import run_evaluate
 from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
-from sftops.stages.train import run_train
+from sftops.stages.train import TrainResult, run_train
+from sftops.tracking import evaluations, models, registry
 
 GOOD = {"method": "full", "max_steps": 20, "micro_batch_size": 8, "learning_rate": 0.01}
 BAD = {"method": "full", "max_steps": 1, "micro_batch_size": 8, "learning_rate": 0.0001}
@@ -62,19 +65,22 @@ def workdir(tmp_path, tiny_model, monkeypatch):
     return make
 
 
-def recorded(run: dict) -> None:
-    """What the pipeline flow's record step writes on the version once the run is in git and DVC."""
-    tracking.record_version(
-        run,
+def recorded(run: TrainResult) -> dict:
+    """What the pipeline flow's record step writes on the version once the run is in git and DVC; returns the run's
+    record (run.json), as the flow hands it to the promote step."""
+    record = asdict(run)
+    registry.record_version(
+        record,
         {
-            tracking.VERSIONED: "true",
-            tracking.VERSIONED_REASON: "refs/exps/x pushed by the test",
-            "dvc.experiment": f"exp-v{run['version']}",
+            registry.VERSIONED: "true",
+            registry.VERSIONED_REASON: "refs/exps/x pushed by the test",
+            "dvc.experiment": f"exp-v{run.version}",
             "git.ref": "refs/exps/ab/x",
             "git.commit": "c0ffee" * 6,
             "dvc.curated_md5": "feed" * 8 + ".dir",
         },
     )
+    return record
 
 
 def digest_of(path: Path) -> str:
@@ -103,24 +109,24 @@ def test_nll_settings_leave_out_what_only_generations_depend_on():
 def test_a_second_evaluation_adds_a_linked_run_and_leaves_earlier_numbers_unchanged(workdir):
     cfg = workdir(GOOD, {"num_generations": 4})
     run = run_train(cfg)
-    client = MlflowClient(run["tracking_uri"])
-    training_metrics = client.get_run(run["run_id"]).data.metrics
-    first = run_evaluate(cfg)
-    [one] = evaluation_runs(client, run["run_id"])
+    client = MlflowClient(run.tracking_uri)
+    training_metrics = client.get_run(run.run_id).data.metrics
+    first = run_evaluate(cfg).metrics
+    [one] = evaluation_runs(client, run.run_id)
     before = dict(one.data.metrics)
-    second = run_evaluate(workdir(GOOD, {"num_generations": 2}))  # `dvc exp run -S evaluate.num_generations=2`
-    one_after, two = evaluation_runs(client, run["run_id"])
+    second = run_evaluate(workdir(GOOD, {"num_generations": 2})).metrics  # `dvc exp run -S evaluate.num_generations=2`
+    one_after, two = evaluation_runs(client, run.run_id)
     assert one_after.info.run_id == one.info.run_id and one_after.data.metrics == before
-    training = client.get_run(run["run_id"])
+    training = client.get_run(run.run_id)
     assert training.data.metrics == training_metrics  # no test numbers in the training run
-    assert training.data.tags[evalruns.LATEST] == two.info.run_id  # and from it, the way to its latest evaluation
+    assert training.data.tags[evaluations.LATEST] == two.info.run_id  # and from it, the way to its latest evaluation
     assert two.data.metrics["test_tuned_nll"] == pytest.approx(second["tuned"]["nll"])
     assert two.data.metrics["test_generations"] == 2 and before["test_generations"] == 4
 
-    model_id = evalruns.model_id(client, "tiny", run["version"])
+    model_id = evaluations.model_id(client, "tiny", run.version)
     digest = digest_of(Path("data/curated/test.parquet"))
     for evaluated in (one_after, two):
-        assert evaluated.data.tags["mlflow.parentRunId"] == run["run_id"]
+        assert evaluated.data.tags["mlflow.parentRunId"] == run.run_id
         assert [m.model_id for m in evaluated.inputs.model_inputs] == [model_id]
         [test] = [d for d in evaluated.inputs.dataset_inputs if d.dataset.name == "test"]
         assert test.dataset.digest == digest and [t.value for t in test.tags if t.key == "mlflow.data.context"] == [
@@ -143,20 +149,20 @@ def test_the_gate_compares_nll_with_a_champion_measured_with_other_generation_se
     weak_cfg = workdir(BAD, {"num_generations": 16})
     weak = run_train(weak_cfg)
     run_evaluate(weak_cfg)
-    recorded(weak)
-    assert tracking.promote(weak, json.loads(Path("metrics.json").read_text()), "nll", 0.0).alias == "champion"
-    client = MlflowClient(weak["tracking_uri"])
-    [champion_eval] = evaluation_runs(client, weak["run_id"])
+    assert (
+        registry.promote(recorded(weak), json.loads(Path("metrics.json").read_text()), "nll", 0.0).alias == "champion"
+    )
+    client = MlflowClient(weak.tracking_uri)
+    [champion_eval] = evaluation_runs(client, weak.run_id)
 
     cfg = workdir(GOOD, {"num_generations": 4})
     strong = run_train(cfg)
-    metrics = run_evaluate(cfg)
-    recorded(strong)
-    decision = tracking.promote(strong, metrics, "nll", 0.0, champion_measurer(cfg))
+    metrics = run_evaluate(cfg).metrics
+    decision = registry.promote(recorded(strong), metrics, "nll", 0.0, measurer(cfg))
     assert decision.alias == "champion" and "beats it by more than the margin" in decision.reason
-    assert decision.champion_version == weak["version"]
+    assert decision.champion_version == weak.version
     assert decision.champion_value == pytest.approx(champion_eval.data.metrics["test_tuned_nll"])
-    assert len(evaluation_runs(client, weak["run_id"])) == 1  # its result was comparable: not measured again
+    assert len(evaluation_runs(client, weak.run_id)) == 1  # its result was comparable: not measured again
 
 
 def independent_nll(model_dir: Path, cfg: Config) -> float:
@@ -179,9 +185,10 @@ def test_a_champion_without_a_result_on_the_new_test_set_is_measured_there_and_t
     first_cfg = workdir(BAD)
     weak = run_train(first_cfg)
     run_evaluate(first_cfg)
-    recorded(weak)
-    assert tracking.promote(weak, json.loads(Path("metrics.json").read_text()), "nll", 0.0).alias == "champion"
-    client = MlflowClient(weak["tracking_uri"])
+    assert (
+        registry.promote(recorded(weak), json.loads(Path("metrics.json").read_text()), "nll", 0.0).alias == "champion"
+    )
+    client = MlflowClient(weak.tracking_uri)
     old_digest = digest_of(Path("data/curated/test.parquet"))
 
     cfg = workdir(GOOD, data={"split_seed": 1})  # another split: another test set
@@ -189,31 +196,31 @@ def test_a_champion_without_a_result_on_the_new_test_set_is_measured_there_and_t
     new_digest = digest_of(Path("data/curated/test.parquet"))
     assert new_digest != old_digest
     strong = run_train(cfg)
-    metrics = run_evaluate(cfg)
-    recorded(strong)
-    refused = tracking.promote(strong, metrics, "nll", 0.0)  # without a way to measure the champion: no comparison
+    metrics = run_evaluate(cfg).metrics
+    record = recorded(strong)
+    refused = registry.promote(record, metrics, "nll", 0.0)  # without a way to measure the champion: no comparison
     assert refused.alias == "challenger" and "no nll result on this test set" in refused.reason
 
-    decision = tracking.promote(strong, metrics, "nll", 0.0, champion_measurer(cfg))
-    first, measured = evaluation_runs(client, weak["run_id"])
+    decision = registry.promote(record, metrics, "nll", 0.0, measurer(cfg))
+    first, measured = evaluation_runs(client, weak.run_id)
     assert [d.dataset.digest for d in first.inputs.dataset_inputs] == [old_digest]
     assert [d.dataset.digest for d in measured.inputs.dataset_inputs] == [new_digest]
-    assert [m.model_id for m in measured.inputs.model_inputs] == [evalruns.model_id(client, "tiny", weak["version"])]
-    assert measured.data.tags["mlflow.parentRunId"] == weak["run_id"]
-    mlflow.set_tracking_uri(weak["tracking_uri"])
-    expected = independent_nll(tracking.local_model_dir(f"models:/tiny/{weak['version']}"), cfg)
+    assert [m.model_id for m in measured.inputs.model_inputs] == [evaluations.model_id(client, "tiny", weak.version)]
+    assert measured.data.tags["mlflow.parentRunId"] == weak.run_id
+    mlflow.set_tracking_uri(weak.tracking_uri)
+    expected = independent_nll(models.local_model_dir(f"models:/tiny/{weak.version}"), cfg)
     assert measured.data.metrics["test_tuned_nll"] == pytest.approx(expected, rel=1e-4)
     assert decision.champion_value == pytest.approx(expected, rel=1e-4)
     assert decision.alias == "champion" and "beats it by more than the margin" in decision.reason
 
-    description = client.get_model_version("tiny", strong["version"]).description
-    [evaluated] = evaluation_runs(client, strong["run_id"])
+    description = client.get_model_version("tiny", strong.version).description
+    [evaluated] = evaluation_runs(client, strong.run_id)
     report = f"runs:/{evaluated.info.run_id}/eval/report.html"
     level = round(100 * metrics["confidence"])
     for part in (
         str(cfg.model.base),
         "**Method**: full",
-        f"exp-v{strong['version']}",
+        f"exp-v{strong.version}",
         "c0ffee" * 6,
         "feed" * 8 + ".dir",
         f"{level}% CI [{metrics['nll_improvement_ci_low']:+.4f}, {metrics['nll_improvement_ci_high']:+.4f}]",

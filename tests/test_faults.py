@@ -26,8 +26,9 @@ from sftops.errors import TRANSIENT_EXIT, GpuMemoryError, StorageError
 from sftops.stages.evaluate import run_evaluate
 from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
-from sftops.stages.train import checkpoint_folder, run_train
+from sftops.stages.train import TrainResult, run_train
 from sftops.train import checkpoint
+from sftops.train.checkpoint import checkpoint_folder
 
 pytestmark = pytest.mark.reliability
 SRC = str(Path(__file__).parents[1] / "src")
@@ -81,8 +82,10 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
-def losses(report: dict) -> list[float]:
-    return [h["train_loss"] for h in report["history"]]
+def losses(run: dict | TrainResult) -> list[float]:
+    """The training loss per step, of run.json or of the stage's result."""
+    history = run["history"] if isinstance(run, dict) else run.history
+    return [h["train_loss"] for h in history]
 
 
 def test_a_killed_mlflow_server_loses_no_training(project, mlflow_server_process, tmp_path, figures):
@@ -231,7 +234,7 @@ def test_a_full_disk_while_saving_the_model_keeps_the_previous_model(project, mo
         StorageError, match=r"cannot write models: No space left on device .* the previous models is unchanged"
     ):
         run_train(cfg)
-    assert json.loads(Path("models/run.json").read_text())["run_id"] == first["run_id"]
+    assert json.loads(Path("models/run.json").read_text())["run_id"] == first.run_id
     assert Path("models/model/adapter_model.safetensors").exists()
     figures["faults injected"] += 1
     figures["faults survived"] += 1

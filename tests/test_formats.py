@@ -12,10 +12,10 @@ import pytest
 import zstandard
 
 from conftest import reference_encode
-from sftops.chat import IGNORE
 from sftops.config import Config, ModelConfig
 from sftops.data.examples import training_examples
 from sftops.data.store import read_split
+from sftops.encoded import IGNORE
 from sftops.errors import DataError
 from sftops.modeling import load_tokenizer
 from sftops.stages.format import run_format

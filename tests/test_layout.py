@@ -1,6 +1,7 @@
 """The shape of the house, checked on the source: no stage module imports another stage (they share file names
-through sftops.layout), no import circle anywhere (lazy imports inside functions count too), and the data layer
-never reaches up into training, evaluation or the stages."""
+through sftops.layout), no import circle anywhere (lazy imports inside functions count too), the data layer
+never reaches up into training, evaluation or the stages, MLflow is spoken to from the tracking package alone, and
+a registry alias moves in one place."""
 
 from __future__ import annotations
 
@@ -94,3 +95,40 @@ def test_the_data_layer_does_not_reach_up():
         if b.startswith(("sftops.stages.", "sftops.train.", "sftops.evaluate.", "sftops.tracking"))
     )
     assert not upward, f"data modules import training, evaluation or stage code: {upward}"
+
+
+def imported_packages(path: Path) -> set[str]:
+    """The top-level packages a module imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+    return found
+
+
+def test_only_the_tracking_package_imports_mlflow():
+    importing = sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if "mlflow" in imported_packages(p))
+    assert importing, "no module imports mlflow: the check is broken"
+    outside = [p for p in importing if not p.startswith("tracking/")]
+    assert not outside, f"modules outside tracking/ import mlflow: {outside}"
+
+
+def test_the_tracking_package_does_not_reach_into_the_stages():
+    graph = import_graph()
+    upward = sorted(
+        (a, b) for a in graph if a.startswith("sftops.tracking") for b in graph[a] if b.startswith("sftops.stages")
+    )
+    assert not upward, f"tracking imports stage code: {upward}"
+
+
+def test_a_registry_alias_moves_in_one_place():
+    """The promotion decision is pure (evaluate/promotion.py); tracking/registry.py applies it, and nothing else
+    points an alias at a version."""
+    moving = sorted(
+        str(p.relative_to(SRC))
+        for p in SRC.rglob("*.py")
+        if "set_registered_model_alias" in p.read_text(encoding="utf-8")
+    )
+    assert moving == ["tracking/registry.py"], moving

@@ -3,11 +3,12 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from sftops.chat import IGNORE, generation_prompt, stop_token_ids
+from sftops.chat import generation_prompt, stop_token_ids
 from sftops.config import ModelConfig
 from sftops.data.batching import collate
 from sftops.data.examples import encode_curated_rows
 from sftops.data.tokenize import encode_conversation
+from sftops.encoded import IGNORE
 from sftops.modeling import FALLBACK_CHAT_TEMPLATE, load_tokenizer
 from sftops.train.loss import row_nll
 

@@ -12,11 +12,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sftops.data.examples as examples_module
-from sftops.chat import IGNORE, Encoded, example_lengths
 from sftops.config import Config, TrainConfig
 from sftops.data.batching import micro_batches, step_batches, step_micro_batches
 from sftops.data.examples import split_examples
 from sftops.data.store import CACHE_KEY, TOKENIZED, TokenCacheWriter, TokenRows, read_cache, read_split, write_cache
+from sftops.encoded import IGNORE, Encoded, example_lengths
 from sftops.modeling import load_tokenizer
 from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
@@ -121,9 +121,7 @@ def test_training_on_the_mapped_cache_gives_the_same_losses(both_paths, formatte
         result = train_loop(
             model, path.examples, train, tok.pad_token_id, sources=path.sources, source_names=path.source_names
         )
-        losses.append(
-            [(h["train_loss"], h.get("train_loss/long"), h.get("train_loss/short")) for h in result["history"]]
-        )
+        losses.append([(h["train_loss"], h.get("train_loss/long"), h.get("train_loss/short")) for h in result.history])
     assert losses[0] == losses[1] and len(losses[0]) == 3
 
 

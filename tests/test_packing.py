@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sftops.train.packing_check as packing_check
-from sftops.chat import IGNORE, Encoded
 from sftops.config import ModelConfig
 from sftops.data.packing import pack
 from sftops.data.tokenize import encode_conversation
+from sftops.encoded import IGNORE, Encoded
 from sftops.errors import TrainingError
 from sftops.modeling import load_tokenizer
 from sftops.train.packing_check import packing_self_check, per_example_nll

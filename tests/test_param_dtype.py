@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sftops.chat import IGNORE, Encoded
 from sftops.config import TrainConfig
+from sftops.encoded import IGNORE, Encoded
 from sftops.train.loop import train_loop
 from sftops.train.lora import apply_method
 
@@ -35,7 +35,7 @@ def losses(tiny_model, method: str, param_dtype: str) -> tuple[list[float], set[
     model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), cfg)
     dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
     run = train_loop(model, examples(16, model.config.vocab_size), cfg, pad_id=0)
-    return [r["train_loss"] for r in run["history"]], dtypes
+    return [r["train_loss"] for r in run.history], dtypes
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

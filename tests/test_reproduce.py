@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftops import tracking
 from sftops.cli import main
 from sftops.errors import ConfigError
 from sftops.provenance.reproduce import REQUIRED, reproduce
+from sftops.tracking import registry, runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def test_reproduce_reruns_the_recorded_commit_and_config_with_identical_results(
     assert yaml.safe_load((tmp_path / "again/params.yaml").read_text())["train"]["learning_rate"] == 0.02
 
     # A run made from uncommitted code cannot be reproduced exactly, and says so.
-    manifest = tracking.load_manifest(tracking.resolve_run_id("models:/tiny/1"))
+    manifest = runs.load_manifest(registry.resolve_run_id("models:/tiny/1"))
     manifest["git"]["dirty"] = True
     with pytest.raises(ConfigError, match="uncommitted changes"):
         reproduce(manifest, "0" * 32, tmp_path / "never")

@@ -5,12 +5,12 @@ registry, from which the champion answers."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from mlflow import MlflowClient
 
 from realstack import evaluation_runs
-from sftops import tracking
 from sftops.cli import main
 from sftops.config import Config, ModelConfig, TrainConfig
 from sftops.data.examples import encode_curated_rows
@@ -20,9 +20,11 @@ from sftops.stages.evaluate import run_evaluate
 from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
 from sftops.stages.train import run_train
-from sftops.train.loop import seed_everything, train_loop
+from sftops.tracking import registry
+from sftops.train.loop import train_loop
 from sftops.train.lora import apply_method
 from sftops.train.loss import score_rows
+from sftops.train.setup import seed_everything
 
 
 def gsm8k_conversations(path: Path, n: int) -> list[dict]:
@@ -78,15 +80,16 @@ def test_a_real_mlflow_server_holds_the_review_and_the_champion_answers_from_it(
     run_ingest(cfg)
     run_format(cfg)
     run = run_train(cfg)
-    metrics = run_evaluate(cfg)
-    tracking.record_version(run, {tracking.VERSIONED: "true"})  # as the pipeline flow's record step does
-    assert tracking.promote(run, metrics, "nll", 0.0).alias == "champion"
+    metrics = run_evaluate(cfg).metrics
+    record = asdict(run)  # run.json, as the pipeline flow's record and promote steps read it
+    registry.record_version(record, {registry.VERSIONED: "true"})
+    assert registry.promote(record, metrics, "nll", 0.0).alias == "champion"
     client = MlflowClient(mlflow_server)
-    assert str(client.get_model_version_by_alias("served", "champion").version) == run["version"]
-    [evaluated] = evaluation_runs(client, run["run_id"])
+    assert str(client.get_model_version_by_alias("served", "champion").version) == run.version
+    [evaluated] = evaluation_runs(client, run.run_id)
     artifacts = {a.path for a in client.list_artifacts(evaluated.info.run_id, "eval")}
     assert {"eval/report.html", "eval/nll_by_row.csv"} <= artifacts
-    assert "eval/promotion.json" in {a.path for a in client.list_artifacts(run["run_id"], "eval")}
+    assert "eval/promotion.json" in {a.path for a in client.list_artifacts(run.run_id, "eval")}
     assert evaluated.data.metrics["test_win_rate"] == metrics["win_rate"]
     capsys.readouterr()
     assert (

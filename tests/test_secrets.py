@@ -18,9 +18,9 @@ import yaml
 from mlflow import MlflowClient
 
 from conftest import write_qa_project
-from sftops import tracking
 from sftops.config import load_config
 from sftops.errors import ConfigError
+from sftops.tracking import registry
 
 pytestmark = pytest.mark.reliability
 ROOT = Path(__file__).parents[1]
@@ -93,7 +93,7 @@ def test_planted_secrets_reach_no_output(tmp_path, tiny_model, mlflow_server_pro
     run_info = json.loads(Path("models/run.json").read_text())
     measured = json.loads(Path("metrics.json").read_text())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
-    decision = tracking.promote(run_info, measured, "nll", 0.0)  # what the flow's promote step does after recording
+    decision = registry.promote(run_info, measured, "nll", 0.0)  # what the flow's promote step does after recording
     run = client.get_run(run_info["run_id"])
     metrics = {**measured, "report": "reports/report.html", "promotion": decision.as_dict()}
     flow = flow_module()

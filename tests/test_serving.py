@@ -74,7 +74,7 @@ def train_champion(folder: Path, base: str, name: str, registry: str, monkeypatc
     run_ingest(cfg)
     run_format(cfg)
     run = run_train(cfg)
-    MlflowClient(registry).set_registered_model_alias(name, "champion", run["version"])
+    MlflowClient(registry).set_registered_model_alias(name, "champion", run.version)
     return f"models:/{name}@champion"
 
 

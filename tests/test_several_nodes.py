@@ -23,8 +23,9 @@ from mlflow import MlflowClient
 
 from sftops.config import load_config
 from sftops.errors import TrainingError
-from sftops.stages.train import checkpoint_folder, run_train
+from sftops.stages.train import run_train
 from sftops.train import checkpoint, launch
+from sftops.train.checkpoint import checkpoint_folder
 from test_training_engine import losses
 
 # The same 8 rows per step: one process of micro-batch 8, or two nodes of one process of micro-batch 4.
@@ -56,19 +57,19 @@ def test_two_nodes_train_what_one_process_trains_with_one_run_and_one_model(proj
     one = run_train(load_config("params.yaml"))
     store = two_nodes(folder, write, monkeypatch, {**TWO_NODES, "epochs": 1})
     two = run_train(load_config("params.yaml"))  # launch.target=loopback: two agents, waited for
-    assert two["processes"] == 2
+    assert two.processes == 2
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
-    grad_norms = [h["grad_norm"] for h in two["history"]]
-    assert grad_norms == pytest.approx([h["grad_norm"] for h in one["history"]], rel=1e-4)
+    grad_norms = [h["grad_norm"] for h in two.history]
+    assert grad_norms == pytest.approx([h["grad_norm"] for h in one.history], rel=1e-4)
     client = MlflowClient(f"sqlite:///{store}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1  # only rank 0 logs
     train_rows = runs[0].data.metrics["train_examples"]
-    assert sum(h["rows"] for h in two["history"]) == train_rows  # one epoch: every row once, across both nodes
+    assert sum(h["rows"] for h in two.history) == train_rows  # one epoch: every row once, across both nodes
     assert len(client.search_model_versions("name='tiny'")) == 1
     gap = max(abs(a - b) for a, b in zip(losses(two), losses(one)))
     print(
-        f"two nodes vs one process, {len(two['history'])} steps of 8 rows ({int(train_rows)} rows, one epoch): "
+        f"two nodes vs one process, {len(two.history)} steps of 8 rows ({int(train_rows)} rows, one epoch): "
         f"largest loss gap {gap:.2e}, losses {[round(x, 5) for x in losses(two)]}"
     )
 

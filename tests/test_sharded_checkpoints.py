@@ -8,8 +8,9 @@ import pytest
 
 from sftops.config import load_config
 from sftops.errors import TrainingError
-from sftops.stages.train import checkpoint_folder, run_train
+from sftops.stages.train import run_train
 from sftops.train import checkpoint
+from sftops.train.checkpoint import checkpoint_folder
 from test_training_engine import losses, train_cli
 
 # One global batch of 8 rows per step, however it is split: 1 process x 2 accumulation steps x 4 rows, or 2 x 1 x 4.
@@ -100,7 +101,7 @@ def test_fsdp_eval_every_exports_the_best_validated_weights(project):
         }
     )
     two = run_train(load_config("params.yaml"))
-    best = min(two["validations"], key=lambda v: v["val_nll"])
-    last = two["validations"][-1]
-    assert two["best_step"] == best["step"] < two["steps"] and last["val_nll"] > best["val_nll"], two["validations"]
-    assert two["val_nll_after"] == pytest.approx(best["val_nll"], rel=1e-5)
+    best = min(two.validations, key=lambda v: v["val_nll"])
+    last = two.validations[-1]
+    assert two.best_step == best["step"] < two.steps and last["val_nll"] > best["val_nll"], two.validations
+    assert two.val_nll_after == pytest.approx(best["val_nll"], rel=1e-5)

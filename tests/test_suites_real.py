@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,12 @@ from mlflow import MlflowClient
 
 from conftest import SHARED
 from realstack import evaluation_runs
-from sftops import tracking
 from sftops.config import Config
 from sftops.stages.evaluate import run_evaluate
 from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
-from sftops.stages.train import run_train
+from sftops.stages.train import TrainResult, run_train
+from sftops.tracking import registry
 
 SELF_INSTRUCT = SHARED / "data" / "self-instruct-seed" / "seed_tasks.jsonl"
 # The seed tasks' first instance as the alpaca instruction/input/output.
@@ -67,10 +68,12 @@ def project(tmp_path, stories_model, gsm8k, monkeypatch):
     return make
 
 
-def promote(run: dict, metrics: dict, cfg: Config) -> dict:
-    """The pipeline flow's record and promote steps, as the flow calls them once the run is in git and DVC."""
-    tracking.record_version(run, {tracking.VERSIONED: "true", tracking.VERSIONED_REASON: "recorded by the test"})
-    return tracking.promote(run, metrics, cfg.evaluate.primary_metric, cfg.evaluate.promotion_margin).as_dict()
+def promote(run: TrainResult, metrics: dict, cfg: Config) -> dict:
+    """The pipeline flow's record and promote steps, as the flow calls them once the run is in git and DVC (with
+    the run's record, run.json)."""
+    record = asdict(run)
+    registry.record_version(record, {registry.VERSIONED: "true", registry.VERSIONED_REASON: "recorded by the test"})
+    return registry.promote(record, metrics, cfg.evaluate.primary_metric, cfg.evaluate.promotion_margin).as_dict()
 
 
 def figures(name: str, m: dict) -> str:
@@ -92,7 +95,7 @@ def test_a_gsm8k_fine_tune_that_got_worse_on_general_instructions_is_refused_cha
         {"name": "general", **SELF_INSTRUCT_SOURCE},
     )
     run = run_train(cfg)
-    m = run_evaluate(cfg)
+    m = run_evaluate(cfg).metrics
     m["promotion"] = promote(run, m, cfg)
     print("\nGSM8K fine-tune, self-instruct suite:", figures("general", m))
     general = m["suites"]["general"]
@@ -104,7 +107,7 @@ def test_a_gsm8k_fine_tune_that_got_worse_on_general_instructions_is_refused_cha
         f"suite 'general' nll {general['base']['nll']:.4f} (base) -> {general['tuned']['nll']:.4f} (tuned)"
         in m["promotion"]["reason"]
     )
-    client = MlflowClient(run["tracking_uri"])
+    client = MlflowClient(run.tracking_uri)
     with pytest.raises(Exception, match="alias"):
         client.get_model_version_by_alias("stories", "champion")
 
@@ -115,7 +118,7 @@ def test_a_gsm8k_fine_tune_that_got_worse_on_general_instructions_is_refused_cha
     assert len(table) == 8 and {"prompt", "base_output", "tuned_output", "base_nll", "tuned_nll"} <= set(table[0])
     html = Path("reports/report.html").read_text()
     assert "Regression suites" in html and "general: rows that got most worse" in html and "REGRESSED" in html
-    logged = evaluation_runs(client, run["run_id"])[-1]
+    logged = evaluation_runs(client, run.run_id)[-1]
     assert logged.data.metrics["suite/general/tuned_nll"] == pytest.approx(general["tuned"]["nll"])
     assert logged.data.metrics["suite/general/regressed"] == 1.0
     inputs = {d.dataset.name: d for d in logged.inputs.dataset_inputs}
@@ -125,11 +128,9 @@ def test_a_gsm8k_fine_tune_that_got_worse_on_general_instructions_is_refused_cha
     # The base model's suite results are cached; marked informational, the suite reports but no longer blocks.
     informational = cfg.model_copy(deep=True)
     informational.evaluate.suites[0].informational = True
-    again = run_evaluate(informational)
-    again["promotion"] = promote(run, again, informational)
-    assert (
-        again["suites_base_eval_cached"] == {"general": True} and again["suites"]["general"]["base"] == general["base"]
-    )
+    result = run_evaluate(informational)
+    again = {**result.metrics, "promotion": promote(run, result.metrics, informational)}
+    assert result.suites_base_eval_cached == {"general": True} and again["suites"]["general"]["base"] == general["base"]
     assert again["promotion"]["alias"] == "champion"
     assert "informational suite general regressed (not blocking)" in again["promotion"]["reason"]
 
@@ -141,7 +142,7 @@ def test_a_self_instruct_fine_tune_that_did_not_get_worse_on_gsm8k_becomes_champ
         {"name": "math", "path": str(gsm8k / "test.jsonl"), "max_rows": 80},
     )
     run = run_train(cfg)
-    m = run_evaluate(cfg)
+    m = run_evaluate(cfg).metrics
     m["promotion"] = promote(run, m, cfg)
     print("\nself-instruct fine-tune, GSM8K suite:", figures("math", m))
     math = m["suites"]["math"]

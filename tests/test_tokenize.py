@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import reference_encode
-from sftops.chat import IGNORE, Encoded, generation_prompt
+from sftops.chat import generation_prompt
 from sftops.config import Config, ModelConfig
 from sftops.data.examples import training_examples
 from sftops.data.store import read_split
@@ -23,6 +23,7 @@ from sftops.data.tokenize import (
     runs_of,
     token_lengths,
 )
+from sftops.encoded import IGNORE, Encoded
 from sftops.errors import DataError
 from sftops.modeling import load_tokenizer
 from sftops.stages.format import run_format

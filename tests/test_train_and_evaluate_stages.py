@@ -50,18 +50,18 @@ def test_full_method_trains_saves_weights_and_evaluates(tmp_path, curated):
     report = run_train(cfg)
     assert (tmp_path / "models/model/model.safetensors").exists()
     assert not (tmp_path / "models/model/adapter_config.json").exists()
-    assert report["val_nll_after"] < report["val_nll_before"]
-    metrics = run_evaluate(cfg)
+    assert report.val_nll_after < report.val_nll_before
+    metrics = run_evaluate(cfg).metrics
     # Random-init tiny model, a repetitive task: training must cut the held-out NLL by a wide margin.
     assert metrics["tuned"]["nll"] < 0.5 * metrics["base"]["nll"]
-    client = MlflowClient(report["tracking_uri"])
-    assert client.get_run(report["run_id"]).data.params["train.method"] == "full"
-    [evaluated] = evaluation_runs(client, report["run_id"])
+    client = MlflowClient(report.tracking_uri)
+    assert client.get_run(report.run_id).data.params["train.method"] == "full"
+    [evaluated] = evaluation_runs(client, report.run_id)
     assert evaluated.data.metrics["test_tuned_nll"] == pytest.approx(metrics["tuned"]["nll"])
     # Evaluating again (as DVC does after a change of evaluate params) adds a run with its own table, never rows
     # to the old one.
     run_evaluate(cfg)
-    runs = evaluation_runs(client, report["run_id"])
+    runs = evaluation_runs(client, report.run_id)
     assert len(runs) == 2
     for n, run in enumerate(runs):
         file = client.download_artifacts(run.info.run_id, "eval/generations.json", str(tmp_path / str(n)))
@@ -75,7 +75,7 @@ def test_lora_training_is_reproducible_from_the_seed(tmp_path, curated):
     weights = load_file(tmp_path / "models/model/adapter_model.safetensors")
     second = run_train(cfg)
     again = load_file(tmp_path / "models/model/adapter_model.safetensors")
-    assert first["final_train_loss"] == second["final_train_loss"]
+    assert first.final_train_loss == second.final_train_loss
     assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
 
 

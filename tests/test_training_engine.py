@@ -17,8 +17,9 @@ from sftops.data.examples import encode_curated_rows
 from sftops.data.store import load_split
 from sftops.errors import TrainingError
 from sftops.modeling import load_finetuned
-from sftops.stages.train import checkpoint_folder, run_train
+from sftops.stages.train import TrainResult, run_train
 from sftops.train import checkpoint
+from sftops.train.checkpoint import checkpoint_folder
 from sftops.train.loss import mean_nll, score_rows
 
 
@@ -31,8 +32,10 @@ def train_cli(*args: str, fault: str | None = None) -> subprocess.CompletedProce
     )
 
 
-def losses(report: dict) -> list[float]:
-    return [h["train_loss"] for h in report["history"]]
+def losses(run: dict | TrainResult) -> list[float]:
+    """The training loss per step, of run.json or of the stage's result."""
+    history = run["history"] if isinstance(run, dict) else run.history
+    return [h["train_loss"] for h in history]
 
 
 @pytest.mark.reliability
@@ -108,12 +111,12 @@ def test_early_stopping_exports_the_best_validated_weights(project):
     )
     cfg = load_config("params.yaml")
     report = run_train(cfg)
-    vals = report["validations"]
+    vals = report.validations
     best = min(vals, key=lambda v: v["val_nll"])
-    assert report["best_step"] == best["step"]
-    assert report["val_nll_after"] == pytest.approx(best["val_nll"], rel=1e-5)
+    assert report.best_step == best["step"]
+    assert report.val_nll_after == pytest.approx(best["val_nll"], rel=1e-5)
     # This setting overfits the tiny data: validation turns up, and two evaluations without improvement stop it.
-    assert report["stopped_early"] and report["steps"] < report["planned_steps"]
+    assert report.stopped_early and report.steps < report.planned_steps
     assert [v["step"] for v in vals if v["step"] > best["step"]] == [best["step"] + 2, best["step"] + 4]
 
 
@@ -121,8 +124,8 @@ def test_step_metrics_audit_the_normalisation_and_split_by_source(project):
     _, write = project
     write({"method": "lora", "max_steps": 3, "grad_accum_steps": 2})
     report = run_train(load_config("params.yaml"))
-    client = MlflowClient(report["tracking_uri"])
-    metrics = client.get_run(report["run_id"]).data.metrics
+    client = MlflowClient(report.tracking_uri)
+    metrics = client.get_run(report.run_id).data.metrics
     for name in (
         "train_loss",
         "response_nll_sum",
@@ -136,13 +139,11 @@ def test_step_metrics_audit_the_normalisation_and_split_by_source(project):
         "train_loss/chat",
     ):
         assert name in metrics, name
-    for h in report["history"]:
+    for h in report.history:
         assert h["train_loss"] == pytest.approx(h["response_nll_sum"] / h["supervised_tokens"])
-    assert report["history"][-1]["cumulative_supervised_tokens"] == sum(
-        h["supervised_tokens"] for h in report["history"]
-    )
+    assert report.history[-1]["cumulative_supervised_tokens"] == sum(h["supervised_tokens"] for h in report.history)
     # The two sources' losses average, weighted by their tokens, to the step's loss: nothing is counted twice.
-    history = client.get_metric_history(report["run_id"], "train_loss")
+    history = client.get_metric_history(report.run_id, "train_loss")
     assert [m.step for m in history] == [1, 2, 3]
 
 
@@ -151,13 +152,13 @@ def test_merged_adapter_has_the_adapter_models_held_out_loss(project):
     write({"method": "lora", "max_steps": 4, "merge_adapter": True})
     cfg = load_config("params.yaml")
     report = run_train(cfg)
-    assert report["merge"]["relative_drift"] <= 1e-5
+    assert report.merge["relative_drift"] <= 1e-5
     assert (Path("models/model/model.safetensors")).exists() and not Path("models/model/adapter_config.json").exists()
     merged, tok = load_finetuned("models/model")
     val, _, _ = encode_curated_rows(tok, load_split(cfg, "val"), cfg.model.max_length)
     merged_nll = mean_nll(score_rows(merged, val, 8, tok.pad_token_id, torch.device("cpu")))
-    assert merged_nll == pytest.approx(report["merge"]["adapter_nll"], rel=1e-5)
-    assert report["merge"]["adapter_nll"] == pytest.approx(report["val_nll_after"], rel=1e-6)
+    assert merged_nll == pytest.approx(report.merge["adapter_nll"], rel=1e-5)
+    assert report.merge["adapter_nll"] == pytest.approx(report.val_nll_after, rel=1e-6)
 
 
 def test_dora_trains_and_loads_back(project):
@@ -166,7 +167,7 @@ def test_dora_trains_and_loads_back(project):
     report = run_train(load_config("params.yaml"))
     assert json.loads(Path("models/model/adapter_config.json").read_text())["use_dora"] is True
     model, _ = load_finetuned("models/model")
-    assert report["val_nll_after"] < report["val_nll_before"]
+    assert report.val_nll_after < report.val_nll_before
     assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
 
 
@@ -188,9 +189,9 @@ def test_ddp_and_fsdp_processes_through_the_train_stage_match_one(project):
     for distributed in ("ddp", "fsdp"):
         write({**common, "micro_batch_size": 4, "num_processes": 2, "distributed": distributed})
         two = run_train(load_config("params.yaml"))
-        assert two["processes"] == 2
+        assert two.processes == 2
         assert losses(two) == pytest.approx(losses(one), rel=1e-5), distributed
-        assert two["val_nll_after"] == pytest.approx(one["val_nll_after"], rel=1e-4), distributed
+        assert two.val_nll_after == pytest.approx(one.val_nll_after, rel=1e-4), distributed
 
 
 def test_fsdp_resume_after_kill_matches_an_uninterrupted_run(project):

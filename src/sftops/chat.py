@@ -1,39 +1,14 @@
-"""Conversations and the chat template: the loss label of a masked token, an encoded row, where each target
+"""Conversations and the chat template: where each target
 assistant turn lies in the rendered text (every assistant turn, with the end-of-turn token the template puts
 after it, unless its weight is 0), the generation prompt and the stop tokens. Tokenising is sftops.data.tokenize."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
-import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from sftops.errors import ModelError
-
-IGNORE = -100
-
-
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]
-
-    @property
-    def n_targets(self) -> int:
-        labels = self.labels
-        if isinstance(labels, list):  # list.count runs in C: the format stage asks this of every row
-            return len(labels) - labels.count(IGNORE)
-        return sum(label != IGNORE for label in labels)
-
-
-def example_lengths(examples: Sequence[Encoded]) -> np.ndarray:
-    """Token count of each example: from the offsets of an array-backed TokenRows, without building its rows."""
-    lengths = getattr(examples, "lengths", None)
-    if lengths is not None:
-        return np.asarray(lengths, dtype=np.int64)
-    return np.fromiter((len(e.input_ids) for e in examples), dtype=np.int64, count=len(examples))
 
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -15,7 +16,12 @@ from sftops.errors import TRANSIENT_EXIT, USER_ERROR_EXIT, ConfigError, DataErro
 
 
 def _print(title: str, value: Any) -> None:
-    print(f"{title}:\n{json.dumps(value, indent=2, default=str)}")
+    print(f"{title}:\n{json.dumps(value, indent=2, default=_plain)}")
+
+
+def _plain(value: Any) -> Any:
+    """A stage's typed result as JSON: a dataclass as its fields, anything else (paths) as text."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value)
 
 
 def stage(name: str, params: str, overrides: list[str]) -> Any:
@@ -61,20 +67,22 @@ def _generate(args: argparse.Namespace) -> None:
         model, tokenizer = load_finetuned(Path(args.model))
         replies = answer(model, tokenizer, args.prompt, args.max_new_tokens)
     else:
-        from sftops import tracking
+        from sftops.tracking.models import predict
+        from sftops.tracking.registry import model_uri
 
-        replies = tracking.predict(tracking.model_uri(args.model), args.prompt, args.max_new_tokens, args.tracking_uri)
+        replies = predict(model_uri(args.model), args.prompt, args.max_new_tokens, args.tracking_uri)
     for prompt, reply in zip(args.prompt, replies):
         print(f"> {prompt}\n{reply}\n")
 
 
 def _reproduce(args: argparse.Namespace) -> None:
-    from sftops import tracking
     from sftops.provenance.reproduce import reproduce
+    from sftops.tracking.registry import resolve_run_id, run_version_tags
+    from sftops.tracking.runs import load_manifest
 
-    run_id = tracking.resolve_run_id(args.target, args.tracking_uri)
-    manifest = tracking.load_manifest(run_id, args.tracking_uri)
-    tags = tracking.run_version_tags(run_id, args.tracking_uri)
+    run_id = resolve_run_id(args.target, args.tracking_uri)
+    manifest = load_manifest(run_id, args.tracking_uri)
+    tags = run_version_tags(run_id, args.tracking_uri)
     result = reproduce(
         manifest, run_id, Path(args.into) if args.into else None, allow_dirty=args.allow_dirty, tags=tags
     )
@@ -246,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except Exception as exc:
         from sftops.redact import redact
-        from sftops.tracking import unreachable
+        from sftops.tracking.store import unreachable
 
         if not unreachable(exc):
             raise

@@ -42,3 +42,10 @@ def pause(name: str) -> None:
     (folder / f"{name}.reached").touch()
     while not (folder / f"{name}.go").exists():
         time.sleep(0.1)
+
+
+def after_step(step: int, record: object = None) -> None:
+    """The training loop's step hook: after_step:<step> kills or pauses the process once that step is complete
+    (validated and checkpointed)."""
+    point(f"after_step:{step}")
+    pause(f"after_step:{step}")

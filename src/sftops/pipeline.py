@@ -26,7 +26,7 @@ def stage_function(name: str) -> Callable[[Config], Any]:
 def where(cfg: Config) -> dict[str, str]:
     """Where a finished run left its results."""
     from sftops.redact import redact
-    from sftops.tracking import tracking_uri  # MLflow: only when asked
+    from sftops.tracking.store import tracking_uri  # MLflow: only when asked
 
     uri = redact(tracking_uri())
     return {
@@ -42,4 +42,4 @@ def where(cfg: Config) -> dict[str, str]:
 
 def run_all(cfg: Config) -> dict[str, Any]:
     results = {name: stage_function(name)(cfg) for name in STAGES}
-    return {"metrics": results["evaluate"], "where": where(cfg)}
+    return {"metrics": results["evaluate"].metrics, "where": where(cfg)}

@@ -23,13 +23,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sftops.chat import Encoded
 from sftops.config import Config
 from sftops.data.dedup import minhash_signatures, normalise
 from sftops.data.schemas import RowError, to_conversation
 from sftops.data.split import joined, message_words, split_of
 from sftops.data.store import SCHEMA, rows_table
 from sftops.data.tokenize import Renderer, encode_runs, fit, labels_from_runs, labels_of, runs_of
+from sftops.encoded import Encoded
 from sftops.errors import DataError
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}

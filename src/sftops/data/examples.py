@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
-from sftops.chat import Encoded
 from sftops.config import Config
 from sftops.data.store import TokenRows, cache_key, read_cache, read_columns, read_split
 from sftops.data.tokenize import Renderer, encode_batch, fit
+from sftops.encoded import Encoded
 
 
 def _counts(rows: int) -> dict[str, Any]:

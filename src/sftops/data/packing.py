@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sftops.chat import IGNORE, Encoded
+from sftops.encoded import IGNORE, Encoded
 
 
 def pack(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from sftops.chat import IGNORE, Encoded, is_target, stop_token_ids
+from sftops.chat import is_target, stop_token_ids
 from sftops.data.tokenize import Conversation
+from sftops.encoded import IGNORE, Encoded
 from sftops.errors import ModelError
 
 _MARKER = "\u2063sftops-marker\u2063"

@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
-from sftops.chat import IGNORE, Encoded
 from sftops.config import Config
+from sftops.encoded import IGNORE, Encoded
 from sftops.errors import DataError
 from sftops.provenance.fingerprints import file_sha256, json_sha256
 

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from sftops.chat import IGNORE, Encoded, target_spans
+from sftops.chat import target_spans
+from sftops.encoded import IGNORE, Encoded
 from sftops.errors import DataError, ModelError
 
 Conversation = dict[str, Any]  # {"messages": [...], "tools": [...] | None}

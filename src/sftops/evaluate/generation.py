@@ -11,6 +11,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from sftops.chat import generation_prompt, stop_token_ids
+from sftops.config import EvaluateConfig
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,10 @@ class Decoding:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+
+
+def decoding_of(cfg: EvaluateConfig) -> Decoding:
+    return Decoding(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.sample_seed)
 
 
 @dataclass(frozen=True)

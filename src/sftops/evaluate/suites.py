@@ -1,7 +1,7 @@
 """Regression suites: named evaluation sets besides the test split, read and mapped the way sources are (same
 readers, schemas, field mappings and validation), checked against the train split (rows that duplicate a train
 row are excluded and counted; prompts overlapping train prompts beyond data.contamination_threshold are
-reported), and sampled for generation with a seed. Scoring lives in sftops.stages.evaluate."""
+reported), and sampled for generation with a seed. Scoring is evaluate/suite_scores.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 from tqdm import tqdm
 
 from sftops.config import DataConfig, SuiteConfig
-from sftops.data.curate import conversation_text, prompt_key, row_id
+from sftops.data.chunks import conversation_text, row_id
+from sftops.data.curate import prompt_key
 from sftops.data.schemas import RowError, to_conversation
 from sftops.data.sources import read_source
 from sftops.data.split import contamination, prompt_text

@@ -8,72 +8,76 @@ import json
 import logging
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from sftops import faults, hub, tracking
+from sftops import faults
 from sftops.config import Config, ModelConfig
-from sftops.data.examples import split_examples
-from sftops.errors import TrainingError
+from sftops.data.examples import SplitExamples, split_examples
 from sftops.jsonio import read_json, write_json
-from sftops.layout import INGEST_REPORT, MODEL_DIR, RUN_FILE, STATS
+from sftops.layout import RUN_FILE
 from sftops.machine import require_hardware
-from sftops.modeling import load_base_model, load_tokenizer, pinned, save_finetuned
+from sftops.modeling import load_base_model, load_tokenizer, pinned
 from sftops.outputs import replaced_whole
-from sftops.provenance.manifest import resolved_revisions
+from sftops.provenance.manifest import dvc_md5, resolved_revisions
+from sftops.tracking.models import register_model
+from sftops.tracking.runs import NOT_TRACKED, TrainingRun, pipeline_run
 from sftops.train import distributed, launch
-from sftops.train.curves import write_curves
+from sftops.train.checkpoint import checkpoint_folder
 from sftops.train.distributed import World, agree, join, leave, under_torchrun
-from sftops.train.loop import seed_everything, train_loop
-from sftops.train.lora import apply_method, merge_checked
+from sftops.train.export import export_model, gather_unsharded, write_loss_curves
+from sftops.train.loop import LoopResult, StepHook, train_loop
+from sftops.train.lora import apply_method
 from sftops.train.loss import mean_nll, score_rows
 from sftops.train.packing_check import packing_self_check
+from sftops.train.setup import seed_everything
 
 # One line per optimizer step: what an orchestrator's log view (Prefect's) shows of training progress.
 log = logging.getLogger(__name__)
 
 
-def checkpoint_folder(cfg: Config, base_revision: str | None = None) -> Path:
-    """Checkpoints of this exact training job (model, train params, curated data): a re-run of the same job
-    resumes; a changed one starts afresh in its own folder. How many processes run it, and how each process
-    splits its share into accumulation steps, is not part of the job: a sharded job resumes on any number of
-    processes that takes the same micro-batches per step (training.same_batches_per_step). base_revision: the hub
-    commit model.revision resolved to (a branch that moved on is another base: training starts afresh)."""
-    train = cfg.train.model_dump(mode="json", exclude={"num_processes", "grad_accum_steps"})
-    model = cfg.model.model_dump(mode="json")
-    if hub.is_commit(base_revision):
-        model["revision"] = base_revision
-    job = {"model": model, "train": train, "data": tracking.dvc_md5(Path(cfg.paths.curated))}
-    digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cfg.paths.checkpoints) / digest
+@dataclass(frozen=True)
+class TrainResult:
+    """What the train stage did: run.json holds it, the evaluate stage and the pipeline flow read it back."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    model_uri: str
+    registered_model: str
+    version: str
+    steps: int
+    planned_steps: int
+    best_step: int
+    stopped_early: bool
+    resumed_from_step: int | None
+    final_train_loss: float
+    history: list[dict[str, float]]
+    validations: list[dict[str, float]]
+    val_nll_before: float | None
+    val_nll_after: float | None
+    merge: dict[str, float] | None
+    encoding: dict[str, dict[str, Any]]
+    trainable_params: int
+    device: str
+    processes: int
 
 
-def gather_unsharded(model: torch.nn.Module, cfg: Config, base: ModelConfig, world: World) -> torch.nn.Module:
-    """FSDP: every process sends its shards; the main process gets a plain, unsharded copy to evaluate and save."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not world.is_main:
-        return model
-    plain = apply_method(load_base_model(base), cfg.train)
-    plain.load_state_dict(state)
-    return plain.to(world.device).eval()
-
-
-def run_train(cfg: Config) -> dict[str, Any]:
+def run_train(cfg: Config) -> TrainResult:
     require_hardware(cfg.train.method, cfg.model.attn_implementation)
     if cfg.launch.target != "local" and not under_torchrun():  # a cluster (or loopback) runs it; wait for its result
         launch.submit(cfg)
-        return read_json(Path(cfg.paths.model) / RUN_FILE)
+        return TrainResult(**read_json(Path(cfg.paths.model) / RUN_FILE))
     if cfg.train.num_processes > 1 and not under_torchrun():
         with tempfile.TemporaryDirectory() as tmp:
             params = Path(tmp) / "params.yaml"
             params.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
             distributed.launch(cfg.train.num_processes, params)
-        return read_json(Path(cfg.paths.model) / RUN_FILE)
+        return TrainResult(**read_json(Path(cfg.paths.model) / RUN_FILE))
     world = join()
     try:
         base = pinned(cfg.model)  # each process resolves model.revision; agree() checks they found the same commit
@@ -88,131 +92,159 @@ def same_job(cfg: Config) -> dict[str, str]:
     params = cfg.model_dump(mode="json", exclude={"paths", "launch"})
     return {
         "params digest": hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12],
-        "curated data hash": tracking.dvc_md5(Path(cfg.paths.curated)),
+        "curated data hash": dvc_md5(Path(cfg.paths.curated)),
     }
 
 
-def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> dict[str, Any]:
-    """base_cfg: cfg.model pinned to the revision it resolved to, which every load uses and the run records."""
+def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> TrainResult | None:
+    """base_cfg: cfg.model pinned to the revision it resolved to, which every load uses and the run records.
+    Returns the result on the main process, None on the others."""
     tokenizer = load_tokenizer(base_cfg)
-    pad = tokenizer.pad_token_id
-    # The format stage's tokenised cache (memory-mapped) when it matches this tokenizer and max_length, else
-    # tokenised here; max_train_rows draws its sample from the split's row ids only.
     train = split_examples(cfg, tokenizer, "train", cfg.train.max_train_rows, cfg.train.seed)
     val = split_examples(cfg, tokenizer, "val")
-    train_ex, train_counts, val_ex, val_counts = train.examples, train.counts, val.examples, val.counts
-    sources, source_names = train.sources, train.source_names
-    dev = world.device
+    model = build_model(cfg, base_cfg, world, train, tokenizer.pad_token_id)
+    held_out = HeldOut(val, cfg.train.micro_batch_size, tokenizer.pad_token_id, world.device)
+    checkpoints = checkpoint_folder(cfg, base_cfg.revision)
+    with tracked_run(cfg, base_cfg, world) as run:
+        size = model_size(model)
+        run.log_metrics(size | {"train_examples": len(train.examples)})
+        val_before = held_out.validate(model, 0, run)
+        result = train_loop(
+            model,
+            train.examples,
+            cfg.train,
+            tokenizer.pad_token_id,
+            world,
+            sources=train.sources,
+            source_names=train.source_names,
+            checkpoints=checkpoints,
+            validate=(lambda step: held_out.validate(model, step, run)) if held_out else None,
+            on_step=step_hooks(run, world),
+        )
+        run.log_history(result.history[: result.resumed_from_step or 0])
+        faults.pause("tracking_flush")
+        run.flush()  # metrics buffered while the server was away; a TrackingError if it still is
+        model = gather_unsharded(model, cfg, base_cfg, world)
+        if not world.is_main:
+            return None
+        trained = Trained(result, val_before, size["trainable_params"], {"train": train.counts, "val": val.counts})
+        report = export(cfg, base_cfg, model, tokenizer, run, trained, held_out, world)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the job is done and exported
+    return report
+
+
+def build_model(cfg: Config, base_cfg: ModelConfig, world: World, train: SplitExamples, pad: int) -> torch.nn.Module:
+    """The base model with the training method applied (LoRA, DoRA, QLoRA or full), on the device; with packing,
+    proven first to score packed rows as it scores them padded."""
     seed_everything(cfg.train.seed)  # before the LoRA matrices are initialised
     base = load_base_model(base_cfg, quantize_4bit=cfg.train.method == "qlora")
     model = apply_method(base, cfg.train)
     if cfg.train.method != "qlora":  # a 4-bit model is placed on its GPU as it loads
-        model = model.to(dev)
+        model = model.to(world.device)
     if cfg.train.packing:
-        packing_self_check(model, train_ex, pad, dev, cfg.model.attn_implementation)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+        packing_self_check(model, train.examples, pad, world.device, cfg.model.attn_implementation)
+    return model
 
-    def held_out_nll(m: torch.nn.Module) -> float:
-        return mean_nll(score_rows(m, val_ex, cfg.train.micro_batch_size, pad, dev))
 
-    reports = [
-        Path(cfg.paths.curated) / INGEST_REPORT,
-        Path(cfg.paths.curated) / STATS,
-    ]  # the ingest report, as format copied it
-    revisions = resolved_revisions(cfg, base_cfg.revision)
-    run_context = tracking.pipeline_run(cfg, reports, revisions) if world.is_main else contextlib.nullcontext({})
-    with run_context as run:
-        if world.is_main:
-            tracking.log_metrics(
-                {"trainable_params": trainable, "total_params": total, "train_examples": len(train_ex)}
-            )
+def model_size(model: torch.nn.Module) -> dict[str, int]:
+    return {
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in model.parameters()),
+    }
 
-        def validate(step: int) -> float | None:
-            if not val_ex:
-                return None
-            nll = held_out_nll(model)
-            if world.is_main:
-                tracking.log_metrics({"val_nll": nll}, step=step)
-            return nll
 
-        val_before = validate(0)
-        checkpoints = checkpoint_folder(cfg, base_cfg.revision)
-        step_of = {"step": 0}
+@dataclass(frozen=True)
+class HeldOut:
+    """The validation split's response NLL, as training validates and the export checks a merge; falsy when the
+    split is empty."""
 
-        def on_step(step: int, record: dict[str, float]) -> None:
-            step_of["step"] = step
-            tracking.log_step(step, record)
-            log.info(
-                "train step %d: train_loss %.4f, learning_rate %.3g",
-                step,
-                record["train_loss"],
-                record["learning_rate"],
-            )
+    val: SplitExamples
+    batch_size: int
+    pad: int
+    device: torch.device
 
-        result = train_loop(
-            model,
-            train_ex,
-            cfg.train,
-            pad,
-            world,
-            sources=sources,
-            source_names=source_names,
-            checkpoints=checkpoints,
-            validate=(lambda: validate(step_of["step"])) if val_ex else None,
-            on_step=on_step,
+    def __bool__(self) -> bool:
+        return bool(self.val.examples)
+
+    def nll(self, model: torch.nn.Module) -> float:
+        return mean_nll(score_rows(model, self.val.examples, self.batch_size, self.pad, self.device))
+
+    def validate(self, model: torch.nn.Module, step: int, run: TrainingRun) -> float | None:
+        if not self:
+            return None
+        nll = self.nll(model)
+        run.log_metrics({"val_nll": nll}, step=step)
+        return nll
+
+
+def tracked_run(cfg: Config, base_cfg: ModelConfig, world: World) -> contextlib.AbstractContextManager[TrainingRun]:
+    """The MLflow run, opened by the main process; the others log nowhere."""
+    if not world.is_main:
+        return contextlib.nullcontext(NOT_TRACKED)
+    return pipeline_run(cfg, resolved_revisions(cfg, base_cfg.revision))
+
+
+def step_hooks(run: TrainingRun, world: World) -> list[StepHook]:
+    """After each step: its metrics into MLflow and a log line (main process), and the fault points the
+    reliability tests use (every process)."""
+
+    def record(step: int, metrics: dict[str, float]) -> None:
+        run.log_step(step, metrics)
+        log.info(
+            "train step %d: train_loss %.4f, learning_rate %.3g", step, metrics["train_loss"], metrics["learning_rate"]
         )
-        if world.is_main:
-            faults.pause("tracking_flush")
-            tracking.flush()  # metrics buffered while the server was away; a TrackingError if it still is
-        if world.size > 1 and cfg.train.distributed == "fsdp":
-            model = gather_unsharded(model, cfg, base_cfg, world)
-        if not world.is_main:
-            return {}
-        # The previous models/ stays until the new one is complete (a failed export leaves it usable).
-        with replaced_whole(cfg.paths.model) as out:
-            val_after = held_out_nll(model) if val_ex else None
-            val_points = {
-                0: val_before,
-                **{v["step"]: v["val_nll"] for v in result["validations"]},
-                result["steps"]: val_after,
-            }
-            write_curves(out, result["history"], val_points)  # the DVC plots of dvc.yaml
-            manifest = {
-                "method": cfg.train.method,
-                "weights": "full" if cfg.train.method == "full" else "adapter",
-                "base": base_cfg.model_dump(mode="json"),
-            }  # its revision: the commit (package version) loaded
-            merge = None
-            if cfg.train.merge_adapter:
-                if not val_ex:
-                    raise TrainingError(
-                        "train.merge_adapter needs validation rows to check the merge on; raise data.val_fraction"
-                    )
-                model, merge = merge_checked(model, held_out_nll, cfg.train.merge_tolerance)
-                manifest["weights"] = "full"
-                tracking.log_metrics({f"merge_{k}": v for k, v in merge.items()})
-            save_finetuned(model, tokenizer, out / MODEL_DIR, manifest)
-            registered = tracking.log_and_register_model(out / MODEL_DIR, cfg.tracking.registered_model_name)
-            report = {
-                **run,
-                **registered,
-                "steps": result["steps"],
-                "planned_steps": result["planned_steps"],
-                "best_step": result["best_step"],
-                "stopped_early": result["stopped_early"],
-                "resumed_from_step": result["resumed_from_step"],
-                "final_train_loss": result["history"][-1]["train_loss"],
-                "history": result["history"],
-                "validations": result["validations"],
-                "val_nll_before": val_before,
-                "val_nll_after": val_after,
-                "merge": merge,
-                "encoding": {"train": train_counts, "val": val_counts},
-                "trainable_params": trainable,
-                "device": str(dev),
-                "processes": world.size,
-            }
-            write_json(out / RUN_FILE, report)
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the job is done and exported
+
+    return [record, faults.after_step] if world.is_main else [faults.after_step]
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What training left besides the weights: the loop's result and what was measured around it."""
+
+    loop: LoopResult
+    val_before: float | None
+    trainable_params: int
+    encoding: dict[str, dict[str, Any]]  # per split: rows read, kept, dropped (and why)
+
+
+def export(
+    cfg: Config,
+    base_cfg: ModelConfig,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    run: TrainingRun,
+    trained: Trained,
+    held_out: HeldOut,
+    world: World,
+) -> TrainResult:
+    """models/: the model and its curves, registered in MLflow, and run.json; the previous models/ stays until the
+    new one is complete (a failed export leaves it usable)."""
+    result = trained.loop
+    with replaced_whole(cfg.paths.model) as out:
+        val_after = held_out.nll(model) if held_out else None
+        write_loss_curves(out, result.history, result.validations, trained.val_before, val_after, result.steps)
+        exported = export_model(out, model, tokenizer, cfg, base_cfg, held_out.nll if held_out else None)
+        if exported.merge:
+            run.log_metrics({f"merge_{k}": v for k, v in exported.merge.items()})
+        registered = register_model(exported.model_dir, cfg.tracking.registered_model_name)
+        report = TrainResult(
+            **run.ids,
+            **registered,
+            steps=result.steps,
+            planned_steps=result.planned_steps,
+            best_step=result.best_step,
+            stopped_early=result.stopped_early,
+            resumed_from_step=result.resumed_from_step,
+            final_train_loss=result.history[-1]["train_loss"],
+            history=result.history,
+            validations=result.validations,
+            val_nll_before=trained.val_before,
+            val_nll_after=val_after,
+            merge=exported.merge,
+            encoding=trained.encoding,
+            trainable_params=trained.trainable_params,
+            device=str(world.device),
+            processes=world.size,
+        )
+        write_json(out / RUN_FILE, asdict(report))
     return report

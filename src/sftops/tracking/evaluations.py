@@ -1,4 +1,4 @@
-"""MLflow: each evaluation is a run of its own, a child of the training run, linked to the logged model it
+"""Each evaluation is an MLflow run of its own, a child of the training run, linked to the logged model it
 measured (MLflow 3's LoggedModel: the registered version's model_id) and to the test split as an evaluation
 dataset (name and digest). The promotion gate reads results back from the logged model; no result is written
 into the training run or onto the version's tags, so evaluating again never overwrites an earlier one."""
@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelInput
+
+from sftops.tracking.store import store_of
 
 OF_RUN = "sftops.evaluation.of_run"  # the training run of the model evaluated
 MODEL = "sftops.evaluation.model"  # NAME/VERSION
@@ -89,8 +91,7 @@ def _log_suites(suites: list[dict[str, Any]], results: dict[str, Any], model: st
         mlflow.log_metrics(suite_metrics(suite["name"], results[suite["name"]]), model_id=model, dataset=dataset)
 
 
-def log_evaluation_run(
-    store: str,
+def log_evaluation(
     run_info: dict[str, Any],
     metrics: dict[str, Any],
     table: dict[str, list],
@@ -98,11 +99,14 @@ def log_evaluation_run(
     suites: list[dict[str, Any]],
     test_file: Path,
     source: str | None = None,
+    store: str | None = None,
 ) -> str:
-    """A new evaluation run of the version in run_info: its metrics linked to the logged model and the test
-    dataset, its identity as params, the generations table, the files, and (when `source` is not given: this is
-    the test split's first evaluation, its source is the local file) the test split itself, named by the dataset
-    input's `artifact` tag. Returns the run id."""
+    """A new evaluation run of the version in run_info (the train stage's run.json, in the store that run was
+    recorded in unless `store` says): its metrics linked to the logged model and the test dataset, its identity as
+    params, the generations table, the files, and (when `source` is not given: this is the test split's first
+    evaluation, its source is the local file) the test split itself, named by the dataset input's `artifact` tag.
+    Returns the run id."""
+    store = store or store_of(run_info)
     mlflow.set_tracking_uri(store)
     client = MlflowClient(store)
     name, version = run_info["registered_model"], str(run_info["version"])
@@ -177,7 +181,7 @@ def comparable_result(
     return None
 
 
-def report_link(store: str, evaluation_run_id: str) -> str:
+def report_url(store: str, evaluation_run_id: str) -> str:
     """The evaluation's HTML report: a link a browser opens on an MLflow server (without user:password@), a
     runs:/ URI otherwise."""
     uri = urlsplit(store)
@@ -185,64 +189,3 @@ def report_link(store: str, evaluation_run_id: str) -> str:
         server = f"{uri.scheme}://{uri.hostname}" + (f":{uri.port}" if uri.port else "") + uri.path.rstrip("/")
         return f"{server}/get-artifact?path={REPORT_ARTIFACT}&run_uuid={evaluation_run_id}"
     return f"runs:/{evaluation_run_id}/{REPORT_ARTIFACT}"
-
-
-def _base_line(manifest: dict[str, Any], tags: dict[str, str]) -> str:
-    """The base model and the revision it was read at: the run manifest's resolved revisions (the version's
-    model.revision tag holds the same), the package version for a pkg: base, none for a local folder."""
-    from sftops.redact import redact
-
-    model = manifest.get("revisions", {}).get("model", {})
-    revision = model.get("resolved") or tags.get("model.revision", "null")
-    base = model.get("base") or manifest.get("params", {}).get("model", {}).get("base") or tags.get("base_model", "?")
-    shown = revision if revision != "null" else "none (a local folder: its file hashes are in the manifest)"
-    return f"**Base**: `{redact(str(base))}` at revision `{shown}`"
-
-
-def _data_line(tags: dict[str, str]) -> str:
-    if tags.get("dvc.experiment"):
-        return (
-            f"**Data version**: DVC experiment `{tags['dvc.experiment']}` (`{tags.get('git.ref', '?')}`), git commit "
-            f"`{tags.get('git.commit', '?')}`, curated data DVC md5 `{tags.get('dvc.curated_md5', '?')}`; "
-            f"{tags.get('data.versioned_reason', '')}"
-            + (f". Restore: `{tags['restore']}`" if "restore" in tags else "")
-        )
-    return (
-        f"**Data version**: not recorded in git and DVC ({tags.get('data.versioned_reason', 'no record')}); "
-        f"curated data DVC md5 `{tags.get('data.curated_dvc_md5', '?')}`"
-    )
-
-
-def _result_line(metrics: dict[str, Any]) -> str:
-    level = round(100 * metrics["confidence"])
-    dataset = metrics["evaluation"]["dataset"]
-    return (
-        f"**Held-out response NLL** {metrics['base']['nll']:.4f} (base) → {metrics['tuned']['nll']:.4f} (tuned): "
-        f"improvement {metrics['nll_improvement']:+.4f}, {level}% CI [{metrics['nll_improvement_ci_low']:+.4f}, "
-        f"{metrics['nll_improvement_ci_high']:+.4f}], win rate {metrics['win_rate']:.2f}, on {metrics['test_rows']} "
-        f"rows of evaluation dataset `{dataset['name']}` (digest `{dataset['digest']}`)"
-    )
-
-
-def describe_version(
-    run_info: dict[str, Any],
-    tags: dict[str, str],
-    manifest: dict[str, Any],
-    metrics: dict[str, Any],
-    decision: dict[str, Any],
-    evaluation_run_id: str | None,
-    store: str,
-) -> str:
-    """The registered version's description (Markdown, as the MLflow UI renders it): what a reviewer needs
-    before opening any run."""
-    method = manifest.get("params", {}).get("train", {}).get("method", tags.get("method", "?"))
-    lines = [
-        _base_line(manifest, tags),
-        f"**Method**: {method}",
-        _data_line(tags),
-        _result_line(metrics),
-        f"**Promotion gate**: {decision['alias']} ({decision['metric']} {decision['value']:.4f}): {decision['reason']}",
-        f"**Report**: {report_link(store, evaluation_run_id) if evaluation_run_id else 'no evaluation run found'}",
-        f"**Runs**: training `{run_info['run_id']}`, evaluation `{evaluation_run_id}` (a child of the training run)",
-    ]
-    return "\n\n".join(lines)

@@ -1,5 +1,6 @@
 """The fine-tuned model as an MLflow transformers model with the chat task (`llm/v1/chat`): what is logged, with
-which requirements, and how a logged model becomes an sftops model folder again.
+which requirements, registered as a new version with its lineage, how a logged model becomes an sftops model
+folder again, and answers from it.
 
 Two shapes (see README, Serving):
 - a LoRA/DoRA adapter on a hub base (`org/name`) whose tokenizer sftops did not change: the adapter alone, on the
@@ -12,6 +13,7 @@ Two shapes (see README, Serving):
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from importlib.metadata import version
@@ -20,13 +22,27 @@ from typing import Any
 
 import mlflow
 import yaml
+from mlflow import MlflowClient
 from packaging.version import Version
 
 from sftops.chat import stop_token_ids
 from sftops.config import ModelConfig
 from sftops.errors import ConfigError
 from sftops.modeling import MANIFEST, is_adapter, load_finetuned, read_manifest, resolve_base
+from sftops.provenance.manifest import model_section
 from sftops.redact import redact
+from sftops.tracking.runs import MANIFEST_ARTIFACT
+from sftops.tracking.store import tracking_uri
+
+# Run tags copied onto the registered version: what made it.
+LINEAGE_TAGS = ("base_model", "method", "data.curated_dvc_md5", "git.commit", "params.sha256")
+REVISION_TAG = re.compile(r"^(model|data\.[A-Za-z0-9_.-]+)\.revision$")  # and the revisions it was made from
+# Whether the version's data and code are recorded in git and DVC (the pipeline flow's record step sets them).
+VERSIONED, VERSIONED_REASON = "data.versioned", "data.versioned_reason"
+UNRECORDED = (
+    "registered by a stage run outside the pipeline flow (dvc repro, sftops run): no git ref records "
+    "its params and dvc.lock; run the flow (make pipeline) to record and promote"
+)
 
 CHAT_TASK = "llm/v1/chat"
 GUARD = Path(__file__).with_name("served_chat.py")  # the pyfunc entry point, shipped in the model's code/ folder
@@ -176,10 +192,32 @@ def log_chat_model(model_dir: Path, registered_model_name: str) -> Any:
     )
 
 
-def local_model_dir(uri: str) -> Path:
+def register_model(model_dir: Path, name: str) -> dict[str, Any]:
+    """Log the saved model in the open run as an MLflow transformers chat model (tracking.models), register it as
+    a new version tagged with its lineage, and complete the run's reproducibility manifest with the model's
+    hashes."""
+    info = log_chat_model(model_dir, name)
+    run = mlflow.active_run()
+    client = MlflowClient()
+    version = str(info.registered_model_version)
+    run_tags = client.get_run(run.info.run_id).data.tags
+    for key in run_tags:
+        if key in LINEAGE_TAGS or REVISION_TAG.match(key):
+            client.set_model_version_tag(name, version, key, run_tags[key])
+    client.set_model_version_tag(name, version, VERSIONED, "false")  # until the flow has recorded it
+    client.set_model_version_tag(name, version, VERSIONED_REASON, UNRECORDED)
+    manifest = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{MANIFEST_ARTIFACT}")
+    manifest["model"] = {**model_section(model_dir), "registered_model": name, "version": version}
+    mlflow.log_dict(manifest, MANIFEST_ARTIFACT)
+    client.set_model_version_tag(name, version, "manifest", f"runs:/{run.info.run_id}/{MANIFEST_ARTIFACT}")
+    return {"model_uri": info.model_uri, "registered_model": name, "version": version}
+
+
+def local_model_dir(uri: str, tracking: str | None = None) -> Path:
     """A local folder that modeling.load_finetuned loads, for a logged or registered model: the weights (or
     adapter) MLflow stored, its tokenizer, and the sftops manifest from the MLmodel metadata. Models logged by
     older sftops (a pyfunc holding an sftops folder) are found by their manifest file."""
+    mlflow.set_tracking_uri(tracking or tracking_uri())
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="sftops-")))
     except mlflow.exceptions.MlflowException as exc:
@@ -207,3 +245,11 @@ def local_model_dir(uri: str) -> Path:
         tokenizer.save_pretrained(folder)
     (folder / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
     return folder
+
+
+def predict(uri: str, prompts: list[str], max_new_tokens: int, tracking: str | None = None) -> list[str]:
+    """Answers from a logged or registered model, generated as from a local model folder (sftops generate)."""
+    from sftops.evaluate.generation import answer
+
+    model, tokenizer = load_finetuned(local_model_dir(uri, tracking))
+    return answer(model, tokenizer, prompts, max_new_tokens)

@@ -19,19 +19,92 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from sftops import faults
+from sftops import faults, hub
+
+if TYPE_CHECKING:
+    from sftops.config import Config
+    from sftops.train.distributed import World
 
 MANIFEST = "manifest.json"
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
 PREFIX = "step-"
+BEST = "best"  # the weights of the best validation so far
 DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint once every process's shards are written
+
+
+def checkpoint_folder(cfg: Config, base_revision: str | None = None) -> Path:
+    """Checkpoints of this exact training job (model, train params, curated data): a re-run of the same job
+    resumes; a changed one starts afresh in its own folder. How many processes run it, and how each process
+    splits its share into accumulation steps, is not part of the job: a sharded job resumes on any number of
+    processes that takes the same micro-batches per step (setup.same_batches_per_step). base_revision: the hub
+    commit model.revision resolved to (a branch that moved on is another base: training starts afresh)."""
+    from sftops.provenance.manifest import dvc_md5
+
+    train = cfg.train.model_dump(mode="json", exclude={"num_processes", "grad_accum_steps"})
+    model = cfg.model.model_dump(mode="json")
+    if hub.is_commit(base_revision):
+        model["revision"] = base_revision
+    job = {"model": model, "train": train, "data": dvc_md5(Path(cfg.paths.curated))}
+    digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cfg.paths.checkpoints) / digest
+
+
+class Saver:
+    """A run's checkpoints in its job folder (None: the run keeps none). With FSDP (`dcp`) every process writes
+    its own shards and nothing is gathered; the main process adds the loop state and renames the folder into
+    place. Collective: every process calls save()."""
+
+    def __init__(
+        self,
+        folder: Path | None,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        world: World,
+        dcp: bool,
+        keep: int,
+    ) -> None:
+        self.folder, self.model, self.optimizer, self.scheduler = folder, model, optimizer, scheduler
+        self.world, self.dcp, self.keep = world, dcp, keep
+
+    def latest(self) -> Path | None:
+        return latest(self.folder) if self.folder else None
+
+    def save(self, name: str, loop_state: dict[str, Any]) -> Path | None:
+        if self.folder is None:
+            return None
+        world = self.world
+        if self.dcp:
+            if world.is_main:
+                start(self.folder, name)
+            world.barrier()
+            write_shards(temporary(self.folder, name), self.model, self.optimizer)
+            faults.point(f"checkpoint_write:{name}")
+            world.barrier()
+        path = None
+        if world.is_main:
+            state = {"scheduler": self.scheduler.state_dict(), "rng": rng_state(), "loop": loop_state}
+            if self.dcp:
+                path = commit(self.folder, name, state)
+            else:
+                state["optimizer"] = self.optimizer.state_dict()
+                path = save(self.folder, name, trainable_state(self.model), state)
+            if name.startswith(PREFIX):
+                prune(self.folder, self.keep)
+        world.barrier()
+        return path
+
+    def load_best(self) -> None:
+        """The best validated weights back into the model (the weights exported, not the last)."""
+        best = self.folder / BEST
+        load_sharded(best, self.model) if is_sharded(best) else load(best, self.model)
 
 
 def _sha256(path: Path) -> str:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sftops.chat import IGNORE, Encoded, example_lengths
 from sftops.data.batching import collate
+from sftops.encoded import IGNORE, Encoded, example_lengths
 
 
 def n_targets(labels: torch.Tensor) -> int:

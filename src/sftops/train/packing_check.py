@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
-from sftops.chat import Encoded
 from sftops.data.batching import make_batch
+from sftops.encoded import Encoded
 from sftops.errors import TrainingError
 from sftops.train.loss import SupervisedNLL, autocast
 

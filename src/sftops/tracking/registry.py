@@ -1,0 +1,290 @@
+"""The MLflow model registry: a version tagged with where its data and code are recorded, found again from a run
+or an alias, and the promotion gate applied. The decision itself is pure
+(evaluate/promotion.py); `promote` is the one place an alias moves, and the pipeline flow calls it once the run
+is recorded. The version's description is written here too: what a reviewer reads first."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+
+from sftops.errors import ConfigError, SftopsError
+from sftops.evaluate.promotion import CHALLENGER, CHAMPION, Champion, Decision, decide, metric_family, suite_results
+from sftops.redact import redact
+from sftops.tracking.evaluations import comparable_result, evaluation_run, log_evaluation, report_url
+from sftops.tracking.models import VERSIONED, VERSIONED_REASON
+from sftops.tracking.runs import load_manifest
+from sftops.tracking.store import store_of, tracking_uri
+
+# How the promotion gate measures a champion: (model folder, curated folder) -> (metrics, generations table).
+Measure = Callable[[Path, Path], tuple[dict, dict]]
+
+
+def version_tags(run_info: dict[str, Any]) -> dict[str, str]:
+    return MlflowClient(store_of(run_info)).get_model_version(run_info["registered_model"], run_info["version"]).tags
+
+
+def run_version_tags(run_id: str, tracking: str | None = None) -> dict[str, str]:
+    """The tags of the model version registered from a run ({} when it registered none)."""
+    versions = MlflowClient(tracking or tracking_uri()).search_model_versions(f"run_id='{run_id}'")
+    return dict(versions[0].tags) if versions else {}
+
+
+def record_version(run_info: dict[str, Any], tags: dict[str, str]) -> None:
+    """Tag the registered version (and its run) with where its data and code are recorded."""
+    client = MlflowClient(store_of(run_info))
+    for key, value in tags.items():
+        client.set_model_version_tag(run_info["registered_model"], run_info["version"], key, value)
+        client.set_tag(run_info["run_id"], key, value)
+
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def resolve_run_id(target: str, tracking: str | None = None) -> str:
+    """The run behind models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/... or a bare run id."""
+    client = MlflowClient(tracking or tracking_uri())
+    try:
+        if target.startswith("models:/"):
+            name, _, rest = target[len("models:/") :].partition("/")
+            if "@" in name:
+                name, alias = name.split("@", 1)
+                return client.get_model_version_by_alias(name, alias).run_id
+            return client.get_model_version(name, rest.strip("/")).run_id
+        if target.startswith("runs:/"):
+            return target[len("runs:/") :].split("/", 1)[0]
+        if _RUN_ID.match(target):
+            return client.get_run(target).info.run_id
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError(
+            f"{target}: not found in the MLflow store {tracking or tracking_uri()} ({exc.error_code})"
+        ) from None
+    raise ConfigError(f"{target!r} is not models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/... or a run id")
+
+
+def model_uri(target: str) -> str:
+    """A loadable MLflow model URI: a bare run id means that run's logged model."""
+    return f"runs:/{target}/model" if _RUN_ID.match(target) else target
+
+
+# The promotion gate.
+
+
+def current_champion(name: str, metric: str, tracking: str, identity: dict[str, Any]) -> Champion | None:
+    """The version the `champion` alias points to, with its result on `metric` comparable with an evaluation
+    of this identity (the same test split digest and the settings the metric depends on), if it has one."""
+    client = MlflowClient(tracking)
+    try:
+        version = str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except mlflow.exceptions.MlflowException:
+        return None  # no such model or no such alias yet
+    key = identity["keys"][metric_family(metric)]
+    value = comparable_result(client, name, version, metric, metric_family(metric), key)
+    return Champion(version, value, key if value is not None else None)
+
+
+def gate(
+    run_info: dict[str, Any],
+    metrics: dict[str, Any],
+    primary_metric: str,
+    margin: float,
+    versioned: tuple[bool, str] = (True, "versioned"),
+) -> tuple[Decision, Champion | None]:
+    """What the promotion gate decides for this version's evaluation against today's champion (nothing moves)."""
+    if primary_metric not in metrics["tuned"]:
+        raise ConfigError(
+            f"evaluate.primary_metric={primary_metric!r} was not measured "
+            "(set evaluate.num_generations > 0 for generation metrics)"
+        )
+    champion = current_champion(run_info["registered_model"], primary_metric, store_of(run_info), metrics["evaluation"])
+    checks = metrics.get("data_checks", {"passed": True, "note": "no data checks recorded"})
+    decision = decide(
+        primary_metric,
+        metrics["tuned"][primary_metric],
+        metrics["evaluation"]["keys"][metric_family(primary_metric)],
+        str(run_info["version"]),
+        champion,
+        margin,
+        (checks["passed"], checks["note"]),
+        versioned,
+        suite_results(metrics),
+        base_value=metrics["base"].get(primary_metric),
+    )
+    return decision, champion
+
+
+def preview(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: str, margin: float) -> dict[str, Any]:
+    """What the gate would decide, for the evaluation's report: the evaluate stage never moves an alias, the
+    pipeline flow's promote step does, once the run's data is versioned."""
+    decision, champion = gate(run_info, metrics, primary_metric, margin)
+    reason = decision.reason
+    if champion and champion.value is None and champion.version != str(run_info["version"]):
+        reason = (
+            f"champion v{champion.version} has no {primary_metric} result on this test split with these settings: "
+            "the promote step measures it there first, then compares"
+        )
+    return {
+        **decision.as_dict(),
+        "alias": f"{decision.alias} (preview)",
+        "reason": f"{reason}; applied once the run's data is versioned (the pipeline flow's promote step)",
+    }
+
+
+def promote(
+    run_info: dict[str, Any],
+    metrics: dict[str, Any],
+    primary_metric: str,
+    margin: float,
+    measure: Measure | None = None,
+) -> Decision:
+    """The promotion gate applied: decide (promotion.decide) from the version's test metrics, its data checks
+    and versioning tags and the champion's linked result on the same evaluation; where the champion has none,
+    measure it there first (`measure`: evaluate.champion.measurer; its result is then linked too). Then point
+    the decided alias at the version, record the decision on the version and its run, and describe the version
+    for reviewers."""
+    store = store_of(run_info)
+    client = MlflowClient(store)
+    name, version = run_info["registered_model"], str(run_info["version"])
+    tags = client.get_model_version(name, version).tags
+    versioned = (tags.get(VERSIONED) == "true", tags.get(VERSIONED_REASON, "no record of its data in git and DVC"))
+    family = metric_family(primary_metric)
+    evaluated = evaluation_run(client, run_info["run_id"], family, metrics["evaluation"]["keys"][family])
+    decision, champion = gate(run_info, metrics, primary_metric, margin, versioned)
+    unmeasured = ""
+    if champion and champion.value is None and champion.version != version and measure and evaluated:
+        try:
+            evaluate_champion(store, name, champion.version, evaluated, measure)
+        except SftopsError as exc:  # a champion that no longer loads or fits: decided without it, and said so
+            unmeasured = f" (measuring champion v{champion.version} on this test set failed: {exc})"
+        decision, _ = gate(run_info, metrics, primary_metric, margin, versioned)
+    decision = replace(decision, reason=decision.reason + unmeasured)
+    _record_decision(client, run_info, decision)
+    describe(run_info, metrics, decision, evaluated)
+    return decision
+
+
+def evaluate_champion(store: str, name: str, version: str, evaluated: str, measure: Measure) -> str:
+    """Measure version `version` on the test split the challenger's evaluation run `evaluated` logged, and log
+    the result as that version's new evaluation run (linked to its model and to the same dataset)."""
+    import tempfile
+
+    from sftops.tracking.evaluations import TEST_SPLIT_ARTIFACT, dataset_source
+    from sftops.tracking.models import local_model_dir
+
+    mlflow.set_tracking_uri(store)
+    champion = MlflowClient(store).get_model_version(name, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        split = mlflow.artifacts.download_artifacts(run_id=evaluated, artifact_path=TEST_SPLIT_ARTIFACT, dst_path=tmp)
+        curated = Path(split)
+        metrics, table = measure(local_model_dir(f"models:/{name}/{version}", store), curated)
+        run_info = {"run_id": champion.run_id, "registered_model": name, "version": version}
+        source = dataset_source(MlflowClient(store), evaluated)
+        return log_evaluation(run_info, metrics, table, [], [], curated / "test.parquet", source, store)
+
+
+def _record_decision(client: MlflowClient, run_info: dict[str, Any], decision: Decision) -> None:
+    name, version = run_info["registered_model"], str(run_info["version"])
+    client.set_model_version_tag(name, version, "promotion.decision", decision.alias)
+    client.set_model_version_tag(name, version, "promotion.reason", decision.reason[:5000])
+    client.set_tag(run_info["run_id"], "promotion.decision", decision.alias)
+    client.set_tag(run_info["run_id"], "promotion.reason", decision.reason[:5000])
+    client.log_dict(run_info["run_id"], decision.as_dict(), "eval/promotion.json")
+    client.set_registered_model_alias(name, decision.alias, version)
+    if decision.alias == CHAMPION:
+        # A promoted version is no longer the challenger.
+        try:
+            if str(client.get_model_version_by_alias(name, CHALLENGER).version) == version:
+                client.delete_registered_model_alias(name, CHALLENGER)
+        except mlflow.exceptions.MlflowException:
+            pass
+
+
+def report_link(run_info: dict[str, Any], metrics: dict[str, Any], primary_metric: str) -> str | None:
+    """Where a reviewer opens the report of this version's evaluation; None without one."""
+    family = metric_family(primary_metric)
+    store = store_of(run_info)
+    key = metrics["evaluation"]["keys"][family]
+    evaluated = evaluation_run(MlflowClient(store), run_info["run_id"], family, key)
+    return report_url(store, evaluated) if evaluated else None
+
+
+# The version's description: what the MLflow UI shows on its page.
+
+
+def describe(run_info: dict[str, Any], metrics: dict[str, Any], decision: Decision, evaluated: str | None) -> str:
+    """Write the version's description; returns it."""
+    store = store_of(run_info)
+    client = MlflowClient(store)
+    name, version = run_info["registered_model"], str(run_info["version"])
+    try:
+        manifest = load_manifest(run_info["run_id"], store)
+    except ConfigError:
+        manifest = {}
+    tags = client.get_model_version(name, version).tags
+    text = describe_version(run_info, tags, manifest, metrics, decision.as_dict(), evaluated, store)
+    client.update_model_version(name, version, description=text)
+    return text
+
+
+def _base_line(manifest: dict[str, Any], tags: dict[str, str]) -> str:
+    """The base model and the revision it was read at: the run manifest's resolved revisions (the version's
+    model.revision tag holds the same), the package version for a pkg: base, none for a local folder."""
+    model = manifest.get("revisions", {}).get("model", {})
+    revision = model.get("resolved") or tags.get("model.revision", "null")
+    base = model.get("base") or manifest.get("params", {}).get("model", {}).get("base") or tags.get("base_model", "?")
+    shown = revision if revision != "null" else "none (a local folder: its file hashes are in the manifest)"
+    return f"**Base**: `{redact(str(base))}` at revision `{shown}`"
+
+
+def _data_line(tags: dict[str, str]) -> str:
+    if tags.get("dvc.experiment"):
+        return (
+            f"**Data version**: DVC experiment `{tags['dvc.experiment']}` (`{tags.get('git.ref', '?')}`), git commit "
+            f"`{tags.get('git.commit', '?')}`, curated data DVC md5 `{tags.get('dvc.curated_md5', '?')}`; "
+            f"{tags.get(VERSIONED_REASON, '')}" + (f". Restore: `{tags['restore']}`" if "restore" in tags else "")
+        )
+    return (
+        f"**Data version**: not recorded in git and DVC ({tags.get(VERSIONED_REASON, 'no record')}); "
+        f"curated data DVC md5 `{tags.get('data.curated_dvc_md5', '?')}`"
+    )
+
+
+def _result_line(metrics: dict[str, Any]) -> str:
+    level = round(100 * metrics["confidence"])
+    dataset = metrics["evaluation"]["dataset"]
+    return (
+        f"**Held-out response NLL** {metrics['base']['nll']:.4f} (base) → {metrics['tuned']['nll']:.4f} (tuned): "
+        f"improvement {metrics['nll_improvement']:+.4f}, {level}% CI [{metrics['nll_improvement_ci_low']:+.4f}, "
+        f"{metrics['nll_improvement_ci_high']:+.4f}], win rate {metrics['win_rate']:.2f}, on {metrics['test_rows']} "
+        f"rows of evaluation dataset `{dataset['name']}` (digest `{dataset['digest']}`)"
+    )
+
+
+def describe_version(
+    run_info: dict[str, Any],
+    tags: dict[str, str],
+    manifest: dict[str, Any],
+    metrics: dict[str, Any],
+    decision: dict[str, Any],
+    evaluation_run_id: str | None,
+    store: str,
+) -> str:
+    """The registered version's description (Markdown, as the MLflow UI renders it): what a reviewer needs
+    before opening any run."""
+    method = manifest.get("params", {}).get("train", {}).get("method", tags.get("method", "?"))
+    lines = [
+        _base_line(manifest, tags),
+        f"**Method**: {method}",
+        _data_line(tags),
+        _result_line(metrics),
+        f"**Promotion gate**: {decision['alias']} ({decision['metric']} {decision['value']:.4f}): {decision['reason']}",
+        f"**Report**: {report_url(store, evaluation_run_id) if evaluation_run_id else 'no evaluation run found'}",
+        f"**Runs**: training `{run_info['run_id']}`, evaluation `{evaluation_run_id}` (a child of the training run)",
+    ]
+    return "\n\n".join(lines)
