@@ -25,13 +25,13 @@ from sftops.errors import ConfigError, TrackingError
 from sftops.layout import CARD, HISTOGRAM, INGEST_REPORT, STATS
 from sftops.provenance.manifest import build_manifest, dvc_md5, git_commit, params_sha256, revision_tags
 from sftops.redact import redact
-from sftops.tracking.store import tracking_uri, unreachable
+from sftops.tracking.store import answering, tracking_uri, unreachable
 
 MANIFEST_ARTIFACT = "reproduce/manifest.json"
 
 
 def configure(cfg: Config) -> str:
-    uri = tracking_uri()
+    uri = answering(tracking_uri())
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.tracking.experiment)
     return uri

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from sftops.redact import redact, tracking_credentials
 from sftops.workspace import project_root
@@ -24,7 +27,36 @@ def tracking_uri() -> str:
 def store_of(run_info: dict[str, Any]) -> str:
     """The tracking URI of a recorded run: run.json keeps it redacted, so the environment's, when it is that one."""
     here = tracking_uri()
-    return here if redact(here) == run_info["tracking_uri"] else run_info["tracking_uri"]
+    store = here if redact(here) == run_info["tracking_uri"] else run_info["tracking_uri"]
+    return answering(store)
+
+
+SERVED = ("", "file", "sqlite", "http", "https", "databricks")  # stores MLflow reaches without a database server
+
+
+@functools.cache  # once per process and store: a store that answered is not asked again
+def answering(uri: str, tries: int = 3, wait_s: float = 1.0) -> str:
+    """`uri`, once a database store (PostgreSQL, MySQL) has accepted a connection. MLflow's own engine set-up
+    tries ten times with growing waits, about 100 s, before a store that is down fails; this says so within
+    seconds, and the orchestrator's retries (not a stage that hangs) ride out an outage."""
+    if urlsplit(uri).scheme.split("+")[0] in SERVED:
+        return uri
+    import sqlalchemy
+
+    timeout = {"connect_timeout": 10} if uri.startswith("postgresql") else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=timeout, poolclass=sqlalchemy.pool.NullPool)
+    except ImportError:  # no driver for this URI here: MLflow says so in its own words
+        return uri
+    for attempt in range(tries):
+        try:
+            engine.connect().close()
+            return uri
+        except sqlalchemy.exc.OperationalError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(wait_s)
+    return uri
 
 
 def unreachable(exc: BaseException) -> bool:
