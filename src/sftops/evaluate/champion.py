@@ -1,6 +1,7 @@
 """The champion measured alone, for the promotion gate: when today's champion has no result on a challenger's test
 split with its settings, the gate (tracking.registry.promote) measures it there first, as the evaluate stage
-measures the tuned model."""
+measures the tuned model. The pipeline flow's promote step builds the measurer on every run and uses it rarely:
+the model code loads only when a champion is measured."""
 
 from __future__ import annotations
 
@@ -9,16 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from sftops.config import Config
-from sftops.evaluate.held_out import prompt_text, read_test_split
-from sftops.evaluate.identity import evaluation_identity
-from sftops.evaluate.sides import run_side
-from sftops.machine import device
-from sftops.modeling import load_finetuned
 
 
 def measure_model(cfg: Config, model_dir: Path, curated: Path) -> tuple[dict[str, Any], dict[str, list]]:
     """One model alone on the test split in `curated`: its metrics with their evaluation identity, and its
     generations table."""
+    from sftops.evaluate.held_out import prompt_text, read_test_split
+    from sftops.evaluate.identity import evaluation_identity
+    from sftops.evaluate.sides import run_side
+    from sftops.machine import device
+    from sftops.modeling import load_finetuned
+
     local = cfg.model_copy(update={"paths": cfg.paths.model_copy(update={"curated": str(curated)})})
     dev = device()
     model, tokenizer = load_finetuned(model_dir)

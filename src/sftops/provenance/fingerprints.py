@@ -7,11 +7,12 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from sftops.workspace import cache_root
+
+if TYPE_CHECKING:  # the flow and the data stages use these hashes without loading transformers
+    from transformers import PreTrainedTokenizerBase
 
 
 def text_sha256(text: str) -> str:

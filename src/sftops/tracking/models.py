@@ -13,7 +13,6 @@ Two shapes (see README, Serving):
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from importlib.metadata import version
@@ -33,16 +32,7 @@ from sftops.provenance.manifest import model_section
 from sftops.redact import redact
 from sftops.tracking.runs import MANIFEST_ARTIFACT
 from sftops.tracking.store import tracking_uri
-
-# Run tags copied onto the registered version: what made it.
-LINEAGE_TAGS = ("base_model", "method", "data.curated_dvc_md5", "git.commit", "params.sha256")
-REVISION_TAG = re.compile(r"^(model|data\.[A-Za-z0-9_.-]+)\.revision$")  # and the revisions it was made from
-# Whether the version's data and code are recorded in git and DVC (the pipeline flow's record step sets them).
-VERSIONED, VERSIONED_REASON = "data.versioned", "data.versioned_reason"
-UNRECORDED = (
-    "registered by a stage run outside the pipeline flow (dvc repro, sftops run): no git ref records "
-    "its params and dvc.lock; run the flow (make pipeline) to record and promote"
-)
+from sftops.tracking.tags import LINEAGE_TAGS, REVISION_TAG, UNRECORDED, VERSIONED, VERSIONED_REASON
 
 CHAT_TASK = "llm/v1/chat"
 GUARD = Path(__file__).with_name("served_chat.py")  # the pyfunc entry point, shipped in the model's code/ folder

@@ -18,9 +18,9 @@ from sftops.errors import ConfigError, SftopsError
 from sftops.evaluate.promotion import CHALLENGER, CHAMPION, Champion, Decision, decide, metric_family, suite_results
 from sftops.redact import redact
 from sftops.tracking.evaluations import comparable_result, evaluation_run, log_evaluation, report_url
-from sftops.tracking.models import VERSIONED, VERSIONED_REASON
 from sftops.tracking.runs import load_manifest
 from sftops.tracking.store import store_of, tracking_uri
+from sftops.tracking.tags import VERSIONED, VERSIONED_REASON
 
 # How the promotion gate measures a champion: (model folder, curated folder) -> (metrics, generations table).
 Measure = Callable[[Path, Path], tuple[dict, dict]]
