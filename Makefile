@@ -22,11 +22,14 @@ pipeline: setup
 	python flows/sft_pipeline.py
 	@sftops where
 
-# ruff first (pyproject.toml [tool.ruff]): a style or import error fails in seconds, before the 25-minute suite.
+# ruff first (pyproject.toml [tool.ruff]): a style or import error fails in seconds, before the suite. pytest runs
+# a worker per core plus one (the tests wait on servers and subprocesses part of the time), each file whole on one
+# worker, the files of minutes first (tests/conftest.py, LONG_FIRST).
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: setup
 	ruff check src tests bench flows
 	NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir site  # the docs site: a broken link, anchor or page fails
-	pytest
+	pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The reliability suite: hostile inputs, fuzzing, injected faults, secrets; prints its figures as a table.
 reliability: setup

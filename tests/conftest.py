@@ -4,14 +4,20 @@ models and datasets in ../shared (tests that need those skip with a reason where
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
-import pytest
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs several workers: one torch thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 # The real processes (servers, temp repositories) live in realstack; tests also import these names from here.
-from realstack import MlflowServer, free_port, sh, tool_env  # noqa: F401
-from sftops.chat import target_spans
-from sftops.encoded import IGNORE, Encoded
+from realstack import MlflowServer, empty_mlflow_store, free_port, sh, tool_env  # noqa: F401
+from sftops.chat import target_spans  # noqa: E402
+from sftops.config import Config, load_config  # noqa: E402
+from sftops.encoded import IGNORE, Encoded  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -26,6 +32,16 @@ CORPUS = [
     "hello, how are you today? i am fine, thank you.",
     "### User:\n### Assistant:\n### System:\n",
 ] * 20
+
+
+# The tiny Llama every test model is built from (random weights): 2 layers, 4 heads, 2 KV heads.
+TINY_LLAMA = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
 def build_tiny_model(path: Path, vocab_size: int = 300) -> Path:
@@ -46,12 +62,8 @@ def build_tiny_model(path: Path, vocab_size: int = 300) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     torch.manual_seed(0)
     config = LlamaConfig(
+        **TINY_LLAMA,
         vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
@@ -63,34 +75,139 @@ def build_tiny_model(path: Path, vocab_size: int = 300) -> Path:
     return path
 
 
+# The files of minutes (real servers, pipeline runs, several processes), longest first: `make test` hands whole
+# files to its workers in collection order (pytest-xdist, --dist loadfile --no-loadscope-reorder), so these start
+# at once and no worker is left alone with one at the end. Measured durations: docs/tests.md.
+LONG_FIRST = (
+    "test_operations.py",
+    "test_faults.py",
+    "test_serving.py",
+    "test_pipeline_e2e.py",
+    "test_training_engine.py",
+    "test_several_nodes.py",
+    "test_suites_real.py",
+    "test_sharded_checkpoints.py",
+    "test_bench_dry_run.py",
+    "test_operations_postgres.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The caches of tests that set none of their own (GGUF tokenizers, base-model results), in one folder of the
+    session: shared by its tests and processes, never in the checkout. A value already set is kept."""
+    os.environ.setdefault("SFTOPS_CACHE_DIR", str(tmp_path_factory.mktemp("sftops-cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
-def write_qa_project(tiny_model: Path, rows: int, name: str, **sections: dict) -> dict:
-    """In the current folder: qa.jsonl (`rows` distinct arithmetic questions) and params.yaml training the tiny
-    model on it (LoRA; `sections` update params sections, e.g. train={...}); returns the params."""
+# The tiny projects' data: numbered copies of short questions with their answers.
+QA = [("what is two plus two?", "two plus two is four."), ("hello, how are you today?", "i am fine, thank you.")]
+
+
+def qa_rows(copies: int, pairs: list[tuple[str, str]] = QA) -> list[dict]:
+    """`copies` numbered copies of each (question, answer), as prompt/completion rows: "what is two plus two? (7)"."""
+    return [{"prompt": f"{q} ({i})", "completion": a} for i in range(copies) for q, a in pairs]
+
+
+def arithmetic_rows(n: int) -> list[dict]:
+    """n distinct questions: "what is 7 plus two?" -> "7 plus two is 9."."""
+    return [{"prompt": f"what is {i} plus two?", "completion": f"{i} plus two is {i + 2}."} for i in range(n)]
+
+
+def write_jsonl(path: Path | str, rows: list[dict]) -> Path:
     import json
 
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return Path(path)
+
+
+def write_project(base: Path | str, sources: list[dict], folder: Path | str = ".", **sections: dict) -> Config:
+    """The one tiny-project builder: params.yaml in `folder` (what the CLI and DVC read) training the base model on
+    `sources`, test and validation splits of 20% and 10%, rows of up to 64 tokens, registered as "tiny"; each of
+    `sections` (train={...}, data={...}) updates its section. Returns the configuration as the stages load it."""
     import yaml
 
-    Path("qa.jsonl").write_text(
-        "".join(
-            json.dumps({"prompt": f"what is {i} plus two?", "completion": f"{i} plus two is {i + 2}."}) + "\n"
-            for i in range(rows)
-        )
-    )
-    params = {
-        "data": {"sources": [{"name": "qa", "path": "qa.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
-        "model": {"base": str(tiny_model), "max_length": 64},
-        "train": {"method": "lora"},
-        "tracking": {"registered_model_name": name},
+    params: dict = {
+        "data": {"sources": sources, "test_fraction": 0.2, "val_fraction": 0.1},
+        "model": {"base": str(base), "max_length": 64},
+        "tracking": {"registered_model_name": "tiny"},
     }
     for section, values in sections.items():
         params[section] = {**params.get(section, {}), **values}
-    Path("params.yaml").write_text(yaml.safe_dump(params))
-    return params
+    (Path(folder) / "params.yaml").write_text(yaml.safe_dump(params))
+    return load_config(Path(folder) / "params.yaml")
+
+
+def data_config(
+    folder: Path, sources: list[dict], base: Path | str = "unused", max_length: int = 128, **data
+) -> Config:
+    """A configuration for the data stages alone, writing data/raw and data/curated under `folder` (no params.yaml,
+    no working folder): the data-layer tests' project."""
+    return Config.model_validate(
+        {
+            "data": {"sources": sources, **data},
+            "model": {"base": str(base), "max_length": max_length},
+            "paths": {"raw": str(folder / "raw"), "curated": str(folder / "curated")},
+        }
+    )
+
+
+def formatted(cfg: Config) -> Config:
+    """The project's data ingested and formatted (once: a later call finds the curated splits)."""
+    from sftops.stages.format import run_format
+    from sftops.stages.ingest import run_ingest
+
+    if not (Path(cfg.paths.curated) / "test.parquet").exists():
+        run_ingest(cfg)
+        run_format(cfg)
+    return cfg
+
+
+@pytest.fixture
+def project_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """tmp_path as the working folder, with its own MLflow store and caches."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_mlflow_store(tmp_path / "mlflow.db"))
+    monkeypatch.setenv("SFTOPS_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def sftops(
+    *args: str,
+    cwd: Path | str | None = None,
+    env: dict[str, str] | None = None,
+    fault: str | None = None,
+    timeout: float = 900,
+    wait: bool = True,
+    limit_bytes: int | None = None,
+) -> subprocess.CompletedProcess | subprocess.Popen:
+    """The one runner: `sftops ARGS` in a process of its own, as a user runs it (this interpreter, the environment
+    with `env` on top), output captured. fault: SFTOPS_FAULT for this run only; limit_bytes: a disk that fills up
+    after that many bytes per file. wait=False returns the running process (to pause it, kill a server meanwhile)."""
+    full = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "SFTOPS_FAULT"}
+    full["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), full.get("PYTHONPATH")]))  # this checkout's
+    if fault:
+        full["SFTOPS_FAULT"] = fault
+
+    def limit() -> None:  # writes beyond limit_bytes fail with EFBIG, as on a full disk
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    command = [sys.executable, "-m", "sftops", *args]
+    kwargs = {"cwd": cwd, "env": full, "text": True, "preexec_fn": limit if limit_bytes else None}
+    if not wait:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    return subprocess.run(command, capture_output=True, timeout=timeout, **kwargs)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -156,45 +273,22 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         Path(target).write_text(json.dumps({"figures": dict(_FIGURES), "tests": _OUTCOMES}, indent=2))
 
 
-QA = [("what is two plus two?", "two plus two is four."), ("hello, how are you today?", "i am fine, thank you.")]
-
-
 @pytest.fixture
-def project(tmp_path, tiny_model, monkeypatch):
-    """A folder with two sources ingested and formatted, and params.yaml; returns (folder, write_params)."""
-    import json
-
-    import yaml
-
-    from sftops.config import load_config
-    from sftops.stages.format import run_format
-    from sftops.stages.ingest import run_ingest
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    for name, qa in (("maths", QA[:1]), ("chat", QA[1:])):
-        rows = [{"prompt": f"{q} ({i})", "completion": a} for i in range(50) for q, a in qa]
-        Path(f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+def project(project_folder, tiny_model):
+    """A folder with two sources (maths, chat) ingested and formatted, and params.yaml; returns (folder, write),
+    write(train) rewriting params.yaml with those train params (micro-batches of 4, learning rate 0.01 unless set)."""
+    sources = []
+    for name, pair in (("maths", QA[:1]), ("chat", QA[1:])):
+        write_jsonl(f"{name}.jsonl", qa_rows(50, pair))
+        sources.append({"name": name, "path": f"{name}.jsonl"})
 
     def write(train: dict) -> Path:
-        params = {
-            "data": {
-                "sources": [{"name": "maths", "path": "maths.jsonl"}, {"name": "chat", "path": "chat.jsonl"}],
-                "test_fraction": 0.2,
-                "val_fraction": 0.1,
-            },
-            "model": {"base": str(tiny_model), "max_length": 64},
-            "train": {"micro_batch_size": 4, "learning_rate": 0.01, **train},
-            "tracking": {"registered_model_name": "tiny"},
-        }
-        Path("params.yaml").write_text(yaml.safe_dump(params))
+        write_project(tiny_model, sources, train={"micro_batch_size": 4, "learning_rate": 0.01, **train})
         return Path("params.yaml")
 
     write({})
-    cfg = load_config("params.yaml")
-    run_ingest(cfg)
-    run_format(cfg)
-    return tmp_path, write
+    formatted(load_config("params.yaml"))
+    return project_folder, write
 
 
 def reference_encode(tokenizer, messages: list[dict]) -> Encoded:

@@ -4,6 +4,8 @@ they answer and always stopped. PostgreSQL-backed variants use a fresh database 
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import shutil
@@ -11,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -38,6 +41,24 @@ def tool_env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
+
+
+@functools.cache
+def migrated_mlflow_db() -> Path:
+    """An empty MLflow SQLite store with every migration applied, made by MLflow itself once per test process: a
+    fresh store spends about 5 s in MLflow's schema migrations, a copy of this one nothing."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    folder = Path(tempfile.mkdtemp(prefix="sftops-test-mlflow-"))
+    atexit.register(shutil.rmtree, folder, True)
+    SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", str(folder / "artifacts"))
+    return folder / "mlflow.db"
+
+
+def empty_mlflow_store(path: Path) -> str:
+    """An empty MLflow SQLite store at `path` (a copy of the migrated one); returns its tracking URI."""
+    shutil.copyfile(migrated_mlflow_db(), path)
+    return f"sqlite:///{path}"
 
 
 def small_params(model: Path, data: Path, registered_model: str) -> dict:
@@ -81,6 +102,7 @@ def make_repo(
     (path / "data/sources/gsm8k.jsonl").write_text("\n".join(lines) + "\n")
     params = small_params(model, Path("data/sources/gsm8k.jsonl"), registered_model)
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    empty_mlflow_store(path / "mlflow.db")  # ignored by git: the project's default store, as the stages find it
     env = tool_env()
     sh("git", "init", "-q", cwd=path)
     git_commit(path, "init")
@@ -124,12 +146,13 @@ def http_json(method: str, url: str, body: Any = None) -> Any:
         return json.loads(response.read() or b"null")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a server or worker and everything it started (it leads its own process group)."""
+def stop(proc: subprocess.Popen, grace_s: float = 5) -> None:
+    """Stop a server or worker and everything it started (it leads its own process group); killed if it takes more
+    than grace_s to go (no test needs a graceful shutdown, and the Prefect server's can take half a minute)."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
@@ -168,6 +191,8 @@ class MlflowServer:
 
     def __init__(self, folder: Path, backend: str | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
+        if backend is None and not (folder / "mlflow.db").exists():
+            empty_mlflow_store(folder / "mlflow.db")
         self.store, self.port = folder, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [

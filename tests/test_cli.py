@@ -1,14 +1,10 @@
 """User mistakes end with one clear line on stderr and exit code 2, never a traceback."""
 
-import subprocess
-import sys
 from pathlib import Path
 
+from conftest import sftops
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def sftops(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sftops", *args], cwd=cwd, capture_output=True, text=True)
 
 
 def test_bad_override_is_one_clear_error(tmp_path):

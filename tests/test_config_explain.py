@@ -2,12 +2,11 @@
 the code defaults agree with params.yaml, so no key has a second, different default in code."""
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
+from conftest import sftops
 from sftops.config import Config, leaf_fields
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,10 +18,6 @@ PROJECT_SPECIFIC = {
 }
 # Keys without a default: every params file must give them.
 REQUIRED = {"data.sources", "model.base"}
-
-
-def sftops(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sftops", *args], cwd=cwd, capture_output=True, text=True)
 
 
 def project(tmp_path: Path) -> Path:

@@ -4,8 +4,6 @@ sample keeps what its rows mean (context passages, system turns, value parts); a
 code 2 and one line naming the source, the reason with its count and the fix, never a traceback."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import error_lines
+from conftest import data_config, error_lines, sftops
 from sftops.config import Config
 from sftops.data.store import read_split
 from sftops.errors import DataError
@@ -82,18 +80,9 @@ def corpus(tmp_path: Path) -> Path:
 
 def make_cfg(tmp_path: Path, model: Path, name: str, source: dict, corpus: Path, **data) -> Config:
     path = source["path"] if Path(source["path"]).is_absolute() else str(corpus / source["path"])
-    return Config.model_validate(
-        {
-            "data": {
-                "sources": [{"name": name, **source, "path": path}],
-                "val_fraction": 0.0,
-                "test_fraction": 0.2,
-                **data,
-            },
-            "model": {"base": str(model), "max_length": 16384},  # the tiny tokenizer: ~1 token a character
-            "paths": {"raw": str(tmp_path / name / "raw"), "curated": str(tmp_path / name / "curated")},
-        }
-    )
+    sources = [{"name": name, **source, "path": path}]
+    # max_length: the tiny tokenizer takes about one token a character
+    return data_config(tmp_path / name, sources, model, 16384, **{"val_fraction": 0.0, "test_fraction": 0.2, **data})
 
 
 def curated(cfg: Config) -> list[dict]:
@@ -168,10 +157,6 @@ def test_every_refused_sample_stops_the_stage_with_one_line_naming_the_source_re
             assert f"source {name!r}: none of its" in message
         figures["data samples tried"] += 1
         figures["data samples refused clearly"] += 1
-
-
-def sftops(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sftops", *args], cwd=cwd, capture_output=True, text=True)
 
 
 @pytest.mark.reliability

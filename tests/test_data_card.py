@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 from mlflow import MlflowClient
 
 import sftops.provenance.fingerprints as fingerprints
+from conftest import empty_mlflow_store
 from sftops.config import Config
 from sftops.layout import CARD, HISTOGRAM
 from sftops.provenance.manifest import dvc_md5
@@ -20,7 +21,7 @@ from sftops.tracking import runs
 
 def test_card_and_mlflow_dataset_input(tmp_path, stories_model, gsm8k, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_mlflow_store(tmp_path / "mlflow.db"))
     monkeypatch.setenv("SFTOPS_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(fingerprints, "REMEMBER_FROM_BYTES", 0)  # record every file's digests, not only large ones
     lines = (gsm8k / "train.jsonl").read_text().splitlines()[:300]

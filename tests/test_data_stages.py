@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sftops.config import Config
+from conftest import data_config
 from sftops.data.chunks import conversation_and_prompt
 from sftops.data.schemas import RowError, to_conversation
 from sftops.data.split import split_of
@@ -15,16 +15,6 @@ from sftops.data.store import SCHEMA, read_rows, read_split, rows_table
 from sftops.jsonio import read_jsonl
 from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
-
-
-def make_cfg(tmp_path: Path, sources: list[dict], model: Path | str = "unused", **data) -> Config:
-    return Config.model_validate(
-        {
-            "data": {"sources": sources, **data},
-            "model": {"base": str(model), "max_length": 128},
-            "paths": {"raw": str(tmp_path / "raw"), "curated": str(tmp_path / "curated")},
-        }
-    )
 
 
 @pytest.fixture
@@ -49,7 +39,7 @@ def files(tmp_path: Path) -> Path:
 
 
 def test_ingest_keeps_and_rejects_with_reasons(tmp_path, files):
-    cfg = make_cfg(tmp_path, [{"name": "mixed", "path": str(files)}])
+    cfg = data_config(tmp_path, [{"name": "mixed", "path": str(files)}])
     report = run_ingest(cfg)
     counts = report["sources"]["mixed"]
     # a.jsonl: 5 rows (blank line skipped), 3 bad; b.csv: 3 rows, 1 bad; c.json: 2, 1 bad; d.parquet: 2; e.yml: 3, 1 bad
@@ -69,7 +59,9 @@ def test_ingest_keeps_and_rejects_with_reasons(tmp_path, files):
 
 
 def test_format_maps_dedupes_drops_and_splits(tmp_path, files, tiny_model):
-    cfg = make_cfg(tmp_path, [{"name": "mixed", "path": str(files)}], tiny_model, test_fraction=0.3, val_fraction=0.2)
+    cfg = data_config(
+        tmp_path, [{"name": "mixed", "path": str(files)}], tiny_model, test_fraction=0.3, val_fraction=0.2
+    )
     run_ingest(cfg)
     stats = run_format(cfg)
     assert stats["read"] == 15 and stats["kept"] + stats["duplicates"] + stats["rejected"] == 15
@@ -89,7 +81,7 @@ def test_format_maps_dedupes_drops_and_splits(tmp_path, files, tiny_model):
 
 
 def test_package_source_reads_chatterbot(tmp_path):
-    cfg = make_cfg(tmp_path, [{"name": "cb", "package": "chatterbot_corpus", "path": "data/english/greetings.yml"}])
+    cfg = data_config(tmp_path, [{"name": "cb", "package": "chatterbot_corpus", "path": "data/english/greetings.yml"}])
     report = run_ingest(cfg)
     assert report["sources"]["cb"]["kept"] > 10
 
@@ -99,14 +91,14 @@ def test_hub_source_code_path_on_a_local_dataset_folder(tmp_path):
     folder = tmp_path / "ds"
     folder.mkdir()
     (folder / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n')
-    cfg = make_cfg(tmp_path, [{"name": "hubby", "hub": str(folder), "split": "train"}])
+    cfg = data_config(tmp_path, [{"name": "hubby", "hub": str(folder), "split": "train"}])
     assert run_ingest(cfg)["sources"]["hubby"] == {"read": 2, "kept": 2, "rejected": 0}
 
 
 def test_missing_source_is_a_clear_error(tmp_path):
     from sftops.errors import DataError
 
-    cfg = make_cfg(tmp_path, [{"name": "nope", "path": str(tmp_path / "missing.jsonl")}])
+    cfg = data_config(tmp_path, [{"name": "nope", "path": str(tmp_path / "missing.jsonl")}])
     with pytest.raises(DataError, match="nothing matches"):
         run_ingest(cfg)
 
@@ -137,7 +129,7 @@ def test_row_errors_say_why(fields, reason):
 
 
 def test_package_rows_are_labelled_independently_of_the_install_location(tmp_path):
-    cfg = make_cfg(tmp_path, [{"name": "cb", "package": "chatterbot_corpus", "path": "data/english/greetings.yml"}])
+    cfg = data_config(tmp_path, [{"name": "cb", "package": "chatterbot_corpus", "path": "data/english/greetings.yml"}])
     run_ingest(cfg)
     first = next(read_jsonl(Path(cfg.paths.raw) / "cb.jsonl"))
     assert first["origin"] == "chatterbot_corpus:data/english/greetings.yml#1"
@@ -147,12 +139,12 @@ def test_a_json_file_of_one_object_is_one_row_and_a_trailing_comma_is_named_on_i
     from sftops.errors import DataError
 
     (tmp_path / "one.json").write_text(json.dumps({"prompt": "p", "completion": "c"}, indent=2))
-    cfg = make_cfg(tmp_path, [{"name": "one", "path": str(tmp_path / "one.json")}])
+    cfg = data_config(tmp_path, [{"name": "one", "path": str(tmp_path / "one.json")}])
     assert run_ingest(cfg)["sources"]["one"] == {"read": 1, "kept": 1, "rejected": 0}
     (tmp_path / "comma.json").write_text(
         '[\n  {"prompt": "p", "completion": "c"},\n  {"prompt": "q", "completion": "d"},\n]\n'
     )
-    cfg = make_cfg(tmp_path, [{"name": "comma", "path": str(tmp_path / "comma.json")}])
+    cfg = data_config(tmp_path, [{"name": "comma", "path": str(tmp_path / "comma.json")}])
     with pytest.raises(DataError, match="a trailing comma at line 3 .*remove it"):
         run_ingest(cfg)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import write_qa_project
+from conftest import arithmetic_rows, empty_mlflow_store, write_jsonl, write_project
 from sftops.config import _flatten, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,21 +60,20 @@ def reads(tmp_path_factory, tiny_model) -> dict[str, dict]:
     cwd = os.getcwd()
     os.chdir(folder)
     try:
-        write_qa_project(
-            tiny_model,
-            60,
-            "reads",
-            train={"max_steps": 2, "micro_batch_size": 8},
-            evaluate={"num_generations": 2, "max_new_tokens": 4, "bootstrap_resamples": 50},
-            data={"sources": [{"name": "qa", "path": "data/sources/qa.jsonl"}]},
-        )
         (folder / "data/sources").mkdir(parents=True)
-        (folder / "qa.jsonl").rename(folder / "data/sources/qa.jsonl")  # where dvc.yaml's ingest looks
+        write_jsonl("data/sources/qa.jsonl", arithmetic_rows(60))  # where dvc.yaml's ingest looks
+        write_project(
+            tiny_model,
+            [{"name": "qa", "path": "data/sources/qa.jsonl"}],
+            train={"method": "lora", "max_steps": 2, "micro_batch_size": 8},
+            evaluate={"num_generations": 2, "max_new_tokens": 4, "bootstrap_resamples": 50},
+            tracking={"registered_model_name": "reads"},
+        )
     finally:
         os.chdir(cwd)
     env = {
         **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
+        "MLFLOW_TRACKING_URI": empty_mlflow_store(folder / "mlflow.db"),
         "SFTOPS_CACHE_DIR": str(folder / "cache"),
     }
     found = {}

@@ -15,6 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from conftest import QA, formatted, qa_rows, write_jsonl, write_project
 from realstack import evaluation_runs
 from sftops.config import Config
 from sftops.data.examples import training_examples
@@ -25,7 +26,6 @@ from sftops.evaluate.identity import comparable_settings
 from sftops.modeling import load_finetuned
 from sftops.stages.evaluate import run_evaluate
 from sftops.stages.format import run_format
-from sftops.stages.ingest import run_ingest
 from sftops.stages.train import TrainResult, run_train
 from sftops.tracking import evaluations, models, registry
 
@@ -34,33 +34,15 @@ BAD = {"method": "full", "max_steps": 1, "micro_batch_size": 8, "learning_rate":
 
 
 @pytest.fixture
-def workdir(tmp_path, tiny_model, monkeypatch):
-    """A source in tmp_path, ingested and formatted; returns a function: (train, evaluate, data) params -> config."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("SFTOPS_CACHE_DIR", str(tmp_path / "cache"))
-    rows = [{"prompt": f"what is two plus two? ({i})", "completion": "two plus two is four."} for i in range(80)]
-    Path("qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+def workdir(project_folder, tiny_model):
+    """A source in tmp_path, ingested and formatted once; returns a function: (train, evaluate, data) params ->
+    config."""
+    sources = [{"name": "qa", "path": str(write_jsonl("qa.jsonl", qa_rows(80, QA[:1])))}]
 
     def make(train: dict, evaluate: dict | None = None, data: dict | None = None) -> Config:
-        cfg = Config.model_validate(
-            {
-                "data": {
-                    "sources": [{"name": "qa", "path": "qa.jsonl"}],
-                    "test_fraction": 0.25,
-                    "val_fraction": 0.1,
-                    **(data or {}),
-                },
-                "model": {"base": str(tiny_model), "max_length": 64},
-                "train": train,
-                "evaluate": {"num_generations": 4, "max_new_tokens": 4, "bootstrap_resamples": 200, **(evaluate or {})},
-                "tracking": {"registered_model_name": "tiny"},
-            }
-        )
-        if not Path("data/curated/test.parquet").exists():
-            run_ingest(cfg)
-            run_format(cfg)
-        return cfg
+        evaluate = {"num_generations": 4, "max_new_tokens": 4, "bootstrap_resamples": 200, **(evaluate or {})}
+        data = {"test_fraction": 0.25, **(data or {})}
+        return formatted(write_project(tiny_model, sources, train=train, evaluate=evaluate, data=data))
 
     return make
 

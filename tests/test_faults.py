@@ -6,71 +6,48 @@ usable. (SIGKILL during training and during a checkpoint write: tests/test_train
 from __future__ import annotations
 
 import json
-import os
-import resource
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import error_lines, free_port, sh, tool_env, write_qa_project
-from sftops.config import load_config
+from conftest import (
+    arithmetic_rows,
+    error_lines,
+    formatted,
+    free_port,
+    sftops,
+    sh,
+    tool_env,
+    write_jsonl,
+    write_project,
+)
 from sftops.data.store import read_split
 from sftops.errors import TRANSIENT_EXIT, GpuMemoryError, StorageError
 from sftops.stages.evaluate import run_evaluate
-from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
-from sftops.stages.train import TrainResult, run_train
+from sftops.stages.train import run_train
 from sftops.train import checkpoint
 from sftops.train.checkpoint import checkpoint_folder
+from test_training_engine import losses
 
 pytestmark = pytest.mark.reliability
 SRC = str(Path(__file__).parents[1] / "src")
 
 
 @pytest.fixture
-def project(tmp_path, tiny_model, monkeypatch):
+def project(project_folder, tiny_model):
     """A folder with a source ingested and formatted and params.yaml (LoRA, checkpoints every 2 steps)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    write_qa_project(
-        tiny_model,
-        80,
-        "tiny",
-        train={
-            "max_steps": 12,
-            "micro_batch_size": 4,
-            "grad_accum_steps": 1,
-            "learning_rate": 0.01,
-            "checkpoint_every": 2,
-        },
-    )
-    cfg = load_config("params.yaml")
-    run_ingest(cfg)
-    run_format(cfg)
-    return cfg
-
-
-def sftops(*args: str, env: dict[str, str] | None = None, limit_bytes: int | None = None) -> subprocess.Popen:
-    full = {**os.environ, "PYTHONPATH": SRC, **(env or {})}
-
-    def limit() -> None:  # a disk that fills up after limit_bytes per file: writes fail with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-
-    return subprocess.Popen(
-        [sys.executable, "-m", "sftops", *args],
-        env=full,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=limit if limit_bytes else None,
-    )
+    train = {"method": "lora", "max_steps": 12, "micro_batch_size": 4, "grad_accum_steps": 1, "learning_rate": 0.01}
+    sources = [{"name": "qa", "path": str(write_jsonl("qa.jsonl", arithmetic_rows(80)))}]
+    return formatted(write_project(tiny_model, sources, train={**train, "checkpoint_every": 2}))
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -82,13 +59,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
-def losses(run: dict | TrainResult) -> list[float]:
-    """The training loss per step, of run.json or of the stage's result."""
-    history = run["history"] if isinstance(run, dict) else run.history
-    return [h["train_loss"] for h in history]
-
-
-def test_a_killed_mlflow_server_loses_no_training(project, mlflow_server_process, tmp_path, figures):
+def test_a_killed_mlflow_server_loses_no_training(project, mlflow_server_process, tmp_path, monkeypatch, figures):
     """Killed at step 3 and back before the end: every step's metrics reach the server. Killed for good: the run
     stops with one line after its checkpoints are safe, models/ untouched; re-run with the server back: it resumes
     from the last checkpoint to the same losses."""
@@ -105,7 +76,7 @@ def test_a_killed_mlflow_server_loses_no_training(project, mlflow_server_process
     }
 
     # 1. The server dies at step 3 and comes back before the end of training.
-    proc = sftops("train", env={**env, "SFTOPS_PAUSE": "after_step:3,tracking_flush"})
+    proc = sftops("train", wait=False, env={**env, "SFTOPS_PAUSE": "after_step:3,tracking_flush"})
     wait_for(pauses / "after_step:3.reached", proc)
     server.stop(signal.SIGKILL)
     (pauses / "after_step:3.go").touch()
@@ -125,7 +96,7 @@ def test_a_killed_mlflow_server_loses_no_training(project, mlflow_server_process
     # 2. The server dies at step 3 for good: a clear stop, checkpoints kept, the previous models/ untouched.
     for f in pauses.iterdir():
         f.unlink()
-    proc = sftops("train", env={**env, "SFTOPS_PAUSE": "after_step:3"})
+    proc = sftops("train", wait=False, env={**env, "SFTOPS_PAUSE": "after_step:3"})
     wait_for(pauses / "after_step:3.reached", proc)
     server.stop(signal.SIGKILL)
     (pauses / "after_step:3.go").touch()
@@ -145,18 +116,20 @@ def test_a_killed_mlflow_server_loses_no_training(project, mlflow_server_process
     figures["faults survived"] += 1
     figures["MLflow server kills survived"] += 1
 
-    # 3. The server is back: the re-run resumes from step 10 and ends with the uninterrupted run's losses.
+    # 3. The server is back: the re-run (here, in this process) resumes from step 10 and ends with the
+    # uninterrupted run's losses.
     server.start()
-    proc = sftops("train", env=env)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    resumed = json.loads(Path("models/run.json").read_text())
-    assert resumed["resumed_from_step"] == 10
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    resumed = run_train(cfg)
+    assert resumed.resumed_from_step == 10
     assert losses(resumed) == pytest.approx(losses(first), rel=1e-6)
     figures["runs resumed with matching losses"] += 1
 
 
-def test_evaluate_writes_its_files_before_mlflow_hears_of_them(project, mlflow_server_process, tmp_path, figures):
+def test_evaluate_writes_its_files_before_mlflow_hears_of_them(
+    project, mlflow_server_process, tmp_path, monkeypatch, figures
+):
     """The tracking server dies between the evaluate stage's files and its MLflow record: the new report and
     metrics.json are in place, and the registry has no evaluation of the version (so no promotion can act on
     results the files do not show); with the server back, a re-run records it."""
@@ -169,10 +142,10 @@ def test_evaluate_writes_its_files_before_mlflow_hears_of_them(project, mlflow_s
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     }
-    proc = sftops("train", env=env)
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
-    run = json.loads(Path(cfg.paths.model, "run.json").read_text())
-    proc = sftops("evaluate", env={**env, "SFTOPS_PAUSE": "evaluate_logging"})
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    run = asdict(run_train(cfg))  # the setup, in this process; the evaluate stage below runs as DVC runs it
+    proc = sftops("evaluate", wait=False, env={**env, "SFTOPS_PAUSE": "evaluate_logging"})
     wait_for(pauses / "evaluate_logging.reached", proc)
     server.stop(signal.SIGKILL)
     (pauses / "evaluate_logging.go").touch()
@@ -183,8 +156,7 @@ def test_evaluate_writes_its_files_before_mlflow_hears_of_them(project, mlflow_s
     server.start()
     client = MlflowClient(server.url)
     assert not client.search_runs([run["experiment_id"]], f"tags.`sftops.evaluation.of_run` = '{run['run_id']}'")
-    proc = sftops("evaluate", env=env)
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    run_evaluate(cfg)  # the re-run, in this process
     assert len(client.search_runs([run["experiment_id"]], f"tags.`sftops.evaluation.of_run` = '{run['run_id']}'")) == 1
     figures["faults injected"] += 1
     figures["faults survived"] += 1
@@ -209,7 +181,7 @@ def test_a_full_disk_stops_the_stage_with_one_line_and_keeps_the_previous_output
     Path("qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in big))
     for stage, output in (("ingest", cfg.paths.raw), ("format", cfg.paths.curated)):
         before = files_of(output)
-        proc = sftops(stage, limit_bytes=64_000)
+        proc = sftops(stage, wait=False, limit_bytes=64_000)
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
         line = error_lines(err)

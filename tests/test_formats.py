@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from conftest import reference_encode
+from conftest import data_config, reference_encode
 from sftops.config import Config, ModelConfig
 from sftops.data.examples import training_examples
 from sftops.data.store import read_split
@@ -41,13 +41,7 @@ def conv(*turns: str) -> list[dict]:
 
 
 def make_cfg(tmp_path: Path, model: Path, sources: list[dict], **data) -> Config:
-    return Config.model_validate(
-        {
-            "data": {"sources": sources, "test_fraction": 0.2, "val_fraction": 0.1, **data},
-            "model": {"base": str(model), "max_length": 128},
-            "paths": {"raw": str(tmp_path / "raw"), "curated": str(tmp_path / "curated")},
-        }
-    )
+    return data_config(tmp_path, sources, model, **{"test_fraction": 0.2, "val_fraction": 0.1, **data})
 
 
 def curated_rows(cfg: Config) -> list[dict]:

@@ -5,17 +5,14 @@ the stage with one line naming it (exit code 2, no traceback); a path that leave
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import error_lines
+from conftest import error_lines, sftops
 from sftops.config import load_config
 from sftops.errors import ConfigError, DataError
 from sftops.jsonio import read_jsonl
@@ -134,19 +131,9 @@ def test_the_cli_reports_hostile_files_and_paths_in_one_line_without_a_traceback
         ("truncated.jsonl.gz", "cannot decompress"),
         ("../outside.jsonl", CONFIG_ERRORS["../outside.jsonl"]),
     ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
     for n, (path, phrase) in enumerate(cases):
         file = params([{"name": "hostile", "path": path if path.startswith("..") else f"{DATA}/{path}"}], f"p{n}.yaml")
-        done = subprocess.run(
-            [sys.executable, "-m", "sftops", "ingest", "--params", str(file)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-        )
+        done = sftops("ingest", "--params", str(file), timeout=300)
         assert done.returncode == 2, done.stderr[-2000:]
         assert "Traceback" not in done.stderr and phrase in done.stderr, done.stderr[-2000:]
         if not path.startswith(".."):

@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import error_lines
+from conftest import empty_mlflow_store, error_lines, sftops, write_project
 from hubcache import add_revision, offline_env
 
 MODEL, DATA = "sftops-test/tiny", "sftops-test/qa"
@@ -107,28 +106,23 @@ def test_each_revision_loads_its_own_weights_and_rows_offline(hub):
         assert got["commit"] == commits[which] and got["rows"] == qa_rows(which), revision
 
 
-def _sftops(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sftops", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=900
-    )
-
-
 def _params(folder: Path, source: dict, model_revision: str | None) -> None:
-    params = {
-        "data": {"sources": [source], "test_fraction": 0.2, "val_fraction": 0.1},
-        "model": {"base": MODEL, "revision": model_revision, "max_length": 64},
-        "train": {"method": "lora", "max_steps": 2, "micro_batch_size": 4, "checkpoint_every": None},
-        "evaluate": {"num_generations": 2, "max_new_tokens": 4, "bootstrap_resamples": 10, "batch_size": 8},
-        "tracking": {"registered_model_name": "hub-pinned"},
-    }
-    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    write_project(
+        MODEL,
+        [source],
+        folder,
+        model={"revision": model_revision},
+        train={"method": "lora", "max_steps": 2, "micro_batch_size": 4, "checkpoint_every": None},
+        evaluate={"num_generations": 2, "max_new_tokens": 4, "bootstrap_resamples": 10, "batch_size": 8},
+        tracking={"registered_model_name": "hub-pinned"},
+    )
 
 
 @pytest.mark.reliability
 def test_a_revision_that_does_not_exist_is_one_line_naming_it_offline(hub, tmp_path, figures):
     (tmp_path / "qa.jsonl").write_bytes(jsonl(qa_rows("local")))
     _params(tmp_path, {"name": "qa", "hub": DATA, "revision": "no-such-tag"}, None)
-    ingest = _sftops("ingest", cwd=tmp_path, env=hub["env"])
+    ingest = sftops("ingest", cwd=tmp_path, env=hub["env"])
     assert ingest.returncode == 2 and "Traceback" not in ingest.stderr, ingest.stderr[-2000:]
     lines = error_lines(ingest.stderr)
     assert len(lines) == 1, lines
@@ -143,8 +137,8 @@ def test_a_revision_that_does_not_exist_is_one_line_naming_it_offline(hub, tmp_p
         assert part in lines[0], (part, lines[0])
 
     _params(tmp_path, {"name": "qa", "path": "qa.jsonl"}, "no-such-branch")
-    assert _sftops("ingest", cwd=tmp_path, env=hub["env"]).returncode == 0
-    fmt = _sftops("format", cwd=tmp_path, env=hub["env"])
+    assert sftops("ingest", cwd=tmp_path, env=hub["env"]).returncode == 0
+    fmt = sftops("format", cwd=tmp_path, env=hub["env"])
     assert fmt.returncode == 2 and "Traceback" not in fmt.stderr, fmt.stderr[-2000:]
     lines = error_lines(fmt.stderr)
     assert len(lines) == 1, lines
@@ -188,11 +182,11 @@ def _recorded(folder: Path, paths_prefix: str = "") -> dict:
 
 
 def test_a_pipeline_run_records_the_commits_it_loaded_and_a_moved_branch_is_a_new_base(hub, tmp_path):
-    commits, env = hub["commits"], {**hub["env"], "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    commits, env = hub["commits"], {**hub["env"], "MLFLOW_TRACKING_URI": empty_mlflow_store(tmp_path / "mlflow.db")}
     base_evals = Path(env["SFTOPS_CACHE_DIR"]) / "base-eval"
     cached_before = len(list(base_evals.glob("*.json")))
     _params(tmp_path, {"name": "qa", "hub": DATA, "revision": "v1"}, None)  # the model: its default branch
-    first = _sftops("run", cwd=tmp_path, env=env)
+    first = sftops("run", cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     got = _recorded(tmp_path)
     assert got["raw"] == qa_rows("one")  # tag v1's rows, not main's
@@ -216,7 +210,7 @@ def test_a_pipeline_run_records_the_commits_it_loaded_and_a_moved_branch_is_a_ne
     main = hub["root"] / "cache" / "models--sftops-test--tiny" / "refs" / "main"
     main.write_text(commits["B"])
     try:
-        second = _sftops("run", cwd=tmp_path, env=env)
+        second = sftops("run", cwd=tmp_path, env=env)
     finally:
         main.write_text(commits["A"])
     assert second.returncode == 0, second.stderr[-3000:]

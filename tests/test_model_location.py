@@ -1,15 +1,11 @@
 """A model.base that cannot be loaded here (an unreachable hub, a model not in the local cache, a GGUF file left
 over from another base) ends in one line naming the setting and the fix, without a minute of download retries."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
-import yaml
 
-from conftest import error_lines
+from conftest import arithmetic_rows, error_lines, sftops, write_jsonl, write_project
 from sftops.config import ModelConfig
 from sftops.errors import ModelError
 from sftops.modeling import check_base
@@ -33,27 +29,13 @@ def test_a_path_that_is_no_folder_and_no_hub_id_is_named(tmp_path):
 
 @pytest.mark.reliability
 def test_an_uncached_hub_model_offline_is_one_line_with_exit_code_2(tmp_path, tiny_model, figures):
-    (tmp_path / "qa.jsonl").write_text(
-        "".join(json.dumps({"prompt": f"q{i}?", "completion": f"a{i}"}) + "\n" for i in range(20))
-    )
-    params = {
-        "data": {"sources": [{"name": "qa", "path": "qa.jsonl"}]},
-        "model": {"base": "sftops-tests/not-a-cached-model", "gguf_file": None},
-    }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_jsonl(tmp_path / "qa.jsonl", arithmetic_rows(20))
+    write_project("sftops-tests/not-a-cached-model", [{"name": "qa", "path": "qa.jsonl"}], tmp_path)
     env = {**os.environ, "HF_ENDPOINT": UNREACHABLE, "HF_HOME": str(tmp_path / "hf")}  # an empty cache
-    ingest = subprocess.run(
-        [sys.executable, "-m", "sftops", "ingest"], cwd=tmp_path, capture_output=True, text=True, env=env
-    )
+    ingest = sftops("ingest", cwd=tmp_path, env=env)
     assert ingest.returncode == 0, ingest.stderr[-2000:]
     for offline in ("0", "1"):  # no network, and HF_HUB_OFFLINE set
-        done = subprocess.run(
-            [sys.executable, "-m", "sftops", "format"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            env={**env, "HF_HUB_OFFLINE": offline},
-        )
+        done = sftops("format", cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": offline})
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
         lines = error_lines(done.stderr)
         assert len(lines) == 1 and "model.base 'sftops-tests/not-a-cached-model'" in lines[0], lines

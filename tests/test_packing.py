@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sftops.train.packing_check as packing_check
+from conftest import TINY_LLAMA
 from sftops.config import ModelConfig
 from sftops.data.packing import pack
 from sftops.data.tokenize import encode_conversation
@@ -84,15 +85,8 @@ def test_flex_attention_packed_losses_match_padded_sdpa():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
+    # The tiny Llama, twice as wide: a head dimension of 16, the smallest FlexAttention's CPU kernel takes.
+    config = LlamaConfig(**{**TINY_LLAMA, "hidden_size": 64, "intermediate_size": 128}, vocab_size=300)
     model = LlamaForCausalLM(config).eval()
     g = torch.Generator().manual_seed(1)
     examples = []

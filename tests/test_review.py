@@ -11,49 +11,29 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from conftest import QA, formatted, qa_rows, write_jsonl, write_project
 from realstack import evaluation_runs
 from sftops.cli import main
 from sftops.config import Config
 from sftops.stages.evaluate import run_evaluate
-from sftops.stages.format import run_format
-from sftops.stages.ingest import run_ingest
 from sftops.stages.train import TrainResult, run_train
 from sftops.tracking import registry
 
-QA = [("what is two plus two?", "two plus two is four."), ("hello, how are you today?", "i am fine, thank you.")]
 GOOD = {"method": "full", "max_steps": 20, "micro_batch_size": 8, "learning_rate": 0.01}
 BAD = {"method": "full", "max_steps": 1, "micro_batch_size": 8, "learning_rate": 0.0001}
 
 
 @pytest.fixture
-def workdir(tmp_path, tiny_model, monkeypatch):
-    """Two sources in tmp_path, ingested and formatted; returns a function: train params -> config."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("SFTOPS_CACHE_DIR", str(tmp_path / "cache"))
-    for name, (q, a) in zip(("math", "chat"), QA):
-        Path(f"{name}.jsonl").write_text(
-            "".join(json.dumps({"prompt": f"{q} ({i})", "completion": a}) + "\n" for i in range(60))
-        )
+def workdir(project_folder, tiny_model):
+    """Two sources in tmp_path, ingested and formatted once per test; returns a function: train params -> config."""
+    sources = [
+        {"name": name, "path": str(write_jsonl(f"{name}.jsonl", qa_rows(60, [pair])))}
+        for name, pair in zip(("math", "chat"), QA)
+    ]
 
     def make(train: dict, evaluate: dict | None = None) -> Config:
-        cfg = Config.model_validate(
-            {
-                "data": {
-                    "sources": [{"name": "math", "path": "math.jsonl"}, {"name": "chat", "path": "chat.jsonl"}],
-                    "test_fraction": 0.2,
-                    "val_fraction": 0.1,
-                },
-                "model": {"base": str(tiny_model), "max_length": 64},
-                "train": train,
-                "evaluate": {"num_generations": 4, "max_new_tokens": 6, "bootstrap_resamples": 300, **(evaluate or {})},
-                "tracking": {"registered_model_name": "tiny"},
-            }
-        )
-        if not Path("data/curated/test.parquet").exists():  # formatted once per test
-            run_ingest(cfg)
-            run_format(cfg)
-        return cfg
+        evaluate = {"num_generations": 4, "max_new_tokens": 6, "bootstrap_resamples": 300, **(evaluate or {})}
+        return formatted(write_project(tiny_model, sources, train=train, evaluate=evaluate))
 
     return make
 

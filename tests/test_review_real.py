@@ -10,9 +10,10 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from conftest import QA, qa_rows, write_jsonl, write_project
 from realstack import evaluation_runs
 from sftops.cli import main
-from sftops.config import Config, ModelConfig, TrainConfig
+from sftops.config import ModelConfig, TrainConfig
 from sftops.data.examples import encode_curated_rows
 from sftops.evaluate.comparison import compare
 from sftops.modeling import load_base_model, load_tokenizer
@@ -61,21 +62,15 @@ def test_sft_lowers_held_out_gsm8k_response_nll_beyond_the_bootstrap_interval(st
 
 
 def test_a_real_mlflow_server_holds_the_review_and_the_champion_answers_from_it(
-    tmp_path, tiny_model, monkeypatch, mlflow_server, capsys
+    project_folder, tiny_model, monkeypatch, mlflow_server, capsys
 ):
-    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    monkeypatch.setenv("SFTOPS_CACHE_DIR", str(tmp_path / "cache"))
-    rows = [{"prompt": f"what is two plus two? ({i})", "completion": "two plus two is four."} for i in range(60)]
-    Path("in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = Config.model_validate(
-        {
-            "data": {"sources": [{"name": "qa", "path": "in.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
-            "model": {"base": str(tiny_model), "max_length": 64},
-            "train": {"method": "lora", "max_steps": 2, "micro_batch_size": 8, "learning_rate": 0.01},
-            "evaluate": {"num_generations": 0, "bootstrap_resamples": 200},  # NLL only: the server is what is tested
-            "tracking": {"registered_model_name": "served"},
-        }
+    cfg = write_project(
+        tiny_model,
+        [{"name": "qa", "path": str(write_jsonl("in.jsonl", qa_rows(60, QA[:1])))}],
+        train={"method": "lora", "max_steps": 2, "micro_batch_size": 8, "learning_rate": 0.01},
+        evaluate={"num_generations": 0, "bootstrap_resamples": 200},  # NLL only: the server is what is tested
+        tracking={"registered_model_name": "served"},
     )
     run_ingest(cfg)
     run_format(cfg)

@@ -9,15 +9,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import write_qa_project
+from conftest import arithmetic_rows, sftops, write_jsonl, write_project
 from sftops.config import load_config
 from sftops.errors import ConfigError
 from sftops.tracking import registry
@@ -58,13 +56,14 @@ def test_planted_secrets_reach_no_output(tmp_path, tiny_model, mlflow_server_pro
     project = tmp_path / "project"
     project.mkdir()
     monkeypatch.chdir(project)
-    params = write_qa_project(
+    write_project(
         tiny_model,
-        60,
-        "secretive",
-        train={"max_steps": 2, "micro_batch_size": 8, "checkpoint_every": 1, "keep_checkpoints": 1},
+        [{"name": "qa", "path": str(write_jsonl("qa.jsonl", arithmetic_rows(60)))}],
+        train={"method": "lora", "max_steps": 2, "micro_batch_size": 8, "checkpoint_every": 1, "keep_checkpoints": 1},
         evaluate={"num_generations": 2, "max_new_tokens": 4, "bootstrap_resamples": 50},
+        tracking={"registered_model_name": "secretive"},
     )
+    params = yaml.safe_load(Path("params.yaml").read_text())
     host = mlflow_server_process.url.removeprefix("http://")
     env = {
         **os.environ,
@@ -73,7 +72,7 @@ def test_planted_secrets_reach_no_output(tmp_path, tiny_model, mlflow_server_pro
         "SFTOPS_CACHE_DIR": str(project / ".cache"),
         "MLFLOW_TRACKING_URI": f"http://sftops:{URI_PASSWORD}@{host}",
     }
-    done = subprocess.run([sys.executable, "-m", "sftops", "run"], capture_output=True, text=True, env=env, timeout=900)
+    done = sftops("run", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     texts = {"stdout of sftops run": done.stdout, "stderr of sftops run": done.stderr}
 

@@ -23,13 +23,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, formatted, qa_rows, write_jsonl, write_project
 from realstack import background, free_port, mlflow_server
 from sftops.cli import main
-from sftops.config import Config
 from sftops.modeling import FALLBACK_CHAT_TEMPLATE
-from sftops.stages.format import run_format
-from sftops.stages.ingest import run_ingest
 from sftops.stages.train import run_train
 
 PROMPT = "what is two plus two?"
@@ -61,19 +58,13 @@ def train_champion(folder: Path, base: str, name: str, registry: str, monkeypatc
     monkeypatch.chdir(folder)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
     monkeypatch.setenv("SFTOPS_CACHE_DIR", str(folder / "cache"))
-    rows = [{"prompt": f"{PROMPT} ({i})", "completion": "two plus two is four."} for i in range(40)]
-    Path("in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = Config.model_validate(
-        {
-            "data": {"sources": [{"name": "qa", "path": "in.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
-            "model": {"base": base, "max_length": 64},
-            "train": {"method": "lora", "max_steps": 3, "micro_batch_size": 8, "learning_rate": 0.05},
-            "tracking": {"registered_model_name": name},
-        }
+    cfg = write_project(
+        base,
+        [{"name": "qa", "path": str(write_jsonl("in.jsonl", qa_rows(40, [(PROMPT, "two plus two is four.")])))}],
+        train={"method": "lora", "max_steps": 3, "micro_batch_size": 8, "learning_rate": 0.05},
+        tracking={"registered_model_name": name},
     )
-    run_ingest(cfg)
-    run_format(cfg)
-    run = run_train(cfg)
+    run = run_train(formatted(cfg))
     MlflowClient(registry).set_registered_model_alias(name, "champion", run.version)
     return f"models:/{name}@champion"
 
@@ -98,7 +89,9 @@ def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def install_requirements(venv: Path, requirements: str, folder: Path) -> None:
     path = folder / "requirements.txt"
     path.write_text(requirements)
-    proc = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-r", str(path)], capture_output=True, text=True)
+    # --no-compile: Python compiles what the server imports when it imports it, not all of torch at install
+    pip = [str(venv / "bin" / "pip"), "install", "-q", "--no-compile", "-r", str(path)]
+    proc = subprocess.run(pip, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 

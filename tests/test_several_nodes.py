@@ -21,6 +21,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from conftest import empty_mlflow_store
 from sftops.config import load_config
 from sftops.errors import TrainingError
 from sftops.stages.train import run_train
@@ -47,7 +48,7 @@ def two_nodes(tmp_path: Path, write, monkeypatch, train: dict) -> Path:
     params["launch"] = {"target": "loopback", "nodes": 2, "rdzv_port": free_port(), "name": "two-nodes"}
     Path("params.yaml").write_text(yaml.safe_dump(params))
     store = tmp_path / "two-nodes.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_mlflow_store(store))
     return store
 
 

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import sftops
 from sftops.config import load_config
 from sftops.errors import TrainingError
 from sftops.stages.train import run_train
 from sftops.train import checkpoint
 from sftops.train.checkpoint import checkpoint_folder
-from test_training_engine import losses, train_cli
+from test_training_engine import losses
 
 # One global batch of 8 rows per step, however it is split: 1 process x 2 accumulation steps x 4 rows, or 2 x 1 x 4.
 COMMON = {
@@ -29,7 +30,7 @@ TWO = {**COMMON, "num_processes": 2, "grad_accum_steps": 1}
 def killed_at_step_3(write, train: dict) -> Path:
     write(train)
     folder = checkpoint_folder(load_config("params.yaml"))
-    assert train_cli(fault="after_step:3").returncode != 0
+    assert sftops("train", fault="after_step:3").returncode != 0
     newest = checkpoint.latest(folder)
     assert newest.name == "step-000002" and checkpoint.is_sharded(newest)
     return newest
@@ -43,7 +44,7 @@ def test_sharded_checkpoints_resume_on_another_number_of_processes_to_the_same_l
         newest = killed_at_step_3(write, saved_by)
         assert len(list(newest.glob("*.distcp"))) == saved_by["num_processes"]  # one file of shards per process
         write(resumed_by)
-        done = train_cli()
+        done = sftops("train")
         assert done.returncode == 0, "\n".join(
             line for line in done.stderr.splitlines() if "Error" in line or "sftops:" in line
         )[-3000:]

@@ -5,12 +5,11 @@ with one line naming it."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from conftest import error_lines, write_qa_project
+from conftest import arithmetic_rows, error_lines, write_jsonl, write_project
 from sftops.cli import main
 from sftops.config import Config, DataConfig, SuiteConfig
 from sftops.evaluate.comparison import mean_delta_ci, perplexity_delta_ci
@@ -72,11 +71,6 @@ def test_paired_intervals_of_the_change_contain_the_change_and_follow_its_sign()
     import math
 
     assert delta == pytest.approx(math.exp(2.9) - math.exp(2.5)) and 0 < low <= delta <= high
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def conversation(prompt: str, answer: str) -> dict:
@@ -161,7 +155,8 @@ def test_a_missing_or_empty_suite_stops_evaluate_with_one_line_naming_it(
     if problem != "missing":
         Path("suites").mkdir()
         write_jsonl(Path("suites/general.jsonl"), [{"prompt": "hi", "completion": ""}, {"question": "no answer"}])
-    write_qa_project(tiny_model, 40, "suites", evaluate={"suites": [suite]})
+    qa = [{"name": "qa", "path": str(write_jsonl("qa.jsonl", arithmetic_rows(40)))}]
+    write_project(tiny_model, qa, train={"method": "lora"}, evaluate={"suites": [suite]})
     assert main(["ingest"]) == 0 and main(["format"]) == 0
     capsys.readouterr()
     assert main(["evaluate"]) == 2

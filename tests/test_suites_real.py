@@ -12,12 +12,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import SHARED
+from conftest import SHARED, formatted, write_project
 from realstack import evaluation_runs
 from sftops.config import Config
 from sftops.stages.evaluate import run_evaluate
-from sftops.stages.format import run_format
-from sftops.stages.ingest import run_ingest
 from sftops.stages.train import TrainResult, run_train
 from sftops.tracking import registry
 
@@ -31,39 +29,34 @@ SELF_INSTRUCT_SOURCE = {
 
 
 @pytest.fixture
-def project(tmp_path, stories_model, gsm8k, monkeypatch):
+def project(project_folder, stories_model, gsm8k):
     """A function: (source, train steps, suite) -> a config whose data has been ingested and formatted."""
     if not SELF_INSTRUCT.exists():
         pytest.skip(f"self-instruct seed tasks not found at {SELF_INSTRUCT} (../shared is absent)")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("SFTOPS_CACHE_DIR", str(tmp_path / "cache"))
 
     def make(source: dict, steps: int, suite: dict) -> Config:
-        cfg = Config.model_validate(
-            {
-                "data": {"sources": [source], "test_fraction": 0.15, "val_fraction": 0.05},
-                "model": {"base": str(stories_model), "max_length": 320},
-                "train": {
+        return formatted(
+            write_project(
+                stories_model,
+                [source],
+                data={"test_fraction": 0.15, "val_fraction": 0.05},
+                model={"max_length": 320},
+                train={
                     "method": "full",
                     "max_steps": steps,
                     "micro_batch_size": 8,
                     "learning_rate": 0.004,
                     "warmup_ratio": 0.1,
                 },
-                "evaluate": {
+                evaluate={
                     "num_generations": 4,
                     "max_new_tokens": 24,
                     "bootstrap_resamples": 1000,
                     "suites": [{"num_generations": 8, **suite}],
                 },
-                "tracking": {"registered_model_name": "stories"},
-            }
+                tracking={"registered_model_name": "stories"},
+            )
         )
-        if not Path("data/curated/test.parquet").exists():
-            run_ingest(cfg)
-            run_format(cfg)
-        return cfg
 
     return make
 

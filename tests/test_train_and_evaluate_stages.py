@@ -9,40 +9,20 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
+from conftest import formatted, qa_rows, write_jsonl, write_project
 from realstack import evaluation_runs
-from sftops.config import Config, ModelConfig
+from sftops.config import ModelConfig
 from sftops.modeling import load_base_model, load_finetuned, load_tokenizer, save_finetuned
 from sftops.stages.evaluate import run_evaluate
-from sftops.stages.format import run_format
-from sftops.stages.ingest import run_ingest
 from sftops.stages.train import run_train
-
-QA = [("what is two plus two?", "two plus two is four."), ("hello, how are you today?", "i am fine, thank you.")]
 
 
 @pytest.fixture
-def curated(tmp_path, tiny_model, monkeypatch):
+def curated(project_folder, tiny_model):
     """Returns a function: train params -> a config whose data has been ingested and formatted in tmp_path."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    rows = [{"prompt": f"{q} ({i})", "completion": a} for i in range(60) for q, a in QA]
-    Path("in.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-
-    def make(train: dict) -> Config:
-        cfg = Config.model_validate(
-            {
-                "data": {"sources": [{"name": "qa", "path": "in.jsonl"}], "test_fraction": 0.2, "val_fraction": 0.1},
-                "model": {"base": str(tiny_model), "max_length": 64},
-                "train": train,
-                "evaluate": {"num_generations": 2, "max_new_tokens": 6},
-                "tracking": {"registered_model_name": "tiny"},
-            }
-        )
-        run_ingest(cfg)
-        run_format(cfg)
-        return cfg
-
-    return make
+    sources = [{"name": "qa", "path": str(write_jsonl("in.jsonl", qa_rows(60)))}]
+    evaluate = {"num_generations": 2, "max_new_tokens": 6}
+    return lambda train: formatted(write_project(tiny_model, sources, train=train, evaluate=evaluate))
 
 
 def test_full_method_trains_saves_weights_and_evaluates(tmp_path, curated):

@@ -3,15 +3,13 @@ atomic checkpoints, a clear stop on a non-finite loss, early stopping that expor
 tracking that can be audited, merging, DoRA, QLoRA refusal on CPU, and torchrun when num_processes > 1."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
+from conftest import sftops
 from sftops.config import load_config
 from sftops.data.examples import encode_curated_rows
 from sftops.data.store import load_split
@@ -21,15 +19,6 @@ from sftops.stages.train import TrainResult, run_train
 from sftops.train import checkpoint
 from sftops.train.checkpoint import checkpoint_folder
 from sftops.train.loss import mean_nll, score_rows
-
-
-def train_cli(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "SFTOPS_FAULT"}
-    if fault:
-        env["SFTOPS_FAULT"] = fault
-    return subprocess.run(
-        [sys.executable, "-m", "sftops", "train", *args], capture_output=True, text=True, env=env, timeout=600
-    )
 
 
 def losses(run: dict | TrainResult) -> list[float]:
@@ -45,25 +34,24 @@ def test_resume_after_kill_matches_an_uninterrupted_run(project, figures):
     write({"method": "lora", "max_steps": 8, "checkpoint_every": 2, "keep_checkpoints": 2})
     cfg = load_config("params.yaml")
     folder = checkpoint_folder(cfg)
-    assert train_cli().returncode == 0
-    uninterrupted = json.loads(Path("models/run.json").read_text())
+    uninterrupted = run_train(cfg)  # the reference, in this process; the runs below are killed as a process is
     assert not folder.exists()  # a finished job leaves no checkpoints behind
 
-    killed = train_cli(fault="after_step:5")
+    killed = sftops("train", fault="after_step:5")
     assert killed.returncode == -9
     assert sorted(p.name for p in folder.iterdir()) == ["step-000002", "step-000004"]
     # Killed again, in the middle of writing the next checkpoint: the half-written one is never picked up.
-    killed = train_cli(fault="checkpoint_write:step-000006")
+    killed = sftops("train", fault="checkpoint_write:step-000006")
     assert killed.returncode == -9
     assert [p.name for p in folder.glob(".step-000006.tmp")] == [".step-000006.tmp"]
     assert checkpoint.latest(folder).name == "step-000004"
 
-    resumed = train_cli()
+    resumed = sftops("train")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     report = json.loads(Path("models/run.json").read_text())
     assert report["resumed_from_step"] == 4
     assert losses(report) == pytest.approx(losses(uninterrupted), rel=1e-6)
-    assert report["final_train_loss"] == pytest.approx(uninterrupted["final_train_loss"], rel=1e-6)
+    assert report["final_train_loss"] == pytest.approx(uninterrupted.final_train_loss, rel=1e-6)
     figures["faults injected"] += 2  # SIGKILL after a step, SIGKILL in the middle of a checkpoint write
     figures["faults survived"] += 2
     figures["runs resumed with matching losses"] += 1
@@ -74,7 +62,7 @@ def test_a_corrupt_checkpoint_is_never_loaded(project, figures):
     _, write = project
     write({"method": "lora", "max_steps": 6, "checkpoint_every": 2})
     folder = checkpoint_folder(load_config("params.yaml"))
-    assert train_cli(fault="after_step:5").returncode == -9
+    assert sftops("train", fault="after_step:5").returncode == -9
     newest = folder / "step-000004"
     weights = newest / checkpoint.WEIGHTS
     data = bytearray(weights.read_bytes())
@@ -173,7 +161,7 @@ def test_dora_trains_and_loads_back(project):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA GPU")
 def test_qlora_without_a_gpu_is_refused_with_the_fix(project):
-    done = train_cli("--set", "train.method=qlora")
+    done = sftops("train", "--set", "train.method=qlora")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "train.method=qlora needs a CUDA GPU" in done.stderr and "use train.method=lora" in done.stderr
 
@@ -203,9 +191,9 @@ def test_fsdp_resume_after_kill_matches_an_uninterrupted_run(project):
     reference = run_train(load_config("params.yaml"))
     write({**common, "micro_batch_size": 4, "num_processes": 2, "distributed": "fsdp"})
     folder = checkpoint_folder(load_config("params.yaml"))
-    assert train_cli(fault="after_step:3").returncode != 0
+    assert sftops("train", fault="after_step:3").returncode != 0
     assert checkpoint.latest(folder).name == "step-000002"
-    resumed = train_cli()
+    resumed = sftops("train")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     report = json.loads(Path("models/run.json").read_text())
     assert report["resumed_from_step"] == 2 and report["processes"] == 2
