@@ -29,7 +29,7 @@ TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: setup
 	ruff check src tests bench flows
 	NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir site  # the docs site: a broken link, anchor or page fails
-	pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10
 
 # The reliability suite: hostile inputs, fuzzing, injected faults, secrets; prints its figures as a table.
 reliability: setup

@@ -184,6 +184,11 @@ def background(
         stop(proc)
 
 
+# MLflow's server-side job runner (GenAI evaluation jobs, which sftops never submits) starts four huey consumer
+# processes with each server, about 12 s of CPU a start; the tests' servers run without it. A value set is kept.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 class MlflowServer:
     """`mlflow server` on a free loopback port: a SQLite store in `folder` unless `backend` is given, and the
     artifacts served from `folder`/artifacts (clients upload through the server, over HTTP). It can be killed
@@ -216,7 +221,13 @@ class MlflowServer:
     def start(self, timeout: float = 300) -> None:
         log = self.store / "server.log"
         with log.open("a") as out:
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=SERVER_ENV | dict(os.environ),
+            )
 
         def up() -> bool:
             if self.proc.poll() is not None:
