@@ -13,8 +13,11 @@ import yaml
 
 from conftest import data_config, error_lines, sftops
 from sftops.config import Config
+from sftops.data.examples import split_cache
 from sftops.data.store import read_split
+from sftops.encoded import IGNORE
 from sftops.errors import DataError
+from sftops.modeling import load_tokenizer
 from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
 
@@ -26,6 +29,11 @@ KEPT = {
     "alpaca": ({"path": "llamafactory_alpaca_en_demo.json"}, 8),
     "openai": ({"path": "openai_toy_chat_fine_tuning.jsonl"}, 3),  # row 4 has no user turn: rejected with its reason
     "dolly": ({"path": "dolly_15k_head.jsonl"}, 4),
+    # the mapping the docs show for Dolly under the alpaca schema: `context` moves to `input`, joined once
+    "dolly_mapped": (
+        {"path": "dolly_15k_head.jsonl", "schema": "alpaca", "fields": {"input": "context", "output": "response"}},
+        4,
+    ),
     "csv": ({"path": "prompt_response.csv"}, 3),
     "variants": ({"path": "value_parts_developer_role.jsonl"}, 3),
     "gsm8k": ({"path": str(SHARED / "gsm8k" / "train.jsonl"), "max_rows": 30}, 30),
@@ -89,9 +97,17 @@ def curated(cfg: Config) -> list[dict]:
     return [r for s in ("train", "val", "test") for r in read_split(cfg.paths.curated, s)]
 
 
+def trained(cfg: Config) -> list[tuple[str, str]]:
+    """What training sees, from the format stage's token cache: each row's decoded input ids and its decoded
+    targets (the labels that are not IGNORE), not the Parquet text."""
+    tokenizer = load_tokenizer(cfg.model)
+    rows = [e for s in ("train", "val", "test") for e in split_cache(cfg, tokenizer, s)]
+    return [(tokenizer.decode(e.input_ids), tokenizer.decode([t for t in e.labels if t != IGNORE])) for e in rows]
+
+
 @pytest.mark.reliability
 def test_every_kept_sample_becomes_conversations_that_keep_their_meaning(tmp_path, tiny_model, corpus, figures):
-    found = {}
+    found, seen = {}, {}
     for name, (source, expected) in KEPT.items():
         if name in ("gsm8k", "selfinstruct") and not SHARED.is_dir():
             continue
@@ -100,6 +116,7 @@ def test_every_kept_sample_becomes_conversations_that_keep_their_meaning(tmp_pat
         stats = run_format(cfg)
         assert stats["kept"] == expected, (name, stats["rejected_by_reason"])
         found[name] = (stats, {r["messages"][-1]["content"]: r["messages"] for r in curated(cfg)})
+        seen[name] = trained(cfg)
         figures["data samples tried"] += 1
         figures["data samples right"] += 1
     stats, rows = found["dolly"]
@@ -110,6 +127,11 @@ def test_every_kept_sample_becomes_conversations_that_keep_their_meaning(tmp_pat
         "When did Virgin Australia start operating?\n\nVirgin Australia, the trading name"
     )
     assert stats["unused_fields"] == {"dolly": {"category": 4}}  # reported, not dropped unseen
+    passage = "It is the largest airline by fleet size to use the Virgin brand."
+    for name in ("dolly", "dolly_mapped"):
+        (ids, targets), *_ = [t for t in seen[name] if passage in t[0]]
+        assert ids.count(passage) == 1 and ids.count("When did Virgin Australia start operating?") == 1, name
+        assert targets.startswith("Virgin Australia commenced services on 31 August 2000"), name
     stats, rows = found["openai"]
     assert stats["rejected_by_reason"] == {"no user turn": 1}
     assert rows["It's easy to learn!"][0] == {

@@ -14,6 +14,7 @@ import zstandard
 from conftest import data_config, reference_encode
 from sftops.config import Config, ModelConfig
 from sftops.data.examples import training_examples
+from sftops.data.schemas import apply_mapping, to_conversation
 from sftops.data.store import read_split
 from sftops.encoded import IGNORE
 from sftops.errors import DataError
@@ -256,6 +257,24 @@ def test_field_mapping_reads_self_instruct_nested_instances(tmp_path, tiny_model
     assert len(rows) == stats["kept"] > 150
     for r in rows:
         assert expected[r["messages"][0]["content"]] == r["messages"][1]["content"]
+
+
+def test_a_mapping_moves_a_field_and_a_passage_is_joined_once():
+    dolly = {"instruction": "When?", "context": "In 2000.", "response": "2000", "category": "closed_qa"}
+    moved = apply_mapping(dolly, {"input": "context", "output": "response"})
+    assert moved == {"instruction": "When?", "input": "In 2000.", "output": "2000", "category": "closed_qa"}
+    assert to_conversation(dolly, "alpaca", {"input": "context", "output": "response"})["messages"][0] == {
+        "role": "user",
+        "content": "When?\n\nIn 2000.",
+    }
+    # a swap reads both values before either key is dropped; a key that is itself a target stays
+    assert apply_mapping({"prompt": "a", "completion": "q"}, {"prompt": "completion", "completion": "prompt"}) == {
+        "prompt": "q",
+        "completion": "a",
+    }
+    # the same passage under both input and context (an export that copied it) is joined once
+    both = {"instruction": "When?", "input": "In 2000.", "context": "In 2000.", "output": "2000"}
+    assert to_conversation(both)["messages"][0]["content"] == "When?\n\nIn 2000."
 
 
 def test_mixing_weights_and_caps_keep_each_rows_source(tmp_path, tiny_model):

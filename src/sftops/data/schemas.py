@@ -49,11 +49,22 @@ def get_path(row: Any, path: str) -> Any:
     return node
 
 
+def _top_key(path: str) -> str | None:
+    """The top-level key a mapping path reads from: 'instances' of 'instances[0].output'."""
+    parts = _PATH_PART.findall(path)
+    return (parts[0][0] or None) if parts else None
+
+
 def apply_mapping(fields: dict[str, Any], mapping: dict[str, str]) -> dict[str, Any]:
-    """The row with each schema key taken from where the source's field mapping says it is."""
+    """The row with each schema key taken from where the source's field mapping says it is. A mapping moves a
+    field, it does not copy it: the key it reads from is dropped unless it is itself a target (Dolly's
+    `input: context` left `context` beside `input`, and from_alpaca joined the passage twice). All values are
+    read before any key is dropped, so that a swap (`prompt: completion, completion: prompt`) works."""
     if not mapping:
         return fields
-    return {**fields, **{key: get_path(fields, path) for key, path in mapping.items()}}
+    moved = {key: get_path(fields, path) for key, path in mapping.items()}
+    sources = {_top_key(path) for path in mapping.values()} - set(mapping)
+    return {**{k: v for k, v in fields.items() if k not in sources}, **moved}
 
 
 MULTIMODAL = "multimodal row"
@@ -186,7 +197,9 @@ def from_alpaca(fields: dict[str, Any]) -> list[Message]:
     passage follows the instruction in the user turn."""
     instruction = _text(fields["instruction"], "'instruction'")
     extras = [_text(fields.get(key) or "", f"'{key}'") for key in ("input", "context")]
-    prompt = "\n\n".join([instruction, *(e for e in extras if e.strip())])
+    # dict.fromkeys: a passage given as both input and context is joined once, never twice
+    passages = dict.fromkeys(e for e in extras if e.strip())
+    prompt = "\n\n".join([instruction, *passages])
     response_key = "output" if "output" in fields else "response"
     return _pair(fields, prompt, fields[response_key], ("instruction", response_key))
 
