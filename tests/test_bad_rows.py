@@ -2,9 +2,12 @@
 for every source read = rejected + duplicates + dropped + kept."""
 
 import json
+import sys
+import unicodedata
 from pathlib import Path
 
 from sftops.config import Config
+from sftops.data.schemas import is_blank
 from sftops.jsonio import read_jsonl
 from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
@@ -30,6 +33,26 @@ BAD_LINES = [
         json.dumps(msgs(("user", "hi"), ("assistant", " \n\t "))).encode(),
         "empty message",
         "message 1 (assistant) is empty",
+    ),
+    # open-instruct's evaluation file answers one prompt with a lone U+200B: invisible, so empty
+    (
+        json.dumps(msgs(("user", "hi"), ("assistant", "\u200b\ufeff\u2060"))).encode(),
+        "empty message",
+        "message 1 (assistant) is empty: nothing visible",
+    ),
+    (json.dumps(msgs(("user", "\u3164"), ("assistant", "hi"))).encode(), "empty message", "message 0 (user) is empty"),
+    # KTO data (LLaMA-Factory's kto_en_demo) and pairs whose sides are whole conversations: never trained as SFT
+    (
+        json.dumps({**msgs(("user", "a"), ("assistant", "b")), "label": False}).encode(),
+        "preference data",
+        "keep only the rows labelled true",
+    ),
+    (
+        json.dumps(
+            {"chosen_messages": msgs(("user", "a"), ("assistant", "b"))["messages"], "rejected_messages": []}
+        ).encode(),
+        "preference data",
+        "fields: {messages: chosen_messages}",
     ),
     (json.dumps({"messages": []}).encode(), "empty conversation", "empty conversation"),
     (
@@ -182,3 +205,13 @@ def test_every_malformed_row_is_rejected_with_its_reason_and_counts_are_conserve
             + s["kept"]
         )
         assert s["read"] - s["kept"] == sum(r["source"] == name for r in rejected)
+
+
+def test_every_unicode_format_character_counts_as_invisible():
+    """schemas lists the format characters (Cf) by range, for one fast regex: every one this Python's Unicode
+    database knows is in it, and a visible character is not."""
+    format_characters = [c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf"]
+    assert len(format_characters) > 150
+    assert all(is_blank(chr(c)) for c in format_characters)
+    assert is_blank(" \u200b\n\ufeff\u2060\u3164\u115f\u1160\uffa0\t") and is_blank("")
+    assert not is_blank("\u200bok") and not is_blank("\u00a0.")

@@ -36,6 +36,17 @@ KEPT = {
     ),
     "csv": ({"path": "prompt_response.csv"}, 3),
     "variants": ({"path": "value_parts_developer_role.jsonl"}, 3),
+    # open-instruct's evaluation instances: a list of completions, the first read; one of them is a lone U+200B,
+    # invisible, so rejected as empty
+    "openinstruct": (
+        {
+            "path": "open_instruct_eval_instances.jsonl",
+            "schema": "prompt_completion",
+            "fields": {"completion": "completions[0].completion"},
+            "ignore": ["id"],
+        },
+        2,
+    ),
     "gsm8k": ({"path": str(SHARED / "gsm8k" / "train.jsonl"), "max_rows": 30}, 30),
     "selfinstruct": (
         {
@@ -53,6 +64,8 @@ REFUSED = {
     "placeholder": ({"path": "sharegpt_image_placeholder.jsonl"}, "multimodal row"),
     "parquetparts": ({"path": "image_parts.parquet"}, "multimodal row"),
     "dpo": ({"path": "llamafactory_dpo_style.json"}, "preference data"),
+    "kto": ({"path": "llamafactory_kto_en_demo.json"}, "preference data"),
+    "dpomessages": ({"path": "chosen_rejected_messages.jsonl"}, "preference data"),
     "strings": ({"path": "bare_strings.json"}, "row is a str, expected an object"),
     "tiny": ({"path": "tiny.jsonl"}, "split train/val/test"),
 }
@@ -132,6 +145,13 @@ def test_every_kept_sample_becomes_conversations_that_keep_their_meaning(tmp_pat
         (ids, targets), *_ = [t for t in seen[name] if passage in t[0]]
         assert ids.count(passage) == 1 and ids.count("When did Virgin Australia start operating?") == 1, name
         assert targets.startswith("Virgin Australia commenced services on 31 August 2000"), name
+    stats, _ = found["openinstruct"]
+    assert stats["rejected_by_reason"] == {"empty message": 1}
+    # the first completion of each, with the end of turn the template supervises after it
+    assert sorted(t for _, t in seen["openinstruct"]) == [
+        "The email belongs to the Social category.</s>\n",
+        'puts "Hello World!"</s>\n',
+    ]
     stats, rows = found["openai"]
     assert stats["rejected_by_reason"] == {"no user turn": 1}
     assert rows["It's easy to learn!"][0] == {
@@ -182,7 +202,7 @@ def test_every_refused_sample_stops_the_stage_with_one_line_naming_the_source_re
 
 
 @pytest.mark.reliability
-@pytest.mark.parametrize("name", ["strings", "mllm", "dpo", "tiny"])
+@pytest.mark.parametrize("name", ["strings", "mllm", "dpo", "kto", "tiny"])
 def test_the_cli_ends_a_refused_sample_with_exit_code_2_and_one_line(tmp_path, tiny_model, corpus, name, figures):
     source, phrase = REFUSED[name]
     params = {

@@ -278,6 +278,46 @@ def refuse_placeholders(messages: list[Message], ignore: tuple[str, ...] = ()) -
                 raise RowError(MULTIMODAL, f"message {i} ({m['role']}) has the placeholder {tag}; {PLACEHOLDER_FIX}")
 
 
+PREFERENCE = "preference data"
+# The column holding the preferred side of a pair: TRL's and LLaMA-Factory's `chosen`, LLaMA-Factory's newer
+# `chosen_messages` (each side the whole conversation).
+CHOSEN_KEYS = ("chosen", "chosen_messages")
+
+
+def refuse_preference_pairs(
+    raw: dict[str, Any], schema: str, mapping: dict[str, str], ignore: tuple[str, ...] = ()
+) -> None:
+    """Pairs of a chosen and a rejected answer (DPO data) refused with the fix: read whole, SFT would either
+    find no schema or train on both sides."""
+    chosen = next((k for k in CHOSEN_KEYS if k in raw and k not in ignore), None)
+    if schema != "auto" or mapping or chosen is None:
+        return
+    keys = sorted(raw)
+    if chosen == "chosen_messages":
+        fix = "write schema: messages, fields: {messages: chosen_messages} to train on the chosen conversations"
+    elif any(k.lower() in PROMPT_LIKE for k in keys):
+        fix = f"write {suggest_mapping(keys)}"
+    else:
+        fix = "export them as conversations that end with the chosen response"
+    raise RowError(
+        PREFERENCE,
+        f"found keys {keys}: SFT trains on one response per prompt and {chosen!r} holds it; {fix}, "
+        "or train them with a preference method (DPO)",
+    )
+
+
+def refuse_kto_labels(raw: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
+    """KTO data (a conversation beside a boolean `label`, LLaMA-Factory's kto_en_demo) refused with the fix: a
+    row labelled false holds an answer not to give, and SFT would train on it."""
+    if isinstance(raw.get("label"), bool) and "label" not in ignore:
+        raise RowError(
+            PREFERENCE,
+            f"found keys {sorted(raw)} with a true/false 'label' (KTO data): SFT would train on the answers labelled "
+            "false too; keep only the rows labelled true and list 'label' in data.sources[].ignore, or train them "
+            "with a preference method (KTO)",
+        )
+
+
 def _tools(fields: dict[str, Any]) -> list[dict[str, Any]] | None:
     tools = fields.get("tools")
     if tools is None:
@@ -302,6 +342,24 @@ def _bad_characters(text: str) -> str | None:
     return f"the control character U+{code:04X}"
 
 
+# What a reader cannot see: whitespace, the Unicode format characters (category Cf: zero-width spaces and joiners,
+# the BOM, bidi marks, tags; listed by range, tests/test_bad_rows.py checks them against unicodedata) and the Hangul
+# fillers that render as blanks. A message made only of these is empty (a real row of open-instruct's evaluation
+# file answers with a lone U+200B); one compiled fullmatch, no per-character loop, at a million rows.
+_CF = (
+    "\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
+    "\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f"
+)
+_FILLERS = "\u115f\u1160\u3164\uffa0"
+_INVISIBLE = re.compile(f"[\\s{_CF}{_FILLERS}]*")
+
+
+def is_blank(text: str) -> bool:
+    """Nothing visible in the text: only whitespace, format characters or blank fillers."""
+    return _INVISIBLE.fullmatch(text) is not None
+
+
 def validate(messages: list[Message]) -> None:
     """What every conversation must satisfy to be trained on."""
     if not messages:
@@ -309,8 +367,12 @@ def validate(messages: list[Message]) -> None:
     for i, m in enumerate(messages):
         if m["role"] == "system" and i != 0:
             raise RowError("system turn not first", f"message {i} is a system turn")
-        if not m["content"].strip() and not m.get("tool_calls"):
-            raise RowError("empty message", f"message {i} ({m['role']}) is empty or whitespace")
+        if not m.get("tool_calls") and is_blank(m["content"]):
+            raise RowError(
+                "empty message",
+                f"message {i} ({m['role']}) is empty: nothing visible, only whitespace or invisible "
+                "characters (zero-width, BOM); remove the row or give it its text",
+            )
         bad = _bad_characters(m["content"])
         if bad:
             raise RowError("invalid characters", f"message {i} ({m['role']}) contains {bad}")
@@ -340,18 +402,8 @@ def to_conversation(
     it fits no schema or carries images."""
     raw = fields if isinstance(fields, dict) else {}
     refuse_multimodal(raw, ignore)
-    if schema == "auto" and not mapping and "chosen" in raw and "chosen" not in ignore:
-        keys = sorted(raw)
-        fix = (
-            f"write {suggest_mapping(keys)}"
-            if any(k.lower() in PROMPT_LIKE for k in keys)
-            else "export them as conversations that end with the chosen response"
-        )
-        raise RowError(
-            "preference data",
-            f"found keys {keys}: SFT trains on one response per prompt and 'chosen' "
-            f"holds it; {fix}, or train them with a preference method (DPO)",
-        )
+    refuse_preference_pairs(raw, schema, mapping or {}, ignore)
+    refuse_kto_labels(raw, ignore)
     fields = apply_mapping(fields, mapping or {})
     name = detect_schema(fields) if schema == "auto" else schema
     keys, convert = SCHEMAS[name]
