@@ -99,11 +99,15 @@ def corpus(tmp_path: Path) -> Path:
     return d
 
 
-def make_cfg(tmp_path: Path, model: Path, name: str, source: dict, corpus: Path, **data) -> Config:
+def make_cfg(
+    tmp_path: Path, model: Path, name: str, source: dict, corpus: Path, max_length: int = 16384, **data
+) -> Config:
     path = source["path"] if Path(source["path"]).is_absolute() else str(corpus / source["path"])
     sources = [{"name": name, **source, "path": path}]
     # max_length: the tiny tokenizer takes about one token a character
-    return data_config(tmp_path / name, sources, model, 16384, **{"val_fraction": 0.0, "test_fraction": 0.2, **data})
+    return data_config(
+        tmp_path / name, sources, model, max_length, **{"val_fraction": 0.0, "test_fraction": 0.2, **data}
+    )
 
 
 def curated(cfg: Config) -> list[dict]:
@@ -173,6 +177,40 @@ def test_every_kept_sample_becomes_conversations_that_keep_their_meaning(tmp_pat
         assert found["selfinstruct"][0]["unused_fields"] == {
             "selfinstruct": {"id": 175, "is_classification": 175, "name": 175}
         }  # over the rows read
+
+
+def test_truncate_prompt_cuts_a_long_passage_across_its_paragraphs_and_trains_the_answer_whole(
+    tmp_path, tiny_model, corpus
+):
+    """Dolly's question, a three-paragraph passage, the answer: at 250 tokens (one token a character or so) no
+    paragraph alone gives enough, so the passage is cut across them; the answer is trained whole with its end
+    of turn. At 130 the answer cannot fit beside the question: the row is dropped as too long, and the source,
+    left with none, stops the stage with the setting to raise, also through the CLI."""
+    source = {"path": "dolly_three_paragraph_context.jsonl"}
+    split = {"min_test_rows": 0, "overflow": "truncate_prompt"}
+    cfg = make_cfg(tmp_path, tiny_model, "cut", source, corpus, 250, **split)
+    run_ingest(cfg)
+    assert run_format(cfg)["kept"] == 1
+    [(ids, targets)] = trained(cfg)
+    answer = (
+        "Virgin Australia commenced services on 31 August 2000 as Virgin Blue, with two aircraft on a single route."
+    )
+    assert targets == answer + "</s>\n"
+    assert "When did Virgin Australia start operating?\n\nVirgin Aus" in ids and " [...] " in ids
+    assert "single route.\n### Assistant:" in ids  # the passage's end, then the answer
+    cfg = make_cfg(tmp_path, tiny_model, "tight", source, corpus, 130, **split)
+    run_ingest(cfg)
+    with pytest.raises(DataError, match="too long: .* raise model.max_length"):
+        run_format(cfg)
+    params = {
+        "data": {"sources": [{"name": "tight", "path": str(corpus / source["path"])}], **split},
+        "model": {"base": str(tiny_model), "max_length": 130},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert sftops("ingest", cwd=tmp_path).returncode == 0
+    done = sftops("format", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert [line for line in error_lines(done.stderr) if "raise model.max_length" in line] != []
 
 
 def test_a_declared_ignore_silences_the_unused_field_report(tmp_path, tiny_model, corpus):

@@ -7,6 +7,8 @@ import statistics
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from conftest import reference_encode
 from sftops.chat import generation_prompt
@@ -14,6 +16,9 @@ from sftops.config import Config, ModelConfig
 from sftops.data.examples import training_examples
 from sftops.data.store import read_split
 from sftops.data.tokenize import (
+    CUT_TRIES,
+    ELISION,
+    KEEP_EACH_END,
     Renderer,
     encode_batch,
     fit,
@@ -240,12 +245,90 @@ def test_truncate_prompt_cuts_the_middle_of_a_long_prompt_and_keeps_the_question
         assert fitted.prompt_tokens_cut >= len(enc.input_ids) - 64
 
 
-def test_a_response_longer_than_max_length_loses_its_end_and_says_how_much(tok):
+def test_a_response_that_cannot_fit_is_dropped_as_too_long_never_trained_cut(tok):
     conv = _conv("hi", "the cat sat on the mat " * 30)
-    enc = encode_batch(tok, [conv])[0]
     fitted = _fit(tok, conv, 32, "truncate_prompt")
-    assert len(fitted.encoded.input_ids) == 32
-    assert fitted.response_tokens_lost == enc.n_targets - fitted.encoded.n_targets > 0
+    assert fitted.encoded is None and fitted.kind == "too long"
+    assert "> model.max_length 32" in fitted.reason and "raise model.max_length" in fitted.reason
+
+
+# Dolly's first row with its context's three sentences as three paragraphs: each shorter than the excess at 250
+DOLLY_QUESTION = "When did Virgin Australia start operating?"
+DOLLY_PASSAGE = [
+    "Virgin Australia, the trading name of Virgin Australia Airlines Pty Ltd, is an Australian-based airline.",
+    "It is the largest airline by fleet size to use the Virgin brand.",
+    "It commenced services on 31 August 2000 as Virgin Blue, with two aircraft on a single route.",
+]
+DOLLY_ANSWER = (
+    "Virgin Australia commenced services on 31 August 2000 as Virgin Blue, with two aircraft on a single route."
+)
+
+
+def test_truncate_prompt_cuts_across_the_passages_paragraphs_and_keeps_the_response_whole(tok):
+    conv = _conv("\n\n".join([DOLLY_QUESTION, *DOLLY_PASSAGE]), DOLLY_ANSWER)
+    enc = encode_batch(tok, [conv])[0]
+    longest = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in DOLLY_PASSAGE)
+    assert len(enc.input_ids) - 250 > longest  # no single paragraph can give so much
+    fitted = _fit(tok, conv, 250, "truncate_prompt")
+    assert fitted.encoded is not None and len(fitted.encoded.input_ids) <= 250
+    targets = tok.decode([t for t in fitted.encoded.labels if t != IGNORE])
+    assert targets == DOLLY_ANSWER + "</s>\n" and fitted.response_tokens_lost == 0  # with its end of turn
+    user = fitted.messages[0]["content"]
+    assert user.startswith(DOLLY_QUESTION + "\n\nVirgin Aus") and user.endswith("single route.")
+    assert "[...]" in user and len(user) < len(conv["messages"][0]["content"])
+    # too short for the question and the answer: dropped, naming the setting, not trained with no target
+    dropped = _fit(tok, conv, 130, "truncate_prompt")
+    assert dropped.kind == "too long" and "raise model.max_length" in dropped.reason
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tiny_model):
+    return load_tokenizer(ModelConfig(base=str(tiny_model)))
+
+
+WORDS = ["the", "cat", "sat", "on", "mat", "what", "is", "two", "plus", "four.", "hello,", "you?", "é", "東京", "Q:"]
+words = st.lists(st.sampled_from(WORDS), min_size=1, max_size=30).map(" ".join)
+user_turns = st.lists(words, min_size=1, max_size=5).map("\n\n".join)  # an instruction, then passage paragraphs
+
+
+@st.composite
+def conversations_and_limits(draw):
+    exchanges = draw(st.lists(st.tuples(user_turns, words), min_size=1, max_size=3))
+    system = draw(st.one_of(st.none(), words))
+    messages = [{"role": "system", "content": system}] if system else []
+    for user, answer in exchanges:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, "tools": None}, draw(st.integers(min_value=16, max_value=400))
+
+
+def _final_response(enc):
+    """The last target run's ids and the tokens after it (the end of the sequence)."""
+    first, end = runs_of(enc.labels)[-1]
+    return enc.input_ids[first:end], len(enc.input_ids) - end
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=conversations_and_limits())
+def test_truncate_prompt_never_trains_a_cut_response_and_drops_only_what_cannot_fit(tiny_tok, case):
+    """On the real fit() and tokenizer: a kept row fits, and its final response is trained whole, end of turn
+    included (the same target ids, at the end); a row is dropped as too long only when its response with the
+    prompt's instruction (the final user turn's first paragraph) and system turn cannot fit, give or take the
+    elision marker and the ends kept of a cut passage."""
+    conv, max_length = case
+    render = Renderer(tiny_tok)
+    enc = encode_batch(tiny_tok, [conv], render)[0]
+    fitted = fit(tiny_tok, render, conv, enc, max_length, "truncate_prompt", "row")
+    event("dropped" if fitted.encoded is None else "kept, prompt cut" if fitted.truncated else "kept whole")
+    if fitted.encoded is not None:
+        assert len(fitted.encoded.input_ids) <= max_length
+        assert _final_response(fitted.encoded) == _final_response(enc)
+        return
+    assert fitted.kind == "too long", fitted.reason
+    *head, user, answer = conv["messages"]
+    head = [m for m in head if m["role"] == "system"]
+    minimal = head + [dict(user, content=user["content"].split("\n\n")[0]), answer]
+    slack = len(tiny_tok(ELISION, add_special_tokens=False)["input_ids"]) + 2 * KEEP_EACH_END + 2 * CUT_TRIES + 4
+    assert len(encode_batch(tiny_tok, [{"messages": minimal, "tools": None}], render)[0].input_ids) + slack > max_length
 
 
 def test_rows_without_supervised_tokens_are_dropped_not_trained_on(tok):

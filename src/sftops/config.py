@@ -184,8 +184,9 @@ class DataConfig(_Strict):
     overflow: Literal["drop", "truncate_prompt", "error"] = Field(
         "drop",
         description=(
-            "Rows longer than model.max_length tokens: drop them, cut the oldest prompt turns / the start of the "
-            "prompt (truncate_prompt, keeping the response whole where it fits), or stop the stage (error)."
+            "Rows longer than model.max_length tokens: drop them, cut the prompt (truncate_prompt: the oldest "
+            "exchanges, then the middle of the passage, never the instruction paragraph or the response; a row "
+            "whose response cannot fit is dropped as too long), or stop the stage (error)."
         ),
     )
     near_duplicate_threshold: float | None = Field(

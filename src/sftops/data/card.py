@@ -106,7 +106,8 @@ def render_card(stats: dict[str, Any]) -> str:
         f"## max_length {o['max_length']}, policy `{o['policy']}`\n\n- rows over max_length: {o['rows_over']}\n"
         f"- dropped: {o['dropped_too_long']}; truncated: {o['truncated']} (prompt tokens cut from the middle of the "
         f"longest user turn: {o.get('prompt_tokens_cut', 0)}; each curated row holds the text as trained in "
-        f"messages_as_trained); response tokens lost to truncation: {o['response_tokens_lost']}\n- dropped with no "
+        f"messages_as_trained); answer tokens of older exchanges dropped to make room: {o['response_tokens_lost']} "
+        f"(a final response is never cut: a row whose response cannot fit is dropped)\n- dropped with no "
         f"supervised token: {o['dropped_no_target']}"
     )
     if stats.get("rows_kept_at_max_length"):

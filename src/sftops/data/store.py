@@ -214,7 +214,8 @@ def cache_key(curated: Path, tokenizer: PreTrainedTokenizerBase, max_length: int
 class TokenCacheWriter:
     """Writes the tokenised cache split by split, in chunks, as flat arrays a reader memory-maps without copying:
     per split a folder with input_ids/labels (int32, all rows end to end), offsets (int64, rows + 1),
-    truncated (bool), lost (int32, response tokens lost) and ids (an Arrow IPC file).
+    truncated (bool), lost (int32, answer tokens of older exchanges dropped by truncate_prompt) and ids (an Arrow
+    IPC file).
 
     key.json is written last, by close(): an interrupted write leaves no key, so it is never taken for a valid cache."""
 
@@ -314,7 +315,7 @@ def _flat(rows: list[Any], total: int) -> np.ndarray:
 
 
 def write_cache(curated: Path, key: dict[str, Any], encoded: dict[str, list[tuple[str, Encoded, bool, int]]]) -> None:
-    """encoded: split -> [(row id, encoding, truncated, response tokens lost)]."""
+    """encoded: split -> [(row id, encoding, truncated, answer tokens of dropped exchanges)]."""
     with TokenCacheWriter(curated, key) as writer:
         for split, rows in encoded.items():
             writer.add(split, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])

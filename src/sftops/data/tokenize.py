@@ -171,7 +171,9 @@ def encode_conversation(
 
 @dataclass
 class Fitted:
-    """A conversation's encoding after the overflow policy: None when dropped (reason says why)."""
+    """A conversation's encoding after the overflow policy: None when dropped (reason says why).
+    response_tokens_lost counts the target tokens of older exchanges dropped whole to make room (their answers
+    were context by then); the final response is never cut."""
 
     encoded: Encoded | None
     reason: str | None = None
@@ -195,6 +197,7 @@ def _drop_oldest_exchange(messages: list[dict]) -> list[dict] | None:
 
 ELISION = " [...] "
 KEEP_EACH_END = 4  # tokens of a cut passage always kept at its start and its end
+CUT_TRIES = 6  # re-encodings after a cut: the marker and re-merged tokens at the cut may need a little more cut
 
 
 def _cut_middle(tokenizer: PreTrainedTokenizerBase, text: str, n_tokens: int) -> str | None:
@@ -208,20 +211,72 @@ def _cut_middle(tokenizer: PreTrainedTokenizerBase, text: str, n_tokens: int) ->
     )
 
 
+def _cut_regions(content: str) -> list[tuple[int, int]]:
+    """Where a user turn may be cut, best first, as character spans: its longest paragraph alone (every other
+    paragraph, the question among them, stays whole), then the passage across paragraphs, everything after the
+    first paragraph (the instruction: alpaca's instruction, Dolly's question). A turn of one paragraph is
+    cut in its middle."""
+    parts = content.split("\n\n")
+    starts = [sum(len(p) + 2 for p in parts[:k]) for k in range(len(parts))]
+    longest = max(range(len(parts)), key=lambda k: len(parts[k]))
+    regions = [(starts[longest], starts[longest] + len(parts[longest]))]
+    if len(parts) > 2:
+        regions.append((starts[1], len(content)))
+    return regions
+
+
 def _cut_prompt_middle(tokenizer: PreTrainedTokenizerBase, messages: list[dict], n_tokens: int) -> list[dict] | None:
-    """The conversation with n_tokens cut, marked by ELISION, from the middle of the longest paragraph of its
-    longest user turn: an instruction or question in a paragraph of its own (alpaca's instruction, Dolly's
-    context, "passage ... Question: ...") survives whole, and so do the start and end of the passage. None
-    when that turn is too short to cut so much."""
+    """The conversation with n_tokens cut, marked by ELISION, from the middle of a region of its longest user
+    turn (_cut_regions: never the instruction paragraph, always the start and end of the passage); None when
+    no region holds so many tokens."""
     users = [j for j, m in enumerate(messages) if m["role"] == "user"]
     i = max(users, key=lambda j: len(messages[j]["content"]))
-    parts = messages[i]["content"].split("\n\n")
-    longest = max(range(len(parts)), key=lambda k: len(parts[k]))
-    cut = _cut_middle(tokenizer, parts[longest], n_tokens)
-    if cut is None:
-        return None
-    content = "\n\n".join(parts[:longest] + [cut] + parts[longest + 1 :])
-    return messages[:i] + [dict(messages[i], content=content)] + messages[i + 1 :]
+    content = messages[i]["content"]
+    for lo, hi in _cut_regions(content):
+        cut = _cut_middle(tokenizer, content[lo:hi], n_tokens)
+        if cut is not None:
+            return messages[:i] + [dict(messages[i], content=content[:lo] + cut + content[hi:])] + messages[i + 1 :]
+    return None
+
+
+def _overflow_refusal(enc: Encoded, max_length: int, policy: str, where: str) -> Fitted | None:
+    """data.overflow error (raised) or drop (the row dropped, with the setting to change) for a row over
+    max_length; None for truncate_prompt."""
+    if policy == "error":
+        raise DataError(
+            f"{where}: {len(enc.input_ids)} tokens > model.max_length {max_length} "
+            "(set data.overflow to drop or truncate_prompt, or raise model.max_length)"
+        )
+    if policy == "drop":
+        return Fitted(
+            None,
+            f"{len(enc.input_ids)} tokens > model.max_length {max_length} "
+            "(raise it, or set data.overflow: truncate_prompt)",
+            kind="too long",
+        )
+    return None
+
+
+def _shortened(
+    tokenizer: PreTrainedTokenizerBase, render: Renderer, conv: Conversation, enc: Encoded, max_length: int
+) -> tuple[list[dict], Encoded]:
+    """The conversation cut toward max_length, with its encoding: the oldest exchanges dropped, then the middle
+    of the prompt cut (_cut_prompt_middle). Never the response: what is returned may still be too long."""
+    messages = conv["messages"]
+    while len(enc.input_ids) > max_length and (shorter := _drop_oldest_exchange(messages)) is not None:
+        messages = shorter
+        enc = encode_conversation(tokenizer, messages, conv.get("tools"), render)
+    marker = len(tokenizer(ELISION, add_special_tokens=False)["input_ids"])
+    for attempt in range(CUT_TRIES):
+        excess = len(enc.input_ids) - max_length
+        if excess <= 0:
+            break
+        cut = _cut_prompt_middle(tokenizer, messages, excess + marker + attempt * 2)
+        if cut is None:
+            break
+        messages = cut
+        enc = encode_conversation(tokenizer, messages, conv.get("tools"), render)
+    return messages, enc
 
 
 def fit(
@@ -233,46 +288,25 @@ def fit(
     policy: str,
     where: str,
 ) -> Fitted:
-    """Apply the overflow policy to one encoded conversation. truncate_prompt cuts the oldest exchanges, then
-    the middle of the longest user turn (never its start or its end, where the question is), and only when the
-    response alone cannot fit, the end of the response (counted in response_tokens_lost). A row left with no
+    """Apply the overflow policy to one encoded conversation. truncate_prompt drops the oldest exchanges, then
+    cuts the middle of the longest user turn (its longest paragraph, else the passage after its first
+    paragraph: never the instruction, never the passage's start or end). The response is never cut: a row
+    whose response, with what must stay of its prompt, cannot fit is dropped as too long. A row with no
     target token is dropped."""
     targets = enc.n_targets
     if len(enc.input_ids) > max_length:
-        if policy == "error":
-            raise DataError(
-                f"{where}: {len(enc.input_ids)} tokens > model.max_length {max_length} "
-                "(set data.overflow to drop or truncate_prompt, or raise model.max_length)"
-            )
-        if policy == "drop":
+        refused = _overflow_refusal(enc, max_length, policy, where)
+        if refused is not None:
+            return refused
+        messages, short = _shortened(tokenizer, render, conv, enc, max_length)
+        if len(short.input_ids) > max_length:
             return Fitted(
                 None,
-                f"{len(enc.input_ids)} tokens > model.max_length {max_length} "
-                "(raise it, or set data.overflow: truncate_prompt)",
+                f"{len(short.input_ids)} tokens > model.max_length {max_length} with the prompt cut as far as "
+                "truncate_prompt goes (it never cuts the response); raise model.max_length",
                 kind="too long",
             )
-        messages = conv["messages"]
-        prompt_before = len(enc.input_ids) - targets
-        while len(enc.input_ids) > max_length and (shorter := _drop_oldest_exchange(messages)) is not None:
-            messages = shorter
-            enc = encode_conversation(tokenizer, messages, conv.get("tools"), render)
-        for attempt in range(4):  # the marker and re-merged tokens at the cut: cut a little more each try
-            excess = len(enc.input_ids) - max_length
-            if excess <= 0:
-                break
-            cut = _cut_prompt_middle(
-                tokenizer,
-                messages,
-                excess + len(tokenizer(ELISION, add_special_tokens=False)["input_ids"]) + attempt * 2,
-            )
-            if cut is None:
-                break
-            messages = cut
-            enc = encode_conversation(tokenizer, messages, conv.get("tools"), render)
-        if len(enc.input_ids) > max_length:  # the response itself does not fit: its end is lost
-            enc = Encoded(enc.input_ids[:max_length], enc.labels[:max_length])
-        lost = targets - enc.n_targets
-        if enc.n_targets == 0:
+        if short.n_targets == 0:  # the targets were all in the older exchanges dropped to make room
             return Fitted(
                 None,
                 "no supervised token left after truncation",
@@ -280,13 +314,12 @@ def fit(
                 truncated=True,
                 response_tokens_lost=targets,
             )
-        cut_tokens = max(prompt_before - (len(enc.input_ids) - enc.n_targets), 0)
         return Fitted(
-            enc,
+            short,
             truncated=True,
-            response_tokens_lost=lost,
+            response_tokens_lost=targets - short.n_targets,
             messages=messages if messages is not conv["messages"] else None,
-            prompt_tokens_cut=cut_tokens,
+            prompt_tokens_cut=max((len(enc.input_ids) - targets) - (len(short.input_ids) - short.n_targets), 0),
         )
     if targets == 0:
         return Fitted(None, "no supervised token (the template renders no assistant text)", kind="no supervised tokens")
