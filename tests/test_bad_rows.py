@@ -6,8 +6,11 @@ import sys
 import unicodedata
 from pathlib import Path
 
+import pytest
+
 from sftops.config import Config
-from sftops.data.schemas import is_blank
+from sftops.data.rejections import REASON_CHARS, ReasonTally, shortened
+from sftops.data.schemas import RowError, is_blank, to_conversation
 from sftops.jsonio import read_jsonl
 from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
@@ -117,7 +120,59 @@ BAD_LINES = [
         "multimodal row",
         "parts of type ['image_url']",
     ),
-    (json.dumps({**GOOD, "tools": "get_weather"}).encode(), "invalid tools", "'tools' is not a list"),
+    (json.dumps({**GOOD, "tools": "get_weather"}).encode(), "invalid tools", "'tools' is text but not JSON"),
+    (json.dumps({**GOOD, "tools": {"name": "f"}}).encode(), "invalid tools", "'tools' is not a list"),
+    (
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "weather?"},
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {"type": "function", "function": {"name": "w", "arguments": json.dumps('{"city": "x"}')}}
+                        ],
+                    },
+                    {"role": "tool", "content": "sun"},
+                    {"role": "assistant", "content": "sunny"},
+                ]
+            }
+        ).encode(),
+        "invalid tool call",
+        "JSON encoded twice (a string holding a JSON string); decode them once",
+    ),
+    # glaive tool data as LLaMA-Factory ships it (glaive_toolcall_en_demo.json)
+    (
+        json.dumps(
+            {
+                "conversations": [
+                    {"from": "human", "value": "area of a 5 by 3 rectangle?"},
+                    {
+                        "from": "function_call",
+                        "value": '{"name": "calculate_area", "arguments": {"shape": "rectangle"}}',
+                    },
+                    {"from": "observation", "value": '{"area": 15}'},
+                    {"from": "gpt", "value": "15 square units."},
+                ],
+                "tools": '[{"name": "calculate_area"}]',
+            }
+        ).encode(),
+        "unsupported tool format",
+        "convert the rows to OpenAI messages",
+    ),
+    # the mapping hint names what the keys mean
+    (json.dumps({"text": "a whole web page"}).encode(), "no known schema", "'text' holds pre-training text"),
+    (
+        json.dumps({"prompt": "p?", "completions": [{"model": "m", "completion": "c"}]}).encode(),
+        "no known schema",
+        "fields: {prompt: prompt, completion: completions[0].completion}",
+    ),
+    (
+        json.dumps({"instruction": "i", "instances": [{"input": "x", "output": "y"}]}).encode(),
+        "no known schema",
+        "schema: alpaca, fields: {input: instances[0].input, output: instances[0].output}",
+    ),
     (
         json.dumps({"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]}).encode(),
         "unknown role",
@@ -205,6 +260,23 @@ def test_every_malformed_row_is_rejected_with_its_reason_and_counts_are_conserve
             + s["kept"]
         )
         assert s["read"] - s["kept"] == sum(r["source"] == name for r in rejected)
+
+
+def test_tools_given_as_json_text_are_read_and_an_empty_list_is_none():
+    row = {**GOOD, "tools": json.dumps([{"type": "function", "function": {"name": "f"}}])}
+    assert to_conversation(row)["tools"] == [{"type": "function", "function": {"name": "f"}}]
+    assert to_conversation({**GOOD, "tools": "[]"})["tools"] is None
+
+
+def test_a_stop_message_keeps_its_fix_however_many_keys_the_rows_have():
+    wide = {f"column_{i:03d}": "x" for i in range(200)}
+    with pytest.raises(RowError) as err:
+        to_conversation(wide)
+    tally = ReasonTally.of([str(err.value)] * 3)
+    assert "... 188 more]" in tally.first["no known schema"]
+    assert tally.first["no known schema"].endswith("completion: <the key of the answer>}")
+    long = "x" * 1000 + " fix: do this"
+    assert shortened(long).endswith(" fix: do this") and len(shortened(long)) == REASON_CHARS
 
 
 def test_every_unicode_format_character_counts_as_invisible():

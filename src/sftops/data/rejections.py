@@ -20,6 +20,17 @@ def ingest_kind(reason: str) -> str:
     return reason.split(" (")[0].split(":")[0]
 
 
+REASON_CHARS = 400  # of the first reason of a kind kept for the one-line stop message
+
+
+def shortened(reason: str, limit: int = REASON_CHARS) -> str:
+    """A long reason cut in its middle, not its end: the fix is said last, and must survive the cut."""
+    if len(reason) <= limit:
+        return reason
+    tail = limit // 2
+    return reason[: limit - tail - 5] + " ... " + reason[-tail:]
+
+
 @dataclass
 class ReasonTally:
     """How many rejections of each kind, and the first reason of each: all top_reasons needs, held in the room
@@ -31,7 +42,7 @@ class ReasonTally:
     def add(self, reason: str) -> None:
         kind = ingest_kind(reason)
         self.counts[kind] += 1
-        self.first.setdefault(kind, reason[:400])
+        self.first.setdefault(kind, shortened(reason))
 
     @classmethod
     def of(cls, reasons: Iterable[str]) -> ReasonTally:

@@ -7,6 +7,7 @@ and "name" (tool results). A conversation may carry a list of tool definitions (
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -113,6 +114,17 @@ def _weight(value: Any, i: int, role: str) -> int:
     return int(value)
 
 
+def _encoded_twice(arguments: Any) -> bool:
+    """Tool-call arguments that are a JSON string holding another JSON string ('"{\\"city\\": ...}"'): an
+    export that encoded them twice; the model would learn to write the escapes."""
+    if not isinstance(arguments, str):
+        return False
+    try:
+        return isinstance(json.loads(arguments), str)
+    except ValueError:
+        return False
+
+
 def _tool_calls(value: Any, i: int) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise RowError("invalid tool call", f"message {i}: 'tool_calls' is not a non-empty list")
@@ -120,6 +132,12 @@ def _tool_calls(value: Any, i: int) -> list[dict[str, Any]]:
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise RowError("invalid tool call", f"message {i}: a tool call lacks function.name")
+        if _encoded_twice(fn.get("arguments")):
+            raise RowError(
+                "invalid tool call",
+                f"message {i}: the arguments of {fn['name']!r} are JSON encoded twice (a string holding a JSON "
+                "string); decode them once, to an object or its JSON text",
+            )
     return value
 
 
@@ -165,6 +183,13 @@ def from_sharegpt(conversations: Any) -> list[Message]:
         if "from" not in turn or "value" not in turn:
             raise RowError("missing field", f"turn {i} lacks 'from' or 'value'")
         speaker = turn["from"]
+        if speaker == "function_call":
+            raise RowError(
+                "unsupported tool format",
+                f"turn {i} is a 'function_call' turn (glaive / LLaMA-Factory tool format): convert the rows to OpenAI "
+                "messages, each function_call an assistant turn with tool_calls [{type: function, function: {name, "
+                "arguments}}] and each observation a tool turn",
+            )
         if speaker not in SHAREGPT_ROLES:
             raise RowError("unknown role", f"turn {i} is from {speaker!r} (allowed: {', '.join(SHAREGPT_ROLES)})")
         out.append({"role": SHAREGPT_ROLES[speaker], "content": _text(turn["value"], f"turn {i} value")})
@@ -242,25 +267,64 @@ PROMPT_LIKE = ("instruction", "prompt", "question", "query", "input", "text", "p
 RESPONSE_LIKE = ("output", "response", "answer", "completion", "target", "solution", "chosen")
 
 
-def suggest_mapping(keys: list[str]) -> str:
-    """A field mapping to write for rows with these keys, when their names make the meaning plain."""
-    prompt = next((k for k in keys if k.lower() in PROMPT_LIKE), None)
-    response = next((k for k in keys if k.lower() in RESPONSE_LIKE and k != prompt), None)
+SHOWN_KEYS = 12  # keys named in a reason: a wide export's hundred columns would push the fix out of the line
+
+
+def key_list(keys: Any) -> str:
+    """The row's keys for a reason, sorted, the first SHOWN_KEYS of them and how many more."""
+    names = sorted(keys)
+    more = f", ... {len(names) - SHOWN_KEYS} more" if len(names) > SHOWN_KEYS else ""
+    return "[" + ", ".join(repr(k) for k in names[:SHOWN_KEYS]) + more + "]"
+
+
+def _paths(fields: dict[str, Any]) -> list[str]:
+    """The row's top-level keys, then the keys one level down (in an object, or the first object of a list) as
+    mapping paths: 'completions[0].completion', 'instances[0].output'."""
+    nested = []
+    for key in sorted(fields):
+        value = fields[key]
+        inner, prefix = (value[0], f"{key}[0]") if isinstance(value, list) and value else (value, key)
+        if isinstance(inner, dict):
+            nested += [f"{prefix}.{k}" for k in inner if isinstance(k, str)]
+    return sorted(fields) + nested
+
+
+def _last(path: str) -> str:
+    return path.rsplit(".", 1)[-1].lower()
+
+
+def suggest_mapping(fields: dict[str, Any]) -> str:
+    """What to write in params.yaml for rows like this, when their keys make the meaning plain: a mapping to a
+    known schema, nested paths included (a list of completions, self-instruct's instances); the fix clause."""
+    paths = _paths(fields)
+    prompt = next((p for p in paths if _last(p) in PROMPT_LIKE), None)
+    response = next((p for p in paths if _last(p) in RESPONSE_LIKE and p != prompt), None)
+    if "instruction" in fields and response and "." in response:
+        passage = response.rsplit(".", 1)[0] + ".input"  # self-instruct: the instance's input beside its output
+        if passage in paths:
+            return f"in params.yaml write schema: alpaca, fields: {{input: {passage}, output: {response}}}"
     if prompt and response:
-        return f"schema: prompt_completion, fields: {{prompt: {prompt}, completion: {response}}}"
-    return "schema: prompt_completion, fields: {prompt: <the key of the question>, completion: <the key of the answer>}"
+        return f"in params.yaml write schema: prompt_completion, fields: {{prompt: {prompt}, completion: {response}}}"
+    if prompt is not None and _last(prompt) == "text":
+        return (
+            "'text' holds pre-training text (whole documents), but SFT needs prompt/response pairs: export each as a "
+            "prompt with its response (prompt/completion or messages rows)"
+        )
+    return (
+        "in params.yaml write schema: prompt_completion, fields: {prompt: <the key of the question>, "
+        "completion: <the key of the answer>}"
+    )
 
 
 def detect_schema(fields: dict[str, Any]) -> str:
     for name in AUTO_ORDER:
         if all(k in fields for k in SCHEMAS[name][0]):
             return name
-    keys = sorted(fields)
     raise RowError(
         "no known schema",
         "expected 'messages', 'conversations' (ShareGPT), 'conversation', instruction/output, instruction/response, "
-        f"prompt/completion, prompt/response or question/answer; found keys {keys}; in params.yaml write "
-        f"{suggest_mapping(keys)}",
+        f"prompt/completion, prompt/response or question/answer; found keys {key_list(fields)}; "
+        f"{suggest_mapping(fields)}",
     )
 
 
@@ -296,12 +360,12 @@ def refuse_preference_pairs(
     if chosen == "chosen_messages":
         fix = "write schema: messages, fields: {messages: chosen_messages} to train on the chosen conversations"
     elif any(k.lower() in PROMPT_LIKE for k in keys):
-        fix = f"write {suggest_mapping(keys)}"
+        fix = suggest_mapping(raw)
     else:
         fix = "export them as conversations that end with the chosen response"
     raise RowError(
         PREFERENCE,
-        f"found keys {keys}: SFT trains on one response per prompt and {chosen!r} holds it; {fix}, "
+        f"found keys {key_list(keys)}: SFT trains on one response per prompt and {chosen!r} holds it; {fix}, "
         "or train them with a preference method (DPO)",
     )
 
@@ -312,7 +376,7 @@ def refuse_kto_labels(raw: dict[str, Any], ignore: tuple[str, ...] = ()) -> None
     if isinstance(raw.get("label"), bool) and "label" not in ignore:
         raise RowError(
             PREFERENCE,
-            f"found keys {sorted(raw)} with a true/false 'label' (KTO data): SFT would train on the answers labelled "
+            f"found keys {key_list(raw)} with a true/false 'label' (KTO data): SFT would train on the answers labelled "
             "false too; keep only the rows labelled true and list 'label' in data.sources[].ignore, or train them "
             "with a preference method (KTO)",
         )
@@ -322,6 +386,13 @@ def _tools(fields: dict[str, Any]) -> list[dict[str, Any]] | None:
     tools = fields.get("tools")
     if tools is None:
         return None
+    if isinstance(tools, str):  # glaive and LLaMA-Factory's tool data keep the definitions as JSON text
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise RowError("invalid tools", "'tools' is text but not JSON; give a list of tool definitions") from None
+        if tools == []:
+            return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise RowError("invalid tools", "'tools' is not a list of tool definitions")
     return tools
@@ -409,7 +480,7 @@ def to_conversation(
     keys, convert = SCHEMAS[name]
     missing = [k for k in keys if k not in fields]
     if missing:
-        raise RowError("missing field", f"schema {name!r} needs {missing}; found keys {sorted(fields)}")
+        raise RowError("missing field", f"schema {name!r} needs {missing}; found keys {key_list(fields)}")
     messages = convert(fields)
     validate(messages)
     refuse_placeholders(messages, ignore)
