@@ -35,6 +35,7 @@ KEPT = {
         4,
     ),
     "csv": ({"path": "prompt_response.csv"}, 3),
+    "tsv": ({"path": "prompt_response.tsv"}, 3),
     "variants": ({"path": "value_parts_developer_role.jsonl"}, 3),
     # open-instruct's evaluation instances: a list of completions, the first read; one of them is a lone U+200B,
     # invisible, so rejected as empty
@@ -65,6 +66,9 @@ REFUSED = {
     "parquetparts": ({"path": "image_parts.parquet"}, "multimodal row"),
     "dpo": ({"path": "llamafactory_dpo_style.json"}, "preference data"),
     "kto": ({"path": "llamafactory_kto_en_demo.json"}, "preference data"),
+    "glaive": ({"path": "llamafactory_glaive_toolcall_en_demo.json"}, "convert the rows to OpenAI messages"),
+    "jsonlines": ({"path": "dolly_to_json_lines.json"}, "holds JSON Lines"),
+    "completions": ({"path": "open_instruct_eval_instances.jsonl"}, "completion: completions[0].completion"),
     "dpomessages": ({"path": "chosen_rejected_messages.jsonl"}, "preference data"),
     "strings": ({"path": "bare_strings.json"}, "row is a str, expected an object"),
     "tiny": ({"path": "tiny.jsonl"}, "split train/val/test"),
@@ -167,8 +171,10 @@ def test_every_kept_sample_becomes_conversations_that_keep_their_meaning(tmp_pat
         {"role": "system", "content": "Answer in one short sentence."},
         {"role": "user", "content": "When did Virgin Australia start operating?"},
     ]
-    _, rows = found["csv"]
-    assert rows["Tope"][0] == {"role": "user", "content": "Which is a species of fish? Tope or Rope"}
+    for name in ("csv", "tsv"):
+        _, rows = found[name]
+        assert rows["Tope"][0] == {"role": "user", "content": "Which is a species of fish? Tope or Rope"}
+        assert "three daughters: Amy, Jessy, and what" in "".join(ids for ids, _ in seen[name])
     _, rows = found["alpaca"]
     assert rows["The thought of her displaying such courage brought a smile to my face."][0]["content"] == (
         "Reword this sentence to increase clarity\n\nThe idea of her being so brave made me smile"
@@ -233,7 +239,7 @@ def test_every_refused_sample_stops_the_stage_with_one_line_naming_the_source_re
             run_format(cfg)
         message = str(err.value)
         assert phrase in message and "\n" not in message, (name, message)
-        if name != "tiny":
+        if name not in ("tiny", "jsonlines"):  # the split's refusal; a file unreadable as a whole
             assert f"source {name!r}: none of its" in message
         figures["data samples tried"] += 1
         figures["data samples refused clearly"] += 1

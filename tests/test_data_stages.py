@@ -52,6 +52,10 @@ def test_ingest_keeps_and_rejects_with_reasons(tmp_path, files):
     assert reasons["b.csv#line3"] == "row has 3 fields, header has 2"
     assert reasons["c.json#2"].startswith("row is a int, expected an object")
     assert reasons["e.yml#3"] == "conversation is not a list of turns"
+    # each rejected row says its kind, as the curated copy does
+    kinds = {r["origin"].rsplit("/", 1)[1]: r["kind"] for r in rejected}
+    assert kinds["a.jsonl#line2"] == "malformed JSON" and kinds["b.csv#line3"] == "wrong number of CSV fields"
+    assert kinds["a.jsonl#line3"] == kinds["c.json#2"] == "row not an object"
     kept = list(read_jsonl(Path(cfg.paths.raw) / "mixed.jsonl"))
     assert len(kept) == 9
     # YAML scalars stay text: "Yes" is not turned into a boolean.
@@ -133,6 +137,45 @@ def test_package_rows_are_labelled_independently_of_the_install_location(tmp_pat
     run_ingest(cfg)
     first = next(read_jsonl(Path(cfg.paths.raw) / "cb.jsonl"))
     assert first["origin"] == "chatterbot_corpus:data/english/greetings.yml#1"
+
+
+def test_ingest_progress_ends_on_the_rows_read(tmp_path, capsys):
+    (tmp_path / "a.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n')
+    run_ingest(data_config(tmp_path, [{"name": "two", "path": str(tmp_path / "a.jsonl")}]))
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("ingest two: 2 rows"), last
+
+
+def test_tsv_json_lines_in_a_json_file_and_a_folder_of_nothing_readable_say_what_they_are(tmp_path):
+    from sftops.errors import DataError
+
+    (tmp_path / "t.tsv").write_text("prompt\tcompletion\nTope or Rope, which is a fish?\tTope\n")
+    cfg = data_config(tmp_path, [{"name": "tsv", "path": str(tmp_path / "t.tsv")}])
+    run_ingest(cfg)
+    [row] = read_jsonl(Path(cfg.paths.raw) / "tsv.jsonl")
+    assert row["fields"] == {"prompt": "Tope or Rope, which is a fish?", "completion": "Tope"}
+    (tmp_path / "lines.json").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n')
+    cfg = data_config(tmp_path, [{"name": "lines", "path": str(tmp_path / "lines.json")}])
+    with pytest.raises(DataError, match=r"holds JSON Lines .*rename it to \.jsonl"):
+        run_ingest(cfg)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not data")
+    cfg = data_config(tmp_path, [{"name": "notes", "path": str(tmp_path / "notes")}])
+    with pytest.raises(DataError, match=r"holds no file of a readable format; files ending in \.jsonl, .*\.tsv"):
+        run_ingest(cfg)
+
+
+def test_an_empty_validation_split_is_said_in_the_stats_and_the_card(tmp_path, tiny_model):
+    (tmp_path / "a.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"what is {i} plus two?", "completion": f"{i + 2}"}) + "\n" for i in range(6))
+    )
+    source = [{"name": "few", "path": str(tmp_path / "a.jsonl")}]
+    cfg = data_config(tmp_path, source, tiny_model, val_fraction=0.01, test_fraction=0.3)
+    run_ingest(cfg)
+    stats = run_format(cfg)
+    assert stats["splits"]["val"] == 0
+    assert stats["warnings"] and "validation split is empty" in stats["warnings"][0]
+    assert "data.val_fraction" in (Path(cfg.paths.curated) / "data_card.md").read_text()
 
 
 def test_a_json_file_of_one_object_is_one_row_and_a_trailing_comma_is_named_on_its_line(tmp_path):

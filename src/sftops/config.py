@@ -67,7 +67,7 @@ class SourceConfig(_Strict):
         ),
     )
     split: str = Field("train", description="The hub dataset's split that is read (e.g. train).")
-    format: Literal["auto", "jsonl", "json", "csv", "parquet", "yaml"] = Field(
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "yaml"] = Field(
         "auto",
         description=(
             "The files' format; auto: told by each file's suffix (.jsonl, .csv, ..., optionally followed by "

@@ -122,6 +122,8 @@ def render_card(stats: dict[str, Any]) -> str:
             )
         )
     parts.append("## Split\n\n" + _table(("split", "rows"), list(stats["splits"].items())))
+    if stats.get("warnings"):
+        parts.append("## Warnings\n\n" + "\n".join(f"- {w}" for w in stats["warnings"]))
     c = stats["contamination"]
     parts.append(
         f"## Contamination\n\n{c['flagged']} of {c['test_prompts']} test prompts share at least "

@@ -119,6 +119,19 @@ def refuse_too_few(counts: dict[str, int], cfg: Config) -> None:
         )
 
 
+def split_warnings(counts: dict[str, int], cfg: Config) -> list[str]:
+    """What the splits lack without stopping the stage: a validation split asked for (data.val_fraction, or a
+    source with split_as: val) that came out empty, so training measures no validation loss."""
+    d = cfg.data
+    asked = d.val_fraction > 0 or any(s.split_as == "val" for s in d.sources)
+    if not asked or counts["val"] > 0:
+        return []
+    return [
+        f"the validation split is empty ({sum(counts.values())} rows kept, data.val_fraction {d.val_fraction}): "
+        "training measures no validation loss; add data, raise data.val_fraction or give a source with split_as: val"
+    ]
+
+
 CANDIDATE_MAX_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 
 

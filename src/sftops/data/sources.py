@@ -33,6 +33,7 @@ SUFFIX_FORMATS = {
     ".ndjson": "jsonl",
     ".json": "json",
     ".csv": "csv",
+    ".tsv": "tsv",  # tab-separated: read as csv, with tab as the delimiter
     ".parquet": "parquet",
     ".yml": "yaml",
     ".yaml": "yaml",
@@ -116,6 +117,11 @@ def resolve_files(source: SourceConfig) -> list[tuple[Path, str]]:
         files = sorted(p for p in target.rglob("*") if p.is_file() and _suffixes(p)[0] in SUFFIX_FORMATS)
     else:
         files = sorted(p for p in map(Path, glob.glob(str(target), recursive=True)) if p.is_file())
+    if not files and target.is_dir():
+        raise DataError(
+            f"source {source.name!r}: the folder {str(target)!r} holds no file of a readable format; files ending "
+            f"in {', '.join(SUFFIX_FORMATS)} (optionally followed by .gz or .zst) are read"
+        )
     if not files:
         raise DataError(f"source {source.name!r}: nothing matches {str(target)!r}")
     boundary = target if target.is_dir() else None
@@ -219,6 +225,17 @@ def _json_error(path: Path, text: str, exc: json.JSONDecodeError) -> DataError:
     return DataError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}")
 
 
+def _json_lines(text: str, exc: json.JSONDecodeError) -> bool:
+    """A document that breaks with 'Extra data' right after a first line that is a whole JSON object: JSON Lines."""
+    first = text.lstrip().split("\n", 1)[0]
+    if exc.msg != "Extra data" or not first.rstrip().endswith("}"):
+        return False
+    try:
+        return isinstance(json.loads(first), dict)
+    except ValueError:
+        return False
+
+
 def read_json(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[Record]:
     try:
         text = read_bytes(path).decode("utf-8-sig")
@@ -227,6 +244,11 @@ def read_json(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> Ite
     try:
         value = parse_json(text)
     except json.JSONDecodeError as exc:
+        if _json_lines(text, exc):
+            raise DataError(
+                f"{path}: holds JSON Lines (one object per line, as datasets' to_json writes), not one JSON document; "
+                "rename it to .jsonl, or set format: jsonl on the source"
+            ) from None
         raise _json_error(path, text, exc) from None
     except ValueError as exc:
         raise DataError(f"{path}: not a valid JSON document ({exc})") from None
@@ -240,13 +262,13 @@ def read_json(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> Ite
         yield as_row(item, f"{label}#{row}", row)
 
 
-def read_csv(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[Record]:
+def read_csv(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES, delimiter: str = ",") -> Iterator[Record]:
     """A Record per CSV record after the header, read as a text stream (universal newlines, as the csv module
     wants them)."""
     require_content(path)
     csv.field_size_limit(max(max_row_bytes, csv.field_size_limit()))
     with io.TextIOWrapper(open_bytes(path), encoding="utf-8-sig", newline="") as text:
-        reader = csv.reader(text, strict=True)  # a stray or unclosed quote is an error
+        reader = csv.reader(text, strict=True, delimiter=delimiter)  # a stray or unclosed quote is an error
         try:
             yield from _csv_rows(reader, label, max_row_bytes)
         except (csv.Error, DataError, UnicodeDecodeError) as exc:
@@ -355,7 +377,19 @@ def read_yaml(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> Ite
         raise DataError(f"{path}: YAML must be a list of rows or a mapping with a 'conversations' list")
 
 
-READERS = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv, "parquet": read_parquet, "yaml": read_yaml}
+def read_tsv(path: Path, label: str, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[Record]:
+    """Tab-separated values: CSV with tab as the delimiter (read as commas, a row would be one field)."""
+    yield from read_csv(path, label, max_row_bytes, delimiter="\t")
+
+
+READERS = {
+    "jsonl": read_jsonl,
+    "json": read_json,
+    "csv": read_csv,
+    "tsv": read_tsv,
+    "parquet": read_parquet,
+    "yaml": read_yaml,
+}
 
 
 def hub_commit(source: SourceConfig) -> str | None:

@@ -12,6 +12,7 @@ streams the chunks again into the curated files."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,7 @@ from sftops.data.curate import (
     refuse_too_few,
     remove_duplicates,
     rows_within,
+    split_warnings,
     train_copies,
     write_outputs,
 )
@@ -82,6 +84,9 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, chunks: Path, ing
     split_code[alive] = split_of_alive
     counts = {name: int((split_code[kept] == code).sum()) for name, code in SPLIT_CODES.items()}
     refuse_too_few(counts, cfg)
+    warnings = split_warnings(counts, cfg)
+    for warning in warnings:
+        logging.getLogger("sftops").warning("format: %s", warning)
     plan = train_copies(rows, kept[split_code[kept] == SPLIT_CODES["train"]], d.sources, d.split_seed)
 
     test = kept[split_code[kept] == SPLIT_CODES["test"]]
@@ -118,6 +123,7 @@ def _curate(cfg: Config, tokenizer: Any, raw: Path, out: Path, chunks: Path, ing
         # The stage stops on a failed check, so written stats mean passed, if any row was checked; the promotion gate
         # reads this.
         "checks": {"mask_self_check": {"passed": checked > 0, "rows": checked}},
+        "warnings": warnings,
         "ingest": ingest,
     }
     write_json(out / STATS, stats)

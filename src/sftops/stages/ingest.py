@@ -11,7 +11,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from sftops.config import Config, SourceConfig
-from sftops.data.rejections import ReasonTally, refuse_empty
+from sftops.data.rejections import ReasonTally, ingest_kind, refuse_empty
 from sftops.data.sources import pinned_source, read_source
 from sftops.jsonio import jsonl_line, write_json, write_jsonl
 from sftops.layout import INGEST_REPORT, RAW_REJECTED
@@ -58,7 +58,9 @@ def _kept_rows(
     source: SourceConfig, max_row_bytes: int, counts: dict[str, int], reasons: ReasonTally, rejected_file: TextIO
 ) -> Iterator[dict[str, Any]]:
     """The source's readable rows; each unreadable one goes onto rejected_file, and counts and reasons tally both."""
-    for rec in tqdm(read_source(source, max_row_bytes), desc=f"ingest {source.name}", unit=" rows", leave=False):
+    # leave=True: the bar's last line, with the count, stays in a log (a cleared bar left "0 rows" there, its
+    # first and only line written before the rows came)
+    for rec in tqdm(read_source(source, max_row_bytes), desc=f"ingest {source.name}", unit=" rows", leave=True):
         counts["read"] += 1
         if rec.error is None:
             counts["kept"] += 1
@@ -68,6 +70,13 @@ def _kept_rows(
             reasons.add(rec.error)
             rejected_file.write(
                 jsonl_line(
-                    {"source": source.name, "origin": rec.origin, "row": rec.row, "reason": rec.error, "raw": rec.raw}
+                    {
+                        "source": source.name,
+                        "origin": rec.origin,
+                        "row": rec.row,
+                        "kind": ingest_kind(rec.error),  # as the curated copy counts it
+                        "reason": rec.error,
+                        "raw": rec.raw,
+                    }
                 )
             )
