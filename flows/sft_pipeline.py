@@ -328,4 +328,9 @@ if __name__ == "__main__":
         "--name", default=None, help="the DVC experiment's name (default: the flow run's name and time)"
     )
     args = parser.parse_args()
+    try:  # a mistake in params.yaml or a --set: its lines and exit code 2, before Prefect starts
+        load_config("params.yaml", args.overrides)
+    except SftopsError as exc:
+        print(f"sftops: {exc}", file=sys.stderr)
+        sys.exit(2)
     sft_pipeline(args.overrides, args.name)
