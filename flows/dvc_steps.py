@@ -40,11 +40,20 @@ def dvc_command() -> list[str]:
     return [sys.executable, "-m", "dvc"]
 
 
+def stage_path() -> str:
+    """PATH with this interpreter's scripts folder first: the stage commands (`sftops train`) are the ones installed
+    beside the Python running the flow, also when it is run as `.venv/bin/python flows/sft_pipeline.py` without the
+    environment activated. (The folder of sys.executable as invoked, not resolved: a venv's python is a link.)"""
+    scripts = str(Path(sys.executable).parent)
+    rest = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != scripts]
+    return os.pathsep.join([scripts, *rest])
+
+
 def run_dvc(args: list[str], cwd: Path, log: Callable[[str], None]) -> list[str]:
     """Run `dvc <args>`, passing each line of its output (and of the stage commands it runs) to `log` as it comes;
     returns the lines, or raises DvcFailed naming what failed and how to recover."""
     # Progress bars redraw with \r many times a second: one line every 30 s is enough in a log.
-    env = {**os.environ, "TQDM_MININTERVAL": "30", "DVC_NO_ANALYTICS": "1"}
+    env = {**os.environ, "TQDM_MININTERVAL": "30", "DVC_NO_ANALYTICS": "1", "PATH": stage_path()}
     proc = subprocess.Popen(
         [*dvc_command(), *args],
         cwd=cwd,
