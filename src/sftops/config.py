@@ -567,6 +567,20 @@ class TrackingConfig(_Strict):
     )
 
 
+class RecordConfig(_Strict):
+    push_to: str | None = Field(
+        None,
+        description=(
+            "The git remote (a name `git remote` lists, e.g. origin) that the pipeline flow's record step pushes each "
+            "run's DVC experiment to: `dvc exp push` sends its git ref there and its outputs to the default DVC "
+            "remote. null: nothing is pushed; the run is recorded in this repository and its DVC cache, and its "
+            "registered version is tagged data.restorable=this-machine. Pushed to a git remote with a default DVC "
+            "remote committed in .dvc/config, it is tagged data.restorable=anywhere; a shared tracking server "
+            "(http(s) or a database store) makes only such versions champion. No stage reads this section."
+        ),
+    )
+
+
 class PathsConfig(_Strict):
     raw: str = Field("data/raw", description="Where ingest writes the raw rows of each source.")
     curated: str = Field(
@@ -628,6 +642,7 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    record: RecordConfig = RecordConfig()
     launch: LaunchConfig = LaunchConfig()
     paths: PathsConfig = PathsConfig()
 
