@@ -40,11 +40,20 @@ def dvc_command() -> list[str]:
     return [sys.executable, "-m", "dvc"]
 
 
+def stage_path() -> str:
+    """PATH with this interpreter's scripts folder first: the stage commands (`sftops train`) are the ones installed
+    beside the Python running the flow, also when it is run as `.venv/bin/python flows/sft_pipeline.py` without the
+    environment activated. (The folder of sys.executable as invoked, not resolved: a venv's python is a link.)"""
+    scripts = str(Path(sys.executable).parent)
+    rest = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != scripts]
+    return os.pathsep.join([scripts, *rest])
+
+
 def run_dvc(args: list[str], cwd: Path, log: Callable[[str], None]) -> list[str]:
     """Run `dvc <args>`, passing each line of its output (and of the stage commands it runs) to `log` as it comes;
     returns the lines, or raises DvcFailed naming what failed and how to recover."""
     # Progress bars redraw with \r many times a second: one line every 30 s is enough in a log.
-    env = {**os.environ, "TQDM_MININTERVAL": "30", "DVC_NO_ANALYTICS": "1"}
+    env = {**os.environ, "TQDM_MININTERVAL": "30", "DVC_NO_ANALYTICS": "1", "PATH": stage_path()}
     proc = subprocess.Popen(
         [*dvc_command(), *args],
         cwd=cwd,
@@ -144,9 +153,33 @@ def git(args: list[str], cwd: Path) -> str:
     return done.stdout.strip()
 
 
-def git_remote(cwd: Path) -> str | None:
-    remotes = git(["remote"], cwd).split()
-    return "origin" if "origin" in remotes else (remotes[0] if remotes else None)
+def experiment_with_lock(cwd: Path) -> str | None:
+    """The newest experiment whose commit holds the workspace's dvc.lock byte for byte (the same stages, deps,
+    params and outputs, the metrics file's hash included): a run in which DVC found nothing new is recorded there
+    already. Its ref, or None."""
+    if not (cwd / "dvc.lock").is_file():
+        return None
+    blob = git(["hash-object", "dvc.lock"], cwd)
+    listed = git(["for-each-ref", "--sort=-committerdate", "--format=%(refname)", "refs/exps"], cwd).split()
+    # refs/exps/<2 hex>/<38 hex>/<name>; DVC's own working refs (refs/exps/exec/..., celery stash) are not runs
+    refs = [r for r in listed if len(parts := r.split("/")) == 5 and len(parts[2]) == 2 and len(parts[3]) == 38]
+    if not refs:
+        return None
+    done = subprocess.run(
+        ["git", "cat-file", "--batch-check"],
+        cwd=cwd,
+        input="".join(f"{ref}:dvc.lock\n" for ref in refs),
+        capture_output=True,
+        text=True,
+    )
+    found = [line.split()[0] for line in done.stdout.splitlines()]
+    return next((ref for ref, object_id in zip(refs, found) if object_id == blob), None)
+
+
+def git_remote_url(remote: str, cwd: Path) -> str | None:
+    """The URL of git remote `remote`, None when the repository has no such remote."""
+    done = subprocess.run(["git", "remote", "get-url", remote], cwd=cwd, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def dvc_remote(cwd: Path) -> str | None:
@@ -155,6 +188,19 @@ def dvc_remote(cwd: Path) -> str | None:
     if done.returncode != 0:
         return None
     return done.stdout.strip() or None
+
+
+def committed_dvc_remote(rev: str, cwd: Path) -> str | None:
+    """The default DVC remote that revision `rev`'s .dvc/config names: the one a clone of it pulls from (a remote
+    set in .dvc/config.local or the user's config stays on this machine)."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    try:
+        parser.read_string(git(["show", f"{rev}:.dvc/config"], cwd))
+    except (DvcFailed, configparser.Error):
+        return None
+    return parser.get("core", "remote", fallback=None)
 
 
 def exp_push(name: str, remote: str, cwd: Path, log: Callable[[str], None]) -> None:

@@ -4,8 +4,9 @@
                                               whether the stage runs, is restored from its run-cache or is up to
                                               date; the task's state says which (Ran / Restored / Up to date)
     record                                    `dvc exp save` the workspace as a DVC experiment (params, dvc.lock,
-                                              metrics in a git ref), `dvc exp push` it and its outputs; tag the
-                                              registered version with the ref (or with why its data is not versioned)
+                                              metrics in a git ref; nothing new if an experiment has this dvc.lock),
+                                              `dvc exp push` only to the git remote record.push_to names; tag the
+                                              registered version with the ref, where it can be restored and how
     promote                                   the promotion gate (tracking/registry.py promote): champion or challenger
     publish                                   artifacts: what DVC did, the data card, the review, the report link
 
@@ -21,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import socket
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,8 +57,10 @@ from sftops.config import Config, load_config  # noqa: E402
 from sftops.errors import SftopsError, TransientError  # noqa: E402
 from sftops.layout import CARD, REPORT_FILE, RUN_FILE  # noqa: E402
 from sftops.pipeline import STAGES, where  # noqa: E402
+from sftops.redact import redact  # noqa: E402
 from sftops.tracking import registry  # noqa: E402
 from sftops.tracking.store import unreachable  # noqa: E402
+from sftops.tracking.tags import ANYWHERE, RESTORABLE, RESTORE, RESTORE_WHERE, THIS_MACHINE  # noqa: E402
 
 REGISTRY_LOCK = "sftops-registry"  # a Prefect global concurrency limit of 1 (make deploy creates it)
 
@@ -113,18 +118,18 @@ def _run_files(cfg: Config, rev: str | None, cwd: Path) -> tuple[dict, dict]:
 
 @task(**ON_OUTAGE)
 def record(name: str, cfg: Config, in_workspace: bool, upstream: dict | None = None) -> State:
-    """Record the run in git and DVC, and tag its registered version with the record (or with why there is none)."""
-    cwd, logger = Path.cwd(), get_run_logger()
-    rev, tags = None, {}
+    """Record the run in git and DVC (on this machine; pushed to `record.push_to` when set), and tag its registered
+    version with the record, where it can be restored and how (or with why there is no record)."""
+    cwd = Path.cwd()
+    rev, tags, reused = None, {}, False
     try:
-        if in_workspace:
-            dvc_steps.exp_save(name, ["dvc.lock", cfg.paths.metrics], cwd, _log)
+        name, reused = save(name, cfg, in_workspace, cwd)
         ref = dvc_steps.exp_ref(name, cwd)
         rev = dvc_steps.git(["rev-parse", ref], cwd)
         tags = {"dvc.experiment": name, "git.ref": ref, "git.commit": rev}
         outs = dvc_steps.locked_outputs(dvc_steps.show(rev, "dvc.lock", cwd))
         tags.update({"dvc.curated_md5": outs[cfg.paths.curated]["md5"], "dvc.model_md5": outs[cfg.paths.model]["md5"]})
-        versioned, why = True, f"{ref} in this repository; outputs in its DVC cache"
+        versioned = True
     except dvc_steps.DvcFailed as exc:
         versioned, why = (
             False,
@@ -133,26 +138,13 @@ def record(name: str, cfg: Config, in_workspace: bool, upstream: dict | None = N
     run_info, metrics = _run_files(cfg, rev, cwd)
     if versioned and tags["dvc.curated_md5"] != registry.version_tags(run_info).get("data.curated_dvc_md5"):
         versioned, why = False, "the curated data in dvc.lock is not the data the model was trained on"
-    git_remote, dvc_remote = dvc_steps.git_remote(cwd), dvc_steps.dvc_remote(cwd)
-    if versioned and git_remote:
-        if dvc_remote is None:
-            logger.warning(
-                "no default DVC remote: the experiment's git ref is pushed, its data stays in this machine's "
-                "DVC cache (fix: dvc remote add -d <name> <url>, and commit .dvc/config)"
-            )
-        try:
-            dvc_steps.exp_push(name, git_remote, cwd, _log)
-            why = f"{tags['git.ref']} pushed to git remote {git_remote!r}" + (
-                f", outputs to DVC remote {dvc_remote!r}"
-                if dvc_remote
-                else ", outputs in this machine's DVC cache only"
-            )
-            tags["restore"] = f"dvc exp pull {git_remote} {name} && dvc exp apply {name}"
-        except dvc_steps.DvcFailed as exc:
-            versioned, why = False, f"{exc}; fix: make the remote reachable, then `dvc exp push {git_remote} {name}`"
+    if versioned:
+        place = placement(name, rev, cfg.record.push_to, cwd)
+        why = ("DVC found nothing new: the run is the one recorded earlier; " if reused else "") + place.pop("why")
+        tags.update(place)
     tags.update({registry.VERSIONED: str(versioned).lower(), registry.VERSIONED_REASON: why[:5000]})
     if not versioned:
-        logger.warning(
+        get_run_logger().warning(
             f"sftops: model {run_info['registered_model']} v{run_info['version']}: data not versioned: {why}"
         )
     registry.record_version(run_info, tags)
@@ -161,8 +153,73 @@ def record(name: str, cfg: Config, in_workspace: bool, upstream: dict | None = N
         # experiment holds the params, dvc.lock and metrics, the DVC cache the outputs.
         dvc_steps.git(["reset", "--hard", "-q"], cwd)
         dvc_steps.git(["clean", "-fdq"], cwd)  # untracked, not ignored: the metrics file; never outputs or caches
-    recorded = {"run": run_info, "metrics": metrics, "tags": tags, "versioned": versioned, "rev": rev}
+    recorded = {"run": run_info, "metrics": metrics, "tags": tags, "versioned": versioned, "rev": rev, "name": name}
     return Completed(name="Recorded" if versioned else "Not versioned", message=why[:500], data=recorded)
+
+
+def save(name: str, cfg: Config, in_workspace: bool, cwd: Path) -> tuple[str, bool]:
+    """The experiment that records the run, and whether it was there already: a run in the workspace whose
+    dvc.lock an experiment holds already (DVC found every stage up to date, or restored them all) points at that
+    one rather than recording the same outputs again; otherwise the workspace is saved as experiment `name`. With
+    overrides, `dvc exp run` has recorded it as `name`."""
+    if not in_workspace:
+        return name, False
+    same = dvc_steps.experiment_with_lock(cwd)
+    if same is not None:
+        _log(f"dvc.lock is that of experiment {same}: the run is recorded there already, nothing new is saved")
+        return same.rsplit("/", 1)[-1], True
+    dvc_steps.exp_save(name, ["dvc.lock", cfg.paths.metrics], cwd, _log)
+    return name, False
+
+
+def placement(name: str, rev: str, push_to: str | None, cwd: Path) -> dict[str, str]:
+    """Where experiment `name` (at commit `rev`) can be restored, the command that does it there, and why: in this
+    repository on this machine (its refs and DVC cache), or, pushed to git remote `push_to` with its outputs on
+    a DVC remote a clone knows, anywhere. Nothing is pushed unless `record.push_to` names a remote."""
+    here = {
+        RESTORABLE: THIS_MACHINE,
+        RESTORE_WHERE: f"the repository {cwd} on {socket.gethostname()}",
+        RESTORE: f"cd {shlex.quote(str(cwd))} && dvc exp apply {name}",
+    }
+    local = "the experiment's ref in this repository, its outputs in this machine's DVC cache"
+    if push_to is None:
+        return {**here, "why": f"{local}; nothing pushed (record.push_to is null)"}
+    url = dvc_steps.git_remote_url(push_to, cwd)
+    if url is None:
+        return {
+            **here,
+            "why": f"{local}; not pushed: record.push_to names git remote {push_to!r}, which this "
+            "repository does not have (git remote -v lists those it has)",
+        }
+    try:
+        dvc_steps.exp_push(name, push_to, cwd, _log)
+    except dvc_steps.DvcFailed as exc:
+        get_run_logger().warning(f"sftops: {exc}; the run stays recorded on this machine only")
+        return {
+            **here,
+            "why": f"{local}; pushing failed ({exc}); fix: make the remote reachable, then "
+            f"`dvc exp push {push_to} {name}`",
+        }
+    dvc_remote = dvc_steps.committed_dvc_remote(rev, cwd)
+    if dvc_remote is None or dvc_remote != dvc_steps.dvc_remote(cwd):
+        return {
+            **here,
+            "why": f"the experiment's ref pushed to git remote {push_to!r}; its outputs are in this "
+            "machine's DVC cache only: the recorded .dvc/config names no default DVC remote (fix: "
+            "dvc remote add -d <name> <url>, and commit .dvc/config)",
+        }
+    shown = redact(url)
+    folder = f"sftops-{name}"
+    return {
+        RESTORABLE: ANYWHERE,
+        RESTORE_WHERE: f"any machine that can read git remote {shown} and DVC remote {dvc_remote!r}",
+        RESTORE: (
+            f"git clone {shlex.quote(shown)} {folder} && cd {folder} && dvc exp pull origin {name} && "
+            f"dvc exp apply {name}"
+        ),
+        "why": f"the experiment's ref pushed to git remote {push_to!r} ({shown}), its outputs to DVC remote "
+        f"{dvc_remote!r}",
+    }
 
 
 @task(**ON_OUTAGE)
@@ -224,7 +281,7 @@ def record_markdown(outcomes: dict[str, str], recorded: dict) -> str:
         if recorded["versioned"]
         else f"**Not versioned**: {tags[registry.VERSIONED_REASON]}"
     )
-    restore = f"\n\nRestore its data and model on a fresh clone: `{tags['restore']}`" if "restore" in tags else ""
+    restore = f"\n\nRestore its data and model in {tags[RESTORE_WHERE]}: `{tags[RESTORE]}`" if RESTORE in tags else ""
     return f"## What DVC did\n\n| stage | DVC |\n|---|---|\n{rows}\n\n{versioned}{restore}\n"
 
 
@@ -298,7 +355,7 @@ def sft_pipeline(overrides: list[str] | None = None, experiment: str | None = No
                 "mlflow_run_id": run["run_id"],
                 "model_version": run["version"],
                 "registry": decision["alias"],
-                "dvc_experiment": name,
+                "dvc_experiment": recorded["name"],
                 "dvc": outcomes,
             },
             indent=2,
@@ -307,7 +364,7 @@ def sft_pipeline(overrides: list[str] | None = None, experiment: str | None = No
     return {
         "run_id": run["run_id"],
         "version": run["version"],
-        "experiment": name,
+        "experiment": recorded["name"],
         "outcomes": outcomes,
         "decision": decision,
         "versioned": recorded["versioned"],
@@ -328,4 +385,9 @@ if __name__ == "__main__":
         "--name", default=None, help="the DVC experiment's name (default: the flow run's name and time)"
     )
     args = parser.parse_args()
+    try:  # a mistake in params.yaml or a --set: its lines and exit code 2, before Prefect starts
+        load_config("params.yaml", args.overrides)
+    except SftopsError as exc:
+        print(f"sftops: {exc}", file=sys.stderr)
+        sys.exit(2)
     sft_pipeline(args.overrides, args.name)

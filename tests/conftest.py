@@ -83,6 +83,7 @@ LONG_FIRST = (
     "test_faults.py",
     "test_serving.py",
     "test_pipeline_e2e.py",
+    "test_record.py",
     "test_training_engine.py",
     "test_several_nodes.py",
     "test_suites_real.py",

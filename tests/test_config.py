@@ -124,9 +124,31 @@ def test_a_misspelt_key_names_the_nearest_allowed_one_first_and_no_dict_dump():
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "params.yaml", ["data.sources=[{name: x, path: a.jsonl, feilds: {output: response}}]"])
     lines = str(err.value).splitlines()
-    assert (
-        lines[1] == "  data.sources.0.feilds: unknown key: did you mean 'fields'? (params.yaml lists the allowed keys)"
+    assert lines[1] == (
+        "  data.sources.0.feilds: unknown key: did you mean 'fields'? (params.yaml lists the allowed keys) "
+        "[from --set data.sources, not params.yaml]"
     )
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "params.yaml", ["data.sources=[{name: x, hub: a/b, path: c}]"])
     assert "{" not in str(err.value)  # the message, not the section's dict cut at 200 characters
+
+
+def test_a_yaml_error_names_the_file_line_and_column(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("data:\n  sources: []\nmodel:\n  base: x\n   max_length: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}:5:14: mapping values are not allowed here"
+
+
+def test_a_bad_set_key_or_value_is_named_as_the_override_not_as_a_line_of_params_yaml():
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "params.yaml", ["train.learnin_rate=1e-4"])
+    header, line = str(err.value).splitlines()
+    assert header.endswith("params.yaml with its --set overrides:")
+    assert line == (
+        "  train.learnin_rate: unknown key: did you mean 'learning_rate'? (params.yaml lists the allowed keys) "
+        "[from --set train.learnin_rate, not params.yaml]"
+    )
+    with pytest.raises(ConfigError, match=r"^--set train.learning_rate=\[1,: the value is not valid YAML"):
+        load_config(ROOT / "params.yaml", ["train.learning_rate=[1,"])

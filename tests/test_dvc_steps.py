@@ -68,3 +68,13 @@ def test_an_experiment_is_recorded_with_its_params_and_the_outcome_of_each_stage
     assert ref.startswith("refs/exps/") and yaml.safe_load(dvc_steps.show(ref, "params.yaml", repo))["a"] == 2
     assert dvc_steps.locked_outputs(dvc_steps.show(ref, "dvc.lock", repo))["out.txt"]["stage"] == "s"
     assert yaml.safe_load((repo / "params.yaml").read_text())["a"] == 1  # the workspace is untouched
+
+
+def test_the_stage_commands_are_found_beside_the_flows_python_without_the_environment_activated(repo, monkeypatch):
+    """`.venv/bin/python flows/sft_pipeline.py` with PATH not naming .venv/bin: `sftops <stage>` still runs."""
+    (repo / "dvc.yaml").write_text(
+        yaml.safe_dump({"stages": {"s": {"cmd": "sftops --help > out.txt", "outs": ["out.txt"]}}})
+    )
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # git, and no sftops
+    assert dvc_steps.repro("s", repo, lambda line: None) == dvc_steps.RAN
+    assert "usage: sftops" in (repo / "out.txt").read_text()

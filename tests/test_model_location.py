@@ -22,6 +22,18 @@ def test_a_gguf_file_left_over_from_another_base_is_named(tiny_model):
     check_base(ModelConfig(base=str(tiny_model)))  # the folder's own weights: fine
 
 
+def test_the_format_stage_names_a_gguf_file_left_over_from_another_base_in_one_line(tmp_path, tiny_model):
+    """`model.base` changed to a folder, `model.gguf_file` left as params.yaml ships it: the stage that first reads
+    the tokenizer says so in one line naming both (was: a FileNotFoundError traceback)."""
+    write_jsonl(tmp_path / "qa.jsonl", arithmetic_rows(20))
+    write_project(tiny_model, [{"name": "qa", "path": "qa.jsonl"}], tmp_path)
+    assert sftops("ingest", cwd=tmp_path).returncode == 0
+    done = sftops("format", "--set", "model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    [line] = error_lines(done.stderr)
+    assert f"model.gguf_file 'SmolLM2-135M-Instruct.Q4_1.gguf' is not in model.base '{tiny_model}'" in line
+
+
 def test_a_path_that_is_no_folder_and_no_hub_id_is_named(tmp_path):
     with pytest.raises(ModelError, match="is not a folder here, nor a hub id"):
         check_base(ModelConfig(base=str(tmp_path / "no-such-model")))

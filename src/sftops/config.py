@@ -568,6 +568,20 @@ class TrackingConfig(_Strict):
     )
 
 
+class RecordConfig(_Strict):
+    push_to: str | None = Field(
+        None,
+        description=(
+            "The git remote (a name `git remote` lists, e.g. origin) that the pipeline flow's record step pushes each "
+            "run's DVC experiment to: `dvc exp push` sends its git ref there and its outputs to the default DVC "
+            "remote. null: nothing is pushed; the run is recorded in this repository and its DVC cache, and its "
+            "registered version is tagged data.restorable=this-machine. Pushed to a git remote with a default DVC "
+            "remote committed in .dvc/config, it is tagged data.restorable=anywhere; a shared tracking server "
+            "(http(s) or a database store) makes only such versions champion. No stage reads this section."
+        ),
+    )
+
+
 class PathsConfig(_Strict):
     raw: str = Field("data/raw", description="Where ingest writes the raw rows of each source.")
     curated: str = Field(
@@ -629,6 +643,7 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    record: RecordConfig = RecordConfig()
     launch: LaunchConfig = LaunchConfig()
     paths: PathsConfig = PathsConfig()
 
@@ -668,7 +683,35 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {key!r}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {assignment}: the value is not valid YAML ({_yaml_problem(exc)})") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What YAML found wrong, without its excerpt of the text (the caller names where)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    return f"{problem} ({context})" if context else problem
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """`params.yaml:LINE:COL: problem`, as compilers and editors point at a place in a file."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is None:
+        return f"{path} is not valid YAML: {_yaml_problem(exc)}"
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: {_yaml_problem(exc)}"
+
+
+def _override_of(loc: tuple, overrides: list[str] | tuple[str, ...]) -> str | None:
+    """The --set assignment an error at `loc` comes from (its key is `loc` or a section above it), if any."""
+    dotted = [str(p) for p in loc]
+    for assignment in reversed(overrides):  # the last --set of a key is the one that holds
+        key = assignment.split("=", 1)[0].strip().split(".")
+        if dotted[: len(key)] == key:
+            return assignment
+    return None
 
 
 def _closest_key(loc: tuple, model: type[BaseModel]) -> str | None:
@@ -763,19 +806,22 @@ def explain(key: str, cfg: Config | None, origin: str = "params.yaml") -> str:
     return "\n\n".join(blocks)
 
 
-def _describe(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid configuration in {origin}:"]
+def _describe(err: ValidationError, origin: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    lines = [f"invalid configuration in {origin}" + (" with its --set overrides:" if overrides else ":")]
     # unknown keys first: a misspelt key is the likeliest cause, and other errors often follow from it
     for e in sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden"):
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        assignment = _override_of(e["loc"], overrides)
+        # not a line of the file: say which override set it (its key; a value may be a whole section)
+        came = f" [from --set {assignment.split('=', 1)[0].strip()}, not params.yaml]" if assignment else ""
         if e["type"] == "extra_forbidden":
             near = _closest_key(e["loc"], Config)
             hint = f"did you mean {near!r}?" if near else "check the spelling."
-            lines.append(f"  {loc}: unknown key: {hint} (params.yaml lists the allowed keys)")
+            lines.append(f"  {loc}: unknown key: {hint} (params.yaml lists the allowed keys){came}")
         elif isinstance(e.get("input"), (dict, list)):  # a dump of the whole section would bury the message
-            lines.append(f"  {loc}: {e['msg']}")
+            lines.append(f"  {loc}: {e['msg']}{came}")
         else:
-            lines.append(f"  {loc}: {e['msg']} (got {redact(repr(e.get('input')))[:200]})")
+            lines.append(f"  {loc}: {e['msg']} (got {redact(repr(e.get('input')))[:200]}){came}")
     return "\n".join(lines)
 
 
@@ -786,7 +832,7 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
     except FileNotFoundError:
         raise ConfigError(f"params file {path} not found") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(_yaml_error(path, exc)) from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (data, model, train, ...)")
     for assignment in overrides:
@@ -794,7 +840,7 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_describe(err, str(path))) from None
+        raise ConfigError(_describe(err, str(path), overrides)) from None
     # the GPU a setting needs is checked by the stages that use it (train, evaluate), not here: preparing
     # data for a GPU run works on a laptop
     return cfg

@@ -51,12 +51,7 @@ def check_base(cfg: ModelConfig) -> str | None:
     where = resolve_base(cfg.base)
     folder = Path(where)
     if folder.is_dir():
-        if cfg.gguf_file and not (folder / cfg.gguf_file).is_file():
-            found = sorted(p.name for p in folder.glob("*.gguf"))
-            raise ModelError(
-                f"model.gguf_file {cfg.gguf_file!r} is not in model.base {cfg.base!r} (GGUF files there: "
-                f"{found or 'none'}); set model.gguf_file to one of them, or to null for the folder's safetensors"
-            )
+        _gguf_in_folder(cfg, folder)
         return _package_version(cfg) if cfg.base.startswith("pkg:") else _no_revision(cfg)
     if folder.is_absolute() or cfg.base.startswith((".", "~")) or cfg.base.count("/") > 1:
         raise ModelError(
@@ -65,12 +60,41 @@ def check_base(cfg: ModelConfig) -> str | None:
     commit = hub.resolve(cfg.base, cfg.revision, "model", f"model.base {cfg.base!r}", "model.revision", ModelError)
     snapshot = hub.cached_snapshot(cfg.base, commit, "model")
     wanted = cfg.gguf_file or "config.json"
-    if snapshot is not None and not (snapshot / wanted).is_file() and (hub.offline() or not hub.reachable()):
+    if snapshot is not None and (snapshot / wanted).is_file():
+        return commit
+    if hub.offline() or not hub.reachable():
+        if snapshot is not None:
+            raise ModelError(
+                f"model.base {cfg.base!r} at commit {commit} has no {wanted} in the local Hugging Face cache and "
+                "the hub is not at hand; download it once with network, or fix model.gguf_file"
+            )
+    elif cfg.gguf_file and not _on_hub(cfg.base, cfg.gguf_file, commit):
         raise ModelError(
-            f"model.base {cfg.base!r} at commit {commit} has no {wanted} in the local Hugging Face cache and "
-            "the hub is not at hand; download it once with network, or fix model.gguf_file"
+            f"model.gguf_file {cfg.gguf_file!r} is not in model.base {cfg.base!r} at commit {commit} (left over "
+            "from another base?); set model.gguf_file to a GGUF file of that repository, or to null for its "
+            "safetensors"
         )
     return commit
+
+
+def _gguf_in_folder(cfg: ModelConfig, folder: Path) -> None:
+    """A model.gguf_file left over from another base is named with both settings, before anything reads it."""
+    if cfg.gguf_file and not (folder / cfg.gguf_file).is_file():
+        found = sorted(p.name for p in folder.glob("*.gguf"))
+        raise ModelError(
+            f"model.gguf_file {cfg.gguf_file!r} is not in model.base {cfg.base!r} (GGUF files there: "
+            f"{found or 'none'}); set model.gguf_file to one of them, or to null for the folder's safetensors"
+        )
+
+
+def _on_hub(repo: str, filename: str, commit: str) -> bool:
+    """Whether the hub has the file at that commit; True when it cannot say (the download then says why)."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().file_exists(repo, filename, revision=commit)
+    except Exception:  # noqa: BLE001 - the hub gone or refusing between two calls: not this check's business
+        return True
 
 
 def pinned(cfg: ModelConfig) -> ModelConfig:
@@ -175,6 +199,7 @@ def _gguf_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     if cfg.gguf_file and Path(resolve_base(cfg.base)).is_dir():
+        _gguf_in_folder(cfg, Path(resolve_base(cfg.base)))
         tok = _gguf_tokenizer(cfg)
     else:
         from transformers import AutoTokenizer

@@ -19,8 +19,8 @@ from sftops.evaluate.promotion import CHALLENGER, CHAMPION, Champion, Decision, 
 from sftops.redact import redact
 from sftops.tracking.evaluations import comparable_result, evaluation_run, log_evaluation, report_url
 from sftops.tracking.runs import load_manifest
-from sftops.tracking.store import store_of, tracking_uri
-from sftops.tracking.tags import VERSIONED, VERSIONED_REASON
+from sftops.tracking.store import shared, store_of, tracking_uri
+from sftops.tracking.tags import ANYWHERE, RESTORABLE, RESTORE, RESTORE_WHERE, VERSIONED, VERSIONED_REASON
 
 # How the promotion gate measures a champion: (model folder, curated folder) -> (metrics, generations table).
 Measure = Callable[[Path, Path], tuple[dict, dict]]
@@ -151,8 +151,7 @@ def promote(
     store = store_of(run_info)
     client = MlflowClient(store)
     name, version = run_info["registered_model"], str(run_info["version"])
-    tags = client.get_model_version(name, version).tags
-    versioned = (tags.get(VERSIONED) == "true", tags.get(VERSIONED_REASON, "no record of its data in git and DVC"))
+    versioned = versioning(client.get_model_version(name, version).tags, store)
     family = metric_family(primary_metric)
     evaluated = evaluation_run(client, run_info["run_id"], family, metrics["evaluation"]["keys"][family])
     decision, champion = gate(run_info, metrics, primary_metric, margin, versioned)
@@ -167,6 +166,22 @@ def promote(
     _record_decision(client, run_info, decision)
     describe(run_info, metrics, decision, evaluated)
     return decision
+
+
+def versioning(tags: dict[str, str], store: str) -> tuple[bool, str]:
+    """Whether the gate counts the version as versioned, and why: its data and code recorded in git and DVC, and,
+    for a registry other machines read (store.shared), restorable anywhere, not only where it ran."""
+    versioned, reason = (
+        tags.get(VERSIONED) == "true",
+        tags.get(VERSIONED_REASON, "no record of its data in git and DVC"),
+    )
+    if versioned and shared(store) and tags.get(RESTORABLE) != ANYWHERE:
+        where = tags.get(RESTORE_WHERE, "the machine that ran it")
+        return False, (
+            f"the registry {redact(store)} is shared, but the record is restorable only in {where} ({reason}); "
+            "fix: set record.push_to in params.yaml to a git remote, with a default DVC remote in .dvc/config"
+        )
+    return versioned, reason
 
 
 def evaluate_champion(store: str, name: str, version: str, evaluated: str, measure: Measure) -> str:
@@ -247,7 +262,8 @@ def _data_line(tags: dict[str, str]) -> str:
         return (
             f"**Data version**: DVC experiment `{tags['dvc.experiment']}` (`{tags.get('git.ref', '?')}`), git commit "
             f"`{tags.get('git.commit', '?')}`, curated data DVC md5 `{tags.get('dvc.curated_md5', '?')}`; "
-            f"{tags.get(VERSIONED_REASON, '')}" + (f". Restore: `{tags['restore']}`" if "restore" in tags else "")
+            f"{tags.get(VERSIONED_REASON, '')}"
+            + (f". Restore (in {tags.get(RESTORE_WHERE, '?')}): `{tags[RESTORE]}`" if RESTORE in tags else "")
         )
     return (
         f"**Data version**: not recorded in git and DVC ({tags.get(VERSIONED_REASON, 'no record')}); "

@@ -34,6 +34,13 @@ def store_of(run_info: dict[str, Any]) -> str:
 SERVED = ("", "file", "sqlite", "http", "https", "databricks")  # stores MLflow reaches without a database server
 
 
+def shared(uri: str) -> bool:
+    """Whether a tracking URI is a store other machines read too: a tracking server (http(s), Databricks) or a
+    database server. A SQLite file or a folder is this machine's."""
+    scheme = urlsplit(uri).scheme.split("+")[0]
+    return scheme in ("http", "https", "databricks") or scheme not in SERVED
+
+
 @functools.cache  # once per process and store: a store that answered is not asked again
 def answering(uri: str, tries: int = 3, wait_s: float = 1.0) -> str:
     """`uri`, once a database store (PostgreSQL, MySQL) has accepted a connection. MLflow's own engine set-up
