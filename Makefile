@@ -23,9 +23,10 @@ pipeline: setup
 	@sftops where
 
 # ruff first (pyproject.toml [tool.ruff]): a style or import error fails in seconds, before the suite. pytest runs
-# a worker per core plus one (the tests wait on servers and subprocesses part of the time), each file whole on one
-# worker, the files of minutes first (tests/conftest.py, LONG_FIRST).
-TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
+# two workers per core (the tests wait on servers, flow runs and subprocesses much of the time: on 2 cores, 4
+# workers kept both CPUs 95% busy), each file whole on one worker, the files of minutes first (LONG_FIRST in
+# tests/conftest.py).
+TEST_WORKERS ?= $(shell echo $$(( 2 * $$(nproc) )))
 test: setup
 	ruff check src tests bench flows
 	NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir site  # the docs site: a broken link, anchor or page fails

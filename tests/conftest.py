@@ -10,6 +10,8 @@ from pathlib import Path
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs several workers: one torch thread each
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# DVC starts a usage-analytics daemon after each command (~0.3 s of CPU, and no network here to send it to)
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 import pytest  # noqa: E402
 

@@ -22,6 +22,7 @@ from sftops.stages.format import run_format
 from sftops.stages.ingest import run_ingest
 from sftops.stages.train import run_train
 from sftops.tracking import registry
+from sftops.tracking.tags import ANYWHERE, RESTORABLE
 from sftops.train.loop import train_loop
 from sftops.train.lora import apply_method
 from sftops.train.loss import score_rows
@@ -77,7 +78,8 @@ def test_a_real_mlflow_server_holds_the_review_and_the_champion_answers_from_it(
     run = run_train(cfg)
     metrics = run_evaluate(cfg).metrics
     record = asdict(run)  # run.json, as the pipeline flow's record and promote steps read it
-    registry.record_version(record, {registry.VERSIONED: "true"})
+    # as the flow tags a run it pushed: on a shared server only a record restorable anywhere can be champion
+    registry.record_version(record, {registry.VERSIONED: "true", RESTORABLE: ANYWHERE})
     assert registry.promote(record, metrics, "nll", 0.0).alias == "champion"
     client = MlflowClient(mlflow_server)
     assert str(client.get_model_version_by_alias("served", "champion").version) == run.version
