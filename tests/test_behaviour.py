@@ -1,6 +1,7 @@
 """What fine-tuning did to the answers, the parts that need no model: degenerate answers against hand-written
 examples (loops, near-empty, unstopped, normal answers), the length ratio's paired bootstrap against a plain-Python
-resampling, the shares and their changes against hand counts."""
+resampling, the shares and their changes against hand counts, and the gate: a collapsed model refused with the set,
+the metric and the figures in one line, a sound one passed, an informational suite never blocking."""
 
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ from sftops.evaluate.behaviour import (
 )
 from sftops.evaluate.comparison import ratio_of_means_ci
 from sftops.evaluate.generation import Completion
+from sftops.evaluate.promotion import (
+    CHALLENGER,
+    CHAMPION,
+    LENGTH_RATIO,
+    LENGTH_RATIO_TO_REFERENCE,
+    behaviour_checks,
+    decide,
+    with_budget,
+)
 
 
 @pytest.mark.parametrize(
@@ -119,3 +129,67 @@ def test_a_reference_is_cut_to_what_an_answer_of_max_new_tokens_can_hold(tiny_mo
     cut = within_tokens(tokenizer, text, 6)
     assert text.startswith(cut) and 0 < len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= 6
     assert within_tokens(tokenizer, "four.", 6) == "four."
+
+
+PROMPTS = [
+    "Rewrite this email politely: we cannot meet on Monday, can we meet on Tuesday at ten instead?",
+    "List three uses of a paperclip.",
+    "Explain why the sky is blue in two sentences.",
+    "Give a title to a story about a lost dog that finds its way home.",
+] * 5
+BASE_ANSWERS = [
+    "Dear team, I am afraid Monday does not work for me. Would Tuesday at ten suit you instead? Best regards.",
+    "Holding papers together, resetting a device through a pinhole, and as a makeshift zipper pull.",
+    "Sunlight is scattered by the air's molecules, and blue light is scattered most. So we see blue everywhere.",
+    "The Long Way Home: a dog's journey back to the family that never stopped looking for him.",
+] * 5
+
+
+def suite_block(tuned_texts: list[str], informational: bool = False, floor: float | None = 0.5) -> dict:
+    """A suite's behaviour block as the evaluate stage builds it (length against the base model's answers)."""
+    block = compare_behaviour(completions(BASE_ANSWERS), completions(tuned_texts), BASE_ANSWERS, ({}, {}), 500, 0, 0.95)
+    return with_budget(block, LENGTH_RATIO, floor, 0.1, "suite 'general'", informational)
+
+
+def metrics_with(suite: dict, informational: bool = False) -> dict:
+    test = compare_behaviour(completions(["four"] * 4), completions(["four"] * 4), ["four"] * 4, ({}, {}), 100, 0, 0.95)
+    return {
+        "behaviour": with_budget(test, LENGTH_RATIO_TO_REFERENCE, 0.5, 0.1, "test split"),
+        "suites": {"general": {"behaviour": suite, "informational": informational}},
+    }
+
+
+def test_collapsed_answers_break_the_budget_and_the_refusal_names_the_suite_the_metric_and_the_figures():
+    collapsed = ["Sincere", "Ashish, Ashish, Ashish, Ashish", "Blue.", "Dog"] * 5
+    block = suite_block(collapsed)
+    assert block["broken"] == ["length_ratio", "degenerate_rise"]
+    decision = decide("nll", 1.5, "key", "3", None, 0.0, budgets=behaviour_checks(metrics_with(block)))
+    assert decision.alias == CHALLENGER and "\n" not in decision.reason
+    assert decision.broken_budgets == ("suite 'general' length_ratio", "suite 'general' degenerate_rise")
+    figures = (
+        f"suite 'general' length_ratio {block['length_ratio']:.4f} (mean words {block['words_mean_base']:.2f} (base) "
+        f"-> {block['words_mean_tuned']:.2f} (tuned)), CI [{block['length_ratio_ci_low']:.4f}, "
+        f"{block['length_ratio_ci_high']:.4f}], floor 0.5"
+    )
+    assert figures in decision.reason and "degenerate_rise +1.0000" in decision.reason
+    assert "share of degenerate answers 0.0000 (base) -> 1.0000 (tuned)" in decision.reason
+    assert decision.reason.startswith("broke its behaviour budget on ") and decision.reason.endswith("not promoted")
+
+
+def test_answers_that_keep_their_length_pass_and_an_informational_or_unset_budget_never_blocks():
+    sound = [a.replace("Dear team, ", "") for a in BASE_ANSWERS]
+    passed = decide("nll", 1.5, "key", "3", None, 0.0, budgets=behaviour_checks(metrics_with(suite_block(sound))))
+    assert passed.alias == CHAMPION and "answers within their behaviour budgets" in passed.reason
+    collapsed = ["Sincere", "Hi", "Blue.", "Dog"] * 5
+    informational = metrics_with(suite_block(collapsed, informational=True), informational=True)
+    noted = decide("nll", 1.5, "key", "3", None, 0.0, budgets=behaviour_checks(informational))
+    assert noted.alias == CHAMPION and noted.broken_budgets == ()
+    assert "informational behaviour budget broken on suite 'general' length_ratio" in noted.reason
+    unset = suite_block(["Sincere", "Hi", "Blue.", "Dog"] * 5, floor=None)
+    assert unset["broken"] == ["degenerate_rise"] and "min_length_ratio" in unset
+    checked = [c.label for c in behaviour_checks(metrics_with(unset))]
+    assert checked == [
+        "test split length_ratio_to_reference",
+        "test split degenerate_rise",
+        "suite 'general' degenerate_rise",
+    ]

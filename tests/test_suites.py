@@ -14,7 +14,7 @@ from sftops.cli import main
 from sftops.config import Config, DataConfig, SuiteConfig
 from sftops.evaluate.comparison import mean_delta_ci, perplexity_delta_ci
 from sftops.evaluate.promotion import CHALLENGER, CHAMPION, Champion, SuiteResult, decide
-from sftops.evaluate.suites import generation_sample, prepare_suite, suite_margin, suite_metric
+from sftops.evaluate.suites import generation_sample, prepare_suite, suite_budget, suite_margin, suite_metric
 
 
 def suite_result(
@@ -131,6 +131,17 @@ def test_a_suite_overrides_the_regression_margin_and_primary_metric():
     default = SuiteConfig(name="math", path="y.jsonl")
     assert suite_margin(own, 0.1) == 0.5 and suite_margin(default, 0.1) == 0.1
     assert suite_metric(own, "nll") == "chrf" and suite_metric(default, "nll") == "nll"
+
+
+def test_a_suite_overrides_the_behaviour_budget_and_null_inherits_evaluates():
+    e = Config.model_validate(
+        {"data": {"sources": [{"name": "x", "path": "x.jsonl"}]}, "model": {"base": "m"}}
+    ).evaluate
+    own = SuiteConfig(name="general", path="x.jsonl", min_length_ratio=0.8, max_degenerate_rise=0.0)
+    assert suite_budget(own, e) == (0.8, 0.0) and suite_budget(SuiteConfig(name="m", path="y.jsonl"), e) == (0.5, 0.1)
+    assert (e.test_min_length_ratio, e.test_max_degenerate_rise) == (0.5, 0.1)
+    off = e.model_copy(update={"min_length_ratio": None, "max_degenerate_rise": None})
+    assert suite_budget(SuiteConfig(name="m", path="y.jsonl"), off) == (None, None)
 
 
 def test_a_suite_takes_no_training_keys():

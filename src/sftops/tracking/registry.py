@@ -15,7 +15,16 @@ import mlflow
 from mlflow import MlflowClient
 
 from sftops.errors import ConfigError, SftopsError
-from sftops.evaluate.promotion import CHALLENGER, CHAMPION, Champion, Decision, decide, metric_family, suite_results
+from sftops.evaluate.promotion import (
+    CHALLENGER,
+    CHAMPION,
+    Champion,
+    Decision,
+    behaviour_checks,
+    decide,
+    metric_family,
+    suite_results,
+)
 from sftops.redact import redact
 from sftops.tracking.evaluations import comparable_result, evaluation_run, log_evaluation, report_url
 from sftops.tracking.runs import load_manifest
@@ -115,6 +124,7 @@ def gate(
         versioned,
         suite_results(metrics),
         base_value=metrics["base"].get(primary_metric),
+        budgets=behaviour_checks(metrics),
     )
     return decision, champion
 
