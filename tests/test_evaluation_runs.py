@@ -31,6 +31,9 @@ from sftops.tracking import evaluations, models, registry
 
 GOOD = {"method": "full", "max_steps": 20, "micro_batch_size": 8, "learning_rate": 0.01}
 BAD = {"method": "full", "max_steps": 1, "micro_batch_size": 8, "learning_rate": 0.0001}
+# The barely trained BAD model answers random bytes as its random-init base does, a fifth of a reference's words,
+# which the test split's length budget rightly refuses; these tests are about the NLL gate, so it is off for BAD.
+BUDGET_OFF = {"test_min_length_ratio": None}
 
 
 @pytest.fixture
@@ -128,7 +131,7 @@ def test_a_second_evaluation_adds_a_linked_run_and_leaves_earlier_numbers_unchan
 
 def test_the_gate_compares_nll_with_a_champion_measured_with_other_generation_settings(workdir):
     """The reported case: champion measured with 16 generations, challenger with 4, same curated data."""
-    weak_cfg = workdir(BAD, {"num_generations": 16})
+    weak_cfg = workdir(BAD, {"num_generations": 16, **BUDGET_OFF})
     weak = run_train(weak_cfg)
     run_evaluate(weak_cfg)
     assert (
@@ -164,7 +167,7 @@ def independent_nll(model_dir: Path, cfg: Config) -> float:
 
 
 def test_a_champion_without_a_result_on_the_new_test_set_is_measured_there_and_the_version_is_described(workdir):
-    first_cfg = workdir(BAD)
+    first_cfg = workdir(BAD, BUDGET_OFF)
     weak = run_train(first_cfg)
     run_evaluate(first_cfg)
     assert (

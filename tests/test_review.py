@@ -136,7 +136,9 @@ def test_champion_moves_only_for_a_better_model_with_passing_data_checks(tmp_pat
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
     def train_and_evaluate(train: dict, versioned: bool = True) -> tuple[dict, dict]:
-        cfg = workdir(train)
+        # The test split's length budget off: the barely trained model answers random bytes as its random-init base
+        # does, a fifth of a reference's words, which that budget rightly refuses; this test is about the NLL gate.
+        cfg = workdir(train, {"test_min_length_ratio": None})
         run, metrics = run_train(cfg), run_evaluate(cfg).metrics
         return run, {**metrics, "promotion": promote(run, metrics, cfg, versioned)}
 

@@ -1,20 +1,27 @@
 """Regression suites, the parts that need no model: the gate's verdict (the whole interval beyond the margin,
 informational suites never blocking, the refusing suite named with its figures), the paired intervals, and a
 suite's rows checked against the train split. And through the CLI: a missing or empty suite stops evaluate
-with one line naming it."""
+with one line naming it. On the tiny model: metrics.json, MLflow and the report carry the behaviour of the test
+split and of a suite, as recomputed from the generations tables."""
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
-from conftest import arithmetic_rows, error_lines, write_jsonl, write_project
+from conftest import arithmetic_rows, error_lines, formatted, write_jsonl, write_project
+from realstack import evaluation_runs
 from sftops.cli import main
 from sftops.config import Config, DataConfig, SuiteConfig
 from sftops.evaluate.comparison import mean_delta_ci, perplexity_delta_ci
 from sftops.evaluate.promotion import CHALLENGER, CHAMPION, Champion, SuiteResult, decide
-from sftops.evaluate.suites import generation_sample, prepare_suite, suite_margin, suite_metric
+from sftops.evaluate.suites import generation_sample, prepare_suite, suite_budget, suite_margin, suite_metric
+from sftops.stages.evaluate import run_evaluate
+from sftops.stages.train import run_train
 
 
 def suite_result(
@@ -133,6 +140,17 @@ def test_a_suite_overrides_the_regression_margin_and_primary_metric():
     assert suite_metric(own, "nll") == "chrf" and suite_metric(default, "nll") == "nll"
 
 
+def test_a_suite_overrides_the_behaviour_budget_and_null_inherits_evaluates():
+    e = Config.model_validate(
+        {"data": {"sources": [{"name": "x", "path": "x.jsonl"}]}, "model": {"base": "m"}}
+    ).evaluate
+    own = SuiteConfig(name="general", path="x.jsonl", min_length_ratio=0.8, max_degenerate_rise=0.0)
+    assert suite_budget(own, e) == (0.8, 0.0) and suite_budget(SuiteConfig(name="m", path="y.jsonl"), e) == (0.5, 0.1)
+    assert (e.test_min_length_ratio, e.test_max_degenerate_rise) == (0.5, 0.1)
+    off = e.model_copy(update={"min_length_ratio": None, "max_degenerate_rise": None})
+    assert suite_budget(SuiteConfig(name="m", path="y.jsonl"), off) == (None, None)
+
+
 def test_a_suite_takes_no_training_keys():
     with pytest.raises(ValueError, match="never trained on"):
         SuiteConfig(name="general", path="x.jsonl", weight=2.0)
@@ -168,3 +186,75 @@ def test_a_missing_or_empty_suite_stops_evaluate_with_one_line_naming_it(
         else ("no rows left" in lines[0] and "'rejected': 2" in lines[0])
     )
     assert not Path("metrics.json").exists()
+
+
+def words(text: str) -> int:
+    """Independent of evaluate/behaviour.py: whitespace-separated pieces holding a letter or a digit."""
+    return sum(any(ch.isalnum() for ch in piece) for piece in text.split())
+
+
+def read_table(path: str) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_metrics_json_mlflow_and_the_report_carry_the_behaviour_of_the_test_split_and_of_each_suite(
+    project_folder, tiny_model
+):
+    write_jsonl(
+        "general.jsonl",
+        [{"prompt": f"what is {i} times two?", "completion": f"{i} times two is {2 * i}."} for i in range(12)],
+    )
+    qa = [{"name": "qa", "path": str(write_jsonl("qa.jsonl", arithmetic_rows(40)))}]
+    cfg = formatted(
+        write_project(
+            tiny_model,
+            qa,
+            train={"method": "lora", "max_steps": 2, "micro_batch_size": 4},
+            evaluate={
+                "num_generations": 4,
+                "max_new_tokens": 6,
+                "bootstrap_resamples": 200,
+                "suites": [{"name": "general", "path": "general.jsonl", "min_length_ratio": 0.25}],
+            },
+        )
+    )
+    run = run_train(cfg)
+    run_evaluate(cfg)
+    metrics = json.loads(Path("metrics.json").read_text())
+    test, suite = metrics["behaviour"], metrics["suites"]["general"]["behaviour"]
+    assert (test["gated_length_ratio"], test["min_length_ratio"], test["max_degenerate_rise"]) == (
+        "length_ratio_to_reference",
+        0.5,
+        0.1,
+    )
+    assert (suite["gated_length_ratio"], suite["min_length_ratio"], suite["max_degenerate_rise"]) == (
+        "length_ratio",
+        0.25,
+        0.1,
+    )
+    for block, table in ((test, "reports/generations.csv"), (suite, "reports/suites/general.csv")):
+        rows = read_table(table)
+        base_words = [words(r["base_output"]) for r in rows]
+        tuned_words = [words(r["tuned_output"]) for r in rows]
+        assert block["answers"] == len(rows) == 4
+        assert block["words_mean_tuned"] == pytest.approx(sum(tuned_words) / 4)
+        assert block["length_ratio"] == pytest.approx(sum(tuned_words) / sum(base_words))
+        assert block["length_ratio_ci_low"] <= block["length_ratio"] <= block["length_ratio_ci_high"]
+        for who in ("base", "tuned"):
+            share = sum(r[f"{who}_degenerate"] != "" for r in rows) / 4
+            assert block[f"degenerate_rate_{who}"] == pytest.approx(share)
+            assert sum(block["degenerate_reasons"][who].values()) == share * 4
+        assert block["degenerate_rise"] == pytest.approx(block["degenerate_rate_tuned"] - block["degenerate_rate_base"])
+        for metric in ("exact_match", "rouge_l", "chrf", "stop_rate"):
+            assert f"{metric}_tuned" in block and f"{metric}_change_ci_high" in block
+        assert isinstance(block["broken"], list)
+
+    [evaluated] = evaluation_runs(MlflowClient(run.tracking_uri), run.run_id)
+    logged = evaluated.data.metrics
+    assert logged["test_length_ratio_to_reference"] == pytest.approx(test["length_ratio_to_reference"])
+    assert logged["test_degenerate_rate_base"] == pytest.approx(test["degenerate_rate_base"])
+    assert logged["suite/general/length_ratio"] == pytest.approx(suite["length_ratio"])
+    assert logged["suite/general/degenerate_rise_ci_high"] == pytest.approx(suite["degenerate_rise_ci_high"])
+    html = Path("reports/report.html").read_text()
+    assert "<h2>Behaviour</h2>" in html and "suite general" in html and f"{suite['length_ratio']:.4f}" in html

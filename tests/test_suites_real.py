@@ -77,7 +77,10 @@ def figures(name: str, m: dict) -> str:
         f"change CI [{v['delta_ci_low']:+.3f}, {v['delta_ci_high']:+.3f}], "
         f"win rate {v['win_rate']:.2f}, chrF {v['base']['chrf']:.2f} -> {v['tuned']['chrf']:.2f}, words "
         f"{v['base']['response_words_mean']:.1f} -> {v['tuned']['response_words_mean']:.1f}, stop rate "
-        f"{v['base']['stopped_rate']:.2f} -> {v['tuned']['stopped_rate']:.2f}; {m['promotion']['alias']}"
+        f"{v['base']['stopped_rate']:.2f} -> {v['tuned']['stopped_rate']:.2f}, length ratio "
+        f"{v['behaviour']['length_ratio']:.3f} [{v['behaviour']['length_ratio_ci_low']:.3f}, "
+        f"{v['behaviour']['length_ratio_ci_high']:.3f}], degenerate {v['behaviour']['degenerate_rate_base']:.2f} -> "
+        f"{v['behaviour']['degenerate_rate_tuned']:.2f}; {m['promotion']['alias']}"
     )
 
 
@@ -128,7 +131,7 @@ def test_a_gsm8k_fine_tune_that_got_worse_on_general_instructions_is_refused_cha
     assert "informational suite general regressed (not blocking)" in again["promotion"]["reason"]
 
 
-def test_a_self_instruct_fine_tune_that_did_not_get_worse_on_gsm8k_becomes_champion(project, gsm8k):
+def test_a_self_instruct_fine_tune_whose_gsm8k_nll_fell_but_whose_answers_shrank_is_refused_for_that(project, gsm8k):
     cfg = project(
         {"name": "selfinstruct", **SELF_INSTRUCT_SOURCE},
         30,
@@ -138,7 +141,25 @@ def test_a_self_instruct_fine_tune_that_did_not_get_worse_on_gsm8k_becomes_champ
     m = run_evaluate(cfg).metrics
     m["promotion"] = promote(run, m, cfg)
     print("\nself-instruct fine-tune, GSM8K suite:", figures("math", m))
+    print("reason:", m["promotion"]["reason"])
     math = m["suites"]["math"]
     assert not math["regressed"] and math["delta_ci_high"] < 0  # its NLL fell, with the whole interval
     assert math["sampled_out"] == 1319 - 80 and math["train_duplicates"] == 0
-    assert m["promotion"]["alias"] == "champion" and "no regression on 1 suite" in m["promotion"]["reason"]
+    # ... but its answers to GSM8K shrank well below half the base model's words: the suite's length budget refuses
+    # it, with the figures.
+    behaviour = math["behaviour"]
+    assert behaviour["broken"] == ["length_ratio"] and behaviour["length_ratio_ci_high"] < 0.5
+    assert m["promotion"]["alias"] == "challenger" and m["promotion"]["regressed_suites"] == ()
+    assert m["promotion"]["broken_budgets"] == ("suite 'math' length_ratio",)
+    assert f"suite 'math' length_ratio {behaviour['length_ratio']:.4f} (mean words" in m["promotion"]["reason"]
+
+    # With the suite's floor at 0 (never broken), re-evaluated from the base model's cached results: champion.
+    allowed = cfg.model_copy(deep=True)
+    allowed.evaluate.suites[0].min_length_ratio = 0.0
+    result = run_evaluate(allowed)
+    again = promote(run, result.metrics, allowed)
+    assert (
+        result.suites_base_eval_cached == {"math": True}
+        and result.metrics["suites"]["math"]["behaviour"]["broken"] == []
+    )
+    assert again["alias"] == "champion" and "no regression on 1 suite" in again["reason"]

@@ -483,6 +483,23 @@ class SuiteConfig(SourceConfig):
             "The suite's regression margin (see evaluate.regression_margin); null: evaluate.regression_margin."
         ),
     )
+    min_length_ratio: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "The suite's floor on mean words tuned / base (see evaluate.min_length_ratio); null: "
+            "evaluate.min_length_ratio; 0: never broken."
+        ),
+    )
+    max_degenerate_rise: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description=(
+            "The suite's ceiling on the rise of degenerate answers (see evaluate.max_degenerate_rise); null: "
+            "evaluate.max_degenerate_rise; 1: never broken."
+        ),
+    )
     informational: bool = Field(False, description="Reported, never blocking promotion.")
 
     @model_validator(mode="after")
@@ -520,7 +537,10 @@ class EvaluateConfig(_Strict):
     bootstrap_resamples: int = Field(
         1000,
         ge=10,
-        description=("Resamples of the paired bootstrap of the base - tuned NLL difference over test rows."),
+        description=(
+            "Resamples of the paired bootstraps, base against tuned: the NLL difference over rows; the text metrics' "
+            "changes, length ratios, degenerate and stop rates over the sampled prompts."
+        ),
     )
     bootstrap_seed: int = Field(0, description="The seed of the bootstrap.")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="The confidence level of the bootstrap intervals.")
@@ -529,7 +549,8 @@ class EvaluateConfig(_Strict):
         description=(
             "Promotion gate: the new model version gets the `champion` alias only if this test metric beats the "
             "current champion's (same test set and eval settings) by more than promotion_margin, the data checks "
-            "passed and no suite regressed; otherwise `challenger`. nll and perplexity: lower is better; the others: "
+            "passed, no suite regressed and no behaviour budget (min_length_ratio, max_degenerate_rise and their test_ "
+            "twins) was broken; otherwise `challenger`. nll and perplexity: lower is better; the others: "
             "higher."
         ),
     )
@@ -544,6 +565,48 @@ class EvaluateConfig(_Strict):
             "A suite regresses when the whole confidence interval of (tuned - base) on its primary metric lies on the "
             "worse side of this margin (metric units: nats/token for nll, 0-100 for chrf); a regression keeps the new "
             "version from becoming champion unless the suite is informational."
+        ),
+    )
+    min_length_ratio: float | None = Field(
+        0.5,
+        ge=0,
+        description=(
+            "Behaviour budget of each suite (its own min_length_ratio overrides it): mean words of the tuned model's "
+            "answers / those of the base model's to the same sampled prompts. The budget is broken when the whole "
+            "confidence interval of the ratio lies below this floor (the tuned model answers far more briefly than "
+            "its base did); a broken budget keeps the new version from becoming champion unless the suite is "
+            "informational. null: not gated."
+        ),
+    )
+    max_degenerate_rise: float | None = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description=(
+            "Behaviour budget of each suite (its own max_degenerate_rise overrides it): the rise (tuned - base) in "
+            "the share of degenerate answers, i.e. near-empty (under 2 words, or nothing visible), looping (a word "
+            "n-gram, n up to 4, 3 or more times in a row) or cut off by max_new_tokens. Broken when the whole "
+            "confidence interval of the rise lies above this ceiling; it then blocks as min_length_ratio does. "
+            "null: not gated."
+        ),
+    )
+    test_min_length_ratio: float | None = Field(
+        0.5,
+        ge=0,
+        description=(
+            "The test split's behaviour budget: a floor on mean words of the tuned answers / those of the references "
+            "(each cut to max_new_tokens tokens, the most an answer can hold). Against the references, not the base "
+            "model: fine-tuning is meant to move test answers toward them. Broken when the whole confidence interval "
+            "lies below it; a broken test budget keeps the new version from becoming champion. null: not gated."
+        ),
+    )
+    test_max_degenerate_rise: float | None = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description=(
+            "The test split's ceiling on the rise (tuned - base) in the share of degenerate answers (see "
+            "max_degenerate_rise); broken when the whole confidence interval lies above it. null: not gated."
         ),
     )
 

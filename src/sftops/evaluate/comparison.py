@@ -1,5 +1,6 @@
 """Base vs tuned on the same test rows: the difference of token-weighted mean NLL with a paired bootstrap
-confidence interval, and the per-row win rate; overall and per data source."""
+confidence interval, and the per-row win rate; overall and per data source. The same paired resampling gives the
+intervals of a mean change (a text metric, a share of answers) and of a ratio of means (answer lengths)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,27 @@ def mean_delta_ci(
         float(gap.mean()),
         *_percentiles([(c @ gap) / len(gap) for c in _resample_counts(len(gap), resamples, seed)], confidence),
     )
+
+
+def ratio_of_means_ci(
+    numerator: Sequence[float], denominator: Sequence[float], resamples: int, seed: int, confidence: float
+) -> tuple[float, float, float]:
+    """mean(numerator) / mean(denominator) over paired rows (e.g. the words of each tuned answer over those of the
+    base answer to the same prompt) and its paired-bootstrap interval: each resample draws rows with replacement
+    and recomputes both means on them. A ratio of means, not a mean of ratios: an empty answer on one side makes
+    no row's ratio infinite. Resamples whose denominator sums to 0 have no ratio and are left out."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError(
+            f"paired comparison needs the same non-empty rows (got {len(numerator)} and {len(denominator)})"
+        )
+    top, bottom = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    if bottom.sum() <= 0:
+        raise ValueError("the ratio of means is undefined: the denominator's values sum to 0")
+    blocks = []
+    for c in _resample_counts(len(top), resamples, seed):
+        over, under = c @ top, c @ bottom
+        blocks.append(over[under > 0] / under[under > 0])
+    return (float(top.sum() / bottom.sum()), *_percentiles(blocks, confidence))
 
 
 def win_rate(base: Scores, tuned: Scores) -> float:

@@ -10,6 +10,7 @@ from sftops.config import Config
 from sftops.data.examples import training_examples
 from sftops.data.store import load_split
 from sftops.errors import DataError
+from sftops.evaluate.behaviour import within_tokens
 from sftops.evaluate.scoring import generation_sample
 from sftops.evaluate.sides import EvalSet
 
@@ -22,7 +23,8 @@ def read_test_split(cfg: Config, tokenizer) -> EvalSet:
     kept_rows = [rows[i] for i in kept]
     sample, refs = generation_sample(kept_rows, cfg.evaluate.num_generations)
     prompts = [generation_prompt(tokenizer, r["messages"]) for r in sample]
-    return EvalSet("test split", examples, kept_rows, sample, refs, prompts)
+    reachable = [within_tokens(tokenizer, r[0], cfg.evaluate.max_new_tokens) for r in refs]
+    return EvalSet("test split", examples, kept_rows, sample, refs, prompts, reachable)
 
 
 def prompt_text(messages: list[dict[str, Any]]) -> str:

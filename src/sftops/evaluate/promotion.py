@@ -2,8 +2,9 @@
 current champion's, measured on the same test set (dataset digest) with the settings that metric depends on
 (its comparison key: NLL does not depend on how many answers were generated), by more than a margin,
 the data self-checks passed, its data and code are versioned (committed to a git ref, outputs in DVC's cache),
-so that the champion can always be restored, and no regression suite regressed against the base model; otherwise
-it is the `challenger`. Pure: the registry calls live in tracking."""
+so that the champion can always be restored, no regression suite regressed against the base model, and no
+behaviour budget was broken (answers of the test split or a suite that shrank or degenerated beyond its limit);
+otherwise it is the `challenger`. Pure: the registry calls live in tracking."""
 
 from __future__ import annotations
 
@@ -57,6 +58,105 @@ class SuiteResult:
         )
 
 
+LENGTH_RATIO, LENGTH_RATIO_TO_REFERENCE = "length_ratio", "length_ratio_to_reference"  # floors
+DEGENERATE_RISE = "degenerate_rise"  # a ceiling
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """One behaviour budget of one evaluation set, base against tuned on the same prompts (evaluate/behaviour.py):
+    a floor on a length ratio (mean words tuned / base, or tuned / reference) or a ceiling on the rise of the share
+    of degenerate answers, with the figure's confidence interval."""
+
+    where: str  # "test split", "suite 'general'"
+    metric: str  # LENGTH_RATIO, LENGTH_RATIO_TO_REFERENCE or DEGENERATE_RISE
+    before: float  # mean words of the base answers (of the references), or the base's degenerate share
+    after: float  # mean words of the tuned answers, or the tuned degenerate share
+    value: float  # the ratio, or the rise (after - before)
+    ci_low: float
+    ci_high: float
+    limit: float  # the floor of a ratio, the ceiling of a rise
+    informational: bool = False
+
+    @property
+    def broken(self) -> bool:
+        """The whole interval lies beyond the limit (a clear breach, not noise), as a suite regresses."""
+        if self.metric == DEGENERATE_RISE:
+            return self.ci_low > self.limit
+        return self.ci_high < self.limit
+
+    @property
+    def label(self) -> str:
+        return f"{self.where} {self.metric}"
+
+    def describe(self) -> str:
+        if self.metric == DEGENERATE_RISE:
+            return (
+                f"{self.label} {self.value:+.4f} (share of degenerate answers {self.before:.4f} (base) -> "
+                f"{self.after:.4f} (tuned)), CI [{self.ci_low:+.4f}, {self.ci_high:+.4f}], ceiling {self.limit}"
+            )
+        against = "reference" if self.metric == LENGTH_RATIO_TO_REFERENCE else "base"
+        return (
+            f"{self.label} {self.value:.4f} (mean words {self.before:.2f} ({against}) -> {self.after:.2f} (tuned)), "
+            f"CI [{self.ci_low:.4f}, {self.ci_high:.4f}], floor {self.limit}"
+        )
+
+
+def budget_checks(block: dict[str, Any], where: str, informational: bool = False) -> list[BudgetCheck]:
+    """The budgets a behaviour block (metrics.json's `behaviour`) is held to, as it records them: its gated length
+    ratio against min_length_ratio, its degenerate rise against max_degenerate_rise; a limit of null, or a figure
+    that could not be measured (no generations, base answers without words), is not checked."""
+    checks = []
+    ratio, floor = block.get("gated_length_ratio"), block.get("min_length_ratio")
+    if floor is not None and ratio in block:
+        before = "words_mean_reference" if ratio == LENGTH_RATIO_TO_REFERENCE else "words_mean_base"
+        checks.append(_check(block, where, ratio, (before, "words_mean_tuned"), floor, informational))
+    ceiling = block.get("max_degenerate_rise")
+    if ceiling is not None and DEGENERATE_RISE in block:
+        sides = ("degenerate_rate_base", "degenerate_rate_tuned")
+        checks.append(_check(block, where, DEGENERATE_RISE, sides, ceiling, informational))
+    return checks
+
+
+def _check(
+    block: dict[str, Any], where: str, metric: str, sides: tuple[str, str], limit: float, informational: bool
+) -> BudgetCheck:
+    before, after = (block[key] for key in sides)
+    low, high = block[f"{metric}_ci_low"], block[f"{metric}_ci_high"]
+    return BudgetCheck(where, metric, before, after, block[metric], low, high, limit, informational)
+
+
+def with_budget(
+    block: dict[str, Any],
+    gated_length_ratio: str,
+    min_length_ratio: float | None,
+    max_degenerate_rise: float | None,
+    where: str,
+    informational: bool = False,
+) -> dict[str, Any]:
+    """A behaviour block with the budget it is held to and the budgets it broke (for metrics.json and the report;
+    the gate checks again from the figures)."""
+    if not block:
+        return block
+    budgeted = {
+        **block,
+        "gated_length_ratio": gated_length_ratio,
+        "min_length_ratio": min_length_ratio,
+        "max_degenerate_rise": max_degenerate_rise,
+    }
+    budgeted["broken"] = [c.metric for c in budget_checks(budgeted, where, informational) if c.broken]
+    return budgeted
+
+
+def behaviour_checks(metrics: dict[str, Any]) -> list[BudgetCheck]:
+    """Every behaviour budget of an evaluation, from its metrics (metrics.json): the test split's, then each
+    suite's (an informational suite's never blocks)."""
+    checks = budget_checks(metrics.get("behaviour", {}), "test split")
+    for name, values in metrics.get("suites", {}).items():
+        checks += budget_checks(values.get("behaviour", {}), f"suite {name!r}", values["informational"])
+    return checks
+
+
 @dataclass(frozen=True)
 class Decision:
     alias: str
@@ -66,6 +166,7 @@ class Decision:
     champion_version: str | None = None
     champion_value: float | None = None
     regressed_suites: tuple[str, ...] = ()  # the blocking suites that regressed
+    broken_budgets: tuple[str, ...] = ()  # the blocking behaviour budgets broken: "suite 'general' length_ratio"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +215,7 @@ def decide(
     versioned: tuple[bool, str] = (True, "versioned"),
     suites: Sequence[SuiteResult] = (),
     base_value: float | None = None,
+    budgets: Sequence[BudgetCheck] = (),
 ) -> Decision:
     is_versioned, version_note = versioned
     if not is_versioned:
@@ -124,15 +226,21 @@ def decide(
     if not passed:
         return Decision(CHALLENGER, f"{check_note}: not promoted", metric, value, *_champ(champion))
     regressed = [s for s in suites if s.regressed and not s.informational]
-    if regressed:
-        figures = "; ".join(s.describe() for s in regressed)
+    broken = [b for b in budgets if b.broken and not b.informational]
+    if regressed or broken:
+        refusals = []
+        if regressed:
+            refusals.append(f"regressed against the base model on {'; '.join(s.describe() for s in regressed)}")
+        if broken:
+            refusals.append(f"broke its behaviour budget on {'; '.join(b.describe() for b in broken)}")
         return Decision(
             CHALLENGER,
-            f"regressed against the base model on {figures}: not promoted",
+            f"{'; '.join(refusals)}: not promoted",
             metric,
             value,
             *_champ(champion),
             regressed_suites=tuple(s.name for s in regressed),
+            broken_budgets=tuple(b.label for b in broken),
         )
     blocking = [s for s in suites if not s.informational]
     if blocking:
@@ -142,6 +250,11 @@ def decide(
         check_note += (
             f"; informational suite{'s' if len(noted) > 1 else ''} {', '.join(noted)} regressed (not blocking)"
         )
+    if any(not b.informational for b in budgets):
+        check_note += "; answers within their behaviour budgets"
+    noted_budgets = [b.label for b in budgets if b.informational and b.broken]
+    if noted_budgets:
+        check_note += f"; informational behaviour budget broken on {', '.join(noted_budgets)} (not blocking)"
     if base_value is not None and not _better(metric, value, base_value):
         return Decision(
             CHALLENGER,

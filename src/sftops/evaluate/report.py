@@ -1,6 +1,7 @@
 """A self-contained HTML review of one fine-tuned model: headline numbers with the confidence interval of the
-improvement, the loss curves (inline SVG), per-source results, the promotion decision, the rows the model
-improved most and least, and the generations next to their references. No external files or scripts."""
+improvement, how the answers changed (length, degenerate answers, stop rate, text metrics) against their behaviour
+budgets, the loss curves (inline SVG), per-source results, the promotion decision, the rows the model improved
+most and least, and the generations next to their references. No external files or scripts."""
 
 from __future__ import annotations
 
@@ -126,6 +127,7 @@ th{{background:#f4f4f4}}.big{{font-size:16px}}</style></head><body>
 <h1>{escape(title)}</h1>
 <h2>Did fine-tuning help?</h2>{headline}{gate}
 <h2>Test metrics</h2>{summary}
+{behaviour_section(metrics)}
 <h2>Per source</h2>{per_source}
 {suites_section(metrics.get("suites", {}), suite_worst or {})}
 <h2>Loss curves</h2>{svg_curves(curves)}
@@ -136,10 +138,93 @@ th{{background:#f4f4f4}}.big{{font-size:16px}}</style></head><body>
 """
 
 
+def _budget_verdict(block: dict[str, Any], metric: str, informational: bool) -> str:
+    if metric not in block.get("broken", []):
+        return "within budget"
+    return "BROKEN (informational)" if informational else "BROKEN: blocks promotion"
+
+
+def behaviour_rows(where: str, block: dict[str, Any], informational: bool = False) -> list[list[Any]]:
+    """One evaluation set's behaviour block as rows: figure, base (or reference), tuned, change or ratio, its CI,
+    the budget and whether it holds (only the figures the gate checks have a budget)."""
+
+    def row(figure: str, before: str, after: str, change: str, budget: str = "") -> list[Any]:
+        if change not in block:
+            return [where, figure, block.get(before, ""), block.get(after, ""), "(not measured)", "", "", "", ""]
+        limit = block.get(budget) if budget else None
+        verdict = "" if limit is None else _budget_verdict(block, change, informational)
+        return [
+            where,
+            figure,
+            block[before],
+            block[after],
+            block[change],
+            block[f"{change}_ci_low"],
+            block[f"{change}_ci_high"],
+            "" if limit is None else limit,
+            verdict,
+        ]
+
+    gated = block.get("gated_length_ratio")
+    reasons = block["degenerate_reasons"]
+    counts = "; ".join(f"{who} " + "/".join(str(n) for n in reasons[who].values()) for who in ("base", "tuned"))
+    rows = [
+        row(
+            "words per answer, ratio tuned / base",
+            "words_mean_base",
+            "words_mean_tuned",
+            "length_ratio",
+            "min_length_ratio" if gated == "length_ratio" else "",
+        ),
+        row(
+            "words per answer, ratio tuned / reference (base column: the reference)",
+            "words_mean_reference",
+            "words_mean_tuned",
+            "length_ratio_to_reference",
+            "min_length_ratio" if gated == "length_ratio_to_reference" else "",
+        ),
+        row(
+            f"share of degenerate answers, rise (empty/loop/unstopped: {counts})",
+            "degenerate_rate_base",
+            "degenerate_rate_tuned",
+            "degenerate_rise",
+            "max_degenerate_rise",
+        ),
+        row("stop rate (ended their turn), change", "stop_rate_base", "stop_rate_tuned", "stop_rate_change"),
+    ]
+    for metric in ("exact_match", "rouge_l", "chrf"):
+        if f"{metric}_change" in block:
+            rows.append(row(f"{metric}, change", f"{metric}_base", f"{metric}_tuned", f"{metric}_change"))
+    return rows
+
+
+def behaviour_section(metrics: dict[str, Any]) -> str:
+    """How fine-tuning changed the answers, beside what it did to the NLL: the test split and each suite, base
+    against tuned on the same sampled prompts, each change with its paired-bootstrap CI and its budget."""
+    sets = [("test split", metrics.get("behaviour", {}), False)] + [
+        (f"suite {name}", v.get("behaviour", {}), v["informational"]) for name, v in metrics.get("suites", {}).items()
+    ]
+    rows = [r for where, block, informational in sets if block for r in behaviour_rows(where, block, informational)]
+    if not rows:
+        return "<h2>Behaviour</h2><p>(no answers generated: set evaluate.num_generations > 0)</p>"
+    level = round(100 * metrics.get("confidence", 0.95))
+    header = ["set", "figure", "base", "tuned", "change or ratio", f"{level}% CI low", f"{level}% CI high"]
+    return (
+        "<h2>Behaviour</h2><p>How the answers changed, base against tuned on the same sampled prompts: a ratio of "
+        "mean words (the test split against its references cut to max_new_tokens tokens, a suite against the base "
+        "model), the share of degenerate answers (fewer than 2 words, a word n-gram repeated 3 or more times in a "
+        "row, or cut off by max_new_tokens), the stop rate and the text metrics. A budget is broken when the whole "
+        "confidence interval lies beyond it.</p>" + _table([*header, "budget", "verdict"], rows)
+    )
+
+
 def _verdict(v: dict[str, Any]) -> str:
     if v["regressed"]:
-        return "REGRESSED (informational)" if v["informational"] else "REGRESSED: blocks promotion"
-    return "no regression" + (" (informational)" if v["informational"] else "")
+        verdict = "REGRESSED (informational)" if v["informational"] else "REGRESSED: blocks promotion"
+    else:
+        verdict = "no regression" + (" (informational)" if v["informational"] else "")
+    broken = v.get("behaviour", {}).get("broken", [])
+    return verdict + (f"; behaviour budget broken: {', '.join(broken)}" if broken else "")
 
 
 def suites_section(suites: dict[str, dict[str, Any]], worst: dict[str, list[dict[str, Any]]]) -> str:

@@ -1,6 +1,7 @@
 """The test split reviewed: base against tuned on the same rows, the metrics metrics.json and MLflow carry
-(overall and per source, with paired bootstrap CIs), and the tables reviewers read (every row's NLL under each
-model, the sampled answers side by side)."""
+(overall and per source, with paired bootstrap CIs; how the sampled answers changed, held to the test split's
+behaviour budget), and the tables reviewers read (every row's NLL under each model, the sampled answers side by
+side)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sftops.config import Config
+from sftops.config import Config, EvaluateConfig
+from sftops.evaluate.behaviour import compare_behaviour, degenerate_reasons
 from sftops.evaluate.comparison import compare, compare_by_group
 from sftops.evaluate.held_out import prompt_text
-from sftops.evaluate.promotion import data_checks
+from sftops.evaluate.promotion import LENGTH_RATIO_TO_REFERENCE, data_checks, with_budget
 from sftops.evaluate.sides import EvalSet, Side
 from sftops.evaluate.textmetrics import length_stats
 from sftops.layout import STATS
@@ -36,6 +38,7 @@ def review_metrics(cfg: Config, test: EvalSet, base: Side, tuned: Side, identity
         "nll_improvement_ci_high": overall["nll_improvement_ci_high"],
         "confidence": e.confidence,
         "win_rate": overall["win_rate"],
+        "behaviour": test_split_behaviour(e, test, base, tuned),
         **length_stats([r[0] for r in test.refs], "reference"),
         "per_source": compare_by_group(sources, base.scores, tuned.scores, *stats),
         "evaluation": identity,
@@ -52,6 +55,23 @@ def review_metrics(cfg: Config, test: EvalSet, base: Side, tuned: Side, identity
                 }
             )
     return metrics
+
+
+def test_split_behaviour(e: EvaluateConfig, test: EvalSet, base: Side, tuned: Side) -> dict[str, Any]:
+    """How the answers to the sampled test prompts changed, held to the test split's budget: its length against
+    the references, which fine-tuning is meant to move the answers toward."""
+    block = compare_behaviour(
+        base.completions,
+        tuned.completions,
+        test.reachable,
+        (base.generated, tuned.generated),
+        e.bootstrap_resamples,
+        e.bootstrap_seed,
+        e.confidence,
+    )
+    return with_budget(
+        block, LENGTH_RATIO_TO_REFERENCE, e.test_min_length_ratio, e.test_max_degenerate_rise, "test split"
+    )
 
 
 def curated_data_checks(curated: Path) -> dict[str, Any]:
@@ -72,7 +92,8 @@ def per_row_table(test: EvalSet, base: Side, tuned: Side) -> dict[str, list]:
 
 
 def generations_table(test: EvalSet, base: Side, tuned: Side, per_row: dict[str, list]) -> dict[str, list]:
-    """The sampled prompts with both answers side by side, their scores, lengths and response NLL."""
+    """The sampled prompts with both answers side by side, their scores, lengths, why an answer is degenerate
+    (empty, loop, unstopped; blank when it is not) and response NLL."""
     row_of = {r["id"]: i for i, r in enumerate(test.rows)}
     sampled = [row_of[r["id"]] for r in test.sample]
     return {
@@ -87,6 +108,8 @@ def generations_table(test: EvalSet, base: Side, tuned: Side, per_row: dict[str,
         **{f"tuned_{name}": values for name, values in tuned.generated.items()},
         "base_new_tokens": [c.new_tokens for c in base.completions],
         "tuned_new_tokens": [c.new_tokens for c in tuned.completions],
+        "base_degenerate": [r or "" for r in degenerate_reasons(base.completions, test.reachable)],
+        "tuned_degenerate": [r or "" for r in degenerate_reasons(tuned.completions, test.reachable)],
         "base_nll": [per_row["base_nll"][i] for i in sampled],
         "tuned_nll": [per_row["tuned_nll"][i] for i in sampled],
     }

@@ -26,7 +26,8 @@ from sftops.train.loss import score_rows
 @dataclass(frozen=True)
 class EvalSet:
     """Rows as a review uses them: all of them scored (examples, from `rows`), a sample answered (`prompts`,
-    rendered from `sample`, each with every reference answer in `refs`)."""
+    rendered from `sample`, each with every reference answer in `refs`; its first reference as much of it as an
+    answer can hold in `reachable`)."""
 
     name: str  # "test split", "suite NAME": what progress bars and errors call it
     examples: Sequence[Encoded]
@@ -34,6 +35,7 @@ class EvalSet:
     sample: list[dict[str, Any]]
     refs: list[list[str]]
     prompts: list[str]
+    reachable: list[str]  # per prompt: its first reference cut to evaluate.max_new_tokens tokens (behaviour.py)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """A regression suite reviewed: base against tuned on the suite's rows (response NLL with the paired bootstrap CI
-and win rate; on a seeded sample of prompts the generations with the text metrics, lengths and stop rate), and
-the verdict the promotion gate reads. Reading and preparing suites is evaluate/suites.py."""
+and win rate; on a seeded sample of prompts the generations with the text metrics, lengths, degenerate answers and
+stop rate, held to the suite's behaviour budget), and the verdict the promotion gate reads. Reading and preparing
+suites is evaluate/suites.py."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from sftops.config import Config, EvaluateConfig, SuiteConfig
 from sftops.data.examples import training_examples
 from sftops.errors import ConfigError, DataError
 from sftops.evaluate import base_cache
+from sftops.evaluate.behaviour import compare_behaviour, degenerate_reasons, within_tokens
 from sftops.evaluate.comparison import compare, mean_delta_ci, perplexity_delta_ci
 from sftops.evaluate.held_out import prompt_text
 from sftops.evaluate.identity import base_eval_params
-from sftops.evaluate.promotion import SuiteResult
+from sftops.evaluate.promotion import LENGTH_RATIO, SuiteResult, with_budget
 from sftops.evaluate.sides import BaseSwitch, EvalSet, Side, base_side, run_side
-from sftops.evaluate.suites import SuiteRows, suite_margin, suite_metric
+from sftops.evaluate.suites import SuiteRows, suite_budget, suite_margin, suite_metric
 from sftops.evaluate.suites import generation_sample as suite_sample
 from sftops.machine import package_dir
 from sftops.provenance.fingerprints import tokenizer_sha256
@@ -79,6 +81,7 @@ def evaluate_suite(
         "regression_margin": result.margin,
         "informational": suite.informational,
         "regressed": result.regressed,
+        "behaviour": suite_behaviour(cfg.evaluate, suite, data, base_run, tuned_run),
         "sha256": prepared.sha256,
     }
     dataset = {
@@ -107,8 +110,9 @@ def suite_set(cfg: Config, suite: SuiteConfig, prepared: SuiteRows, tokenizer) -
     rows = [prepared.rows[i] for i in kept]
     sample, refs = suite_sample(rows, _generations(cfg, suite), cfg.evaluate.sample_seed)
     prompts = [generation_prompt(tokenizer, r["messages"]) for r in sample]
+    reachable = [within_tokens(tokenizer, r[0], cfg.evaluate.max_new_tokens) for r in refs]
     dropped = counts["dropped_too_long"] + counts["dropped_no_target"]
-    return EvalSet(f"suite {suite.name}", examples, rows, sample, refs, prompts), dropped
+    return EvalSet(f"suite {suite.name}", examples, rows, sample, refs, prompts, reachable), dropped
 
 
 def verdict(cfg: Config, suite: SuiteConfig, base: Side, tuned: Side, overall: dict[str, float]) -> SuiteResult:
@@ -125,6 +129,21 @@ def verdict(cfg: Config, suite: SuiteConfig, base: Side, tuned: Side, overall: d
     return SuiteResult(
         suite.name, metric, base_summary[metric], tuned_summary[metric], low, high, margin, suite.informational
     )
+
+
+def suite_behaviour(e: EvaluateConfig, suite: SuiteConfig, data: EvalSet, base: Side, tuned: Side) -> dict[str, Any]:
+    """How the answers to the suite's sampled prompts changed, held to the suite's budget: its length against the
+    base model's answers, which fine-tuning on other data should not shrink."""
+    block = compare_behaviour(
+        base.completions,
+        tuned.completions,
+        data.reachable,
+        (base.generated, tuned.generated),
+        e.bootstrap_resamples,
+        e.bootstrap_seed,
+        e.confidence,
+    )
+    return with_budget(block, LENGTH_RATIO, *suite_budget(suite, e), f"suite {suite.name!r}", suite.informational)
 
 
 def _delta_ci(
@@ -153,6 +172,8 @@ def side_by_side(data: EvalSet, base: Side, tuned: Side) -> dict[str, list]:
         **{f"tuned_{k}": v for k, v in tuned.generated.items()},
         "base_new_tokens": [c.new_tokens for c in base.completions],
         "tuned_new_tokens": [c.new_tokens for c in tuned.completions],
+        "base_degenerate": [r or "" for r in degenerate_reasons(base.completions, data.reachable)],
+        "tuned_degenerate": [r or "" for r in degenerate_reasons(tuned.completions, data.reachable)],
         "base_nll": [base_nll[i] for i in picked],
         "tuned_nll": [tuned_nll[i] for i in picked],
     }

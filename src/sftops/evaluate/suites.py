@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sftops.config import DataConfig, SuiteConfig
+from sftops.config import DataConfig, EvaluateConfig, SuiteConfig
 from sftops.data.chunks import conversation_text, row_id
 from sftops.data.curate import prompt_key
 from sftops.data.schemas import RowError, to_conversation
@@ -121,3 +121,11 @@ def suite_metric(suite: SuiteConfig, primary_metric: str) -> str:
 
 def suite_margin(suite: SuiteConfig, regression_margin: float) -> float:
     return suite.regression_margin if suite.regression_margin is not None else regression_margin
+
+
+def suite_budget(suite: SuiteConfig, e: EvaluateConfig) -> tuple[float | None, float | None]:
+    """The suite's behaviour budget: (floor on the length ratio tuned / base, ceiling on the rise of degenerate
+    answers), each its own or else evaluate's."""
+    floor = suite.min_length_ratio if suite.min_length_ratio is not None else e.min_length_ratio
+    ceiling = suite.max_degenerate_rise if suite.max_degenerate_rise is not None else e.max_degenerate_rise
+    return floor, ceiling

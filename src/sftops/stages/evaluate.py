@@ -1,9 +1,10 @@
 """Stage 4, evaluate: the base and the fine-tuned model side by side on the held-out test split — response
 NLL and perplexity on every test row with a paired bootstrap CI of the difference and the win rate (overall
-and per source), generations scored against the references — and the same on each regression suite
-(evaluate.suites); then the HTML report, metrics.json, and the evaluation as an MLflow run. The base model's
-results are cached (evaluate/base_cache.py). The promotion gate is previewed in the report; the pipeline flow
-applies it (tracking/registry.py)."""
+and per source), generations scored against the references, how the answers changed (length, degenerate
+answers, stop rate: evaluate/behaviour.py) — and the same on each regression suite (evaluate.suites); then the
+HTML report, metrics.json, and the evaluation as an MLflow run. The base model's results are cached
+(evaluate/base_cache.py). The promotion gate is previewed in the report; the pipeline flow applies it
+(tracking/registry.py)."""
 
 from __future__ import annotations
 

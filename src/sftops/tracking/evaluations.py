@@ -40,21 +40,32 @@ def model_id(client: MlflowClient, name: str, version: str) -> str | None:
     return outputs.model_outputs[0].model_id if outputs and outputs.model_outputs else None
 
 
+def _numbers(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The numeric values, their keys prefixed; nested blocks, text and nulls are left out."""
+    return {f"{prefix}{k}": v for k, v in values.items() if isinstance(v, (int, float))}
+
+
 def test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """metrics.json's test-split numbers as MLflow metric names: test_base_nll, test_tuned_nll,
-    test_nll_improvement_ci_low, test_source/NAME/win_rate (a champion measured alone has no base)."""
+    test_nll_improvement_ci_low, test_source/NAME/win_rate (a champion measured alone has no base), and its
+    behaviour block's figures as they are named there: test_length_ratio_to_reference, test_degenerate_rise_ci_low,
+    test_degenerate_rate_base."""
     flat = {f"test_{who}_{k}": v for who in ("base", "tuned") for k, v in metrics.get(who, {}).items()}
     for key, value in metrics.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[f"test_{key}"] = value
     for source, values in metrics.get("per_source", {}).items():
-        flat.update({f"test_source/{source}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+        flat.update(_numbers(values, f"test_source/{source}/"))
+    flat.update(_numbers(metrics.get("behaviour", {}), "test_"))
     return {k: float(v) for k, v in flat.items()}
 
 
 def suite_metrics(name: str, values: dict[str, Any]) -> dict[str, float]:
+    """A suite's numbers as suite/NAME/tuned_nll, suite/NAME/regressed (0/1), and its behaviour block's as
+    suite/NAME/length_ratio, suite/NAME/degenerate_rise."""
     flat = {f"suite/{name}/{who}_{k}": v for who in ("base", "tuned") for k, v in values[who].items()}
-    flat.update({f"suite/{name}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})  # regressed: 0/1
+    flat.update(_numbers(values, f"suite/{name}/"))
+    flat.update(_numbers(values.get("behaviour", {}), f"suite/{name}/"))
     return {k: float(v) for k, v in flat.items()}
 
 

@@ -15,7 +15,16 @@ import mlflow
 from mlflow import MlflowClient
 
 from sftops.errors import ConfigError, SftopsError
-from sftops.evaluate.promotion import CHALLENGER, CHAMPION, Champion, Decision, decide, metric_family, suite_results
+from sftops.evaluate.promotion import (
+    CHALLENGER,
+    CHAMPION,
+    Champion,
+    Decision,
+    behaviour_checks,
+    decide,
+    metric_family,
+    suite_results,
+)
 from sftops.redact import redact
 from sftops.tracking.evaluations import comparable_result, evaluation_run, log_evaluation, report_url
 from sftops.tracking.runs import load_manifest
@@ -115,6 +124,7 @@ def gate(
         versioned,
         suite_results(metrics),
         base_value=metrics["base"].get(primary_metric),
+        budgets=behaviour_checks(metrics),
     )
     return decision, champion
 
@@ -282,6 +292,25 @@ def _result_line(metrics: dict[str, Any]) -> str:
     )
 
 
+def _behaviour_line(metrics: dict[str, Any]) -> str | None:
+    """The test split's answers, base against tuned (evaluate/behaviour.py); None when nothing was generated."""
+    b = metrics.get("behaviour")
+    if not b:
+        return None
+    length = (
+        f"length ratio tuned / reference {b['length_ratio_to_reference']:.2f} "
+        f"[{b['length_ratio_to_reference_ci_low']:.2f}, {b['length_ratio_to_reference_ci_high']:.2f}], "
+        if "length_ratio_to_reference" in b
+        else ""
+    )
+    return (
+        f"**Test answers** ({b['answers']} sampled): mean words {b['words_mean_base']:.1f} (base) → "
+        f"{b['words_mean_tuned']:.1f} (tuned), {b['words_mean_reference']:.1f} (reference); {length}degenerate "
+        f"{b['degenerate_rate_base']:.2f} → {b['degenerate_rate_tuned']:.2f}, stop rate {b['stop_rate_base']:.2f} → "
+        f"{b['stop_rate_tuned']:.2f}"
+    )
+
+
 def describe_version(
     run_info: dict[str, Any],
     tags: dict[str, str],
@@ -299,8 +328,9 @@ def describe_version(
         f"**Method**: {method}",
         _data_line(tags),
         _result_line(metrics),
+        _behaviour_line(metrics),
         f"**Promotion gate**: {decision['alias']} ({decision['metric']} {decision['value']:.4f}): {decision['reason']}",
         f"**Report**: {report_url(store, evaluation_run_id) if evaluation_run_id else 'no evaluation run found'}",
         f"**Runs**: training `{run_info['run_id']}`, evaluation `{evaluation_run_id}` (a child of the training run)",
     ]
-    return "\n\n".join(lines)
+    return "\n\n".join(line for line in lines if line)  # no behaviour line without generations
