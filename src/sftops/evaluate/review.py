@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from sftops.config import Config, EvaluateConfig
-from sftops.evaluate.behaviour import compare_behaviour, degenerate_reasons
+from sftops.evaluate.behaviour import degenerate_reasons
 from sftops.evaluate.comparison import compare, compare_by_group
 from sftops.evaluate.held_out import prompt_text
 from sftops.evaluate.promotion import LENGTH_RATIO_TO_REFERENCE, data_checks, with_budget
-from sftops.evaluate.sides import EvalSet, Side
+from sftops.evaluate.sides import EvalSet, Side, behaviour_of
 from sftops.evaluate.textmetrics import length_stats
 from sftops.layout import STATS
 
@@ -60,15 +60,7 @@ def review_metrics(cfg: Config, test: EvalSet, base: Side, tuned: Side, identity
 def test_split_behaviour(e: EvaluateConfig, test: EvalSet, base: Side, tuned: Side) -> dict[str, Any]:
     """How the answers to the sampled test prompts changed, held to the test split's budget: its length against
     the references, which fine-tuning is meant to move the answers toward."""
-    block = compare_behaviour(
-        base.completions,
-        tuned.completions,
-        test.reachable,
-        (base.generated, tuned.generated),
-        e.bootstrap_resamples,
-        e.bootstrap_seed,
-        e.confidence,
-    )
+    block = behaviour_of(e, test, base, tuned)
     return with_budget(
         block, LENGTH_RATIO_TO_REFERENCE, e.test_min_length_ratio, e.test_max_degenerate_rise, "test split"
     )

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 
 from sftops import faults
-from sftops.config import Config, ModelConfig
+from sftops.config import Config, EvaluateConfig, ModelConfig
 from sftops.data.store import TokenRows
 from sftops.encoded import IGNORE, Encoded
 from sftops.errors import GpuMemoryError
 from sftops.evaluate import base_cache
+from sftops.evaluate.behaviour import compare_behaviour
 from sftops.evaluate.generation import Completion, complete, decoding_of
 from sftops.evaluate.scoring import row_scores, summarise
 from sftops.modeling import is_adapter, load_base_model
@@ -114,3 +115,17 @@ def base_side(base: BaseSwitch, tokenizer, data: EvalSet, cfg: Config, dev: torc
         side = run_side(model, tokenizer, data, cfg, dev, "base")
     base_cache.store(key, {"scores": side.scores, "completions": [asdict(c) for c in side.completions]})
     return side
+
+
+def behaviour_of(e: EvaluateConfig, data: EvalSet, base: Side, tuned: Side) -> dict[str, Any]:
+    """How the answers to the sampled prompts changed, base against tuned (behaviour.compare_behaviour), with the
+    bootstrap settings of the evaluation."""
+    return compare_behaviour(
+        base.completions,
+        tuned.completions,
+        data.reachable,
+        (base.generated, tuned.generated),
+        e.bootstrap_resamples,
+        e.bootstrap_seed,
+        e.confidence,
+    )

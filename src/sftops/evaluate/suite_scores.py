@@ -14,12 +14,12 @@ from sftops.config import Config, EvaluateConfig, SuiteConfig
 from sftops.data.examples import training_examples
 from sftops.errors import ConfigError, DataError
 from sftops.evaluate import base_cache
-from sftops.evaluate.behaviour import compare_behaviour, degenerate_reasons, within_tokens
+from sftops.evaluate.behaviour import degenerate_reasons, within_tokens
 from sftops.evaluate.comparison import compare, mean_delta_ci, perplexity_delta_ci
 from sftops.evaluate.held_out import prompt_text
 from sftops.evaluate.identity import base_eval_params
 from sftops.evaluate.promotion import LENGTH_RATIO, SuiteResult, with_budget
-from sftops.evaluate.sides import BaseSwitch, EvalSet, Side, base_side, run_side
+from sftops.evaluate.sides import BaseSwitch, EvalSet, Side, base_side, behaviour_of, run_side
 from sftops.evaluate.suites import SuiteRows, suite_budget, suite_margin, suite_metric
 from sftops.evaluate.suites import generation_sample as suite_sample
 from sftops.machine import package_dir
@@ -134,15 +134,7 @@ def verdict(cfg: Config, suite: SuiteConfig, base: Side, tuned: Side, overall: d
 def suite_behaviour(e: EvaluateConfig, suite: SuiteConfig, data: EvalSet, base: Side, tuned: Side) -> dict[str, Any]:
     """How the answers to the suite's sampled prompts changed, held to the suite's budget: its length against the
     base model's answers, which fine-tuning on other data should not shrink."""
-    block = compare_behaviour(
-        base.completions,
-        tuned.completions,
-        data.reachable,
-        (base.generated, tuned.generated),
-        e.bootstrap_resamples,
-        e.bootstrap_seed,
-        e.confidence,
-    )
+    block = behaviour_of(e, data, base, tuned)
     return with_budget(block, LENGTH_RATIO, *suite_budget(suite, e), f"suite {suite.name!r}", suite.informational)
 
 
