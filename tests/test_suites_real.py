@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from conftest import SHARED, formatted, write_project
 from realstack import evaluation_runs
 from sftops.config import Config
+from sftops.evaluate.promotion import LENGTH_RATIO, with_budget
 from sftops.stages.evaluate import run_evaluate
 from sftops.stages.train import TrainResult, run_train
 from sftops.tracking import registry
@@ -153,13 +154,8 @@ def test_a_self_instruct_fine_tune_whose_gsm8k_nll_fell_but_whose_answers_shrank
     assert m["promotion"]["broken_budgets"] == ("suite 'math' length_ratio",)
     assert f"suite 'math' length_ratio {behaviour['length_ratio']:.4f} (mean words" in m["promotion"]["reason"]
 
-    # With the suite's floor at 0 (never broken), re-evaluated from the base model's cached results: champion.
-    allowed = cfg.model_copy(deep=True)
-    allowed.evaluate.suites[0].min_length_ratio = 0.0
-    result = run_evaluate(allowed)
-    again = promote(run, result.metrics, allowed)
-    assert (
-        result.suites_base_eval_cached == {"math": True}
-        and result.metrics["suites"]["math"]["behaviour"]["broken"] == []
-    )
+    # The same figures held to a floor of 0 (never broken), as the evaluate stage applies a suite's budget: champion.
+    math["behaviour"] = with_budget(behaviour, LENGTH_RATIO, 0.0, behaviour["max_degenerate_rise"], "suite 'math'")
+    again = promote(run, m, cfg)
+    assert math["behaviour"]["broken"] == []
     assert again["alias"] == "champion" and "no regression on 1 suite" in again["reason"]
