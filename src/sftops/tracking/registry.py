@@ -15,6 +15,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from sftops.errors import ConfigError, SftopsError
+from sftops.evaluate.cost import cost_line
 from sftops.evaluate.promotion import (
     CHALLENGER,
     CHAMPION,
@@ -329,8 +330,9 @@ def describe_version(
         _data_line(tags),
         _result_line(metrics),
         _behaviour_line(metrics),
+        f"**Cost**: {line}" if (line := cost_line(metrics.get("cost"), decision)) else None,
         f"**Promotion gate**: {decision['alias']} ({decision['metric']} {decision['value']:.4f}): {decision['reason']}",
         f"**Report**: {report_url(store, evaluation_run_id) if evaluation_run_id else 'no evaluation run found'}",
         f"**Runs**: training `{run_info['run_id']}`, evaluation `{evaluation_run_id}` (a child of the training run)",
     ]
-    return "\n\n".join(line for line in lines if line)  # no behaviour line without generations
+    return "\n\n".join(line for line in lines if line)  # no behaviour or cost line without them
