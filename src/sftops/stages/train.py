@@ -23,6 +23,7 @@ from sftops.layout import RUN_FILE
 from sftops.machine import require_hardware
 from sftops.modeling import load_base_model, load_tokenizer, pinned
 from sftops.outputs import replaced_whole
+from sftops.plan.fit import refuse_if_too_big
 from sftops.provenance.manifest import dvc_md5, resolved_revisions
 from sftops.tracking.models import register_model
 from sftops.tracking.runs import NOT_TRACKED, TrainingRun, pipeline_run
@@ -73,6 +74,7 @@ def run_train(cfg: Config) -> TrainResult:
     if cfg.launch.target != "local" and not under_torchrun():  # a cluster (or loopback) runs it; wait for its result
         launch.submit(cfg)
         return TrainResult(**read_json(Path(cfg.paths.model) / RUN_FILE))
+    refuse_if_too_big(cfg)  # before any weight loads: a run that cannot fit stops here, naming settings that would
     if cfg.train.num_processes > 1 and not under_torchrun():
         with tempfile.TemporaryDirectory() as tmp:
             params = Path(tmp) / "params.yaml"
