@@ -53,15 +53,18 @@ def base_config(model: ModelConfig, config_json: Path | None = None) -> Any:
         raise ModelError(f"the config of {what} could not be read ({first}); fix model.base or --config-json") from None
 
 
-def shape_of(config: Any, gguf: bool = False) -> ModelShape:
-    """The model the config describes, built on the meta device (no memory, no weights) and counted."""
+def shape_of(config: Any, gguf: bool = False, trust_remote_code: bool = False) -> ModelShape:
+    """The model the config describes, built on the meta device (no memory, no weights) and counted; a model
+    with its own code is built only with model.trust_remote_code, as loading it would be."""
     from transformers import AutoModelForCausalLM
 
     config = _without_quantization(config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            config, trust_remote_code=getattr(config, "auto_map", None) is not None
-        )
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError) as exc:  # not a causal LM transformers knows, or code not trusted
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"no causal language model can be built from the config of model.base ({first})") from None
     head = model.get_output_embeddings()
     linears = tuple(
         (name, m.in_features, m.out_features)
@@ -97,4 +100,5 @@ def _without_quantization(config: Any) -> Any:
 
 
 def model_shape(model: ModelConfig, config_json: Path | None = None) -> ModelShape:
-    return shape_of(base_config(model, config_json), gguf=bool(model.gguf_file) and config_json is None)
+    gguf = bool(model.gguf_file) and config_json is None
+    return shape_of(base_config(model, config_json), gguf, model.trust_remote_code)
