@@ -190,6 +190,9 @@ def test_a_run_that_cannot_fit_stops_before_loading_with_the_settings_that_would
     assert int(changes["micro_batch_size"]) * int(changes["grad_accum_steps"]) == 64
     fixed = load_config(tmp_path / "params.yaml", [f"train.{k}={v}" for k, v in changes.items()])
     assert plan(fixed)["fits"]
+    # cost.preflight=false: the stage goes on to load, and fails there (no tokenizer, no data, no weights)
+    unchecked = sftops("train", "--set", "cost.preflight=false", cwd=tmp_path)
+    assert unchecked.returncode != 0 and "cannot fit" not in unchecked.stderr
 
 
 def teardown_module() -> None:
