@@ -159,3 +159,20 @@ def test_a_self_instruct_fine_tune_whose_gsm8k_nll_fell_but_whose_answers_shrank
     again = promote(run, m, cfg)
     assert math["behaviour"]["broken"] == []
     assert again["alias"] == "champion" and "no regression on 1 suite" in again["reason"]
+
+
+def test_training_exports_the_best_step_within_the_suites_budget_when_later_steps_break_it(project, gsm8k):
+    """The same fine-tune, validated every 5 steps with the GSM8K suite scored on a fixed sample: the steps whose
+    answers there shrank below the floor are passed over, and the export is the best validation before them."""
+    cfg = project(
+        {"name": "selfinstruct", **SELF_INSTRUCT_SOURCE},
+        30,
+        {"name": "math", "path": str(gsm8k / "test.jsonl"), "max_rows": 80},
+    )
+    cfg.train.eval_every, cfg.train.suite_rows, cfg.train.suite_generations = 5, 32, 8
+    run = run_train(cfg)
+    for v in run.validations:
+        print(v["step"], round(v["val_nll"], 4), {k: round(x, 3) for k, x in v.items() if k.startswith("suite/")}, v["broken"])
+    print(run.selection)
+    m = run_evaluate(cfg).metrics
+    print(m["suites"]["math"]["behaviour"]["length_ratio"], m["suites"]["math"]["behaviour"]["broken"])

@@ -190,6 +190,13 @@ def behaviour_rows(where: str, block: dict[str, Any], informational: bool = Fals
             "degenerate_rise",
             "max_degenerate_rise",
         ),
+        row(
+            "share of collapsed answers (empty or looping), rise",
+            "collapsed_rate_base",
+            "collapsed_rate_tuned",
+            "collapsed_rise",
+            "max_degenerate_rise",
+        ),
         row("stop rate (ended their turn), change", "stop_rate_base", "stop_rate_tuned", "stop_rate_change"),
     ]
     for metric in ("exact_match", "rouge_l", "chrf"):

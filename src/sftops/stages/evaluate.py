@@ -16,6 +16,7 @@ from sftops import faults
 from sftops.config import Config
 from sftops.data.store import load_split
 from sftops.evaluate import base_cache, report
+from sftops.evaluate.drift import with_base_references
 from sftops.evaluate.held_out import read_test_split
 from sftops.evaluate.identity import base_eval_params, evaluation_identity
 from sftops.evaluate.review import generations_table, per_row_table, review_metrics, review_rows, write_csv
@@ -77,11 +78,14 @@ def run_evaluate(cfg: Config) -> EvaluateResult:
     base_run = base_side(base, tokenizer, test, cfg, dev, key)
     tuned_run = run_side(tuned, tokenizer, test, cfg, dev, "tuned")
     review = review_test_split(cfg, test, base_run, tuned_run, evaluation_identity(cfg, test_file, tokenizer))
+    suites = [with_base_references(cfg, s, rows, base, tokenizer, dev) for s, rows in zip(cfg.evaluate.suites, suites)]
     suite_runs = [
         evaluate_suite(cfg, s, rows, tuned, base, tokenizer, dev) for s, rows in zip(cfg.evaluate.suites, suites)
     ]
     if suite_runs:
         review.metrics["suites"] = {run.name: run.metrics for run in suite_runs}
+    if run_info.get("selection"):  # which step training exported and why: the gate refuses one outside budget
+        review.metrics["selection"] = run_info["selection"]
 
     files = write_review(cfg, run_info, review, suite_runs)
     # The files are in place before MLflow hears of them: the registry's alias moves last, so a failure in

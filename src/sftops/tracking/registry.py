@@ -125,6 +125,7 @@ def gate(
         suite_results(metrics),
         base_value=metrics["base"].get(primary_metric),
         budgets=behaviour_checks(metrics),
+        selection=metrics.get("selection"),
     )
     return decision, champion
 
