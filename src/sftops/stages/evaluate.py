@@ -30,6 +30,7 @@ from sftops.layout import (
     REPORT_FILE,
     ROWS_FILE,
     RUN_FILE,
+    SUITE_CURVE,
     SUITES_DIR,
     TRAIN_CURVE,
     VAL_CURVE,
@@ -40,7 +41,7 @@ from sftops.outputs import replaced_whole
 from sftops.provenance.fingerprints import file_sha256, tokenizer_sha256
 from sftops.tracking.evaluations import log_evaluation
 from sftops.tracking.registry import preview
-from sftops.train.curves import read_curve
+from sftops.train.curves import read_curve, read_suite_rows
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,10 @@ def write_review(cfg: Config, run_info: dict[str, Any], review: Review, suite_ru
             f"{run_info.get('registered_model', 'model')} v{run_info.get('version', '?')} (run {run_info['run_id']})"
         )
         worst = {run.name: run.most_worse() for run in suite_runs}
-        html = report.render(title, review.metrics, curves, review.rows, review.generations, decision, worst)
+        suite_curve = read_suite_rows(Path(cfg.paths.model) / SUITE_CURVE)
+        html = report.render(
+            title, review.metrics, curves, review.rows, review.generations, decision, worst, suite_curve=suite_curve
+        )
         (out / REPORT_FILE).write_text(html, encoding="utf-8")
         write_json(metrics_file, review.metrics)
     return [metrics_file, reports / REPORT_FILE, reports / ROWS_FILE] + [
