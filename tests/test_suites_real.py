@@ -146,16 +146,18 @@ def test_a_self_instruct_fine_tune_whose_gsm8k_nll_fell_but_whose_answers_shrank
     math = m["suites"]["math"]
     assert not math["regressed"] and math["delta_ci_high"] < 0  # its NLL fell, with the whole interval
     assert math["sampled_out"] == 1319 - 80 and math["train_duplicates"] == 0
-    # ... but its answers to GSM8K shrank well below half the base model's words: the suite's length budget refuses
-    # it, with the figures.
+    # ... but its answers to GSM8K shrank well below half the base model's words, and most collapsed (empty or
+    # looping) where the base's only ran into the token limit: the suite's budget refuses it, with the figures.
     behaviour = math["behaviour"]
-    assert behaviour["broken"] == ["length_ratio"] and behaviour["length_ratio_ci_high"] < 0.5
+    assert behaviour["broken"] == ["length_ratio", "collapsed_rise"] and behaviour["length_ratio_ci_high"] < 0.5
+    assert behaviour["degenerate_rate_base"] == 1.0 and "degenerate_rise" not in behaviour["broken"]
     assert m["promotion"]["alias"] == "challenger" and m["promotion"]["regressed_suites"] == ()
-    assert m["promotion"]["broken_budgets"] == ("suite 'math' length_ratio",)
+    assert m["promotion"]["broken_budgets"] == ("suite 'math' length_ratio", "suite 'math' collapsed_rise")
     assert f"suite 'math' length_ratio {behaviour['length_ratio']:.4f} (mean words" in m["promotion"]["reason"]
 
-    # The same figures held to a floor of 0 (never broken), as the evaluate stage applies a suite's budget: champion.
-    math["behaviour"] = with_budget(behaviour, LENGTH_RATIO, 0.0, behaviour["max_degenerate_rise"], "suite 'math'")
+    # The same figures held to no budget (a floor of 0, a ceiling of 1), as the evaluate stage applies a suite's
+    # budget: champion.
+    math["behaviour"] = with_budget(behaviour, LENGTH_RATIO, 0.0, 1.0, "suite 'math'")
     again = promote(run, m, cfg)
     assert math["behaviour"]["broken"] == []
     assert again["alias"] == "champion" and "no regression on 1 suite" in again["reason"]

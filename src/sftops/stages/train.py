@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,9 @@ def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> TrainResult | No
         size = model_size(model)
         run.log_metrics(size | {"train_examples": len(train.examples)})
         val_before = held_out.validate(model, 0, run)
+        started = time.perf_counter()
         watch = start_forgetting(cfg, model, tokenizer, world.device) if held_out else None
+        watch_start_s = time.perf_counter() - started
         result = train_loop(
             model,
             train.examples,
@@ -131,7 +134,7 @@ def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> TrainResult | No
         model = gather_unsharded(model, cfg, base_cfg, world)
         if not world.is_main:
             return None
-        baseline = watch.baseline() if watch else {}
+        baseline = {**watch.baseline(), "suites_s": watch_start_s} if watch else {}
         trained = Trained(
             result, val_before, size["trainable_params"], {"train": train.counts, "val": val.counts}, baseline
         )
@@ -191,7 +194,9 @@ def validation(
     sample (per-step curves in MLflow), and the suite budgets this step breaks."""
     figures: dict[str, Any] = {"val_nll": held_out.validate(model, step, run), "broken": ""}
     if watch:
+        started = time.perf_counter()
         figures |= watch.measure(model)
+        figures["suites_s"] = time.perf_counter() - started  # what watching the suites costs (run.json)
         run.log_metrics({k: v for k, v in figures.items() if k.startswith("suite/")}, step=step)
         if figures["broken"]:
             log.info("validation at step %d breaks a suite budget: %s", step, figures["broken"])
@@ -216,6 +221,18 @@ def step_hooks(run: TrainingRun, world: World) -> list[StepHook]:
         )
 
     return [record, faults.after_step] if world.is_main else [faults.after_step]
+
+
+def suites_cost(baseline: dict[str, Any], validations: list[dict[str, Any]], history: list[dict[str, float]]) -> dict:
+    """Seconds spent scoring the suites (their samples before the first step and at every validation) against
+    seconds spent in optimizer steps: what tracking forgetting costs. Empty when no suite was scored."""
+    if not baseline:
+        return {}
+    suites_s = baseline["suites_s"] + sum(v.get("suites_s", 0.0) for v in validations)
+    steps_s = sum(
+        r["supervised_tokens"] / r["supervised_tokens_per_s"] for r in history if r["supervised_tokens_per_s"]
+    )
+    return {"suites_seconds": suites_s, "train_steps_seconds": steps_s, "suites_to_steps": suites_s / (steps_s or 1)}
 
 
 @dataclass(frozen=True)
@@ -247,6 +264,9 @@ def export(
         write_loss_curves(out, result.history, result.validations, trained.val_before, val_after, result.steps)
         write_suite_curve(out, trained.suite_baseline, trained.val_before, result.validations)
         selection = selection_of(result.validations, result.best_step, result.steps)
+        selection["cost"] = suites_cost(trained.suite_baseline, result.validations, result.history)
+        if selection["cost"]:
+            run.log_metrics(selection["cost"])
         run.set_tags({"exported_step": str(selection["step"]), "selection": selection["reason"]})
         log.info("exported weights: %s", selection["reason"])
         exported = export_model(out, model, tokenizer, cfg, base_cfg, held_out.nll if held_out else None)
