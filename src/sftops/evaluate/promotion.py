@@ -216,6 +216,7 @@ def decide(
     suites: Sequence[SuiteResult] = (),
     base_value: float | None = None,
     budgets: Sequence[BudgetCheck] = (),
+    served: tuple[bool, str] = (True, "serving parity not checked"),
 ) -> Decision:
     is_versioned, version_note = versioned
     if not is_versioned:
@@ -225,6 +226,8 @@ def decide(
     passed, check_note = checks
     if not passed:
         return Decision(CHALLENGER, f"{check_note}: not promoted", metric, value, *_champ(champion))
+    if not served[0]:  # what a deployer would serve is not what was evaluated (evaluate/parity.py)
+        return Decision(CHALLENGER, f"{served[1]}: not promoted", metric, value, *_champ(champion))
     regressed = [s for s in suites if s.regressed and not s.informational]
     broken = [b for b in budgets if b.broken and not b.informational]
     if regressed or broken:
