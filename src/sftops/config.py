@@ -549,6 +549,23 @@ class EvaluateConfig(_Strict):
         16, ge=0, description=("Distinct test prompts answered by the base and the tuned model (0: NLL only).")
     )
     max_new_tokens: int = Field(48, ge=1, description="The most tokens generated per answer.")
+    parity_rows: int = Field(
+        8,
+        ge=0,
+        description=(
+            "Test rows (a seeded sample) on which the registered model, loaded as `mlflow models serve` loads it, in "
+            "a fresh process, must answer as the evaluated model (greedy, the same text and stop) and score the "
+            "same response NLL; a version that differs never becomes champion (0: not checked, and said so)."
+        ),
+    )
+    parity_nll_tolerance: float = Field(
+        1e-3,
+        ge=0,
+        description=(
+            "The largest difference in response NLL (nats per token, on any parity row) between the served and the "
+            "evaluated model that still counts as the same model (float32 both: differences are ~1e-6)."
+        ),
+    )
     do_sample: bool = Field(
         False, description=("Sample answers with temperature and top_p, seeded by sample_seed; false: greedy decoding.")
     )

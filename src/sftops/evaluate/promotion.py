@@ -218,6 +218,7 @@ def decide(
     base_value: float | None = None,
     budgets: Sequence[BudgetCheck] = (),
     selection: dict[str, Any] | None = None,
+    served: tuple[bool, str] = (True, "serving parity not checked"),
 ) -> Decision:
     """selection: how training chose the exported step (run.json's `selection`); a run where no validated step
     was within every blocking suite's budget is refused."""
@@ -231,6 +232,8 @@ def decide(
         return Decision(CHALLENGER, f"{check_note}: not promoted", metric, value, *_champ(champion))
     if selection and selection.get("within_budget") is False:
         return Decision(CHALLENGER, f"during training, {selection['reason']}", metric, value, *_champ(champion))
+    if not served[0]:  # what a deployer would serve is not what was evaluated (evaluate/parity.py)
+        return Decision(CHALLENGER, f"{served[1]}: not promoted", metric, value, *_champ(champion))
     regressed = [s for s in suites if s.regressed and not s.informational]
     broken = [b for b in budgets if b.broken and not b.informational]
     if regressed or broken:

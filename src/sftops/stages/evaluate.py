@@ -19,6 +19,7 @@ from sftops.evaluate import base_cache, report
 from sftops.evaluate.drift import with_base_references
 from sftops.evaluate.held_out import read_test_split
 from sftops.evaluate.identity import base_eval_params, evaluation_identity
+from sftops.evaluate.parity import PARITY_BLOCK
 from sftops.evaluate.review import generations_table, per_row_table, review_metrics, review_rows, write_csv
 from sftops.evaluate.sides import BaseSwitch, EvalSet, Side, base_side, run_side
 from sftops.evaluate.suite_scores import SuiteRun, evaluate_suite
@@ -40,6 +41,7 @@ from sftops.modeling import load_finetuned, read_manifest
 from sftops.outputs import replaced_whole
 from sftops.provenance.fingerprints import file_sha256, tokenizer_sha256
 from sftops.tracking.evaluations import log_evaluation
+from sftops.tracking.parity import check_serving
 from sftops.tracking.registry import preview
 from sftops.train.curves import read_curve, read_suite_rows
 
@@ -79,6 +81,8 @@ def run_evaluate(cfg: Config) -> EvaluateResult:
     base_run = base_side(base, tokenizer, test, cfg, dev, key)
     tuned_run = run_side(tuned, tokenizer, test, cfg, dev, "tuned")
     review = review_test_split(cfg, test, base_run, tuned_run, evaluation_identity(cfg, test_file, tokenizer))
+    # the registered version, run as a server runs it, must answer as the model just evaluated (the gate reads it)
+    review.metrics[PARITY_BLOCK] = check_serving(cfg, run_info, tuned, tokenizer, test, tuned_run)
     suites = [with_base_references(cfg, s, rows, base, tokenizer, dev) for s, rows in zip(cfg.evaluate.suites, suites)]
     suite_runs = [
         evaluate_suite(cfg, s, rows, tuned, base, tokenizer, dev) for s, rows in zip(cfg.evaluate.suites, suites)

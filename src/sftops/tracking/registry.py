@@ -15,6 +15,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from sftops.errors import ConfigError, SftopsError
+from sftops.evaluate import parity
 from sftops.evaluate.promotion import (
     CHALLENGER,
     CHAMPION,
@@ -126,6 +127,7 @@ def gate(
         base_value=metrics["base"].get(primary_metric),
         budgets=behaviour_checks(metrics),
         selection=metrics.get("selection"),
+        served=parity.verdict(metrics),
     )
     return decision, champion
 
@@ -358,6 +360,7 @@ def describe_version(
         _behaviour_line(metrics),
         _suites_line(metrics),
         _selection_line(metrics),
+        f"**Serving parity**: {parity.summary(metrics.get(parity.PARITY_BLOCK) or parity.not_checked('no record'))}",
         f"**Promotion gate**: {decision['alias']} ({decision['metric']} {decision['value']:.4f}): {decision['reason']}",
         f"**Report**: {report_url(store, evaluation_run_id) if evaluation_run_id else 'no evaluation run found'}",
         f"**Runs**: training `{run_info['run_id']}`, evaluation `{evaluation_run_id}` (a child of the training run)",
