@@ -162,10 +162,14 @@ def metrics_with(suite: dict, informational: bool = False) -> dict:
 def test_collapsed_answers_break_the_budget_and_the_refusal_names_the_suite_the_metric_and_the_figures():
     collapsed = ["Sincere", "Ashish, Ashish, Ashish, Ashish", "Blue.", "Dog"] * 5
     block = suite_block(collapsed)
-    assert block["broken"] == ["length_ratio", "degenerate_rise"]
+    assert block["broken"] == ["length_ratio", "degenerate_rise", "collapsed_rise"]
     decision = decide("nll", 1.5, "key", "3", None, 0.0, budgets=behaviour_checks(metrics_with(block)))
     assert decision.alias == CHALLENGER and "\n" not in decision.reason
-    assert decision.broken_budgets == ("suite 'general' length_ratio", "suite 'general' degenerate_rise")
+    assert decision.broken_budgets == (
+        "suite 'general' length_ratio",
+        "suite 'general' degenerate_rise",
+        "suite 'general' collapsed_rise",
+    )
     figures = (
         f"suite 'general' length_ratio {block['length_ratio']:.4f} (mean words {block['words_mean_base']:.2f} (base) "
         f"-> {block['words_mean_tuned']:.2f} (tuned)), CI [{block['length_ratio_ci_low']:.4f}, "
@@ -186,10 +190,28 @@ def test_answers_that_keep_their_length_pass_and_an_informational_or_unset_budge
     assert noted.alias == CHAMPION and noted.broken_budgets == ()
     assert "informational behaviour budget broken on suite 'general' length_ratio" in noted.reason
     unset = suite_block(["Sincere", "Hi", "Blue.", "Dog"] * 5, floor=None)
-    assert unset["broken"] == ["degenerate_rise"] and "min_length_ratio" in unset
+    assert unset["broken"] == ["degenerate_rise", "collapsed_rise"] and "min_length_ratio" in unset
     checked = [c.label for c in behaviour_checks(metrics_with(unset))]
     assert checked == [
         "test split length_ratio_to_reference",
         "test split degenerate_rise",
+        "test split collapsed_rise",
         "suite 'general' degenerate_rise",
+        "suite 'general' collapsed_rise",
     ]
+
+
+def test_a_collapse_is_gated_even_when_the_base_model_ran_into_max_new_tokens_on_every_prompt():
+    """A base model cut off by the token limit on every prompt is 100% degenerate ("unstopped"), which leaves the
+    degenerate rise no room; the rise of empty or looping answers still shows the tuned model's collapse."""
+    base = completions(BASE_ANSWERS, stopped=False)
+    tuned = completions(["Sincere", "Ashish, Ashish, Ashish, Ashish", "Blue.", "The dog."] * 5)
+    block = with_budget(
+        compare_behaviour(base, tuned, BASE_ANSWERS, ({}, {}), 500, 0, 0.95), LENGTH_RATIO, None, 0.1, "suite 'g'"
+    )
+    assert (block["degenerate_rate_base"], block["degenerate_rate_tuned"]) == (1.0, 0.75)
+    assert (block["collapsed_rate_base"], block["collapsed_rate_tuned"]) == (0.0, 0.75)  # hand count: 15 of 20
+    assert block["broken"] == ["collapsed_rise"]
+    decision = decide("nll", 1.5, "key", "3", None, 0.0, budgets=behaviour_checks(metrics_with(block)))
+    assert decision.alias == CHALLENGER and decision.broken_budgets == ("suite 'general' collapsed_rise",)
+    assert "share of collapsed (empty or looping) answers 0.0000 (base) -> 0.7500 (tuned)" in decision.reason

@@ -61,7 +61,7 @@ def test_malformed_override():
 
 def test_impossible_engine_combinations_are_refused_at_load_time():
     with pytest.raises(ConfigError, match="early_stopping_patience needs eval_every"):
-        load_config(ROOT / "params.yaml", ["train.early_stopping_patience=2"])
+        load_config(ROOT / "params.yaml", ["train.eval_every=null", "train.early_stopping_patience=2"])
     with pytest.raises(ConfigError, match="merge_adapter applies to adapters"):
         load_config(ROOT / "params.yaml", ["train.method=full", "train.merge_adapter=true"])
 
@@ -76,7 +76,7 @@ REFUSED = [
     (["train.method=qlora-magic"], "'lora', 'dora', 'qlora' or 'full'"),
     (["model.attn_implementation=flash_attention_9"], "'sdpa', 'eager', 'flex_attention' or 'flash_attention_2'"),
     (["train.method=qlora", "train.param_dtype=bfloat16"], "param_dtype bfloat16 does not apply to qlora"),
-    (["train.early_stopping_patience=2"], "early_stopping_patience needs eval_every"),
+    (["train.eval_every=null", "train.early_stopping_patience=2"], "early_stopping_patience needs eval_every"),
     (["train.method=full", "train.merge_adapter=true"], "merge_adapter applies to adapters"),
     (["data.val_fraction=0.5", "data.test_fraction=0.5"], "val_fraction + test_fraction must be below 1"),
     (["data.sources=[{name: x, hub: a/b, path: c}]"], "a hub source takes no 'path'"),

@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT_SPECIFIC = {
     "model.gguf_file": "names a file of the project's chosen base model (model.base); another base has no such file",
     "tracking.registered_model_name": "names this project's model (SmolLM2 tuned on chatterbot) in the MLflow registry",
+    "evaluate.suites": "names the project's own suite file (data/suites/general.jsonl); another project has its own",
+    "train.eval_every": "validates the default run (47 steps) often enough to choose among checkpoints with its suite",
 }
 # Keys without a default: every params file must give them.
 REQUIRED = {"data.sources", "model.base"}

@@ -146,16 +146,52 @@ def test_a_self_instruct_fine_tune_whose_gsm8k_nll_fell_but_whose_answers_shrank
     math = m["suites"]["math"]
     assert not math["regressed"] and math["delta_ci_high"] < 0  # its NLL fell, with the whole interval
     assert math["sampled_out"] == 1319 - 80 and math["train_duplicates"] == 0
-    # ... but its answers to GSM8K shrank well below half the base model's words: the suite's length budget refuses
-    # it, with the figures.
+    # ... but its answers to GSM8K shrank well below half the base model's words, and most collapsed (empty or
+    # looping) where the base's only ran into the token limit: the suite's budget refuses it, with the figures.
     behaviour = math["behaviour"]
-    assert behaviour["broken"] == ["length_ratio"] and behaviour["length_ratio_ci_high"] < 0.5
+    assert behaviour["broken"] == ["length_ratio", "collapsed_rise"] and behaviour["length_ratio_ci_high"] < 0.5
+    assert behaviour["degenerate_rate_base"] == 1.0 and "degenerate_rise" not in behaviour["broken"]
     assert m["promotion"]["alias"] == "challenger" and m["promotion"]["regressed_suites"] == ()
-    assert m["promotion"]["broken_budgets"] == ("suite 'math' length_ratio",)
+    assert m["promotion"]["broken_budgets"] == ("suite 'math' length_ratio", "suite 'math' collapsed_rise")
     assert f"suite 'math' length_ratio {behaviour['length_ratio']:.4f} (mean words" in m["promotion"]["reason"]
 
-    # The same figures held to a floor of 0 (never broken), as the evaluate stage applies a suite's budget: champion.
-    math["behaviour"] = with_budget(behaviour, LENGTH_RATIO, 0.0, behaviour["max_degenerate_rise"], "suite 'math'")
+    # The same figures held to no budget (a floor of 0, a ceiling of 1), as the evaluate stage applies a suite's
+    # budget: champion.
+    math["behaviour"] = with_budget(behaviour, LENGTH_RATIO, 0.0, 1.0, "suite 'math'")
     again = promote(run, m, cfg)
     assert math["behaviour"]["broken"] == []
     assert again["alias"] == "champion" and "no regression on 1 suite" in again["reason"]
+
+
+def test_training_exports_the_best_step_within_the_suites_budget_when_later_steps_break_it(project, gsm8k):
+    """The same fine-tune, validated every 5 steps with the GSM8K suite scored on a fixed sample: the steps whose
+    answers there shrank below the floor or collapsed are passed over, and the export is the best validation within
+    budget, an earlier step than the last; the evaluate stage, on the exported weights, finds the figures that
+    step had during training and passes the suite's budget."""
+    cfg = project(
+        {"name": "selfinstruct", **SELF_INSTRUCT_SOURCE},
+        30,
+        {"name": "math", "path": str(gsm8k / "test.jsonl"), "max_rows": 80},
+    )
+    cfg.train.eval_every, cfg.train.suite_rows, cfg.train.suite_generations = 5, 32, 8
+    run = run_train(cfg)
+    print("\nvalidations (step, val NLL, math length ratio, collapsed share, budget broken):")
+    for v in run.validations:
+        ratio, collapsed = v["suite/math/length_ratio"], v["suite/math/collapsed_rate"]
+        print(f"  {v['step']:>2} {v['val_nll']:.4f} {ratio:.3f} {collapsed:.3f} {v['broken'] or '-'}")
+    print("selection:", run.selection["reason"])
+    within = [v for v in run.validations if not v["broken"]]
+    assert within and len(within) < len(run.validations)  # some steps broke the budget, some did not
+    chosen = min(within, key=lambda v: v["val_nll"])
+    assert run.selection == {**run.selection, "step": chosen["step"], "within_budget": True}
+    assert run.best_step == chosen["step"] < run.steps == 30
+    assert any(v["broken"] and v["step"] > chosen["step"] for v in run.validations)
+    assert run.val_nll_after == pytest.approx(chosen["val_nll"], abs=1e-4)  # the exported weights are that step's
+
+    m = run_evaluate(cfg).metrics
+    behaviour = m["suites"]["math"]["behaviour"]
+    # The evaluation's 8 sampled prompts are the training sample's 8 (one seeded ranking): the same figures.
+    assert behaviour["length_ratio"] == pytest.approx(chosen["suite/math/length_ratio"], abs=1e-6)
+    assert behaviour["broken"] == [] and m["selection"] == run.selection
+    m["promotion"] = promote(run, m, cfg)
+    assert m["promotion"]["alias"] == "champion", m["promotion"]["reason"]

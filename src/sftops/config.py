@@ -408,8 +408,27 @@ class TrainConfig(_Strict):
         None,
         ge=1,
         description=(
-            "Validation NLL every N steps (null: only before and after training); "
-            "the best weights are the ones exported."
+            "Validate every N steps and at the last (null: only before and after training): the validation NLL, and "
+            "each of evaluate.suites on a fixed sample (suite_rows, suite_generations) held to its budget. The "
+            "exported weights are those of the validation with the lowest NLL among the ones within every blocking "
+            "suite's budget; when none is, the last step's, and the run is refused promotion."
+        ),
+    )
+    suite_rows: int = Field(
+        32,
+        ge=0,
+        description=(
+            "Rows of each suite (evaluate.suites) whose response NLL every validation scores: a seeded sample, the "
+            "same at every step; 0: the suites are not scored during training."
+        ),
+    )
+    suite_generations: int = Field(
+        8,
+        ge=0,
+        description=(
+            "Prompts of each suite that every validation answers (greedy, evaluate.max_new_tokens), held to the "
+            "suite's behaviour budget (min_length_ratio, max_degenerate_rise) against the answers before the first "
+            "step; 0: NLL only."
         ),
     )
     early_stopping_patience: int | None = Field(
@@ -501,6 +520,15 @@ class SuiteConfig(SourceConfig):
         ),
     )
     informational: bool = Field(False, description="Reported, never blocking promotion.")
+    reference: Literal["answers", "base"] = Field(
+        "answers",
+        description=(
+            "answers: each row's own final assistant turn is its reference. base: a drift suite, whose rows are "
+            "prompts only (a `prompt` field, or messages ending with a user turn): the reference of each prompt is "
+            "the base model's own greedy answer (evaluate.max_new_tokens), so the suite measures how far fine-tuning "
+            "moved the model from how its base answered, with no reference answers to write."
+        ),
+    )
 
     @model_validator(mode="after")
     def _not_training_data(self) -> SuiteConfig:
@@ -521,6 +549,23 @@ class EvaluateConfig(_Strict):
         16, ge=0, description=("Distinct test prompts answered by the base and the tuned model (0: NLL only).")
     )
     max_new_tokens: int = Field(48, ge=1, description="The most tokens generated per answer.")
+    parity_rows: int = Field(
+        8,
+        ge=0,
+        description=(
+            "Test rows (a seeded sample) on which the registered model, loaded as `mlflow models serve` loads it, in "
+            "a fresh process, must answer as the evaluated model (greedy, the same text and stop) and score the "
+            "same response NLL; a version that differs never becomes champion (0: not checked, and said so)."
+        ),
+    )
+    parity_nll_tolerance: float = Field(
+        1e-3,
+        ge=0,
+        description=(
+            "The largest difference in response NLL (nats per token, on any parity row) between the served and the "
+            "evaluated model that still counts as the same model (float32 both: differences are ~1e-6)."
+        ),
+    )
     do_sample: bool = Field(
         False, description=("Sample answers with temperature and top_p, seeded by sample_seed; false: greedy decoding.")
     )

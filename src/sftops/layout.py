@@ -16,6 +16,7 @@ MODEL_DIR = "model"  # the fine-tuned model (adapter or full weights) with its t
 RUN_FILE = "run.json"  # the MLflow run and registered version the model belongs to
 TRAIN_CURVE = "train_curve.csv"
 VAL_CURVE = "val_curve.csv"
+SUITE_CURVE = "suite_curve.csv"  # per suite and validation: forgetting during training (train/forgetting.py)
 
 # paths.reports, written by evaluate (and paths.metrics, its metrics.json)
 REPORT_FILE = "report.html"

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 MIN_WORDS = 2  # fewer is near-empty: "Sincere" as a rewritten email
 LOOP_MAX_N, LOOP_REPEATS = 4, 3  # a word n-gram, n up to 4, three times in a row: "Ashish, Ashish, Ashish"
 EMPTY, LOOP, UNSTOPPED = "empty", "loop", "unstopped"
+COLLAPSED = (EMPTY, LOOP)
 
 _ALNUM = re.compile(r"[^\W_]")
 
@@ -77,11 +78,12 @@ def compare_behaviour(
     seed: int,
     confidence: float,
 ) -> dict[str, Any]:
-    """Base against tuned answers to the same prompts (references: one per prompt, cut as within_tokens cuts it;
-    scores: each side's per-answer text metrics), every change with its paired-bootstrap interval: mean words and
-    the length ratios tuned / base and tuned / reference (ratios of means), the share of degenerate answers and its
-    rise (with the count of each reason), the stop rate and its change, and each text metric's change. Empty when
-    nothing was generated; a ratio whose denominator has no words is left out."""
+    """Base against tuned answers to the same prompts (references: one per prompt, cut as within_tokens cuts it; scores:
+    each side's per-answer text metrics), every change with its paired-bootstrap interval: mean words and the length
+    ratios tuned / base and tuned / reference (ratios of means), the share of degenerate answers and its rise (with the
+    count of each reason), the share of collapsed ones (empty or looping) and its rise, the stop rate and its change,
+    and each text metric's change. Empty when nothing was generated; a ratio whose denominator has no words is left
+    out."""
     if not (len(base) == len(tuned) == len(references)):
         raise ValueError(f"paired answers needed (got {len(base)} base, {len(tuned)} tuned, {len(references)} refs)")
     if not base:
@@ -100,6 +102,10 @@ def compare_behaviour(
     base_reasons, tuned_reasons = degenerate_reasons(base, references), degenerate_reasons(tuned, references)
     base_flags, tuned_flags = [r is not None for r in base_reasons], [r is not None for r in tuned_reasons]
     out.update(_paired_means("degenerate_rate", "degenerate_rise", base_flags, tuned_flags, stats))
+    # Empty or looping only: a base model that runs into max_new_tokens on most prompts leaves the degenerate rise
+    # no room to show a tuned model's collapse ("Sincere"), which this rise still shows.
+    base_collapsed, tuned_collapsed = ([r in COLLAPSED for r in reasons] for reasons in (base_reasons, tuned_reasons))
+    out.update(_paired_means("collapsed_rate", "collapsed_rise", base_collapsed, tuned_collapsed, stats))
     out["degenerate_reasons"] = {"base": _reason_counts(base_reasons), "tuned": _reason_counts(tuned_reasons)}
     out.update(
         _paired_means("stop_rate", "stop_rate_change", [c.stopped for c in base], [c.stopped for c in tuned], stats)

@@ -59,17 +59,18 @@ class SuiteResult:
 
 
 LENGTH_RATIO, LENGTH_RATIO_TO_REFERENCE = "length_ratio", "length_ratio_to_reference"  # floors
-DEGENERATE_RISE = "degenerate_rise"  # a ceiling
+DEGENERATE_RISE, COLLAPSED_RISE = "degenerate_rise", "collapsed_rise"  # ceilings
+RISES = {DEGENERATE_RISE: "degenerate", COLLAPSED_RISE: "collapsed (empty or looping)"}
 
 
 @dataclass(frozen=True)
 class BudgetCheck:
     """One behaviour budget of one evaluation set, base against tuned on the same prompts (evaluate/behaviour.py):
     a floor on a length ratio (mean words tuned / base, or tuned / reference) or a ceiling on the rise of the share
-    of degenerate answers, with the figure's confidence interval."""
+    of degenerate answers (or of collapsed ones: empty or looping), with the figure's confidence interval."""
 
     where: str  # "test split", "suite 'general'"
-    metric: str  # LENGTH_RATIO, LENGTH_RATIO_TO_REFERENCE or DEGENERATE_RISE
+    metric: str  # LENGTH_RATIO, LENGTH_RATIO_TO_REFERENCE, DEGENERATE_RISE or COLLAPSED_RISE
     before: float  # mean words of the base answers (of the references), or the base's degenerate share
     after: float  # mean words of the tuned answers, or the tuned degenerate share
     value: float  # the ratio, or the rise (after - before)
@@ -81,7 +82,7 @@ class BudgetCheck:
     @property
     def broken(self) -> bool:
         """The whole interval lies beyond the limit (a clear breach, not noise), as a suite regresses."""
-        if self.metric == DEGENERATE_RISE:
+        if self.metric in RISES:
             return self.ci_low > self.limit
         return self.ci_high < self.limit
 
@@ -90,9 +91,9 @@ class BudgetCheck:
         return f"{self.where} {self.metric}"
 
     def describe(self) -> str:
-        if self.metric == DEGENERATE_RISE:
+        if self.metric in RISES:
             return (
-                f"{self.label} {self.value:+.4f} (share of degenerate answers {self.before:.4f} (base) -> "
+                f"{self.label} {self.value:+.4f} (share of {RISES[self.metric]} answers {self.before:.4f} (base) -> "
                 f"{self.after:.4f} (tuned)), CI [{self.ci_low:+.4f}, {self.ci_high:+.4f}], ceiling {self.limit}"
             )
         against = "reference" if self.metric == LENGTH_RATIO_TO_REFERENCE else "base"
@@ -103,18 +104,18 @@ class BudgetCheck:
 
 
 def budget_checks(block: dict[str, Any], where: str, informational: bool = False) -> list[BudgetCheck]:
-    """The budgets a behaviour block (metrics.json's `behaviour`) is held to, as it records them: its gated length
-    ratio against min_length_ratio, its degenerate rise against max_degenerate_rise; a limit of null, or a figure
-    that could not be measured (no generations, base answers without words), is not checked."""
+    """The budgets a behaviour block (metrics.json's `behaviour`) is held to, as it records them: its gated length ratio
+    against min_length_ratio, its degenerate and collapsed rises against max_degenerate_rise; a limit of null, or a
+    figure that could not be measured (no generations, base answers without words), is not checked."""
     checks = []
     ratio, floor = block.get("gated_length_ratio"), block.get("min_length_ratio")
     if floor is not None and ratio in block:
         before = "words_mean_reference" if ratio == LENGTH_RATIO_TO_REFERENCE else "words_mean_base"
         checks.append(_check(block, where, ratio, (before, "words_mean_tuned"), floor, informational))
     ceiling = block.get("max_degenerate_rise")
-    if ceiling is not None and DEGENERATE_RISE in block:
-        sides = ("degenerate_rate_base", "degenerate_rate_tuned")
-        checks.append(_check(block, where, DEGENERATE_RISE, sides, ceiling, informational))
+    for rise, share in ((DEGENERATE_RISE, "degenerate_rate"), (COLLAPSED_RISE, "collapsed_rate")):
+        if ceiling is not None and rise in block:
+            checks.append(_check(block, where, rise, (f"{share}_base", f"{share}_tuned"), ceiling, informational))
     return checks
 
 
@@ -216,7 +217,11 @@ def decide(
     suites: Sequence[SuiteResult] = (),
     base_value: float | None = None,
     budgets: Sequence[BudgetCheck] = (),
+    selection: dict[str, Any] | None = None,
+    served: tuple[bool, str] = (True, "serving parity not checked"),
 ) -> Decision:
+    """selection: how training chose the exported step (run.json's `selection`); a run where no validated step
+    was within every blocking suite's budget is refused."""
     is_versioned, version_note = versioned
     if not is_versioned:
         return Decision(
@@ -225,6 +230,10 @@ def decide(
     passed, check_note = checks
     if not passed:
         return Decision(CHALLENGER, f"{check_note}: not promoted", metric, value, *_champ(champion))
+    if selection and selection.get("within_budget") is False:
+        return Decision(CHALLENGER, f"during training, {selection['reason']}", metric, value, *_champ(champion))
+    if not served[0]:  # what a deployer would serve is not what was evaluated (evaluate/parity.py)
+        return Decision(CHALLENGER, f"{served[1]}: not promoted", metric, value, *_champ(champion))
     regressed = [s for s in suites if s.regressed and not s.informational]
     broken = [b for b in budgets if b.broken and not b.informational]
     if regressed or broken:

@@ -10,6 +10,7 @@ from html import escape
 from typing import Any
 
 from sftops.evaluate.cost import cost_line
+from sftops.evaluate.forgetting_report import forgetting_section
 
 
 def svg_curves(series: dict[str, Sequence[tuple[float, float]]], width: int = 640, height: int = 260) -> str:
@@ -72,9 +73,11 @@ def render(
     decision: dict[str, Any] | None,
     suite_worst: dict[str, list[dict[str, Any]]] | None = None,
     n_extreme: int = 5,
+    suite_curve: Sequence[dict[str, Any]] = (),
 ) -> str:
     """row_nll: one dict per test row with prompt, reference, base_nll, tuned_nll (mean per response token);
-    suite_worst: per regression suite, its sampled rows that got most worse (prompt, reference, both outputs)."""
+    suite_worst: per regression suite, its sampled rows that got most worse (prompt, reference, both outputs);
+    suite_curve: the suites at every validation during training (train/curves.py:read_suite_rows)."""
     base, tuned = metrics["base"], metrics["tuned"]
     level = round(100 * metrics.get("confidence", 0.95))
     headline = (
@@ -131,6 +134,7 @@ th{{background:#f4f4f4}}.big{{font-size:16px}}</style></head><body>
 {cost_section(metrics.get("cost"), decision)}
 <h2>Test metrics</h2>{summary}
 {behaviour_section(metrics)}
+{forgetting_section(suite_curve, metrics.get("selection"))}
 <h2>Per source</h2>{per_source}
 {suites_section(metrics.get("suites", {}), suite_worst or {})}
 <h2>Loss curves</h2>{svg_curves(curves)}
@@ -197,6 +201,13 @@ def behaviour_rows(where: str, block: dict[str, Any], informational: bool = Fals
             "degenerate_rate_base",
             "degenerate_rate_tuned",
             "degenerate_rise",
+            "max_degenerate_rise",
+        ),
+        row(
+            "share of collapsed answers (empty or looping), rise",
+            "collapsed_rate_base",
+            "collapsed_rate_tuned",
+            "collapsed_rise",
             "max_degenerate_rise",
         ),
         row("stop rate (ended their turn), change", "stop_rate_base", "stop_rate_tuned", "stop_rate_change"),

@@ -22,6 +22,18 @@ from sftops.provenance.fingerprints import json_sha256
 
 Row = dict[str, Any]
 
+# The answer a drift suite's row is read with, so that it is validated as any conversation is; replaced by the base
+# model's answer before anything scores it.
+PENDING_ANSWER = "(the base model's answer, generated at evaluation)"
+
+
+def with_pending_answer(fields: dict[str, Any]) -> dict[str, Any]:
+    """A drift suite's raw row (a `prompt`, or `messages` ending with a user turn) completed with the pending
+    answer, in the shape its schema reads."""
+    if isinstance(fields.get("messages"), list):
+        return {**fields, "messages": [*fields["messages"], {"role": "assistant", "content": PENDING_ANSWER}]}
+    return {**fields, "completion": PENDING_ANSWER}
+
 
 @dataclass
 class SuiteRows:
@@ -49,7 +61,10 @@ def read_suite(suite: SuiteConfig, max_row_bytes: int) -> tuple[list[Row], dict[
             try:
                 if rec.error is not None:
                     raise RowError("unreadable", rec.error)
-                conv = to_conversation(rec.fields or {}, suite.row_schema, suite.fields)
+                fields = rec.fields or {}
+                if suite.reference == "base":  # prompts only: the base model answers them at evaluation
+                    fields = with_pending_answer(fields)
+                conv = to_conversation(fields, suite.row_schema, suite.fields)
             except RowError:
                 counts["rejected"] += 1
                 continue

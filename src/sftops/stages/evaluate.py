@@ -17,8 +17,10 @@ from sftops.config import Config
 from sftops.data.store import load_split
 from sftops.evaluate import base_cache, report
 from sftops.evaluate.cost import cost_beside_quality
+from sftops.evaluate.drift import with_base_references
 from sftops.evaluate.held_out import read_test_split
 from sftops.evaluate.identity import base_eval_params, evaluation_identity
+from sftops.evaluate.parity import PARITY_BLOCK
 from sftops.evaluate.review import generations_table, per_row_table, review_metrics, review_rows, write_csv
 from sftops.evaluate.sides import BaseSwitch, EvalSet, Side, base_side, run_side
 from sftops.evaluate.suite_scores import SuiteRun, evaluate_suite
@@ -30,6 +32,7 @@ from sftops.layout import (
     REPORT_FILE,
     ROWS_FILE,
     RUN_FILE,
+    SUITE_CURVE,
     SUITES_DIR,
     TRAIN_CURVE,
     VAL_CURVE,
@@ -39,8 +42,9 @@ from sftops.modeling import load_finetuned, read_manifest
 from sftops.outputs import replaced_whole
 from sftops.provenance.fingerprints import file_sha256, tokenizer_sha256
 from sftops.tracking.evaluations import log_evaluation
+from sftops.tracking.parity import check_serving
 from sftops.tracking.registry import preview
-from sftops.train.curves import read_curve
+from sftops.train.curves import read_curve, read_suite_rows
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,9 @@ def run_evaluate(cfg: Config) -> EvaluateResult:
     base_run = base_side(base, tokenizer, test, cfg, dev, key)
     tuned_run = run_side(tuned, tokenizer, test, cfg, dev, "tuned")
     review = review_test_split(cfg, test, base_run, tuned_run, evaluation_identity(cfg, test_file, tokenizer))
+    # the registered version, run as a server runs it, must answer as the model just evaluated (the gate reads it)
+    review.metrics[PARITY_BLOCK] = check_serving(cfg, run_info, tuned, tokenizer, test, tuned_run)
+    suites = [with_base_references(cfg, s, rows, base, tokenizer, dev) for s, rows in zip(cfg.evaluate.suites, suites)]
     suite_runs = [
         evaluate_suite(cfg, s, rows, tuned, base, tokenizer, dev) for s, rows in zip(cfg.evaluate.suites, suites)
     ]
@@ -86,6 +93,8 @@ def run_evaluate(cfg: Config) -> EvaluateResult:
     cost = cost_beside_quality(run_info.get("cost"), review.metrics)  # what the training run cost, per 0.1 nats
     if cost:
         review.metrics["cost"] = cost
+    if run_info.get("selection"):  # which step training exported and why: the gate refuses one outside budget
+        review.metrics["selection"] = run_info["selection"]
 
     files = write_review(cfg, run_info, review, suite_runs)
     # The files are in place before MLflow hears of them: the registry's alias moves last, so a failure in
@@ -134,7 +143,10 @@ def write_review(cfg: Config, run_info: dict[str, Any], review: Review, suite_ru
             f"{run_info.get('registered_model', 'model')} v{run_info.get('version', '?')} (run {run_info['run_id']})"
         )
         worst = {run.name: run.most_worse() for run in suite_runs}
-        html = report.render(title, review.metrics, curves, review.rows, review.generations, decision, worst)
+        suite_curve = read_suite_rows(Path(cfg.paths.model) / SUITE_CURVE)
+        html = report.render(
+            title, review.metrics, curves, review.rows, review.generations, decision, worst, suite_curve=suite_curve
+        )
         (out / REPORT_FILE).write_text(html, encoding="utf-8")
         write_json(metrics_file, review.metrics)
     return [metrics_file, reports / REPORT_FILE, reports / ROWS_FILE] + [

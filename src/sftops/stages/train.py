@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ from sftops.tracking.runs import NOT_TRACKED, TrainingRun, pipeline_run
 from sftops.train import cost, distributed, launch
 from sftops.train.checkpoint import checkpoint_folder
 from sftops.train.distributed import World, agree, join, leave, under_torchrun
-from sftops.train.export import export_model, gather_unsharded, write_loss_curves
+from sftops.train.export import export_model, gather_unsharded, write_loss_curves, write_suite_curve
+from sftops.train.forgetting import Forgetting, selection_of, start_forgetting
 from sftops.train.loop import LoopResult, StepHook, train_loop
 from sftops.train.lora import apply_method
 from sftops.train.loss import mean_nll, score_rows
@@ -58,7 +60,9 @@ class TrainResult:
     resumed_from_step: int | None
     final_train_loss: float
     history: list[dict[str, float]]
-    validations: list[dict[str, float]]
+    validations: list[dict[str, Any]]  # per validation: step, val_nll, broken (suite budgets), suite figures
+    selection: dict[str, Any]  # the step exported and why (train/forgetting.py:selection_of)
+    suite_baseline: dict[str, float]  # the suites' figures before the first step
     val_nll_before: float | None
     val_nll_after: float | None
     merge: dict[str, float] | None
@@ -114,6 +118,9 @@ def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> TrainResult | No
         size = model_size(model)
         run.log_metrics(size | {"train_examples": len(train.examples)})
         val_before = held_out.validate(model, 0, run)
+        started = time.perf_counter()
+        watch = start_forgetting(cfg, model, tokenizer, world.device) if held_out else None
+        watch_start_s = time.perf_counter() - started
         meter.mark("setup")
         result = train_loop(
             model,
@@ -124,7 +131,7 @@ def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> TrainResult | No
             sources=train.sources,
             source_names=train.source_names,
             checkpoints=checkpoints,
-            validate=(lambda step: held_out.validate(model, step, run)) if held_out else None,
+            validate=(lambda step: validation(model, step, run, held_out, watch)) if held_out else None,
             on_step=[*step_hooks(run, world), meter.after_step],
         )
         meter.mark("train")
@@ -134,7 +141,10 @@ def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> TrainResult | No
         model = gather_unsharded(model, cfg, base_cfg, world)
         if not world.is_main:
             return None
-        trained = Trained(result, val_before, size["trainable_params"], {"train": train.counts, "val": val.counts})
+        baseline = {**watch.baseline(), "suites_s": watch_start_s} if watch else {}
+        trained = Trained(
+            result, val_before, size["trainable_params"], {"train": train.counts, "val": val.counts}, baseline
+        )
         report = export(cfg, base_cfg, model, tokenizer, run, trained, held_out, world, meter)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the job is done and exported
     return report
@@ -184,6 +194,22 @@ class HeldOut:
         return nll
 
 
+def validation(
+    model: torch.nn.Module, step: int, run: TrainingRun, held_out: HeldOut, watch: Forgetting | None
+) -> dict[str, Any]:
+    """A validation as the loop chooses checkpoints by it: the validation NLL, each suite's figures on its fixed
+    sample (per-step curves in MLflow), and the suite budgets this step breaks."""
+    figures: dict[str, Any] = {"val_nll": held_out.validate(model, step, run), "broken": ""}
+    if watch:
+        started = time.perf_counter()
+        figures |= watch.measure(model)
+        figures["suites_s"] = time.perf_counter() - started  # what watching the suites costs (run.json)
+        run.log_metrics({k: v for k, v in figures.items() if k.startswith("suite/")}, step=step)
+        if figures["broken"]:
+            log.info("validation at step %d breaks a suite budget: %s", step, figures["broken"])
+    return figures
+
+
 def tracked_run(cfg: Config, base_cfg: ModelConfig, world: World) -> contextlib.AbstractContextManager[TrainingRun]:
     """The MLflow run, opened by the main process; the others log nowhere."""
     if not world.is_main:
@@ -204,6 +230,18 @@ def step_hooks(run: TrainingRun, world: World) -> list[StepHook]:
     return [record, faults.after_step] if world.is_main else [faults.after_step]
 
 
+def suites_cost(baseline: dict[str, Any], validations: list[dict[str, Any]], history: list[dict[str, float]]) -> dict:
+    """Seconds spent scoring the suites (their samples before the first step and at every validation) against
+    seconds spent in optimizer steps: what tracking forgetting costs. Empty when no suite was scored."""
+    if not baseline:
+        return {}
+    suites_s = baseline["suites_s"] + sum(v.get("suites_s", 0.0) for v in validations)
+    steps_s = sum(
+        r["supervised_tokens"] / r["supervised_tokens_per_s"] for r in history if r["supervised_tokens_per_s"]
+    )
+    return {"suites_seconds": suites_s, "train_steps_seconds": steps_s, "suites_to_steps": suites_s / (steps_s or 1)}
+
+
 @dataclass(frozen=True)
 class Trained:
     """What training left besides the weights: the loop's result and what was measured around it."""
@@ -212,6 +250,7 @@ class Trained:
     val_before: float | None
     trainable_params: int
     encoding: dict[str, dict[str, Any]]  # per split: rows read, kept, dropped (and why)
+    suite_baseline: dict[str, Any]  # the suites' figures on their fixed samples before the first step
 
 
 def export(
@@ -231,6 +270,13 @@ def export(
     with replaced_whole(cfg.paths.model) as out:
         val_after = held_out.nll(model) if held_out else None
         write_loss_curves(out, result.history, result.validations, trained.val_before, val_after, result.steps)
+        write_suite_curve(out, trained.suite_baseline, trained.val_before, result.validations)
+        selection = selection_of(result.validations, result.best_step, result.steps)
+        selection["cost"] = suites_cost(trained.suite_baseline, result.validations, result.history)
+        if selection["cost"]:
+            run.log_metrics(selection["cost"])
+        run.set_tags({"exported_step": str(selection["step"]), "selection": selection["reason"]})
+        log.info("exported weights: %s", selection["reason"])
         exported = export_model(out, model, tokenizer, cfg, base_cfg, held_out.nll if held_out else None)
         if exported.merge:
             run.log_metrics({f"merge_{k}": v for k, v in exported.merge.items()})
@@ -249,6 +295,8 @@ def export(
             final_train_loss=result.history[-1]["train_loss"],
             history=result.history,
             validations=result.validations,
+            selection=selection,
+            suite_baseline=trained.suite_baseline,
             val_nll_before=trained.val_before,
             val_nll_after=val_after,
             merge=exported.merge,

@@ -99,8 +99,9 @@ def model_card(info: dict[str, Any], shape: str) -> Any:
 
     base = info["base"]
     at = f" at {base['revision']}" if base.get("revision") else ""
+    named = shown_base(base["base"])
     return ModelCard(
-        f"---\nlibrary_name: transformers\n---\nsftops {info['method']} fine-tune of {base['base']}{at}: "
+        f"---\nlibrary_name: transformers\n---\nsftops {info['method']} fine-tune of {named}{at}: "
         f"{shape}. Served with the MLflow transformers flavor, task {CHAT_TASK}.\n"
     )
 
@@ -114,11 +115,30 @@ class _ChatFlavor:
     @staticmethod
     def save_model(path: str, mlflow_model: Any, hub_base: tuple[str, str] | None = None, **kwargs: Any) -> None:
         mlflow.transformers.save_model(path=path, mlflow_model=mlflow_model, code_paths=[str(GUARD)], **kwargs)
+        mlflow_model.signature = served_signature(mlflow_model.signature)
         flavors = mlflow_model.flavors
         flavors["python_function"]["loader_module"] = GUARD.stem
         if hub_base:
             _name_hub_base(Path(path), flavors["transformers"], *hub_base)
         mlflow_model.save(str(Path(path) / "MLmodel"))
+
+
+def served_signature(chat: Any) -> Any:
+    """What served_chat honours, and only that: messages, max_tokens, stop (MLflow's chat signature also offers
+    n, stream, temperature, tools ..., which this greedy one-completion model would ignore). Typed `any`: served_chat
+    checks the types and refuses with its reason alone, where MLflow's schema enforcement would quote the whole
+    request back. Fields outside it are dropped by MLflow before the model sees them (a warning in the server's
+    log)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
+
+    fields = [
+        ColSpec(AnyType(), "messages", required=False),  # its absence is served_chat's refusal too
+        ColSpec(AnyType(), "max_tokens", required=False),
+        # a list: a column of Array type makes MLflow read the request as one row (its messages one value)
+        ColSpec(Array(DataType.string), "stop", required=False),
+    ]
+    return ModelSignature(inputs=Schema(fields), outputs=chat.outputs if chat else None)
 
 
 def _name_hub_base(path: Path, flavor: dict[str, Any], repo: str, revision: str) -> None:
@@ -139,11 +159,20 @@ def _name_hub_base(path: Path, flavor: dict[str, Any], repo: str, revision: str)
     shutil.rmtree(path / "components" / "tokenizer")
 
 
+def shown_base(base: str) -> str:
+    """The base as the logged model names it: a local folder by its folder's name (its path is the training
+    machine's, and means nothing where the model is served); a hub id or pkg:<package> as given."""
+    return f"local folder {Path(base).name}" if Path(base).is_absolute() or Path(base).is_dir() else redact(base)
+
+
 def _metadata(info: dict[str, Any]) -> dict[str, Any]:
     """The MLmodel file's metadata: the sftops manifest (local_model_dir rebuilds the folder from it), and the base
-    the model was trained from with the commit (pkg: version) it was at, for a reader of the MLmodel file."""
+    the model was trained from with the commit (pkg: version) it was at, for a reader of the MLmodel file. Full
+    weights never load their base again, so a local base is named, not located."""
     base = info["base"]
-    return {"sftops": info, "base_model": redact(base["base"]), "base_model_revision": base.get("revision")}
+    if info.get("weights") == "full":
+        info = {**info, "base": {**base, "base": shown_base(base["base"])}}
+    return {"sftops": info, "base_model": shown_base(base["base"]), "base_model_revision": base.get("revision")}
 
 
 def log_chat_model(model_dir: Path, registered_model_name: str) -> Any:
@@ -163,7 +192,10 @@ def log_chat_model(model_dir: Path, registered_model_name: str) -> Any:
         shape = "full weights in safetensors" + (" (adapter merged in)" if is_adapter(info) else "")
         if is_adapter(info):
             model = model.merge_and_unload()
-        model.config._name_or_path = info["base"]["base"]  # what a response names, not a path on this machine
+        # what MLflow records as the model's source and a response names as `model`: the registry's name, not a
+        # path on this machine (the base's folder, or the package that held a pkg: base); in its models:/ form,
+        # which is no hub id, so MLflow does not ask the hub for a licence of a repository by that name
+        model.config._name_or_path = model.name_or_path = f"models:/{registered_model_name}"
         info = {**info, "weights": "full"}
     set_decoding(model, tokenizer)
     return mlflow.models.Model.log(

@@ -15,6 +15,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from sftops.errors import ConfigError, SftopsError
+from sftops.evaluate import parity
 from sftops.evaluate.cost import cost_line
 from sftops.evaluate.promotion import (
     CHALLENGER,
@@ -126,6 +127,8 @@ def gate(
         suite_results(metrics),
         base_value=metrics["base"].get(primary_metric),
         budgets=behaviour_checks(metrics),
+        selection=metrics.get("selection"),
+        served=parity.verdict(metrics),
     )
     return decision, champion
 
@@ -312,6 +315,32 @@ def _behaviour_line(metrics: dict[str, Any]) -> str | None:
     )
 
 
+def _suites_line(metrics: dict[str, Any]) -> str | None:
+    """Each suite's NLL change and answers, base against tuned; None without suites."""
+    parts = []
+    for name, v in metrics.get("suites", {}).items():
+        b = v.get("behaviour", {})
+        answers = (
+            f", answers {b['words_mean_base']:.1f} → {b['words_mean_tuned']:.1f} words (ratio {b['length_ratio']:.2f} "
+            f"[{b['length_ratio_ci_low']:.2f}, {b['length_ratio_ci_high']:.2f}]), collapsed "
+            f"{b['collapsed_rate_base']:.2f} → {b['collapsed_rate_tuned']:.2f}"
+            if "length_ratio" in b
+            else ""
+        )
+        verdict = "regressed" if v["regressed"] else "no regression"
+        broken = f"; budget broken: {', '.join(b['broken'])}" if b.get("broken") else ""
+        parts.append(
+            f"`{name}`: NLL {v['base']['nll']:.3f} → {v['tuned']['nll']:.3f}{answers}; {verdict}{broken}"
+            + (" (informational)" if v["informational"] else "")
+        )
+    return f"**Suites**: {'; '.join(parts)}" if parts else None
+
+
+def _selection_line(metrics: dict[str, Any]) -> str | None:
+    selection = metrics.get("selection")
+    return f"**Exported step**: {selection['reason']}" if selection else None
+
+
 def describe_version(
     run_info: dict[str, Any],
     tags: dict[str, str],
@@ -331,8 +360,11 @@ def describe_version(
         _result_line(metrics),
         _behaviour_line(metrics),
         f"**Cost**: {line}" if (line := cost_line(metrics.get("cost"), decision)) else None,
+        _suites_line(metrics),
+        _selection_line(metrics),
+        f"**Serving parity**: {parity.summary(metrics.get(parity.PARITY_BLOCK) or parity.not_checked('no record'))}",
         f"**Promotion gate**: {decision['alias']} ({decision['metric']} {decision['value']:.4f}): {decision['reason']}",
         f"**Report**: {report_url(store, evaluation_run_id) if evaluation_run_id else 'no evaluation run found'}",
         f"**Runs**: training `{run_info['run_id']}`, evaluation `{evaluation_run_id}` (a child of the training run)",
     ]
-    return "\n\n".join(line for line in lines if line)  # no behaviour or cost line without them
+    return "\n\n".join(line for line in lines if line)  # no behaviour, cost, suites or selection line without them

@@ -190,6 +190,10 @@ class TrainingRun:
         if self.buffer is not None:
             self.buffer.log(metrics, step)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.buffer is not None:
+            mlflow.set_tags(tags)
+
     def log_step(self, step: int, record: dict[str, float]) -> None:
         """The training loop's per-step hook."""
         self.log_metrics(record, step)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from sftops.layout import TRAIN_CURVE, VAL_CURVE
+from sftops.layout import SUITE_CURVE, TRAIN_CURVE, VAL_CURVE
 
 
 def write_curves(
@@ -33,3 +34,31 @@ def read_curve(path: Path, column: str) -> list[tuple[int, float]]:
         return []
     with Path(path).open(newline="") as fh:
         return [(int(r["step"]), float(r[column])) for r in csv.DictReader(fh) if r.get(column) not in (None, "")]
+
+
+SUITE_COLUMNS = ("nll", "nll_change", "length_ratio", "degenerate_rate", "collapsed_rate", "stop_rate", "chrf")
+
+
+def write_suite_rows(folder: Path, validations: Sequence[Mapping[str, Any]]) -> None:
+    """suite_curve.csv: step, suite, val_nll, within_budget (1/0: every blocking suite's budget held at that
+    step), then the suite's figures; one row per suite and validation, long format, so that any suite names fit
+    one DVC plot definition."""
+    suites = sorted({key.split("/")[1] for v in validations for key in v if key.startswith("suite/")})
+    with (folder / SUITE_CURVE).open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", "suite", "val_nll", "within_budget", *SUITE_COLUMNS])
+        for v in validations:
+            for name in suites:
+                figures = [v.get(f"suite/{name}/{column}", "") for column in SUITE_COLUMNS]
+                writer.writerow([v["step"], name, v.get("val_nll", ""), int(not v.get("broken")), *figures])
+
+
+def read_suite_rows(path: Path) -> list[dict[str, Any]]:
+    """suite_curve.csv's rows, numbers as floats; empty when the file is absent."""
+    if not Path(path).exists():
+        return []
+    with Path(path).open(newline="") as fh:
+        return [
+            {k: (float(v) if k != "suite" and v not in ("", None) else v) for k, v in row.items()}
+            for row in csv.DictReader(fh)
+        ]

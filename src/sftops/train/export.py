@@ -15,7 +15,7 @@ from sftops.config import Config, ModelConfig
 from sftops.errors import TrainingError
 from sftops.layout import MODEL_DIR
 from sftops.modeling import load_base_model, save_finetuned
-from sftops.train.curves import write_curves
+from sftops.train.curves import write_curves, write_suite_rows
 from sftops.train.distributed import World
 from sftops.train.lora import apply_method, merge_checked
 
@@ -80,3 +80,13 @@ def write_loss_curves(
     of the weights exported."""
     points = {0: before, **{v["step"]: v["val_nll"] for v in validations}, steps: after}
     write_curves(folder, history, points)
+
+
+def write_suite_curve(
+    folder: Path, baseline: dict[str, Any], before: float | None, validations: list[dict[str, Any]]
+) -> None:
+    """suite_curve.csv, the DVC plot of forgetting: one row per suite and validation (step 0: before training)
+    with the validation NLL and the suite's figures on its fixed sample (train/forgetting.py); absent when no suite
+    was scored during training."""
+    if baseline:
+        write_suite_rows(folder, [{"step": 0, "val_nll": before, "broken": "", **baseline}, *validations])

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -28,7 +29,7 @@ class LoopResult:
     steps: int  # taken, all runs of the job together
     planned_steps: int
     history: list[dict[str, float]]  # one record per step, from step 1 (a resumed run's too)
-    validations: list[dict[str, float]]  # {"step", "val_nll"}
+    validations: list[dict[str, Any]]  # {"step", "val_nll", "broken"} and each suite's figures (train/forgetting.py)
     best_step: int  # whose weights the model holds now
     stopped_early: bool
     resumed_from_step: int | None
@@ -44,12 +45,12 @@ def train_loop(
     sources: Sequence[int] | None = None,
     source_names: Sequence[str] = (),
     checkpoints: Path | None = None,
-    validate: Callable[[int], float] | None = None,
+    validate: Callable[[int], dict[str, Any]] | None = None,
     on_step: Sequence[StepHook] = (),
 ) -> LoopResult:
     """Train `model` in place. `sources` gives each example's index into `source_names` (for the per-source
     loss); `checkpoints` is the folder to checkpoint into and resume from; `validate(step)` returns the
-    validation NLL."""
+    validation NLL (`val_nll`) and the suite budgets that step breaks (`broken`, empty when none)."""
     run = set_up(model, examples, cfg, world, checkpoints, sources, source_names)
     model.train()
     for step in progress(run):
@@ -83,16 +84,18 @@ def progress(run: Training) -> tqdm:
     )
 
 
-def validation_says_stop(run: Training, step: int, validate: Callable[[int], float]) -> bool:
-    """Every train.eval_every steps and at the last: the validation NLL; a new best is checkpointed as `best`,
-    and train.early_stopping_patience validations without one stop the run."""
+def validation_says_stop(run: Training, step: int, validate: Callable[[int], dict[str, Any]]) -> bool:
+    """Every train.eval_every steps and at the last: the validation NLL and the suites' budgets; a new best (the
+    lowest NLL among validations within every blocking suite's budget) is checkpointed as `best`, and
+    train.early_stopping_patience validations without one stop the run."""
     cfg, state = run.cfg, run.state
     if not cfg.eval_every or (step % cfg.eval_every and step != run.steps):
         return False
-    val = validate(step)
+    figures = validate(step)
     run.model.train()
-    state.validations.append({"step": step, "val_nll": val})
-    if val < state.best_val:
+    state.validations.append({"step": step, **figures})
+    val = figures["val_nll"]
+    if not figures.get("broken") and val < state.best_val:
         state.best_val, state.best_step, state.evals_without_improvement = val, step, 0
         run.saver.save(checkpoint.BEST, dict(vars(state)))
         return False

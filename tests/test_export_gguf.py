@@ -1,0 +1,85 @@
+"""The GGUF export round trip: the merged model and its tokenizer written with the gguf package (llama.cpp's Llama
+layout, the chat template and stop tokens training used) and read back with transformers answer as the evaluated
+model on the same rows: F32 exactly (the same greedy answers, NLL within 1e-4), Q8_0 and F16 at a measured NLL
+cost. An export that lost its end-of-turn token is caught. The Ollama Modelfile renders as the chat template."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import QA
+from sftops.export.gguf import write_gguf
+from sftops.export.modelfile import modelfile, role_affixes
+from sftops.export.verify import answers, verify_gguf
+from sftops.modeling import FALLBACK_CHAT_TEMPLATE
+
+NEW = 24  # max_new_tokens: room for each answer and its end of turn
+ROWS = [
+    {"id": f"r{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    for i, (q, a) in enumerate(QA * 2)
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model):
+    """The tiny Llama taught the QA answers (a few full fine-tuning steps), so that its answers stop."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    text = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in ROWS]
+    batch = tokenizer(text, return_tensors="pt", padding=True, add_special_tokens=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.02)
+    torch.manual_seed(0)
+    for _ in range(60):
+        loss = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return model, tokenizer
+
+
+def test_f32_gguf_answers_and_scores_as_the_evaluated_model(trained, tmp_path):
+    model, tokenizer = trained
+    evaluated = answers(model, tokenizer, ROWS, NEW, 64)
+    assert all(a.stopped for a in evaluated), evaluated  # the end of turn was learnt: a lost stop would show
+    path = write_gguf(model, tokenizer, tmp_path / "model-F32.gguf", "F32", "tiny")
+    block = verify_gguf(path, evaluated, ROWS, NEW, 64, 1e-4)
+    assert block["passed"] and block["answers_equal"] == len(ROWS), block
+    assert block["max_nll_gap"] < 1e-4
+
+
+def test_quantised_exports_cost_little_nll(trained, tmp_path):
+    model, tokenizer = trained
+    evaluated = answers(model, tokenizer, ROWS, NEW, 64)
+    costs = {}
+    for quant in ("F16", "Q8_0"):
+        path = write_gguf(model, tokenizer, tmp_path / f"m-{quant}.gguf", quant, "tiny")
+        block = verify_gguf(path, evaluated, ROWS, NEW, 64, 0.05)
+        costs[quant] = (block["mean_nll_cost"], block["max_nll_gap"], block["answers_equal"], block["bytes"])
+        assert block["max_nll_gap"] < 0.05, (quant, block)
+    print(costs)
+
+
+def test_an_export_that_lost_its_end_of_turn_token_is_caught(trained, tmp_path):
+    model, tokenizer = trained
+    evaluated = answers(model, tokenizer, ROWS, NEW, 64)
+    broken = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    broken.chat_template = FALLBACK_CHAT_TEMPLATE
+    broken.eos_token = "<pad>"  # the export names another token as EOS: generation runs past the end of turn
+    path = write_gguf(model, broken, tmp_path / "lost-stop.gguf", "F32", "tiny")
+    block = verify_gguf(path, evaluated, ROWS, NEW, 64, 1e-4)
+    assert not block["passed"] and block["stops_honoured"] < len(ROWS), block
+
+
+def test_the_modelfile_template_renders_as_the_chat_template(trained):
+    _, tokenizer = trained
+    a = role_affixes(tokenizer)
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    by_parts = a["start"][0] + "".join(a[m["role"]][0] + m["content"] + a[m["role"]][1] for m in messages)
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert by_parts + a["generation"][0] == expected
+    text = modelfile(tokenizer, "model-Q8_0.gguf")
+    assert text.startswith("FROM ./model-Q8_0.gguf\n") and 'PARAMETER stop "</s>"' in text
