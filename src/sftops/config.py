@@ -423,7 +423,7 @@ class TrainConfig(_Strict):
         ),
     )
     suite_generations: int = Field(
-        8,
+        16,
         ge=0,
         description=(
             "Prompts of each suite that every validation answers (greedy, evaluate.max_new_tokens), held to the "
