@@ -16,6 +16,7 @@ PROJECT_SPECIFIC = {
     "model.gguf_file": "names a file of the project's chosen base model (model.base); another base has no such file",
     "tracking.registered_model_name": "names this project's model (SmolLM2 tuned on chatterbot) in the MLflow registry",
     "evaluate.suites": "names the project's own suite file (data/suites/general.jsonl); another project has its own",
+    "train.learning_rate": "chosen for the default project: higher rates shrank its general suite's answers below half",
     "train.eval_every": "validates the default run (47 steps) often enough to choose among checkpoints with its suite",
 }
 # Keys without a default: every params file must give them.
