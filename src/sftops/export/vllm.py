@@ -136,17 +136,16 @@ def vllm_base(base: dict[str, Any]) -> tuple[str, str | None, str | None]:
     manifest's `base`, and why vLLM would not serve the weights trained on, if so."""
     from sftops.modeling import resolve_base
 
-    where = resolve_base(base["base"])
-    if base.get("gguf_file"):
+    if base.get("gguf_file"):  # named as configured: not a line to run, and no path of this machine in it
         return (
-            str(Path(where) / base["gguf_file"]),
+            f"{base['base']}/{base['gguf_file']}",
             None,
             (
                 f"the base is the GGUF file {base['gguf_file']}: vLLM would run it quantised, not the float32 weights "
                 "the adapter was trained and evaluated on; serve the merged model (or the GGUF export) instead"
             ),
         )
-    return where, base.get("revision"), None
+    return resolve_base(base["base"]), base.get("revision"), None
 
 
 def check_model(model_dir: Path, name: str) -> dict[str, Any]:
