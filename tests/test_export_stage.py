@@ -63,3 +63,25 @@ def test_each_gguf_is_written_checked_against_the_evaluated_model_and_logged_on_
     assert tags["export.vllm"].startswith(f"the adapter loads (rank {adapter['r']}")
     line = _exports_line(tags)
     assert all(f"`{name}`" in line for name in ("gguf.F32", "gguf.Q8_0", "vllm")), line
+
+
+def test_a_model_the_gguf_writer_does_not_know_is_said_not_exported_and_the_stage_goes_on(tiny_model, tmp_path):
+    """A tokenizer that is not byte-level BPE (a word-level one): no file, the reason, and the line on the version."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from sftops.config import load_config
+    from sftops.stages.export import export_gguf
+    from sftops.tracking.exports import gguf_line
+
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="<unk>")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
+    block = export_gguf(cfg, model, tokenizer, tmp_path, "F16", [], [], "x")
+    assert not block["checked"] and not block["passed"] and not list(tmp_path.iterdir())
+    assert (
+        gguf_line(block)
+        == "not checked (not exported: only byte-level BPE tokenizers (GPT-2 style) are exported to GGUF here)"
+    )

@@ -73,8 +73,12 @@ def export_gguf(
     name: str,
 ) -> dict[str, Any]:
     """One GGUF file and its Modelfile, read back and compared with the evaluated answers: its parity block."""
-    started = time.monotonic()
-    path = write_gguf(merged, tokenizer, out / GGUF_FILE.format(quant=quant), quant, name)
+    started, path = time.monotonic(), out / GGUF_FILE.format(quant=quant)
+    try:
+        write_gguf(merged, tokenizer, path, quant, name)
+    except ValueError as exc:  # an architecture or tokenizer the writer does not know: said, and the run goes on
+        path.unlink(missing_ok=True)
+        return {"checked": False, "passed": False, "reason": f"not exported: {exc}"}
     (out / MODELFILE.format(quant=quant)).write_text(modelfile(tokenizer, path.name), encoding="utf-8")
     written = time.monotonic()
     block = verify_gguf(

@@ -18,7 +18,9 @@ ARTIFACTS = "export"
 
 
 def gguf_line(block: dict[str, Any]) -> str:
-    """The parity verdict of one GGUF file, its mean NLL cost and its size."""
+    """The parity verdict of one GGUF file, its mean NLL cost and its size (or why it was not written)."""
+    if not block["checked"]:
+        return summary(block)
     return f"{summary(block)}; mean NLL cost {block['mean_nll_cost']:+.2e} nats/token; {block['bytes']:,} bytes"
 
 
@@ -43,7 +45,7 @@ def log_exports(
     for file in files:
         client.log_artifact(run_id, str(file), ARTIFACTS)
     for quant, block in gguf.items():
-        for key, value in gguf_metrics(quant, block).items():
+        for key, value in (gguf_metrics(quant, block) if block["checked"] else {}).items():
             client.log_metric(run_id, key, value)
     for key, value in export_tags(gguf, served).items():
         client.set_tag(run_id, key, value)
