@@ -2,7 +2,7 @@
 and Ollama Modelfile per export.gguf quantisation, reads each back and compares it with the evaluated model on
 export.rows test rows (F32: the same answers and NLL within 1e-4; Q8_0: smaller, at an NLL cost), checks the
 adapter against vLLM's rules, and logs it all on the training run and the registered version, whose description
-then lists the exports with their figures."""
+then lists the exports with their figures. Run again, it writes the same files (the doors must agree in dvc.lock)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,11 @@ def test_each_gguf_is_written_checked_against_the_evaluated_model_and_logged_on_
     assert tags["export.vllm"].startswith(f"the adapter loads (rank {adapter['r']}")
     line = _exports_line(tags)
     assert all(f"`{name}`" in line for name in ("gguf.F32", "gguf.Q8_0", "vllm")), line
+
+    # Run again (as another door, dvc repro or the flow, would): the same files, byte for byte, as DVC compares them.
+    first = {f.name: f.read_bytes() for f in out.iterdir()}
+    run_export(cfg)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == first
 
 
 def test_a_model_the_gguf_writer_does_not_know_is_said_not_exported_and_the_stage_goes_on(tiny_model, tmp_path):

@@ -26,6 +26,8 @@ from sftops.modeling import load_finetuned
 from sftops.outputs import replaced_whole
 from sftops.tracking.exports import log_exports
 
+TIMES = ("write_seconds", "verify_seconds")
+
 
 @dataclass(frozen=True)
 class ExportResult:
@@ -39,14 +41,16 @@ def run_export(cfg: Config) -> ExportResult:
     model_dir = require(Path(cfg.paths.model) / MODEL_DIR, "train")
     model, tokenizer = load_finetuned(model_dir)
     rows, evaluated = evaluated_answers(cfg, model, tokenizer)
-    name = f"{run_info.get('registered_model', 'model')}-v{run_info.get('version', 0)}"
+    # not the version: the files are the same whichever door (dvc repro, the flow) ran the stage, as DVC records
+    name = run_info.get("registered_model", "model")
     exports = Path(cfg.paths.exports)
     with replaced_whole(exports) as out:
         served = vllm.check_model(model_dir, name)
         write_json(out / VLLM_CHECK, served)
         merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         gguf = {q: export_gguf(cfg, merged, tokenizer, out, q, rows, evaluated, name) for q in cfg.export.gguf}
-        write_json(out / EXPORT_PARITY, {"rows": [r["id"] for r in rows], "gguf": gguf})
+        figures = {q: {k: v for k, v in b.items() if k not in TIMES} for q, b in gguf.items()}  # times: MLflow's
+        write_json(out / EXPORT_PARITY, {"rows": [r["id"] for r in rows], "gguf": figures})
     files = sorted(p for p in exports.iterdir() if p.is_file())
     log_exports(run_info, gguf, served, files)
     return ExportResult(gguf, served, [str(f) for f in files])

@@ -26,6 +26,7 @@ def gguf_line(block: dict[str, Any]) -> str:
 
 def gguf_metrics(quant: str, block: dict[str, Any]) -> dict[str, float]:
     keys = ("mean_nll_cost", "max_nll_gap", "answers_equal", "stops_honoured", "rows", "bytes")
+    keys += tuple(k for k in ("write_seconds", "verify_seconds") if k in block)
     return {f"{ARTIFACTS}/{quant}/{k}": float(block[k]) for k in keys}
 
 
