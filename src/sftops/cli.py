@@ -164,7 +164,7 @@ def _serve_lines(args: argparse.Namespace) -> None:
     for role, block in blocks.items():
         print(f"{role} ({wanted[role]}, in {folders[role]}): {vllm.summary(block)}")
     line = vllm.side_by_side(blocks, folders)
-    print(line or "not servable side by side as adapters on one base: serve each as its line above says")
+    print(line or "not servable side by side as adapters on one base: each line above says why, and what to serve")
 
 
 def _config_arguments(command: argparse.ArgumentParser) -> None:
