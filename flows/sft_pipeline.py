@@ -56,6 +56,7 @@ from prefect.tasks import Task, exponential_backoff  # noqa: E402
 
 from sftops.config import Config, load_config  # noqa: E402
 from sftops.errors import SftopsError, TransientError  # noqa: E402
+from sftops.evaluate.cost import cost_line  # noqa: E402
 from sftops.layout import CARD, REPORT_FILE, RUN_FILE  # noqa: E402
 from sftops.pipeline import STAGES, where  # noqa: E402
 from sftops.redact import redact  # noqa: E402
@@ -257,10 +258,12 @@ def metrics_markdown(metrics: dict, cfg: Config) -> str:
         f"{metrics['nll_improvement_ci_high']:+.4f}], win rate {metrics['win_rate']:.2f})"
     )
     promotion = metrics["promotion"]
+    cost = cost_line(metrics.get("cost"), promotion)  # what the run cost, per 0.1 nats over base and champion
     return (
         f"## SFT results ({metrics['test_rows']} test rows)\n\n{headline}\n\n"
         f"Registry: **{promotion['alias']}**: {promotion['reason']}\n\n"
-        f"Report: `{metrics['report']}` (also in the MLflow evaluation run's artifacts, eval/report.html)\n\n"
+        + (f"Cost: {cost}\n\n" if cost else "")
+        + f"Report: `{metrics['report']}` (also in the MLflow evaluation run's artifacts, eval/report.html)\n\n"
         f"| metric | base | tuned |\n|---|---|---|\n{rows}\n\n{places}\n"
     )
 

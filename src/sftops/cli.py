@@ -1,4 +1,4 @@
-"""`sftops`: run a pipeline stage (as DVC does), the whole pipeline, or ask a model a question."""
+"""`sftops`: run a pipeline stage (as DVC does), the whole pipeline, plan a run, or ask a model a question."""
 
 from __future__ import annotations
 
@@ -123,6 +123,16 @@ def _explain(args: argparse.Namespace) -> None:
     print(explain(args.explain, cfg, origin))
 
 
+def _plan(args: argparse.Namespace) -> None:
+    """The run's estimated peak memory against this machine, and with --measure-steps its time per step."""
+    from sftops.plan.summary import plan, render
+
+    cfg = load_config(args.params, args.overrides)
+    config_json = Path(args.config_json) if args.config_json else None
+    result = plan(cfg, config_json, args.measure_steps)
+    print(json.dumps(result, indent=2) if args.json else render(result))
+
+
 def _where(cfg: Any) -> None:
     from sftops.pipeline import where
 
@@ -215,6 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--explain", required=True, metavar="KEY", help="a key (train.learning_rate) or a section (train, data.sources)"
     )
     _config_arguments(con)
+    pla = sub.add_parser(
+        "plan", help="estimate the run's peak memory from the model's config (no weights), and whether it fits here"
+    )
+    _config_arguments(pla)
+    pla.add_argument(
+        "--config-json", default=None, metavar="PATH", help="a model's config.json to plan for instead of model.base"
+    )
+    pla.add_argument(
+        "--measure-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also train N steps (after one warm-up) on synthetic max_length rows: time per step, measured peak",
+    )
+    pla.add_argument("--json", action="store_true", help="print the plan as JSON")
     gen = sub.add_parser("generate", help="answer prompts with a fine-tuned model")
     gen.add_argument(
         "--model",
@@ -269,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             _reproduce(args)
         elif args.command == "config":
             _explain(args)
+        elif args.command == "plan":
+            _plan(args)
         elif args.command == "serve-lines":
             _serve_lines(args)
         elif args.command in ("where", "run"):

@@ -423,7 +423,7 @@ class TrainConfig(_Strict):
         ),
     )
     suite_generations: int = Field(
-        8,
+        16,
         ge=0,
         description=(
             "Prompts of each suite that every validation answers (greedy, evaluate.max_new_tokens), held to the "
@@ -788,6 +788,46 @@ class LaunchConfig(_Strict):
     )
 
 
+class CostConfig(_Strict):
+    per_device_hour: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "The price of one device-hour (a GPU per training process; on a CPU-only machine, the machine): with it, "
+            "run.json, the MLflow run (cost/amount), the report and the registered version's description say what "
+            "the run cost and what each 0.1 nats of test NLL improvement cost. null: device-hours only."
+        ),
+    )
+    currency: str = Field("USD", description="The currency of per_device_hour, as the figures print it.")
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "The device's dense peak in TFLOP/s (bf16 tensor cores on a GPU) that model FLOPs utilisation (MFU) is "
+            "measured against; null: looked up by the GPU's name in sftops.accelerator.DENSE_PEAK_TFLOPS (on a CPU, "
+            "or a GPU not in the table, MFU is not computed)."
+        ),
+    )
+    preflight: bool = Field(
+        True,
+        description=(
+            "Before anything loads, the train stage estimates the run's peak memory from the model's config alone "
+            "(`sftops plan` prints it) and stops in one line, with settings that would fit, when it exceeds "
+            "usable_memory of the device; false: train anyway."
+        ),
+    )
+    usable_memory: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description=(
+            "The fraction of the device's free memory (a GPU's, or on CPU the RAM available, within a cgroup limit) "
+            "the estimated peak may take: the rest is kept for the allocator's fragmentation and what the estimate "
+            "leaves out."
+        ),
+    )
+
+
 class Config(_Strict):
     data: DataConfig
     model: ModelConfig
@@ -797,6 +837,7 @@ class Config(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     record: RecordConfig = RecordConfig()
     launch: LaunchConfig = LaunchConfig()
+    cost: CostConfig = CostConfig()
     paths: PathsConfig = PathsConfig()
 
     def flat(self) -> dict[str, Any]:

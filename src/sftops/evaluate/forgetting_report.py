@@ -27,6 +27,9 @@ def scatter(points: Sequence[dict[str, Any]], chosen: int | None) -> str:
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" role="img">',
         f'<rect x="{PAD}" y="{PAD}" width="{WIDTH - 2 * PAD}" height="{HEIGHT - 2 * PAD}" fill="none" stroke="#ccc"/>',
     ]
+    x, y = at(0.0, 0.0)  # step 0: the base model, where every checkpoint started
+    parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="#888"/>')
+    parts.append(f'<text x="{x + 6:.1f}" y="{y - 6:.1f}" font-size="11">0 (base)</text>')
     for p in points:
         x, y = at(p["nll_change"], p["task_gain"])
         colour = "#2ca02c" if p["within_budget"] else "#d62728"

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from html import escape
 from typing import Any
 
+from sftops.evaluate.cost import cost_line
 from sftops.evaluate.forgetting_report import forgetting_section
 
 
@@ -130,6 +131,7 @@ td,th{{border:1px solid #ccc;padding:4px 6px;vertical-align:top;white-space:pre-
 th{{background:#f4f4f4}}.big{{font-size:16px}}</style></head><body>
 <h1>{escape(title)}</h1>
 <h2>Did fine-tuning help?</h2>{headline}{gate}
+{cost_section(metrics.get("cost"), decision)}
 <h2>Test metrics</h2>{summary}
 {behaviour_section(metrics)}
 {forgetting_section(suite_curve, metrics.get("selection"))}
@@ -141,6 +143,12 @@ th{{background:#f4f4f4}}.big{{font-size:16px}}</style></head><body>
 <h2>Generations ({len(gen_rows)})</h2>{_table(gen_cols, gen_rows)}
 </body></html>
 """
+
+
+def cost_section(cost: dict[str, Any] | None, decision: dict[str, Any] | None) -> str:
+    """What the training run cost, beside what it bought: per 0.1 nats of test NLL over the base and the champion."""
+    line = cost_line(cost, decision)
+    return f"<h2>What it cost</h2><p class=big>{escape(line)}</p>" if line else ""
 
 
 def _budget_verdict(block: dict[str, Any], metric: str, informational: bool) -> str:

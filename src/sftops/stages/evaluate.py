@@ -16,6 +16,7 @@ from sftops import faults
 from sftops.config import Config
 from sftops.data.store import load_split
 from sftops.evaluate import base_cache, report
+from sftops.evaluate.cost import cost_beside_quality
 from sftops.evaluate.drift import with_base_references
 from sftops.evaluate.held_out import read_test_split
 from sftops.evaluate.identity import base_eval_params, evaluation_identity
@@ -89,6 +90,9 @@ def run_evaluate(cfg: Config) -> EvaluateResult:
     ]
     if suite_runs:
         review.metrics["suites"] = {run.name: run.metrics for run in suite_runs}
+    cost = cost_beside_quality(run_info.get("cost"), review.metrics)  # what the training run cost, per 0.1 nats
+    if cost:
+        review.metrics["cost"] = cost
     if run_info.get("selection"):  # which step training exported and why: the gate refuses one outside budget
         review.metrics["selection"] = run_info["selection"]
 

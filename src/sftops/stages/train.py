@@ -24,10 +24,11 @@ from sftops.layout import RUN_FILE
 from sftops.machine import require_hardware
 from sftops.modeling import load_base_model, load_tokenizer, pinned
 from sftops.outputs import replaced_whole
+from sftops.plan.fit import refuse_if_too_big
 from sftops.provenance.manifest import dvc_md5, resolved_revisions
 from sftops.tracking.models import register_model
 from sftops.tracking.runs import NOT_TRACKED, TrainingRun, pipeline_run
-from sftops.train import distributed, launch
+from sftops.train import cost, distributed, launch
 from sftops.train.checkpoint import checkpoint_folder
 from sftops.train.distributed import World, agree, join, leave, under_torchrun
 from sftops.train.export import export_model, gather_unsharded, write_loss_curves, write_suite_curve
@@ -69,6 +70,7 @@ class TrainResult:
     trainable_params: int
     device: str
     processes: int
+    cost: dict[str, Any] | None = None  # what the run cost (train/cost.py); None in a run.json older than it
 
 
 def run_train(cfg: Config) -> TrainResult:
@@ -76,6 +78,7 @@ def run_train(cfg: Config) -> TrainResult:
     if cfg.launch.target != "local" and not under_torchrun():  # a cluster (or loopback) runs it; wait for its result
         launch.submit(cfg)
         return TrainResult(**read_json(Path(cfg.paths.model) / RUN_FILE))
+    refuse_if_too_big(cfg)  # before any weight loads: a run that cannot fit stops here, naming settings that would
     if cfg.train.num_processes > 1 and not under_torchrun():
         with tempfile.TemporaryDirectory() as tmp:
             params = Path(tmp) / "params.yaml"
@@ -103,12 +106,14 @@ def same_job(cfg: Config) -> dict[str, str]:
 def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> TrainResult | None:
     """base_cfg: cfg.model pinned to the revision it resolved to, which every load uses and the run records.
     Returns the result on the main process, None on the others."""
+    meter = cost.CostMeter(cfg.cost, world)
     tokenizer = load_tokenizer(base_cfg)
     train = split_examples(cfg, tokenizer, "train", cfg.train.max_train_rows, cfg.train.seed)
     val = split_examples(cfg, tokenizer, "val")
     model = build_model(cfg, base_cfg, world, train, tokenizer.pad_token_id)
     held_out = HeldOut(val, cfg.train.micro_batch_size, tokenizer.pad_token_id, world.device)
     checkpoints = checkpoint_folder(cfg, base_cfg.revision)
+    meter.mark("load")
     with tracked_run(cfg, base_cfg, world) as run:
         size = model_size(model)
         run.log_metrics(size | {"train_examples": len(train.examples)})
@@ -116,6 +121,7 @@ def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> TrainResult | No
         started = time.perf_counter()
         watch = start_forgetting(cfg, model, tokenizer, world.device) if held_out else None
         watch_start_s = time.perf_counter() - started
+        meter.mark("setup")
         result = train_loop(
             model,
             train.examples,
@@ -126,8 +132,9 @@ def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> TrainResult | No
             source_names=train.source_names,
             checkpoints=checkpoints,
             validate=(lambda step: validation(model, step, run, held_out, watch)) if held_out else None,
-            on_step=step_hooks(run, world),
+            on_step=[*step_hooks(run, world), meter.after_step],
         )
+        meter.mark("train")
         run.log_history(result.history[: result.resumed_from_step or 0])
         faults.pause("tracking_flush")
         run.flush()  # metrics buffered while the server was away; a TrackingError if it still is
@@ -138,7 +145,7 @@ def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> TrainResult | No
         trained = Trained(
             result, val_before, size["trainable_params"], {"train": train.counts, "val": val.counts}, baseline
         )
-        report = export(cfg, base_cfg, model, tokenizer, run, trained, held_out, world)
+        report = export(cfg, base_cfg, model, tokenizer, run, trained, held_out, world, meter)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the job is done and exported
     return report
 
@@ -255,6 +262,7 @@ def export(
     trained: Trained,
     held_out: HeldOut,
     world: World,
+    meter: cost.CostMeter,
 ) -> TrainResult:
     """models/: the model and its curves, registered in MLflow, and run.json; the previous models/ stays until the
     new one is complete (a failed export leaves it usable)."""
@@ -273,6 +281,9 @@ def export(
         if exported.merge:
             run.log_metrics({f"merge_{k}": v for k, v in exported.merge.items()})
         registered = register_model(exported.model_dir, cfg.tracking.registered_model_name)
+        meter.mark("export")
+        figures = meter.figures(model)
+        run.log_metrics(cost.metrics(figures))
         report = TrainResult(
             **run.ids,
             **registered,
@@ -293,6 +304,7 @@ def export(
             trainable_params=trained.trainable_params,
             device=str(world.device),
             processes=world.size,
+            cost=figures,
         )
         write_json(out / RUN_FILE, asdict(report))
     return report

@@ -57,6 +57,7 @@ def test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     for source, values in metrics.get("per_source", {}).items():
         flat.update(_numbers(values, f"test_source/{source}/"))
     flat.update(_numbers(metrics.get("behaviour", {}), "test_"))
+    flat.update(_numbers(metrics.get("cost", {}), "cost/"))  # the training run's, beside its quality
     return {k: float(v) for k, v in flat.items()}
 
 

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 
 from sftops.errors import ConfigError, SftopsError
 from sftops.evaluate import parity
+from sftops.evaluate.cost import cost_line
 from sftops.evaluate.promotion import (
     CHALLENGER,
     CHAMPION,
@@ -372,6 +373,7 @@ def describe_version(
         _data_line(tags),
         _result_line(metrics),
         _behaviour_line(metrics),
+        f"**Cost**: {line}" if (line := cost_line(metrics.get("cost"), decision)) else None,
         _suites_line(metrics),
         _selection_line(metrics),
         f"**Serving parity**: {parity.summary(metrics.get(parity.PARITY_BLOCK) or parity.not_checked('no record'))}",
@@ -380,4 +382,4 @@ def describe_version(
         f"**Report**: {report_url(store, evaluation_run_id) if evaluation_run_id else 'no evaluation run found'}",
         f"**Runs**: training `{run_info['run_id']}`, evaluation `{evaluation_run_id}` (a child of the training run)",
     ]
-    return "\n\n".join(line for line in lines if line)  # no behaviour, suites, selection or exports line without them
+    return "\n\n".join(line for line in lines if line)  # lines without a figure (behaviour, cost, ...) left out

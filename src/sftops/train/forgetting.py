@@ -13,6 +13,7 @@ import torch
 
 from sftops.config import Config, SuiteConfig
 from sftops.data.store import load_split
+from sftops.errors import ConfigError
 from sftops.evaluate.comparison import compare
 from sftops.evaluate.drift import answered, base_answers, prompts_of
 from sftops.evaluate.promotion import budget_checks
@@ -101,6 +102,12 @@ def _probe(cfg: Config, suite: SuiteConfig, train_rows, model, tokenizer, device
             "num_generations": min(t.suite_generations, generations),
         }
     )
+    metric = suite.primary_metric or e.primary_metric
+    if not sampled.num_generations and metric not in ("nll", "perplexity"):
+        raise ConfigError(
+            f"evaluate.suites {suite.name!r}: its primary metric {metric!r} needs answers at every validation; set "
+            "train.suite_generations > 0 (or train.suite_rows: 0 to score no suite during training)"
+        )
     prepared = prepare_suite(sampled, train_rows, cfg.data, e.sample_seed)
     if suite.reference == "base":
         prompts = prompts_of(tokenizer, prepared)

@@ -34,6 +34,7 @@ class StepStats:
     source_nll_sums: list[float] = field(default_factory=list)
     source_tokens: list[float] = field(default_factory=list)
     rows: int = 0  # conversations trained on in this step, all processes
+    tokens: int = 0  # non-padding input tokens of the step, all processes (what throughput and MFU count)
 
     @property
     def loss(self) -> float:
@@ -75,15 +76,23 @@ def accumulate_gradients(
             source_counts.index_add_(0, sources, torch.ones_like(token_nll))
     nll_sum, correct = nll_sum.item(), int(correct)
     source_sums, source_counts = source_sums.cpu(), source_counts.cpu()
-    totals = world.sum([nll_sum, correct, rows, *source_sums.tolist(), *source_counts.tolist()])
+    tokens = sum(input_tokens(b) for b in batches)
+    totals = world.sum([nll_sum, correct, rows, tokens, *source_sums.tolist(), *source_counts.tolist()])
     return StepStats(
         response_nll_sum=totals[0],
         supervised_tokens=int(step_tokens),
         correct_tokens=int(totals[1]),
         rows=int(totals[2]),
-        source_nll_sums=totals[3 : 3 + n_sources],
-        source_tokens=totals[3 + n_sources :],
+        tokens=int(totals[3]),
+        source_nll_sums=totals[4 : 4 + n_sources],
+        source_tokens=totals[4 + n_sources :],
     )
+
+
+def input_tokens(batch: Batch) -> int:
+    """The batch's non-padding tokens: its attention mask's ones, or every token of a packed (padding-free) row."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 @contextlib.contextmanager
@@ -145,6 +154,8 @@ def step_record(stats: StepStats, learning_rate: float, grad_norm: float, second
         "learning_rate": learning_rate,
         "grad_norm": grad_norm,
         "supervised_tokens_per_s": stats.supervised_tokens / seconds,
+        "tokens": float(stats.tokens),
+        "step_seconds": seconds,
         "cumulative_supervised_tokens": float(run.state.cumulative_tokens),
     }
     for name, total, count in zip(run.source_names, stats.source_nll_sums, stats.source_tokens):
