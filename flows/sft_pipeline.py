@@ -1,6 +1,7 @@
 """The SFT pipeline as a Prefect flow. DVC executes, Prefect orchestrates, MLflow registers:
 
-    ingest -> format -> train -> evaluate     each a task running `dvc repro --single-item <stage>`: DVC decides
+    ingest -> format -> train -> evaluate
+      -> export                               each a task running `dvc repro --single-item <stage>`: DVC decides
                                               whether the stage runs, is restored from its run-cache or is up to
                                               date; the task's state says which (Ran / Restored / Up to date)
     record                                    `dvc exp save` the workspace as a DVC experiment (params, dvc.lock,
@@ -10,7 +11,7 @@
     promote                                   the promotion gate (tracking/registry.py promote): champion or challenger
     publish                                   artifacts: what DVC did, the data card, the review, the report link
 
-With `overrides` the four stages are one task, `dvc exp run --temp -S key=value ...`: a DVC experiment in a
+With `overrides` the five stages are one task, `dvc exp run --temp -S key=value ...`: a DVC experiment in a
 temporary copy of the repository, so several variants run at once; then record, promote and publish as above.
 
     python flows/sft_pipeline.py                          # params.yaml, Prefect's temporary local server
@@ -103,7 +104,7 @@ def dvc_stage(stage: str, upstream: dict | None = None) -> State:
 
 @task(**ON_OUTAGE)
 def dvc_experiment(name: str, overrides: list[str]) -> State:
-    """The four stages as DVC experiment <name> with these params, in a temporary workspace."""
+    """The five stages as DVC experiment <name> with these params, in a temporary workspace."""
     outcomes = dvc_steps.exp_run(name, overrides, Path.cwd(), _log)
     ran = sum(o == dvc_steps.RAN for o in outcomes.values())
     return Completed(name=f"Ran {ran} of {len(outcomes)}", data={"experiment": name, "outcomes": outcomes})

@@ -92,7 +92,7 @@ def make_repo(
     """A git + DVC repository with the pipeline (dvc.yaml, the code, and `extra` files such as prefect.yaml) and
     `rows` GSM8K rows as its source, committed in the order git init, dvc init, sources."""
     path.mkdir()
-    for item in ("dvc.yaml", "src", "data/sources/README.md", ".gitignore", *extra):
+    for item in ("dvc.yaml", "src", "data/sources/README.md", "data/suites", ".gitignore", *extra):
         src, dst = ROOT / item, path / item
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(

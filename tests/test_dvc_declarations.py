@@ -19,7 +19,7 @@ from conftest import arithmetic_rows, empty_mlflow_store, write_jsonl, write_pro
 from sftops.config import _flatten, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("ingest", "format", "train", "evaluate")
+STAGES = ("ingest", "format", "train", "evaluate", "export")
 STAGE_MODULE = {stage: f"stages/{stage}" for stage in STAGES}
 
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import QA
 from sftops.export.gguf import write_gguf
-from sftops.export.modelfile import modelfile, role_affixes
+from sftops.export.modelfile import default_system, modelfile, role_affixes
 from sftops.export.verify import answers, verify_gguf
 from sftops.modeling import FALLBACK_CHAT_TEMPLATE
 
@@ -83,3 +83,30 @@ def test_the_modelfile_template_renders_as_the_chat_template(trained):
     assert by_parts + a["generation"][0] == expected
     text = modelfile(tokenizer, "model-Q8_0.gguf")
     assert text.startswith("FROM ./model-Q8_0.gguf\n") and 'PARAMETER stop "</s>"' in text
+
+
+# SmolLM2's template, in short: ChatML turns, <|im_start|> as BOS, and a system turn of its own when none is given;
+# and the same without that default system turn.
+TURNS = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+DEFAULT_SYSTEM = "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are SmolLM.<|im_end|>\n{% endif %}"
+
+
+@pytest.mark.parametrize("with_system", [True, False])
+@pytest.mark.parametrize("template, system", [(DEFAULT_SYSTEM + TURNS, "You are SmolLM."), (TURNS, None)])
+def test_a_chatml_template_whose_turns_open_with_bos_gets_no_extra_bos_and_keeps_its_default_system(
+    tiny_model, template, system, with_system
+):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = template
+    tokenizer.bos_token = "<|im_start|>"
+    a = role_affixes(tokenizer)
+    messages = [{"role": "system", "content": "S"}] * with_system + [{"role": "user", "content": "U"}]
+    assert default_system(tokenizer, a) == system
+    assert (f'SYSTEM """{system}"""' in modelfile(tokenizer, "m.gguf")) == (system is not None)
+    shown = messages if with_system or not system else [{"role": "system", "content": system}, *messages]
+    by_parts = a["start"][0] + "".join(a[m["role"]][0] + m["content"] + a[m["role"]][1] for m in shown)
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert by_parts + a["generation"][0] == expected  # Ollama adds SYSTEM when the chat has no system turn

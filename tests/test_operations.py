@@ -26,7 +26,7 @@ from sftops.provenance.manifest import dvc_md5
 
 MODEL_NAME = "ops-sft"
 RUN_TIMEOUT = 900  # seconds for one flow run on a busy 2-core machine (about 1-2 min when idle)
-STAGES = ("ingest", "format", "train", "evaluate")
+STAGES = ("ingest", "format", "train", "evaluate", "export")
 
 
 @dataclass
@@ -170,7 +170,7 @@ def test_each_task_runs_its_dvc_stage_in_a_chain_and_says_what_dvc_did(stack):
     assert states == {**dict.fromkeys(STAGES, "Ran"), "record": "Recorded", "promote": "Champion"}
     # The graph is the chain: each stage's task takes the previous one's result as an input.
     runs = {r["name"].rsplit("-", 1)[0]: r for r in task_runs(stack.api, flow_run_id)}
-    for before, after in zip(("ingest", "format", "train", "evaluate"), ("format", "train", "evaluate", "record")):
+    for before, after in zip(STAGES, (*STAGES[1:], "record")):
         upstream = [i["id"] for inputs in runs[after]["task_inputs"].values() for i in inputs]
         assert runs[before]["id"] in upstream, (before, after)
     text = logs(stack.api, flow_run_id)

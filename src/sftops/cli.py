@@ -153,6 +153,30 @@ def _where(cfg: Any) -> None:
         print(f"{what:>13}: {place}")
 
 
+def _serve_lines(args: argparse.Namespace) -> None:
+    """Champion and challenger (or the given models) checked against vLLM's LoRA rules, copied under --into, and
+    the `vllm serve` line that serves them side by side."""
+    import shutil
+
+    from sftops.export import vllm
+    from sftops.tracking.models import local_model_dir
+
+    name = load_config(args.params, args.overrides).tracking.registered_model_name
+    wanted = {"champion": args.champion or f"models:/{name}@champion"}
+    wanted["challenger"] = args.challenger or f"models:/{name}@challenger"
+    folders = {}
+    for role, model in wanted.items():
+        source = Path(model) if Path(model).is_dir() else local_model_dir(model, args.tracking_uri)
+        folders[role] = Path(args.into) / role
+        shutil.rmtree(folders[role], ignore_errors=True)
+        shutil.copytree(source, folders[role])
+    blocks = {role: vllm.check_model(folder, role) for role, folder in folders.items()}
+    for role, block in blocks.items():
+        print(f"{role} ({wanted[role]}, in {folders[role]}): {vllm.summary(block)}")
+    line = vllm.side_by_side(blocks, folders)
+    print(line or "not servable side by side as adapters on one base: each line above says why, and what to serve")
+
+
 def _config_arguments(command: argparse.ArgumentParser) -> None:
     """--params and --set, as every command that loads the configuration takes them."""
     command.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -174,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("format", "map, de-duplicate and split into data/curated"),
         ("train", "fine-tune the base model, save and register it"),
         ("evaluate", "compare base and fine-tuned model on the test split"),
-        ("run", "all four stages in order (with --set: under runs/<digest>/, leaving DVC's outputs alone)"),
+        ("export", "write the GGUF files and Modelfiles, check them and the adapter against the evaluated model"),
+        ("run", "all five stages in order (with --set: under runs/<digest>/, leaving DVC's outputs alone)"),
         ("where", "print where the results of the last run are"),
     ):
         p = sub.add_parser(name, help=help_text)
@@ -228,6 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
+    lines = sub.add_parser(
+        "serve-lines",
+        help="check champion and challenger against vLLM's LoRA rules and print the `vllm serve` line for both",
+    )
+    _config_arguments(lines)
+    lines.add_argument("--champion", default=None, help="a model folder or URI (default: models:/NAME@champion)")
+    lines.add_argument("--challenger", default=None, help="a model folder or URI (default: models:/NAME@challenger)")
+    lines.add_argument("--into", default="serving", help="where the two models are copied (default: serving/)")
+    lines.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
     rep = sub.add_parser("reproduce", help="re-run the pipeline that made a model, from its manifest, and compare")
     rep.add_argument("target", help="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID or a run id")
     rep.add_argument("--into", default=None, help="folder for the reproduction (default: reproductions/<run id>)")
@@ -245,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("ingest", "format", "train", "evaluate", "run"):
+    if args.command in ("ingest", "format", "train", "evaluate", "export", "run"):
         show_progress()
     try:
         if args.command == "generate":
@@ -258,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             _explain(args)
         elif args.command == "plan":
             _plan(args)
+        elif args.command == "serve-lines":
+            _serve_lines(args)
         elif args.command in ("where", "run"):
             cfg = isolate_outputs(load_config(args.params, args.overrides), args.overrides)
             if args.command == "run":

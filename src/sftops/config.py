@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from sftops.errors import ConfigError
@@ -663,6 +663,46 @@ class EvaluateConfig(_Strict):
         return self
 
 
+GgufQuant = Literal["F32", "F16", "Q8_0"]  # export/gguf.py QUANTS
+
+
+class ExportConfig(_Strict):
+    gguf: list[GgufQuant] = Field(
+        ["F16"],
+        description=(
+            "The GGUF files the export stage writes for llama.cpp and Ollama (paths.exports/model-QUANT.gguf, with "
+            "an Ollama Modelfile-QUANT each), from the merged weights and the training tokenizer: F32 (the weights "
+            "as evaluated), F16 (half the size), Q8_0 (a quarter); each is read back and compared with the "
+            "evaluated model (parity.json). []: none written (the vLLM adapter check still runs)."
+        ),
+    )
+    rows: int = Field(
+        8,
+        ge=1,
+        description=(
+            "Test rows (a sample seeded by evaluate.sample_seed) each export answers greedily "
+            "(evaluate.max_new_tokens) and scores, compared with the evaluated model: the same answers, stops and "
+            "response NLL."
+        ),
+    )
+    nll_tolerance: float = Field(
+        0.05,
+        ge=0,
+        description=(
+            "The largest response NLL difference (nats per token, on any row) between an export and the evaluated "
+            "model for its parity to pass; with equal greedy answers and stops honoured. A failed parity is "
+            "recorded and shown, the export is still written."
+        ),
+    )
+
+    @field_validator("gguf")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each quantisation once, got {value}")
+        return value
+
+
 class TrackingConfig(_Strict):
     experiment: str = Field(
         "sftops",
@@ -699,6 +739,9 @@ class PathsConfig(_Strict):
     checkpoints: str = Field("checkpoints", description="Where train keeps its checkpoints.")
     reports: str = Field("reports", description="Where evaluate writes its reports.")
     metrics: str = Field("metrics.json", description="The metrics file evaluate writes.")
+    exports: str = Field(
+        "exports", description="Where export writes the GGUF files, Ollama Modelfiles and their parity checks."
+    )
 
     @model_validator(mode="after")
     def _inside_project(self) -> PathsConfig:
@@ -790,6 +833,7 @@ class Config(_Strict):
     model: ModelConfig
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
     tracking: TrackingConfig = TrackingConfig()
     record: RecordConfig = RecordConfig()
     launch: LaunchConfig = LaunchConfig()

@@ -23,3 +23,9 @@ REPORT_FILE = "report.html"
 GENERATIONS_FILE = "generations.csv"
 ROWS_FILE = "nll_by_row.csv"
 SUITES_DIR = "suites"  # one CSV per regression suite: its sampled generations side by side
+
+# paths.exports, written by export
+GGUF_FILE = "model-{quant}.gguf"  # per export.gguf quantisation
+MODELFILE = "Modelfile-{quant}"  # Ollama's, for that GGUF file
+EXPORT_PARITY = "parity.json"  # each GGUF read back against the evaluated model
+VLLM_CHECK = "vllm.json"  # the adapter against vLLM's LoRA rules, and its `vllm serve` line

@@ -1,4 +1,4 @@
-"""The four stages by name, and the whole pipeline in one process."""
+"""The five stages by name, and the whole pipeline in one process."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ STAGES = {
     "format": "sftops.stages.format:run_format",
     "train": "sftops.stages.train:run_train",
     "evaluate": "sftops.stages.evaluate:run_evaluate",
+    "export": "sftops.stages.export:run_export",
 }
 
 
@@ -36,6 +37,7 @@ def where(cfg: Config) -> dict[str, str]:
         "metrics": cfg.paths.metrics,
         "generations": f"{cfg.paths.reports}/{GENERATIONS_FILE}",
         "report": f"{cfg.paths.reports}/{REPORT_FILE}",
+        "exports": cfg.paths.exports,
         "mlflow": f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri,
     }
 

@@ -18,7 +18,10 @@ def role_affixes(tokenizer: Any) -> dict[str, tuple[str, str]]:
     roles = ["system", "user", "assistant"]
     messages = [{"role": r, "content": MARK.format(r)} for r in roles]
     first = render(tokenizer, messages[:1])
-    start = tokenizer.bos_token if tokenizer.bos_token and first.startswith(tokenizer.bos_token) else ""
+    second = render(tokenizer, messages[:2])[len(first) :]
+    bos = tokenizer.bos_token
+    # BOS written once before the conversation, unless every turn opens with it (ChatML's <|im_start|> as BOS)
+    start = bos if bos and first.startswith(bos) and not second.startswith(bos) else ""
     affixes, before = {"start": (start, "")}, start
     for i, role in enumerate(roles):
         through = render(tokenizer, messages[: i + 1])
@@ -29,6 +32,18 @@ def role_affixes(tokenizer: Any) -> dict[str, tuple[str, str]]:
     asked = render(tokenizer, messages[:2], generation_prompt=True)
     affixes["generation"] = (asked[len(render(tokenizer, messages[:2])) :], "")
     return affixes
+
+
+def default_system(tokenizer: Any, affixes: dict[str, tuple[str, str]]) -> str | None:
+    """The system message the chat template writes when a conversation has none (SmolLM2's "You are a helpful
+    AI assistant named SmolLM, ..."), for the Modelfile's SYSTEM: Ollama then adds it as the template did."""
+    user = MARK.format("user")
+    head = render(tokenizer, [{"role": "user", "content": user}]).partition(user)[0]
+    start, (prefix, suffix), before_user = affixes["start"][0], affixes["system"], affixes["user"][0]
+    extra = head[len(start) : len(head) - len(before_user)]
+    if not extra or not (extra.startswith(prefix) and extra.endswith(suffix)):
+        return None
+    return extra[len(prefix) : len(extra) - len(suffix)]
 
 
 def _go(text: str) -> str:
@@ -50,6 +65,9 @@ def modelfile(tokenizer: Any, gguf_name: str) -> str:
     )
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
+    system = default_system(tokenizer, a)
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     lines += ["PARAMETER temperature 0", "PARAMETER top_k 1"]  # greedy, as evaluated
     return "\n".join(lines) + "\n"

@@ -31,7 +31,15 @@ from sftops.redact import redact
 from sftops.tracking.evaluations import comparable_result, evaluation_run, log_evaluation, report_url
 from sftops.tracking.runs import load_manifest
 from sftops.tracking.store import shared, store_of, tracking_uri
-from sftops.tracking.tags import ANYWHERE, RESTORABLE, RESTORE, RESTORE_WHERE, VERSIONED, VERSIONED_REASON
+from sftops.tracking.tags import (
+    ANYWHERE,
+    EXPORT_PREFIX,
+    RESTORABLE,
+    RESTORE,
+    RESTORE_WHERE,
+    VERSIONED,
+    VERSIONED_REASON,
+)
 
 # How the promotion gate measures a champion: (model folder, curated folder) -> (metrics, generations table).
 Measure = Callable[[Path, Path], tuple[dict, dict]]
@@ -341,6 +349,12 @@ def _selection_line(metrics: dict[str, Any]) -> str | None:
     return f"**Exported step**: {selection['reason']}" if selection else None
 
 
+def _exports_line(tags: dict[str, str]) -> str | None:
+    """The export stage's verdicts (tags export.gguf.QUANT, export.vllm); None before it ran."""
+    found = sorted((k.removeprefix(EXPORT_PREFIX), v) for k, v in tags.items() if k.startswith(EXPORT_PREFIX))
+    return "**Exports**: " + "; ".join(f"`{name}` {line}" for name, line in found) if found else None
+
+
 def describe_version(
     run_info: dict[str, Any],
     tags: dict[str, str],
@@ -363,8 +377,9 @@ def describe_version(
         _suites_line(metrics),
         _selection_line(metrics),
         f"**Serving parity**: {parity.summary(metrics.get(parity.PARITY_BLOCK) or parity.not_checked('no record'))}",
+        _exports_line(tags),
         f"**Promotion gate**: {decision['alias']} ({decision['metric']} {decision['value']:.4f}): {decision['reason']}",
         f"**Report**: {report_url(store, evaluation_run_id) if evaluation_run_id else 'no evaluation run found'}",
         f"**Runs**: training `{run_info['run_id']}`, evaluation `{evaluation_run_id}` (a child of the training run)",
     ]
-    return "\n\n".join(line for line in lines if line)  # no behaviour, cost, suites or selection line without them
+    return "\n\n".join(line for line in lines if line)  # lines without a figure (behaviour, cost, ...) left out

@@ -18,3 +18,5 @@ UNRECORDED = (
     "registered by a stage run outside the pipeline flow (dvc repro, sftops run): no git ref records "
     "its params and dvc.lock; run the flow (make pipeline) to record and promote"
 )
+# The export stage's verdicts on the version: export.gguf.<QUANT> (parity with the evaluated model) and export.vllm.
+EXPORT_PREFIX = "export."
