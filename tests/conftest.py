@@ -165,6 +165,17 @@ def data_config(
     )
 
 
+def trained_qa(tiny_model: Path, **sections: dict):
+    """The tiny model fine-tuned with LoRA (20 steps, a high rate) on 80 short Q/A rows until it answers them:
+    (config, TrainResult). `sections` update the project's sections (evaluate={...}, export={...})."""
+    from sftops.stages.train import run_train
+
+    sources = [{"name": "qa", "path": str(write_jsonl("in.jsonl", qa_rows(40)))}]
+    train = {"method": "lora", "max_steps": 20, "micro_batch_size": 8, "learning_rate": 0.05}
+    cfg = formatted(write_project(tiny_model, sources, train=train, **sections))
+    return cfg, run_train(cfg)
+
+
 def formatted(cfg: Config) -> Config:
     """The project's data ingested and formatted (once: a later call finds the curated splits)."""
     from sftops.stages.format import run_format

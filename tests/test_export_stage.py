@@ -13,25 +13,18 @@ import gguf
 import pytest
 from mlflow import MlflowClient
 
-from conftest import formatted, qa_rows, write_jsonl, write_project
+from conftest import trained_qa
 from sftops.stages.export import run_export
-from sftops.stages.train import run_train
 from sftops.tracking.registry import _exports_line
 
 
 @pytest.fixture
 def trained(project_folder, tiny_model):
-    sources = [{"name": "qa", "path": str(write_jsonl("in.jsonl", qa_rows(40)))}]
-    cfg = formatted(
-        write_project(
-            tiny_model,
-            sources,
-            train={"method": "lora", "max_steps": 20, "micro_batch_size": 8, "learning_rate": 0.05},
-            evaluate={"max_new_tokens": 8},
-            export={"gguf": ["F32", "Q8_0"], "rows": 4},
-        )
+    return trained_qa(
+        tiny_model,
+        evaluate={"max_new_tokens": 8},
+        export={"gguf": ["F32", "Q8_0"], "rows": 4},
     )
-    return cfg, run_train(cfg)
 
 
 def test_each_gguf_is_written_checked_against_the_evaluated_model_and_logged_on_the_version(trained):

@@ -14,27 +14,20 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file, save_file
 
-from conftest import formatted, qa_rows, write_jsonl, write_project
+from conftest import trained_qa
 from sftops.evaluate.parity import PARITY_BLOCK
 from sftops.evaluate.promotion import CHALLENGER, CHAMPION
 from sftops.stages.evaluate import run_evaluate
-from sftops.stages.train import run_train
 from sftops.tracking import registry
 from sftops.tracking.parity import PARITY_TAG
 
 
 @pytest.fixture
 def trained(project_folder, tiny_model):
-    sources = [{"name": "qa", "path": str(write_jsonl("in.jsonl", qa_rows(40)))}]
-    cfg = formatted(
-        write_project(
-            tiny_model,
-            sources,
-            train={"method": "lora", "max_steps": 20, "micro_batch_size": 8, "learning_rate": 0.05},
-            evaluate={"num_generations": 2, "max_new_tokens": 8, "parity_rows": 4, "test_min_length_ratio": None},
-        )
+    return trained_qa(
+        tiny_model,
+        evaluate={"num_generations": 2, "max_new_tokens": 8, "parity_rows": 4, "test_min_length_ratio": None},
     )
-    return cfg, run_train(cfg)
 
 
 def versioned(cfg) -> dict:
