@@ -312,6 +312,7 @@ def publish(outcomes: dict[str, str], recorded: dict, decision: dict, cfg: Confi
     create_markdown_artifact(
         markdown=data_card(cfg, recorded["rev"]), key="sft-data-card", description="what the format stage did"
     )
+    metrics["cost"] = registry.run_cost(run, metrics)  # metrics.json leaves clock figures out; run.json has them
     create_markdown_artifact(markdown=metrics_markdown(metrics, cfg), key="sft-metrics", description="base vs tuned")
     create_table_artifact(
         table=metrics_table(metrics), key="sft-metrics-table", description="test metrics, base vs tuned"

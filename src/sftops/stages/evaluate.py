@@ -148,7 +148,22 @@ def write_review(cfg: Config, run_info: dict[str, Any], review: Review, suite_ru
             title, review.metrics, curves, review.rows, review.generations, decision, worst, suite_curve=suite_curve
         )
         (out / REPORT_FILE).write_text(html, encoding="utf-8")
-        write_json(metrics_file, review.metrics)
+        write_json(metrics_file, reproducible(review.metrics))
     return [metrics_file, reports / REPORT_FILE, reports / ROWS_FILE] + [
         reports / SUITES_DIR / f"{run.name}.csv" for run in suite_runs
     ]
+
+
+# Figures measured by the clock: the run's record (run.json) and MLflow keep them; metrics.json, a DVC output,
+# holds only what the same inputs give again (dvc repro, the flow and a deployment write the same file).
+TIMED = ("cost", "load_seconds", "answer_seconds")
+
+
+def reproducible(metrics: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json's content: the evaluation without the figures measured by the clock (the run's cost, the
+    seconds the served model took, what watching the suites cost)."""
+    kept = {k: v for k, v in metrics.items() if k not in TIMED}
+    for block in ("selection", PARITY_BLOCK):
+        if isinstance(kept.get(block), dict):
+            kept[block] = {k: v for k, v in kept[block].items() if k not in TIMED}
+    return kept

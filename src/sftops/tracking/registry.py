@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from sftops.errors import ConfigError, SftopsError
 from sftops.evaluate import parity
-from sftops.evaluate.cost import cost_line
+from sftops.evaluate.cost import cost_beside_quality, cost_line
 from sftops.evaluate.promotion import (
     CHALLENGER,
     CHAMPION,
@@ -355,6 +355,11 @@ def _exports_line(tags: dict[str, str]) -> str | None:
     return "**Exports**: " + "; ".join(f"`{name}` {line}" for name, line in found) if found else None
 
 
+def run_cost(run_info: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's cost per 0.1 nats (evaluate/cost.py), from its record: metrics.json leaves clock figures out."""
+    return metrics.get("cost") or cost_beside_quality(run_info.get("cost"), metrics)
+
+
 def describe_version(
     run_info: dict[str, Any],
     tags: dict[str, str],
@@ -373,7 +378,7 @@ def describe_version(
         _data_line(tags),
         _result_line(metrics),
         _behaviour_line(metrics),
-        f"**Cost**: {line}" if (line := cost_line(metrics.get("cost"), decision)) else None,
+        f"**Cost**: {line}" if (line := cost_line(run_cost(run_info, metrics), decision)) else None,
         _suites_line(metrics),
         _selection_line(metrics),
         f"**Serving parity**: {parity.summary(metrics.get(parity.PARITY_BLOCK) or parity.not_checked('no record'))}",
