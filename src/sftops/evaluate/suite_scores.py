@@ -54,7 +54,7 @@ def evaluate_suite(
         base.manifest["base"],
         prepared.sha256,
         tokenizer_sha256(tokenizer),
-        {**base_eval_params(cfg), "num_generations": _generations(cfg, suite), "suite": True},
+        {**base_eval_params(cfg), "num_generations": suite_generations(cfg, suite), "suite": True},
         dev.type,
     )
     base_run = base_side(base, tokenizer, data, cfg, dev, key)
@@ -94,7 +94,8 @@ def evaluate_suite(
     return SuiteRun(suite.name, metrics, result, side_by_side(data, base_run, tuned_run), dataset, base_run.cached)
 
 
-def _generations(cfg: Config, suite: SuiteConfig) -> int:
+def suite_generations(cfg: Config, suite: SuiteConfig) -> int:
+    """How many of the suite's prompts are answered: its own num_generations, else evaluate's."""
     return cfg.evaluate.num_generations if suite.num_generations is None else suite.num_generations
 
 
@@ -108,7 +109,7 @@ def suite_set(cfg: Config, suite: SuiteConfig, prepared: SuiteRows, tokenizer) -
             f"with a target ({counts})"
         )
     rows = [prepared.rows[i] for i in kept]
-    sample, refs = suite_sample(rows, _generations(cfg, suite), cfg.evaluate.sample_seed)
+    sample, refs = suite_sample(rows, suite_generations(cfg, suite), cfg.evaluate.sample_seed)
     prompts = [generation_prompt(tokenizer, r["messages"]) for r in sample]
     reachable = [within_tokens(tokenizer, r[0], cfg.evaluate.max_new_tokens) for r in refs]
     dropped = counts["dropped_too_long"] + counts["dropped_no_target"]

@@ -18,8 +18,8 @@ from sftops.evaluate.comparison import compare
 from sftops.evaluate.drift import answered, base_answers, prompts_of
 from sftops.evaluate.promotion import budget_checks
 from sftops.evaluate.sides import EvalSet, Side, run_side
-from sftops.evaluate.suite_scores import suite_behaviour, suite_set, verdict
-from sftops.evaluate.suites import prepare_suite
+from sftops.evaluate.suite_scores import suite_behaviour, suite_generations, suite_set, verdict
+from sftops.evaluate.suites import prepare_suite, suite_metric
 
 
 @dataclass(frozen=True)
@@ -95,14 +95,14 @@ def start_forgetting(cfg: Config, model: torch.nn.Module, tokenizer, device: tor
 
 def _probe(cfg: Config, suite: SuiteConfig, train_rows, model, tokenizer, device) -> Probe:
     t, e = cfg.train, cfg.evaluate
-    generations = e.num_generations if suite.num_generations is None else suite.num_generations
+    generations = suite_generations(cfg, suite)
     sampled = suite.model_copy(
         update={
             "max_rows": min(t.suite_rows, suite.max_rows or t.suite_rows),
             "num_generations": min(t.suite_generations, generations),
         }
     )
-    metric = suite.primary_metric or e.primary_metric
+    metric = suite_metric(suite, e.primary_metric)
     if not sampled.num_generations and metric not in ("nll", "perplexity"):
         raise ConfigError(
             f"evaluate.suites {suite.name!r}: its primary metric {metric!r} needs answers at every validation; set "
