@@ -106,7 +106,7 @@ def test_a_second_evaluation_adds_a_linked_run_and_leaves_earlier_numbers_unchan
     assert training.data.metrics == training_metrics  # no test numbers in the training run
     assert training.data.tags[evaluations.LATEST] == two.info.run_id  # and from it, the way to its latest evaluation
     assert two.data.metrics["test_tuned_nll"] == pytest.approx(second["tuned"]["nll"])
-    assert two.data.metrics["test_generations"] == 2 and before["test_generations"] == 4
+    assert two.data.params["test_generations"] == "2" and one.data.params["test_generations"] == "4"
 
     model_id = evaluations.model_id(client, "tiny", run.version)
     digest = digest_of(Path("data/curated/test.parquet"))

@@ -176,7 +176,8 @@ def test_champion_moves_only_for_a_better_model_with_passing_data_checks(tmp_pat
 
     # The champion answers from the registry, and so do a run id, a runs:/ URI and the local folder.
     capsys.readouterr()
-    for model in ("models:/tiny@champion", strong.run_id, f"runs:/{strong.run_id}/model", "models/model"):
+    named = f"runs:/{strong.run_id}/tiny-{strong.run_id[:8]}"  # the logged model, by the name the UI lists it under
+    for model in ("models:/tiny@champion", strong.run_id, named, "models/model"):
         assert main(["generate", "--model", model, "--prompt", "what is two plus two?", "--max-new-tokens", "4"]) == 0
         assert capsys.readouterr().out.startswith("> what is two plus two?\n")
     assert main(["generate", "--model", "models:/tiny@nonexistent", "--prompt", "hi"]) == 2

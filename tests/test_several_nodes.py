@@ -65,7 +65,9 @@ def test_two_nodes_train_what_one_process_trains_with_one_run_and_one_model(proj
     client = MlflowClient(f"sqlite:///{store}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1  # only rank 0 logs
-    train_rows = runs[0].data.metrics["train_examples"]
+    train_rows = int(runs[0].data.params["train_examples"])
+    # a job of several nodes logs the launch settings that applied to it (a local run: launch.target alone)
+    assert runs[0].data.params["launch.nodes"] == "2" and runs[0].data.params["launch.name"] == "two-nodes"
     assert sum(h["rows"] for h in two.history) == train_rows  # one epoch: every row once, across both nodes
     assert len(client.search_model_versions("name='tiny'")) == 1
     gap = max(abs(a - b) for a, b in zip(losses(two), losses(one)))

@@ -58,19 +58,18 @@ def _fail(message: str, code: int) -> int:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    """From a local model folder, or from MLflow: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model or a run
-    id."""
+    """From a local model folder, or from MLflow: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/NAME or a run
+    id; with --base, from the base model it was fine-tuned from (its own template and decoding)."""
     if Path(args.model).is_dir():
-        from sftops.evaluate.generation import answer
-        from sftops.modeling import load_finetuned
+        from sftops.evaluate.sides import answer_with
 
-        model, tokenizer = load_finetuned(Path(args.model))
-        replies = answer(model, tokenizer, args.prompt, args.max_new_tokens)
+        replies = answer_with(Path(args.model), args.prompt, args.max_new_tokens, args.base)
     else:
         from sftops.tracking.models import predict
         from sftops.tracking.registry import model_uri
 
-        replies = predict(model_uri(args.model), args.prompt, args.max_new_tokens, args.tracking_uri)
+        uri = model_uri(args.model, args.tracking_uri)
+        replies = predict(uri, args.prompt, args.max_new_tokens, args.tracking_uri, args.base)
     for prompt, reply in zip(args.prompt, replies):
         print(f"> {prompt}\n{reply}\n")
 
@@ -244,9 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--model",
         required=True,
-        help="a model folder (models/model), models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a run id",
+        help="a model folder (models/model), models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/NAME or a run id",
     )
     gen.add_argument("--prompt", action="append", required=True, help="a question (repeatable)")
+    gen.add_argument(
+        "--base",
+        action="store_true",
+        help="answer with the base model MODEL was fine-tuned from (as evaluate does: the adapter switched off, or "
+        "the base loaded), to compare its answers with the tuned model's",
+    )
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument(
         "--tracking-uri",

@@ -787,6 +787,23 @@ class LaunchConfig(_Strict):
         86400, ge=1, description=("kubernetes: how long `kubectl wait` waits for the job (seconds).")
     )
 
+    def applied(self) -> set[str]:
+        """The settings that applied to a run launched this way: `target` alone for a run on this node. The nodes
+        of a launched job read `target: local` (launch.write_params), so a job of several nodes counts as one."""
+        target = "nodes" if self.target == "local" and self.nodes > 1 else self.target
+        return {key for key, targets in LAUNCH_SETTINGS.items() if target in targets}
+
+
+_LAUNCHED = ("slurm", "kubernetes", "loopback", "nodes")
+# Which targets each launch setting applies to (train/launch.py reads them).
+LAUNCH_SETTINGS: dict[str, tuple[str, ...]] = {
+    "target": ("local", *_LAUNCHED),
+    **dict.fromkeys(("name", "nodes", "rdzv_port", "join_timeout_s"), _LAUNCHED),
+    **dict.fromkeys(("gpus_per_node", "cpus_per_node"), ("slurm", "kubernetes", "nodes")),
+    **dict.fromkeys(("image", "volume_claim", "shared_folder", "wait_timeout_s"), ("kubernetes", "nodes")),
+    "time_limit_minutes": ("slurm", "nodes"),
+}
+
 
 class CostConfig(_Strict):
     per_device_hour: float | None = Field(

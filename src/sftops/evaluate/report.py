@@ -64,6 +64,26 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+# Around the promotion decision in the report: the evaluate stage writes the gate's preview there, the promote step
+# puts its decision in its place in the evaluation run's copy (with_decision).
+DECISION_START, DECISION_END = "<!-- promotion decision -->", "<!-- /promotion decision -->"
+
+
+def decision_html(decision: dict[str, Any] | None) -> str:
+    shown = "<p>(no promotion decision)</p>"
+    if decision:
+        shown = f"<p class=big>Registry: <b>{escape(decision['alias'])}</b> — {escape(decision['reason'])}</p>"
+    return f"{DECISION_START}{shown}{DECISION_END}"
+
+
+def with_decision(html: str, decision: dict[str, Any]) -> str:
+    """The report with `decision` where the preview was (a report without the markers is returned as it was)."""
+    start, end = html.find(DECISION_START), html.find(DECISION_END)
+    if start < 0 or end < start:
+        return html
+    return html[:start] + decision_html(decision) + html[end + len(DECISION_END) :]
+
+
 def render(
     title: str,
     metrics: dict[str, Any],
@@ -106,9 +126,7 @@ def render(
             for s, v in sources.items()
         ],
     )
-    gate = "<p>(no promotion decision)</p>"
-    if decision:
-        gate = f"<p class=big>Registry: <b>{escape(decision['alias'])}</b> — {escape(decision['reason'])}</p>"
+    gate = decision_html(decision)
     ranked = sorted(row_nll, key=lambda r: r["base_nll"] - r["tuned_nll"], reverse=True)
     cols = ["prompt", "reference", "base NLL", "tuned NLL", "improvement"]
 

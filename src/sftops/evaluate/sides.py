@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,9 +19,9 @@ from sftops.encoded import IGNORE, Encoded
 from sftops.errors import GpuMemoryError
 from sftops.evaluate import base_cache
 from sftops.evaluate.behaviour import compare_behaviour
-from sftops.evaluate.generation import Completion, complete, decoding_of
+from sftops.evaluate.generation import Completion, answer, complete, decoding_of
 from sftops.evaluate.scoring import row_scores, summarise
-from sftops.modeling import is_adapter, load_base_model
+from sftops.modeling import is_adapter, load_base_model, load_finetuned, read_manifest
 from sftops.train.loss import score_rows
 
 
@@ -75,6 +76,16 @@ class BaseSwitch:
             self._loaded = load_base_model(ModelConfig.model_validate(self.manifest["base"])).to(self.dev)
             self._loaded.eval()
         yield self._loaded
+
+
+def answer_with(model_dir: Path, questions: Sequence[str], max_new_tokens: int, base: bool = False) -> list[str]:
+    """Answers from the model saved in `model_dir` (sftops generate), or with `base` from the base model it was
+    fine-tuned from, switched to as the evaluate stage switches (BaseSwitch), with the same tokenizer and template."""
+    model, tokenizer = load_finetuned(model_dir)
+    if not base:
+        return answer(model, tokenizer, questions, max_new_tokens)
+    with BaseSwitch(read_manifest(model_dir), model, next(model.parameters()).device).active() as base_model:
+        return answer(base_model, tokenizer, questions, max_new_tokens)
 
 
 def run_side(model, tokenizer, data: EvalSet, cfg: Config, dev: torch.device, who: str) -> Side:

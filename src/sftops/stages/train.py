@@ -116,7 +116,8 @@ def _train(cfg: Config, base_cfg: ModelConfig, world: World) -> TrainResult | No
     meter.mark("load")
     with tracked_run(cfg, base_cfg, world) as run:
         size = model_size(model)
-        run.log_metrics(size | {"train_examples": len(train.examples)})
+        # params, not metrics: a constant drawn as a chart is a chart of one bar
+        run.log_params(size | {"train_examples": len(train.examples)})
         val_before = held_out.validate(model, 0, run)
         started = time.perf_counter()
         watch = start_forgetting(cfg, model, tokenizer, world.device) if held_out else None
@@ -280,7 +281,10 @@ def export(
         exported = export_model(out, model, tokenizer, cfg, base_cfg, held_out.nll if held_out else None)
         if exported.merge:
             run.log_metrics({f"merge_{k}": v for k, v in exported.merge.items()})
-        registered = register_model(exported.model_dir, cfg.tracking.registered_model_name)
+        # the validation NLL of the weights exported: the run's latest val_nll (the curve's last point, at the last
+        # step), and the logged model's
+        measured = {"val_nll": val_after} if val_after is not None else {}
+        registered = register_model(exported.model_dir, cfg.tracking.registered_model_name, measured, result.steps)
         meter.mark("export")
         figures = meter.figures(model)
         run.log_metrics(cost.metrics(figures))

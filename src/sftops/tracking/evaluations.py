@@ -45,11 +45,35 @@ def _numbers(values: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {f"{prefix}{k}": v for k, v in values.items() if isinstance(v, (int, float))}
 
 
-def test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """metrics.json's test-split numbers as MLflow metric names: test_base_nll, test_tuned_nll,
+# Figures that do not measure a model: counts of rows and answers, the confidence level, the budgets a block was
+# held to, the references' lengths (the same for every model). They are the evaluation run's params: as metrics
+# each drew a chart of one bar.
+CONSTANTS = {
+    "test_rows", "test_target_tokens", "generations", "answers", "rows", "confidence", "read", "rejected",
+    "duplicates", "train_duplicates", "sampled_out", "contaminated_prompts", "min_length_ratio", "max_degenerate_rise",
+    "regression_margin", "reference_words_mean", "reference_words_median", "reference_words_max",
+    "words_mean_reference", "informational",
+}  # fmt: skip
+
+
+def _split(flat: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """(metrics, params): each figure by the last part of its key (test_source/chat/rows: rows)."""
+    metrics, params = {}, {}
+    for key, value in flat.items():
+        name = key.rsplit("/", 1)[-1].removeprefix("test_")
+        if name in CONSTANTS:
+            params[key.replace("test_test_", "test_")] = str(value)
+        else:
+            metrics[key] = float(value)
+    return metrics, params
+
+
+def split_figures(metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """metrics.json's test-split figures as MLflow metrics (test_base_nll, test_tuned_nll,
     test_nll_improvement_ci_low, test_source/NAME/win_rate (a champion measured alone has no base), and its
     behaviour block's figures as they are named there: test_length_ratio_to_reference, test_degenerate_rise_ci_low,
-    test_degenerate_rate_base."""
+    test_degenerate_rate_base) and params (the CONSTANTS: test_rows, test_generations, test_confidence,
+    test_source/NAME/rows, ...)."""
     flat = {f"test_{who}_{k}": v for who in ("base", "tuned") for k, v in metrics.get(who, {}).items()}
     for key, value in metrics.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -58,16 +82,37 @@ def test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
         flat.update(_numbers(values, f"test_source/{source}/"))
     flat.update(_numbers(metrics.get("behaviour", {}), "test_"))
     flat.update(_numbers(metrics.get("cost", {}), "cost/"))  # the training run's, beside its quality
-    return {k: float(v) for k, v in flat.items()}
+    return _split(flat)
 
 
-def suite_metrics(name: str, values: dict[str, Any]) -> dict[str, float]:
-    """A suite's numbers as suite/NAME/tuned_nll, suite/NAME/regressed (0/1), and its behaviour block's as
-    suite/NAME/length_ratio, suite/NAME/degenerate_rise."""
+def suite_figures(name: str, values: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """A suite's figures: metrics suite/NAME/tuned_nll, suite/NAME/regressed (0/1), and its behaviour block's as
+    suite/NAME/length_ratio, suite/NAME/degenerate_rise; params its CONSTANTS (suite/NAME/rows, ...)."""
     flat = {f"suite/{name}/{who}_{k}": v for who in ("base", "tuned") for k, v in values[who].items()}
     flat.update(_numbers(values, f"suite/{name}/"))
     flat.update(_numbers(values.get("behaviour", {}), f"suite/{name}/"))
-    return {k: float(v) for k, v in flat.items()}
+    return _split(flat)
+
+
+COMPARISON_TABLE = "eval/base_vs_tuned.json"
+
+
+def comparison_rows(metrics: dict[str, Any]) -> dict[str, list]:
+    """Base and tuned side by side, one row per metric measured on both (the test split, then each suite): the
+    table the evaluation run shows in its Artifacts tab (MLflow draws one chart per metric key, never two keys
+    on one)."""
+    rows: dict[str, list] = {"set": [], "metric": [], "base": [], "tuned": [], "tuned - base": []}
+    blocks = [("test", metrics), *((f"suite/{n}", v) for n, v in metrics.get("suites", {}).items())]
+    for name, block in blocks:
+        behaviour = block.get("behaviour", {})
+        pairs = {k.removesuffix("_base"): v for k, v in behaviour.items() if k.endswith("_base")}
+        base = {**block.get("base", {}), **pairs}
+        tuned = {**block.get("tuned", {}), **{k: behaviour.get(f"{k}_tuned") for k in pairs}}
+        for key in (k for k in tuned if k in base):
+            if isinstance(tuned[key], (int, float)) and isinstance(base[key], (int, float)):
+                for column, value in zip(rows, (name, key, base[key], tuned[key], tuned[key] - base[key])):
+                    rows[column].append(value)
+    return rows
 
 
 def evaluation_params(identity: dict[str, Any]) -> dict[str, str]:
@@ -100,7 +145,9 @@ def _log_suites(suites: list[dict[str, Any]], results: dict[str, Any], model: st
             frame, source=suite["source"], name=f"suite/{suite['name']}", digest=suite["digest"][:32]
         )
         mlflow.log_input(dataset, context="evaluation")
-        mlflow.log_metrics(suite_metrics(suite["name"], results[suite["name"]]), model_id=model, dataset=dataset)
+        figures, constants = suite_figures(suite["name"], results[suite["name"]])
+        mlflow.log_metrics(figures, model_id=model, dataset=dataset)
+        mlflow.log_params(constants)
 
 
 def log_evaluation(
@@ -143,9 +190,12 @@ def log_evaluation(
             )
         dataset = _dataset(test_file, identity, source)
         mlflow.log_input(dataset, context="evaluation", tags=copy, model=LoggedModelInput(model) if model else None)
-        mlflow.log_params(evaluation_params(identity))
-        mlflow.log_metrics(test_metrics(metrics), model_id=model, dataset=dataset)
+        figures, constants = split_figures(metrics)
+        mlflow.log_params({**evaluation_params(identity), **constants})
+        mlflow.log_metrics(figures, model_id=model, dataset=dataset)
         _log_suites(suites, metrics.get("suites", {}), model)
+        if (side_by_side := comparison_rows(metrics))["metric"]:  # a champion measured alone has no base
+            mlflow.log_table(side_by_side, artifact_file=COMPARISON_TABLE)
         mlflow.log_table(table, artifact_file="eval/generations.json")
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="eval/suites" if path.parent.name == "suites" else "eval")

@@ -13,6 +13,7 @@ Two shapes (see README, Serving):
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from importlib.metadata import version
@@ -175,9 +176,23 @@ def _metadata(info: dict[str, Any]) -> dict[str, Any]:
     return {"sftops": info, "base_model": shown_base(base["base"]), "base_model_revision": base.get("revision")}
 
 
+# The step the logged model is attached to its run at. MLflow links every metric the run holds at that step to the
+# model when it is logged (the default, step 0, gave the model the validation NLL before training, the system
+# metrics' first sample and the run's constants); no metric is ever logged at -1, so the model's metrics are only
+# those register_model links on purpose.
+MODEL_STEP = -1
+
+
+def logged_model_name(registered_model_name: str, run_id: str) -> str:
+    """The logged model's name as the UI lists it: the registered model's name and the run's first 8 hex digits
+    (`smollm2-chatterbot-411a504b`), in the characters MLflow allows in a logged model's name."""
+    return re.sub(r"[/:.%\"']", "-", f"{registered_model_name}-{run_id[:8]}")
+
+
 def log_chat_model(model_dir: Path, registered_model_name: str) -> Any:
     """Log the saved sftops model as an MLflow transformers chat model and register it; its sftops manifest
-    goes into the MLmodel metadata (`sftops`), so local_model_dir can rebuild the folder."""
+    goes into the MLmodel metadata (`sftops`), so local_model_dir can rebuild the folder. MLflow gives the logged
+    model the run's params (its size and the examples it was trained on among them)."""
     info = read_manifest(model_dir)
     model, tokenizer = load_finetuned(model_dir)
     adapter = logs_adapter(info, tokenizer) and (snapshot := hub_snapshot(info["base"])) is not None
@@ -200,7 +215,8 @@ def log_chat_model(model_dir: Path, registered_model_name: str) -> Any:
     set_decoding(model, tokenizer)
     return mlflow.models.Model.log(
         artifact_path=None,
-        name="model",
+        name=logged_model_name(registered_model_name, mlflow.active_run().info.run_id),
+        step=MODEL_STEP,
         flavor=_ChatFlavor,
         registered_model_name=registered_model_name,
         transformers_model={"model": model, "tokenizer": tokenizer},
@@ -214,13 +230,16 @@ def log_chat_model(model_dir: Path, registered_model_name: str) -> Any:
     )
 
 
-def register_model(model_dir: Path, name: str) -> dict[str, Any]:
+def register_model(model_dir: Path, name: str, measured: dict[str, float], step: int) -> dict[str, Any]:
     """Log the saved model in the open run as an MLflow transformers chat model (tracking.models), register it as
     a new version tagged with its lineage, and complete the run's reproducibility manifest with the model's
-    hashes."""
+    hashes. `measured`: what was measured on the saved weights (the validation NLL after training), logged in the
+    run at `step` and linked to the logged model, its only training-run metrics (no system metric, no constant)."""
     info = log_chat_model(model_dir, name)
     run = mlflow.active_run()
     client = MlflowClient()
+    if measured:
+        mlflow.log_metrics(measured, step=step, model_id=info.model_id)
     version = str(info.registered_model_version)
     run_tags = client.get_run(run.info.run_id).data.tags
     for key in run_tags:
@@ -269,9 +288,11 @@ def local_model_dir(uri: str, tracking: str | None = None) -> Path:
     return folder
 
 
-def predict(uri: str, prompts: list[str], max_new_tokens: int, tracking: str | None = None) -> list[str]:
-    """Answers from a logged or registered model, generated as from a local model folder (sftops generate)."""
-    from sftops.evaluate.generation import answer
+def predict(
+    uri: str, prompts: list[str], max_new_tokens: int, tracking: str | None = None, base: bool = False
+) -> list[str]:
+    """Answers from a logged or registered model (with `base`: from the base it was fine-tuned from), generated
+    as from a local model folder (sftops generate)."""
+    from sftops.evaluate.sides import answer_with
 
-    model, tokenizer = load_finetuned(local_model_dir(uri, tracking))
-    return answer(model, tokenizer, prompts, max_new_tokens)
+    return answer_with(local_model_dir(uri, tracking), prompts, max_new_tokens, base)

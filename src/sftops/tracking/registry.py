@@ -87,9 +87,14 @@ def resolve_run_id(target: str, tracking: str | None = None) -> str:
     raise ConfigError(f"{target!r} is not models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/... or a run id")
 
 
-def model_uri(target: str) -> str:
-    """A loadable MLflow model URI: a bare run id means that run's logged model."""
-    return f"runs:/{target}/model" if _RUN_ID.match(target) else target
+def model_uri(target: str, tracking: str | None = None) -> str:
+    """A loadable MLflow model URI: a bare run id means the model that run logged (models:/m-...), whatever its
+    name (runs:/ID/model for runs logged before models were named after their registered model)."""
+    if not _RUN_ID.match(target):
+        return target
+    outputs = MlflowClient(tracking or tracking_uri()).get_run(resolve_run_id(target, tracking)).outputs
+    logged = outputs.model_outputs if outputs else []
+    return f"models:/{logged[0].model_id}" if logged else f"runs:/{target}/model"
 
 
 # The promotion gate.
@@ -263,10 +268,52 @@ def describe(run_info: dict[str, Any], metrics: dict[str, Any], decision: Decisi
         manifest = load_manifest(run_info["run_id"], store)
     except ConfigError:
         manifest = {}
-    tags = client.get_model_version(name, version).tags
-    text = describe_version(run_info, tags, manifest, metrics, decision.as_dict(), evaluated, store)
+    found = client.get_model_version(name, version)
+    from sftops.tracking.evaluations import model_id
+
+    pages = review_pages(client, store, run_info, evaluated, model_id(client, name, version))
+    text = describe_version(run_info, found.tags, manifest, metrics, decision.as_dict(), evaluated, store, pages)
     client.update_model_version(name, version, description=text)
+    if evaluated:
+        report_decision(client, evaluated, decision.as_dict())
     return text
+
+
+def report_decision(client: MlflowClient, evaluation_run_id: str, decision: dict[str, Any]) -> None:
+    """The evaluation run's HTML report with the promote step's decision in place of the gate's preview (the
+    report a reviewer opens from the version; reports/report.html, a DVC output, keeps the preview)."""
+    import tempfile
+
+    from sftops.evaluate.report import with_decision
+    from sftops.tracking.evaluations import REPORT_ARTIFACT
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = Path(client.download_artifacts(evaluation_run_id, REPORT_ARTIFACT, tmp))
+        except (mlflow.exceptions.MlflowException, OSError):
+            return  # an evaluation logged without a report (a champion measured for the gate)
+        path.write_text(with_decision(path.read_text(encoding="utf-8"), decision), encoding="utf-8")
+        client.log_artifact(evaluation_run_id, str(path), str(Path(REPORT_ARTIFACT).parent))
+
+
+def review_pages(
+    client: MlflowClient, store: str, run_info: dict[str, Any], evaluated: str | None, model: str | None
+) -> list[tuple[str, str]]:
+    """The pages a reviewer opens after the version's, in order, as (label, link): the report, the evaluation run,
+    the logged model, the training run."""
+    from sftops.tracking import pages as pages_of
+    from sftops.tracking.evaluations import REPORT_ARTIFACT
+
+    experiment = client.get_run(run_info["run_id"]).info.experiment_id
+    pages = []
+    if evaluated:
+        pages += [
+            ("report", pages_of.artifact(store, evaluated, REPORT_ARTIFACT)),
+            ("evaluation run", pages_of.run_page(store, experiment, evaluated)),
+        ]
+    if model:
+        pages.append(("logged model", pages_of.logged_model_page(store, experiment, model)))
+    return [*pages, ("training run", pages_of.run_page(store, experiment, run_info["run_id"]))]
 
 
 def _base_line(manifest: dict[str, Any], tags: dict[str, str]) -> str:
@@ -368,9 +415,10 @@ def describe_version(
     decision: dict[str, Any],
     evaluation_run_id: str | None,
     store: str,
+    pages: list[tuple[str, str]] = (),
 ) -> str:
     """The registered version's description (Markdown, as the MLflow UI renders it): what a reviewer needs
-    before opening any run."""
+    before opening any run, and links to the pages to open next (`pages`: review_pages)."""
     method = manifest.get("params", {}).get("train", {}).get("method", tags.get("method", "?"))
     lines = [
         _base_line(manifest, tags),
@@ -384,7 +432,20 @@ def describe_version(
         f"**Serving parity**: {parity.summary(metrics.get(parity.PARITY_BLOCK) or parity.not_checked('no record'))}",
         _exports_line(tags),
         f"**Promotion gate**: {decision['alias']} ({decision['metric']} {decision['value']:.4f}): {decision['reason']}",
-        f"**Report**: {report_url(store, evaluation_run_id) if evaluation_run_id else 'no evaluation run found'}",
+        _report_line(store, evaluation_run_id),
         f"**Runs**: training `{run_info['run_id']}`, evaluation `{evaluation_run_id}` (a child of the training run)",
+        "**Review, in order**: " + " → ".join(f"[{label}]({link})" for label, link in pages) if pages else None,
     ]
     return "\n\n".join(line for line in lines if line)  # lines without a figure (behaviour, cost, ...) left out
+
+
+def _report_line(store: str, evaluation_run_id: str | None) -> str:
+    """The report as a link the UI opens, and as the URI Python reads it by."""
+    from sftops.tracking import pages as pages_of
+    from sftops.tracking.evaluations import REPORT_ARTIFACT
+
+    if not evaluation_run_id:
+        return "**Report**: no evaluation run found"
+    uri = report_url(store, evaluation_run_id)
+    link = f"[{REPORT_ARTIFACT}]({pages_of.artifact(store, evaluation_run_id, REPORT_ARTIFACT)})"
+    return f"**Report**: {link}" + ("" if uri.startswith("http") else f" (`{uri}`)")

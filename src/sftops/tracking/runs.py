@@ -25,6 +25,7 @@ from sftops.errors import ConfigError, TrackingError
 from sftops.layout import CARD, HISTOGRAM, INGEST_REPORT, STATS
 from sftops.provenance.manifest import build_manifest, dvc_md5, git_commit, params_sha256, revision_tags
 from sftops.redact import redact
+from sftops.tracking.pages import EXPERIMENT_KIND_TAG, MODEL_TRAINING
 from sftops.tracking.store import answering, tracking_uri, unreachable
 
 MANIFEST_ARTIFACT = "reproduce/manifest.json"
@@ -33,7 +34,9 @@ MANIFEST_ARTIFACT = "reproduce/manifest.json"
 def configure(cfg: Config) -> str:
     uri = answering(tracking_uri())
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(cfg.tracking.experiment)
+    experiment = mlflow.set_experiment(cfg.tracking.experiment)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind set in the UI since is the user's choice
+        MlflowClient(uri).set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     return uri
 
 
@@ -89,10 +92,17 @@ def log_curated_data(curated: Path, digest: str) -> None:
             mlflow.log_artifact(str(curated / name), artifact_path="data")
 
 
+def applied_params(cfg: Config) -> dict[str, Any]:
+    """The params as dotted keys, less the launch settings that did not apply to the run (a local run's cluster
+    settings: launch.*, but launch.target, only for a launched job)."""
+    launch = {f"launch.{key}" for key in cfg.launch.applied()}
+    return {k: v for k, v in cfg.flat().items() if not k.startswith("launch.") or k in launch}
+
+
 def log_params(cfg: Config) -> None:
     # Lists (the sources) are logged as flow-style YAML; MLflow caps a param value at 6000 characters.
     params = {}
-    for key, value in cfg.flat().items():
+    for key, value in applied_params(cfg).items():
         text = yaml.safe_dump(value, default_flow_style=True).strip() if isinstance(value, list) else value
         params[key] = redact(str(text))[:6000] if text is not None else "null"
     mlflow.log_params(params)
@@ -193,6 +203,10 @@ class TrainingRun:
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.buffer is not None:
             mlflow.set_tags(tags)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.buffer is not None:
+            mlflow.log_params(params)
 
     def log_step(self, step: int, record: dict[str, float]) -> None:
         """The training loop's per-step hook."""
