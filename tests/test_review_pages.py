@@ -175,3 +175,34 @@ def generated_by_base_and_tuned(run, tiny_model: Path, capsys) -> None:
     assert answers["models/model", True] == expected
     assert answers["models/model", False] != expected  # the tuned model answers otherwise
     assert len({answer for (_, base), answer in answers.items() if not base}) == 1  # every address, one model
+
+
+def test_each_launch_setting_is_logged_only_for_the_targets_it_applies_to():
+    from sftops.config import LAUNCH_SETTINGS, LaunchConfig
+
+    assert set(LAUNCH_SETTINGS) == set(LaunchConfig.model_fields)  # a new setting says where it applies
+    assert LaunchConfig().applied() == {"target"}
+    slurm, kubernetes = LaunchConfig(target="slurm").applied(), LaunchConfig(target="kubernetes").applied()
+    assert "time_limit_minutes" in slurm and "image" not in slurm and "cpus_per_node" in slurm
+    assert "image" in kubernetes and "volume_claim" in kubernetes and "time_limit_minutes" not in kubernetes
+    assert LaunchConfig(target="loopback").applied() == {"target", "name", "nodes", "rdzv_port", "join_timeout_s"}
+    # a node of a launched job reads target: local with the job's nodes (launch.write_params): all of them applied
+    assert LaunchConfig(nodes=2).applied() == set(LAUNCH_SETTINGS)
+
+
+def test_every_figure_is_either_a_metric_or_a_param_and_counts_are_params():
+    metrics = {
+        "test_rows": 25, "generations": 4, "confidence": 0.95, "win_rate": 0.5, "nll_improvement": 0.1,
+        "base": {"nll": 2.0}, "tuned": {"nll": 1.9},
+        "per_source": {"qa": {"rows": 25, "win_rate": 0.5}},
+        "behaviour": {"answers": 4, "length_ratio": 0.9, "min_length_ratio": 0.5, "broken": []},
+    }  # fmt: skip
+    figures, constants = evaluations.split_figures(metrics)
+    assert figures == {
+        "test_base_nll": 2.0, "test_tuned_nll": 1.9, "test_win_rate": 0.5, "test_nll_improvement": 0.1,
+        "test_source/qa/win_rate": 0.5, "test_length_ratio": 0.9,
+    }  # fmt: skip
+    assert constants == {
+        "test_rows": "25", "test_generations": "4", "test_confidence": "0.95", "test_source/qa/rows": "25",
+        "test_answers": "4", "test_min_length_ratio": "0.5",
+    }  # fmt: skip
