@@ -8,6 +8,7 @@ the decision, and `sftops generate --base` answers with the base model."""
 from __future__ import annotations
 
 import csv
+import html
 import json
 import re
 from dataclasses import asdict
@@ -129,7 +130,7 @@ def test_the_pages_a_reviewer_lands_on_show_what_was_measured_link_in_order_and_
     logged = Path(client.download_artifacts(eval_id, evaluations.REPORT_ARTIFACT, str(tmp_path / "r"))).read_text()
     shown = re.search(r"Registry: <b>([^<]*)</b> — ([^<]*)</p>", logged)
     assert shown and shown.group(1) == decision.alias == "champion" and "preview" not in logged
-    assert shown.group(2) == decision.reason.replace("&", "&amp;").replace("'", "&#x27;")
+    assert shown.group(2) == html.escape(decision.reason)
     assert "champion (preview)" in Path("reports/report.html").read_text()
 
     # `sftops generate --base` answers with the base model, as transformers does; without it, the tuned model.
