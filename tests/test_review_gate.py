@@ -93,6 +93,15 @@ def test_a_verdict_moves_the_champion_through_review_promote_and_status_reports_
     client, uri = MlflowClient(), f"models:/tiny/{record['version']}"
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")  # who a client reviews as (a local store checks nothing)
 
+    # A champion alias moved by hand onto a version the gate never decided is reported.
+    client.set_registered_model_alias("tiny", CHAMPION, record["version"])
+    assert review("status", "--name", "tiny") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "tiny: 0 versions passed the gate and await review",
+        f"champion -> v{record['version']}: set by hand on a version the gate never decided",
+    ]
+    client.delete_registered_model_alias("tiny", CHAMPION)
+
     # The flow's promote step with tracking.require_review: the version passes the gate and waits.
     waiting = registry.promote(record, metrics, "nll", cfg.evaluate.promotion_margin, require_review=True)
     assert waiting.alias == CHALLENGER and waiting.passed_gate and "awaiting review" in waiting.reason

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sftops.cli_review import add_review_commands
 from sftops.config import explain, isolate_outputs, load_config
 from sftops.errors import TRANSIENT_EXIT, USER_ERROR_EXIT, ConfigError, DataError, SftopsError, TransientError
 
@@ -279,8 +278,36 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
-    add_review_commands(sub, _config_arguments)
+    _review_commands(sub)
     return parser
+
+
+def _review_commands(sub: argparse._SubParsersAction) -> None:
+    """`sftops review <command>`, run by cli_review.py (COMMANDS)."""
+    review = sub.add_parser("review", help="review a registered version: approve, reject, promote, status")
+    commands = review.add_subparsers(dest="review_command", required=True)
+    for name, help_text in (
+        ("approve", "approve a version (tags review=approved, review.by, review.reason)"),
+        ("reject", "reject a version (tags review=rejected, ...): it never becomes champion"),
+        ("promote", "apply the promotion gate again to a registered, evaluated version, with its review state"),
+        ("status", "list the versions awaiting review, and a champion alias the gate did not set"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument(
+            "--tracking-uri",
+            default=None,
+            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+        )
+        if name != "status":
+            command.add_argument("model", metavar="MODEL_URI", help="models:/NAME/VERSION (or models:/NAME@ALIAS)")
+        if name in ("approve", "reject"):
+            command.add_argument("--reason", required=True, help="why, in a line (the version's tag review.reason)")
+        else:
+            _config_arguments(command)
+        if name == "status":
+            command.add_argument(
+                "--name", default=None, help="registered model (default: tracking.registered_model_name)"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve-lines":
             _serve_lines(args)
         elif args.command == "review":
-            args.run(args)
+            from sftops.cli_review import run_review
+
+            run_review(args)
         elif args.command in ("where", "run"):
             cfg = isolate_outputs(load_config(args.params, args.overrides), args.overrides)
             if args.command == "run":
