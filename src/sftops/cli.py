@@ -355,8 +355,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     except Exception as exc:
         from sftops.redact import redact
-        from sftops.tracking.store import unreachable
+        from sftops.tracking.store import refused, unreachable
 
+        if refused(exc):
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME", "(no user)")
+            return _fail(
+                f"the MLflow tracking server refused a request of user {user} "
+                f"({redact(str(exc)).splitlines()[0][:300]}): ask an admin for the permission it needs "
+                "(docs/review.md#who-may-decide)",
+                USER_ERROR_EXIT,
+            )
         if not unreachable(exc):
             raise
         return _fail(

@@ -323,12 +323,14 @@ DECISION, DECISION_REASON, GATE = "promotion.decision", "promotion.reason", "pro
 
 def _record_decision(client: MlflowClient, run_info: dict[str, Any], decision: Decision) -> None:
     name, version = run_info["registered_model"], str(run_info["version"])
-    client.set_model_version_tag(name, version, GATE, "passed" if decision.passed_gate else "refused")
-    client.set_model_version_tag(name, version, DECISION, decision.alias)
-    client.set_model_version_tag(name, version, DECISION_REASON, decision.reason[:5000])
+    # The run first: a user who may write the registered model but not the experiment (a reviewer with EDIT on
+    # the model alone) is refused before the version says anything the alias does not.
     client.set_tag(run_info["run_id"], DECISION, decision.alias)
     client.set_tag(run_info["run_id"], DECISION_REASON, decision.reason[:5000])
     client.log_dict(run_info["run_id"], decision.as_dict(), "eval/promotion.json")
+    client.set_model_version_tag(name, version, GATE, "passed" if decision.passed_gate else "refused")
+    client.set_model_version_tag(name, version, DECISION, decision.alias)
+    client.set_model_version_tag(name, version, DECISION_REASON, decision.reason[:5000])
     client.set_registered_model_alias(name, decision.alias, version)
     if decision.alias == CHAMPION:
         # A promoted version is no longer the challenger.

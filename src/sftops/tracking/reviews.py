@@ -26,6 +26,7 @@ from sftops.tracking.review_state import (
     review_state,
     reviewed_by,
 )
+from sftops.tracking.store import refused
 
 
 def reviewer() -> str:
@@ -33,13 +34,6 @@ def reviewer() -> str:
     else this machine's user; a server running sftops' review app checks it (tracking/review_server.py), a local
     store cannot."""
     return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
-
-
-def refused(exc: mlflow.exceptions.MlflowException) -> bool:
-    """Whether the tracking server refused the request for its user (401, 403), as opposed to failing it."""
-    return exc.error_code in ("PERMISSION_DENIED", "UNAUTHENTICATED") or any(
-        f"error code {code} " in str(exc) for code in (401, 403)
-    )
 
 
 def set_verdict(store: str, name: str, version: str, verdict: str, reason: str) -> dict[str, str]:
