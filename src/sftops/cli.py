@@ -1,4 +1,5 @@
-"""`sftops`: run a pipeline stage (as DVC does), the whole pipeline, plan a run, or ask a model a question."""
+"""`sftops`: run a pipeline stage (as DVC does), the whole pipeline, plan a run, ask a model a question, or review
+a registered version (cli_review.py)."""
 
 from __future__ import annotations
 
@@ -282,7 +283,36 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
+    _review_commands(sub)
     return parser
+
+
+def _review_commands(sub: argparse._SubParsersAction) -> None:
+    """`sftops review <command>`, run by cli_review.py (COMMANDS)."""
+    review = sub.add_parser("review", help="review a registered version: approve, reject, promote, status")
+    commands = review.add_subparsers(dest="review_command", required=True)
+    for name, help_text in (
+        ("approve", "approve a version (tags review=approved, review.by, review.reason)"),
+        ("reject", "reject a version (tags review=rejected, ...): it never becomes champion"),
+        ("promote", "apply the promotion gate again to a registered, evaluated version, with its review state"),
+        ("status", "list the versions awaiting review, and a champion alias the gate did not set"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument(
+            "--tracking-uri",
+            default=None,
+            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+        )
+        if name != "status":
+            command.add_argument("model", metavar="MODEL_URI", help="models:/NAME/VERSION (or models:/NAME@ALIAS)")
+        if name in ("approve", "reject"):
+            command.add_argument("--reason", required=True, help="why, in a line (the version's tag review.reason)")
+        else:
+            _config_arguments(command)
+        if name == "status":
+            command.add_argument(
+                "--name", default=None, help="registered model (default: tracking.registered_model_name)"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
             _plan(args)
         elif args.command == "serve-lines":
             _serve_lines(args)
+        elif args.command == "review":
+            from sftops.cli_review import run_review
+
+            run_review(args)
         elif args.command in ("where", "run"):
             cfg = isolate_outputs(load_config(args.params, args.overrides), args.overrides)
             if args.command == "run":
@@ -326,8 +360,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     except Exception as exc:
         from sftops.redact import redact
-        from sftops.tracking.store import unreachable
+        from sftops.tracking.store import refused, unreachable
 
+        if refused(exc):
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME", "(no user)")
+            return _fail(
+                f"the MLflow tracking server refused a request of user {user} "
+                f"({redact(str(exc)).splitlines()[0][:300]}): ask an admin for the permission it needs "
+                "(docs/review.md#who-may-decide)",
+                USER_ERROR_EXIT,
+            )
         if not unreachable(exc):
             raise
         return _fail(

@@ -75,4 +75,15 @@ def unreachable(exc: BaseException) -> bool:
 
     if isinstance(exc, (requests.RequestException, ConnectionError, TimeoutError, sqlalchemy.exc.OperationalError)):
         return True
-    return isinstance(exc, mlflow.exceptions.MlflowException) and "API request to" in str(exc)
+    return isinstance(exc, mlflow.exceptions.MlflowException) and "API request to" in str(exc) and not refused(exc)
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether the tracking server answered, refusing the request for its user (401, 403: a permission the user
+    lacks on a server with authentication), rather than failing it."""
+    import mlflow
+
+    return isinstance(exc, mlflow.exceptions.MlflowException) and (
+        exc.error_code in ("PERMISSION_DENIED", "UNAUTHENTICATED")
+        or any(f"error code {code} " in str(exc) for code in (401, 403))
+    )
