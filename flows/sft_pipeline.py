@@ -238,6 +238,7 @@ def promote(recorded: dict, cfg: Config) -> State:
             cfg.evaluate.primary_metric,
             cfg.evaluate.promotion_margin,
             measurer(cfg),
+            cfg.tracking.require_review,
         )
     return Completed(name=decision.alias.capitalize(), message=decision.reason, data=decision.as_dict())
 

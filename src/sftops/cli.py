@@ -1,4 +1,5 @@
-"""`sftops`: run a pipeline stage (as DVC does), the whole pipeline, plan a run, or ask a model a question."""
+"""`sftops`: run a pipeline stage (as DVC does), the whole pipeline, plan a run, ask a model a question, or review
+a registered version (cli_review.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sftops.cli_review import add_review_commands
 from sftops.config import explain, isolate_outputs, load_config
 from sftops.errors import TRANSIENT_EXIT, USER_ERROR_EXIT, ConfigError, DataError, SftopsError, TransientError
 
@@ -277,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
+    add_review_commands(sub, _config_arguments)
     return parser
 
 
@@ -298,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             _plan(args)
         elif args.command == "serve-lines":
             _serve_lines(args)
+        elif args.command == "review":
+            args.run(args)
         elif args.command in ("where", "run"):
             cfg = isolate_outputs(load_config(args.params, args.overrides), args.overrides)
             if args.command == "run":

@@ -714,6 +714,15 @@ class TrackingConfig(_Strict):
     registered_model_name: str = Field(
         "sftops-model", description=("The MLflow registered model that each trained version is registered under.")
     )
+    require_review: bool = Field(
+        False,
+        description=(
+            "Whether a version becomes champion only once a reviewer approved it (its registry tag review=approved): "
+            "true, a version that passes the automatic gate stays challenger, awaiting review, until approved "
+            "(then `sftops review promote models:/NAME/VERSION`). Either way a version tagged review=rejected "
+            "never becomes champion. Read by the promote step only (no stage)."
+        ),
+    )
 
 
 class RecordConfig(_Strict):

@@ -3,14 +3,17 @@ current champion's, measured on the same test set (dataset digest) with the sett
 (its comparison key: NLL does not depend on how many answers were generated), by more than a margin,
 the data self-checks passed, its data and code are versioned (committed to a git ref, outputs in DVC's cache),
 so that the champion can always be restored, no regression suite regressed against the base model, and no
-behaviour budget was broken (answers of the test split or a suite that shrank or degenerated beyond its limit);
-otherwise it is the `challenger`. Pure: the registry calls live in tracking."""
+behaviour budget was broken (answers of the test split or a suite that shrank or degenerated beyond its limit),
+and no reviewer rejected it (with tracking.require_review: a reviewer approved it); otherwise it is the
+`challenger`. Pure: the registry calls live in tracking."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+from sftops.tracking.review_state import APPROVED, PENDING, REJECTED
 
 LOWER_IS_BETTER = {"nll", "perplexity"}
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -168,6 +171,8 @@ class Decision:
     champion_value: float | None = None
     regressed_suites: tuple[str, ...] = ()  # the blocking suites that regressed
     broken_budgets: tuple[str, ...] = ()  # the blocking behaviour budgets broken: "suite 'general' length_ratio"
+    passed_gate: bool = False  # the automatic gate (metrics, checks, versioning) alone would make it champion
+    review: str = PENDING  # the human verdict it was decided with: approved, rejected or pending
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -205,7 +210,7 @@ def data_checks(stats: dict[str, Any] | None) -> tuple[bool, str]:
     return True, "no data checks recorded"
 
 
-def decide(
+def _automatic(
     metric: str,
     value: float,
     comparison_key: str,
@@ -220,8 +225,7 @@ def decide(
     selection: dict[str, Any] | None = None,
     served: tuple[bool, str] = (True, "serving parity not checked"),
 ) -> Decision:
-    """selection: how training chose the exported step (run.json's `selection`); a run where no validated step
-    was within every blocking suite's budget is refused."""
+    """The automatic gate, from the figures alone."""
     is_versioned, version_note = versioned
     if not is_versioned:
         return Decision(
@@ -300,6 +304,72 @@ def decide(
     return Decision(
         CHALLENGER, f"{compared}: does not beat it by more than the margin", metric, value, *_champ(champion)
     )
+
+
+def decide(
+    metric: str,
+    value: float,
+    comparison_key: str,
+    version: str,
+    champion: Champion | None,
+    margin: float,
+    checks: tuple[bool, str] = (True, "no data checks recorded"),
+    versioned: tuple[bool, str] = (True, "versioned"),
+    suites: Sequence[SuiteResult] = (),
+    base_value: float | None = None,
+    budgets: Sequence[BudgetCheck] = (),
+    selection: dict[str, Any] | None = None,
+    served: tuple[bool, str] = (True, "serving parity not checked"),
+    review: tuple[str, str] = (PENDING, ""),
+    require_review: bool = False,
+) -> Decision:
+    """selection: how training chose the exported step (run.json's `selection`); a run where no validated step
+    was within every blocking suite's budget is refused. review: the version's review state (approved, rejected,
+    pending) and who set it, why ("by alice: ..."): a rejected version never becomes champion; with
+    `require_review` only an approved one does."""
+    decision = _automatic(
+        metric,
+        value,
+        comparison_key,
+        version,
+        champion,
+        margin,
+        checks,
+        versioned,
+        suites,
+        base_value,
+        budgets,
+        selection,
+        served,
+    )
+    return with_review(decision, *review, require_review)
+
+
+def with_review(decision: Decision, state: str, who: str, require_review: bool) -> Decision:
+    """The automatic gate's decision and the human verdict together: a version the gate refuses stays refused
+    whatever the review says; one it passes becomes champion unless rejected, or (require_review) not approved."""
+    passed = decision.alias == CHAMPION
+    decision = replace(decision, passed_gate=passed, review=state)
+    said = f" {who}" if who else ""
+    if not passed:
+        rejected = f"; also rejected in review{said}" if state == REJECTED else ""
+        return replace(decision, reason=decision.reason + rejected)
+    if state == REJECTED:
+        return replace(
+            decision,
+            alias=CHALLENGER,
+            reason=f"passed the gate ({decision.reason}); rejected in review{said}: not promoted",
+        )
+    if state == APPROVED:
+        return replace(decision, reason=f"{decision.reason}; approved in review{said}")
+    if require_review:
+        return replace(
+            decision,
+            alias=CHALLENGER,
+            reason=f"passed the gate ({decision.reason}); awaiting review (tracking.require_review): not promoted "
+            "until approved",
+        )
+    return decision
 
 
 def _better(metric: str, value: float, than: float) -> bool:

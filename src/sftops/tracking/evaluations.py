@@ -22,6 +22,9 @@ DATASET_DIGEST = "sftops.evaluation.dataset_digest"
 LATEST = "sftops.evaluation.latest_run"  # on the training run: its model's latest evaluation (the way back down)
 TEST_SPLIT_ARTIFACT = "eval/data"  # the test split itself: the champion can be measured on it from any machine
 REPORT_ARTIFACT = "eval/report.html"
+# The evaluation as the promotion gate reads it (metrics.json's content with the clock's figures: the run's cost):
+# a version is promoted again from it, long after the run's files are gone (registry.promote_registered).
+GATE_INPUTS_ARTIFACT = "eval/gate_inputs.json"
 
 
 def key_param(family: str) -> str:
@@ -147,6 +150,8 @@ def log_evaluation(
         mlflow.log_metrics(test_metrics(metrics), model_id=model, dataset=dataset)
         _log_suites(suites, metrics.get("suites", {}), model)
         mlflow.log_table(table, artifact_file="eval/generations.json")
+        if "base" in metrics:  # a champion measured alone is one side of a comparison, not the gate's inputs
+            mlflow.log_dict(metrics, GATE_INPUTS_ARTIFACT)
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="eval/suites" if path.parent.name == "suites" else "eval")
     client.set_tag(run_info["run_id"], LATEST, run.info.run_id)

@@ -1,7 +1,8 @@
 """The MLflow model registry: a version tagged with where its data and code are recorded, found again from a run
 or an alias, and the promotion gate applied. The decision itself is pure
 (evaluate/promotion.py); `promote` is the one place an alias moves, and the pipeline flow calls it once the run
-is recorded. The version's description is written here too: what a reviewer reads first."""
+is recorded; `promote_registered` applies the gate again to a version registered earlier, from what MLflow recorded
+(after a reviewer's verdict). The version's description is written here too: what a reviewer reads first."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 
+from sftops.config import Config
 from sftops.errors import ConfigError, SftopsError
 from sftops.evaluate import parity
 from sftops.evaluate.cost import cost_beside_quality, cost_line
@@ -27,8 +29,16 @@ from sftops.evaluate.promotion import (
     metric_family,
     suite_results,
 )
-from sftops.redact import redact
-from sftops.tracking.evaluations import comparable_result, evaluation_run, log_evaluation, report_url
+from sftops.redact import redact, tracking_credentials
+from sftops.tracking.evaluations import (
+    GATE_INPUTS_ARTIFACT,
+    OF_RUN,
+    comparable_result,
+    evaluation_run,
+    log_evaluation,
+    report_url,
+)
+from sftops.tracking.review_state import review_state, reviewed_by
 from sftops.tracking.runs import load_manifest
 from sftops.tracking.store import shared, store_of, tracking_uri
 from sftops.tracking.tags import (
@@ -87,6 +97,23 @@ def resolve_run_id(target: str, tracking: str | None = None) -> str:
     raise ConfigError(f"{target!r} is not models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/... or a run id")
 
 
+def registered_version(target: str, tracking: str | None = None) -> tuple[str, str]:
+    """(NAME, VERSION) of models:/NAME/VERSION, or of the version models:/NAME@ALIAS points to."""
+    name, _, version = target.removeprefix("models:/").partition("/")
+    if not target.startswith("models:/") or not (version or "@" in name):
+        raise ConfigError(f"{target!r} is not models:/NAME/VERSION or models:/NAME@ALIAS")
+    client = MlflowClient(tracking or tracking_uri())
+    try:
+        if "@" in name:
+            name, alias = name.split("@", 1)
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        return name, str(client.get_model_version(name, version.strip("/")).version)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError(
+            f"{target}: not found in the MLflow store {redact(tracking or tracking_uri())} ({exc.error_code})"
+        ) from None
+
+
 def model_uri(target: str) -> str:
     """A loadable MLflow model URI: a bare run id means that run's logged model."""
     return f"runs:/{target}/model" if _RUN_ID.match(target) else target
@@ -114,8 +141,11 @@ def gate(
     primary_metric: str,
     margin: float,
     versioned: tuple[bool, str] = (True, "versioned"),
+    review: tuple[str, str] = ("pending", ""),
+    require_review: bool = False,
 ) -> tuple[Decision, Champion | None]:
-    """What the promotion gate decides for this version's evaluation against today's champion (nothing moves)."""
+    """What the promotion gate decides for this version's evaluation against today's champion, with the version's
+    review state (nothing moves)."""
     if primary_metric not in metrics["tuned"]:
         raise ConfigError(
             f"evaluate.primary_metric={primary_metric!r} was not measured "
@@ -137,6 +167,8 @@ def gate(
         budgets=behaviour_checks(metrics),
         selection=metrics.get("selection"),
         served=parity.verdict(metrics),
+        review=review,
+        require_review=require_review,
     )
     return decision, champion
 
@@ -164,30 +196,89 @@ def promote(
     primary_metric: str,
     margin: float,
     measure: Measure | None = None,
+    require_review: bool = False,
 ) -> Decision:
     """The promotion gate applied: decide (promotion.decide) from the version's test metrics, its data checks
-    and versioning tags and the champion's linked result on the same evaluation; where the champion has none,
-    measure it there first (`measure`: evaluate.champion.measurer; its result is then linked too). Then point
-    the decided alias at the version, record the decision on the version and its run, and describe the version
-    for reviewers."""
+    and versioning tags, its review state (tracking.require_review: only an approved version becomes champion)
+    and the champion's linked result on the same evaluation; where the champion has none, measure it there first
+    (`measure`: evaluate.champion.measurer; its result is then linked too). Then point the decided alias at the
+    version, record the decision on the version and its run, and describe the version for reviewers."""
     store = store_of(run_info)
     client = MlflowClient(store)
     name, version = run_info["registered_model"], str(run_info["version"])
-    versioned = versioning(client.get_model_version(name, version).tags, store)
+    tags = client.get_model_version(name, version).tags
+    versioned, review = versioning(tags, store), (review_state(tags), reviewed_by(tags))
     family = metric_family(primary_metric)
     evaluated = evaluation_run(client, run_info["run_id"], family, metrics["evaluation"]["keys"][family])
-    decision, champion = gate(run_info, metrics, primary_metric, margin, versioned)
+    decision, champion = gate(run_info, metrics, primary_metric, margin, versioned, review, require_review)
     unmeasured = ""
     if champion and champion.value is None and champion.version != version and measure and evaluated:
         try:
             evaluate_champion(store, name, champion.version, evaluated, measure)
         except SftopsError as exc:  # a champion that no longer loads or fits: decided without it, and said so
             unmeasured = f" (measuring champion v{champion.version} on this test set failed: {exc})"
-        decision, _ = gate(run_info, metrics, primary_metric, margin, versioned)
+        decision, _ = gate(run_info, metrics, primary_metric, margin, versioned, review, require_review)
     decision = replace(decision, reason=decision.reason + unmeasured)
     _record_decision(client, run_info, decision)
     describe(run_info, metrics, decision, evaluated)
     return decision
+
+
+def promote_registered(store: str, name: str, version: str, cfg: Config) -> Decision:
+    """The promotion gate applied again to version `version` of `name`, registered and evaluated earlier, from what
+    MLflow recorded: its latest evaluation against the base (the gate's inputs, GATE_INPUTS_ARTIFACT on that
+    evaluation run), its tags (versioning, review) and today's champion, with cfg's evaluate.primary_metric,
+    evaluate.promotion_margin and tracking.require_review; the alias moves as `promote` decides. What a
+    reviewer's verdict triggers: `sftops review promote models:/NAME/VERSION` (and the registry's webhook)."""
+    from sftops.evaluate.champion import measurer  # loads model code only when a champion must be measured
+
+    store = tracking_credentials(store)
+    found = MlflowClient(store).get_model_version(name, str(version))
+    run_info = {
+        "run_id": found.run_id,
+        "registered_model": name,
+        "version": str(found.version),
+        "tracking_uri": redact(store),
+    }
+    metrics = recorded_evaluation(store, found.run_id, f"models:/{name}/{version}")
+    return promote(
+        run_info,
+        metrics,
+        cfg.evaluate.primary_metric,
+        cfg.evaluate.promotion_margin,
+        measurer(cfg),
+        cfg.tracking.require_review,
+    )
+
+
+def recorded_evaluation(store: str, training_run_id: str, shown: str) -> dict[str, Any]:
+    """The gate's inputs as the latest evaluation of a training run's model against its base logged them (a
+    champion measured alone has no base, and no gate inputs)."""
+    import json
+    import tempfile
+
+    client = MlflowClient(store)
+    experiment = client.get_run(training_run_id).info.experiment_id
+    runs = client.search_runs(
+        [experiment],
+        f"tags.`{OF_RUN}` = '{training_run_id}' and metrics.test_base_nll >= 0",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        raise ConfigError(
+            f"{shown}: no evaluation against its base is recorded in {redact(store)}; fix: run `sftops evaluate` "
+            "on it (or the pipeline flow) first"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(runs[0].info.run_id, GATE_INPUTS_ARTIFACT, tmp)
+        except mlflow.exceptions.MlflowException:
+            raise ConfigError(
+                f"{shown}: its evaluation run {runs[0].info.run_id} has no {GATE_INPUTS_ARTIFACT} (logged by "
+                "evaluations since the review gate); fix: evaluate it again (`sftops evaluate`)"
+            ) from None
+        return json.loads(Path(path).read_text())
 
 
 def versioning(tags: dict[str, str], store: str) -> tuple[bool, str]:
@@ -225,12 +316,18 @@ def evaluate_champion(store: str, name: str, version: str, evaluated: str, measu
         return log_evaluation(run_info, metrics, table, [], [], curated / "test.parquet", source, store)
 
 
+# What the promote step records on the version: the alias it decided, why, and whether the automatic gate passed
+# (`sftops review status` lists the versions that passed and wait for a verdict, and aliases the gate never set).
+DECISION, DECISION_REASON, GATE = "promotion.decision", "promotion.reason", "promotion.gate"
+
+
 def _record_decision(client: MlflowClient, run_info: dict[str, Any], decision: Decision) -> None:
     name, version = run_info["registered_model"], str(run_info["version"])
-    client.set_model_version_tag(name, version, "promotion.decision", decision.alias)
-    client.set_model_version_tag(name, version, "promotion.reason", decision.reason[:5000])
-    client.set_tag(run_info["run_id"], "promotion.decision", decision.alias)
-    client.set_tag(run_info["run_id"], "promotion.reason", decision.reason[:5000])
+    client.set_model_version_tag(name, version, GATE, "passed" if decision.passed_gate else "refused")
+    client.set_model_version_tag(name, version, DECISION, decision.alias)
+    client.set_model_version_tag(name, version, DECISION_REASON, decision.reason[:5000])
+    client.set_tag(run_info["run_id"], DECISION, decision.alias)
+    client.set_tag(run_info["run_id"], DECISION_REASON, decision.reason[:5000])
     client.log_dict(run_info["run_id"], decision.as_dict(), "eval/promotion.json")
     client.set_registered_model_alias(name, decision.alias, version)
     if decision.alias == CHAMPION:
