@@ -40,10 +40,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from uuid import UUID
 
+from sftops.tracking.review_state import REVIEW, VERDICTS  # the version's review tag and the values that decide
+
 SECRET_ENV = "SFTOPS_WEBHOOK_SECRET"
 SIGNATURE, TIMESTAMP, DELIVERY = "X-MLflow-Signature", "X-MLflow-Timestamp", "X-MLflow-Delivery-Id"
 EVENTS = ("model_version.created", "model_version_tag.set")  # what the webhook subscribes to
-REVIEW_TAG, VERDICTS = "review", ("approved", "rejected")  # the review state's tag (tracking/review_state.py)
 MAX_BODY = 1 << 20  # a registry event is a few hundred bytes
 
 log = logging.getLogger("sftops.registry_events")
@@ -102,7 +103,7 @@ def prefect_event(delivery: dict[str, Any]) -> dict[str, Any] | None:
         return None
     if kind == "model_version.created":
         event, extra = "sftops.model-version.created", {"source": data.get("source"), "run_id": data.get("run_id")}
-    elif kind == "model_version_tag.set" and data.get("key") == REVIEW_TAG and data.get("value") in VERDICTS:
+    elif kind == "model_version_tag.set" and data.get("key") == REVIEW and data.get("value") in VERDICTS:
         event, extra = f"sftops.model-version.{data['value']}", {}
     else:
         return None

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 import uuid
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,10 @@ def resource(version: str) -> str:
 def prefect_events(api: str, name: str, resource_id: str) -> list[dict]:
     body = {"filter": {"event": {"name": [name]}, "resource": {"id": [resource_id]}}, "limit": 50}
     return http_json("POST", f"{api}/events/filter", body)["events"]
+
+
+def at_times(run: dict) -> list[tuple[str, str]]:
+    return [(key, run[key]) for key in ("created", "start_time", "end_time")]
 
 
 def signed_post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
@@ -319,8 +324,15 @@ def test_a_rejection_starts_nothing_and_an_approval_moves_the_champion(stack):
 
     poll(moved, RUN_TIMEOUT, "the champion alias moving to the approved version", interval=0.5)
     seconds = time.monotonic() - approved_at
-    print(f"approval in the registry -> champion alias moved: {seconds:.1f} s (loopback, a process worker)")
     runs = [r for r in flow_runs(stack.api, "promote-version") if r["parameters"]["model_uri"] == uri]
     assert len(runs) == 1  # the approval's; the rejection (its event came first) started none
-    finished_run(stack.api, "promote-version", uri)
+    run = finished_run(stack.api, "promote-version", uri)
+    [event] = prefect_events(stack.api, "sftops.model-version.approved", resource(stack.outside))
+    at = {k: datetime.fromisoformat(v) for k, v in (("event", event["occurred"]), *at_times(run))}
+    print(
+        f"approval in the registry -> champion alias moved: {seconds:.1f} s (loopback, a process worker); "
+        f"event -> flow run created {(at['created'] - at['event']).total_seconds():.1f} s, -> started "
+        f"{(at['start_time'] - at['event']).total_seconds():.1f} s, -> flow run ended "
+        f"{(at['end_time'] - at['event']).total_seconds():.1f} s"
+    )
     assert client.get_model_version(MODEL, stack.outside).tags["promotion.decision"] == "champion"
