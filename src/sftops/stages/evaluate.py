@@ -204,12 +204,12 @@ def evaluate_version(cfg: Config, model_uri: str, store: str) -> VersionEvaluati
     import tempfile
 
     from sftops.redact import redact
-    from sftops.tracking import version_evaluation as registry
+    from sftops.tracking import version_evaluation as versions
     from sftops.tracking.models import local_model_dir
 
-    name, version = registry.parse_version(model_uri)
-    made_by = registry.pipeline_run_of(store, name, version)
-    done = registry.evaluations_of(store, name, version)
+    name, version = versions.parse_version(model_uri)
+    made_by = versions.pipeline_run_of(store, name, version)
+    done = versions.evaluations_of(store, name, version)
     if made_by:
         has = f" (evaluation run {done[0]})" if done else ""
         return VersionEvaluation(
@@ -220,9 +220,9 @@ def evaluate_version(cfg: Config, model_uri: str, store: str) -> VersionEvaluati
         )
     if done:
         return VersionEvaluation(model_uri, "already evaluated", done[0], f"evaluation run {done[0]} has its results")
-    run_id = registry.training_run_of(store, name, version)
+    run_id = versions.training_run_of(store, name, version)
     with tempfile.TemporaryDirectory(prefix="sftops-version-") as tmp:
-        reference = registry.champion_split(store, name, version, Path(tmp) / "curated")
+        reference = versions.champion_split(store, name, version, Path(tmp) / "curated")
         local = _scratch_paths(cfg, Path(tmp), reference.curated)
         suites = [prepare_suite(s, [], cfg.data, cfg.evaluate.sample_seed) for s in cfg.evaluate.suites]
         model_dir = local_model_dir(model_uri, store)
