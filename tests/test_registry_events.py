@@ -336,3 +336,37 @@ def test_a_rejection_starts_nothing_and_an_approval_moves_the_champion(stack):
         f"{(at['end_time'] - at['event']).total_seconds():.1f} s"
     )
     assert client.get_model_version(MODEL, stack.outside).tags["promotion.decision"] == "champion"
+
+
+def test_the_receiver_accepts_what_mlflow_signs_and_starts_flows_only_on_a_new_version_or_a_verdict():
+    """The receiver's checks on their own (milliseconds): a post signed by MLflow's own function passes, any change
+    to it does not; only a created version and a review verdict become Prefect events."""
+    sys.path.insert(0, str(ROOT / "flows"))
+    import registry_events as receiver
+
+    body, delivery, now = b'{"entity": "model_version"}', str(uuid.uuid4()), time.time()
+    stamp = str(int(now))
+    headers = {"X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": stamp}
+    headers["X-MLflow-Signature"] = mlflow_signature(SECRET, delivery, stamp, body)
+    assert receiver.refusal(headers, body, SECRET, now, 300) is None
+    assert receiver.refusal(headers, body + b" ", SECRET, now, 300)[0] == 403
+    assert receiver.refusal({**headers, "X-MLflow-Delivery-Id": str(uuid.uuid4())}, body, SECRET, now, 300)[0] == 403
+    assert receiver.refusal(headers, body, SECRET, now + 301, 300)[0] == 403  # stale
+    assert receiver.refusal(headers, body, "another-secret-of-some-length", now, 300)[0] == 403
+    assert receiver.refusal({}, body, SECRET, now, 300)[0] == 401
+
+    def event(entity: str, action: str, **data) -> str | None:
+        delivered = {"entity": entity, "action": action, "data": {"name": "m", "version": "3", **data}}
+        found = receiver.prefect_event(delivered)
+        return found and found["event"]
+
+    assert event("model_version", "created", source="models:/m-1", run_id="r") == "sftops.model-version.created"
+    assert event("model_version_tag", "set", key="review", value="approved") == "sftops.model-version.approved"
+    assert event("model_version_tag", "set", key="review", value="rejected") == "sftops.model-version.rejected"
+    assert event("model_version_tag", "set", key="review", value="maybe") is None
+    assert event("model_version_tag", "set", key="review.reason", value="approved") is None
+    assert event("model_version_alias", "created", alias="champion") is None
+    created = {"entity": "model_version", "action": "created", "data": {"name": "m", "version": "3"}}
+    found = receiver.prefect_event(created)
+    assert found["resource"]["prefect.resource.id"] == "mlflow.model-version.m.3"
+    assert found["payload"]["model_uri"] == "models:/m/3"
