@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup pipeline test reliability ui mlflow-server prefect-server deploy worker
+.PHONY: setup pipeline test reliability ui mlflow-server prefect-server deploy worker receiver webhook
 
 setup: $(VENV)/.installed
 
@@ -58,3 +58,13 @@ deploy: setup
 
 worker: setup
 	PREFECT_API_URL=$(PREFECT_API_URL) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) prefect worker start --pool sftops
+
+# Registry events (docs/operations.md "Registry events"): the receiver turns MLflow's signed webhook posts into
+# Prefect events, which prefect.yaml's triggers run flows on; `webhook` registers it with the MLflow server. Both
+# read the shared secret from SFTOPS_WEBHOOK_SECRET.
+RECEIVER_PORT ?= 8808
+receiver: setup
+	PREFECT_API_URL=$(PREFECT_API_URL) python flows/registry_events.py serve --port $(RECEIVER_PORT)
+
+webhook: setup
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) python flows/registry_events.py register --url http://127.0.0.1:$(RECEIVER_PORT)/

@@ -82,6 +82,7 @@ def build_tiny_model(path: Path, vocab_size: int = 300) -> Path:
 # at once and no worker is left alone with one at the end. Measured durations: docs/tests.md.
 LONG_FIRST = (
     "test_operations.py",
+    "test_registry_events.py",  # three servers, a worker, five flow runs (about 6 min on 2 busy cores)
     "test_faults.py",
     "test_serving.py",
     "test_pipeline_e2e.py",

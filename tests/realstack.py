@@ -198,13 +198,14 @@ SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 class MlflowServer:
     """`mlflow server` on a free loopback port: a SQLite store in `folder` unless `backend` is given, and the
     artifacts served from `folder`/artifacts (clients upload through the server, over HTTP). It can be killed
-    and started again on the same port and store (a server that went away and came back)."""
+    and started again on the same port and store (a server that went away and came back). `env`: more of the
+    server's environment (MLflow's webhook settings, say)."""
 
-    def __init__(self, folder: Path, backend: str | None = None) -> None:
+    def __init__(self, folder: Path, backend: str | None = None, env: dict[str, str] | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         if backend is None and not (folder / "mlflow.db").exists():
             empty_mlflow_store(folder / "mlflow.db")
-        self.store, self.port = folder, free_port()
+        self.store, self.port, self.env = folder, free_port(), env or {}
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [
             sys.executable,
@@ -232,7 +233,7 @@ class MlflowServer:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=SERVER_ENV | dict(os.environ),
+                env=SERVER_ENV | dict(os.environ) | self.env,
             )
 
         def up() -> bool:
@@ -257,8 +258,8 @@ class MlflowServer:
 
 
 @contextmanager
-def mlflow_server(folder: Path, backend: str | None = None) -> Iterator[str]:
-    server = MlflowServer(folder, backend)
+def mlflow_server(folder: Path, backend: str | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
+    server = MlflowServer(folder, backend, env)
     server.start()
     try:
         yield server.url

@@ -289,10 +289,15 @@ def _script_flags(script: Path) -> frozenset[str]:
 
 @cache
 def _deployments() -> frozenset[str]:
-    """flow-name/deployment-name of every deployment in prefect.yaml."""
-    flow = re.search(r'@flow\(name="([^"]+)"', (ROOT / "flows" / "sft_pipeline.py").read_text()).group(1)
+    """flow-name/deployment-name of every deployment in prefect.yaml (the flow's name from its entrypoint)."""
+
+    def flow(entrypoint: str) -> str:
+        path, function = entrypoint.split(":")
+        found = re.search(rf'@flow\(name="([^"]+)"[^\n]*\)\ndef {function}\(', (ROOT / path).read_text())
+        return found.group(1)
+
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    return frozenset(f"{flow}/{d['name']}" for d in config["deployments"])
+    return frozenset(f"{flow(d['entrypoint'])}/{d['name']}" for d in config["deployments"])
 
 
 @cache

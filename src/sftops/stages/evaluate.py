@@ -75,21 +75,10 @@ def run_evaluate(cfg: Config) -> EvaluateResult:
     tuned.to(dev)
     base = BaseSwitch(read_manifest(Path(cfg.paths.model) / MODEL_DIR), tuned, dev)
 
-    test = read_test_split(cfg, tokenizer)
-    key = base_cache.cache_key(
-        base.manifest["base"], file_sha256(test_file), tokenizer_sha256(tokenizer), base_eval_params(cfg), dev.type
-    )
-    base_run = base_side(base, tokenizer, test, cfg, dev, key)
-    tuned_run = run_side(tuned, tokenizer, test, cfg, dev, "tuned")
-    review = review_test_split(cfg, test, base_run, tuned_run, evaluation_identity(cfg, test_file, tokenizer))
+    measured = measure(cfg, tuned, tokenizer, base, test_file, suites, dev)
+    review, suite_runs = measured.review, measured.suite_runs
     # the registered version, run as a server runs it, must answer as the model just evaluated (the gate reads it)
-    review.metrics[PARITY_BLOCK] = check_serving(cfg, run_info, tuned, tokenizer, test, tuned_run)
-    suites = [with_base_references(cfg, s, rows, base, tokenizer, dev) for s, rows in zip(cfg.evaluate.suites, suites)]
-    suite_runs = [
-        evaluate_suite(cfg, s, rows, tuned, base, tokenizer, dev) for s, rows in zip(cfg.evaluate.suites, suites)
-    ]
-    if suite_runs:
-        review.metrics["suites"] = {run.name: run.metrics for run in suite_runs}
+    review.metrics[PARITY_BLOCK] = check_serving(cfg, run_info, tuned, tokenizer, measured.test, measured.tuned)
     cost = cost_beside_quality(run_info.get("cost"), review.metrics)  # what the training run cost, per 0.1 nats
     if cost:
         review.metrics["cost"] = cost
@@ -104,9 +93,36 @@ def run_evaluate(cfg: Config) -> EvaluateResult:
     return EvaluateResult(
         metrics=review.metrics,
         report=Path(cfg.paths.reports) / REPORT_FILE,
-        base_eval_cached=base_run.cached,
+        base_eval_cached=measured.base.cached,
         suites_base_eval_cached={run.name: run.base_cached for run in suite_runs},
     )
+
+
+@dataclass(frozen=True)
+class Measured:
+    test: EvalSet
+    base: Side
+    tuned: Side
+    review: Review  # the test split reviewed, the suites' results in its metrics
+    suite_runs: list[SuiteRun]
+
+
+def measure(cfg: Config, tuned, tokenizer, base: BaseSwitch, test_file: Path, suites: list[SuiteRows], dev) -> Measured:
+    """Base and tuned side by side on the test split in cfg.paths.curated and on each suite."""
+    test = read_test_split(cfg, tokenizer)
+    key = base_cache.cache_key(
+        base.manifest["base"], file_sha256(test_file), tokenizer_sha256(tokenizer), base_eval_params(cfg), dev.type
+    )
+    base_run = base_side(base, tokenizer, test, cfg, dev, key)
+    tuned_run = run_side(tuned, tokenizer, test, cfg, dev, "tuned")
+    review = review_test_split(cfg, test, base_run, tuned_run, evaluation_identity(cfg, test_file, tokenizer))
+    suites = [with_base_references(cfg, s, rows, base, tokenizer, dev) for s, rows in zip(cfg.evaluate.suites, suites)]
+    suite_runs = [
+        evaluate_suite(cfg, s, rows, tuned, base, tokenizer, dev) for s, rows in zip(cfg.evaluate.suites, suites)
+    ]
+    if suite_runs:
+        review.metrics["suites"] = {run.name: run.metrics for run in suite_runs}
+    return Measured(test, base_run, tuned_run, review, suite_runs)
 
 
 def prepare_suites(cfg: Config) -> list[SuiteRows]:
@@ -167,3 +183,102 @@ def reproducible(metrics: dict[str, Any]) -> dict[str, Any]:
         if isinstance(kept.get(block), dict):
             kept[block] = {k: v for k, v in kept[block].items() if k not in TIMED}
     return kept
+
+
+# The same evaluation on a registered version the pipeline did not make (the registry-events flow runs it).
+
+
+@dataclass(frozen=True)
+class VersionEvaluation:
+    model_uri: str
+    outcome: str  # evaluated | already evaluated | evaluated by the pipeline
+    evaluation_run_id: str | None
+    reason: str
+
+
+def evaluate_version(cfg: Config, model_uri: str, store: str) -> VersionEvaluation:
+    """Evaluate registered version models:/NAME/VERSION as the evaluate stage evaluates the pipeline's model (base
+    and tuned on the test split, every suite of cfg.evaluate.suites, the report) on the champion's test split,
+    and log it as the version's evaluation run. Nothing is done for a version that has an evaluation, or that
+    the pipeline's train stage registered (its evaluate stage evaluates it)."""
+    import tempfile
+
+    from sftops.redact import redact
+    from sftops.tracking import version_evaluation as versions
+    from sftops.tracking.models import local_model_dir
+
+    name, version = versions.parse_version(model_uri)
+    made_by = versions.pipeline_run_of(store, name, version)
+    done = versions.evaluations_of(store, name, version)
+    if made_by:
+        has = f" (evaluation run {done[0]})" if done else ""
+        return VersionEvaluation(
+            model_uri,
+            "evaluated by the pipeline",
+            done[0] if done else None,
+            f"registered by the train stage of run {made_by}: the pipeline's evaluate stage evaluates it{has}",
+        )
+    if done:
+        return VersionEvaluation(model_uri, "already evaluated", done[0], f"evaluation run {done[0]} has its results")
+    run_id = versions.training_run_of(store, name, version)
+    with tempfile.TemporaryDirectory(prefix="sftops-version-") as tmp:
+        reference = versions.champion_split(store, name, version, Path(tmp) / "curated")
+        local = _scratch_paths(cfg, Path(tmp), reference.curated)
+        suites = [prepare_suite(s, [], cfg.data, cfg.evaluate.sample_seed) for s in cfg.evaluate.suites]
+        model_dir = local_model_dir(model_uri, store)
+        dev = device()
+        tuned, tokenizer = load_finetuned(model_dir)
+        tuned.to(dev)
+        base = BaseSwitch(_base_of(cfg, read_manifest(model_dir)), tuned, dev)
+        test_file = reference.curated / "test.parquet"
+        measured = measure(local, tuned, tokenizer, base, test_file, suites, dev)
+        run_info = {"run_id": run_id, "registered_model": name, "version": version, "tracking_uri": redact(store)}
+        files = write_review(local, run_info, measured.review, measured.suite_runs)
+        datasets = [r.dataset for r in measured.suite_runs]
+        evaluated = log_evaluation(
+            run_info,
+            measured.review.metrics,
+            measured.review.generations,
+            files,
+            datasets,
+            test_file,
+            reference.source,
+            store,
+        )
+    return VersionEvaluation(
+        model_uri,
+        "evaluated",
+        evaluated,
+        f"on champion's test split (evaluation run {reference.evaluation_run_id}) and {len(suites)} suite(s)",
+    )
+
+
+def _scratch_paths(cfg: Config, folder: Path, curated: Path) -> Config:
+    """cfg with its curated data, model, reports and metrics in `folder`: the project's own outputs (DVC's) are
+    left alone."""
+    paths = cfg.paths.model_copy(
+        update={
+            "curated": str(curated),
+            "model": str(folder / "model"),
+            "reports": str(folder / "reports"),
+            "metrics": str(folder / "metrics.json"),
+        }
+    )
+    return cfg.model_copy(update={"paths": paths})
+
+
+def _base_of(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest the base side loads the base from. A registered full-weights model names a local base folder
+    without its path (tracking/models.py shown_base); it is the project's model.base when the names agree."""
+    from sftops.errors import ConfigError
+    from sftops.tracking.models import shown_base
+
+    named = manifest["base"]["base"]
+    if not str(named).startswith("local folder "):
+        return manifest
+    if named != shown_base(cfg.model.base):
+        raise ConfigError(
+            f"the version was fine-tuned from {named}, params.yaml model.base is {cfg.model.base!r}: set model.base "
+            "to that base to evaluate it"
+        )
+    return {**manifest, "base": {**manifest["base"], **cfg.model.model_dump()}}
