@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sftops.cli_feedback import add_feedback_commands
 from sftops.config import explain, isolate_outputs, load_config
 from sftops.errors import TRANSIENT_EXIT, USER_ERROR_EXIT, ConfigError, DataError, SftopsError, TransientError
 
@@ -277,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
+    review = sub.add_parser(
+        "review", help="review a registered version: what its reviewers said (summary, export-suite)"
+    )
+    add_feedback_commands(review.add_subparsers(dest="review_command", required=True))
     return parser
 
 
@@ -298,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             _plan(args)
         elif args.command == "serve-lines":
             _serve_lines(args)
+        elif args.command == "review":
+            args.run(args)
         elif args.command in ("where", "run"):
             cfg = isolate_outputs(load_config(args.params, args.overrides), args.overrides)
             if args.command == "run":
