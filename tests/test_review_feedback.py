@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import mlflow
@@ -18,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities import AssessmentSource
 
 from conftest import trained_qa, write_jsonl
-from realstack import evaluation_runs
+from realstack import ROOT, evaluation_runs
 from sftops.cli import main
 from sftops.config import SuiteConfig, load_config
 from sftops.data.store import load_split
@@ -130,6 +131,11 @@ def test_reviewers_label_answer_traces_and_the_summary_and_hard_cases_suite_foll
     assert reasons[test_ids[0]] == {"too short", "wrong number"} and reasons[test_ids[3]] == {
         "on second look, it loops"
     }
+    sys.path.insert(0, str(ROOT / "flows"))
+    from review_feedback import feedback_markdown  # the Prefect artifact the pipeline flow publishes
+
+    markdown = feedback_markdown(summary)
+    assert f"Rows labelled: {len(given)} of {len(traces)}" in markdown and "- [test] " in markdown
     assert main(["review", "summary", "models:/tiny@champion"]) == 2  # no alias yet: one line, no traceback
     assert main(["review", "summary", f"tiny/{run.version}"]) == 0
     assert f"win rate of tuned over base: {summary['win_rate']:.3f}" in capsys.readouterr().out.lower()
