@@ -2,7 +2,8 @@
 answered prompt (test split and suite) linked to its evaluation run and the version's logged model; reviewers add
 `preference` feedback through MLflow's API as the Traces view does; `sftops review summary` counts it as an
 independent count does, and `sftops review export-suite` writes the prompts where tuned lost as a suite that the
-suite reader loads and a later evaluation scores, with the labels in its report."""
+suite reader loads and a later evaluation scores, with the labels in its report and the champion's answers beside
+the new version's."""
 
 from __future__ import annotations
 
@@ -103,7 +104,11 @@ def test_reviewers_label_answer_traces_and_the_summary_and_hard_cases_suite_foll
     label(test_ids[2], "alice", "tie")
     first = label(test_ids[3], "alice", "tuned")
     mlflow.override_feedback(
-        trace_id=test_ids[3], assessment_id=first.assessment_id, value="base", rationale="on second look, it loops"
+        trace_id=test_ids[3],
+        assessment_id=first.assessment_id,
+        value="base",
+        rationale="on second look, it loops",
+        source=reviewer("alice"),
     )
     label(suite_ids[0], "alice", "base", "lost the answer")
     label(suite_ids[0], "bob", "tie")
@@ -152,11 +157,25 @@ def test_reviewers_label_answer_traces_and_the_summary_and_hard_cases_suite_foll
     prepared = prepare_suite(hard, load_split(cfg, "train"), cfg.data, cfg.evaluate.sample_seed)
     assert prepared.counts["kept"] == len(lost) and prepared.counts["rejected"] == 0
 
-    # A later evaluation scores it like any suite, and its report shows the reviewers' labels so far.
+    # A second version (the same weights, registered again) is evaluated with the first as champion: the new suite is
+    # scored like any other, each trace holds the champion's answer where the champion answered that prompt, and the
+    # report shows the reviewers' labels so far.
+    client.set_registered_model_alias("tiny", "champion", run.version)
+    second = client.create_model_version("tiny", client.get_model_version("tiny", run.version).source, run.run_id)
+    record = json.loads(Path("models/run.json").read_text())
+    Path("models/run.json").write_text(json.dumps({**record, "version": int(second.version)}))
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["evaluate"]["suites"].append({"name": "hard-cases", "path": "data/suites/hard-cases.jsonl"})
     Path("params.yaml").write_text(yaml.safe_dump(params))
     again = run_evaluate(load_config("params.yaml"))
     assert again.metrics["suites"]["hard-cases"]["rows"] == len(lost)
+    later = evaluation_runs(client, run.run_id)[-1]
+    champion_said = {key: row["tuned_output"] for key, row in expected.items()}
+    new = mlflow.search_traces(locations=[later.info.experiment_id], run_id=later.info.run_id, return_type="list")
+    assert len(new) == 5 + 3 + len(lost)
+    for trace in new:
+        key = (trace.info.tags["suite"], trace.info.tags["row_id"])
+        assert trace.info.tags["version"] == f"tiny/{second.version}"
+        assert trace.data.spans[0].outputs.get("champion") == champion_said.get(key)  # none for the new suite
     html = Path("reports/report.html").read_text()
     assert "<h2>Reviewers' preferences</h2>" in html and f"{summary['win_rate']:.3f}" in html and "too short" in html

@@ -21,7 +21,6 @@ PREFERENCE = "preference"  # the assessment a reviewer adds: tuned | base | tie,
 # Trace tags a reviewer filters by in the Traces view (tags.suite = 'general', tags.worsened = 'true').
 SUITE, SOURCE, WORSENED, DEGENERATE, ROW_ID, VERSION = "suite", "source", "worsened", "degenerate", "row_id", "version"
 NOT_DEGENERATE = "no"
-_TEXT_COLUMNS = {"id", "source", "prompt", "reference", "other_references"}
 
 
 def answer_metrics(table: dict[str, list], i: int) -> dict[str, dict[str, Any]]:
@@ -43,7 +42,7 @@ def trace_tags(table: dict[str, list], i: int, suite: str, version: str) -> dict
         SUITE: suite,
         SOURCE: str(table["source"][i]) if "source" in table else suite,
         WORSENED: str(worsened).lower(),
-        DEGENERATE: table.get("tuned_degenerate", [""] * (i + 1))[i] or NOT_DEGENERATE,
+        DEGENERATE: (table["tuned_degenerate"][i] if "tuned_degenerate" in table else "") or NOT_DEGENERATE,
         ROW_ID: str(table["id"][i]),
         VERSION: version,
     }
