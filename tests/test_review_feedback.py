@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -179,3 +180,38 @@ def test_reviewers_label_answer_traces_and_the_summary_and_hard_cases_suite_foll
         assert trace.data.spans[0].outputs.get("champion") == champion_said.get(key)  # none for the new suite
     html = Path("reports/report.html").read_text()
     assert "<h2>Reviewers' preferences</h2>" in html and f"{summary['win_rate']:.3f}" in html and "too short" in html
+
+
+def test_evaluations_seeded_alike_log_distinct_traces_and_leave_the_seeded_state_alone(project_folder):
+    """Trace ids come from Python's global random, which the stages seed: two evaluation processes seeded alike
+    would overwrite each other's traces, and logging must not move the seeded sequence either."""
+    import random
+
+    from sftops.tracking.traces import log_answer_traces
+
+    table = {
+        "id": ["a", "b"],
+        "source": ["qa", "qa"],
+        "prompt": ["p1", "p2"],
+        "reference": ["r1", "r2"],
+        "base_output": ["b1", "b2"],
+        "tuned_output": ["t1", "t2"],
+        "base_nll": [1.0, 2.0],
+        "tuned_nll": [1.5, 1.0],
+        "base_degenerate": ["", ""],
+        "tuned_degenerate": ["loop", ""],
+    }
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = mlflow.create_experiment("seeded")
+    drawn = []
+    for _ in range(2):  # as two evaluate processes, each seeded the same way before it logs
+        with mlflow.start_run(experiment_id=experiment):
+            random.seed(0)
+            assert log_answer_traces({"test": table}, "tiny/1", None) == 2
+            drawn.append(random.random())
+    random.seed(0)
+    assert drawn == [random.random()] * 2  # the seeded sequence went on as if nothing had been logged
+    traces = mlflow.search_traces(locations=[experiment], return_type="list")
+    assert len({t.info.trace_id for t in traces}) == 4
+    assert sorted(t.info.tags["worsened"] for t in traces) == ["false", "false", "true", "true"]
+    assert sorted(t.info.tags["degenerate"] for t in traces) == ["loop", "loop", "no", "no"]

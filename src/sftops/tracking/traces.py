@@ -7,7 +7,11 @@ Reviewers add `preference` feedback in the Traces view (docs/review.md); reading
 from __future__ import annotations
 
 import logging
+import os
+import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import mlflow
@@ -60,15 +64,29 @@ def log_answer_traces(
     how many traces were logged."""
     champion = champion or {}
     started, count = time.perf_counter(), 0
-    for suite, table in tables.items():
-        if "base_output" not in table:  # a champion measured alone for the gate: no pair of answers to compare
-            continue
-        for i in range(len(table["id"])):
-            _log_one(table, i, suite, version, model_id, champion.get(suite, {}))
-            count += 1
+    with _fresh_trace_ids():
+        for suite, table in tables.items():
+            if "base_output" not in table:  # a champion measured alone for the gate: no pair of answers to compare
+                continue
+            for i in range(len(table["id"])):
+                _log_one(table, i, suite, version, model_id, champion.get(suite, {}))
+                count += 1
     mlflow.flush_trace_async_logging()  # a no-op unless async trace logging is on
     log.info("logged %d answer traces in %.1f s", count, time.perf_counter() - started)
     return count
+
+
+@contextmanager
+def _fresh_trace_ids() -> Iterator[None]:
+    """OpenTelemetry draws trace ids from Python's global random, which training and evaluation seed: two evaluations
+    in two processes would draw the same ids, and the second would overwrite the first's traces (labels and all).
+    The ids come from fresh entropy here; the seeded state is put back after, so nothing downstream changes."""
+    state = random.getstate()
+    random.seed(os.urandom(32))
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 def _log_one(
