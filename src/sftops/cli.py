@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sftops.cli_feedback import add_feedback_commands
 from sftops.config import explain, isolate_outputs, load_config
 from sftops.errors import TRANSIENT_EXIT, USER_ERROR_EXIT, ConfigError, DataError, SftopsError, TransientError
 
@@ -278,11 +277,44 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
+    _review_commands(sub)
+    return parser
+
+
+def _review_commands(sub: argparse._SubParsersAction) -> None:
+    """`sftops review <command>`, run by cli_feedback.py (COMMANDS)."""
     review = sub.add_parser(
         "review", help="review a registered version: what its reviewers said (summary, export-suite)"
     )
-    add_feedback_commands(review.add_subparsers(dest="review_command", required=True))
-    return parser
+    commands = review.add_subparsers(dest="review_command", required=True)
+    _summary_parser(commands)
+    _export_suite_parser(commands)
+
+
+_MODEL_HELP = "models:/NAME/VERSION or models:/NAME@ALIAS (models:/ may be left out)"
+_TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+
+
+def _summary_parser(commands: argparse._SubParsersAction) -> None:
+    command = commands.add_parser(
+        "summary",
+        help="the reviewers' preferences on a version's answers: rows labelled, win rate with its CI, what lost",
+    )
+    command.add_argument("model", metavar="MODEL_URI", help=_MODEL_HELP)
+    command.add_argument("--json", action="store_true", help="print the summary as JSON")
+    command.add_argument("--params", default="params.yaml", help="bootstrap settings from (default: params.yaml)")
+    command.add_argument("--tracking-uri", default=None, help=_TRACKING_HELP)
+
+
+def _export_suite_parser(commands: argparse._SubParsersAction) -> None:
+    command = commands.add_parser(
+        "export-suite", help="write the labelled prompts where the tuned answer lost as a suite under data/suites/"
+    )
+    command.add_argument("model", metavar="MODEL_URI", help=_MODEL_HELP)
+    command.add_argument("--name", default="hard-cases", help="the suite's name and file name (default: hard-cases)")
+    command.add_argument("--folder", default="data/suites", help="where the suite file goes (default: data/suites)")
+    command.add_argument("--replace", action="store_true", help="write the file again if it exists")
+    command.add_argument("--tracking-uri", default=None, help=_TRACKING_HELP)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve-lines":
             _serve_lines(args)
         elif args.command == "review":
-            args.run(args)
+            from sftops.cli_feedback import COMMANDS
+
+            COMMANDS[args.review_command](args)
         elif args.command in ("where", "run"):
             cfg = isolate_outputs(load_config(args.params, args.overrides), args.overrides)
             if args.command == "run":

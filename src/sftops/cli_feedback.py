@@ -1,6 +1,7 @@
 """`sftops review summary` and `sftops review export-suite`: the reviewers' feedback on a version's answers (the
 `preference` assessments on its answer traces, docs/review.md), summed up, and the prompts where the tuned answer
-lost written as a suite. Each subcommand is a parser function that sets `run`, which cli.main calls."""
+lost written as a suite. The parsers are in cli.py (no stage imports this module); COMMANDS maps each to its run
+function."""
 
 from __future__ import annotations
 
@@ -9,9 +10,6 @@ import json
 from pathlib import Path
 
 from sftops.config import EvaluateConfig
-
-TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
-MODEL_HELP = "models:/NAME/VERSION or models:/NAME@ALIAS (models:/ may be left out)"
 
 
 def _store(args: argparse.Namespace) -> str:
@@ -41,18 +39,6 @@ def summary(args: argparse.Namespace) -> None:
     print(json.dumps(found, indent=2) if args.json else "\n".join([found["model"], *summary_lines(found)]))
 
 
-def add_summary(commands: argparse._SubParsersAction) -> None:
-    command = commands.add_parser(
-        "summary",
-        help="the reviewers' preferences on a version's answers: rows labelled, win rate with its CI, what lost",
-    )
-    command.add_argument("model", metavar="MODEL_URI", help=MODEL_HELP)
-    command.add_argument("--json", action="store_true", help="print the summary as JSON")
-    command.add_argument("--params", default="params.yaml", help="bootstrap settings from (default: params.yaml)")
-    command.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
-    command.set_defaults(run=summary)
-
-
 # export-suite
 
 
@@ -72,18 +58,5 @@ def export_suite(args: argparse.Namespace) -> None:
     )
 
 
-def add_export_suite(commands: argparse._SubParsersAction) -> None:
-    command = commands.add_parser(
-        "export-suite", help="write the labelled prompts where the tuned answer lost as a suite under data/suites/"
-    )
-    command.add_argument("model", metavar="MODEL_URI", help=MODEL_HELP)
-    command.add_argument("--name", default="hard-cases", help="the suite's name and file name (default: hard-cases)")
-    command.add_argument("--folder", default="data/suites", help="where the suite file goes (default: data/suites)")
-    command.add_argument("--replace", action="store_true", help="write the file again if it exists")
-    command.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
-    command.set_defaults(run=export_suite)
-
-
-def add_feedback_commands(commands: argparse._SubParsersAction) -> None:
-    add_summary(commands)
-    add_export_suite(commands)
+# What `sftops review <command>` runs (its parser is in cli.py, which imports this module only when it runs).
+COMMANDS = {"summary": summary, "export-suite": export_suite}
