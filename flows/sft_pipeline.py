@@ -9,7 +9,8 @@
                                               `dvc exp push` only to the git remote record.push_to names; tag the
                                               registered version with the ref, where it can be restored and how
     promote                                   the promotion gate (tracking/registry.py promote): champion or challenger
-    publish                                   artifacts: what DVC did, the data card, the review, the report link
+    publish                                   artifacts: what DVC did, the data card, the review, the report link,
+                                              the reviewers' feedback so far (review_feedback.py)
 
 With `overrides` the five stages are one task, `dvc exp run --temp -S key=value ...`: a DVC experiment in a
 temporary copy of the repository, so several variants run at once; then record, promote and publish as above.
@@ -40,6 +41,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "sftops")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # dvc_steps, beside this file
 
 import dvc_steps  # noqa: E402
+import review_feedback  # noqa: E402
 from prefect import flow, get_run_logger, runtime, task  # noqa: E402
 from prefect.artifacts import (  # noqa: E402
     create_link_artifact,
@@ -324,6 +326,7 @@ def publish(outcomes: dict[str, str], recorded: dict, decision: dict, cfg: Confi
         key="sft-report",
         description=f"the review of MLflow run {run['run_id']}",
     )
+    review_feedback.publish_feedback(run, cfg.evaluate)
 
 
 def experiment_name() -> str:

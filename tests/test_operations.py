@@ -178,6 +178,7 @@ def test_each_task_runs_its_dvc_stage_in_a_chain_and_says_what_dvc_did(stack):
     assert "Running stage 'train'" in text
     found = artifacts(stack.api, flow_run_id)
     assert {"sft-dvc", "sft-data-card", "sft-metrics", "sft-metrics-table", "sft-report", "sft-progress"} <= set(found)
+    assert "Rows labelled: 0 of " in found["sft-review-feedback"]["data"]  # nobody has labelled the new version yet
     assert "| train | Ran |" in found["sft-dvc"]["data"] and "Held-out response NLL" in found["sft-metrics"]["data"]
     link = re.search(r"\((http[^)]+)\)", found["sft-report"]["data"]).group(1)
     with urllib.request.urlopen(link, timeout=30) as response:  # the report, through the MLflow server

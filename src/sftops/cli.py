@@ -288,8 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _review_commands(sub: argparse._SubParsersAction) -> None:
-    """`sftops review <command>`, run by cli_review.py (COMMANDS)."""
-    review = sub.add_parser("review", help="review a registered version: approve, reject, promote, status")
+    """`sftops review <command>`: approve, reject, promote and status run by cli_review.py, summary and export-suite
+    by cli_feedback.py (each module's COMMANDS)."""
+    review = sub.add_parser(
+        "review", help="review a registered version: approve, reject, promote, status, summary, export-suite"
+    )
     commands = review.add_subparsers(dest="review_command", required=True)
     for name, help_text in (
         ("approve", "approve a version (tags review=approved, review.by, review.reason)"),
@@ -313,6 +316,34 @@ def _review_commands(sub: argparse._SubParsersAction) -> None:
             command.add_argument(
                 "--name", default=None, help="registered model (default: tracking.registered_model_name)"
             )
+    _summary_parser(commands)
+    _export_suite_parser(commands)
+
+
+_MODEL_HELP = "models:/NAME/VERSION or models:/NAME@ALIAS (models:/ may be left out)"
+_TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+
+
+def _summary_parser(commands: argparse._SubParsersAction) -> None:
+    command = commands.add_parser(
+        "summary",
+        help="the reviewers' preferences on a version's answers: rows labelled, win rate with its CI, what lost",
+    )
+    command.add_argument("model", metavar="MODEL_URI", help=_MODEL_HELP)
+    command.add_argument("--json", action="store_true", help="print the summary as JSON")
+    command.add_argument("--params", default="params.yaml", help="bootstrap settings from (default: params.yaml)")
+    command.add_argument("--tracking-uri", default=None, help=_TRACKING_HELP)
+
+
+def _export_suite_parser(commands: argparse._SubParsersAction) -> None:
+    command = commands.add_parser(
+        "export-suite", help="write the labelled prompts where the tuned answer lost as a suite under data/suites/"
+    )
+    command.add_argument("model", metavar="MODEL_URI", help=_MODEL_HELP)
+    command.add_argument("--name", default="hard-cases", help="the suite's name and file name (default: hard-cases)")
+    command.add_argument("--folder", default="data/suites", help="where the suite file goes (default: data/suites)")
+    command.add_argument("--replace", action="store_true", help="write the file again if it exists")
+    command.add_argument("--tracking-uri", default=None, help=_TRACKING_HELP)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,9 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve-lines":
             _serve_lines(args)
         elif args.command == "review":
-            from sftops.cli_review import run_review
+            from sftops import cli_feedback, cli_review
 
-            run_review(args)
+            commands = {**cli_review.COMMANDS, **cli_feedback.COMMANDS}
+            commands[args.review_command](args)
         elif args.command in ("where", "run"):
             cfg = isolate_outputs(load_config(args.params, args.overrides), args.overrides)
             if args.command == "run":

@@ -10,6 +10,7 @@ from html import escape
 from typing import Any
 
 from sftops.evaluate.cost import cost_line
+from sftops.evaluate.feedback_report import feedback_section
 from sftops.evaluate.forgetting_report import forgetting_section
 
 
@@ -94,10 +95,12 @@ def render(
     suite_worst: dict[str, list[dict[str, Any]]] | None = None,
     n_extreme: int = 5,
     suite_curve: Sequence[dict[str, Any]] = (),
+    feedback: dict[str, Any] | None = None,
 ) -> str:
     """row_nll: one dict per test row with prompt, reference, base_nll, tuned_nll (mean per response token);
     suite_worst: per regression suite, its sampled rows that got most worse (prompt, reference, both outputs);
-    suite_curve: the suites at every validation during training (train/curves.py:read_suite_rows)."""
+    suite_curve: the suites at every validation during training (train/curves.py:read_suite_rows); feedback: the
+    reviewers' preferences on the version's answers so far (evaluate/preference.py:summarize), shown when any."""
     base, tuned = metrics["base"], metrics["tuned"]
     level = round(100 * metrics.get("confidence", 0.95))
     headline = (
@@ -149,6 +152,7 @@ td,th{{border:1px solid #ccc;padding:4px 6px;vertical-align:top;white-space:pre-
 th{{background:#f4f4f4}}.big{{font-size:16px}}</style></head><body>
 <h1>{escape(title)}</h1>
 <h2>Did fine-tuning help?</h2>{headline}{gate}
+{feedback_section(feedback)}
 {cost_section(metrics.get("cost"), decision)}
 <h2>Test metrics</h2>{summary}
 {behaviour_section(metrics)}

@@ -42,6 +42,7 @@ from sftops.modeling import load_finetuned, read_manifest
 from sftops.outputs import replaced_whole
 from sftops.provenance.fingerprints import file_sha256, tokenizer_sha256
 from sftops.tracking.evaluations import log_evaluation
+from sftops.tracking.feedback import labels_so_far
 from sftops.tracking.parity import check_serving
 from sftops.tracking.registry import preview
 from sftops.train.curves import read_curve, read_suite_rows
@@ -89,7 +90,15 @@ def run_evaluate(cfg: Config) -> EvaluateResult:
     # The files are in place before MLflow hears of them: the registry's alias moves last, so a failure in
     # between leaves files newer than the registry (a re-run logs again), never a champion without its report.
     faults.pause("evaluate_logging")
-    log_evaluation(run_info, review.metrics, review.generations, files, [r.dataset for r in suite_runs], test_file)
+    log_evaluation(
+        run_info,
+        review.metrics,
+        review.generations,
+        files,
+        [r.dataset for r in suite_runs],
+        test_file,
+        suite_tables={r.name: r.table for r in suite_runs},
+    )
     return EvaluateResult(
         metrics=review.metrics,
         report=Path(cfg.paths.reports) / REPORT_FILE,
@@ -161,7 +170,15 @@ def write_review(cfg: Config, run_info: dict[str, Any], review: Review, suite_ru
         worst = {run.name: run.most_worse() for run in suite_runs}
         suite_curve = read_suite_rows(Path(cfg.paths.model) / SUITE_CURVE)
         html = report.render(
-            title, review.metrics, curves, review.rows, review.generations, decision, worst, suite_curve=suite_curve
+            title,
+            review.metrics,
+            curves,
+            review.rows,
+            review.generations,
+            decision,
+            worst,
+            suite_curve=suite_curve,
+            feedback=labels_so_far(run_info, cfg.evaluate),
         )
         (out / REPORT_FILE).write_text(html, encoding="utf-8")
         write_json(metrics_file, reproducible(review.metrics))

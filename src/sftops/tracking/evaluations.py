@@ -14,12 +14,14 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModelInput
 
 from sftops.tracking.store import store_of
+from sftops.tracking.traces import TEST_SUITE, log_answer_traces
 
 OF_RUN = "sftops.evaluation.of_run"  # the training run of the model evaluated
 MODEL = "sftops.evaluation.model"  # NAME/VERSION
 MODEL_ID = "sftops.evaluation.model_id"
 DATASET_DIGEST = "sftops.evaluation.dataset_digest"
 LATEST = "sftops.evaluation.latest_run"  # on the training run: its model's latest evaluation (the way back down)
+TRACES = "sftops.evaluation.traces"  # how many answer traces the evaluation logged (tracking/traces.py)
 TEST_SPLIT_ARTIFACT = "eval/data"  # the test split itself: the champion can be measured on it from any machine
 REPORT_ARTIFACT = "eval/report.html"
 # The evaluation as the promotion gate reads it (metrics.json's content with the clock's figures: the run's cost):
@@ -162,11 +164,14 @@ def log_evaluation(
     test_file: Path,
     source: str | None = None,
     store: str | None = None,
+    suite_tables: dict[str, dict[str, list]] | None = None,
 ) -> str:
     """A new evaluation run of the version in run_info (the train stage's run.json, in the store that run was
     recorded in unless `store` says): its metrics linked to the logged model and the test dataset, its identity as
     params, the generations table, the files, and (when `source` is not given: this is the test split's first
-    evaluation, its source is the local file) the test split itself, named by the dataset input's `artifact` tag.
+    evaluation, its source is the local file) the test split itself, named by the dataset input's `artifact` tag;
+    and every answer (the test split's `table` and each suite's of `suite_tables`) as a trace a reviewer labels,
+    beside the champion's answer to the same prompt where the champion was evaluated on this test split.
     Returns the run id."""
     store = store or store_of(run_info)
     mlflow.set_tracking_uri(store)
@@ -204,8 +209,55 @@ def log_evaluation(
             mlflow.log_dict(metrics, GATE_INPUTS_ARTIFACT)
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="eval/suites" if path.parent.name == "suites" else "eval")
+        tables = {TEST_SUITE: table, **(suite_tables or {})}
+        champion = champion_answers(client, experiment, name, version, digest, list(tables))
+        mlflow.set_tag(TRACES, log_answer_traces(tables, f"{name}/{version}", model, champion))
     client.set_tag(run_info["run_id"], LATEST, run.info.run_id)
     return run.info.run_id
+
+
+def champion_answers(
+    client: MlflowClient, experiment: str, name: str, version: str, digest: str, suites: list[str]
+) -> dict[str, dict[str, str]]:
+    """The champion's answers by row id, per suite (the test split's under "test"), from its latest evaluation on
+    the test split of this digest; {} when the champion is this version, absent, or never evaluated on it."""
+    from sftops.evaluate.promotion import CHAMPION
+
+    try:
+        champion = str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except mlflow.exceptions.MlflowException:
+        return {}
+    found = client.search_runs(
+        [experiment],
+        f"tags.`{MODEL}` = '{name}/{champion}' and tags.`{DATASET_DIGEST}` = '{digest}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if champion == version or not found:
+        return {}
+    run_id, answers = found[0].info.run_id, {}
+    stored = {a.path for a in client.list_artifacts(run_id, "eval")} | {
+        a.path for a in client.list_artifacts(run_id, "eval/suites")
+    }
+    for suite in suites:
+        path = "eval/generations.json" if suite == TEST_SUITE else f"eval/suites/{suite}.csv"
+        if path in stored:
+            answers[suite] = _tuned_answers(client, run_id, path)
+    return answers
+
+
+def _tuned_answers(client: MlflowClient, run_id: str, path: str) -> dict[str, str]:
+    import tempfile
+
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(run_id, path, tmp)
+        if path.endswith(".csv"):
+            frame = pd.read_csv(local, keep_default_na=False)
+        else:
+            frame = pd.read_json(local, orient="split")
+    return dict(zip(frame["id"].astype(str), frame["tuned_output"].astype(str)))
 
 
 def dataset_source(client: MlflowClient, evaluation_run_id: str) -> str:
