@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from conftest import ROOT, trained_qa
 from realstack import background, free_port
 from sftops.cli import main
+from sftops.tracking.openai_server import chat_request, request_problem, served_name
 
 DOCUMENTED_NAME = "smollm2-chatterbot"
 DOCUMENTED_PORT = "8000"
@@ -93,3 +94,31 @@ def test_an_openai_client_gets_the_champions_greedy_answer_and_short_refusals(ch
             client.chat.completions.create(model="gpt-4o", messages=question)
         again = client.chat.completions.create(model=DOCUMENTED_NAME, messages=question, max_tokens=32)
         assert again.choices[0].message.content.strip() == expected  # the server answers on after refusals
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "reason"),
+    [
+        ({}, None, None),
+        ({"n": 1, "stream": False, "temperature": 0, "top_p": 1, "user": "u", "seed": 3}, None, None),
+        ({"n": True}, 400, "n=true is not offered"),
+        ({"stream": True}, 400, "stream=true is not offered"),
+        ({"temperature": 0.7}, 400, "temperature=0.7 is not offered"),
+        ({"logprobs": True}, 400, "'logprobs' is not supported"),
+        ({"model": "other"}, 404, "model 'other' is not served here"),
+    ],
+)
+def test_what_the_greedy_model_cannot_honour_is_refused_by_name(extra, status, reason):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
+    problem = request_problem(body, "m")
+    assert (problem is None) if status is None else (problem[0] == status and reason in problem[1]), problem
+
+
+def test_the_request_the_model_gets_takes_max_completion_tokens_for_max_tokens():
+    messages = [{"role": "user", "content": "hi"}]
+    assert chat_request({"messages": messages, "max_completion_tokens": 7, "stop": ["."]}) == {
+        "messages": messages,
+        "max_tokens": 7,
+        "stop": ["."],
+    }
+    assert served_name("models:/chat@champion") == served_name("models:/chat/3") == "chat"

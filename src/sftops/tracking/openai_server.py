@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
+import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -105,7 +106,8 @@ class ChatEndpoint:
 
 def error(message: str, status: int) -> dict[str, Any]:
     """OpenAI's error body (the openai client raises BadRequestError / NotFoundError with this message)."""
-    kind = "invalid_request_error" if status == HTTPStatus.BAD_REQUEST else "not_found_error"
+    kinds = {HTTPStatus.BAD_REQUEST: "invalid_request_error", HTTPStatus.NOT_FOUND: "not_found_error"}
+    kind = kinds.get(status, "server_error")
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
 
@@ -136,7 +138,12 @@ def handler_for(endpoint: ChatEndpoint) -> type[BaseHTTPRequestHandler]:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 self.send(HTTPStatus.BAD_REQUEST, error("the request body is not JSON", HTTPStatus.BAD_REQUEST))
                 return
-            self.send(*endpoint.complete(body))
+            try:
+                self.send(*endpoint.complete(body))
+            except Exception as exc:  # a bug, not the request's fault: its trace in the server's log, not the reply
+                traceback.print_exc()
+                failed = f"the model failed to answer ({type(exc).__name__}); see the server's log"
+                self.send(HTTPStatus.INTERNAL_SERVER_ERROR, error(failed, HTTPStatus.INTERNAL_SERVER_ERROR))
 
         def send(self, status: int, payload: dict[str, Any]) -> None:
             data = json.dumps(payload).encode()
