@@ -75,8 +75,9 @@ def small_params(model: Path, data: Path, registered_model: str) -> dict:
     params["evaluate"].update({"batch_size": 16, "num_generations": 3, "max_new_tokens": 12})
     # These repos test operations (stages, flows, records, promotion), not stories260K's manners: no suite (the
     # three doors of test_operations wrote different suite answers with it: an open question), and no served-model
-    # parity check, which on stories260K's template-less tokenizer disagrees with the evaluated model on where some
-    # answers stop (an open gap of issue 28; tests/test_serving_parity.py holds parity on the tiny model).
+    # parity check, which would load each registered version again in a process of its own (15-30 s a version on 2
+    # cores, for every evaluate of every door); tests/test_serving_parity.py and test_suites_real.py hold parity on
+    # stories260K.
     params["evaluate"]["suites"] = []
     params["evaluate"]["parity_rows"] = 0
     params["tracking"]["registered_model_name"] = registered_model

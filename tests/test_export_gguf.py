@@ -5,14 +5,17 @@ cost. An export that lost its end-of-turn token is caught. The Ollama Modelfile 
 
 from __future__ import annotations
 
+import copy
+
+import gguf
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from conftest import QA
 from sftops.export.gguf import write_gguf
 from sftops.export.modelfile import default_system, modelfile, role_affixes
-from sftops.export.verify import answers, verify_gguf
+from sftops.export.verify import answers, read_back, verify_gguf
 from sftops.modeling import FALLBACK_CHAT_TEMPLATE
 
 NEW = 24  # max_new_tokens: room for each answer and its end of turn
@@ -49,6 +52,27 @@ def test_f32_gguf_answers_and_scores_as_the_evaluated_model(trained, tmp_path):
     block = verify_gguf(path, evaluated, ROWS, NEW, 64, 1e-4)
     assert block["passed"] and block["answers_equal"] == len(ROWS), block
     assert block["max_nll_gap"] < 1e-4
+
+
+def test_a_tied_output_matrix_is_written_once_as_llama_cpp_expects(trained, tmp_path):
+    """A model whose output matrix is its token embeddings (SmolLM2's is): the file holds the matrix once (no
+    output.weight, as llama.cpp's converter writes it), and read back it answers and scores as the model."""
+    model, tokenizer = trained
+    config = copy.deepcopy(model.config)
+    config.tie_word_embeddings = True
+    tied = LlamaForCausalLM(config)
+    tied.load_state_dict({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, strict=False)
+    tied.eval()
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    once = write_gguf(tied, tokenizer, tmp_path / "tied-F32.gguf", "F32", "tiny")
+    twice = write_gguf(model, tokenizer, tmp_path / "untied-F32.gguf", "F32", "tiny")
+    names = {path: {t.name for t in gguf.GGUFReader(path).tensors} for path in (once, twice)}
+    assert names[twice] - names[once] == {"output.weight"} and names[once] < names[twice]
+    matrix = tied.lm_head.weight.numel() * 4  # float32 bytes
+    assert 0 < twice.stat().st_size - once.stat().st_size - matrix < 1024  # the tensor's header and alignment
+    block = verify_gguf(once, answers(tied, tokenizer, ROWS, NEW, 64), ROWS, NEW, 64, 1e-4)
+    assert block["passed"] and block["answers_equal"] == len(ROWS) and block["max_nll_gap"] < 1e-4, block
+    assert read_back(once)[0].config.tie_word_embeddings
 
 
 def test_quantised_exports_cost_little_nll(trained, tmp_path):

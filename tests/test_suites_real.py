@@ -54,9 +54,6 @@ def project(project_folder, stories_model, gsm8k):
                     "max_new_tokens": 24,
                     "bootstrap_resamples": 1000,
                     "suites": [{"num_generations": 8, **suite}],
-                    # stories260K's template-less tokenizer fails served-model parity on where some answers stop
-                    # (an open gap of issue 28): left out, so that the gate decides on the suites
-                    "parity_rows": 0,
                 },
                 tracking={"registered_model_name": "stories"},
             )

@@ -272,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
+    oai = sub.add_parser(
+        "serve-openai",
+        help="serve a registered chat model on OpenAI's API (/v1/chat/completions, /v1/models), as MLflow loads it",
+    )
+    oai.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model")
+    oai.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    oai.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    oai.add_argument("--served-model-name", default=None, help="the id clients name (default: the model's name)")
     rep = sub.add_parser("reproduce", help="re-run the pipeline that made a model, from its manifest, and compare")
     rep.add_argument("target", help="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID or a run id")
     rep.add_argument("--into", default=None, help="folder for the reproduction (default: reproductions/<run id>)")
@@ -369,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
 
             commands = {**cli_review.COMMANDS, **cli_feedback.COMMANDS}
             commands[args.review_command](args)
+        elif args.command == "serve-openai":
+            from sftops.tracking.openai_server import serve
+
+            serve(args.model, args.host, args.port, args.served_model_name)
         elif args.command in ("where", "run"):
             cfg = isolate_outputs(load_config(args.params, args.overrides), args.overrides)
             if args.command == "run":

@@ -1,8 +1,9 @@
 """Serving parity: the model a deployer serves answers as the model that was evaluated. On a seeded sample of test
 rows, the evaluated model's greedy answer (one prompt at a time, as a server answers) and response NLL are
 compared with the served artifact's (tracking/parity.py loads it as `mlflow models serve` does, in a fresh
-process): the same text, NLL within a tolerance, and where the evaluated model stopped at its end of turn, the
-served one stops too. Pure: figures in, a verdict out; the gate reads the verdict from metrics.json."""
+process): the same text, NLL within a tolerance, and the same stop: where the evaluated model stopped at its end
+of turn the served one stops too, and where it was cut at max_new_tokens so is the served one. Pure: figures in,
+a verdict out; the gate reads the verdict from metrics.json."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def compare(
 ) -> dict[str, Any]:
     """The parity block: counts, the largest NLL gap, and the first row that differs with both answers."""
     equal = [e.text == s.text for e, s in zip(evaluated, served)]
-    stops = [s.stopped or not e.stopped for e, s in zip(evaluated, served)]
+    # both ways: an answer the served model ends early (a stop token too many) differs as one it runs past
+    stops = [s.stopped == e.stopped for e, s in zip(evaluated, served)]
     gaps = [abs(e.nll - s.nll) for e, s in zip(evaluated, served)]
     differs = [i for i in range(len(ids)) if not equal[i] or not stops[i] or gaps[i] > tolerance]
     block: dict[str, Any] = {

@@ -30,14 +30,20 @@ def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
 
 
 def gguf_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
-    """The model's tensors under llama.cpp's names, float32, queries and keys permuted."""
+    """The model's tensors under llama.cpp's names, float32, queries and keys permuted. An output matrix equal to
+    the token embeddings (tied, as SmolLM2's) is left out, as llama.cpp's converter leaves it: llama.cpp, and
+    transformers' GGUF reader, use the embeddings for both where the file has no `output.weight`."""
     import gguf
+    import torch
 
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    state = model.state_dict()
+    head, embeddings = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    tied = head is not None and embeddings is not None and torch.equal(head, embeddings)
     out = []
-    for name, tensor in model.state_dict().items():
-        if name.endswith("rotary_emb.inv_freq"):
+    for name, tensor in state.items():
+        if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
             continue
         data = tensor.detach().to("cpu").float().numpy()
         if name.endswith("q_proj.weight"):

@@ -86,6 +86,14 @@ def decoding(tokenizer: Any) -> dict[str, Any]:
     }
 
 
+def served_config(tokenizer: Any) -> dict[str, Any]:
+    """The pyfunc's model_config: the decoding, and the rendered prompt encoded as evaluate and training encode it,
+    without the tokenizer's special tokens. The chat template writes BOS itself (the fallback template does, as
+    Llama's templates do); MLflow's text-generation pipeline would add it a second time with a tokenizer that adds
+    BOS (stories260K's), which changed greedy answers and MLflow's token count, so where answers stop."""
+    return {**decoding(tokenizer), "add_special_tokens": False}
+
+
 def set_decoding(model: Any, tokenizer: Any) -> None:
     """Into the saved generation config (what mlflow.transformers.load_model's pipeline uses) as well as the
     pyfunc's model_config: an adapter's base comes from the hub with the hub's generation config."""
@@ -222,7 +230,7 @@ def log_chat_model(model_dir: Path, registered_model_name: str) -> Any:
         transformers_model={"model": model, "tokenizer": tokenizer},
         task=CHAT_TASK,
         input_example=INPUT_EXAMPLE,
-        model_config=decoding(tokenizer),
+        model_config=served_config(tokenizer),
         pip_requirements=served_requirements(adapter),
         metadata=_metadata(info),
         model_card=model_card(info, shape),

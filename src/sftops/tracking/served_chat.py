@@ -116,6 +116,18 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+class LastToken:
+    """A stopping criterion that never stops: it notes the last token generated (one conversation at a time)."""
+
+    token: int | None = None
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        self.token = int(input_ids[0, -1])
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 class CheckedChat:
     def __init__(self, wrapped: Any) -> None:
         self.wrapped = wrapped
@@ -123,6 +135,8 @@ class CheckedChat:
         self.tokenizer = pipeline.tokenizer
         self.context = getattr(pipeline.model.config, "max_position_embeddings", None)
         self.default_max_tokens = int(wrapped.model_config.get("max_new_tokens", 64))
+        eos = wrapped.model_config.get("eos_token_id", self.tokenizer.eos_token_id)
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos])
         # the longest token's characters: a text longer than context * this cannot fit, without tokenising it
         self.chars_per_token = max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
 
@@ -158,22 +172,24 @@ class CheckedChat:
         return None
 
     def answer(self, request: dict[str, Any], params: dict[str, Any] | None) -> list[Any]:
+        from transformers import StoppingCriteriaList, StopStringCriteria
+
         stop = request.get("stop")
         stops = [stop] if isinstance(stop, str) else (stop or [])
-        extra = dict(params or {})
-        if stops:
-            from transformers import StoppingCriteriaList, StopStringCriteria
-
-            extra["stopping_criteria"] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, stops)])
+        last = LastToken()
+        criteria = [last, *([StopStringCriteria(self.tokenizer, stops)] if stops else [])]
+        extra = {**(params or {}), "stopping_criteria": StoppingCriteriaList(criteria)}
         single = {"messages": canonical(request["messages"])}
         if request.get("max_tokens"):
             single["max_tokens"] = request["max_tokens"]
-        replies = self.wrapped.predict(single, extra or None)
-        for reply in replies if stops else []:
+        replies = self.wrapped.predict(single, extra)
+        for reply in replies:
             for choice in reply["choices"]:
                 content, found = cut_at_stop(choice["message"]["content"], stops)
                 choice["message"]["content"] = content
-                choice["finish_reason"] = "stop" if found else choice["finish_reason"]
+                # MLflow says "length" when the answer has max_tokens tokens, even where the last was the end of
+                # turn: the answer stopped when it ended on a stop token or a stop string
+                choice["finish_reason"] = "stop" if found or last.token in self.stop_ids else "length"
         return replies
 
     def get_raw_model(self) -> Any:
