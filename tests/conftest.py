@@ -93,6 +93,8 @@ LONG_FIRST = (
     "test_sharded_checkpoints.py",
     "test_bench_dry_run.py",
     "test_operations_postgres.py",
+    "test_serving_parity.py",
+    "test_review_pages.py",
     "test_plan.py",  # real steps of five small models, measured (about 1.5 min on 2 cores)
 )
 

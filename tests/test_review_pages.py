@@ -32,8 +32,10 @@ TRAIN = {"method": "lora", "max_steps": 20, "micro_batch_size": 8, "learning_rat
 
 
 @pytest.fixture
-def reviewed(project_folder, tiny_model):
-    """The tiny model trained, evaluated and promoted as the pipeline flow does: (config, run, metrics, decision)."""
+def reviewed(project_folder, tiny_model, monkeypatch):
+    """The tiny model trained, evaluated and promoted as the pipeline flow does: (config, run, metrics, decision).
+    System metrics sampled every second, so the short run has some (the default 5 s can outlast it)."""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     sources = [
         {"name": name, "path": str(write_jsonl(f"{name}.jsonl", qa_rows(40, [pair])))}
         for name, pair in zip(("math", "chat"), QA)

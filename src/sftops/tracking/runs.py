@@ -233,8 +233,10 @@ def pipeline_run(cfg: Config, revisions: dict[str, Any] | None = None) -> Iterat
     and data reports. If the server stops answering, the stage fails with a TrackingError saying what was kept
     (checkpoints, unsent metrics) rather than a traceback."""
     uri = configure(cfg)
-    mlflow.set_system_metrics_sampling_interval(5)
-    # System metrics (CPU, memory, GPU utilisation) are sampled in a background thread while the run is open.
+    # System metrics (CPU, memory, GPU utilisation) are sampled in a background thread while the run is open:
+    # every 5 s unless the user set MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL (a run shorter than it has no sample).
+    if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+        mlflow.set_system_metrics_sampling_interval(5)
     run = mlflow.start_run(run_name=f"sft-{cfg.train.method}", log_system_metrics=True)
     try:
         log_run_description(cfg, revisions)
