@@ -26,15 +26,21 @@ def _evaluate_section(params: str) -> EvaluateConfig:
     return load_config(params).evaluate if Path(params).exists() else EvaluateConfig()
 
 
+def _models_uri(target: str) -> str:
+    """summary and export-suite also take NAME/VERSION or NAME@ALIAS, the models:/ prefix left out."""
+    return target if target.startswith("models:/") else f"models:/{target}"
+
+
 # summary
 
 
 def summary(args: argparse.Namespace) -> None:
     from sftops.evaluate.preference import summary_lines
-    from sftops.tracking.feedback import version_of, version_summary
+    from sftops.tracking.feedback import version_summary
+    from sftops.tracking.registry import registered_version
 
     store = _store(args)
-    name, version = version_of(args.model, store)
+    name, version = registered_version(_models_uri(args.model), store)
     found = version_summary(store, name, version, _evaluate_section(args.params))
     print(json.dumps(found, indent=2) if args.json else "\n".join([found["model"], *summary_lines(found)]))
 
@@ -44,10 +50,11 @@ def summary(args: argparse.Namespace) -> None:
 
 def export_suite(args: argparse.Namespace) -> None:
     from sftops.evaluate.hard_cases import hard_case_lines, suite_path, write_suite
-    from sftops.tracking.feedback import version_of, version_rows
+    from sftops.tracking.feedback import version_rows
+    from sftops.tracking.registry import registered_version
 
     store = _store(args)
-    name, version = version_of(args.model, store)
+    name, version = registered_version(_models_uri(args.model), store)
     path = suite_path(args.name, Path(args.folder))
     lines = hard_case_lines(version_rows(store, name, version))
     write_suite(path, lines, f"models:/{name}/{version}", args.replace)

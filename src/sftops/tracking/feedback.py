@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import mlflow
 from mlflow import MlflowClient
 
 from sftops.config import EvaluateConfig
@@ -16,21 +15,6 @@ from sftops.redact import redact
 from sftops.tracking.evaluations import model_id
 from sftops.tracking.store import store_of
 from sftops.tracking.traces import labelled_rows
-
-
-def version_of(target: str, store: str) -> tuple[str, str]:
-    """(NAME, VERSION) of models:/NAME/VERSION or models:/NAME@ALIAS (the models:/ prefix may be left out)."""
-    name, _, version = target.removeprefix("models:/").partition("/")
-    if not (version.strip("/") or "@" in name) or (version and "@" in name):
-        raise ConfigError(f"{target!r} is not models:/NAME/VERSION or models:/NAME@ALIAS")
-    client = MlflowClient(store)
-    try:
-        if "@" in name:
-            name, alias = name.split("@", 1)
-            return name, str(client.get_model_version_by_alias(name, alias).version)
-        return name, str(client.get_model_version(name, version.strip("/")).version)
-    except mlflow.exceptions.MlflowException as exc:
-        raise ConfigError(f"{target}: not found in the MLflow store {redact(store)} ({exc.error_code})") from None
 
 
 def version_rows(store: str, name: str, version: str) -> list[LabelledRow]:

@@ -100,7 +100,7 @@ def resolve_run_id(target: str, tracking: str | None = None) -> str:
 def registered_version(target: str, tracking: str | None = None) -> tuple[str, str]:
     """(NAME, VERSION) of models:/NAME/VERSION, or of the version models:/NAME@ALIAS points to."""
     name, _, version = target.removeprefix("models:/").partition("/")
-    if not target.startswith("models:/") or not (version or "@" in name):
+    if not target.startswith("models:/") or not (version.strip("/") or "@" in name) or (version and "@" in name):
         raise ConfigError(f"{target!r} is not models:/NAME/VERSION or models:/NAME@ALIAS")
     client = MlflowClient(tracking or tracking_uri())
     try:
