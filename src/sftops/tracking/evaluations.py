@@ -273,16 +273,21 @@ def dataset_source(client: MlflowClient, evaluation_run_id: str) -> str:
     )
 
 
-def evaluation_run(client: MlflowClient, training_run_id: str, family: str, key: str) -> str | None:
-    """The latest evaluation run of a training run's model with this comparison key."""
+def latest_evaluation(client: MlflowClient, training_run_id: str, condition: str) -> str | None:
+    """The latest evaluation run of a training run's model that meets `condition` (an MLflow search filter)."""
     experiment = client.get_run(training_run_id).info.experiment_id
     runs = client.search_runs(
         [experiment],
-        f"tags.`{OF_RUN}` = '{training_run_id}' and params.`{key_param(family)}` = '{key}'",
+        f"tags.`{OF_RUN}` = '{training_run_id}' and {condition}",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
+
+
+def evaluation_run(client: MlflowClient, training_run_id: str, family: str, key: str) -> str | None:
+    """The latest evaluation run of a training run's model with this comparison key."""
+    return latest_evaluation(client, training_run_id, f"params.`{key_param(family)}` = '{key}'")
 
 
 def comparable_result(

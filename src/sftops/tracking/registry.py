@@ -32,9 +32,9 @@ from sftops.evaluate.promotion import (
 from sftops.redact import redact, tracking_credentials
 from sftops.tracking.evaluations import (
     GATE_INPUTS_ARTIFACT,
-    OF_RUN,
     comparable_result,
     evaluation_run,
+    latest_evaluation,
     log_evaluation,
     report_url,
 )
@@ -263,24 +263,18 @@ def recorded_evaluation(store: str, training_run_id: str, shown: str) -> dict[st
     import tempfile
 
     client = MlflowClient(store)
-    experiment = client.get_run(training_run_id).info.experiment_id
-    runs = client.search_runs(
-        [experiment],
-        f"tags.`{OF_RUN}` = '{training_run_id}' and metrics.test_base_nll >= 0",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not runs:
+    evaluated = latest_evaluation(client, training_run_id, "metrics.test_base_nll >= 0")
+    if evaluated is None:
         raise ConfigError(
             f"{shown}: no evaluation against its base is recorded in {redact(store)}; fix: run `sftops evaluate` "
             "on it (or the pipeline flow) first"
         )
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = client.download_artifacts(runs[0].info.run_id, GATE_INPUTS_ARTIFACT, tmp)
+            path = client.download_artifacts(evaluated, GATE_INPUTS_ARTIFACT, tmp)
         except mlflow.exceptions.MlflowException:
             raise ConfigError(
-                f"{shown}: its evaluation run {runs[0].info.run_id} has no {GATE_INPUTS_ARTIFACT} (logged by "
+                f"{shown}: its evaluation run {evaluated} has no {GATE_INPUTS_ARTIFACT} (logged by "
                 "evaluations since the review gate); fix: evaluate it again (`sftops evaluate`)"
             ) from None
         return json.loads(Path(path).read_text())
